@@ -1,0 +1,38 @@
+# Developer entry points. Every target creates the virtual environment first when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch where there is no GPU (these machines keep 2.13.0 on disk).
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: run test lint typecheck proto proto-check clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[test,proto]'
+	touch $@
+
+# Start a GPU worker with a small dummy model and demo adapters, stream a completion, stop.
+run: $(VENV)/.installed
+	$(PY) -m services.gpu_worker.demo
+
+# The whole CPU suite: lint, types, generated-code freshness, tests.
+test: $(VENV)/.installed lint typecheck
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: $(VENV)/.installed
+	$(VENV)/bin/mypy
+
+# Regenerate the committed gRPC modules from protos/.
+proto: $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -I protos --python_out=protos --pyi_out=protos \
+		--grpc_python_out=protos protos/manylora/v1/*.proto
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,40 @@
+from manylora.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable
+from typing import ClassVar as _ClassVar, Optional as _Optional
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class GetStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetStatsResponse(_message.Message):
+    __slots__ = ("running_requests", "waiting_requests", "free_slots", "total_slots", "resident_adapters", "adapter_cache_hits", "adapter_cache_misses", "model", "kv_slots", "adapter_slots", "adapter_evictions", "host_cached_adapters")
+    RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    FREE_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_CACHE_MISSES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    KV_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    HOST_CACHED_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    running_requests: int
+    waiting_requests: int
+    free_slots: int
+    total_slots: int
+    resident_adapters: _containers.RepeatedScalarFieldContainer[str]
+    adapter_cache_hits: int
+    adapter_cache_misses: int
+    model: str
+    kv_slots: int
+    adapter_slots: int
+    adapter_evictions: int
+    host_cached_adapters: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., free_slots: _Optional[int] = ..., total_slots: _Optional[int] = ..., resident_adapters: _Optional[_Iterable[str]] = ..., adapter_cache_hits: _Optional[int] = ..., adapter_cache_misses: _Optional[int] = ..., model: _Optional[str] = ..., kv_slots: _Optional[int] = ..., adapter_slots: _Optional[int] = ..., adapter_evictions: _Optional[int] = ..., host_cached_adapters: _Optional[_Iterable[str]] = ...) -> None: ...

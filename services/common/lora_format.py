@@ -1,0 +1,97 @@
+"""The canonical adapter layout that workers load, and its safetensors serialization.
+
+Per target projection `p` the canonical weights are two stacked tensors:
+`p.lora_A` of shape [num_layers, r, in_features] and `p.lora_B` of shape
+[num_layers, out_features, r], with each module's scaling already folded into B, so that
+the LoRA delta of layer l is `x @ A[l].T @ B[l].T`. Layers an adapter does not touch and
+modules of smaller rank (rank_pattern) are zero-padded to r, which leaves the math exact.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+@dataclass
+class CanonicalAdapter:
+    """One adapter in canonical layout (see module docstring)."""
+
+    adapter_id: str
+    rank: int
+    alpha: float
+    scaling: float
+    base_model: str
+    lora_a: dict[str, torch.Tensor] = field(default_factory=dict)
+    lora_b: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def target_modules(self) -> tuple[str, ...]:
+        return tuple(sorted(self.lora_a))
+
+    @property
+    def dtype_name(self) -> str:
+        first = next(iter(self.lora_a.values()))
+        return _DTYPE_NAMES[first.dtype]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> CanonicalAdapter:
+        return CanonicalAdapter(
+            adapter_id=self.adapter_id,
+            rank=self.rank,
+            alpha=self.alpha,
+            scaling=self.scaling,
+            base_model=self.base_model,
+            lora_a={p: t.to(device=device, dtype=dtype) for p, t in self.lora_a.items()},
+            lora_b={p: t.to(device=device, dtype=dtype) for p, t in self.lora_b.items()},
+        )
+
+    def to_bytes(self) -> bytes:
+        """A safetensors blob: tensors `p.lora_A`, `p.lora_B`; the scalars in its metadata."""
+        tensors: dict[str, torch.Tensor] = {}
+        for proj in self.target_modules:
+            tensors[f"{proj}.lora_A"] = self.lora_a[proj].contiguous()
+            tensors[f"{proj}.lora_B"] = self.lora_b[proj].contiguous()
+        meta = {
+            "adapter_id": self.adapter_id,
+            "rank": str(self.rank),
+            "alpha": repr(self.alpha),
+            "scaling": repr(self.scaling),
+            "base_model": self.base_model,
+        }
+        return bytes(st_save(tensors, metadata=meta))
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> CanonicalAdapter:
+        meta = read_safetensors_metadata(blob)
+        tensors = st_load(blob)
+        adapter = cls(
+            adapter_id=meta["adapter_id"],
+            rank=int(meta["rank"]),
+            alpha=float(meta["alpha"]),
+            scaling=float(meta["scaling"]),
+            base_model=meta.get("base_model", ""),
+        )
+        for name, tensor in tensors.items():
+            proj, _, kind = name.partition(".")
+            target = adapter.lora_a if kind == "lora_A" else adapter.lora_b
+            target[proj] = tensor
+        return adapter
+
+
+def read_safetensors_metadata(blob: bytes) -> dict[str, str]:
+    """The `__metadata__` map of a safetensors blob (8-byte little-endian header length, JSON)."""
+    if len(blob) < 8:
+        raise ValueError("not a safetensors blob: shorter than its 8-byte header length")
+    (header_len,) = struct.unpack("<Q", blob[:8])
+    if header_len > len(blob) - 8:
+        raise ValueError("not a safetensors blob: header runs past the end")
+    header = json.loads(blob[8 : 8 + header_len])
+    meta = header.get("__metadata__") or {}
+    return {str(k): str(v) for k, v in meta.items()}
