@@ -1,0 +1,44 @@
+"""Configuration of one GPU worker (flags `--name`, environment `MANYLORA_NAME`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class WorkerConfig:
+    """Serve one base model and its LoRA adapters on one device."""
+
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind"})
+    port: int = field(default=50051, metadata={"help": "gRPC port (0 picks a free one)"})
+    model: str = field(
+        default="tiny",
+        metadata={"help": "local Hugging Face folder, or a dummy preset name (tiny, llama-7b)"},
+    )
+    dummy: bool = field(
+        default=True, metadata={"help": "random weights from the config and --seed"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the dummy weights"})
+    device: str = field(default="auto", metadata={"help": "cuda, cpu, or auto"})
+    dtype: str = field(
+        default="auto", metadata={"help": "bfloat16, float16, float32, or auto (bf16 on GPU)"}
+    )
+    adapters: list[str] = field(
+        default_factory=list,
+        metadata={"help": "PEFT folders as id=path or path, or a folder of PEFT folders"},
+    )
+    max_rank: int = field(default=128, metadata={"help": "largest LoRA rank accepted"})
+    kv_cache_tokens: int = field(
+        default=16384, metadata={"help": "KV cache capacity in tokens, summed over requests"}
+    )
+    max_num_seqs: int = field(default=64, metadata={"help": "most requests running at once"})
+    max_prefill_tokens: int = field(
+        default=4096, metadata={"help": "prompt tokens admitted per step"}
+    )
+    max_waiting: int = field(
+        default=1024, metadata={"help": "waiting-queue bound (RESOURCE_EXHAUSTED beyond it)"}
+    )
+    max_model_len: int = field(
+        default=0, metadata={"help": "context length cap; 0 = the model's own"}
+    )
+    log_level: str = field(default="INFO", metadata={"help": "logging level"})

@@ -1,0 +1,197 @@
+"""The engine: continuous batching over one model on one device.
+
+Each `step` admits what fits, runs one mixed pass (prefill of the newly admitted requests and
+one decode token for each running one), samples, streams outputs and frees finished requests.
+Everything here runs on the single engine thread that owns the device.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from services.common.errors import InvalidArgument
+from services.common.lora_format import CanonicalAdapter
+from services.gpu_worker.forward_batch import ForwardBatch, LoraGroup, SeqSpan
+from services.gpu_worker.kv_cache import KVCacheBudget
+from services.gpu_worker.model import LlamaForCausalLM
+from services.gpu_worker.sampling import make_generator, sample
+from services.gpu_worker.scheduler import Scheduler, ScheduledStep
+from services.gpu_worker.sequence import FinishReason, Sequence
+
+logger = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        kv_capacity_tokens: int,
+        max_num_seqs: int = 64,
+        max_prefill_tokens: int = 4096,
+        max_waiting: int = 1024,
+        max_model_len: int | None = None,
+    ):
+        self.model = model
+        self.config = model.config
+        weight = model.lm_head.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.max_model_len = min(max_model_len or 1 << 30, self.config.max_position_embeddings)
+        kv = KVCacheBudget(
+            kv_capacity_tokens,
+            self.config.num_layers,
+            self.config.num_kv_heads,
+            self.config.head_dim,
+            self.dtype,
+            self.device,
+        )
+        self.scheduler = Scheduler(kv, max_num_seqs, max_prefill_tokens, max_waiting)
+        self._adapters: dict[int, tuple[CanonicalAdapter, int]] = {}  # id(host) -> (device, refs)
+        self.steps = 0
+
+    def check(self, seq: Sequence) -> None:
+        """Refuse what can never run (InvalidArgument); safe to call from any thread."""
+        prompt_len = len(seq.prompt_ids)
+        if prompt_len == 0:
+            raise InvalidArgument("prompt is empty")
+        bad = [t for t in seq.prompt_ids if t >= self.config.vocab_size]
+        if bad:
+            raise InvalidArgument(f"prompt token ids {bad[:5]} outside vocab of {self.config.vocab_size}")
+        if prompt_len >= self.max_model_len:
+            raise InvalidArgument(
+                f"prompt has {prompt_len} tokens; the model's context is {self.max_model_len}"
+            )
+        total = min(prompt_len + seq.options.max_new_tokens, self.max_model_len)
+        if total > self.scheduler.kv.capacity_tokens:
+            raise InvalidArgument(
+                f"prompt + max_new_tokens = {total} tokens exceeds the KV cache "
+                f"({self.scheduler.kv.capacity_tokens} tokens)"
+            )
+
+    def add(self, seq: Sequence) -> None:
+        self.check(seq)
+        seq.max_total_tokens = min(
+            len(seq.prompt_ids) + seq.options.max_new_tokens, self.max_model_len
+        )
+        seq.generator = make_generator(seq.options, self.device)
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        seq = self.scheduler.find(request_id)
+        if seq is None:
+            return False
+        self._finish(seq)
+        seq.on_output(seq.output([], "", [], FinishReason.ABORTED))
+        logger.info("aborted", extra={"request_id": request_id})
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self.scheduler.running or self.scheduler.waiting)
+
+    def step(self) -> None:
+        scheduled = self.scheduler.schedule()
+        if scheduled.empty:
+            return
+        now = time.monotonic()
+        for seq in scheduled.prefill:
+            seq.scheduled_at = now
+            self._acquire_adapter(seq)
+        seqs = scheduled.prefill + scheduled.decode
+        try:
+            logits = self.model(self._build_batch(scheduled))
+            tokens, logprobs = sample(
+                logits, [s.options for s in seqs], [s.generator for s in seqs]
+            )
+        except Exception as exc:
+            logger.exception("engine step failed; failing its %d requests", len(seqs))
+            for seq in seqs:
+                self._finish(seq)
+                out = seq.output([], "", [], FinishReason.ABORTED)
+                out.error = exc
+                seq.on_output(out)
+            return
+        self.steps += 1
+        for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
+            self._append(seq, token, logprob)
+
+    def _build_batch(self, scheduled: ScheduledStep) -> ForwardBatch:
+        ids: list[int] = []
+        positions: list[int] = []
+        spans: list[SeqSpan] = []
+        lora_rows: dict[int, list[int]] = {}
+        for seq in scheduled.prefill + scheduled.decode:
+            new = seq.prompt_ids if seq.num_cached == 0 else seq.output_ids[-1:]
+            start = len(ids)
+            ids.extend(new)
+            positions.extend(range(seq.num_cached, seq.num_cached + len(new)))
+            assert seq.kv is not None
+            spans.append(SeqSpan(start, len(new), seq.num_cached, seq.kv))
+            if seq.adapter is not None:
+                lora_rows.setdefault(id(seq.adapter), []).extend(range(start, start + len(new)))
+        device = self.device
+        return ForwardBatch(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=device),
+            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            spans=spans,
+            logits_rows=torch.tensor(
+                [s.start + s.length - 1 for s in spans], dtype=torch.long, device=device
+            ),
+            lora_groups=[
+                LoraGroup(self._adapters[key][0], torch.tensor(rows, device=device))
+                for key, rows in lora_rows.items()
+            ],
+        )
+
+    def _append(self, seq: Sequence, token: int, logprob: float | None) -> None:
+        seq.first_token_at = seq.first_token_at or time.monotonic()
+        seq.output_ids.append(token)
+        seq.num_cached = len(seq.prompt_ids) + len(seq.output_ids) - 1
+        finish = self._token_finish(seq, token)
+        text, stopped = seq.stops.feed(seq.detokenizer.push(token))
+        if stopped:
+            finish = FinishReason.STOP
+        elif finish is not None:
+            tail, stopped = seq.stops.feed(seq.detokenizer.flush())
+            text += tail if stopped else tail + seq.stops.flush()
+        out = seq.output([token], text, [logprob] if logprob is not None else [], finish)
+        if finish is not None:
+            self._finish(seq)
+        seq.on_output(out)
+
+    def _token_finish(self, seq: Sequence, token: int) -> FinishReason | None:
+        opts = seq.options
+        if token in self.config.eos_token_ids and not opts.ignore_eos:
+            return FinishReason.EOS
+        if token in opts.stop_token_ids:
+            return FinishReason.STOP
+        if len(seq.output_ids) >= opts.max_new_tokens or seq.num_cached + 1 >= seq.max_total_tokens:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, seq: Sequence) -> None:
+        was_running = seq.kv is not None
+        self.scheduler.remove(seq)
+        if was_running and seq.adapter is not None:
+            self._release_adapter(seq.adapter)
+
+    def _acquire_adapter(self, seq: Sequence) -> None:
+        if seq.adapter is None:
+            return
+        key = id(seq.adapter)
+        device_copy, refs = self._adapters.get(key, (None, 0))
+        if device_copy is None:
+            device_copy = seq.adapter.to(self.device, self.dtype)
+        self._adapters[key] = (device_copy, refs + 1)
+
+    def _release_adapter(self, adapter: CanonicalAdapter) -> None:
+        key = id(adapter)
+        device_copy, refs = self._adapters[key]
+        if refs <= 1:
+            del self._adapters[key]
+        else:
+            self._adapters[key] = (device_copy, refs - 1)
+
+    def resident_adapter_ids(self) -> list[str]:
+        return sorted({a.adapter_id for a, _ in self._adapters.values()})

@@ -1,0 +1,79 @@
+"""The engine thread: owns the device, takes requests and aborts through a thread-safe inbox."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+
+from services.common.errors import ResourceExhausted, ServiceError
+from services.gpu_worker.engine import Engine
+from services.gpu_worker.sequence import FinishReason, Sequence
+
+logger = logging.getLogger(__name__)
+
+Command = Callable[[], None]
+
+
+class EngineLoop:
+    """Runs `engine.step()` on its own thread whenever there is work, and sleeps otherwise."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._pending = 0  # submitted, not yet in the scheduler
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._inbox.put(lambda: None)
+        self._thread.join(timeout=10)
+
+    def submit(self, seq: Sequence) -> None:
+        """Queue a request; raises InvalidArgument or ResourceExhausted at once when refused."""
+        self.engine.check(seq)
+        with self._lock:
+            waiting = len(self.engine.scheduler.waiting) + self._pending
+            if waiting >= self.engine.scheduler.max_waiting:
+                raise ResourceExhausted(
+                    f"waiting queue full ({self.engine.scheduler.max_waiting}); retry later"
+                )
+            self._pending += 1
+        self._inbox.put(lambda: self._add(seq))
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(lambda: self._abort(request_id))
+
+    def _add(self, seq: Sequence) -> None:
+        with self._lock:
+            self._pending -= 1
+        try:
+            self.engine.add(seq)
+        except ServiceError as exc:
+            out = seq.output([], "", [], FinishReason.ABORTED)
+            out.error = exc
+            seq.on_output(out)
+
+    def _abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                block = not self.engine.has_work()
+                command = self._inbox.get(block=block, timeout=0.5 if block else None)
+                command()
+                while True:  # everything that arrived meanwhile joins this step
+                    self._inbox.get_nowait()()
+            except queue.Empty:
+                pass
+            except Exception:
+                logger.exception("engine command failed")
+            if self.engine.has_work() and not self._stopping.is_set():
+                self.engine.step()

@@ -1,0 +1,87 @@
+"""One request's state inside the engine, and what the engine streams back for it."""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from services.common.lora_format import CanonicalAdapter
+from services.gpu_worker.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from services.gpu_worker.kv_cache import RequestKVCache
+from services.gpu_worker.sampling import SamplingOptions
+from services.gpu_worker.tokenizer import Tokenizer
+
+
+class FinishReason(enum.Enum):
+    LENGTH = "LENGTH"
+    STOP = "STOP"
+    EOS = "EOS"
+    ABORTED = "ABORTED"
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class StepOutput:
+    """New tokens of one request since its last output; the last one carries the finish."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queue_time_ms: float = 0.0
+    time_to_first_token_ms: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    options: SamplingOptions
+    tokenizer: Tokenizer
+    on_output: Callable[[StepOutput], None]
+    adapter: CanonicalAdapter | None = None
+    max_total_tokens: int = 0  # prompt + tokens to come, capped by the model's context
+    status: SeqStatus = SeqStatus.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    kv: RequestKVCache | None = None
+    num_cached: int = 0
+    generator: torch.Generator | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    scheduled_at: float | None = None
+    first_token_at: float | None = None
+
+    def __post_init__(self) -> None:
+        self.detokenizer = IncrementalDetokenizer(self.tokenizer)
+        self.stops = StopStringMatcher(list(self.options.stop))
+
+    @property
+    def adapter_id(self) -> str:
+        return self.adapter.adapter_id if self.adapter else ""
+
+    def output(
+        self, token_ids: list[int], text: str, logprobs: list[float], finish: FinishReason | None
+    ) -> StepOutput:
+        """An output for the client; a finishing one carries usage and marks the request done."""
+        out = StepOutput(self.request_id, token_ids, text, logprobs, finish_reason=finish)
+        if finish is None:
+            return out
+        self.status = SeqStatus.FINISHED
+        now = time.monotonic()
+        out.prompt_tokens = len(self.prompt_ids)
+        out.completion_tokens = len(self.output_ids)
+        out.queue_time_ms = ((self.scheduled_at or now) - self.arrival) * 1000
+        out.time_to_first_token_ms = ((self.first_token_at or now) - self.arrival) * 1000
+        return out

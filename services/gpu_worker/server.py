@@ -1,0 +1,101 @@
+"""Build a worker from its config and serve it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import torch
+
+from manylora.v1 import gpu_worker_pb2_grpc
+from services.common.base_model import load_hf_config
+from services.common.grpc_server import RunningServer, start_server
+from services.gpu_worker.adapter_source import LocalFolderAdapterSource, parse_adapter_paths
+from services.gpu_worker.config import WorkerConfig
+from services.gpu_worker.engine import Engine
+from services.gpu_worker.engine_loop import EngineLoop
+from services.gpu_worker.model_config import ModelConfig
+from services.gpu_worker.servicer import GpuWorkerServicer
+from services.gpu_worker.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from services.gpu_worker.weights import build_dummy_model, load_hf_model
+
+logger = logging.getLogger(__name__)
+SERVICE_NAME = "manylora.v1.GpuWorker"
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_device(config: WorkerConfig) -> tuple[torch.device, torch.dtype]:
+    if config.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(config.device)
+    if config.dtype == "auto":
+        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+    if config.dtype not in _DTYPES:
+        raise ValueError(f"dtype {config.dtype!r} not one of {', '.join(_DTYPES)}, auto")
+    return device, _DTYPES[config.dtype]
+
+
+def build_engine(config: WorkerConfig) -> tuple[Engine, Tokenizer]:
+    device, dtype = resolve_device(config)
+    model_config = ModelConfig.from_hf(load_hf_config(config.model))
+    if config.dummy:
+        model = build_dummy_model(model_config, config.seed, dtype, device)
+        tokenizer: Tokenizer = ByteTokenizer(model_config.vocab_size)
+    else:
+        model = load_hf_model(config.model, model_config, dtype, device)
+        tokenizer = HFTokenizer(config.model)
+    logger.info("model %s on %s in %s (dummy=%s)", config.model, device, dtype, config.dummy)
+    engine = Engine(
+        model,
+        kv_capacity_tokens=config.kv_cache_tokens,
+        max_num_seqs=config.max_num_seqs,
+        max_prefill_tokens=config.max_prefill_tokens,
+        max_waiting=config.max_waiting,
+        max_model_len=config.max_model_len or None,
+    )
+    return engine, tokenizer
+
+
+@dataclass
+class Worker:
+    server: RunningServer
+    loop: EngineLoop
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    async def stop(self) -> None:
+        await self.server.set_serving([SERVICE_NAME], False)
+        await self.server.stop()
+        self.loop.stop()
+
+
+async def start_worker(config: WorkerConfig) -> Worker:
+    engine, tokenizer = build_engine(config)
+    adapters = LocalFolderAdapterSource(
+        parse_adapter_paths(config.adapters), engine.config.shape, config.max_rank
+    )
+    loop = EngineLoop(engine)
+    loop.start()
+    servicer = GpuWorkerServicer(loop, tokenizer, adapters, config.model)
+    server = await start_server(
+        [lambda s: gpu_worker_pb2_grpc.add_GpuWorkerServicer_to_server(servicer, s)],
+        [SERVICE_NAME],
+        config.host,
+        config.port,
+    )
+    return Worker(server, loop)
+
+
+async def serve(config: WorkerConfig) -> None:
+    worker = await start_worker(config)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logger.info("shutting down")
+    await worker.stop()

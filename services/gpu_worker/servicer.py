@@ -1,0 +1,118 @@
+"""The GpuWorker gRPC service: turns Generate calls into engine requests and streams tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+
+from manylora.v1 import common_pb2, gpu_worker_pb2, gpu_worker_pb2_grpc
+from services.common.errors import InvalidArgument, ServiceError
+from services.common.logging import request_id_var
+from services.gpu_worker.adapter_source import AdapterSource
+from services.gpu_worker.engine_loop import EngineLoop
+from services.gpu_worker.sampling import SamplingOptions
+from services.gpu_worker.sequence import Sequence, StepOutput
+from services.gpu_worker.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def to_proto(out: StepOutput) -> common_pb2.GenerateResponse:
+    response = common_pb2.GenerateResponse(
+        request_id=out.request_id, token_ids=out.token_ids, text=out.text, logprobs=out.logprobs
+    )
+    if out.finish_reason is not None:
+        response.finish_reason = common_pb2.FinishReason.Value(out.finish_reason.value)
+        response.usage.CopyFrom(
+            common_pb2.Usage(
+                prompt_tokens=out.prompt_tokens,
+                completion_tokens=out.completion_tokens,
+                queue_time_ms=out.queue_time_ms,
+                time_to_first_token_ms=out.time_to_first_token_ms,
+            )
+        )
+    return response
+
+
+class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
+    def __init__(
+        self, loop: EngineLoop, tokenizer: Tokenizer, adapters: AdapterSource, model_name: str
+    ):
+        self._loop = loop
+        self._tokenizer = tokenizer
+        self._adapters = adapters
+        self._model_name = model_name
+
+    async def Generate(
+        self, request: common_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[common_pb2.GenerateResponse]:
+        request_id = request.request_id or uuid.uuid4().hex
+        request_id_var.set(request_id)
+        outputs: asyncio.Queue[StepOutput] = asyncio.Queue()
+        try:
+            seq = await self._make_sequence(request, request_id, outputs)
+            self._loop.submit(seq)
+        except ServiceError as exc:
+            logger.info("refused: %s", exc)
+            await context.abort(exc.code, str(exc))
+        logger.info("accepted: adapter=%r prompt_tokens=%d", seq.adapter_id, len(seq.prompt_ids))
+        finished = False
+        try:
+            while not finished:
+                out = await outputs.get()
+                if out.error is not None:
+                    code = getattr(out.error, "code", grpc.StatusCode.INTERNAL)
+                    await context.abort(code, f"request failed: {out.error}")
+                finished = out.finish_reason is not None
+                yield to_proto(out)
+            logger.info("finished")
+        finally:
+            if not finished:  # the client went away or the call was cancelled
+                logger.info("cancelled by client; aborting")
+                self._loop.abort(request_id)
+
+    async def _make_sequence(
+        self, request: common_pb2.GenerateRequest, request_id: str, outputs: asyncio.Queue[StepOutput]
+    ) -> Sequence:
+        options = SamplingOptions.from_proto(request.params, self._tokenizer.vocab_size)
+        kind = request.WhichOneof("input")
+        if kind is None:
+            raise InvalidArgument("one of prompt or prompt_token_ids is required")
+        if kind == "prompt_token_ids":
+            prompt = list(request.prompt_token_ids.ids)
+        elif request.prompt:
+            prompt = self._tokenizer.encode(request.prompt)
+        else:
+            raise InvalidArgument("prompt is empty")
+        adapter = await self._adapters.get(request.adapter_id) if request.adapter_id else None
+        event_loop = asyncio.get_running_loop()
+        return Sequence(
+            request_id=request_id,
+            prompt_ids=prompt,
+            options=options,
+            tokenizer=self._tokenizer,
+            on_output=lambda out: event_loop.call_soon_threadsafe(outputs.put_nowait, out),
+            adapter=adapter,
+        )
+
+    async def GetStats(
+        self, request: gpu_worker_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
+    ) -> gpu_worker_pb2.GetStatsResponse:
+        engine = self._loop.engine
+        kv = engine.scheduler.kv
+        return gpu_worker_pb2.GetStatsResponse(
+            running_requests=len(engine.scheduler.running),
+            waiting_requests=len(engine.scheduler.waiting),
+            free_slots=kv.free_tokens,
+            total_slots=kv.capacity_tokens,
+            kv_slots=kv.used_tokens,
+            resident_adapters=engine.resident_adapter_ids(),
+            host_cached_adapters=self._adapters.cached_ids(),
+            adapter_cache_hits=getattr(self._adapters, "hits", 0),
+            adapter_cache_misses=getattr(self._adapters, "misses", 0),
+            model=self._model_name,
+        )

@@ -1,0 +1,82 @@
+"""Build the model: from a local Hugging Face folder, or with seeded random weights (--dummy)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from services.gpu_worker.model import LlamaForCausalLM
+from services.gpu_worker.model_config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+# Checkpoint tensors that carry no weights of ours (recomputed buffers).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _checkpoint_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / shard for shard in shards]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {folder}")
+    return files
+
+
+def load_hf_model(
+    folder: str | Path, config: ModelConfig, dtype: torch.dtype, device: torch.device
+) -> LlamaForCausalLM:
+    """Load (sharded or single-file) safetensors weights, tensor by tensor, onto `device`."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.to_empty(device=device)
+    model.to(dtype)
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    for path in _checkpoint_files(Path(folder)):
+        with safe_open(str(path), framework="pt", device="cpu") as shard:
+            for name in shard.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                if name.endswith(_IGNORED_SUFFIXES):
+                    continue
+                if name not in params:
+                    raise ValueError(f"{path.name}: unexpected tensor {name}")
+                tensor = shard.get_tensor(name)
+                if tuple(tensor.shape) != tuple(params[name].shape):
+                    raise ValueError(f"{name}: shape {list(tensor.shape)} != {list(params[name].shape)}")
+                with torch.no_grad():
+                    params[name].copy_(tensor)
+                loaded.add(name)
+    if config.tie_word_embeddings:
+        loaded.add("lm_head.weight")
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise ValueError(f"checkpoint misses {len(missing)} tensors, e.g. {missing[:3]}")
+    model.reset_rope()
+    logger.info("loaded %d tensors from %s", len(loaded), folder)
+    return model.eval()
+
+
+def build_dummy_model(
+    config: ModelConfig, seed: int, dtype: torch.dtype, device: torch.device, std: float = 0.02
+) -> LlamaForCausalLM:
+    """Random weights from `seed` (S-LoRA's benchmark setting): the same seed, the same model.
+
+    Weights are drawn on the CPU in float32 so the model is identical on every device.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
+            else:
+                param.copy_(std * torch.randn(param.shape, generator=generator))
+    model.to(device=device, dtype=dtype)
+    model.reset_rope()
+    return model.eval()
