@@ -34,15 +34,20 @@ TINY_MHA: dict[str, Any] = {
     "eos_token_id": 2,
     "tie_word_embeddings": False,
 }
-TINY_GQA: dict[str, Any] = {**TINY_MHA, "hidden_size": 128, "num_attention_heads": 8,
-                            "num_key_value_heads": 2, "intermediate_size": 256}
+TINY_GQA: dict[str, Any] = {
+    **TINY_MHA,
+    "hidden_size": 128,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "intermediate_size": 256,
+}
 
 
 @dataclass(frozen=True)
 class AdapterSpec:
     name: str
     rank: int
-    alpha: float
+    alpha: int
     targets: tuple[str, ...]
     use_rslora: bool = False
 
@@ -57,7 +62,9 @@ MIXED_ADAPTERS = (
 
 def build_pair(hf_config: dict[str, Any], seed: int = 0) -> tuple[OurLlama, LlamaForCausalLM]:
     """Our model with seeded random weights, and HF's LlamaForCausalLM holding the same."""
-    ours = build_dummy_model(ModelConfig.from_hf(hf_config), seed, torch.float32, torch.device("cpu"))
+    ours = build_dummy_model(
+        ModelConfig.from_hf(hf_config), seed, torch.float32, torch.device("cpu")
+    )
     hf = LlamaForCausalLM(LlamaConfig(**hf_config))
     hf.load_state_dict(ours.state_dict())
     return ours, hf.eval()

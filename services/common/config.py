@@ -81,7 +81,9 @@ def load_config(
                 help=help_text,
             )
         else:
-            parser.add_argument(flag_name(field.name), dest=field.name, default=None, help=help_text)
+            parser.add_argument(
+                flag_name(field.name), dest=field.name, default=None, help=help_text
+            )
     parsed = parser.parse_args(argv)
     values: dict[str, Any] = {}
     for field in dataclasses.fields(cls):  # type: ignore[arg-type]

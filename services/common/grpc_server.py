@@ -24,7 +24,9 @@ AddServicer = Callable[[grpc.aio.Server], None]
 class RunningServer:
     """A started server, its bound port and its health servicer."""
 
-    def __init__(self, server: grpc.aio.Server, port: int, health_servicer: health.aio.HealthServicer):
+    def __init__(
+        self, server: grpc.aio.Server, port: int, health_servicer: health.aio.HealthServicer
+    ):
         self.server = server
         self.port = port
         self.health = health_servicer

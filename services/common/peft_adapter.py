@@ -37,6 +37,10 @@ _UNSUPPORTED_OPTIONS = (
     "use_qalora",
     "alora_invocation_tokens",
     "use_bdlora",
+    # LoRA variants (PEFT marks them is_lora_variant) whose forward differs from x·Aᵀ·Bᵀ.
+    "monteclora_config",
+    "arrow_config",
+    "kasa_config",
 )
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -76,7 +80,9 @@ def _parse_config(config_json: str) -> _LoraOptions:
     if not isinstance(cfg, dict):
         raise AdapterValidationError(CONFIG_FILE, "must be a JSON object")
     if cfg.get("peft_type", "LORA") != "LORA":
-        raise AdapterValidationError("peft_type", f"only LORA is supported, got {cfg['peft_type']!r}")
+        raise AdapterValidationError(
+            "peft_type", f"only LORA is supported, got {cfg['peft_type']!r}"
+        )
     for option in _UNSUPPORTED_OPTIONS:
         if cfg.get(option):
             raise AdapterValidationError(option, f"is set ({cfg[option]!r}); not supported")
@@ -103,6 +109,7 @@ def _parse_config(config_json: str) -> _LoraOptions:
     for name in ("rank_pattern", "alpha_pattern"):
         if not isinstance(cfg.get(name) or {}, dict):
             raise AdapterValidationError(name, "must be an object of pattern -> value")
+    _check_options(cfg)
     return _LoraOptions(
         r=r,
         alpha=float(alpha),
@@ -113,11 +120,35 @@ def _parse_config(config_json: str) -> _LoraOptions:
     )
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_options(cfg: dict[str, Any]) -> None:
+    """Types of the options whose values change the math (a wrong type must not slip through
+    as truthy). fan_in_fan_out may be either: PEFT itself ignores it for nn.Linear targets."""
+    for flag in ("use_rslora", "fan_in_fan_out"):
+        if cfg.get(flag) is not None and not isinstance(cfg[flag], bool):
+            raise AdapterValidationError(flag, f"must be true or false, got {cfg[flag]!r}")
+    for pattern, rank in (cfg.get("rank_pattern") or {}).items():
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+            raise AdapterValidationError(
+                f"rank_pattern.{pattern}", f"must be a positive integer, got {rank!r}"
+            )
+    for pattern, alpha in (cfg.get("alpha_pattern") or {}).items():
+        if not _is_number(alpha):
+            raise AdapterValidationError(
+                f"alpha_pattern.{pattern}", f"must be a finite number, got {alpha!r}"
+            )
+
+
 def _load_tensors(weights: bytes) -> dict[str, torch.Tensor]:
     try:
         return st_load(weights)
     except Exception as exc:  # safetensors raises several types for corrupt input
-        raise AdapterValidationError(WEIGHTS_FILE, f"not a readable safetensors file ({exc})") from exc
+        raise AdapterValidationError(
+            WEIGHTS_FILE, f"not a readable safetensors file ({exc})"
+        ) from exc
 
 
 def _group_modules(
@@ -145,17 +176,26 @@ def _group_modules(
 
 
 def _module_rank_and_scaling(
-    opts: _LoraOptions, layer: int, proj: str, a: torch.Tensor, b: torch.Tensor,
-    shape: BaseModelShape, max_rank: int,
+    opts: _LoraOptions,
+    layer: int,
+    proj: str,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    shape: BaseModelShape,
+    max_rank: int,
 ) -> tuple[int, float]:
     name = f"model.layers.{layer}.self_attn.{proj}"
     key = f"base_model.model.{name}"
     rank = _pattern_value(opts.rank_pattern, name) or opts.r
     in_f, out_f = shape.proj_dims(proj)
     if tuple(a.shape) != (rank, in_f):
-        raise AdapterValidationError(f"{key}.lora_A.weight", f"shape {list(a.shape)} != {[rank, in_f]}")
+        raise AdapterValidationError(
+            f"{key}.lora_A.weight", f"shape {list(a.shape)} != {[rank, in_f]}"
+        )
     if tuple(b.shape) != (out_f, rank):
-        raise AdapterValidationError(f"{key}.lora_B.weight", f"shape {list(b.shape)} != {[out_f, rank]}")
+        raise AdapterValidationError(
+            f"{key}.lora_B.weight", f"shape {list(b.shape)} != {[out_f, rank]}"
+        )
     if rank > max_rank:
         raise AdapterValidationError(f"{key}.lora_A.weight", f"rank {rank} > max rank {max_rank}")
     alpha = float(_pattern_value(opts.alpha_pattern, name) or opts.alpha)
@@ -198,7 +238,7 @@ def canonicalize(
                 continue
             r_m, s_m = ranks[(layer, p)]
             a_all[layer, :r_m] = pair["A"]
-            # Fold scaling in float32 so that half-precision adapters lose no more than one rounding.
+            # Fold in float32: a half-precision adapter then loses one rounding, no more.
             b_all[layer, :, :r_m] = (pair["B"].float() * s_m).to(dtype)
         adapter.lora_a[proj] = a_all
         adapter.lora_b[proj] = b_all

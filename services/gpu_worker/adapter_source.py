@@ -55,7 +55,9 @@ class LocalFolderAdapterSource:
             for adapter_id, path in paths.items()
         }
         for adapter_id, adapter in self._adapters.items():
-            logger.info("loaded adapter %s (rank %d) from %s", adapter_id, adapter.rank, paths[adapter_id])
+            logger.info(
+                "loaded adapter %s (rank %d) from %s", adapter_id, adapter.rank, paths[adapter_id]
+            )
         self.hits = 0
         self.misses = 0
 

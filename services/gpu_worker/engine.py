@@ -18,7 +18,7 @@ from services.gpu_worker.forward_batch import ForwardBatch, LoraGroup, SeqSpan
 from services.gpu_worker.kv_cache import KVCacheBudget
 from services.gpu_worker.model import LlamaForCausalLM
 from services.gpu_worker.sampling import make_generator, sample
-from services.gpu_worker.scheduler import Scheduler, ScheduledStep
+from services.gpu_worker.scheduler import ScheduledStep, Scheduler
 from services.gpu_worker.sequence import FinishReason, Sequence
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,9 @@ class Engine:
             raise InvalidArgument("prompt is empty")
         bad = [t for t in seq.prompt_ids if t >= self.config.vocab_size]
         if bad:
-            raise InvalidArgument(f"prompt token ids {bad[:5]} outside vocab of {self.config.vocab_size}")
+            raise InvalidArgument(
+                f"prompt token ids {bad[:5]} outside vocab of {self.config.vocab_size}"
+            )
         if prompt_len >= self.max_model_len:
             raise InvalidArgument(
                 f"prompt has {prompt_len} tokens; the model's context is {self.max_model_len}"

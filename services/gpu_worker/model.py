@@ -69,7 +69,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(hidden, q_dim, bias=config.qkv_bias)
         self.k_proj = nn.Linear(hidden, kv_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(hidden, kv_dim, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(q_dim, hidden, bias=False)
+        self.o_proj = nn.Linear(q_dim, hidden, bias=config.o_bias)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch
@@ -112,6 +112,8 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    inv_freq: torch.Tensor
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -135,7 +137,12 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the output head when the config says so (again after
+        `to_empty`, which gives every parameter its own storage)."""
+        if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def reset_rope(self) -> None:

@@ -25,6 +25,7 @@ class ModelConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
+    o_bias: bool = False
     bos_token_id: int | None = 1
     eos_token_ids: tuple[int, ...] = (2,)
     # Llama-3 style frequency scaling: factor, low_freq_factor, high_freq_factor,
@@ -67,7 +68,9 @@ class ModelConfig:
             rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            # Llama's attention_bias covers all four projections; Qwen2 biases q/k/v only.
             qkv_bias=bool(cfg.get("attention_bias", False)) or model_type == "qwen2",
+            o_bias=bool(cfg.get("attention_bias", False)),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             rope_llama3=(

@@ -49,6 +49,3 @@ def generate_offline(
     while engine.has_work():
         engine.step()
     return completions
-
-
-

@@ -7,8 +7,8 @@ import secrets
 from dataclasses import dataclass, field
 
 import torch
-
 from manylora.v1 import common_pb2
+
 from services.common.errors import InvalidArgument
 
 MAX_STOP_STRINGS = 16
@@ -43,7 +43,9 @@ class SamplingOptions:
             raise InvalidArgument(f"params.stop has more than {MAX_STOP_STRINGS} strings")
         bad_ids = [t for t in params.stop_token_ids if t >= vocab_size]
         if bad_ids:
-            raise InvalidArgument(f"params.stop_token_ids {bad_ids} outside vocabulary of {vocab_size}")
+            raise InvalidArgument(
+                f"params.stop_token_ids {bad_ids} outside vocabulary of {vocab_size}"
+            )
         return cls(
             max_new_tokens=params.max_new_tokens,
             temperature=params.temperature,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from services.common.errors import ResourceExhausted
 from services.gpu_worker.kv_cache import KVCacheBudget
-from services.gpu_worker.sequence import Sequence, SeqStatus
+from services.gpu_worker.sequence import SeqStatus, Sequence
 
 
 @dataclass

@@ -42,7 +42,7 @@ class StepOutput:
     completion_tokens: int = 0
     queue_time_ms: float = 0.0
     time_to_first_token_ms: float = 0.0
-    error: str | None = None
+    error: Exception | None = None  # set when the request failed instead of finishing
 
 
 @dataclass

@@ -8,17 +8,24 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
-
 from manylora.v1 import common_pb2, gpu_worker_pb2, gpu_worker_pb2_grpc
+
 from services.common.errors import InvalidArgument, ServiceError
 from services.common.logging import request_id_var
 from services.gpu_worker.adapter_source import AdapterSource
 from services.gpu_worker.engine_loop import EngineLoop
 from services.gpu_worker.sampling import SamplingOptions
-from services.gpu_worker.sequence import Sequence, StepOutput
+from services.gpu_worker.sequence import FinishReason, Sequence, StepOutput
 from services.gpu_worker.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
+
+_FINISH_REASONS = {
+    FinishReason.LENGTH: common_pb2.LENGTH,
+    FinishReason.STOP: common_pb2.STOP,
+    FinishReason.EOS: common_pb2.EOS,
+    FinishReason.ABORTED: common_pb2.ABORTED,
+}
 
 
 def to_proto(out: StepOutput) -> common_pb2.GenerateResponse:
@@ -26,7 +33,7 @@ def to_proto(out: StepOutput) -> common_pb2.GenerateResponse:
         request_id=out.request_id, token_ids=out.token_ids, text=out.text, logprobs=out.logprobs
     )
     if out.finish_reason is not None:
-        response.finish_reason = common_pb2.FinishReason.Value(out.finish_reason.value)
+        response.finish_reason = _FINISH_REASONS[out.finish_reason]
         response.usage.CopyFrom(
             common_pb2.Usage(
                 prompt_tokens=out.prompt_tokens,
@@ -76,7 +83,10 @@ class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
                 self._loop.abort(request_id)
 
     async def _make_sequence(
-        self, request: common_pb2.GenerateRequest, request_id: str, outputs: asyncio.Queue[StepOutput]
+        self,
+        request: common_pb2.GenerateRequest,
+        request_id: str,
+        outputs: asyncio.Queue[StepOutput],
     ) -> Sequence:
         options = SamplingOptions.from_proto(request.params, self._tokenizer.vocab_size)
         kind = request.WhichOneof("input")
@@ -90,12 +100,16 @@ class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
             raise InvalidArgument("prompt is empty")
         adapter = await self._adapters.get(request.adapter_id) if request.adapter_id else None
         event_loop = asyncio.get_running_loop()
+
+        def deliver(out: StepOutput) -> None:  # called on the engine thread
+            event_loop.call_soon_threadsafe(outputs.put_nowait, out)
+
         return Sequence(
             request_id=request_id,
             prompt_ids=prompt,
             options=options,
             tokenizer=self._tokenizer,
-            on_output=lambda out: event_loop.call_soon_threadsafe(outputs.put_nowait, out),
+            on_output=deliver,
             adapter=adapter,
         )
 

@@ -37,6 +37,7 @@ def load_hf_model(
         model = LlamaForCausalLM(config)
     model.to_empty(device=device)
     model.to(dtype)
+    model.tie_weights()
     params = dict(model.named_parameters())
     loaded: set[str] = set()
     for path in _checkpoint_files(Path(folder)):
@@ -48,7 +49,9 @@ def load_hf_model(
                     raise ValueError(f"{path.name}: unexpected tensor {name}")
                 tensor = shard.get_tensor(name)
                 if tuple(tensor.shape) != tuple(params[name].shape):
-                    raise ValueError(f"{name}: shape {list(tensor.shape)} != {list(params[name].shape)}")
+                    raise ValueError(
+                        f"{name}: shape {list(tensor.shape)} != {list(params[name].shape)}"
+                    )
                 with torch.no_grad():
                     params[name].copy_(tensor)
                 loaded.add(name)

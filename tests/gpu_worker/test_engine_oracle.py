@@ -14,7 +14,14 @@ from services.gpu_worker.engine import Engine
 from services.gpu_worker.offline import generate_offline
 from services.gpu_worker.sampling import SamplingOptions
 from services.gpu_worker.tokenizer import ByteTokenizer
-from tests.oracle import MIXED_ADAPTERS, TINY_GQA, TINY_MHA, build_pair, greedy_oracle, make_peft_adapters
+from tests.oracle import (
+    MIXED_ADAPTERS,
+    TINY_GQA,
+    TINY_MHA,
+    build_pair,
+    greedy_oracle,
+    make_peft_adapters,
+)
 
 NEW_TOKENS = 32
 
@@ -43,7 +50,8 @@ def test_mixed_adapter_batch_matches_hf_peft_greedy(hf_config: dict[str, Any], t
         engine,
         ByteTokenizer(),
         [prompt for prompt, _ in requests],
-        [SamplingOptions(max_new_tokens=NEW_TOKENS, ignore_eos=True, logprobs=True)] * len(requests),
+        [SamplingOptions(max_new_tokens=NEW_TOKENS, ignore_eos=True, logprobs=True)]
+        * len(requests),
         [adapters[name] if name else None for _, name in requests],
     )
 
@@ -51,14 +59,16 @@ def test_mixed_adapter_batch_matches_hf_peft_greedy(hf_config: dict[str, Any], t
         expected, oracle_logits = greedy_oracle(peft_model, prompt, adapter, NEW_TOKENS)
         assert done.token_ids == expected, f"adapter={adapter} prompt_len={len(prompt)}"
         oracle_logprobs = torch.log_softmax(oracle_logits, -1)[torch.arange(NEW_TOKENS), expected]
-        torch.testing.assert_close(torch.tensor(done.logprobs), oracle_logprobs, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            torch.tensor(done.logprobs), oracle_logprobs, atol=1e-4, rtol=1e-4
+        )
     assert engine.scheduler.kv.used_tokens == 0
 
 
 def test_adapters_change_the_output(tmp_path: Path):
     """Guards the oracle test against adapters too weak to matter: each adapter's greedy
     tokens differ from the base model's for the same prompt."""
-    ours, hf = build_pair(TINY_MHA)
+    _, hf = build_pair(TINY_MHA)
     peft_model, _ = make_peft_adapters(hf, MIXED_ADAPTERS, tmp_path)
     prompt = list(range(10, 30))
     base, _ = greedy_oracle(peft_model, prompt, None, 8)

@@ -9,8 +9,8 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from manylora.v1 import common_pb2, gpu_worker_pb2, gpu_worker_pb2_grpc
+
 from services.common.base_model import BaseModelShape, load_hf_config
 from services.common.random_adapters import save_random_peft_adapter
 from services.gpu_worker.config import WorkerConfig
@@ -22,9 +22,7 @@ async def worker(tmp_path: Path) -> AsyncIterator[Worker]:
     shape = BaseModelShape.from_hf_config(load_hf_config("tiny"))
     save_random_peft_adapter(tmp_path / "ad-a", shape, rank=8, seed=1)
     save_random_peft_adapter(tmp_path / "ad-b", shape, rank=16, seed=2)
-    config = WorkerConfig(
-        port=0, device="cpu", adapters=[str(tmp_path)], kv_cache_tokens=512
-    )
+    config = WorkerConfig(port=0, device="cpu", adapters=[str(tmp_path)], kv_cache_tokens=512)
     running = await start_worker(config)
     yield running
     await running.stop()
@@ -135,9 +133,7 @@ async def test_full_waiting_queue_is_resource_exhausted(tmp_path: Path):
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = gpu_worker_pb2_grpc.GpuWorkerStub(channel)
-            calls = [
-                stub.Generate(_request(ignore_eos=True, max_new_tokens=40)) for _ in range(8)
-            ]
+            calls = [stub.Generate(_request(ignore_eos=True, max_new_tokens=40)) for _ in range(8)]
             codes = []
             for call in calls:
                 try:
