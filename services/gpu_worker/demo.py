@@ -13,8 +13,8 @@ import tempfile
 from pathlib import Path
 
 import grpc
-from manylora.v1 import common_pb2, gpu_worker_pb2_grpc
 
+from manylora.v1 import common_pb2, gpu_worker_pb2_grpc
 from services.common.base_model import BaseModelShape, load_hf_config
 from services.common.logging import setup_logging
 from services.common.random_adapters import save_random_peft_adapter

@@ -7,8 +7,8 @@ import secrets
 from dataclasses import dataclass, field
 
 import torch
-from manylora.v1 import common_pb2
 
+from manylora.v1 import common_pb2
 from services.common.errors import InvalidArgument
 
 MAX_STOP_STRINGS = 16

@@ -8,8 +8,8 @@ import signal
 from dataclasses import dataclass
 
 import torch
-from manylora.v1 import gpu_worker_pb2_grpc
 
+from manylora.v1 import gpu_worker_pb2_grpc
 from services.common.base_model import load_hf_config
 from services.common.grpc_server import RunningServer, start_server
 from services.gpu_worker.adapter_source import LocalFolderAdapterSource, parse_adapter_paths

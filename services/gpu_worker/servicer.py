@@ -8,8 +8,8 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
-from manylora.v1 import common_pb2, gpu_worker_pb2, gpu_worker_pb2_grpc
 
+from manylora.v1 import common_pb2, gpu_worker_pb2, gpu_worker_pb2_grpc
 from services.common.errors import InvalidArgument, ServiceError
 from services.common.logging import request_id_var
 from services.gpu_worker.adapter_source import AdapterSource

@@ -11,9 +11,9 @@ import hashlib
 import logging
 
 import grpc
+
 from manylora.v1 import adapter_store_pb2, common_pb2
 from manylora.v1.adapter_store_pb2_grpc import AdapterStoreStub
-
 from services.adapter_store.single_flight import SingleFlight
 from services.common.errors import InvalidArgument, NotFound, ServiceError, Unavailable
 from services.common.grpc_server import SERVER_OPTIONS

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from manylora.v1 import common_pb2
 
+from manylora.v1 import common_pb2
 from services.common.errors import InvalidArgument
 from services.gpu_worker.engine import Engine
 from services.gpu_worker.offline import Completion, generate_offline

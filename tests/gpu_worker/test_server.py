@@ -9,8 +9,8 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from manylora.v1 import common_pb2, gpu_worker_pb2, gpu_worker_pb2_grpc
 
+from manylora.v1 import common_pb2, gpu_worker_pb2, gpu_worker_pb2_grpc
 from services.common.base_model import BaseModelShape, load_hf_config
 from services.common.random_adapters import save_random_peft_adapter
 from services.gpu_worker.config import WorkerConfig
