@@ -1,0 +1,48 @@
+"""Adapter ids and the `AdapterInfo` record as stored next to each blob."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from google.protobuf import json_format
+
+from manylora.v1 import common_pb2
+from services.common.errors import InvalidArgument
+from services.common.lora_format import CanonicalAdapter
+
+# Ids name folders on disk, so no '/' and no leading '.' (which would allow '..' and
+# collide with the store's own hidden folders).
+_ID_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
+
+
+def check_adapter_id(adapter_id: str) -> None:
+    if not _ID_RE.match(adapter_id):
+        raise InvalidArgument(
+            f"adapter_id: {adapter_id!r} is not valid; use 1-128 letters, digits, '.', '_' "
+            "or '-', not starting with '.'"
+        )
+
+
+def make_info(adapter: CanonicalAdapter, blob: bytes, version: int) -> common_pb2.AdapterInfo:
+    return common_pb2.AdapterInfo(
+        adapter_id=adapter.adapter_id,
+        version=version,
+        rank=adapter.rank,
+        alpha=adapter.alpha,
+        scaling=adapter.scaling,
+        target_modules=list(adapter.target_modules),
+        base_model=adapter.base_model,
+        dtype=adapter.dtype_name,
+        size_bytes=len(blob),
+        sha256=hashlib.sha256(blob).hexdigest(),
+    )
+
+
+def info_to_json(info: common_pb2.AdapterInfo) -> bytes:
+    text = json_format.MessageToJson(info, preserving_proto_field_name=True, indent=2)
+    return text.encode()
+
+
+def info_from_json(data: bytes | str) -> common_pb2.AdapterInfo:
+    return json_format.Parse(data, common_pb2.AdapterInfo())

@@ -1,0 +1,80 @@
+"""Assemble the store from its config and serve it over gRPC, health included."""
+
+from __future__ import annotations
+
+import logging
+
+from grpc_health.v1 import health_pb2
+
+from manylora.v1 import adapter_store_pb2, adapter_store_pb2_grpc
+from services.adapter_store.config import AdapterStoreConfig
+from services.adapter_store.disk_store import DiskStore
+from services.adapter_store.redis_cache import RedisCache
+from services.adapter_store.service import AdapterStoreService
+from services.adapter_store.store import AdapterStore
+from services.common.base_model import BaseModelShape, load_hf_config
+from services.common.grpc_server import RunningServer, start_server
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = adapter_store_pb2.DESCRIPTOR.services_by_name["AdapterStore"].full_name
+# Health of the hot copy alone: NOT_SERVING while Redis is down, when the store itself still
+# serves from disk. Not registered when no Redis is configured.
+REDIS_HEALTH_NAME = SERVICE_NAME + ".redis"
+
+
+class StoreServer:
+    def __init__(self, store: AdapterStore, running: RunningServer):
+        self.store = store
+        self.running = running
+
+    @property
+    def port(self) -> int:
+        return self.running.port
+
+    async def stop(self, grace: float | None = 2.0) -> None:
+        await self.running.stop(grace)
+        await self.store.close()
+
+
+def build_store(config: AdapterStoreConfig) -> AdapterStore:
+    shape = BaseModelShape.from_hf_config(load_hf_config(config.base_model))
+    cache = None
+    if config.redis_url:
+        cache = RedisCache(
+            config.redis_url, config.redis_max_bytes, config.redis_key_prefix, config.redis_retry_s
+        )
+    return AdapterStore(DiskStore(config.data_dir), shape, config.max_rank, cache)
+
+
+async def start_store_server(config: AdapterStoreConfig) -> StoreServer:
+    """Read the data folder, connect Redis (up or not), then start serving."""
+    store = build_store(config)
+    await store.open()
+    service = AdapterStoreService(store, config.fetch_chunk_bytes, config.max_upload_bytes)
+    running = await start_server(
+        [lambda server: adapter_store_pb2_grpc.add_AdapterStoreServicer_to_server(service, server)],
+        [SERVICE_NAME],
+        config.host,
+        config.port,
+    )
+    cache = store.cache
+    if cache is not None:
+
+        async def report(available: bool) -> None:
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if available
+                else (health_pb2.HealthCheckResponse.NOT_SERVING)
+            )
+            await running.health.set(REDIS_HEALTH_NAME, status)
+
+        cache.on_state_change = report
+        await report(cache.available)
+    logger.info(
+        "base model %s, max rank %d, data in %s",
+        config.base_model,
+        config.max_rank,
+        config.data_dir,
+    )
+    return StoreServer(store, running)
