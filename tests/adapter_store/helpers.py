@@ -1,0 +1,115 @@
+"""Helpers shared by the adapter-store tests and the worker's store-source tests."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from manylora.v1 import adapter_store_pb2
+from services.adapter_store.config import AdapterStoreConfig
+from services.common.base_model import DUMMY_PRESETS
+from services.common.grpc_server import SERVER_OPTIONS, free_port
+from services.common.peft_adapter import CONFIG_FILE, WEIGHTS_FILE
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def tiny_llama_config(**overrides: Any) -> LlamaConfig:
+    """The "tiny" dummy preset the store validates against by default."""
+    return LlamaConfig(**{**DUMMY_PRESETS["tiny"], **overrides})
+
+
+def make_peft_adapter(
+    folder: Path, seed: int = 0, llama: LlamaConfig | None = None, **lora: Any
+) -> PeftModel:
+    """Save a real PEFT LoRA adapter (random non-zero A and B) to `folder`; the PEFT model."""
+    torch.manual_seed(seed)
+    base = LlamaForCausalLM(llama or tiny_llama_config())
+    options = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], **lora}
+    model = get_peft_model(base, LoraConfig(init_lora_weights=False, **options))
+    model.save_pretrained(str(folder))
+    return model
+
+
+def read_adapter(folder: Path) -> tuple[str, bytes]:
+    return (folder / CONFIG_FILE).read_text(), (folder / WEIGHTS_FILE).read_bytes()
+
+
+def upload_requests(
+    adapter_id: str, config_json: str, weights: bytes, chunk: int = 16 << 10, total_size: int = 0
+) -> list[adapter_store_pb2.UploadAdapterRequest]:
+    header = adapter_store_pb2.UploadHeader(
+        adapter_id=adapter_id, adapter_config_json=config_json, total_size=total_size
+    )
+    messages = [adapter_store_pb2.UploadAdapterRequest(header=header)]
+    for offset in range(0, len(weights), chunk):
+        piece = weights[offset : offset + chunk]
+        messages.append(adapter_store_pb2.UploadAdapterRequest(chunk=piece))
+    return messages
+
+
+async def as_stream(items: list[Any]) -> AsyncIterator[Any]:
+    for item in items:
+        yield item
+
+
+def store_config(data_dir: Path, **overrides: Any) -> AdapterStoreConfig:
+    fields: dict[str, Any] = {
+        "port": free_port(),
+        "data_dir": str(data_dir),
+        "fetch_chunk_bytes": 64 << 10,  # several chunks even for tiny adapters
+        "redis_retry_s": 0.1,
+        **overrides,
+    }
+    return AdapterStoreConfig(**fields)
+
+
+def aio_channel(port: int) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=SERVER_OPTIONS)
+
+
+class RedisProcess:
+    """A private redis-server on a free port, without persistence."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None

@@ -1,0 +1,83 @@
+"""Streams under stress: an upload cut off halfway, and many concurrent fetches of one adapter."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from manylora.v1 import adapter_store_pb2, adapter_store_pb2_grpc, common_pb2
+from tests.adapter_store.helpers import (
+    aio_channel,
+    as_stream,
+    read_adapter,
+    store_config,
+    upload_requests,
+)
+
+
+async def test_upload_cut_off_halfway_leaves_no_adapter_behind(
+    tmp_path: Path, qv_adapter: Path, start_store, redis_proc, redis_client
+) -> None:
+    data_dir = tmp_path / "data"
+    server = await start_store(store_config(data_dir, redis_url=redis_proc.url))
+    config_json, weights = read_adapter(qv_adapter)
+    messages = upload_requests("cut", config_json, weights, chunk=4096, total_size=len(weights))
+    assert len(messages) > 8
+    async with aio_channel(server.port) as channel:
+        stub = adapter_store_pb2_grpc.AdapterStoreStub(channel)
+        call = stub.UploadAdapter()
+        for message in messages[: len(messages) // 2]:
+            await call.write(message)
+        await asyncio.sleep(0.2)  # let the server take in what was sent
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await asyncio.sleep(0.2)
+        listed = await stub.ListAdapters(common_pb2.ListAdaptersRequest())
+        missing = stub.GetAdapterInfo(adapter_store_pb2.GetAdapterInfoRequest(adapter_id="cut"))
+        with pytest.raises(grpc.aio.AioRpcError) as not_found:
+            await missing
+        files_after_cut = [p for p in data_dir.rglob("*") if p.name != ".tmp"]
+        keys_after_cut = await redis_client.dbsize()
+        # The cut-off upload took no version number either.
+        whole = await stub.UploadAdapter(as_stream(messages))
+
+    assert list(listed.adapters) == []
+    assert not_found.value.code() == grpc.StatusCode.NOT_FOUND
+    assert files_after_cut == []
+    assert keys_after_cut == 0
+    assert whole.version == 1
+
+
+async def test_fifty_concurrent_cold_fetches_cost_one_disk_read(
+    tmp_path: Path, qv_adapter: Path, start_store
+) -> None:
+    server = await start_store(store_config(tmp_path / "data", fetch_chunk_bytes=8192))
+    config_json, weights = read_adapter(qv_adapter)
+    reads = [0]
+    read_blob = server.store.disk.read_blob
+
+    def slow_counting_read(adapter_id: str, version: int) -> bytes:
+        reads[0] += 1
+        time.sleep(0.3)  # a slow disk, so that all fifty requests arrive while it reads
+        return read_blob(adapter_id, version)
+
+    server.store.disk.read_blob = slow_counting_read
+    async with aio_channel(server.port) as channel:
+        stub = adapter_store_pb2_grpc.AdapterStoreStub(channel)
+        info = await stub.UploadAdapter(as_stream(upload_requests("hot", config_json, weights)))
+
+        async def fetch() -> bytes:
+            request = adapter_store_pb2.FetchAdapterRequest(adapter_id="hot")
+            return b"".join([chunk.data async for chunk in stub.FetchAdapter(request)])
+
+        blobs = await asyncio.gather(*(fetch() for _ in range(50)))
+
+    assert reads[0] == 1
+    assert len(set(blobs)) == 1
+    assert hashlib.sha256(blobs[0]).hexdigest() == info.sha256

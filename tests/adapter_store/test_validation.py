@@ -1,0 +1,126 @@
+"""Every refusal is INVALID_ARGUMENT naming the offending key, and leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from manylora.v1 import adapter_store_pb2_grpc, common_pb2
+from tests.adapter_store.helpers import (
+    aio_channel,
+    as_stream,
+    make_peft_adapter,
+    read_adapter,
+    store_config,
+    tiny_llama_config,
+    upload_requests,
+)
+
+MAX_RANK = 16
+NAN_KEY = "base_model.model.model.layers.2.self_attn.v_proj.lora_B.weight"
+Upload = tuple[str, str, bytes, int]  # adapter_id, config JSON, weights, total_size
+Case = Callable[[Path, Path], Upload]
+
+
+def _peft(tmp: Path, **lora: object) -> Upload:
+    make_peft_adapter(tmp / "made", seed=5, **lora)  # type: ignore[arg-type]
+    config_json, weights = read_adapter(tmp / "made")
+    return "ok-id", config_json, weights, 0
+
+
+def _good(qv: Path) -> Upload:
+    config_json, weights = read_adapter(qv)
+    return "ok-id", config_json, weights, 0
+
+
+def _edit_config(qv: Path, **changes: object) -> Upload:
+    adapter_id, config_json, weights, size = _good(qv)
+    return adapter_id, json.dumps({**json.loads(config_json), **changes}), weights, size
+
+
+def _with_nan(qv: Path) -> Upload:
+    adapter_id, config_json, weights, size = _good(qv)
+    tensors = st_load(weights)
+    tensors[NAN_KEY][3, 1] = float("nan")
+    return adapter_id, config_json, bytes(st_save(tensors)), size
+
+
+# name: (make the upload, pattern the status message must contain)
+CASES: dict[str, tuple[Case, str]] = {
+    "bad-json": (
+        lambda qv, tmp: ("ok-id", "{not json", _good(qv)[2], 0),
+        "^adapter_config.json: not valid JSON",
+    ),
+    "gate-proj": (
+        lambda qv, tmp: _peft(tmp, target_modules=["q_proj", "gate_proj"]),
+        "^target_modules: gate_proj not supported",
+    ),
+    "bias-all": (lambda qv, tmp: _peft(tmp, bias="all"), "^bias: only 'none'"),
+    "rank-over-max": (lambda qv, tmp: _peft(tmp, r=32), r"lora_A\.weight: rank 32 > max rank 16"),
+    "wrong-shape": (
+        lambda qv, tmp: _peft(tmp, llama=tiny_llama_config(hidden_size=64)),
+        r"self_attn\.[qv]_proj\.lora_A\.weight: shape \[8, 64\] != \[8, 128\]",
+    ),
+    "nan": (lambda qv, tmp: _with_nan(qv), "^" + re.escape(NAN_KEY) + ": has non-finite"),
+    "use-dora": (lambda qv, tmp: _peft(tmp, use_dora=True), "^use_dora: is set"),
+    "bad-adapter-id": (lambda qv, tmp: ("../evil", *_good(qv)[1:]), "^adapter_id: '../evil'"),
+    "total-size-mismatch": (
+        lambda qv, tmp: (*_good(qv)[:3], len(_good(qv)[2]) + 1),
+        "^total_size: the header says",
+    ),
+    "truncated-weights": (
+        lambda qv, tmp: (*_good(qv)[:2], _good(qv)[2][:1000], 0),
+        "^adapter_model.safetensors: not a readable",
+    ),
+    "alpha-pattern-not-number": (
+        lambda qv, tmp: _edit_config(qv, alpha_pattern={"q_proj": "big"}),
+        "^alpha_pattern.q_proj: must be a finite number",
+    ),
+    "rslora-not-bool": (
+        lambda qv, tmp: _edit_config(qv, use_rslora="yes"),
+        "^use_rslora: must be true or false",
+    ),
+}
+
+
+@pytest.mark.parametrize("make, named", CASES.values(), ids=CASES.keys())
+async def test_refused_upload_is_invalid_argument_naming_key_and_leaves_nothing(
+    tmp_path: Path, qv_adapter: Path, start_store, redis_proc, redis_client, make: Case, named: str
+) -> None:
+    adapter_id, config_json, weights, total_size = make(qv_adapter, tmp_path)
+    data_dir = tmp_path / "data"
+    config = store_config(data_dir, redis_url=redis_proc.url, max_rank=MAX_RANK)
+    server = await start_store(config)
+    async with aio_channel(server.port) as channel:
+        stub = adapter_store_pb2_grpc.AdapterStoreStub(channel)
+        requests = upload_requests(adapter_id, config_json, weights, total_size=total_size)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.UploadAdapter(as_stream(requests))
+        listed = await stub.ListAdapters(common_pb2.ListAdaptersRequest())
+
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert re.search(named, refused.value.details() or ""), refused.value.details()
+    assert list(listed.adapters) == []
+    assert [p for p in data_dir.rglob("*") if p.name != ".tmp"] == []
+    assert await redis_client.dbsize() == 0
+
+
+async def test_good_adapter_is_accepted_by_the_same_checks(
+    tmp_path: Path, qv_adapter: Path, start_store
+) -> None:
+    """The control case: without it, a store refusing everything would pass the above."""
+    adapter_id, config_json, weights, _ = _good(qv_adapter)
+    server = await start_store(store_config(tmp_path / "data", max_rank=MAX_RANK))
+    async with aio_channel(server.port) as channel:
+        stub = adapter_store_pb2_grpc.AdapterStoreStub(channel)
+        requests = upload_requests(adapter_id, config_json, weights, total_size=len(weights))
+        info = await stub.UploadAdapter(as_stream(requests))
+    assert (info.adapter_id, info.version, info.rank) == (adapter_id, 1, 8)
+    assert info.size_bytes > len(weights) // 2

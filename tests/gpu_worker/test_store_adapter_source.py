@@ -1,0 +1,169 @@
+"""The worker's StoreAdapterSource: host LRU by bytes, sha256 checks, errors, shared fetches."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from manylora.v1 import adapter_store_pb2, adapter_store_pb2_grpc, common_pb2
+from services.adapter_store.server import StoreServer, start_store_server
+from services.common.base_model import BaseModelShape, load_hf_config
+from services.common.errors import NotFound, Unavailable
+from services.common.grpc_server import RunningServer, free_port, start_server
+from services.common.lora_format import CanonicalAdapter
+from services.common.peft_adapter import load_peft_folder
+from services.gpu_worker.host_adapter_cache import HostAdapterCache, adapter_nbytes
+from services.gpu_worker.store_adapter_source import StoreAdapterSource
+from tests.adapter_store.helpers import (
+    aio_channel,
+    as_stream,
+    make_peft_adapter,
+    read_adapter,
+    store_config,
+    upload_requests,
+)
+
+TINY = BaseModelShape.from_hf_config(load_hf_config("tiny"))
+
+
+@pytest.fixture(scope="module")
+def adapter_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("worker-adapters") / "qv"
+    make_peft_adapter(folder, seed=11)
+    return folder
+
+
+@pytest.fixture
+async def store(tmp_path: Path, adapter_folder: Path) -> AsyncIterator[StoreServer]:
+    """A disk-only store holding the same adapter under the ids a, b and c."""
+    server = await start_store_server(store_config(tmp_path / "data"))
+    config_json, weights = read_adapter(adapter_folder)
+    async with aio_channel(server.port) as channel:
+        stub = adapter_store_pb2_grpc.AdapterStoreStub(channel)
+        for adapter_id in "abc":
+            requests = upload_requests(adapter_id, config_json, weights)
+            await stub.UploadAdapter(as_stream(requests))
+    yield server
+    await server.stop(grace=None)
+
+
+class FakeStore(adapter_store_pb2_grpc.AdapterStoreServicer):
+    """Serves one good blob, damaged on the first `corrupt` fetches; counts fetches."""
+
+    def __init__(self, blob: bytes, corrupt: int, delay_s: float = 0.0):
+        self.blob = blob
+        self.corrupt = corrupt
+        self.delay_s = delay_s
+        self.fetches = 0
+
+    async def FetchAdapter(self, request, context):
+        self.fetches += 1
+        await asyncio.sleep(self.delay_s)
+        data = self.blob
+        if self.fetches <= self.corrupt:
+            data = data[:-1] + bytes([data[-1] ^ 0xFF])
+        info = common_pb2.AdapterInfo(
+            adapter_id=request.adapter_id, version=1, sha256=hashlib.sha256(self.blob).hexdigest()
+        )
+        yield adapter_store_pb2.AdapterChunk(info=info, data=data[:1000])
+        yield adapter_store_pb2.AdapterChunk(data=data[1000:])
+
+
+async def _serve_fake(fake: FakeStore) -> RunningServer:
+    def add(server) -> None:
+        adapter_store_pb2_grpc.add_AdapterStoreServicer_to_server(fake, server)
+
+    return await start_server([add], ["manylora.v1.AdapterStore"], "127.0.0.1", free_port())
+
+
+def _same(x: CanonicalAdapter, y: CanonicalAdapter) -> bool:
+    return x.target_modules == y.target_modules and all(
+        torch.equal(x.lora_a[p], y.lora_a[p]) and torch.equal(x.lora_b[p], y.lora_b[p])
+        for p in x.target_modules
+    )
+
+
+async def test_host_cache_keeps_within_bytes_and_evicts_least_recently_used(
+    store: StoreServer, adapter_folder: Path
+) -> None:
+    expected = load_peft_folder(adapter_folder, TINY, max_rank=128)
+    size = adapter_nbytes(expected)
+    source = StoreAdapterSource(f"127.0.0.1:{store.port}", cache_max_bytes=size * 5 // 2)
+    try:
+        first_a = await source.get("a")
+        await source.get("b")
+        again_a = await source.get("a")  # a hit: now b is the least recently used
+        await source.get("c")
+        after_c = source.cached_ids()
+        await source.get("b")  # fetched again, pushing out a
+        after_b = source.cached_ids()
+    finally:
+        await source.close()
+
+    assert _same(first_a, expected)
+    assert again_a is first_a
+    assert after_c == ["a", "c"]
+    assert after_b == ["b", "c"]
+    assert (source.hits, source.misses) == (1, 4)
+    assert source.cache.nbytes == 2 * size
+
+
+def test_host_cache_skips_an_adapter_larger_than_its_budget(adapter_folder: Path) -> None:
+    adapter = load_peft_folder(adapter_folder, TINY, max_rank=128)
+    cache = HostAdapterCache(max_bytes=adapter_nbytes(adapter) - 1)
+    assert cache.put("big", adapter) == []
+    assert cache.get("big") is None and cache.nbytes == 0
+
+
+async def test_unknown_id_is_not_found_and_a_dead_store_unavailable(store: StoreServer) -> None:
+    source = StoreAdapterSource(f"127.0.0.1:{store.port}", cache_max_bytes=1 << 30)
+    dead = StoreAdapterSource(f"127.0.0.1:{free_port()}", cache_max_bytes=1 << 30, timeout_s=5)
+    try:
+        with pytest.raises(NotFound, match="nope"):
+            await source.get("nope")
+        with pytest.raises(Unavailable, match="UNAVAILABLE"):
+            await dead.get("a")
+    finally:
+        await source.close()
+        await dead.close()
+    assert source.cached_ids() == [] and source.misses == 1
+
+
+async def test_corrupted_blob_is_retried_once_then_unavailable(adapter_folder: Path) -> None:
+    blob = load_peft_folder(adapter_folder, TINY, max_rank=128, adapter_id="x").to_bytes()
+    once, always = FakeStore(blob, corrupt=1), FakeStore(blob, corrupt=100)
+    servers = [await _serve_fake(once), await _serve_fake(always)]
+    recovering = StoreAdapterSource(f"127.0.0.1:{servers[0].port}", cache_max_bytes=1 << 30)
+    failing = StoreAdapterSource(f"127.0.0.1:{servers[1].port}", cache_max_bytes=1 << 30)
+    try:
+        recovered = await recovering.get("x")
+        with pytest.raises(Unavailable, match="sha256"):
+            await failing.get("x")
+    finally:
+        for source in (recovering, failing):
+            await source.close()
+        for server in servers:
+            await server.stop(None)
+
+    assert _same(recovered, CanonicalAdapter.from_bytes(blob))
+    assert once.fetches == 2 and recovering.cached_ids() == ["x"]
+    assert always.fetches == 2 and failing.cached_ids() == []
+
+
+async def test_concurrent_gets_of_one_id_share_one_fetch(adapter_folder: Path) -> None:
+    blob = load_peft_folder(adapter_folder, TINY, max_rank=128, adapter_id="x").to_bytes()
+    fake = FakeStore(blob, corrupt=0, delay_s=0.3)
+    server = await _serve_fake(fake)
+    source = StoreAdapterSource(f"127.0.0.1:{server.port}", cache_max_bytes=1 << 30)
+    try:
+        adapters = await asyncio.gather(*(source.get("x") for _ in range(20)))
+    finally:
+        await source.close()
+        await server.stop(None)
+    assert fake.fetches == 1
+    assert all(adapter is adapters[0] for adapter in adapters)
