@@ -27,6 +27,13 @@ class WorkerConfig:
         default_factory=list,
         metadata={"help": "PEFT folders as id=path or path, or a folder of PEFT folders"},
     )
+    adapter_store: str = field(
+        default="",
+        metadata={"help": "host:port of the adapter store; empty = only --adapters folders"},
+    )
+    host_cache_bytes: int = field(
+        default=4 << 30, metadata={"help": "host-memory adapter cache bound, in bytes"}
+    )
     max_rank: int = field(default=128, metadata={"help": "largest LoRA rank accepted"})
     kv_cache_tokens: int = field(
         default=16384, metadata={"help": "KV cache capacity in tokens, summed over requests"}

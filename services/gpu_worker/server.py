@@ -10,14 +10,19 @@ from dataclasses import dataclass
 import torch
 
 from manylora.v1 import gpu_worker_pb2_grpc
-from services.common.base_model import load_hf_config
+from services.common.base_model import BaseModelShape, load_hf_config
 from services.common.grpc_server import RunningServer, start_server
-from services.gpu_worker.adapter_source import LocalFolderAdapterSource, parse_adapter_paths
+from services.gpu_worker.adapter_source import (
+    AdapterSource,
+    LocalFolderAdapterSource,
+    parse_adapter_paths,
+)
 from services.gpu_worker.config import WorkerConfig
 from services.gpu_worker.engine import Engine
 from services.gpu_worker.engine_loop import EngineLoop
 from services.gpu_worker.model_config import ModelConfig
 from services.gpu_worker.servicer import GpuWorkerServicer
+from services.gpu_worker.store_adapter_source import StoreAdapterSource
 from services.gpu_worker.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 from services.gpu_worker.weights import build_dummy_model, load_hf_model
 
@@ -59,6 +64,14 @@ def build_engine(config: WorkerConfig) -> tuple[Engine, Tokenizer]:
     return engine, tokenizer
 
 
+def build_adapter_source(config: WorkerConfig, shape: BaseModelShape) -> AdapterSource:
+    if config.adapter_store and config.adapters:
+        raise ValueError("give --adapter-store or --adapters, not both")
+    if config.adapter_store:
+        return StoreAdapterSource(config.adapter_store, config.host_cache_bytes)
+    return LocalFolderAdapterSource(parse_adapter_paths(config.adapters), shape, config.max_rank)
+
+
 @dataclass
 class Worker:
     server: RunningServer
@@ -76,9 +89,7 @@ class Worker:
 
 async def start_worker(config: WorkerConfig) -> Worker:
     engine, tokenizer = build_engine(config)
-    adapters = LocalFolderAdapterSource(
-        parse_adapter_paths(config.adapters), engine.config.shape, config.max_rank
-    )
+    adapters = build_adapter_source(config, engine.config.shape)
     loop = EngineLoop(engine)
     loop.start()
     servicer = GpuWorkerServicer(loop, tokenizer, adapters, config.model)
