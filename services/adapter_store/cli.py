@@ -161,6 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (grpc.RpcError, CliError, OSError) as exc:
             print(f"error: {_error_text(exc)}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            # Closing the channel cancels an upload in flight; the store keeps nothing of it.
+            print("interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

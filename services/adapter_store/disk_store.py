@@ -23,6 +23,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.adapter_store.records import is_valid_adapter_id
+
 logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "weights.safetensors"
@@ -75,6 +77,9 @@ class DiskStore:
         found: dict[str, AdapterVersions] = {}
         for entry in self.root.iterdir():
             if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            if not is_valid_adapter_id(entry.name):
+                logger.warning("ignoring %s: not a valid adapter id", entry)
                 continue
             state = AdapterVersions(last=self._read_last_version(entry))
             for child in entry.iterdir():

@@ -16,8 +16,12 @@ from services.common.lora_format import CanonicalAdapter
 _ID_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
 
 
+def is_valid_adapter_id(adapter_id: str) -> bool:
+    return _ID_RE.match(adapter_id) is not None
+
+
 def check_adapter_id(adapter_id: str) -> None:
-    if not _ID_RE.match(adapter_id):
+    if not is_valid_adapter_id(adapter_id):
         raise InvalidArgument(
             f"adapter_id: {adapter_id!r} is not valid; use 1-128 letters, digits, '.', '_' "
             "or '-', not starting with '.'"

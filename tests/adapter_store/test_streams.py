@@ -9,6 +9,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
+from safetensors.torch import save as st_save
 
 from manylora.v1 import adapter_store_pb2, adapter_store_pb2_grpc, common_pb2
 from tests.adapter_store.helpers import (
@@ -81,3 +83,30 @@ async def test_fifty_concurrent_cold_fetches_cost_one_disk_read(
     assert reads[0] == 1
     assert len(set(blobs)) == 1
     assert hashlib.sha256(blobs[0]).hexdigest() == info.sha256
+
+
+async def test_adapter_larger_than_a_grpc_message_passes_both_ways(
+    tmp_path: Path, start_store
+) -> None:
+    """A Llama-7B-shaped adapter (~8 MB) through a channel with gRPC's default 4 MB limit."""
+    hidden, layers = 4096, 32
+    tensors = {}
+    for layer in range(layers):
+        prefix = f"base_model.model.model.layers.{layer}.self_attn.q_proj"
+        tensors[f"{prefix}.lora_A.weight"] = torch.randn(8, hidden)
+        tensors[f"{prefix}.lora_B.weight"] = torch.randn(hidden, 8)
+    weights = bytes(st_save(tensors))
+    config_json = '{"peft_type": "LORA", "r": 8, "lora_alpha": 8, "target_modules": ["q_proj"]}'
+    assert len(weights) > 2 * 4 * 1024 * 1024
+    server = await start_store(store_config(tmp_path / "data", base_model="llama-7b",
+                                            fetch_chunk_bytes=2 << 20))  # fmt: skip
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = adapter_store_pb2_grpc.AdapterStoreStub(channel)
+        requests = upload_requests("big", config_json, weights, chunk=1 << 20)
+        info = await stub.UploadAdapter(as_stream(requests))
+        request = adapter_store_pb2.FetchAdapterRequest(adapter_id="big")
+        chunks = [chunk async for chunk in stub.FetchAdapter(request)]
+
+    blob = b"".join(chunk.data for chunk in chunks)
+    assert len(chunks) == -(-info.size_bytes // (2 << 20)) >= 4
+    assert hashlib.sha256(blob).hexdigest() == info.sha256

@@ -153,6 +153,7 @@ async def test_restart_reads_disk_cleans_temp_and_never_reuses_a_version(
     crashed = data_dir / ".tmp" / "write-crashed"  # what a crash mid-upload leaves
     crashed.mkdir()
     (crashed / "weights.safetensors").write_bytes(b"half")
+    (data_dir / "not an id!" / "v1").mkdir(parents=True)  # stray folder, ignored
 
     server = await start_store(store_config(data_dir))
     async with aio_channel(server.port) as channel:
