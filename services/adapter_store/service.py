@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import NoReturn
 
@@ -12,6 +13,8 @@ from services.adapter_store.records import check_adapter_id
 from services.adapter_store.store import AdapterStore
 from services.common.errors import InvalidArgument, ServiceError
 from services.common.peft_adapter import WEIGHTS_FILE
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
@@ -70,6 +73,7 @@ class AdapterStoreService(adapter_store_pb2_grpc.AdapterStoreServicer):
             header, weights = await receive_upload(request_iterator, self._max_upload_bytes)
             return await self._store.upload(header.adapter_id, header.adapter_config_json, weights)
         except ServiceError as exc:
+            logger.info("upload refused: %s", exc)
             await _abort(context, exc)
 
     async def GetAdapterInfo(
