@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import secrets
 from dataclasses import dataclass, field
 
 import torch
 
 from manylora.v1 import common_pb2
-from services.common.errors import InvalidArgument
-
-MAX_STOP_STRINGS = 16
+from services.common.sampling_params import check_sampling_params
 
 
 @dataclass(frozen=True)
@@ -33,19 +30,7 @@ class SamplingOptions:
     @classmethod
     def from_proto(cls, params: common_pb2.SamplingParams, vocab_size: int) -> SamplingOptions:
         """Validate; raise InvalidArgument naming the bad field."""
-        if params.max_new_tokens <= 0:
-            raise InvalidArgument("params.max_new_tokens must be > 0")
-        if not math.isfinite(params.temperature) or params.temperature < 0:
-            raise InvalidArgument(f"params.temperature must be >= 0, got {params.temperature}")
-        if not math.isfinite(params.top_p) or not 0 <= params.top_p <= 1:
-            raise InvalidArgument(f"params.top_p must lie in (0, 1] (0 = off), got {params.top_p}")
-        if len(params.stop) > MAX_STOP_STRINGS:
-            raise InvalidArgument(f"params.stop has more than {MAX_STOP_STRINGS} strings")
-        bad_ids = [t for t in params.stop_token_ids if t >= vocab_size]
-        if bad_ids:
-            raise InvalidArgument(
-                f"params.stop_token_ids {bad_ids} outside vocabulary of {vocab_size}"
-            )
+        check_sampling_params(params, vocab_size)
         return cls(
             max_new_tokens=params.max_new_tokens,
             temperature=params.temperature,
