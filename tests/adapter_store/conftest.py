@@ -6,10 +6,9 @@ from pathlib import Path
 import pytest
 import redis.asyncio
 
-from manylora.v1 import adapter_store_pb2_grpc
 from services.adapter_store.config import AdapterStoreConfig
 from services.adapter_store.server import StoreServer, start_store_server
-from tests.adapter_store.helpers import RedisProcess, aio_channel, make_peft_adapter
+from tests.adapter_store.helpers import RedisProcess, make_peft_adapter
 
 StartStore = Callable[[AdapterStoreConfig], Awaitable[StoreServer]]
 
@@ -44,22 +43,6 @@ async def start_store() -> AsyncIterator[StartStore]:
     yield start
     for server in servers:
         await server.stop(grace=None)
-
-
-@pytest.fixture
-async def stub_for() -> AsyncIterator[
-    Callable[[StoreServer], adapter_store_pb2_grpc.AdapterStoreStub]
-]:
-    channels = []
-
-    def make(server: StoreServer) -> adapter_store_pb2_grpc.AdapterStoreStub:
-        channel = aio_channel(server.port)
-        channels.append(channel)
-        return adapter_store_pb2_grpc.AdapterStoreStub(channel)
-
-    yield make
-    for channel in channels:
-        await channel.close()
 
 
 @pytest.fixture(scope="session")
