@@ -1,7 +1,8 @@
-"""Causal attention of each request's new tokens over its cached and new K/V.
+"""Causal attention of each request's new tokens over its K/V in the unified pool.
 
-Reference path (a loop over requests with torch SDPA); the paged Triton kernels replace
-`attend` behind the same signature.
+Reference path: one scatter of the new K/V into their slots, then a loop over requests that
+gathers each one's K/V through its slot table and runs torch SDPA. The paged Triton kernels
+replace `attend` behind the same signature.
 """
 
 from __future__ import annotations
@@ -34,10 +35,15 @@ def causal_attention(
 def attend(
     layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch
 ) -> torch.Tensor:
-    """Write this pass's k, v [T, KVH, D] into each request's cache; attend q [T, H, D]."""
+    """Store this pass's k, v [T, KVH, D] in the pool; attend q [T, H, D] -> [T, H, D]."""
+    tokens, kv_heads, head_dim = k.shape
+    pool = batch.pool[layer]
+    pool.index_copy_(0, batch.new_k_slots, k.reshape(tokens, -1))
+    pool.index_copy_(0, batch.new_v_slots, v.reshape(tokens, -1))
     out = torch.empty_like(q)
     for span in batch.spans:
         rows = slice(span.start, span.start + span.length)
-        k_all, v_all = span.kv.write(layer, span.context_len, k[rows], v[rows])
+        k_all = pool.index_select(0, span.k_slots).view(-1, kv_heads, head_dim)
+        v_all = pool.index_select(0, span.v_slots).view(-1, kv_heads, head_dim)
         out[rows] = causal_attention(q[rows], k_all, v_all, span.context_len)
     return out

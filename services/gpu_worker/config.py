@@ -35,8 +35,22 @@ class WorkerConfig:
         default=4 << 30, metadata={"help": "host-memory adapter cache bound, in bytes"}
     )
     max_rank: int = field(default=128, metadata={"help": "largest LoRA rank accepted"})
-    kv_cache_tokens: int = field(
-        default=16384, metadata={"help": "KV cache capacity in tokens, summed over requests"}
+    pool_slots: int = field(
+        default=0,
+        metadata={
+            "help": "slots of the unified memory pool (a token's K or V takes one); "
+            "0 = size from --gpu-memory-fraction on a GPU, 32768 on the CPU"
+        },
+    )
+    gpu_memory_fraction: float = field(
+        default=0.85, metadata={"help": "share of free GPU memory the pool takes (pool_slots=0)"}
+    )
+    unified_pool: bool = field(
+        default=True,
+        metadata={"help": "KV cache and adapters share one pool (off: S-LoRA's no-unify ablation)"},
+    )
+    adapter_region_fraction: float = field(
+        default=0.25, metadata={"help": "share of the pool kept for adapters when not unified"}
     )
     max_num_seqs: int = field(default=64, metadata={"help": "most requests running at once"})
     max_prefill_tokens: int = field(
@@ -49,3 +63,19 @@ class WorkerConfig:
         default=0, metadata={"help": "context length cap; 0 = the model's own"}
     )
     log_level: str = field(default="INFO", metadata={"help": "logging level"})
+    metrics_port: int = field(
+        default=0, metadata={"help": "port of the Prometheus /metrics endpoint; 0 = off"}
+    )
+    registry_redis_url: str = field(
+        default="",
+        metadata={"help": "Redis where the worker registers itself for routers; empty = off"},
+    )
+    advertise_address: str = field(
+        default="", metadata={"help": "host:port routers dial; empty = the bound host and port"}
+    )
+    heartbeat_interval_s: float = field(
+        default=2.0, metadata={"help": "seconds between registrations in Redis"}
+    )
+    heartbeat_ttl_s: float = field(
+        default=6.0, metadata={"help": "seconds a registration lives without a new heartbeat"}
+    )

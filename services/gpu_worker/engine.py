@@ -12,13 +12,13 @@ import time
 
 import torch
 
-from services.common.errors import InvalidArgument
-from services.common.lora_format import CanonicalAdapter
+from services.common.errors import DeadlineExceeded, InvalidArgument
+from services.gpu_worker.adapter_manager import AdapterManager, ResidentAdapter
 from services.gpu_worker.forward_batch import ForwardBatch, LoraGroup, SeqSpan
-from services.gpu_worker.kv_cache import KVCacheBudget
+from services.gpu_worker.memory_pool import UnifiedMemoryPool
 from services.gpu_worker.model import LlamaForCausalLM
 from services.gpu_worker.sampling import make_generator, sample
-from services.gpu_worker.scheduler import ScheduledStep, Scheduler
+from services.gpu_worker.scheduler import Scheduler
 from services.gpu_worker.sequence import FinishReason, Sequence
 
 logger = logging.getLogger(__name__)
@@ -28,27 +28,32 @@ class Engine:
     def __init__(
         self,
         model: LlamaForCausalLM,
-        kv_capacity_tokens: int,
+        pool_slots: int,
         max_num_seqs: int = 64,
         max_prefill_tokens: int = 4096,
         max_waiting: int = 1024,
         max_model_len: int | None = None,
+        unified_pool: bool = True,
+        adapter_region_slots: int = 0,
     ):
         self.model = model
         self.config = model.config
         weight = model.lm_head.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.max_model_len = min(max_model_len or 1 << 30, self.config.max_position_embeddings)
-        kv = KVCacheBudget(
-            kv_capacity_tokens,
+        self.pool = UnifiedMemoryPool(
             self.config.num_layers,
-            self.config.num_kv_heads,
-            self.config.head_dim,
+            pool_slots,
+            self.config.num_kv_heads * self.config.head_dim,
             self.dtype,
             self.device,
+            unified=unified_pool,
+            adapter_region_slots=adapter_region_slots,
         )
-        self.scheduler = Scheduler(kv, max_num_seqs, max_prefill_tokens, max_waiting)
-        self._adapters: dict[int, tuple[CanonicalAdapter, int]] = {}  # id(host) -> (device, refs)
+        self.adapters = AdapterManager(self.pool)
+        self.scheduler = Scheduler(
+            self.pool, self.adapters, max_num_seqs, max_prefill_tokens, max_waiting
+        )
         self.steps = 0
 
     def check(self, seq: Sequence) -> None:
@@ -66,10 +71,17 @@ class Engine:
                 f"prompt has {prompt_len} tokens; the model's context is {self.max_model_len}"
             )
         total = min(prompt_len + seq.options.max_new_tokens, self.max_model_len)
-        if total > self.scheduler.kv.capacity_tokens:
+        adapter_slots = self.adapters.slot_count(seq.adapter) if seq.adapter else 0
+        if self.pool.unified:
+            fits = 2 * total + adapter_slots <= self.pool.num_slots
+        else:
+            kv_ok = 2 * total <= self.pool.kv_capacity()
+            fits = kv_ok and adapter_slots <= self.pool.adapter_capacity()
+        if not fits:
             raise InvalidArgument(
-                f"prompt + max_new_tokens = {total} tokens exceeds the KV cache "
-                f"({self.scheduler.kv.capacity_tokens} tokens)"
+                f"prompt + max_new_tokens = {total} tokens (and the adapter's "
+                f"{adapter_slots} slots) can never fit the memory pool of "
+                f"{self.pool.num_slots} slots (2 per token)"
             )
 
     def add(self, seq: Sequence) -> None:
@@ -84,7 +96,7 @@ class Engine:
         seq = self.scheduler.find(request_id)
         if seq is None:
             return False
-        self._finish(seq)
+        self.scheduler.remove(seq)
         seq.on_output(seq.output([], "", [], FinishReason.ABORTED))
         logger.info("aborted", extra={"request_id": request_id})
         return True
@@ -94,22 +106,22 @@ class Engine:
 
     def step(self) -> None:
         scheduled = self.scheduler.schedule()
+        for seq in scheduled.expired:
+            out = seq.output([], "", [], FinishReason.ABORTED)
+            out.error = DeadlineExceeded("deadline passed while waiting; dropped before prefill")
+            seq.on_output(out)
         if scheduled.empty:
             return
-        now = time.monotonic()
-        for seq in scheduled.prefill:
-            seq.scheduled_at = now
-            self._acquire_adapter(seq)
         seqs = scheduled.prefill + scheduled.decode
         try:
-            logits = self.model(self._build_batch(scheduled))
+            logits = self.model(self._build_batch(seqs))
             tokens, logprobs = sample(
                 logits, [s.options for s in seqs], [s.generator for s in seqs]
             )
         except Exception as exc:
             logger.exception("engine step failed; failing its %d requests", len(seqs))
             for seq in seqs:
-                self._finish(seq)
+                self.scheduler.remove(seq)
                 out = seq.output([], "", [], FinishReason.ABORTED)
                 out.error = exc
                 seq.on_output(out)
@@ -118,21 +130,26 @@ class Engine:
         for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
             self._append(seq, token, logprob)
 
-    def _build_batch(self, scheduled: ScheduledStep) -> ForwardBatch:
+    def _build_batch(self, seqs: list[Sequence]) -> ForwardBatch:
         ids: list[int] = []
         positions: list[int] = []
         spans: list[SeqSpan] = []
-        lora_rows: dict[int, list[int]] = {}
-        for seq in scheduled.prefill + scheduled.decode:
+        lora_rows: dict[int, tuple[ResidentAdapter, list[int]]] = {}
+        for seq in seqs:
             new = seq.prompt_ids if seq.num_cached == 0 else seq.output_ids[-1:]
-            start = len(ids)
+            start, end = len(ids), seq.num_cached + len(new)
+            assert seq.k_slots is not None and seq.v_slots is not None
             ids.extend(new)
-            positions.extend(range(seq.num_cached, seq.num_cached + len(new)))
-            assert seq.kv is not None
-            spans.append(SeqSpan(start, len(new), seq.num_cached, seq.kv))
-            if seq.adapter is not None:
-                lora_rows.setdefault(id(seq.adapter), []).extend(range(start, start + len(new)))
+            positions.extend(range(seq.num_cached, end))
+            spans.append(
+                SeqSpan(start, len(new), seq.num_cached, seq.k_slots[:end], seq.v_slots[:end])
+            )
+            if seq.resident is not None:
+                group = lora_rows.setdefault(id(seq.resident), (seq.resident, []))
+                group[1].extend(range(start, start + len(new)))
         device = self.device
+        new_k = torch.cat([s.k_slots[s.context_len :] for s in spans])
+        new_v = torch.cat([s.v_slots[s.context_len :] for s in spans])
         return ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=device),
             positions=torch.tensor(positions, dtype=torch.long, device=device),
@@ -140,9 +157,12 @@ class Engine:
             logits_rows=torch.tensor(
                 [s.start + s.length - 1 for s in spans], dtype=torch.long, device=device
             ),
+            pool=self.pool.buffer,
+            new_k_slots=new_k,
+            new_v_slots=new_v,
             lora_groups=[
-                LoraGroup(self._adapters[key][0], torch.tensor(rows, device=device))
-                for key, rows in lora_rows.items()
+                LoraGroup(resident, torch.tensor(rows, device=device))
+                for resident, rows in lora_rows.values()
             ],
         )
 
@@ -173,27 +193,7 @@ class Engine:
         return None
 
     def _finish(self, seq: Sequence) -> None:
-        was_running = seq.kv is not None
         self.scheduler.remove(seq)
-        if was_running and seq.adapter is not None:
-            self._release_adapter(seq.adapter)
-
-    def _acquire_adapter(self, seq: Sequence) -> None:
-        if seq.adapter is None:
-            return
-        key = id(seq.adapter)
-        device_copy, refs = self._adapters.get(key, (None, 0))
-        if device_copy is None:
-            device_copy = seq.adapter.to(self.device, self.dtype)
-        self._adapters[key] = (device_copy, refs + 1)
-
-    def _release_adapter(self, adapter: CanonicalAdapter) -> None:
-        key = id(adapter)
-        device_copy, refs = self._adapters[key]
-        if refs <= 1:
-            del self._adapters[key]
-        else:
-            self._adapters[key] = (device_copy, refs - 1)
 
     def resident_adapter_ids(self) -> list[str]:
-        return sorted({a.adapter_id for a, _ in self._adapters.values()})
+        return self.adapters.resident_ids()

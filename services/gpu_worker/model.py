@@ -74,15 +74,15 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch
     ) -> torch.Tensor:
-        tokens, groups, layer = x.shape[0], batch.lora_groups, self.layer
-        q = lora.add_lora(self.q_proj(x), x, groups, layer, "q_proj")
-        k = lora.add_lora(self.k_proj(x), x, groups, layer, "k_proj")
-        v = lora.add_lora(self.v_proj(x), x, groups, layer, "v_proj")
+        tokens, groups, layer, pool = x.shape[0], batch.lora_groups, self.layer, batch.pool
+        q = lora.add_lora(self.q_proj(x), x, groups, pool, layer, "q_proj")
+        k = lora.add_lora(self.k_proj(x), x, groups, pool, layer, "k_proj")
+        v = lora.add_lora(self.v_proj(x), x, groups, pool, layer, "v_proj")
         q = apply_rotary(q.view(tokens, self.num_heads, self.head_dim), cos, sin)
         k = apply_rotary(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         out = attention.attend(layer, q, k, v, batch).reshape(tokens, -1)
-        return lora.add_lora(self.o_proj(out), out, groups, layer, "o_proj")
+        return lora.add_lora(self.o_proj(out), out, groups, pool, layer, "o_proj")
 
 
 class MLP(nn.Module):

@@ -1,23 +1,37 @@
-"""FCFS scheduler of the v0 engine: admission by reserved KV tokens, bounded waiting queue.
+"""FCFS scheduler over the unified pool: admission by memory, early abort, bounded queue.
 
-A request is admitted only when its whole KV reservation (prompt + tokens to come) fits, so
-running requests never run out of memory and nothing ever needs preempting.
+A request is admitted when the pool can promise it every KV slot it may ever need (prompt +
+tokens to come, two slots a token) plus its adapter's slots, evicting unreferenced adapters
+if that makes room. Promised slots are taken page by page as tokens arrive, and nothing else
+may take them, so a running request never runs out of memory: no preemption is ever needed
+and the engine cannot deadlock. A request that could never fit is refused at submission; one
+that does not fit now waits its turn (FCFS, so nothing behind it starves it). Waiting
+requests whose deadline has passed are dropped before they cost any compute (S-LoRA's early
+abort). Adapters of the requests next in line are loaded ahead of their turn when the pool
+has room to spare.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
 
 from services.common.errors import ResourceExhausted
-from services.gpu_worker.kv_cache import KVCacheBudget
+from services.gpu_worker.adapter_manager import AdapterManager
+from services.gpu_worker.memory_pool import UnifiedMemoryPool
 from services.gpu_worker.sequence import SeqStatus, Sequence
+
+PREFETCH_WINDOW = 8  # waiting requests whose adapters may be loaded ahead of their turn
 
 
 @dataclass
 class ScheduledStep:
     prefill: list[Sequence]
     decode: list[Sequence]
+    expired: list[Sequence] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -26,14 +40,20 @@ class ScheduledStep:
 
 class Scheduler:
     def __init__(
-        self, kv: KVCacheBudget, max_num_seqs: int, max_prefill_tokens: int, max_waiting: int
+        self,
+        pool: UnifiedMemoryPool,
+        adapters: AdapterManager,
+        max_num_seqs: int,
+        max_prefill_tokens: int,
+        max_waiting: int,
     ):
-        self.kv = kv
+        self.pool, self.adapters = pool, adapters
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
         self.max_waiting = max_waiting
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.promised = 0  # KV slots promised to running requests and not yet taken
 
     def add(self, seq: Sequence) -> None:
         if len(self.waiting) >= self.max_waiting:
@@ -41,33 +61,100 @@ class Scheduler:
         self.waiting.append(seq)
 
     def schedule(self) -> ScheduledStep:
-        decode = list(self.running)
-        prefill: list[Sequence] = []
+        step = ScheduledStep(prefill=[], decode=list(self.running), expired=self._expire())
         budget = self.max_prefill_tokens
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             # The first prefill of a step may exceed the token budget, so no prompt starves.
-            if prefill and len(seq.prompt_ids) > budget:
-                break
-            if seq.max_total_tokens > self.kv.free_tokens:
+            if (step.prefill and len(seq.prompt_ids) > budget) or not self._make_room(seq):
                 break
             self.waiting.popleft()
-            seq.kv = self.kv.allocate(seq.max_total_tokens)
-            seq.status = SeqStatus.RUNNING
-            self.running.append(seq)
-            prefill.append(seq)
+            self._admit(seq)
+            step.prefill.append(seq)
             budget -= len(seq.prompt_ids)
-        return ScheduledStep(prefill=prefill, decode=decode)
+        self._prefetch()
+        self._allocate(step.prefill + step.decode)
+        return step
+
+    def kv_headroom(self) -> int:
+        """KV slots free and not promised to anyone."""
+        return self.pool.free_kv_slots() - self.promised
+
+    def _make_room(self, seq: Sequence) -> bool:
+        kv_need = 2 * seq.max_total_tokens
+        ad_need = self.adapters.missing_slots(seq.adapter)
+        evictable = self.adapters.evictable_slots(keep=seq.adapter)
+        if self.pool.unified:
+            if kv_need + ad_need > self.kv_headroom() + evictable:
+                return False
+            target = self.promised + kv_need + ad_need
+        else:
+            if kv_need > self.kv_headroom() or ad_need > self.pool.free_adapter_slots() + evictable:
+                return False
+            target = ad_need
+        self.adapters.evict_until_free(target, keep=seq.adapter)
+        return True
+
+    def _admit(self, seq: Sequence) -> None:
+        seq.max_slots = 2 * seq.max_total_tokens
+        self.promised += seq.max_slots
+        device = self.pool.buffer.device
+        seq.k_slots = torch.empty(seq.max_total_tokens, dtype=torch.int64, device=device)
+        seq.v_slots = torch.empty(seq.max_total_tokens, dtype=torch.int64, device=device)
+        if seq.adapter is not None:
+            seq.resident = self.adapters.acquire(seq.adapter)
+        seq.status = SeqStatus.RUNNING
+        seq.scheduled_at = time.monotonic()
+        self.running.append(seq)
+
+    def _allocate(self, seqs: list[Sequence]) -> None:
+        """Take this step's slots (two per new token) out of the requests' promises at once."""
+        counts = [(len(s.prompt_ids) if s.num_cached == 0 else 1) for s in seqs]
+        total = sum(counts)
+        if total == 0:
+            return
+        slots = self.pool.alloc_kv(2 * total)
+        self.promised -= 2 * total
+        offset = 0
+        for seq, n in zip(seqs, counts, strict=True):
+            assert seq.k_slots is not None and seq.v_slots is not None
+            end = seq.num_allocated + n
+            seq.k_slots[seq.num_allocated : end] = slots[offset : offset + n]
+            seq.v_slots[seq.num_allocated : end] = slots[offset + n : offset + 2 * n]
+            seq.num_allocated = end
+            offset += 2 * n
+
+    def _prefetch(self) -> None:
+        spare = self.kv_headroom() if self.pool.unified else self.pool.free_adapter_slots()
+        for seq in list(self.waiting)[:PREFETCH_WINDOW]:
+            need = self.adapters.missing_slots(seq.adapter)
+            if need and need <= spare and seq.adapter is not None:
+                self.adapters.load(seq.adapter, background=True)
+                spare -= need
+
+    def _expire(self) -> list[Sequence]:
+        now = time.monotonic()
+        expired = [s for s in self.waiting if s.deadline is not None and s.deadline <= now]
+        for seq in expired:
+            self.waiting.remove(seq)
+        return expired
 
     def remove(self, seq: Sequence) -> None:
-        """Take a finished or aborted request out and release its KV reservation."""
-        if seq in self.running:
-            self.running.remove(seq)
-        elif seq in self.waiting:
+        """Take a finished or aborted request out; return its slots and its promise."""
+        if seq in self.waiting:
             self.waiting.remove(seq)
-        if seq.kv is not None:
-            self.kv.release(seq.kv)
-            seq.kv = None
+            return
+        if seq not in self.running:
+            return
+        self.running.remove(seq)
+        n = seq.num_allocated
+        if n and seq.k_slots is not None and seq.v_slots is not None:
+            self.pool.free_kv(torch.cat((seq.k_slots[:n], seq.v_slots[:n])))
+        self.promised -= seq.max_slots - 2 * n
+        seq.k_slots = seq.v_slots = None
+        if seq.resident is not None:
+            self.adapters.release(seq.resident)
+            seq.resident = None
 
     def find(self, request_id: str) -> Sequence | None:
         for seq in (*self.running, *self.waiting):

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 import torch
 
 from services.common.lora_format import CanonicalAdapter
+from services.gpu_worker.adapter_manager import ResidentAdapter
 from services.gpu_worker.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from services.gpu_worker.kv_cache import RequestKVCache
 from services.gpu_worker.sampling import SamplingOptions
 from services.gpu_worker.tokenizer import Tokenizer
 
@@ -56,8 +56,14 @@ class Sequence:
     max_total_tokens: int = 0  # prompt + tokens to come, capped by the model's context
     status: SeqStatus = SeqStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
-    kv: RequestKVCache | None = None
-    num_cached: int = 0
+    num_cached: int = 0  # tokens whose K/V are in the pool
+    # Pool slots of each token's K and V, filled as tokens arrive; None until admitted.
+    k_slots: torch.Tensor | None = None
+    v_slots: torch.Tensor | None = None
+    num_allocated: int = 0  # tokens that have slots
+    max_slots: int = 0  # KV slots promised at admission (two per token of max_total_tokens)
+    resident: ResidentAdapter | None = None  # the adapter's weights in the pool, while running
+    deadline: float | None = None  # monotonic time after which the caller no longer waits
     generator: torch.Generator | None = None
     arrival: float = field(default_factory=time.monotonic)
     scheduled_at: float | None = None

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,6 +21,9 @@ from services.gpu_worker.adapter_source import (
 from services.gpu_worker.config import WorkerConfig
 from services.gpu_worker.engine import Engine
 from services.gpu_worker.engine_loop import EngineLoop
+from services.gpu_worker.heartbeat import start_heartbeat
+from services.gpu_worker.memory_pool import UnifiedMemoryPool
+from services.gpu_worker.metrics import serve_worker_metrics
 from services.gpu_worker.model_config import ModelConfig
 from services.gpu_worker.servicer import GpuWorkerServicer
 from services.gpu_worker.store_adapter_source import StoreAdapterSource
@@ -53,15 +57,32 @@ def build_engine(config: WorkerConfig) -> tuple[Engine, Tokenizer]:
         model = load_hf_model(config.model, model_config, dtype, device)
         tokenizer = HFTokenizer(config.model)
     logger.info("model %s on %s in %s (dummy=%s)", config.model, device, dtype, config.dummy)
+    slots = pool_slots(config, model_config, dtype, device)
     engine = Engine(
         model,
-        kv_capacity_tokens=config.kv_cache_tokens,
+        pool_slots=slots,
         max_num_seqs=config.max_num_seqs,
         max_prefill_tokens=config.max_prefill_tokens,
         max_waiting=config.max_waiting,
         max_model_len=config.max_model_len or None,
+        unified_pool=config.unified_pool,
+        adapter_region_slots=0 if config.unified_pool else int(slots * config.adapter_region_fraction),
     )
+    logger.info("memory pool: %d slots (unified=%s)", slots, config.unified_pool)
     return engine, tokenizer
+
+
+def pool_slots(
+    config: WorkerConfig, model_config: ModelConfig, dtype: torch.dtype, device: torch.device
+) -> int:
+    if config.pool_slots:
+        return config.pool_slots
+    if device.type != "cuda":
+        return 32768
+    free, _ = torch.cuda.mem_get_info(device)
+    width = model_config.num_kv_heads * model_config.head_dim
+    budget = int(free * config.gpu_memory_fraction)
+    return UnifiedMemoryPool.slots_for_memory(model_config.num_layers, width, dtype, budget)
 
 
 def build_adapter_source(config: WorkerConfig, shape: BaseModelShape) -> AdapterSource:
@@ -76,12 +97,16 @@ def build_adapter_source(config: WorkerConfig, shape: BaseModelShape) -> Adapter
 class Worker:
     server: RunningServer
     loop: EngineLoop
+    # Heartbeat and metrics endpoint, stopped first: routers stop sending work before we go.
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     @property
     def port(self) -> int:
         return self.server.port
 
     async def stop(self) -> None:
+        for close in self.closers:
+            await close()
         await self.server.set_serving([SERVICE_NAME], False)
         await self.server.stop()
         self.loop.stop()
@@ -99,7 +124,16 @@ async def start_worker(config: WorkerConfig) -> Worker:
         config.host,
         config.port,
     )
-    return Worker(server, loop)
+    closers: list[Callable[[], Awaitable[None]]] = []
+    heartbeat = await start_heartbeat(config, server.port, servicer.stats)
+    if heartbeat is not None:
+        closers.append(heartbeat.stop)
+    if config.metrics_port:
+        metrics = servicer.metrics
+        closers.append(
+            await serve_worker_metrics(metrics, config.metrics_port, config.host, servicer.stats)
+        )
+    return Worker(server, loop, closers)
 
 
 async def serve(config: WorkerConfig) -> None:

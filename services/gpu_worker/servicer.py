@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -14,6 +15,7 @@ from services.common.errors import InvalidArgument, ServiceError
 from services.common.logging import request_id_var
 from services.gpu_worker.adapter_source import AdapterSource
 from services.gpu_worker.engine_loop import EngineLoop
+from services.gpu_worker.metrics import WorkerMetrics
 from services.gpu_worker.sampling import SamplingOptions
 from services.gpu_worker.sequence import FinishReason, Sequence, StepOutput
 from services.gpu_worker.tokenizer import Tokenizer
@@ -47,8 +49,14 @@ def to_proto(out: StepOutput) -> common_pb2.GenerateResponse:
 
 class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
     def __init__(
-        self, loop: EngineLoop, tokenizer: Tokenizer, adapters: AdapterSource, model_name: str
+        self,
+        loop: EngineLoop,
+        tokenizer: Tokenizer,
+        adapters: AdapterSource,
+        model_name: str,
+        metrics: WorkerMetrics | None = None,
     ):
+        self.metrics = metrics or WorkerMetrics()
         self._loop = loop
         self._tokenizer = tokenizer
         self._adapters = adapters
@@ -60,11 +68,16 @@ class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
         request_id = request.request_id or uuid.uuid4().hex
         request_id_var.set(request_id)
         outputs: asyncio.Queue[StepOutput] = asyncio.Queue()
+        tracker = self.metrics.track()
         try:
             seq = await self._make_sequence(request, request_id, outputs)
+            remaining = context.time_remaining()
+            if remaining is not None:  # lets the scheduler drop it unstarted once it is too late
+                seq.deadline = time.monotonic() + remaining
             self._loop.submit(seq)
         except ServiceError as exc:
             logger.info("refused: %s", exc)
+            tracker.fail(exc.code)
             await context.abort(exc.code, str(exc))
         logger.info("accepted: adapter=%r prompt_tokens=%d", seq.adapter_id, len(seq.prompt_ids))
         finished = False
@@ -73,11 +86,13 @@ class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
                 out = await outputs.get()
                 if out.error is not None:
                     code = getattr(out.error, "code", grpc.StatusCode.INTERNAL)
+                    tracker.fail(code)
                     await context.abort(code, f"request failed: {out.error}")
                 finished = out.finish_reason is not None
-                yield to_proto(out)
+                yield tracker.on_response(to_proto(out))
             logger.info("finished")
         finally:
+            tracker.close()
             if not finished:  # the client went away or the call was cancelled
                 logger.info("cancelled by client; aborting")
                 self._loop.abort(request_id)
@@ -116,17 +131,25 @@ class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
     async def GetStats(
         self, request: gpu_worker_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
     ) -> gpu_worker_pb2.GetStatsResponse:
+        stats = self.stats()
+        self.metrics.observe_stats(stats)
+        return stats
+
+    def stats(self) -> gpu_worker_pb2.GetStatsResponse:
+        """Load, memory and adapter numbers; read on the event loop, like every engine read."""
         engine = self._loop.engine
-        kv = engine.scheduler.kv
+        pool = engine.pool.stats()
         return gpu_worker_pb2.GetStatsResponse(
             running_requests=len(engine.scheduler.running),
             waiting_requests=len(engine.scheduler.waiting),
-            free_slots=kv.free_tokens,
-            total_slots=kv.capacity_tokens,
-            kv_slots=kv.used_tokens,
+            free_slots=pool.free_slots,
+            total_slots=pool.total_slots,
+            kv_slots=pool.kv_slots,
+            adapter_slots=pool.adapter_slots,
             resident_adapters=engine.resident_adapter_ids(),
             host_cached_adapters=self._adapters.cached_ids(),
-            adapter_cache_hits=getattr(self._adapters, "hits", 0),
-            adapter_cache_misses=getattr(self._adapters, "misses", 0),
+            adapter_cache_hits=engine.adapters.hits,
+            adapter_cache_misses=engine.adapters.misses,
+            adapter_evictions=engine.adapters.evictions,
             model=self._model_name,
         )

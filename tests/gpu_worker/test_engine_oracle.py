@@ -45,7 +45,7 @@ def test_mixed_adapter_batch_matches_hf_peft_greedy(hf_config: dict[str, Any], t
     adapters = {name: load_peft_folder(path, shape, max_rank=64) for name, path in paths.items()}
     requests = _mixed_requests(list(adapters), seed=1)
 
-    engine = Engine(ours, kv_capacity_tokens=4096, max_num_seqs=64)
+    engine = Engine(ours, pool_slots=8192, max_num_seqs=64)
     completions = generate_offline(
         engine,
         ByteTokenizer(),
@@ -62,7 +62,7 @@ def test_mixed_adapter_batch_matches_hf_peft_greedy(hf_config: dict[str, Any], t
         torch.testing.assert_close(
             torch.tensor(done.logprobs), oracle_logprobs, atol=1e-4, rtol=1e-4
         )
-    assert engine.scheduler.kv.used_tokens == 0
+    assert engine.pool.kv_used == 0
 
 
 def test_adapters_change_the_output(tmp_path: Path):

@@ -56,7 +56,7 @@ def test_bf16_cuda_engine_matches_hf_peft_oracle(hf_config: dict[str, Any], tmp_
     ours = build_dummy_model(config, 0, torch.bfloat16, torch.device("cuda"))
     adapters = {n: load_peft_folder(p, config.shape, max_rank=64) for n, p in paths.items()}
     requests = _mixed_requests(list(adapters), seed=1)
-    engine = Engine(ours, kv_capacity_tokens=4096, max_num_seqs=64)
+    engine = Engine(ours, pool_slots=8192, max_num_seqs=64)
     options = SamplingOptions(max_new_tokens=NEW_TOKENS, ignore_eos=True, logprobs=True)
     completions = generate_offline(
         engine,
@@ -93,4 +93,4 @@ def test_bf16_cuda_engine_matches_hf_peft_oracle(hf_config: dict[str, Any], tmp_
         f"worst margin {worst_margin:.4f}; worst logprob error {worst_logprob:.4f}"
     )
     assert exact / total >= MIN_EXACT_SHARE
-    assert engine.scheduler.kv.used_tokens == 0
+    assert engine.pool.kv_used == 0

@@ -24,7 +24,7 @@ def model():
 
 
 def _run(model, options: list[SamplingOptions], prompt: list[int] = PROMPT) -> list[Completion]:
-    engine = Engine(model, kv_capacity_tokens=8192)
+    engine = Engine(model, pool_slots=16384)
     return generate_offline(
         engine, ByteTokenizer(), [prompt] * len(options), options, [None] * len(options)
     )
@@ -94,7 +94,7 @@ def test_eos_ends_stream_unless_ignored(model):
     # make EOS the argmax by asking for it as a stop of a model whose eos list includes it.
     full = _run(model, [SamplingOptions(max_new_tokens=12, ignore_eos=True)])[0]
     eos = full.token_ids[4]
-    engine = Engine(model, kv_capacity_tokens=1024)
+    engine = Engine(model, pool_slots=2048)
     engine.config = type(engine.config)(**{**engine.config.__dict__, "eos_token_ids": (eos,)})
     first = full.token_ids.index(eos)
     done = generate_offline(

@@ -22,7 +22,7 @@ async def worker(tmp_path: Path) -> AsyncIterator[Worker]:
     shape = BaseModelShape.from_hf_config(load_hf_config("tiny"))
     save_random_peft_adapter(tmp_path / "ad-a", shape, rank=8, seed=1)
     save_random_peft_adapter(tmp_path / "ad-b", shape, rank=16, seed=2)
-    config = WorkerConfig(port=0, device="cpu", adapters=[str(tmp_path)], kv_cache_tokens=512)
+    config = WorkerConfig(port=0, device="cpu", adapters=[str(tmp_path)], pool_slots=1024)
     running = await start_worker(config)
     yield running
     await running.stop()
@@ -95,7 +95,7 @@ async def test_concurrent_streams_for_different_adapters_all_finish(stub):
             ),
             "prompt is empty",
         ),
-        (_request(max_new_tokens=600), "exceeds the KV cache"),
+        (_request(max_new_tokens=600), "can never fit"),
     ],
 )
 async def test_bad_params_are_invalid_argument(stub, request_, needle):
@@ -123,12 +123,14 @@ async def test_cancelled_stream_frees_its_memory(stub, worker: Worker):
             break
         await asyncio.sleep(0.02)
     assert stats is not None and stats.running_requests == 0
-    assert stats.free_slots == stats.total_slots == 512
-    assert stats.resident_adapters == []
+    assert stats.kv_slots == 0
+    # The adapter stays cached in the pool, unreferenced and evictable; nothing else is held.
+    assert stats.free_slots + stats.adapter_slots == stats.total_slots == 1024
+    assert stats.resident_adapters == ["ad-a"]
 
 
 async def test_full_waiting_queue_is_resource_exhausted(tmp_path: Path):
-    config = WorkerConfig(port=0, device="cpu", kv_cache_tokens=64, max_waiting=2, max_num_seqs=1)
+    config = WorkerConfig(port=0, device="cpu", pool_slots=128, max_waiting=2, max_num_seqs=1)
     running = await start_worker(config)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:

@@ -13,7 +13,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from services.common.base_model import load_hf_config
 from services.gpu_worker.config import WorkerConfig
 from services.gpu_worker.forward_batch import ForwardBatch, SeqSpan
-from services.gpu_worker.kv_cache import RequestKVCache
 from services.gpu_worker.model import LlamaForCausalLM as OurLlama
 from services.gpu_worker.model_config import ModelConfig
 from services.gpu_worker.server import build_engine
@@ -38,13 +37,20 @@ VARIANTS = {
 
 
 def _all_logits(model: OurLlama, ids: list[int]) -> torch.Tensor:
+    """Our logits at every position of one prefill, through a small pool of its own."""
     cfg = model.config
-    kv = RequestKVCache(
-        cfg.num_layers, len(ids), cfg.num_kv_heads, cfg.head_dim, torch.float32, torch.device("cpu")
-    )
     n = len(ids)
+    pool = torch.zeros(cfg.num_layers, 2 * n, cfg.num_kv_heads * cfg.head_dim)
+    slots = torch.randperm(2 * n)  # any slots will do: the pool never needs contiguity
+    k_slots, v_slots = slots[:n], slots[n:]
     batch = ForwardBatch(
-        torch.tensor(ids), torch.arange(n), [SeqSpan(0, n, 0, kv)], torch.arange(n)
+        input_ids=torch.tensor(ids),
+        positions=torch.arange(n),
+        spans=[SeqSpan(0, n, 0, k_slots, v_slots)],
+        logits_rows=torch.arange(n),
+        pool=pool,
+        new_k_slots=k_slots,
+        new_v_slots=v_slots,
     )
     return model(batch)
 

@@ -1,0 +1,145 @@
+"""Prometheus metrics: the HTTP endpoint every service serves, and the per-request metrics that
+the router and the worker share, named as vLLM and TGI users expect (`manylora:` prefix).
+
+Each service instance keeps its own registry, so that several services in one process (tests,
+`make run`) do not mix their numbers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+
+from manylora.v1 import common_pb2
+
+PREFIX = "manylora:"
+
+TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
+E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)
+QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class MetricsServer:
+    """A running `/metrics` HTTP endpoint (prometheus_client's, on its own thread)."""
+
+    def __init__(self, server: WSGIServer, thread: threading.Thread):
+        self._server = server
+        self._thread = thread
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_port)
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+def start_metrics_server(port: int, registry: CollectorRegistry, host: str) -> MetricsServer:
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    return MetricsServer(server, thread)
+
+
+class GenerationMetrics:
+    """Request outcomes, latencies and token counts of Generate streams."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.success = Counter(
+            PREFIX + "request_success",
+            "Generate requests that finished, by finish reason.",
+            ["finished_reason"],
+            registry=registry,
+        )
+        self.failure = Counter(
+            PREFIX + "request_failure",
+            "Generate requests that ended with an error status, by gRPC code.",
+            ["code"],
+            registry=registry,
+        )
+        self.time_to_first_token = Histogram(
+            PREFIX + "time_to_first_token_seconds",
+            "Seconds from arrival to the first generated token.",
+            buckets=TTFT_BUCKETS,
+            registry=registry,
+        )
+        self.inter_token_latency = Histogram(
+            PREFIX + "inter_token_latency_seconds",
+            "Seconds between consecutive generated tokens (one sample per token).",
+            buckets=ITL_BUCKETS,
+            registry=registry,
+        )
+        self.e2e_latency = Histogram(
+            PREFIX + "e2e_request_latency_seconds",
+            "Seconds from arrival to the last token of finished requests.",
+            buckets=E2E_BUCKETS,
+            registry=registry,
+        )
+        self.queue_time = Histogram(
+            PREFIX + "request_queue_time_seconds",
+            "Seconds a request waited in this service's queue before it started.",
+            buckets=QUEUE_BUCKETS,
+            registry=registry,
+        )
+        self.generation_tokens = Counter(
+            PREFIX + "generation_tokens", "Tokens generated (rate = tokens/s).", registry=registry
+        )
+        self.prompt_tokens = Counter(
+            PREFIX + "prompt_tokens", "Prompt tokens of finished requests.", registry=registry
+        )
+
+    def track(self, queue_time_from_usage: bool = False) -> StreamTracker:
+        return StreamTracker(self, queue_time_from_usage)
+
+
+class StreamTracker:
+    """Follows one Generate stream: feed it each response, then `close` it exactly once."""
+
+    def __init__(self, metrics: GenerationMetrics, queue_time_from_usage: bool):
+        self._m = metrics
+        # Where the service's queue is inside the engine, the wait is known only from usage.
+        self._queue_time_from_usage = queue_time_from_usage
+        self._start = time.monotonic()
+        self._last_token_at: float | None = None
+        self._outcome_recorded = False
+
+    def on_response(self, response: common_pb2.GenerateResponse) -> common_pb2.GenerateResponse:
+        """Record one response on its way out; returns it."""
+        now = time.monotonic()
+        count = len(response.token_ids)
+        if count:
+            if self._last_token_at is None:
+                self._m.time_to_first_token.observe(now - self._start)
+            else:
+                # Tokens grouped in one message arrived together: share the gap among them.
+                gap = (now - self._last_token_at) / count
+                for _ in range(count):
+                    self._m.inter_token_latency.observe(gap)
+            self._last_token_at = now
+            self._m.generation_tokens.inc(count)
+        if response.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+            self._finished(response, now)
+        return response
+
+    def _finished(self, response: common_pb2.GenerateResponse, now: float) -> None:
+        reason = common_pb2.FinishReason.Name(response.finish_reason).lower()
+        self._m.success.labels(reason).inc()
+        self._m.prompt_tokens.inc(response.usage.prompt_tokens)
+        self._m.e2e_latency.observe(now - self._start)
+        if self._queue_time_from_usage:
+            self._m.queue_time.observe(response.usage.queue_time_ms / 1000.0)
+        self._outcome_recorded = True
+
+    def fail(self, code: grpc.StatusCode) -> None:
+        if not self._outcome_recorded:
+            self._m.failure.labels(code.name).inc()
+            self._outcome_recorded = True
+
+    def close(self) -> None:
+        """End of the stream: one that neither finished nor failed was cancelled."""
+        self.fail(grpc.StatusCode.CANCELLED)

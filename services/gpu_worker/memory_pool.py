@@ -1,0 +1,90 @@
+"""S-LoRA's unified memory pool: KV cache and adapter weights in one set of fixed-width slots.
+
+Each layer has a buffer of `num_slots` slots of `width` = num_kv_heads * head_dim elements
+(the width of one token's K or V). A token takes two slot indices (its K and its V); an
+adapter takes the slots its A rows and B columns cover (see `adapter_layout`). One index
+means the same slot in every layer, so one index table serves the whole model. Nothing is
+ever allocated contiguously, so nothing fragments, and KV cache and adapters compete for the
+same slots. With `unified=False` (the benchmark's "no-unified-pool" ablation) the slots are
+split into two fixed regions, one for KV and one for adapters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from services.gpu_worker.slot_allocator import SlotAllocator
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    total_slots: int
+    free_slots: int
+    kv_slots: int
+    adapter_slots: int
+
+
+class UnifiedMemoryPool:
+    def __init__(
+        self,
+        num_layers: int,
+        num_slots: int,
+        width: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        unified: bool = True,
+        adapter_region_slots: int = 0,
+    ):
+        self.buffer = torch.zeros(num_layers, num_slots, width, dtype=dtype, device=device)
+        self.num_slots, self.width, self.unified = num_slots, width, unified
+        if unified:
+            self._kv = self._adapters = SlotAllocator(num_slots, device)
+        else:
+            if not 0 < adapter_region_slots < num_slots:
+                raise ValueError("a split pool needs 0 < adapter_region_slots < num_slots")
+            kv_count = num_slots - adapter_region_slots
+            self._kv = SlotAllocator(kv_count, device)
+            self._adapters = SlotAllocator(adapter_region_slots, device, start=kv_count)
+        self.kv_used = 0
+        self.adapter_used = 0
+
+    @classmethod
+    def slots_for_memory(cls, num_layers: int, width: int, dtype: torch.dtype, nbytes: int) -> int:
+        per_slot = num_layers * width * torch.empty((), dtype=dtype).element_size()
+        return max(nbytes // per_slot, 0)
+
+    def free_kv_slots(self) -> int:
+        return self._kv.num_free
+
+    def free_adapter_slots(self) -> int:
+        return self._adapters.num_free
+
+    def kv_capacity(self) -> int:
+        return self._kv.capacity
+
+    def adapter_capacity(self) -> int:
+        return self._adapters.capacity
+
+    def alloc_kv(self, n: int) -> torch.Tensor:
+        slots = self._kv.alloc(n)
+        self.kv_used += n
+        return slots
+
+    def free_kv(self, slots: torch.Tensor) -> None:
+        self._kv.free(slots)
+        self.kv_used -= slots.numel()
+
+    def alloc_adapter(self, n: int) -> torch.Tensor:
+        slots = self._adapters.alloc(n)
+        self.adapter_used += n
+        return slots
+
+    def free_adapter(self, slots: torch.Tensor) -> None:
+        self._adapters.free(slots)
+        self.adapter_used -= slots.numel()
+
+    def stats(self) -> PoolStats:
+        free = self._kv.num_free + (0 if self.unified else self._adapters.num_free)
+        return PoolStats(self.num_slots, free, self.kv_used, self.adapter_used)
