@@ -13,11 +13,11 @@ from manylora.v1 import common_pb2
 from services.adapter_store.disk_store import AdapterVersions, DiskStore
 from services.adapter_store.records import check_adapter_id, info_from_json, info_to_json, make_info
 from services.adapter_store.redis_cache import RedisCache
-from services.adapter_store.single_flight import SingleFlight
 from services.common.base_model import BaseModelShape
 from services.common.errors import InvalidArgument, NotFound, ServiceError
 from services.common.lora_format import CanonicalAdapter
 from services.common.peft_adapter import AdapterValidationError, canonicalize
+from services.common.single_flight import SingleFlight
 
 logger = logging.getLogger(__name__)
 

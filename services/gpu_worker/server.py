@@ -66,7 +66,9 @@ def build_engine(config: WorkerConfig) -> tuple[Engine, Tokenizer]:
         max_waiting=config.max_waiting,
         max_model_len=config.max_model_len or None,
         unified_pool=config.unified_pool,
-        adapter_region_slots=0 if config.unified_pool else int(slots * config.adapter_region_fraction),
+        adapter_region_slots=0
+        if config.unified_pool
+        else int(slots * config.adapter_region_fraction),
     )
     logger.info("memory pool: %d slots (unified=%s)", slots, config.unified_pool)
     return engine, tokenizer
@@ -133,6 +135,8 @@ async def start_worker(config: WorkerConfig) -> Worker:
         closers.append(
             await serve_worker_metrics(metrics, config.metrics_port, config.host, servicer.stats)
         )
+    if isinstance(adapters, StoreAdapterSource):
+        closers.append(adapters.close)
     return Worker(server, loop, closers)
 
 

@@ -14,10 +14,10 @@ import grpc
 
 from manylora.v1 import adapter_store_pb2, common_pb2
 from manylora.v1.adapter_store_pb2_grpc import AdapterStoreStub
-from services.adapter_store.single_flight import SingleFlight
 from services.common.errors import InvalidArgument, NotFound, ServiceError, Unavailable
 from services.common.grpc_server import SERVER_OPTIONS
 from services.common.lora_format import CanonicalAdapter
+from services.common.single_flight import SingleFlight
 from services.gpu_worker.host_adapter_cache import HostAdapterCache
 
 logger = logging.getLogger(__name__)
