@@ -1,0 +1,21 @@
+"""`python -m services.router [--flags]`: run one router replica until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from services.common.config import load_config
+from services.common.logging import setup_logging
+from services.router.config import RouterConfig
+from services.router.server import serve
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config = load_config(RouterConfig, argv)
+    setup_logging(config.log_level)
+    asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Settings of one router replica, filled by `services.common.config.load_config`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from services.gpu_worker.heartbeat import REGISTRY_PREFIX
+
+
+@dataclass
+class RouterConfig:
+    """manylora router: validates, queues and routes Generate calls to GPU workers."""
+
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind"})
+    port: int = field(default=50050, metadata={"help": "gRPC port (0 picks a free one)"})
+    workers: list[str] = field(
+        default_factory=list, metadata={"help": "worker addresses host:port, comma-separated"}
+    )
+    registry_redis_url: str = field(
+        default="",
+        metadata={"help": "Redis where workers register themselves (heartbeats); empty = off"},
+    )
+    registry_prefix: str = field(
+        default=REGISTRY_PREFIX, metadata={"help": "key prefix of worker registrations"}
+    )
+    adapter_store: str = field(
+        default="",
+        metadata={"help": "host:port of the adapter store (adapter checks, ListAdapters)"},
+    )
+    model: str = field(
+        default="", metadata={"help": "route only to workers serving this model; empty = any"}
+    )
+    max_running: int = field(default=256, metadata={"help": "requests relayed to workers at once"})
+    max_queued: int = field(
+        default=512,
+        metadata={"help": "requests waiting for a running slot; beyond it RESOURCE_EXHAUSTED"},
+    )
+    load_bound: float = field(
+        default=1.25,
+        metadata={"help": "a worker takes at most this times the average load (>= 1)"},
+    )
+    min_load_bound: int = field(
+        default=4,
+        metadata={
+            "help": "a worker under this many requests keeps its adapters' requests whatever "
+            "the average (batching them costs little; loading adapters elsewhere does)"
+        },
+    )
+    health_interval_s: float = field(
+        default=1.0, metadata={"help": "seconds between health and stats polls of each worker"}
+    )
+    health_timeout_s: float = field(
+        default=1.0, metadata={"help": "a poll slower than this counts as failed"}
+    )
+    adapter_cache_ttl_s: float = field(
+        default=5.0, metadata={"help": "seconds the store's answer about an adapter is reused"}
+    )
+    metrics_port: int = field(
+        default=0, metadata={"help": "port of the Prometheus /metrics endpoint; 0 = off"}
+    )
+    log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})

@@ -1,0 +1,220 @@
+"""The Router gRPC service: validate, check the adapter, queue, pick a worker, relay its stream.
+
+Nothing outlives a call: the queue slot, the worker call and the worker's share of this
+router's load are all released when the stream ends, whichever way it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import NoReturn
+
+import grpc
+
+from manylora.v1 import common_pb2, router_pb2_grpc
+from services.common.errors import ServiceError, Unavailable
+from services.common.logging import request_id_var
+from services.common.sampling_params import check_input, check_sampling_params
+from services.router.adapter_catalog import AdapterCatalog
+from services.router.admission import Admission
+from services.router.metrics import RouterMetrics
+from services.router.routing import choose
+from services.router.worker_pool import WorkerHandle, WorkerPool
+
+logger = logging.getLogger(__name__)
+
+# A worker is tried at most this often per request, and only before its first token.
+MAX_ATTEMPTS = 2
+# Codes of a worker call that mean the worker (or the way to it) failed, not the request.
+WORKER_FAILED = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN}
+
+
+class StatusError(ServiceError):
+    """An error with any status code, e.g. one passed on from a worker."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def time_left(context: grpc.aio.ServicerContext) -> float | None:
+    """Seconds to the client's deadline (None: no deadline); passed on to the worker."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        return None
+    if remaining <= 0:
+        raise StatusError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed at the router")
+    return float(remaining)
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: ServiceError) -> NoReturn:
+    await context.abort(exc.code, str(exc))
+    raise AssertionError("context.abort returned")  # it raises; this tells the type checker
+
+
+class RouterServicer(router_pb2_grpc.RouterServicer):
+    def __init__(
+        self,
+        pool: WorkerPool,
+        admission: Admission,
+        catalog: AdapterCatalog | None,
+        metrics: RouterMetrics,
+        load_bound: float,
+        min_load_bound: int,
+    ):
+        self._pool = pool
+        self._admission = admission
+        self._catalog = catalog
+        self._metrics = metrics
+        self._load_bound = load_bound
+        self._min_load_bound = min_load_bound
+
+    async def Generate(
+        self, request: common_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[common_pb2.GenerateResponse]:
+        forward = common_pb2.GenerateRequest()
+        forward.CopyFrom(request)
+        forward.request_id = request.request_id or uuid.uuid4().hex
+        request_id_var.set(forward.request_id)
+        tracker = self._metrics.generation.track()
+        try:
+            async with contextlib.aclosing(self._generate(forward, context)) as stream:
+                async for response in stream:
+                    yield tracker.on_response(response)
+            logger.info("finished")
+        except ServiceError as exc:
+            logger.info("ended with %s: %s", exc.code.name, exc)
+            tracker.fail(exc.code)
+            await abort(context, exc)
+        finally:
+            tracker.close()
+
+    async def _generate(
+        self, request: common_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncGenerator[common_pb2.GenerateResponse, None]:
+        check_input(request)
+        check_sampling_params(request.params)
+        if request.adapter_id and self._catalog is not None:
+            await self._catalog.check(request.adapter_id)
+        await self._admit(context)
+        try:
+            async with contextlib.aclosing(self._relay(request, context)) as stream:
+                async for response in stream:
+                    yield response
+        finally:
+            self._admission.release()
+
+    async def _admit(self, context: grpc.aio.ServicerContext) -> None:
+        try:
+            async with asyncio.timeout(time_left(context)):
+                waited = await self._admission.acquire()
+        except TimeoutError:
+            raise StatusError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while queued at the router"
+            ) from None
+        self._metrics.generation.queue_time.observe(waited)
+
+    async def _relay(
+        self, request: common_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncGenerator[common_pb2.GenerateResponse, None]:
+        tried: list[str] = []
+        while True:
+            handle = self._pick(request, tried)
+            tried.append(handle.address)
+            sent = 0
+            try:
+                async with contextlib.aclosing(self._call(handle, request, context)) as stream:
+                    async for response in stream:
+                        sent += 1
+                        yield response
+                return
+            except grpc.aio.AioRpcError as exc:
+                error = self._failure(handle, exc, sent, can_retry=len(tried) < MAX_ATTEMPTS)
+                if error is not None:
+                    raise error from None
+            self._metrics.retries.inc()
+
+    def _pick(self, request: common_pb2.GenerateRequest, tried: list[str]) -> WorkerHandle:
+        handles = {h.address: h for h in self._pool.eligible() if h.address not in tried}
+        candidates = [h.candidate() for h in handles.values()]
+        choice = choose(
+            request.adapter_id,
+            request.request_id,
+            candidates,
+            self._load_bound,
+            self._min_load_bound,
+        )
+        if choice is None:
+            where = "left to retry on" if tried else "available"
+            raise Unavailable(f"no healthy worker {where}; retry later")
+        self._metrics.routed.labels(choice.affinity if request.adapter_id else "base").inc()
+        logger.info(
+            "routed to %s (adapter %r, affinity %s)",
+            choice.address, request.adapter_id, choice.affinity,
+        )  # fmt: skip
+        return handles[choice.address]
+
+    async def _call(
+        self,
+        handle: WorkerHandle,
+        request: common_pb2.GenerateRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncGenerator[common_pb2.GenerateResponse, None]:
+        timeout = time_left(context)
+        handle.in_flight += 1
+        call = handle.stub.Generate(request, timeout=timeout)
+        finished = False
+        try:
+            async for response in call:
+                finished = response.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+                yield response
+        finally:
+            handle.in_flight -= 1
+            if not call.done():  # our client went away: the worker's request goes too
+                call.cancel()
+        if not finished:
+            raise Unavailable(f"worker {handle.address} ended the stream before its last message")
+
+    def _failure(
+        self, handle: WorkerHandle, exc: grpc.aio.AioRpcError, sent: int, can_retry: bool
+    ) -> ServiceError | None:
+        """The error for the client, or None to try another worker."""
+        code, details = exc.code(), exc.details() or ""
+        failed = code in WORKER_FAILED
+        if failed:
+            self._pool.mark_failed(handle, f"Generate failed: {code.name}: {details}")
+        if sent == 0 and can_retry and (failed or code == grpc.StatusCode.RESOURCE_EXHAUSTED):
+            logger.warning(
+                "worker %s: %s before the first token (%s); trying another",
+                handle.address, code.name, details,
+            )  # fmt: skip
+            return None
+        if failed and sent:
+            return Unavailable(
+                f"worker {handle.address} failed mid-stream after {sent} messages "
+                f"({code.name}: {details}); the output is incomplete, retry the request"
+            )
+        if failed:
+            return Unavailable(f"worker {handle.address} failed ({code.name}: {details})")
+        return StatusError(code, details or code.name)
+
+    async def ListAdapters(
+        self, request: common_pb2.ListAdaptersRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.ListAdaptersResponse:
+        request_id_var.set(uuid.uuid4().hex)
+        if self._catalog is None:
+            await abort(
+                context,
+                StatusError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "this router has no adapter store configured (--adapter-store)",
+                ),
+            )
+        try:
+            return await self._catalog.list(request)
+        except ServiceError as exc:
+            await abort(context, exc)
