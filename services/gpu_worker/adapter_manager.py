@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from services.common.lora_format import CanonicalAdapter
 from services.gpu_worker.adapter_layout import ProjSegment, adapter_slot_count, pack_adapter
+from services.gpu_worker.adapter_tables import AdapterTables
 from services.gpu_worker.memory_pool import UnifiedMemoryPool
 
 logger = logging.getLogger(__name__)
@@ -28,21 +29,16 @@ class ResidentAdapter:
     rank: int
     slots: torch.Tensor  # [num_slots] pool indices, on the device
     segments: dict[str, ProjSegment]
+    row: int  # its row in the adapter tables
     refs: int = 0
     ready: torch.cuda.Event | None = None  # set while a side-stream copy may be in flight
     staging: torch.Tensor | None = None  # pinned source of that copy, kept alive until done
-    proj_slots: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for proj, seg in self.segments.items():
-            a = self.slots[seg.a_start : seg.a_start + seg.a_len]
-            b = self.slots[seg.b_start : seg.b_start + seg.b_len]
-            self.proj_slots[proj] = (a, b)
 
 
 class AdapterManager:
-    def __init__(self, pool: UnifiedMemoryPool):
+    def __init__(self, pool: UnifiedMemoryPool, max_loras: int, max_adapter_slots: int):
         self.pool = pool
+        self.tables = AdapterTables(max_loras, max_adapter_slots, pool.buffer.device)
         self.device = pool.buffer.device
         self._resident: OrderedDict[int, ResidentAdapter] = OrderedDict()  # LRU first
         self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -82,11 +78,14 @@ class AdapterManager:
         key = id(adapter)
         if key in self._resident:
             return self._resident[key]
+        if self.tables.free_rows == 0:
+            self._evict_lru_unreferenced()
         packed = pack_adapter(
             adapter, self.pool.width, self.pool.buffer.dtype, pin=self._side is not None
         )
         slots = self.pool.alloc_adapter(packed.num_slots)
-        resident = ResidentAdapter(adapter.adapter_id, adapter.rank, slots, packed.segments)
+        row = self.tables.add(slots, packed.segments)
+        resident = ResidentAdapter(adapter.adapter_id, adapter.rank, slots, packed.segments, row)
         if self._side is not None and background:
             self._side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._side):
@@ -124,11 +123,19 @@ class AdapterManager:
     def release(self, resident: ResidentAdapter) -> None:
         resident.refs -= 1
 
+    def _evict_lru_unreferenced(self) -> None:
+        for key, resident in self._resident.items():
+            if resident.refs == 0:
+                self._evict(key)
+                return
+        raise MemoryError("every adapter-table row is held by a running request")
+
     def _evict(self, key: int) -> None:
         resident = self._resident.pop(key)
         if resident.ready is not None:
             resident.ready.synchronize()
         self.pool.free_adapter(resident.slots)
+        self.tables.remove(resident.row)
         self.evictions += 1
         logger.info("adapter %s evicted", resident.adapter_id)
 

@@ -1,11 +1,14 @@
 """Causal attention of each request's new tokens over its K/V in the unified pool.
 
-Reference path: one scatter of the new K/V into their slots, then a loop over requests that
-gathers each one's K/V through its slot table and runs torch SDPA. The paged Triton kernels
-replace `attend` behind the same signature.
+The new K/V are scattered into their slots first; then each request attends over its whole
+context through its row of the slot tables. On CUDA the paged Triton kernels do this (the
+decode form when every request brings one token, the prefill form otherwise); elsewhere a
+plain-torch loop over requests does.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +35,25 @@ def causal_attention(
     return out.transpose(0, 1)
 
 
+def _attend_reference(
+    q: torch.Tensor, pool: torch.Tensor, batch: ForwardBatch, kv_heads: int, head_dim: int
+) -> torch.Tensor:
+    out = torch.empty_like(q)
+    start = 0
+    for b, (n, ctx) in enumerate(zip(batch.host_q_lens, batch.host_ctx_lens, strict=True)):
+        row = batch.req_rows[b]
+        k_all = pool.index_select(0, batch.k_table[row, : ctx + n].long())
+        v_all = pool.index_select(0, batch.v_table[row, : ctx + n].long())
+        out[start : start + n] = causal_attention(
+            q[start : start + n],
+            k_all.view(-1, kv_heads, head_dim),
+            v_all.view(-1, kv_heads, head_dim),
+            ctx,
+        )
+        start += n
+    return out
+
+
 def attend(
     layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch
 ) -> torch.Tensor:
@@ -40,10 +62,14 @@ def attend(
     pool = batch.pool[layer]
     pool.index_copy_(0, batch.new_k_slots, k.reshape(tokens, -1))
     pool.index_copy_(0, batch.new_v_slots, v.reshape(tokens, -1))
-    out = torch.empty_like(q)
-    for span in batch.spans:
-        rows = slice(span.start, span.start + span.length)
-        k_all = pool.index_select(0, span.k_slots).view(-1, kv_heads, head_dim)
-        v_all = pool.index_select(0, span.v_slots).view(-1, kv_heads, head_dim)
-        out[rows] = causal_attention(q[rows], k_all, v_all, span.context_len)
-    return out
+    if not q.is_cuda:
+        return _attend_reference(q, pool, batch, kv_heads, head_dim)
+    from kernels.paged_attention import paged_decode_attention, paged_prefill_attention
+
+    scale = 1.0 / math.sqrt(head_dim)
+    tables = (pool, batch.k_table, batch.v_table, batch.req_rows)
+    if batch.is_decode:
+        return paged_decode_attention(q, *tables, batch.seq_lens, scale)
+    return paged_prefill_attention(
+        q, *tables, batch.q_starts, batch.q_lens, batch.ctx_lens, scale, batch.max_q_len
+    )

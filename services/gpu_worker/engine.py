@@ -14,11 +14,12 @@ import torch
 
 from services.common.errors import DeadlineExceeded, InvalidArgument
 from services.gpu_worker.adapter_manager import AdapterManager, ResidentAdapter
-from services.gpu_worker.forward_batch import ForwardBatch, LoraGroup, SeqSpan
+from services.gpu_worker.adapter_tables import PROJ_INDEX
+from services.gpu_worker.forward_batch import ForwardBatch, LoraGroup
 from services.gpu_worker.memory_pool import UnifiedMemoryPool
 from services.gpu_worker.model import LlamaForCausalLM
 from services.gpu_worker.sampling import make_generator, sample
-from services.gpu_worker.scheduler import Scheduler
+from services.gpu_worker.scheduler import PREFETCH_WINDOW, Scheduler
 from services.gpu_worker.sequence import FinishReason, Sequence
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ class Engine:
         max_model_len: int | None = None,
         unified_pool: bool = True,
         adapter_region_slots: int = 0,
+        max_rank: int = 128,
+        max_loras: int = 512,
     ):
         self.model = model
         self.config = model.config
@@ -50,9 +53,20 @@ class Engine:
             unified=unified_pool,
             adapter_region_slots=adapter_region_slots,
         )
-        self.adapters = AdapterManager(self.pool)
+        shape = self.config.shape
+        width = self.pool.width
+        max_adapter_slots = max_rank * sum(sum(shape.proj_dims(p)) for p in PROJ_INDEX) // width
+        if max_loras <= max_num_seqs + PREFETCH_WINDOW:
+            raise ValueError("max_loras must exceed max_num_seqs + the prefetch window")
+        self.adapters = AdapterManager(self.pool, max_loras, max_adapter_slots)
+        self.max_rank = max_rank
         self.scheduler = Scheduler(
-            self.pool, self.adapters, max_num_seqs, max_prefill_tokens, max_waiting
+            self.pool,
+            self.adapters,
+            max_num_seqs,
+            max_prefill_tokens,
+            max_waiting,
+            self.max_model_len,
         )
         self.steps = 0
 
@@ -70,6 +84,8 @@ class Engine:
             raise InvalidArgument(
                 f"prompt has {prompt_len} tokens; the model's context is {self.max_model_len}"
             )
+        if seq.adapter is not None and seq.adapter.rank > self.max_rank:
+            raise InvalidArgument(f"adapter rank {seq.adapter.rank} > max rank {self.max_rank}")
         total = min(prompt_len + seq.options.max_new_tokens, self.max_model_len)
         adapter_slots = self.adapters.slot_count(seq.adapter) if seq.adapter else 0
         if self.pool.unified:
@@ -114,7 +130,7 @@ class Engine:
             return
         seqs = scheduled.prefill + scheduled.decode
         try:
-            logits = self.model(self._build_batch(seqs))
+            logits = self.model(self.build_batch(seqs))
             tokens, logprobs = sample(
                 logits, [s.options for s in seqs], [s.generator for s in seqs]
             )
@@ -130,39 +146,62 @@ class Engine:
         for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
             self._append(seq, token, logprob)
 
-    def _build_batch(self, seqs: list[Sequence]) -> ForwardBatch:
+    def build_batch(self, seqs: list[Sequence]) -> ForwardBatch:
         ids: list[int] = []
         positions: list[int] = []
-        spans: list[SeqSpan] = []
-        lora_rows: dict[int, tuple[ResidentAdapter, list[int]]] = {}
+        token_rows: list[int] = []
+        q_starts: list[int] = []
+        q_lens: list[int] = []
+        ctx_lens: list[int] = []
+        req_lora: list[int] = []
+        max_rank = 0
+        groups: dict[int, tuple[ResidentAdapter, list[int]]] = {}
         for seq in seqs:
             new = seq.prompt_ids if seq.num_cached == 0 else seq.output_ids[-1:]
-            start, end = len(ids), seq.num_cached + len(new)
-            assert seq.k_slots is not None and seq.v_slots is not None
+            q_starts.append(len(ids))
+            q_lens.append(len(new))
+            ctx_lens.append(seq.num_cached)
             ids.extend(new)
-            positions.extend(range(seq.num_cached, end))
-            spans.append(
-                SeqSpan(start, len(new), seq.num_cached, seq.k_slots[:end], seq.v_slots[:end])
-            )
+            positions.extend(range(seq.num_cached, seq.num_cached + len(new)))
+            token_rows.extend([seq.table_row] * len(new))
+            req_lora.append(seq.resident.row if seq.resident else -1)
             if seq.resident is not None:
-                group = lora_rows.setdefault(id(seq.resident), (seq.resident, []))
-                group[1].extend(range(start, start + len(new)))
-        device = self.device
-        new_k = torch.cat([s.k_slots[s.context_len :] for s in spans])
-        new_v = torch.cat([s.v_slots[s.context_len :] for s in spans])
+                max_rank = max(max_rank, seq.resident.rank)
+                rows_of = groups.setdefault(seq.resident.row, (seq.resident, []))[1]
+                rows_of.extend(range(q_starts[-1], q_starts[-1] + len(new)))
+        device, sched = self.device, self.scheduler
+        pos = torch.tensor(positions, dtype=torch.long, device=device)
+        rows = torch.tensor(token_rows, dtype=torch.long, device=device)
+
+        def ints(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int32, device=device)
+
         return ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=device),
-            positions=torch.tensor(positions, dtype=torch.long, device=device),
-            spans=spans,
+            positions=pos,
+            new_k_slots=sched.k_table[rows, pos].long(),
+            new_v_slots=sched.v_table[rows, pos].long(),
             logits_rows=torch.tensor(
-                [s.start + s.length - 1 for s in spans], dtype=torch.long, device=device
+                [s + n - 1 for s, n in zip(q_starts, q_lens, strict=True)], device=device
             ),
+            req_rows=ints([s.table_row for s in seqs]),
+            q_starts=ints(q_starts),
+            q_lens=ints(q_lens),
+            ctx_lens=ints(ctx_lens),
+            seq_lens=ints([c + n for c, n in zip(ctx_lens, q_lens, strict=True)]),
+            req_lora=ints(req_lora),
             pool=self.pool.buffer,
-            new_k_slots=new_k,
-            new_v_slots=new_v,
+            k_table=sched.k_table,
+            v_table=sched.v_table,
+            lora_slots=self.adapters.tables.slots,
+            lora_meta=self.adapters.tables.meta,
+            max_rank=max_rank,
+            max_q_len=max(q_lens),
+            host_q_lens=q_lens,
+            host_ctx_lens=ctx_lens,
             lora_groups=[
                 LoraGroup(resident, torch.tensor(rows, device=device))
-                for resident, rows in lora_rows.values()
+                for resident, rows in groups.values()
             ],
         )
 

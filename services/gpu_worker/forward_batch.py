@@ -1,5 +1,11 @@
-"""What one forward pass needs: a flat run of tokens from several requests, and where their
-KV cache and adapter weights lie in the unified memory pool."""
+"""What one forward pass needs: a flat run of new tokens from several requests, and the
+tables through which kernels find their KV cache and adapter weights in the unified pool.
+
+Per request b (in batch order): its rows of the flat batch are q_starts[b] .. + q_lens[b]-1,
+at positions ctx_lens[b] .. ctx_lens[b] + q_lens[b] - 1; its token slots are row req_rows[b]
+of k_table / v_table; it uses adapter-table row req_lora[b] (-1: the base model). Device
+tensors drive the kernels; the host lists drive the CPU reference path and grid sizes.
+"""
 
 from __future__ import annotations
 
@@ -11,21 +17,8 @@ from services.gpu_worker.adapter_manager import ResidentAdapter
 
 
 @dataclass
-class SeqSpan:
-    """One request's rows in the flat batch: rows [start, start + length) are its new tokens,
-    which follow `context_len` tokens already cached. k_slots / v_slots list the pool slots of
-    all context_len + length tokens."""
-
-    start: int
-    length: int
-    context_len: int
-    k_slots: torch.Tensor
-    v_slots: torch.Tensor
-
-
-@dataclass
 class LoraGroup:
-    """Rows of the flat batch that use one resident adapter."""
+    """Rows of the flat batch that use one resident adapter (for the CPU path)."""
 
     adapter: ResidentAdapter
     rows: torch.Tensor
@@ -34,10 +27,27 @@ class LoraGroup:
 @dataclass
 class ForwardBatch:
     input_ids: torch.Tensor  # [T] int64
-    positions: torch.Tensor  # [T] int64, absolute position of each token in its request
-    spans: list[SeqSpan]
+    positions: torch.Tensor  # [T] int64
+    new_k_slots: torch.Tensor  # [T] int64: where each new token's K goes in the pool
+    new_v_slots: torch.Tensor  # [T] int64
     logits_rows: torch.Tensor  # [B] int64: the row whose logits each request needs
-    pool: torch.Tensor  # [num_layers, num_slots, width]: the unified memory pool
-    new_k_slots: torch.Tensor  # [T]: where each new token's K goes
-    new_v_slots: torch.Tensor  # [T]
+    req_rows: torch.Tensor  # [B] int32
+    q_starts: torch.Tensor  # [B] int32
+    q_lens: torch.Tensor  # [B] int32
+    ctx_lens: torch.Tensor  # [B] int32
+    seq_lens: torch.Tensor  # [B] int32: ctx_lens + q_lens
+    req_lora: torch.Tensor  # [B] int32
+    pool: torch.Tensor  # [num_layers, num_slots, width]
+    k_table: torch.Tensor  # [max_rows, max_len] int32
+    v_table: torch.Tensor  # [max_rows, max_len] int32
+    lora_slots: torch.Tensor  # [max_loras, max_adapter_slots] int32
+    lora_meta: torch.Tensor  # [max_loras, 4, 3] int32
+    max_rank: int  # largest rank among this batch's adapters (0: no adapter in the batch)
+    max_q_len: int
+    host_q_lens: list[int]
+    host_ctx_lens: list[int]
     lora_groups: list[LoraGroup] = field(default_factory=list)
+
+    @property
+    def is_decode(self) -> bool:
+        return self.max_q_len == 1

@@ -1,8 +1,8 @@
 """Llama-architecture decoder (Llama 1/2/3, Mistral, Qwen2) over a flat batch of tokens.
 
 Parameter names follow Hugging Face's `LlamaForCausalLM`, so a checkpoint loads by name.
-Attention and LoRA go through `attention.attend` and `lora.add_lora`, which later kernels
-replace without touching this file.
+Attention and LoRA go through `attention.attend` and `lora.shrink`/`lora.expand`, which pick
+the Triton kernels on CUDA and their torch references elsewhere.
 """
 
 from __future__ import annotations
@@ -74,15 +74,20 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch
     ) -> torch.Tensor:
-        tokens, groups, layer, pool = x.shape[0], batch.lora_groups, self.layer, batch.pool
-        q = lora.add_lora(self.q_proj(x), x, groups, pool, layer, "q_proj")
-        k = lora.add_lora(self.k_proj(x), x, groups, pool, layer, "k_proj")
-        v = lora.add_lora(self.v_proj(x), x, groups, pool, layer, "v_proj")
+        tokens, layer = x.shape[0], self.layer
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if batch.max_rank:
+            y = lora.shrink(x, batch, layer, (0, 1, 2))
+            for i, out in enumerate((q, k, v)):
+                lora.expand(out, y, i, batch, layer, proj=i)
         q = apply_rotary(q.view(tokens, self.num_heads, self.head_dim), cos, sin)
         k = apply_rotary(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
-        out = attention.attend(layer, q, k, v, batch).reshape(tokens, -1)
-        return lora.add_lora(self.o_proj(out), out, groups, pool, layer, "o_proj")
+        attn = attention.attend(layer, q, k, v, batch).reshape(tokens, -1)
+        out = self.o_proj(attn)
+        if batch.max_rank:
+            lora.expand(out, lora.shrink(attn, batch, layer, (3,)), 0, batch, layer, proj=3)
+        return out
 
 
 class MLP(nn.Module):

@@ -46,8 +46,14 @@ class Scheduler:
         max_num_seqs: int,
         max_prefill_tokens: int,
         max_waiting: int,
+        max_model_len: int,
     ):
         self.pool, self.adapters = pool, adapters
+        device = pool.buffer.device
+        # Row r lists the K (and V) slots of the request holding row r, position by position.
+        self.k_table = torch.zeros(max_num_seqs, max_model_len, dtype=torch.int32, device=device)
+        self.v_table = torch.zeros(max_num_seqs, max_model_len, dtype=torch.int32, device=device)
+        self._free_rows = list(range(max_num_seqs - 1, -1, -1))
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
         self.max_waiting = max_waiting
@@ -98,9 +104,7 @@ class Scheduler:
     def _admit(self, seq: Sequence) -> None:
         seq.max_slots = 2 * seq.max_total_tokens
         self.promised += seq.max_slots
-        device = self.pool.buffer.device
-        seq.k_slots = torch.empty(seq.max_total_tokens, dtype=torch.int64, device=device)
-        seq.v_slots = torch.empty(seq.max_total_tokens, dtype=torch.int64, device=device)
+        seq.table_row = self._free_rows.pop()
         if seq.adapter is not None:
             seq.resident = self.adapters.acquire(seq.adapter)
         seq.status = SeqStatus.RUNNING
@@ -113,14 +117,13 @@ class Scheduler:
         total = sum(counts)
         if total == 0:
             return
-        slots = self.pool.alloc_kv(2 * total)
+        slots = self.pool.alloc_kv(2 * total).to(torch.int32)
         self.promised -= 2 * total
         offset = 0
         for seq, n in zip(seqs, counts, strict=True):
-            assert seq.k_slots is not None and seq.v_slots is not None
-            end = seq.num_allocated + n
-            seq.k_slots[seq.num_allocated : end] = slots[offset : offset + n]
-            seq.v_slots[seq.num_allocated : end] = slots[offset + n : offset + 2 * n]
+            row, start, end = seq.table_row, seq.num_allocated, seq.num_allocated + n
+            self.k_table[row, start:end] = slots[offset : offset + n]
+            self.v_table[row, start:end] = slots[offset + n : offset + 2 * n]
             seq.num_allocated = end
             offset += 2 * n
 
@@ -147,11 +150,13 @@ class Scheduler:
         if seq not in self.running:
             return
         self.running.remove(seq)
-        n = seq.num_allocated
-        if n and seq.k_slots is not None and seq.v_slots is not None:
-            self.pool.free_kv(torch.cat((seq.k_slots[:n], seq.v_slots[:n])))
+        n, row = seq.num_allocated, seq.table_row
+        if n:
+            slots = torch.cat((self.k_table[row, :n], self.v_table[row, :n]))
+            self.pool.free_kv(slots.to(torch.int64))
         self.promised -= seq.max_slots - 2 * n
-        seq.k_slots = seq.v_slots = None
+        self._free_rows.append(row)
+        seq.table_row = -1
         if seq.resident is not None:
             self.adapters.release(seq.resident)
             seq.resident = None

@@ -57,9 +57,8 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose K/V are in the pool
-    # Pool slots of each token's K and V, filled as tokens arrive; None until admitted.
-    k_slots: torch.Tensor | None = None
-    v_slots: torch.Tensor | None = None
+    # Row of the engine's slot tables that lists its tokens' K and V slots; -1 until admitted.
+    table_row: int = -1
     num_allocated: int = 0  # tokens that have slots
     max_slots: int = 0  # KV slots promised at admission (two per token of max_total_tokens)
     resident: ResidentAdapter | None = None  # the adapter's weights in the pool, while running

@@ -12,11 +12,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from services.common.base_model import load_hf_config
 from services.gpu_worker.config import WorkerConfig
-from services.gpu_worker.forward_batch import ForwardBatch, SeqSpan
+from services.gpu_worker.engine import Engine
 from services.gpu_worker.model import LlamaForCausalLM as OurLlama
 from services.gpu_worker.model_config import ModelConfig
+from services.gpu_worker.sampling import SamplingOptions
+from services.gpu_worker.sequence import Sequence
 from services.gpu_worker.server import build_engine
-from services.gpu_worker.tokenizer import HFTokenizer
+from services.gpu_worker.tokenizer import ByteTokenizer, HFTokenizer
 from services.gpu_worker.weights import load_hf_model
 from tests.oracle import TINY_GQA, TINY_MHA
 
@@ -37,21 +39,11 @@ VARIANTS = {
 
 
 def _all_logits(model: OurLlama, ids: list[int]) -> torch.Tensor:
-    """Our logits at every position of one prefill, through a small pool of its own."""
-    cfg = model.config
-    n = len(ids)
-    pool = torch.zeros(cfg.num_layers, 2 * n, cfg.num_kv_heads * cfg.head_dim)
-    slots = torch.randperm(2 * n)  # any slots will do: the pool never needs contiguity
-    k_slots, v_slots = slots[:n], slots[n:]
-    batch = ForwardBatch(
-        input_ids=torch.tensor(ids),
-        positions=torch.arange(n),
-        spans=[SeqSpan(0, n, 0, k_slots, v_slots)],
-        logits_rows=torch.arange(n),
-        pool=pool,
-        new_k_slots=k_slots,
-        new_v_slots=v_slots,
-    )
+    """Our logits at every position of one prefill through the engine's paged batch."""
+    engine = Engine(model, pool_slots=4 * len(ids))
+    engine.add(Sequence("all", ids, SamplingOptions(max_new_tokens=1), ByteTokenizer(), print))
+    batch = engine.build_batch(engine.scheduler.schedule().prefill)
+    batch.logits_rows = torch.arange(len(ids))
     return model(batch)
 
 

@@ -1,0 +1,172 @@
+"""Triton LoRA kernels for a batch that mixes adapters of different ranks (S-LoRA's MBGMM and
+MBGMV in one form), reading A and Bᵀ straight from the unified pool through slot tables.
+
+Layout and meaning of every argument: see `lora_ref.py`, whose functions are the references
+these must match. One program handles a tile of one request's rows, so a request with many
+new tokens (prefill) is a small matrix product against its adapter, and a decode request (one
+row) reads its adapter once. Ranks need no padding: tiles past a request's rank exit early.
+`lora_shrink` computes several projections that share their input (q, k, v) in one launch;
+`lora_expand` adds into the base projection's output in place.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_T = 16  # rows of a request per program (tl.dot needs at least 16)
+BLOCK_R = 16  # rank columns per program
+
+
+def _block(width: int, cap: int) -> int:
+    """Largest power of two <= cap dividing the slot width (a tile never straddles slots)."""
+    block = 16
+    while block * 2 <= cap and width % (block * 2) == 0:
+        block *= 2
+    if width % block:
+        raise ValueError(f"slot width {width} is not a multiple of 16")
+    return block
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr, y_ptr, pool_ptr, slots_ptr, meta_ptr, req_lora_ptr, q_starts_ptr, q_lens_ptr,
+    proj_ids_ptr, in_features, stride_x, stride_slots, max_rank, n_rblocks,
+    W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    NPROJ: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    t0 = tl.program_id(1) * BLOCK_T
+    p_local = tl.program_id(2) // n_rblocks
+    r0 = (tl.program_id(2) % n_rblocks) * BLOCK_R
+    m = tl.load(req_lora_ptr + b)
+    q_len = tl.load(q_lens_ptr + b)
+    proj = tl.load(proj_ids_ptr + p_local)
+    rank = tl.load(meta_ptr + (m * 4 + proj) * 3, mask=m >= 0, other=0)
+    if m < 0 or t0 >= q_len or r0 >= rank:
+        return
+    a_start = tl.load(meta_ptr + (m * 4 + proj) * 3 + 1)
+    rows = t0 + tl.arange(0, BLOCK_T)
+    ranks = r0 + tl.arange(0, BLOCK_R)
+    row_ok = rows < q_len
+    rank_ok = ranks < rank
+    x_rows = tl.load(q_starts_ptr + b) + rows
+    slots_per_row = in_features // W
+    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, in_features, BLOCK_K):
+        cols = tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + x_rows[:, None] * stride_x + k0 + cols[None, :], mask=row_ok[:, None])
+        slot_idx = a_start + ranks * slots_per_row + k0 // W
+        slot = tl.load(slots_ptr + m * stride_slots + slot_idx, mask=rank_ok, other=0)
+        a = tl.load(
+            pool_ptr + slot.to(tl.int64)[:, None] * W + (k0 % W) + cols[None, :],
+            mask=rank_ok[:, None],
+        )
+        if IEEE:
+            acc += tl.dot(x, tl.trans(a), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(a))
+    y_off = (x_rows[:, None] * NPROJ + p_local) * max_rank + ranks[None, :]
+    tl.store(y_ptr + y_off, acc, mask=row_ok[:, None] & rank_ok[None, :])
+
+
+@triton.jit
+def _expand_kernel(
+    y_ptr, out_ptr, pool_ptr, slots_ptr, meta_ptr, req_lora_ptr, q_starts_ptr, q_lens_ptr,
+    proj, y_index, out_features, stride_out, stride_slots, max_rank,
+    W: tl.constexpr, NPROJ: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    t0 = tl.program_id(1) * BLOCK_T
+    n0 = tl.program_id(2) * BLOCK_N
+    m = tl.load(req_lora_ptr + b)
+    q_len = tl.load(q_lens_ptr + b)
+    rank = tl.load(meta_ptr + (m * 4 + proj) * 3, mask=m >= 0, other=0)
+    if m < 0 or t0 >= q_len or rank == 0:
+        return
+    b_start = tl.load(meta_ptr + (m * 4 + proj) * 3 + 2)
+    rows = t0 + tl.arange(0, BLOCK_T)
+    row_ok = rows < q_len
+    out_rows = tl.load(q_starts_ptr + b) + rows
+    cols = tl.arange(0, BLOCK_N)
+    slots_per_row = out_features // W
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, rank, BLOCK_R):
+        ranks = r0 + tl.arange(0, BLOCK_R)
+        rank_ok = ranks < rank
+        y_off = (out_rows[:, None] * NPROJ + y_index) * max_rank + ranks[None, :]
+        y = tl.load(y_ptr + y_off, mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+        slot_idx = b_start + ranks * slots_per_row + n0 // W
+        slot = tl.load(slots_ptr + m * stride_slots + slot_idx, mask=rank_ok, other=0)
+        bt = tl.load(
+            pool_ptr + slot.to(tl.int64)[:, None] * W + (n0 % W) + cols[None, :],
+            mask=rank_ok[:, None],
+        )
+        if IEEE:
+            acc += tl.dot(y.to(bt.dtype), bt, input_precision="ieee")
+        else:
+            acc += tl.dot(y.to(bt.dtype), bt)
+    out_ptrs = out_ptr + out_rows[:, None] * stride_out + n0 + cols[None, :]
+    current = tl.load(out_ptrs, mask=row_ok[:, None])
+    tl.store(out_ptrs, (current.to(tl.float32) + acc).to(current.dtype), mask=row_ok[:, None])
+
+
+def lora_shrink(
+    x: torch.Tensor,
+    pool: torch.Tensor,
+    lora_slots: torch.Tensor,
+    lora_meta: torch.Tensor,
+    req_lora: torch.Tensor,
+    q_starts: torch.Tensor,
+    q_lens: torch.Tensor,
+    projs: tuple[int, ...],
+    max_rank: int,
+    max_q_len: int,
+    proj_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y [T, len(projs), max_rank] (float32) with y[t, i, :r] = x[t] @ A_pᵢᵀ; see lora_ref.
+
+    x [T, in] contiguous; pool [num_slots, W]; int32 tables on x's device; `proj_ids` may
+    pass `projs` as a ready int32 tensor (CUDA graphs). Entries outside each request's rank
+    and rows without an adapter are left unwritten."""
+    width = pool.shape[1]
+    y = torch.empty(x.shape[0], len(projs), max_rank, dtype=torch.float32, device=x.device)
+    if proj_ids is None:
+        proj_ids = torch.tensor(projs, dtype=torch.int32, device=x.device)
+    n_rblocks = triton.cdiv(max_rank, BLOCK_R)
+    grid = (req_lora.shape[0], triton.cdiv(max_q_len, BLOCK_T), len(projs) * n_rblocks)
+    _shrink_kernel[grid](
+        x, y, pool, lora_slots, lora_meta, req_lora, q_starts, q_lens, proj_ids,
+        x.shape[1], x.stride(0), lora_slots.stride(0), max_rank, n_rblocks,
+        W=width, BLOCK_T=BLOCK_T, BLOCK_R=BLOCK_R, BLOCK_K=_block(width, 128),
+        NPROJ=len(projs), IEEE=x.dtype == torch.float32,
+    )  # fmt: skip
+    return y
+
+
+def lora_expand(
+    y: torch.Tensor,
+    y_index: int,
+    out: torch.Tensor,
+    pool: torch.Tensor,
+    lora_slots: torch.Tensor,
+    lora_meta: torch.Tensor,
+    req_lora: torch.Tensor,
+    q_starts: torch.Tensor,
+    q_lens: torch.Tensor,
+    proj: int,
+    max_q_len: int,
+) -> torch.Tensor:
+    """out [T, out_features] += y[:, y_index, :r] @ Bᵀ_proj in place; see lora_ref."""
+    width = pool.shape[1]
+    block_n = _block(width, 128)
+    grid = (req_lora.shape[0], triton.cdiv(max_q_len, BLOCK_T), triton.cdiv(out.shape[1], block_n))
+    _expand_kernel[grid](
+        y, out, pool, lora_slots, lora_meta, req_lora, q_starts, q_lens,
+        proj, y_index, out.shape[1], out.stride(0), lora_slots.stride(0), y.shape[2],
+        W=width, NPROJ=y.shape[1], BLOCK_T=BLOCK_T, BLOCK_R=BLOCK_R, BLOCK_N=block_n,
+        IEEE=out.dtype == torch.float32,
+    )  # fmt: skip
+    return out

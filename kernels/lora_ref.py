@@ -1,0 +1,76 @@
+"""Plain-torch references of the LoRA kernels in `lora.py` (same signatures): the oracle.
+
+Adapter weights live in the unified pool (`pool [num_slots, W]` for one layer). A resident
+adapter owns row `m` of `lora_slots [M, S]` (its slot list) and of `lora_meta [M, 4, 3]`:
+for projection p (0 q, 1 k, 2 v, 3 o), `lora_meta[m, p] = (rank, a_start, b_start)`, rank 0
+when the adapter leaves p alone. A [rank, in] lies over the slots
+`lora_slots[m, a_start : a_start + rank * in / W]` row after row, Bᵀ [rank, out] over
+`lora_slots[m, b_start : b_start + rank * out / W]`. Request b's rows of the flat batch are
+q_starts[b] .. q_starts[b] + q_lens[b] - 1 and use adapter row req_lora[b] (-1: none).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _weights(
+    pool: torch.Tensor, lora_slots: torch.Tensor, meta: torch.Tensor, dim: int, which: int
+) -> torch.Tensor:
+    """A ([rank, dim], which=1) or Bᵀ ([rank, dim], which=2) of one adapter, one projection."""
+    rank, start = int(meta[0]), int(meta[which])
+    width = pool.shape[1]
+    slots = lora_slots[start : start + rank * dim // width].long()
+    return pool.index_select(0, slots).reshape(rank, dim)
+
+
+def lora_shrink_ref(
+    x: torch.Tensor,
+    pool: torch.Tensor,
+    lora_slots: torch.Tensor,
+    lora_meta: torch.Tensor,
+    req_lora: torch.Tensor,
+    q_starts: torch.Tensor,
+    q_lens: torch.Tensor,
+    projs: tuple[int, ...],
+    max_rank: int,
+) -> torch.Tensor:
+    """y [T, len(projs), max_rank] float32: y[t, i, :r] = x[t] @ A_pᵢᵀ for rows with an adapter
+    (columns past the rank and rows without an adapter are left as they are: zeros here)."""
+    y = torch.zeros(x.shape[0], len(projs), max_rank, dtype=torch.float32, device=x.device)
+    for b in range(req_lora.shape[0]):
+        m = int(req_lora[b])
+        if m < 0:
+            continue
+        rows = slice(int(q_starts[b]), int(q_starts[b]) + int(q_lens[b]))
+        for i, p in enumerate(projs):
+            rank = int(lora_meta[m, p, 0])
+            if rank == 0:
+                continue
+            a = _weights(pool, lora_slots[m], lora_meta[m, p], x.shape[1], 1)
+            y[rows, i, :rank] = (x[rows] @ a.t()).float()
+    return y
+
+
+def lora_expand_ref(
+    y: torch.Tensor,
+    y_index: int,
+    out: torch.Tensor,
+    pool: torch.Tensor,
+    lora_slots: torch.Tensor,
+    lora_meta: torch.Tensor,
+    req_lora: torch.Tensor,
+    q_starts: torch.Tensor,
+    q_lens: torch.Tensor,
+    proj: int,
+) -> torch.Tensor:
+    """out[t] += y[t, y_index, :r] @ Bᵀ_proj for rows with an adapter; returns out."""
+    for b in range(req_lora.shape[0]):
+        m = int(req_lora[b])
+        if m < 0 or int(lora_meta[m, proj, 0]) == 0:
+            continue
+        rank = int(lora_meta[m, proj, 0])
+        rows = slice(int(q_starts[b]), int(q_starts[b]) + int(q_lens[b]))
+        bt = _weights(pool, lora_slots[m], lora_meta[m, proj], out.shape[1], 2)
+        out[rows] += y[rows, y_index, :rank].to(out.dtype) @ bt
+    return out
