@@ -7,7 +7,10 @@ import pytest
 
 from services.router.config import RouterConfig
 from services.router.server import RouterServer, start_router
+from tests.adapter_store.conftest import redis_proc
 from tests.router.fakes import FakeWorker, serve_fake_worker
+
+__all__ = ["redis_proc"]  # a private redis-server on a free port, for the registry tests
 
 StartRouter = Callable[..., Awaitable[RouterServer]]
 StartFakes = Callable[..., Awaitable[list[FakeWorker]]]
