@@ -113,6 +113,18 @@ def _expand_kernel(
     tl.store(out_ptrs, (current.to(tl.float32) + acc).to(current.dtype), mask=row_ok[:, None])
 
 
+_PROJ_IDS: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
+
+
+def _proj_ids(projs: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The projection list as a device tensor, made once: a host-to-device copy inside a
+    kernel call would break CUDA-graph capture."""
+    key = (projs, device)
+    if key not in _PROJ_IDS:
+        _PROJ_IDS[key] = torch.tensor(projs, dtype=torch.int32, device=device)
+    return _PROJ_IDS[key]
+
+
 def lora_shrink(
     x: torch.Tensor,
     pool: torch.Tensor,
@@ -124,17 +136,14 @@ def lora_shrink(
     projs: tuple[int, ...],
     max_rank: int,
     max_q_len: int,
-    proj_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y [T, len(projs), max_rank] (float32) with y[t, i, :r] = x[t] @ A_pᵢᵀ; see lora_ref.
 
-    x [T, in] contiguous; pool [num_slots, W]; int32 tables on x's device; `proj_ids` may
-    pass `projs` as a ready int32 tensor (CUDA graphs). Entries outside each request's rank
-    and rows without an adapter are left unwritten."""
+    x [T, in] contiguous; pool [num_slots, W]; int32 tables on x's device. Entries outside
+    each request's rank and rows without an adapter are left unwritten."""
     width = pool.shape[1]
     y = torch.empty(x.shape[0], len(projs), max_rank, dtype=torch.float32, device=x.device)
-    if proj_ids is None:
-        proj_ids = torch.tensor(projs, dtype=torch.int32, device=x.device)
+    proj_ids = _proj_ids(projs, x.device)
     n_rblocks = triton.cdiv(max_rank, BLOCK_R)
     grid = (req_lora.shape[0], triton.cdiv(max_q_len, BLOCK_T), len(projs) * n_rblocks)
     _shrink_kernel[grid](

@@ -53,6 +53,12 @@ class WorkerConfig:
         default=0.25, metadata={"help": "share of the pool kept for adapters when not unified"}
     )
     max_num_seqs: int = field(default=64, metadata={"help": "most requests running at once"})
+    max_loras: int = field(
+        default=512, metadata={"help": "most adapters resident in the pool at once"}
+    )
+    cuda_graphs: bool = field(
+        default=True, metadata={"help": "replay decode steps as CUDA graphs (GPU only)"}
+    )
     max_prefill_tokens: int = field(
         default=4096, metadata={"help": "prompt tokens admitted per step"}
     )

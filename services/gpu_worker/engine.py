@@ -15,6 +15,7 @@ import torch
 from services.common.errors import DeadlineExceeded, InvalidArgument
 from services.gpu_worker.adapter_manager import AdapterManager, ResidentAdapter
 from services.gpu_worker.adapter_tables import PROJ_INDEX
+from services.gpu_worker.decode_graphs import DecodeGraphs
 from services.gpu_worker.forward_batch import ForwardBatch, LoraGroup
 from services.gpu_worker.memory_pool import UnifiedMemoryPool
 from services.gpu_worker.model import LlamaForCausalLM
@@ -69,6 +70,20 @@ class Engine:
             self.max_model_len,
         )
         self.steps = 0
+        self.graphs: DecodeGraphs | None = None
+
+    def capture_decode_graphs(self) -> None:
+        """Record the decode pass as CUDA graphs (see decode_graphs); CUDA only."""
+        scratch = self.pool.reserve_scratch(2)
+        template = self.build_batch([])
+        self.graphs = DecodeGraphs(
+            self.model,
+            template,
+            self.scheduler.max_num_seqs,
+            (scratch[0], scratch[1]),
+            self.max_rank,
+        )
+        self.graphs.capture()
 
     def check(self, seq: Sequence) -> None:
         """Refuse what can never run (InvalidArgument); safe to call from any thread."""
@@ -130,7 +145,11 @@ class Engine:
             return
         seqs = scheduled.prefill + scheduled.decode
         try:
-            logits = self.model(self.build_batch(seqs))
+            batch = self.build_batch(seqs)
+            if self.graphs is not None and batch.is_decode and self.graphs.fits(len(seqs)):
+                logits = self.graphs.run(batch)
+            else:
+                logits = self.model(batch)
             tokens, logprobs = sample(
                 logits, [s.options for s in seqs], [s.generator for s in seqs]
             )
@@ -196,7 +215,7 @@ class Engine:
             lora_slots=self.adapters.tables.slots,
             lora_meta=self.adapters.tables.meta,
             max_rank=max_rank,
-            max_q_len=max(q_lens),
+            max_q_len=max(q_lens, default=1),
             host_q_lens=q_lens,
             host_ctx_lens=ctx_lens,
             lora_groups=[

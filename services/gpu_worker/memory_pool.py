@@ -49,6 +49,7 @@ class UnifiedMemoryPool:
             self._adapters = SlotAllocator(adapter_region_slots, device, start=kv_count)
         self.kv_used = 0
         self.adapter_used = 0
+        self._scratch = 0
 
     @classmethod
     def slots_for_memory(cls, num_layers: int, width: int, dtype: torch.dtype, nbytes: int) -> int:
@@ -62,7 +63,14 @@ class UnifiedMemoryPool:
         return self._adapters.num_free
 
     def kv_capacity(self) -> int:
-        return self._kv.capacity
+        return self._kv.capacity - self._scratch
+
+    def reserve_scratch(self, n: int) -> list[int]:
+        """Take n slots out of service for good (padding rows of CUDA graphs write there)."""
+        slots = self._kv.alloc(n)
+        self._scratch += n
+        self.num_slots -= n
+        return [int(s) for s in slots.tolist()]
 
     def adapter_capacity(self) -> int:
         return self._adapters.capacity

@@ -51,7 +51,9 @@ def build_engine(config: WorkerConfig) -> tuple[Engine, Tokenizer]:
     device, dtype = resolve_device(config)
     model_config = ModelConfig.from_hf(load_hf_config(config.model))
     if config.dummy:
-        model = build_dummy_model(model_config, config.seed, dtype, device)
+        model = build_dummy_model(
+            model_config, config.seed, dtype, device, draw_on_device=device.type == "cuda"
+        )
         tokenizer: Tokenizer = ByteTokenizer(model_config.vocab_size)
     else:
         model = load_hf_model(config.model, model_config, dtype, device)
@@ -66,11 +68,15 @@ def build_engine(config: WorkerConfig) -> tuple[Engine, Tokenizer]:
         max_waiting=config.max_waiting,
         max_model_len=config.max_model_len or None,
         unified_pool=config.unified_pool,
+        max_rank=config.max_rank,
+        max_loras=config.max_loras,
         adapter_region_slots=0
         if config.unified_pool
         else int(slots * config.adapter_region_fraction),
     )
     logger.info("memory pool: %d slots (unified=%s)", slots, config.unified_pool)
+    if device.type == "cuda" and config.cuda_graphs:
+        engine.capture_decode_graphs()
     return engine, tokenizer
 
 

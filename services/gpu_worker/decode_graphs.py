@@ -1,0 +1,112 @@
+"""CUDA graphs of the decode pass, one per batch-size bucket, so that a decode step costs a
+few copies and one graph replay instead of hundreds of kernel launches from Python.
+
+Each bucket's graph reads static input buffers. A batch of B requests runs in the smallest
+bucket >= B; the padding rows point at a scratch pair of pool slots (so their K/V writes
+harm no one), have no adapter, and a sequence length of 0 (attention gives them zeros).
+Two graphs per bucket: one with LoRA (its kernels sized for the engine's max rank; tiles past
+a request's rank exit at once) and one for batches of base-model requests only.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import torch
+
+from services.gpu_worker.forward_batch import ForwardBatch
+from services.gpu_worker.model import LlamaForCausalLM
+
+logger = logging.getLogger(__name__)
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
+
+
+class DecodeGraphs:
+    def __init__(self, model: LlamaForCausalLM, template: ForwardBatch, max_batch: int,
+                 scratch_slots: tuple[int, int], max_rank: int):  # fmt: skip
+        self.model = model
+        self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
+        self.max_rank = max_rank
+        n, device = self.buckets[-1], template.pool.device
+
+        def buffer(dtype: torch.dtype, fill: int = 0) -> torch.Tensor:
+            return torch.full((n,), fill, dtype=dtype, device=device)
+
+        arange = torch.arange(n, device=device)
+        self.static = replace(
+            template,
+            input_ids=buffer(torch.long, 3),
+            positions=buffer(torch.long),
+            new_k_slots=buffer(torch.long, scratch_slots[0]),
+            new_v_slots=buffer(torch.long, scratch_slots[1]),
+            logits_rows=arange.clone(),
+            req_rows=buffer(torch.int32),
+            q_starts=arange.to(torch.int32),
+            q_lens=buffer(torch.int32, 1),
+            ctx_lens=buffer(torch.int32),
+            seq_lens=buffer(torch.int32),
+            req_lora=buffer(torch.int32, -1),
+            max_q_len=1,
+            host_q_lens=[],
+            host_ctx_lens=[],
+            lora_groups=[],
+        )
+        self._scratch = scratch_slots
+        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self._logits: dict[tuple[int, bool], torch.Tensor] = {}
+
+    def _view(self, bucket: int, with_lora: bool) -> ForwardBatch:
+        s = self.static
+        return replace(
+            s,
+            input_ids=s.input_ids[:bucket],
+            positions=s.positions[:bucket],
+            new_k_slots=s.new_k_slots[:bucket],
+            new_v_slots=s.new_v_slots[:bucket],
+            logits_rows=s.logits_rows[:bucket],
+            req_rows=s.req_rows[:bucket],
+            q_starts=s.q_starts[:bucket],
+            q_lens=s.q_lens[:bucket],
+            ctx_lens=s.ctx_lens[:bucket],
+            seq_lens=s.seq_lens[:bucket],
+            req_lora=s.req_lora[:bucket],
+            max_rank=self.max_rank if with_lora else 0,
+        )
+
+    def capture(self) -> None:
+        pool = torch.cuda.graph_pool_handle()
+        for bucket in reversed(self.buckets):  # largest first: smaller ones reuse its memory
+            for with_lora in (True, False):
+                batch = self._view(bucket, with_lora)
+                for _ in range(2):  # compile the kernels and settle the allocator first
+                    self.model(batch)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._logits[(bucket, with_lora)] = self.model(batch)
+                self._graphs[(bucket, with_lora)] = graph
+        torch.cuda.synchronize()
+        logger.info("captured decode graphs for batch sizes %s", self.buckets)
+
+    def fits(self, batch_size: int) -> bool:
+        return batch_size <= self.buckets[-1]
+
+    def run(self, batch: ForwardBatch) -> torch.Tensor:
+        """Logits [B, vocab] of a decode batch, by graph replay."""
+        size = batch.input_ids.shape[0]
+        bucket = next(b for b in self.buckets if b >= size)
+        s = self.static
+        for name in ("input_ids", "positions", "new_k_slots", "new_v_slots", "req_rows",
+                     "ctx_lens", "seq_lens", "req_lora"):  # fmt: skip
+            dst = getattr(s, name)
+            dst[:size].copy_(getattr(batch, name), non_blocking=True)
+        if bucket > size:  # reset padding rows a previous, larger batch may have used
+            s.new_k_slots[size:bucket].fill_(self._scratch[0])
+            s.new_v_slots[size:bucket].fill_(self._scratch[1])
+            s.seq_lens[size:bucket].zero_()
+            s.req_lora[size:bucket].fill_(-1)
+        key = (bucket, batch.max_rank > 0)
+        self._graphs[key].replay()
+        return self._logits[key][:size]
