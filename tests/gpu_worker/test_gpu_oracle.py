@@ -93,7 +93,8 @@ def test_bf16_cuda_engine_matches_hf_peft_oracle(
         worst_margin = max(worst_margin, float(margin.max()))
         worst_logprob = max(worst_logprob, float(lp_err.max()))
     print(
-        f"\n[{hf_config['num_key_value_heads']} kv heads, graphs={graphs}] {full_matches}/{len(requests)} requests "
+        f"\n[{hf_config['num_key_value_heads']} kv heads, graphs={graphs}] "
+        f"{full_matches}/{len(requests)} requests "
         f"equal the oracle's greedy run; oracle argmax on {exact}/{total} tokens; "
         f"worst margin {worst_margin:.4f}; worst logprob error {worst_logprob:.4f}"
     )
