@@ -1,0 +1,132 @@
+"""docker-compose.yml and the Dockerfile: `docker compose config -q` where compose exists,
+and, always, a structural check of what compose cannot know (services, health checks,
+start order, GPU reservation, and that commands and MANYLORA_* settings exist in the code)."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from manylora.v1 import adapter_store_pb2, gpu_worker_pb2, router_pb2
+from services.adapter_store.config import AdapterStoreConfig
+from services.common.config import load_config
+from services.gpu_worker.config import WorkerConfig
+from services.router.config import RouterConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "docker-compose.yml"
+OURS = {
+    "adapter_store": (AdapterStoreConfig, adapter_store_pb2, "AdapterStore"),
+    "gpu_worker": (WorkerConfig, gpu_worker_pb2, "GpuWorker"),
+    "router": (RouterConfig, router_pb2, "Router"),
+}
+START_ORDER = {
+    "adapter_store": {"redis"},
+    "gpu_worker": {"adapter_store", "redis"},
+    "router": {"gpu_worker", "adapter_store", "redis"},
+}
+_VARIABLE = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def compose_command() -> list[str] | None:
+    if shutil.which("docker"):
+        probe = subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30)
+        if probe.returncode == 0:
+            return ["docker", "compose"]
+    found = shutil.which("docker-compose")
+    return [found] if found else None
+
+
+@pytest.fixture(scope="module")
+def services() -> dict[str, Any]:
+    loaded = yaml.safe_load(COMPOSE.read_text())  # merge keys (<<) resolved here
+    assert isinstance(loaded, dict)
+    return dict(loaded["services"])
+
+
+def defaults(text: str) -> str:
+    """${VAR:-default} with the variables unset, as compose reads it on a bare machine."""
+    return _VARIABLE.sub(lambda m: m.group(2) or "", text)
+
+
+def test_compose_config_validates_where_compose_exists():
+    command = compose_command()
+    if command is None:
+        # Not skipped: test_compose_structure checks the file on every machine.
+        return
+    result = subprocess.run(
+        [*command, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_compose_structure(services: dict[str, Any]):
+    assert set(services) == {"redis", *OURS}
+    for name, service in services.items():
+        test = service["healthcheck"]["test"]
+        assert test[0] in ("CMD", "CMD-SHELL") and len(test) > 1, name
+    for name, needs in START_ORDER.items():
+        depends = services[name]["depends_on"]
+        assert set(depends) == needs, name
+        for other, condition in depends.items():
+            assert condition == {"condition": "service_healthy"}, (name, other)
+            assert "healthcheck" in services[other]
+
+
+@pytest.mark.parametrize("name", sorted(OURS))
+def test_our_services_run_real_modules_with_real_settings(services: dict[str, Any], name: str):
+    config_cls, pb2, service_name = OURS[name]
+    service = services[name]
+    command = service["command"]
+    assert command[:2] == ["python", "-m"] and importlib.util.find_spec(command[2]), command
+    env = {key: defaults(str(value)) for key, value in service["environment"].items()}
+    # Every variable names a field, and every value parses (unknown ones would be ignored).
+    config: Any = load_config(config_cls, argv=[], env=env)
+    fields = {f"MANYLORA_{field.upper()}" for field in vars(config)}
+    assert set(env) <= fields, set(env) - fields
+    full_name = pb2.DESCRIPTOR.services_by_name[service_name].full_name
+    healthcheck = service["healthcheck"]["test"]
+    assert healthcheck[1:] == [
+        "python", "-m", "services.common.healthcheck", f"127.0.0.1:{config.port}", full_name
+    ]  # fmt: skip
+    for address in (env.get("MANYLORA_ADAPTER_STORE"), *env.get("MANYLORA_WORKERS", "").split(",")):
+        if address:
+            host, port = address.split(":")
+            assert host in services and int(port) == int(
+                services[host]["environment"]["MANYLORA_PORT"]
+            )
+    for key in ("MANYLORA_REDIS_URL", "MANYLORA_REGISTRY_REDIS_URL"):
+        if key in env:
+            assert env[key].startswith("redis://redis:6379/")
+
+
+def test_routers_find_workers(services: dict[str, Any]):
+    router = services["router"]["environment"]
+    worker = services["gpu_worker"]["environment"]
+    assert router["MANYLORA_REGISTRY_REDIS_URL"] == worker["MANYLORA_REGISTRY_REDIS_URL"]
+
+
+def test_worker_reserves_a_gpu_and_sees_the_models(services: dict[str, Any]):
+    worker = services["gpu_worker"]
+    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+    assert any(defaults(v).endswith(":/models:ro") for v in worker["volumes"])
+    assert defaults(worker["environment"]["MANYLORA_DUMMY"]) in ("true", "false")
+
+
+def test_dockerfile_builds_what_compose_runs(services: dict[str, Any]):
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^FROM \S+", dockerfile, re.MULTILINE)
+    for folder in ("protos/", "services/", "kernels/"):
+        assert f"COPY {folder} {folder}" in dockerfile
+    for name in OURS:
+        assert services[name]["build"] == "."
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".venv", ".git", "tests"} <= set(ignored)
