@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from grpc_health.v1 import health_pb2
+from prometheus_client import Gauge
 
 from manylora.v1 import adapter_store_pb2, adapter_store_pb2_grpc
 from services.adapter_store.config import AdapterStoreConfig
@@ -14,6 +16,7 @@ from services.adapter_store.service import AdapterStoreService
 from services.adapter_store.store import AdapterStore
 from services.common.base_model import BaseModelShape, load_hf_config
 from services.common.grpc_server import RunningServer, start_server
+from services.common.metrics import PREFIX, MetricsServer, rpc_registry, start_metrics_server
 
 logger = logging.getLogger(__name__)
 
@@ -24,9 +27,15 @@ REDIS_HEALTH_NAME = SERVICE_NAME + ".redis"
 
 
 class StoreServer:
-    def __init__(self, store: AdapterStore, running: RunningServer):
+    def __init__(
+        self,
+        store: AdapterStore,
+        running: RunningServer,
+        metrics_server: MetricsServer | None = None,
+    ):
         self.store = store
         self.running = running
+        self.metrics_server = metrics_server
 
     @property
     def port(self) -> int:
@@ -35,6 +44,8 @@ class StoreServer:
     async def stop(self, grace: float | None = 2.0) -> None:
         await self.running.stop(grace)
         await self.store.close()
+        if self.metrics_server is not None:
+            await asyncio.to_thread(self.metrics_server.stop)
 
 
 def build_store(config: AdapterStoreConfig) -> AdapterStore:
@@ -47,11 +58,14 @@ def build_store(config: AdapterStoreConfig) -> AdapterStore:
     return AdapterStore(DiskStore(config.data_dir), shape, config.max_rank, cache)
 
 
-async def start_store_server(config: AdapterStoreConfig) -> StoreServer:
-    """Read the data folder, connect Redis (up or not), then start serving."""
+async def start_store_server(config: AdapterStoreConfig, metrics_port: int = 0) -> StoreServer:
+    """Read the data folder, connect Redis (up or not), then start serving; with a metrics
+    port, Prometheus metrics of every call (and of Redis) on it."""
     store = build_store(config)
     await store.open()
     service = AdapterStoreService(store, config.fetch_chunk_bytes, config.max_upload_bytes)
+    descriptor = adapter_store_pb2.DESCRIPTOR.services_by_name["AdapterStore"]
+    registry = rpc_registry(service, descriptor) if metrics_port else None
     running = await start_server(
         [lambda server: adapter_store_pb2_grpc.add_AdapterStoreServicer_to_server(service, server)],
         [SERVICE_NAME],
@@ -77,4 +91,10 @@ async def start_store_server(config: AdapterStoreConfig) -> StoreServer:
         config.max_rank,
         config.data_dir,
     )
-    return StoreServer(store, running)
+    metrics_server = None
+    if registry is not None:
+        if cache is not None:
+            up = Gauge(PREFIX + "store_redis_up", "1 while Redis is reachable.", registry=registry)
+            up.set_function(lambda: float(cache.available))
+        metrics_server = start_metrics_server(metrics_port, registry, config.host)
+    return StoreServer(store, running, metrics_server)

@@ -7,11 +7,16 @@ Each service instance keeps its own registry, so that several services in one pr
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import threading
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 from wsgiref.simple_server import WSGIServer
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
 from manylora.v1 import common_pb2
@@ -21,6 +26,7 @@ PREFIX = "manylora:"
 TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)
+RPC_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -44,6 +50,91 @@ class MetricsServer:
 def start_metrics_server(port: int, registry: CollectorRegistry, host: str) -> MetricsServer:
     server, thread = start_http_server(port, addr=host, registry=registry)
     return MetricsServer(server, thread)
+
+
+S = TypeVar("S")
+# Called once per call: its start time, its context, and the exception it ended with.
+Recorder = Callable[[float, grpc.aio.ServicerContext, BaseException | None], None]
+
+
+class RpcMetrics:
+    """Calls and their durations for every method of a gRPC service, by status code."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.calls = Counter(
+            PREFIX + "rpc_requests",
+            "gRPC calls handled, by service, method and status code.",
+            ["service", "method", "code"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            PREFIX + "rpc_duration_seconds",
+            "Seconds from the start of a gRPC call to its end.",
+            ["service", "method"],
+            buckets=RPC_BUCKETS,
+            registry=registry,
+        )
+
+    def instrument(self, servicer: S, service: ServiceDescriptor) -> S:
+        """Wrap each of `service`'s methods on `servicer` (before it is added to a server)."""
+        for method in service.methods:
+            handler = getattr(servicer, method.name)
+            wrap = _wrap_stream if method.server_streaming else _wrap_unary
+            setattr(servicer, method.name, wrap(handler, self._recorder(service, method.name)))
+        return servicer
+
+    def _recorder(self, service: ServiceDescriptor, method: str) -> Recorder:
+        def record(
+            start: float, context: grpc.aio.ServicerContext, error: BaseException | None
+        ) -> None:
+            code = context.code()
+            if code is None:
+                code = grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
+            if isinstance(error, asyncio.CancelledError | GeneratorExit):  # the client left
+                code = grpc.StatusCode.CANCELLED
+            self.calls.labels(service.name, method, code.name).inc()
+            self.duration.labels(service.name, method).observe(time.monotonic() - start)
+
+        return record
+
+
+def rpc_registry(servicer: Any, service: ServiceDescriptor) -> CollectorRegistry:
+    """A registry counting `servicer`'s calls (instrumented in place)."""
+    registry = CollectorRegistry()
+    RpcMetrics(registry).instrument(servicer, service)
+    return registry
+
+
+def _wrap_unary(handler: Callable[..., Awaitable[Any]], record: Recorder) -> Callable[..., Any]:
+    @functools.wraps(handler)
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        start = time.monotonic()
+        try:
+            reply = await handler(request, context)
+        except BaseException as exc:
+            record(start, context, exc)
+            raise
+        record(start, context, None)
+        return reply
+
+    return wrapped
+
+
+def _wrap_stream(
+    handler: Callable[..., AsyncIterator[Any]], record: Recorder
+) -> Callable[..., Any]:
+    @functools.wraps(handler)
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        start = time.monotonic()
+        try:
+            async for reply in handler(request, context):
+                yield reply
+        except BaseException as exc:
+            record(start, context, exc)
+            raise
+        record(start, context, None)
+
+    return wrapped
 
 
 class GenerationMetrics:

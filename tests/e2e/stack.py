@@ -31,8 +31,8 @@ class Stack:
         assert self.store is not None
         return f"127.0.0.1:{self.store.port}"
 
-    async def start_store(self) -> StoreServer:
-        self.store = await start_store_server(store_config(self.tmp / "store"))
+    async def start_store(self, metrics_port: int = 0) -> StoreServer:
+        self.store = await start_store_server(store_config(self.tmp / "store"), metrics_port)
         return self.store
 
     async def upload(self, folders: dict[str, Path]) -> None:

@@ -33,8 +33,9 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples[(name, tuple(sorted(labels.items())))]
 
 
-async def test_router_and_worker_metrics(stack: Stack, tmp_path: Path):
-    await stack.start_store()
+async def test_router_worker_and_store_metrics(stack: Stack, tmp_path: Path):
+    store_port = free_port()
+    await stack.start_store(metrics_port=store_port)
     shape = BaseModelShape.from_hf_config(load_hf_config("tiny"))
     await stack.upload({"ad": save_random_peft_adapter(tmp_path / "ad", shape, 8, seed=1)})
     worker_port, router_port = free_port(), free_port()
@@ -79,3 +80,16 @@ async def test_router_and_worker_metrics(stack: Stack, tmp_path: Path):
     assert lookups >= 2
     assert value(w, "manylora:num_resident_adapters") == 1
     assert value(w, "manylora:num_host_cached_adapters") == 1
+
+    s = await asyncio.to_thread(scrape, store_port)
+
+    def calls(method: str, code: str) -> float:
+        labels = {"service": "AdapterStore", "method": method, "code": code}
+        return value(s, "manylora:rpc_requests_total", **labels)
+
+    assert calls("UploadAdapter", "OK") == 1
+    assert calls("FetchAdapter", "OK") == 1  # the worker keeps it in host memory afterwards
+    assert calls("GetAdapterInfo", "OK") == 1  # the router caches the answer
+    assert calls("GetAdapterInfo", "NOT_FOUND") == 1
+    assert value(s, "manylora:rpc_duration_seconds_count", service="AdapterStore",
+                 method="UploadAdapter") == 1  # fmt: skip
