@@ -269,19 +269,29 @@ def test_decode_comparison_detects_wrong_answers() -> None:
     assert (out - decode_tiled_gqa(case)).abs().max() > 1e-2
 
 
-# Request lengths: ctx 0 and > 0, one query and many, > BLOCK_M new tokens, a context past a
-# whole key block (exercises the unmasked key loop), and a short one after a long one.
-PREFILL_Q_LENS = [3, 1, 70, 7, 20, 2]
+# Request lengths: ctx 0 and > 0, one query and many, more than one query block (128 rows when
+# the longest request has > 64 new tokens), a context past a whole key block (exercises the
+# unmasked key loop), and a short request after a long one.
+PREFILL_Q_LENS = [3, 1, 130, 7, 20, 2]
 PREFILL_CTX_LENS = [0, 5, 0, 150, 64, 0]
+# All requests <= 64 new tokens: 64-row query blocks.
+SHORT_Q_LENS = [64, 1, 9, 33]
+SHORT_CTX_LENS = [0, 200, 70, 3]
+PREFILL_LENS = [
+    pytest.param(PREFILL_Q_LENS, PREFILL_CTX_LENS, id="long"),
+    pytest.param(SHORT_Q_LENS, SHORT_CTX_LENS, id="short"),
+]
 
 
 @CPU_ONLY
 @pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), HEADS)
-def test_prefill_matches_reference(num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+@pytest.mark.parametrize(("q_lens", "ctx_lens"), PREFILL_LENS)
+def test_prefill_matches_reference(
+    num_heads: int, num_kv_heads: int, head_dim: int, q_lens: list[int], ctx_lens: list[int]
+) -> None:
     case = make_prefill(
-        PREFILL_Q_LENS, PREFILL_CTX_LENS, num_heads, num_kv_heads, head_dim, torch.float32, "cpu",
-        gap=2,
-    )  # fmt: skip
+        q_lens, ctx_lens, num_heads, num_kv_heads, head_dim, torch.float32, "cpu", gap=2
+    )
     out = torch.full_like(case.q, float("nan"))
     assert case.run(out=out) is out
     rows = request_rows(case)
@@ -408,9 +418,10 @@ def test_gpu_decode_fp32_and_fp16(
 @pytest.mark.gpu
 def test_gpu_decode_split_heuristic() -> None:
     device = torch.device("cuda")
-    assert pa.decode_num_splits(1, 32, 2048, device) > 1
+    assert pa.decode_num_splits(1, 32, 2048, device) == 16
+    assert pa.decode_num_splits(8, 32, 2048, device) > 1
     assert pa.decode_num_splits(128, 32, 2048, device) == 1
-    assert pa.decode_num_splits(1, 32, 100, device) == 1
+    assert pa.decode_num_splits(1, 32, 20, device) == 1
 
 
 @pytest.mark.gpu
@@ -423,7 +434,7 @@ def test_gpu_decode_cuda_graph_replay() -> None:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         case.run(out=out)
-    case.seq_lens.copy_(i32([1, 0, 1499, 65], "cuda"))
+    case.seq_lens.copy_(i32([1, 0, 1499, 63], "cuda"))
     case.q.normal_()
     graph.replay()
     torch.cuda.synchronize()
@@ -454,13 +465,12 @@ def test_gpu_prefill_bf16(
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [*HEADS, (8, 8, 64)])
-def test_gpu_prefill_fp32_and_fp16(num_heads: int, num_kv_heads: int, head_dim: int) -> None:
-    for dtype, check in ((torch.float32, 1e-4), (torch.float16, 5e-3)):
-        case = make_prefill(
-            PREFILL_Q_LENS, PREFILL_CTX_LENS, num_heads, num_kv_heads, head_dim, dtype, "cuda"
-        )
-        out, ref = case.run(), case.ref()
-        if dtype == torch.float32:
-            torch.testing.assert_close(out, ref, rtol=check, atol=check)
-        else:
-            assert rel_err(out, ref) < check
+@pytest.mark.parametrize(("q_lens", "ctx_lens"), PREFILL_LENS)
+def test_gpu_prefill_fp32_and_fp16(
+    num_heads: int, num_kv_heads: int, head_dim: int, q_lens: list[int], ctx_lens: list[int]
+) -> None:
+    case = make_prefill(q_lens, ctx_lens, num_heads, num_kv_heads, head_dim, torch.float32, "cuda")
+    # fp32 goes through tl.dot with input_precision="ieee": as exact as the reference.
+    torch.testing.assert_close(case.run(), case.ref(), rtol=1e-4, atol=1e-4)
+    half = make_prefill(q_lens, ctx_lens, num_heads, num_kv_heads, head_dim, torch.float16, "cuda")
+    assert rel_err(half.run(), half.ref()) < 5e-3
