@@ -90,6 +90,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             logger.info("ended with %s: %s", exc.code.name, exc)
             tracker.fail(exc.code)
             await abort(context, exc)
+        except Exception:
+            logger.exception("failed")
+            tracker.fail(grpc.StatusCode.INTERNAL)
+            await abort(context, StatusError(grpc.StatusCode.INTERNAL, "internal router error"))
         finally:
             tracker.close()
 

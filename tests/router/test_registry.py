@@ -11,6 +11,7 @@ import grpc
 import redis.asyncio
 
 from manylora.v1 import common_pb2, gpu_worker_pb2, router_pb2_grpc
+from services.common.grpc_server import free_port
 from services.gpu_worker.config import WorkerConfig
 from services.gpu_worker.heartbeat import REGISTRY_PREFIX, Heartbeat, decode_record, encode_record
 from services.gpu_worker.server import start_worker
@@ -91,3 +92,20 @@ async def generate(stub: router_pb2_grpc.RouterStub, adapter: str) -> None:
     )
     responses = [r async for r in stub.Generate(request, timeout=10)]
     assert responses[-1].finish_reason == common_pb2.LENGTH
+
+
+async def test_redis_down_breaks_neither_worker_nor_router(start_fakes, start_router_for):
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    config = WorkerConfig(port=0, device="cpu", registry_redis_url=dead, heartbeat_interval_s=0.1)
+    worker = await start_worker(config)  # registration fails, logged; the worker serves
+    try:
+        (fake,) = await start_fakes(1)
+        router = await start_router_for(
+            [f"127.0.0.1:{worker.port}", fake.address], registry_redis_url=dead
+        )
+        assert len(router.pool.eligible()) == 2  # configured workers need no registry
+        async with router_channel(router.port) as stub:
+            for _ in range(2):
+                await generate(stub, "")
+    finally:
+        await worker.stop()
