@@ -1,0 +1,81 @@
+"""Where a decode step's time goes, at Llama-7B shapes: host phases and the top GPU kernels.
+
+python -m benchmarks.profile_decode [--batch 32] [--lora]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from benchmarks.decode_bench import DEVICE, PROMPT_LEN, RANKS, random_adapter
+from services.common.base_model import DUMMY_PRESETS
+from services.gpu_worker.engine import Engine
+from services.gpu_worker.model_config import ModelConfig
+from services.gpu_worker.sampling import SamplingOptions, sample
+from services.gpu_worker.sequence import Sequence
+from services.gpu_worker.tokenizer import ByteTokenizer
+from services.gpu_worker.weights import build_dummy_model
+
+
+def phases(engine: Engine) -> dict[str, float]:
+    """One decode step, phase by phase, with a device sync after each (milliseconds)."""
+    marks = [time.perf_counter()]
+
+    def mark() -> None:
+        torch.cuda.synchronize()
+        marks.append(time.perf_counter())
+
+    step = engine.scheduler.schedule()
+    seqs = step.prefill + step.decode
+    mark()
+    batch = engine.build_batch(seqs)
+    mark()
+    assert engine.graphs is not None
+    logits = engine.graphs.run(batch)
+    mark()
+    tokens, logprobs = sample(logits, [s.options for s in seqs], [s.generator for s in seqs])
+    mark()
+    for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
+        engine._append(seq, token, logprob)
+    mark()
+    names = ("schedule", "build_batch", "graph_replay", "sample", "append")
+    return {n: (b - a) * 1e3 for n, a, b in zip(names, marks, marks[1:], strict=True)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lora", action="store_true")
+    args = parser.parse_args()
+    config = ModelConfig.from_hf(DUMMY_PRESETS["llama-7b"])
+    model = build_dummy_model(config, 0, torch.bfloat16, DEVICE, draw_on_device=True)
+    free, _ = torch.cuda.mem_get_info()
+    slots = int(free * 0.5) // (config.num_layers * config.hidden_size * 2)
+    engine = Engine(model, pool_slots=slots, max_num_seqs=args.batch)
+    engine.capture_decode_graphs()
+    for i in range(args.batch):
+        adapter = random_adapter(config, RANKS[i % 4], i) if args.lora else None
+        opts = SamplingOptions(max_new_tokens=64, ignore_eos=True)
+        engine.add(Sequence(f"p{i}", list(range(3, 3 + PROMPT_LEN)), opts, ByteTokenizer(),
+                            lambda _: None, adapter))  # fmt: skip
+    while any(s.num_cached == 0 for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    for _ in range(3):
+        phases(engine)
+    rows = [phases(engine) for _ in range(10)]
+    for name in rows[0]:
+        print(f"{name:>13}: {sorted(r[name] for r in rows)[5]:7.3f} ms")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            engine.step()
+        torch.cuda.synchronize()
+    print(
+        prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60)
+    )
+
+
+if __name__ == "__main__":
+    main()
