@@ -14,9 +14,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test,proto]'
 	touch $@
 
-# Start a GPU worker with a small dummy model and demo adapters, stream a completion, stop.
+# Start the whole stack on this machine (store on disk, one CPU worker with a small dummy
+# model, router), upload demo adapters, stream completions for two of them, stop.
 run: $(VENV)/.installed
-	$(PY) -m services.gpu_worker.demo
+	$(PY) -m services.router.demo
 
 # The whole CPU suite: lint, types, generated-code freshness, tests.
 test: $(VENV)/.installed lint typecheck

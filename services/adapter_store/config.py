@@ -11,6 +11,9 @@ class AdapterStoreConfig:
 
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
     port: int = field(default=50052, metadata={"help": "gRPC port (0 picks a free one)"})
+    metrics_port: int = field(
+        default=0, metadata={"help": "port of the Prometheus /metrics endpoint; 0 = off"}
+    )
     data_dir: str = field(
         default="./.run/adapters",
         metadata={"help": "folder holding one sub-folder per adapter and version"},

@@ -58,9 +58,10 @@ def build_store(config: AdapterStoreConfig) -> AdapterStore:
     return AdapterStore(DiskStore(config.data_dir), shape, config.max_rank, cache)
 
 
-async def start_store_server(config: AdapterStoreConfig, metrics_port: int = 0) -> StoreServer:
+async def start_store_server(config: AdapterStoreConfig) -> StoreServer:
     """Read the data folder, connect Redis (up or not), then start serving; with a metrics
     port, Prometheus metrics of every call (and of Redis) on it."""
+    metrics_port = config.metrics_port
     store = build_store(config)
     await store.open()
     service = AdapterStoreService(store, config.fetch_chunk_bytes, config.max_upload_bytes)

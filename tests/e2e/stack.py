@@ -32,7 +32,9 @@ class Stack:
         return f"127.0.0.1:{self.store.port}"
 
     async def start_store(self, metrics_port: int = 0) -> StoreServer:
-        self.store = await start_store_server(store_config(self.tmp / "store"), metrics_port)
+        config = store_config(self.tmp / "store")
+        config.metrics_port = metrics_port
+        self.store = await start_store_server(config)
         return self.store
 
     async def upload(self, folders: dict[str, Path]) -> None:
