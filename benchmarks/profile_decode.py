@@ -13,6 +13,7 @@ import torch
 from benchmarks.decode_bench import DEVICE, PROMPT_LEN, RANKS, random_adapter
 from services.common.base_model import DUMMY_PRESETS
 from services.gpu_worker.engine import Engine
+from services.gpu_worker.fused_ops import set_fusion
 from services.gpu_worker.model_config import ModelConfig
 from services.gpu_worker.sampling import SamplingOptions, sample
 from services.gpu_worker.sequence import Sequence
@@ -42,14 +43,16 @@ def phases(engine: Engine) -> dict[str, float]:
         engine._append(seq, token, logprob)
     mark()
     names = ("schedule", "build_batch", "graph_replay", "sample", "append")
-    return {n: (b - a) * 1e3 for n, a, b in zip(names, marks, marks[1:], strict=True)}
+    return {n: (b - a) * 1e3 for n, a, b in zip(names, marks[:-1], marks[1:], strict=True)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lora", action="store_true")
+    parser.add_argument("--no-fuse", action="store_true", help="elementwise ops unfused")
     args = parser.parse_args()
+    set_fusion(not args.no_fuse)
     config = ModelConfig.from_hf(DUMMY_PRESETS["llama-7b"])
     model = build_dummy_model(config, 0, torch.bfloat16, DEVICE, draw_on_device=True)
     free, _ = torch.cuda.mem_get_info()
