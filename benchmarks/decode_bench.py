@@ -177,6 +177,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=".", help="folder for decode_bench.json")
     parser.add_argument("--quick", action="store_true", help="fewer sizes and steps")
+    parser.add_argument(
+        "--no-baselines", action="store_true", help="skip HF/PEFT and the attention table"
+    )
     args = parser.parse_args()
     batches = (1, 8, 32) if args.quick else (1, 8, 32, 64, 128)
     steps = 10 if args.quick else 30
@@ -186,10 +189,13 @@ def main() -> None:
     result["ceilings"] = ceilings()
     print("ceilings", result["ceilings"], flush=True)
     result["lora_kernels"] = lora_kernel_bench.run(DEVICE)
-    result["attention"] = attention_bench.run(DEVICE, batches=(1, 8, 32, 128), contexts=(512, 2048))
+    if not args.no_baselines:
+        result["attention"] = attention_bench.run(
+            DEVICE, batches=(1, 8, 32, 128), contexts=(512, 2048)
+        )
     result["engine"], weight_bytes = engine_table(batches, steps)
     result["floor_s"] = weight_bytes / result["ceilings"]["copy_bytes_per_s"]
-    result["hf"] = hf_table(batches, (1, 8, 32), max(3, steps // 3))
+    result["hf"] = [] if args.no_baselines else hf_table(batches, (1, 8, 32), max(3, steps // 3))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "decode_bench.json").write_text(json.dumps(result, indent=2))
     print_summary(result)

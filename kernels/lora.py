@@ -32,12 +32,15 @@ def _block(width: int, cap: int) -> int:
 @triton.jit
 def _shrink_kernel(
     x_ptr, y_ptr, pool_ptr, slots_ptr, meta_ptr, req_lora_ptr, q_starts_ptr, q_lens_ptr,
-    proj_ids_ptr, in_features, stride_x, stride_slots, max_rank, n_rblocks,
+    proj_ids_ptr, in_features, stride_x, stride_slots, max_rank, n_rblocks, k_per_split,
+    split_stride,
     W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    NPROJ: tl.constexpr, IEEE: tl.constexpr,
+    NPROJ: tl.constexpr, K_SPLITS: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
-    t0 = tl.program_id(1) * BLOCK_T
+    t0 = (tl.program_id(1) // K_SPLITS) * BLOCK_T
+    split = tl.program_id(1) % K_SPLITS
+    k_begin = split * k_per_split
     p_local = tl.program_id(2) // n_rblocks
     r0 = (tl.program_id(2) % n_rblocks) * BLOCK_R
     m = tl.load(req_lora_ptr + b)
@@ -54,7 +57,7 @@ def _shrink_kernel(
     x_rows = tl.load(q_starts_ptr + b) + rows
     slots_per_row = in_features // W
     acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, in_features, BLOCK_K):
+    for k0 in range(k_begin, tl.minimum(k_begin + k_per_split, in_features), BLOCK_K):
         cols = tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + x_rows[:, None] * stride_x + k0 + cols[None, :], mask=row_ok[:, None])
         slot_idx = a_start + ranks * slots_per_row + k0 // W
@@ -67,7 +70,7 @@ def _shrink_kernel(
             acc += tl.dot(x, tl.trans(a), input_precision="ieee")
         else:
             acc += tl.dot(x, tl.trans(a))
-    y_off = (x_rows[:, None] * NPROJ + p_local) * max_rank + ranks[None, :]
+    y_off = split * split_stride + (x_rows[:, None] * NPROJ + p_local) * max_rank + ranks[None, :]
     tl.store(y_ptr + y_off, acc, mask=row_ok[:, None] & rank_ok[None, :])
 
 
@@ -141,18 +144,27 @@ def lora_shrink(
 
     x [T, in] contiguous; pool [num_slots, W]; int32 tables on x's device. Entries outside
     each request's rank and rows without an adapter are left unwritten."""
-    width = pool.shape[1]
-    y = torch.empty(x.shape[0], len(projs), max_rank, dtype=torch.float32, device=x.device)
-    proj_ids = _proj_ids(projs, x.device)
+    width, in_features = pool.shape[1], x.shape[1]
+    block_k = _block(width, 128)
+    # A program walks its slice of in_features; splitting the walk across programs keeps a
+    # decode batch (few rows, long rows of A) from waiting on one long serial loop.
+    k_splits = max(1, min(8, triton.cdiv(in_features, block_k) // 4))
+    k_per_split = triton.cdiv(triton.cdiv(in_features, k_splits), block_k) * block_k
+    parts = torch.empty(
+        k_splits, x.shape[0], len(projs), max_rank, dtype=torch.float32, device=x.device
+    )
     n_rblocks = triton.cdiv(max_rank, BLOCK_R)
-    grid = (req_lora.shape[0], triton.cdiv(max_q_len, BLOCK_T), len(projs) * n_rblocks)
+    grid = (req_lora.shape[0], triton.cdiv(max_q_len, BLOCK_T) * k_splits,
+            len(projs) * n_rblocks)  # fmt: skip
     _shrink_kernel[grid](
-        x, y, pool, lora_slots, lora_meta, req_lora, q_starts, q_lens, proj_ids,
-        x.shape[1], x.stride(0), lora_slots.stride(0), max_rank, n_rblocks,
-        W=width, BLOCK_T=BLOCK_T, BLOCK_R=BLOCK_R, BLOCK_K=_block(width, 128),
-        NPROJ=len(projs), IEEE=x.dtype == torch.float32,
+        x, parts, pool, lora_slots, lora_meta, req_lora, q_starts, q_lens,
+        _proj_ids(projs, x.device), in_features, x.stride(0), lora_slots.stride(0), max_rank,
+        n_rblocks, k_per_split, parts[0].numel(),
+        W=width, BLOCK_T=BLOCK_T, BLOCK_R=BLOCK_R, BLOCK_K=block_k,
+        NPROJ=len(projs), K_SPLITS=k_splits, IEEE=x.dtype == torch.float32,
     )  # fmt: skip
-    return y
+    # Summing the partial products in a fixed order keeps the result deterministic.
+    return parts[0] if k_splits == 1 else parts.sum(0)
 
 
 def lora_expand(

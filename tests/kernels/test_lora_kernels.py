@@ -88,16 +88,20 @@ def _check_shrink_expand(case, max_rank, tol):
 
 
 CPU_CASES = {
-    "decode-mixed-ranks": ([8, 16, 32, 64], [1] * 7, [0, 1, -1, 2, 3, 1, -1]),
-    "prefill-ragged": ([8, 16, 32], [17, 3, 1, 33, 9], [2, -1, 0, 1, 2]),
+    # hidden 64: one program walks all of in_features
+    "decode-mixed-ranks": (64, [8, 16, 32, 64], [1] * 7, [0, 1, -1, 2, 3, 1, -1]),
+    "prefill-ragged": (64, [8, 16, 32], [17, 3, 1, 33, 9], [2, -1, 0, 1, 2]),
+    # hidden 512 over 32-wide slots: the shrink splits in_features over 4 programs
+    "decode-split-k": (512, [8, 32, 16], [1, 1, 1, 1], [0, 1, 2, -1]),
+    "prefill-split-k": (512, [16, 8], [20, 2, 5], [1, 0, -1]),
 }
 
 
 @pytest.mark.parametrize("name", CPU_CASES)
 def test_kernels_match_reference_fp32(name):
-    ranks, q_lens, adapters = CPU_CASES[name]
+    hidden, ranks, q_lens, adapters = CPU_CASES[name]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    case = make_case(64, 32, ranks, q_lens, adapters, torch.float32, device, seed=len(name))
+    case = make_case(hidden, 32, ranks, q_lens, adapters, torch.float32, device, seed=len(name))
     _check_shrink_expand(case, max(ranks), tol=1e-5)
 
 
