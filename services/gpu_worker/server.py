@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -12,7 +10,7 @@ import torch
 
 from manylora.v1 import gpu_worker_pb2_grpc
 from services.common.base_model import BaseModelShape, load_hf_config
-from services.common.grpc_server import RunningServer, start_server
+from services.common.grpc_server import RunningServer, start_server, wait_for_signal_then
 from services.gpu_worker.adapter_source import (
     AdapterSource,
     LocalFolderAdapterSource,
@@ -148,9 +146,4 @@ async def start_worker(config: WorkerConfig) -> Worker:
 
 async def serve(config: WorkerConfig) -> None:
     worker = await start_worker(config)
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    await stop.wait()
-    logger.info("shutting down")
-    await worker.stop()
+    await wait_for_signal_then(worker.stop)

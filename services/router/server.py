@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 
 from grpc_health.v1 import health_pb2
 
 from manylora.v1 import router_pb2, router_pb2_grpc
-from services.common.grpc_server import RunningServer, start_server
+from services.common.grpc_server import RunningServer, start_server, wait_for_signal_then
 from services.common.metrics import MetricsServer, start_metrics_server
 from services.router.adapter_catalog import AdapterCatalog
 from services.router.admission import Admission
@@ -106,10 +105,4 @@ async def start_router(config: RouterConfig) -> RouterServer:
 
 async def serve(config: RouterConfig) -> None:
     router = await start_router(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    logger.info("shutting down")
-    await router.stop()
+    await wait_for_signal_then(router.stop)
