@@ -237,7 +237,7 @@ class Engine:
             text += tail if stopped else tail + seq.stops.flush()
         out = seq.output([token], text, [logprob] if logprob is not None else [], finish)
         if finish is not None:
-            self._finish(seq)
+            self.scheduler.remove(seq)
         seq.on_output(out)
 
     def _token_finish(self, seq: Sequence, token: int) -> FinishReason | None:
@@ -249,9 +249,3 @@ class Engine:
         if len(seq.output_ids) >= opts.max_new_tokens or seq.num_cached + 1 >= seq.max_total_tokens:
             return FinishReason.LENGTH
         return None
-
-    def _finish(self, seq: Sequence) -> None:
-        self.scheduler.remove(seq)
-
-    def resident_adapter_ids(self) -> list[str]:
-        return self.adapters.resident_ids()

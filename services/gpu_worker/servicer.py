@@ -146,7 +146,7 @@ class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
             total_slots=pool.total_slots,
             kv_slots=pool.kv_slots,
             adapter_slots=pool.adapter_slots,
-            resident_adapters=engine.resident_adapter_ids(),
+            resident_adapters=engine.adapters.resident_ids(),
             host_cached_adapters=self._adapters.cached_ids(),
             adapter_cache_hits=engine.adapters.hits,
             adapter_cache_misses=engine.adapters.misses,
