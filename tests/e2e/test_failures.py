@@ -69,19 +69,19 @@ async def test_worker_killed_mid_run(stack: Stack, router_stub):
     await stop_worker(victim)
 
     async def outcome(call: grpc.aio.UnaryStreamCall) -> grpc.StatusCode | str:
+        # Read to the end: tokens already relayed before the crash may still be buffered, so
+        # a dead worker's stream can yield a few more messages before its error arrives.
         try:
-            for _ in range(3):  # the survivor's streams go on
-                if await call.read() is grpc.aio.EOF:
-                    return "ended"
-            call.cancel()
-            return "streaming"
+            while await call.read() is not grpc.aio.EOF:
+                pass
+            return "ended"
         except grpc.aio.AioRpcError as exc:
             assert "mid-stream" in (exc.details() or "")
             return exc.code()
 
-    async with asyncio.timeout(20):
+    async with asyncio.timeout(60):
         outcomes = await asyncio.gather(*(outcome(c) for c in calls))
-    assert Counter(outcomes) == {grpc.StatusCode.UNAVAILABLE: 2, "streaming": 2}
+    assert Counter(outcomes) == {grpc.StatusCode.UNAVAILABLE: 2, "ended": 2}
     # New work goes to the survivor and completes.
     async with asyncio.timeout(20):
         for i in range(4):
