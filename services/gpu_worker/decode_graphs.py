@@ -48,6 +48,8 @@ class DecodeGraphs:
             ctx_lens=buffer(torch.int32),
             seq_lens=buffer(torch.int32),
             req_lora=buffer(torch.int32, -1),
+            token_req=arange.clone(),
+            token_idx=torch.zeros(n, dtype=torch.long, device=device),
             max_q_len=1,
             host_q_lens=[],
             host_ctx_lens=[],
@@ -72,6 +74,8 @@ class DecodeGraphs:
             ctx_lens=s.ctx_lens[:bucket],
             seq_lens=s.seq_lens[:bucket],
             req_lora=s.req_lora[:bucket],
+            token_req=s.token_req[:bucket],
+            token_idx=s.token_idx[:bucket],
             max_rank=self.max_rank if with_lora else 0,
         )
 

@@ -39,6 +39,7 @@ class Engine:
         adapter_region_slots: int = 0,
         max_rank: int = 128,
         max_loras: int = 512,
+        lora_backend: str = "kernels",
     ):
         self.model = model
         self.config = model.config
@@ -61,6 +62,9 @@ class Engine:
             raise ValueError("max_loras must exceed max_num_seqs + the prefetch window")
         self.adapters = AdapterManager(self.pool, max_loras, max_adapter_slots)
         self.max_rank = max_rank
+        if lora_backend not in ("kernels", "bmm"):
+            raise ValueError(f"lora_backend {lora_backend!r} is not kernels or bmm")
+        self.lora_backend = lora_backend
         self.scheduler = Scheduler(
             self.pool,
             self.adapters,
@@ -169,6 +173,8 @@ class Engine:
         ids: list[int] = []
         positions: list[int] = []
         token_rows: list[int] = []
+        token_req: list[int] = []
+        token_idx: list[int] = []
         q_starts: list[int] = []
         q_lens: list[int] = []
         ctx_lens: list[int] = []
@@ -183,6 +189,8 @@ class Engine:
             ids.extend(new)
             positions.extend(range(seq.num_cached, seq.num_cached + len(new)))
             token_rows.extend([seq.table_row] * len(new))
+            token_req.extend([len(q_lens) - 1] * len(new))
+            token_idx.extend(range(len(new)))
             req_lora.append(seq.resident.row if seq.resident else -1)
             if seq.resident is not None:
                 max_rank = max(max_rank, seq.resident.rank)
@@ -218,6 +226,9 @@ class Engine:
             max_q_len=max(q_lens, default=1),
             host_q_lens=q_lens,
             host_ctx_lens=ctx_lens,
+            token_req=torch.tensor(token_req, dtype=torch.long, device=device),
+            token_idx=torch.tensor(token_idx, dtype=torch.long, device=device),
+            lora_backend=self.lora_backend,
             lora_groups=[
                 LoraGroup(resident, torch.tensor(rows, device=device))
                 for resident, rows in groups.values()

@@ -46,7 +46,10 @@ class ForwardBatch:
     max_q_len: int
     host_q_lens: list[int]
     host_ctx_lens: list[int]
+    token_req: torch.Tensor  # [T] int64: the request (batch index) each row belongs to
+    token_idx: torch.Tensor  # [T] int64: its index among that request's new tokens
     lora_groups: list[LoraGroup] = field(default_factory=list)
+    lora_backend: str = "kernels"  # or "bmm": S-LoRA's padded-bmm baseline
 
     @property
     def is_decode(self) -> bool:

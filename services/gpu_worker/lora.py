@@ -3,6 +3,9 @@
 One call, two paths, both reading each adapter's A and Bᵀ from the unified pool, with no
 padding to the largest rank: the Triton kernels on CUDA (through the adapter tables), and on
 the CPU plain torch, one matrix product per adapter present (through its slot list).
+
+A third path, `lora_backend="bmm"`, is S-LoRA's baseline for the benchmarks: every step it
+gathers each request's weights padded to the batch's largest rank and runs `torch.bmm`.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ def shrink(
     """y [T, len(projs), max_rank] = x @ Aᵀ of each row's adapter, for the projections given
     (q, k, v share x, so they shrink in one launch)."""
     pool = batch.pool[layer]
+    if batch.lora_backend == "bmm":
+        return _bmm_shrink(x, pool, batch, projs)
     if x.is_cuda:
         from kernels.lora import lora_shrink
 
@@ -51,6 +56,8 @@ def expand(
 ) -> torch.Tensor:
     """out [T, out_features] += y[:, y_index] @ Bᵀ of each row's adapter, in place."""
     pool = batch.pool[layer]
+    if batch.lora_backend == "bmm":
+        return _bmm_expand(out, y, y_index, pool, batch, proj)
     if out.is_cuda:
         from kernels.lora import lora_expand
 
@@ -62,4 +69,53 @@ def expand(
             bt = _weight(pool, group.adapter, proj, b_side=True)
             shrunk = y.index_select(0, group.rows)[:, y_index, : bt.shape[0]]
             out.index_add_(0, group.rows, shrunk @ bt)
+    return out
+
+
+def _padded(
+    pool: torch.Tensor, batch: ForwardBatch, proj: int, b_side: bool, dim: int
+) -> torch.Tensor:
+    """Each request's A [R, dim] (or Bᵀ) gathered from the pool and zero-padded to the batch's
+    largest rank R: [B, R, dim]. Rows of requests without an adapter are all zeros."""
+    rank_cap, width = batch.max_rank, pool.shape[1]
+    has = batch.req_lora >= 0
+    rows = batch.req_lora.clamp(min=0).long()
+    meta = batch.lora_meta[rows, proj]  # [B, 3]: rank, a_start, b_start
+    rank = torch.where(has, meta[:, 0], 0)
+    per_rank_row = dim // width
+    offsets = torch.arange(rank_cap * per_rank_row, device=pool.device)
+    cols = (meta[:, 2 if b_side else 1, None] + offsets[None, :]).clamp(
+        max=batch.lora_slots.shape[1] - 1
+    )
+    slots = batch.lora_slots[rows[:, None], cols].long()  # [B, R * dim / W]
+    weights = pool[slots].view(rows.shape[0], rank_cap, dim)
+    keep = torch.arange(rank_cap, device=pool.device)[None, :] < rank[:, None]
+    return weights * keep[:, :, None]
+
+
+def _by_request(rows: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    """rows [T, n] laid out as [B, max_q_len, n], zero-padded (the bmm baseline's tokens)."""
+    padded = rows.new_zeros(batch.req_lora.shape[0], batch.max_q_len, rows.shape[1])
+    padded[batch.token_req, batch.token_idx] = rows
+    return padded
+
+
+def _bmm_shrink(
+    x: torch.Tensor, pool: torch.Tensor, batch: ForwardBatch, projs: tuple[int, ...]
+) -> torch.Tensor:
+    x_pad = _by_request(x, batch)
+    y = torch.zeros(x.shape[0], len(projs), batch.max_rank, dtype=torch.float32, device=x.device)
+    for i, proj in enumerate(projs):
+        a = _padded(pool, batch, proj, b_side=False, dim=x.shape[1])
+        y[:, i] = torch.bmm(x_pad, a.transpose(1, 2))[batch.token_req, batch.token_idx].float()
+    return y
+
+
+def _bmm_expand(
+    out: torch.Tensor, y: torch.Tensor, y_index: int, pool: torch.Tensor, batch: ForwardBatch,
+    proj: int,
+) -> torch.Tensor:  # fmt: skip
+    bt = _padded(pool, batch, proj, b_side=True, dim=out.shape[1])
+    y_pad = _by_request(y[:, y_index].to(out.dtype), batch)
+    out += torch.bmm(y_pad, bt)[batch.token_req, batch.token_idx]
     return out

@@ -68,6 +68,7 @@ def build_engine(config: WorkerConfig) -> tuple[Engine, Tokenizer]:
         unified_pool=config.unified_pool,
         max_rank=config.max_rank,
         max_loras=config.max_loras,
+        lora_backend=config.lora_backend,
         adapter_region_slots=0
         if config.unified_pool
         else int(slots * config.adapter_region_fraction),

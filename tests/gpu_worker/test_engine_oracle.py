@@ -37,15 +37,20 @@ def _mixed_requests(names: list[str], seed: int) -> list[tuple[list[int], str | 
     return requests
 
 
+@pytest.mark.parametrize("backend", ["kernels", "bmm"])
 @pytest.mark.parametrize("hf_config", [TINY_MHA, TINY_GQA], ids=["mha", "gqa"])
-def test_mixed_adapter_batch_matches_hf_peft_greedy(hf_config: dict[str, Any], tmp_path: Path):
+def test_mixed_adapter_batch_matches_hf_peft_greedy(
+    hf_config: dict[str, Any], backend: str, tmp_path: Path
+):
+    """`kernels` is the engine's own LoRA path (its torch form on the CPU); `bmm` is S-LoRA's
+    padded baseline, which the benchmarks compare against and which must be right too."""
     ours, hf = build_pair(hf_config)
     peft_model, paths = make_peft_adapters(hf, MIXED_ADAPTERS, tmp_path)
     shape = ours.config.shape
     adapters = {name: load_peft_folder(path, shape, max_rank=64) for name, path in paths.items()}
     requests = _mixed_requests(list(adapters), seed=1)
 
-    engine = Engine(ours, pool_slots=8192, max_num_seqs=64)
+    engine = Engine(ours, pool_slots=8192, max_num_seqs=64, lora_backend=backend)
     completions = generate_offline(
         engine,
         ByteTokenizer(),
