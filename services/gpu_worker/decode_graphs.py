@@ -21,6 +21,14 @@ from services.gpu_worker.model import LlamaForCausalLM
 logger = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
+# Fields of a batch with one entry per request (= per token, in decode): sliced per bucket.
+_PER_ROW = (
+    "input_ids", "positions", "new_k_slots", "new_v_slots", "logits_rows", "req_rows",
+    "q_starts", "q_lens", "ctx_lens", "seq_lens", "req_lora", "token_req", "token_idx",
+)  # fmt: skip
+# The ones that change from step to step (the rest are fixed: row b is request b, one token).
+_COPIED_PER_STEP = ("input_ids", "positions", "new_k_slots", "new_v_slots", "req_rows",
+                    "ctx_lens", "seq_lens", "req_lora")  # fmt: skip
 
 
 class DecodeGraphs:
@@ -60,24 +68,8 @@ class DecodeGraphs:
         self._logits: dict[tuple[int, bool], torch.Tensor] = {}
 
     def _view(self, bucket: int, with_lora: bool) -> ForwardBatch:
-        s = self.static
-        return replace(
-            s,
-            input_ids=s.input_ids[:bucket],
-            positions=s.positions[:bucket],
-            new_k_slots=s.new_k_slots[:bucket],
-            new_v_slots=s.new_v_slots[:bucket],
-            logits_rows=s.logits_rows[:bucket],
-            req_rows=s.req_rows[:bucket],
-            q_starts=s.q_starts[:bucket],
-            q_lens=s.q_lens[:bucket],
-            ctx_lens=s.ctx_lens[:bucket],
-            seq_lens=s.seq_lens[:bucket],
-            req_lora=s.req_lora[:bucket],
-            token_req=s.token_req[:bucket],
-            token_idx=s.token_idx[:bucket],
-            max_rank=self.max_rank if with_lora else 0,
-        )
+        rows = {name: getattr(self.static, name)[:bucket] for name in _PER_ROW}
+        return replace(self.static, **rows, max_rank=self.max_rank if with_lora else 0)
 
     def capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()
@@ -97,20 +89,22 @@ class DecodeGraphs:
     def fits(self, batch_size: int) -> bool:
         return batch_size <= self.buckets[-1]
 
-    def run(self, batch: ForwardBatch) -> torch.Tensor:
-        """Logits [B, vocab] of a decode batch, by graph replay."""
+    def fill(self, batch: ForwardBatch) -> int:
+        """Copy a decode batch into the static inputs; return the bucket that holds it."""
         size = batch.input_ids.shape[0]
         bucket = next(b for b in self.buckets if b >= size)
         s = self.static
-        for name in ("input_ids", "positions", "new_k_slots", "new_v_slots", "req_rows",
-                     "ctx_lens", "seq_lens", "req_lora"):  # fmt: skip
-            dst = getattr(s, name)
-            dst[:size].copy_(getattr(batch, name), non_blocking=True)
+        for name in _COPIED_PER_STEP:
+            getattr(s, name)[:size].copy_(getattr(batch, name), non_blocking=True)
         if bucket > size:  # reset padding rows a previous, larger batch may have used
             s.new_k_slots[size:bucket].fill_(self._scratch[0])
             s.new_v_slots[size:bucket].fill_(self._scratch[1])
             s.seq_lens[size:bucket].zero_()
             s.req_lora[size:bucket].fill_(-1)
-        key = (bucket, batch.max_rank > 0)
+        return bucket
+
+    def run(self, batch: ForwardBatch) -> torch.Tensor:
+        """Logits [B, vocab] of a decode batch, by graph replay."""
+        key = (self.fill(batch), batch.max_rank > 0)
         self._graphs[key].replay()
-        return self._logits[key][:size]
+        return self._logits[key][: batch.input_ids.shape[0]]

@@ -1,0 +1,45 @@
+"""The static inputs of the decode graphs: what a replay would read (CPU, no capture)."""
+
+from __future__ import annotations
+
+import torch
+
+from services.gpu_worker.decode_graphs import DecodeGraphs
+from services.gpu_worker.engine import Engine
+from services.gpu_worker.sampling import SamplingOptions
+from services.gpu_worker.sequence import Sequence
+from services.gpu_worker.tokenizer import ByteTokenizer
+from tests.oracle import TINY_MHA, build_pair
+
+
+def _decode_batch(engine: Engine, count: int):
+    for i in range(count):
+        opts = SamplingOptions(max_new_tokens=8, ignore_eos=True)
+        prompt = list(range(10 + i, 20 + 2 * i))
+        engine.add(Sequence(f"r{i}", prompt, opts, ByteTokenizer(), lambda _: None))
+    engine.step()  # prefill
+    seqs = engine.scheduler.schedule().decode
+    return engine.build_batch(seqs)
+
+
+def test_padding_rows_are_harmless_and_reset_after_a_larger_batch():
+    model, _ = build_pair(TINY_MHA)
+    engine = Engine(model, pool_slots=2048, max_num_seqs=8)
+    graphs = DecodeGraphs(model, engine.build_batch([]), 8, (1000, 1001), max_rank=64)
+    assert graphs.buckets == [1, 2, 4, 8]
+
+    big = _decode_batch(engine, 5)
+    assert graphs.fill(big) == 8
+    small_engine = Engine(model, pool_slots=2048, max_num_seqs=8)
+    small = _decode_batch(small_engine, 3)
+    assert graphs.fill(small) == 4
+    view = graphs._view(4, with_lora=True)
+    for name in ("input_ids", "positions", "new_k_slots", "new_v_slots", "req_rows", "seq_lens"):
+        assert torch.equal(
+            getattr(view, name)[:3], getattr(small, name).to(getattr(view, name).dtype)
+        )
+    # Row 3 held request 4 of the big batch; as padding it must now write only to scratch
+    # slots, attend to nothing and use no adapter.
+    assert view.new_k_slots[3] == 1000 and view.new_v_slots[3] == 1001
+    assert view.seq_lens[3] == 0 and view.req_lora[3] == -1
+    assert view.max_rank == 64 and graphs._view(4, with_lora=False).max_rank == 0
