@@ -12,6 +12,7 @@ from manylora.v1 import adapter_store_pb2, adapter_store_pb2_grpc, common_pb2
 from services.adapter_store.records import check_adapter_id
 from services.adapter_store.store import AdapterStore
 from services.common.errors import InvalidArgument, ServiceError
+from services.common.logging import bind_request_id
 from services.common.peft_adapter import WEIGHTS_FILE
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class AdapterStoreService(adapter_store_pb2_grpc.AdapterStoreServicer):
         request_iterator: AsyncIterator[adapter_store_pb2.UploadAdapterRequest],
         context: grpc.aio.ServicerContext,
     ) -> common_pb2.AdapterInfo:
+        bind_request_id(context)
         try:
             header, weights = await receive_upload(request_iterator, self._max_upload_bytes)
             return await self._store.upload(header.adapter_id, header.adapter_config_json, weights)
@@ -79,6 +81,7 @@ class AdapterStoreService(adapter_store_pb2_grpc.AdapterStoreServicer):
     async def GetAdapterInfo(
         self, request: adapter_store_pb2.GetAdapterInfoRequest, context: grpc.aio.ServicerContext
     ) -> common_pb2.AdapterInfo:
+        bind_request_id(context)
         try:
             return await self._store.info(request.adapter_id, request.version)
         except ServiceError as exc:
@@ -87,10 +90,12 @@ class AdapterStoreService(adapter_store_pb2_grpc.AdapterStoreServicer):
     async def FetchAdapter(
         self, request: adapter_store_pb2.FetchAdapterRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[adapter_store_pb2.AdapterChunk]:
+        bind_request_id(context)
         try:
             info, blob = await self._store.fetch(request.adapter_id, request.version)
         except ServiceError as exc:
             await _abort(context, exc)
+        logger.info("fetch %s v%d: %d bytes", info.adapter_id, info.version, len(blob))
         view = memoryview(blob)
         for offset in range(0, max(len(blob), 1), self._chunk_bytes):
             chunk = adapter_store_pb2.AdapterChunk(
@@ -103,6 +108,7 @@ class AdapterStoreService(adapter_store_pb2_grpc.AdapterStoreServicer):
     async def ListAdapters(
         self, request: common_pb2.ListAdaptersRequest, context: grpc.aio.ServicerContext
     ) -> common_pb2.ListAdaptersResponse:
+        bind_request_id(context)
         page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         infos, next_token = await self._store.list_page(page_size, request.page_token)
         return common_pb2.ListAdaptersResponse(adapters=infos, next_page_token=next_token)
@@ -110,6 +116,7 @@ class AdapterStoreService(adapter_store_pb2_grpc.AdapterStoreServicer):
     async def DeleteAdapter(
         self, request: adapter_store_pb2.DeleteAdapterRequest, context: grpc.aio.ServicerContext
     ) -> adapter_store_pb2.DeleteAdapterResponse:
+        bind_request_id(context)
         try:
             deleted = await self._store.delete(request.adapter_id)
         except ServiceError as exc:

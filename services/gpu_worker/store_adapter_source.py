@@ -16,6 +16,7 @@ from manylora.v1 import adapter_store_pb2, common_pb2
 from manylora.v1.adapter_store_pb2_grpc import AdapterStoreStub
 from services.common.errors import InvalidArgument, NotFound, ServiceError, Unavailable
 from services.common.grpc_server import SERVER_OPTIONS
+from services.common.logging import request_id_metadata
 from services.common.lora_format import CanonicalAdapter
 from services.common.single_flight import SingleFlight
 from services.gpu_worker.host_adapter_cache import HostAdapterCache
@@ -92,7 +93,10 @@ class StoreAdapterSource:
         info: common_pb2.AdapterInfo | None = None
         parts: list[bytes] = []
         try:
-            async for chunk in stub.FetchAdapter(request, timeout=self._timeout_s):
+            chunks = stub.FetchAdapter(
+                request, timeout=self._timeout_s, metadata=request_id_metadata()
+            )
+            async for chunk in chunks:
                 if info is None:
                     info = chunk.info
                 parts.append(chunk.data)

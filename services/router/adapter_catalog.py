@@ -12,6 +12,7 @@ from manylora.v1 import adapter_store_pb2, common_pb2
 from manylora.v1.adapter_store_pb2_grpc import AdapterStoreStub
 from services.common.errors import InvalidArgument, NotFound, ServiceError, Unavailable
 from services.common.grpc_server import SERVER_OPTIONS
+from services.common.logging import request_id_metadata
 from services.common.single_flight import SingleFlight
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,9 @@ class AdapterCatalog:
     async def _lookup(self, adapter_id: str) -> bool:
         request = adapter_store_pb2.GetAdapterInfoRequest(adapter_id=adapter_id)
         try:
-            await self._stub.GetAdapterInfo(request, timeout=self._timeout_s)
+            await self._stub.GetAdapterInfo(
+                request, timeout=self._timeout_s, metadata=request_id_metadata()
+            )
             exists, ttl = True, self._ttl_s
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
