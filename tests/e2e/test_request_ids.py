@@ -34,5 +34,9 @@ async def test_request_id_reaches_every_service_log(
     async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as channel:
         responses = [r async for r in router_pb2_grpc.RouterStub(channel).Generate(request)]
     assert responses[-1].finish_reason == common_pb2.LENGTH
-    traced = {r.name.split(".")[1] for r in caplog.records if r.request_id == "trace-me-42"}
+    traced = {
+        r.name.split(".")[1]
+        for r in caplog.records
+        if getattr(r, "request_id", None) == "trace-me-42"
+    }
     assert {"router", "gpu_worker", "adapter_store"} <= traced, traced
