@@ -147,18 +147,30 @@ def generate(params: WorkloadParams) -> Trace:
     prompts = rng.integers(prompt_lo, prompt_hi + 1, size=n)
     outputs = rng.integers(output_lo, output_hi + 1, size=n)
     requests = [
-        TraceRequest(i, float(arrivals[i]), int(adapters[i]), params.rank_of(int(adapters[i])),
-                     int(prompts[i]), int(outputs[i]))
+        TraceRequest(
+            i,
+            float(arrivals[i]),
+            int(adapters[i]),
+            params.rank_of(int(adapters[i])),
+            int(prompts[i]),
+            int(outputs[i]),
+        )
         for i in range(n)
-    ]  # fmt: skip
+    ]
     return Trace(params, requests)
 
 
 def save(trace: Trace, path: str | Path) -> None:
     lines = [json.dumps({"type": "header", **trace.params.to_json()})]
     for r in trace.requests:
-        row = {"arrival_s": r.arrival_s, "adapter": r.adapter, "adapter_id": r.adapter_id,
-               "rank": r.rank, "prompt_len": r.prompt_len, "output_len": r.output_len}  # fmt: skip
+        row = {
+            "arrival_s": r.arrival_s,
+            "adapter": r.adapter,
+            "adapter_id": r.adapter_id,
+            "rank": r.rank,
+            "prompt_len": r.prompt_len,
+            "output_len": r.output_len,
+        }
         lines.append(json.dumps(row))
     Path(path).write_text("\n".join(lines) + "\n")
 
@@ -169,10 +181,16 @@ def load(path: str | Path) -> Trace:
         raise ValueError(f"{path}: the first line is not a trace header")
     params = WorkloadParams.from_json(rows[0])
     requests = [
-        TraceRequest(i, float(r["arrival_s"]), int(r["adapter"]), int(r["rank"]),
-                     int(r["prompt_len"]), int(r["output_len"]))
+        TraceRequest(
+            i,
+            float(r["arrival_s"]),
+            int(r["adapter"]),
+            int(r["rank"]),
+            int(r["prompt_len"]),
+            int(r["output_len"]),
+        )
         for i, r in enumerate(rows[1:])
-    ]  # fmt: skip
+    ]
     return Trace(params, requests)
 
 
@@ -226,8 +244,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     trace = generate(params_from_args(args))
     save(trace, args.out)
     used = len({r.adapter for r in trace.requests})
-    print(f"{len(trace.requests)} requests over {trace.params.duration_s:g} s for {used} of "
-          f"{trace.params.num_adapters} adapters -> {args.out}")  # fmt: skip
+    print(
+        f"{len(trace.requests)} requests over {trace.params.duration_s:g} s for {used} of "
+        f"{trace.params.num_adapters} adapters -> {args.out}"
+    )
 
 
 if __name__ == "__main__":

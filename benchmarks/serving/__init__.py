@@ -1,0 +1,1 @@
+"""Pieces of the serving benchmark (benchmarks.serving_bench): replay loops, metrics, baselines."""

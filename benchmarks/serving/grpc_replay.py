@@ -1,0 +1,106 @@
+"""Replay a trace through a router: one streaming call per request, started at its arrival."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+
+from tqdm import tqdm
+
+from benchmarks.serving.metrics import RequestRecord
+from benchmarks.workload import Trace, TraceRequest, adapter_id, prompt_tokens
+from services.client import AsyncManyloraClient
+from services.client.messages import ManyloraError
+
+# Channel options of a client that opens hundreds of concurrent streams.
+CLIENT_OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
+
+
+async def _one(
+    client: AsyncManyloraClient,
+    request: TraceRequest,
+    prompt: list[int],
+    record: RequestRecord,
+    clock: Callable[[], float],
+) -> None:
+    try:
+        async for chunk in client.generate(
+            prompt,
+            adapter=adapter_id(request.adapter),
+            max_new_tokens=request.output_len,
+            ignore_eos=True,
+        ):
+            record.on_tokens(clock(), len(chunk.token_ids))
+            if chunk.finish_reason is not None:
+                record.finish_s = clock()
+                if chunk.finish_reason != "length":
+                    record.error = f"finished by {chunk.finish_reason}"
+    except ManyloraError as exc:
+        record.error, record.finish_s = str(exc), clock()
+    if record.finish_s is None:
+        record.error, record.finish_s = "the stream ended without a last chunk", clock()
+
+
+async def replay(
+    target: str,
+    trace: Trace,
+    timeout_s: float | None = None,
+    progress: bool = True,
+    probe: Callable[[float], None] | None = None,
+    probe_interval_s: float = 0.05,
+) -> tuple[list[RequestRecord], float]:
+    """Run the trace against the router at `target`; returns the records and the duration
+    (start to the last finish, or to the timeout). `probe(now)` is called every
+    `probe_interval_s` while the run lasts (to sample the worker's pool)."""
+    requests, prompts = trace.requests, prompt_tokens(trace)
+    records = [RequestRecord(r.index, r.adapter, r.arrival_s, r.output_len) for r in requests]
+    start = time.perf_counter()
+
+    def clock() -> float:
+        return time.perf_counter() - start
+
+    async def sample() -> None:
+        while probe is not None:
+            probe(clock())
+            await asyncio.sleep(probe_interval_s)
+
+    async def launch(client: AsyncManyloraClient, bar: tqdm) -> None:
+        tasks = []
+        for req in requests:
+            await asyncio.sleep(max(0.0, req.arrival_s - clock()))
+            task = asyncio.create_task(
+                _one(client, req, prompts[req.index], records[req.index], clock)
+            )
+            task.add_done_callback(lambda _: bar.update(1))
+            tasks.append(task)
+        await asyncio.gather(*tasks)
+
+    sampler = asyncio.create_task(sample())
+    bar = tqdm(total=len(requests), desc="requests", unit="req", disable=not progress)
+    async with AsyncManyloraClient(target, options=CLIENT_OPTIONS) as client:
+        # At the timeout wait_for cancels the calls still going; their records say so.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(launch(client, bar), timeout_s)
+    bar.close()
+    duration = clock()
+    sampler.cancel()
+    for record in records:
+        if record.finish_s is None:
+            record.error = record.error or "not finished before the run's timeout"
+    return records, duration
+
+
+async def warm_up(target: str, adapters: list[str], prompt_lens: tuple[int, ...]) -> None:
+    """A few requests (each adapter, each prompt length) through the router before the timed
+    run, so that kernel compilation and first-call costs stay out of it."""
+    async with AsyncManyloraClient(target, options=CLIENT_OPTIONS) as client:
+        calls = [
+            client.complete(
+                [3 + i % 256 for i in range(n)], adapter=adapter, max_new_tokens=4, ignore_eos=True
+            )
+            for adapter in adapters
+            for n in prompt_lens
+        ]
+        await asyncio.gather(*calls)

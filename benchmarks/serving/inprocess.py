@@ -1,0 +1,117 @@
+"""Replay a trace against an Engine in this process, on the wall clock.
+
+One loop does what the worker's engine thread does, minus gRPC: it adds each request once its
+arrival time has come, runs `engine.step()` while there is work, and sleeps until the next
+arrival when there is none.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from tqdm import tqdm
+
+from benchmarks.serving.metrics import PoolTimeline, RequestRecord
+from benchmarks.workload import Trace, TraceRequest, prompt_tokens
+from services.common.errors import ServiceError
+from services.common.lora_format import CanonicalAdapter
+from services.gpu_worker.engine import Engine
+from services.gpu_worker.offline import generate_offline
+from services.gpu_worker.sampling import SamplingOptions
+from services.gpu_worker.sequence import FinishReason, Sequence, StepOutput
+from services.gpu_worker.tokenizer import ByteTokenizer
+
+AdapterFor = Callable[[TraceRequest], CanonicalAdapter | None]
+
+
+def _sink(
+    record: RequestRecord, clock: Callable[[], float], bar: tqdm
+) -> Callable[[StepOutput], None]:
+    def on_output(out: StepOutput) -> None:
+        now = clock()
+        record.on_tokens(now, len(out.token_ids))
+        if out.error is not None:
+            record.error = f"{type(out.error).__name__}: {out.error}"
+        elif out.finish_reason is FinishReason.ABORTED:
+            record.error = "aborted"
+        if out.finish_reason is not None:
+            record.finish_s = now
+            bar.update(1)
+
+    return on_output
+
+
+def replay(
+    engine: Engine,
+    trace: Trace,
+    adapter_for: AdapterFor,
+    timeout_s: float | None = None,
+    progress: bool = True,
+) -> tuple[list[RequestRecord], float, PoolTimeline]:
+    """Run the trace; returns the per-request records, the run's duration (start to the last
+    finish, or to the timeout) and the pool occupancy after every step."""
+    requests = trace.requests
+    prompts = prompt_tokens(trace)
+    adapters = [adapter_for(r) for r in requests]  # built before the clock starts
+    records = [RequestRecord(r.index, r.adapter, r.arrival_s, r.output_len) for r in requests]
+    timeline = PoolTimeline()
+    tokenizer = ByteTokenizer(engine.config.vocab_size)
+    start = time.perf_counter()
+
+    def clock() -> float:
+        return time.perf_counter() - start
+
+    bar = tqdm(total=len(requests), desc="requests", unit="req", disable=not progress)
+    sent = 0
+    while sent < len(requests) or engine.has_work():
+        now = clock()
+        if timeout_s is not None and now > timeout_s:
+            break
+        while sent < len(requests) and requests[sent].arrival_s <= now:
+            req, record = requests[sent], records[sent]
+            opts = SamplingOptions(max_new_tokens=req.output_len, ignore_eos=True)
+            seq = Sequence(
+                f"r{req.index}",
+                prompts[sent],
+                opts,
+                tokenizer,
+                _sink(record, clock, bar),
+                adapters[sent],
+            )
+            try:
+                engine.add(seq)
+            except ServiceError as exc:
+                record.error, record.finish_s = f"{type(exc).__name__}: {exc}", now
+            sent += 1
+        if engine.has_work():
+            engine.step()
+            timeline.add(clock(), engine.pool.stats())
+        elif sent < len(requests):
+            time.sleep(max(0.0, requests[sent].arrival_s - clock()))
+    duration = clock()
+    _cut_off(engine, records, sent)
+    bar.close()
+    return records, duration, timeline
+
+
+def _cut_off(engine: Engine, records: list[RequestRecord], sent: int) -> None:
+    """After a timeout: abort what still runs or waits, and mark what was never sent."""
+    for seq in [*engine.scheduler.running, *engine.scheduler.waiting]:
+        engine.abort(seq.request_id)
+    for record in records[sent:]:
+        record.error = "not sent before the run's timeout"
+
+
+def warm_up(engine: Engine, adapters: list[CanonicalAdapter], prompt_lens: tuple[int, ...]) -> None:
+    """Serve a few requests (each adapter given, each prompt length) before the timed run, so
+    that kernel compilation and first-call costs stay out of it; then forget them: their
+    adapters leave the pool and the cache counters start from zero."""
+    prompts = [[3 + i % 256 for i in range(n)] for _ in adapters for n in prompt_lens]
+    chosen: list[CanonicalAdapter | None] = [a for a in adapters for _ in prompt_lens]
+    options = [SamplingOptions(max_new_tokens=4, ignore_eos=True)] * len(prompts)
+    tokenizer = ByteTokenizer(engine.config.vocab_size)
+    generate_offline(engine, tokenizer, prompts, options, chosen)
+    manager = engine.adapters
+    manager.evict_until_free(engine.pool.num_slots)  # more than can be free: evicts them all
+    manager.hits = manager.misses = manager.evictions = manager.loads = 0

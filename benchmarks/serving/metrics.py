@@ -1,0 +1,117 @@
+"""What a serving run measures: per-request timings, pool usage over time, and their summary.
+
+Times are seconds from the run's start (the trace's time 0). A request's latency and time to
+first token count from its *scheduled* arrival in the trace, so time a busy replay loop takes
+to get to it counts as queueing, as it would for a real client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from services.gpu_worker.memory_pool import PoolStats
+
+
+@dataclass
+class RequestRecord:
+    index: int
+    adapter: int
+    arrival_s: float
+    output_len: int  # tokens the trace asks for
+    first_token_s: float | None = None
+    finish_s: float | None = None
+    tokens: int = 0  # tokens received
+    error: str = ""
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_s is not None and not self.error
+
+    def on_tokens(self, now: float, count: int) -> None:
+        if count and self.first_token_s is None:
+            self.first_token_s = now
+        self.tokens += count
+
+
+@dataclass
+class PoolTimeline:
+    """Pool occupancy sampled during a run (every engine step in-process)."""
+
+    times: list[float] = field(default_factory=list)
+    kv_slots: list[int] = field(default_factory=list)
+    adapter_slots: list[int] = field(default_factory=list)
+    total_slots: int = 0
+
+    def add(self, now: float, stats: PoolStats) -> None:
+        self.times.append(now)
+        self.kv_slots.append(stats.kv_slots)
+        self.adapter_slots.append(stats.adapter_slots)
+        self.total_slots = stats.total_slots
+
+    def summary(self, max_points: int = 100) -> dict[str, Any]:
+        if not self.times:
+            return {}
+        used = np.array(self.kv_slots) + np.array(self.adapter_slots)
+        # Keep at most max_points evenly spaced samples so result lines stay small.
+        keep = np.unique(np.linspace(0, len(self.times) - 1, max_points).astype(int))
+        return {
+            "total_slots": self.total_slots,
+            "samples": len(self.times),
+            "peak_used_frac": float(used.max() / self.total_slots),
+            "mean_used_frac": float(used.mean() / self.total_slots),
+            "peak_kv_slots": int(max(self.kv_slots)),
+            "peak_adapter_slots": int(max(self.adapter_slots)),
+            "timeline": [
+                [round(self.times[i], 3), self.kv_slots[i], self.adapter_slots[i]] for i in keep
+            ],
+        }
+
+
+def _stats(values: list[float], prefix: str) -> dict[str, float | None]:
+    if not values:
+        return {f"avg_{prefix}": None, f"p50_{prefix}": None, f"p99_{prefix}": None}
+    arr = np.array(values)
+    return {
+        f"avg_{prefix}": float(arr.mean()),
+        f"p50_{prefix}": float(np.percentile(arr, 50)),
+        f"p99_{prefix}": float(np.percentile(arr, 99)),
+    }
+
+
+def summarize(
+    records: list[RequestRecord],
+    duration_s: float,
+    slo_s: float,
+    hits: int | None = None,
+    misses: int | None = None,
+) -> dict[str, Any]:
+    """Throughput over `duration_s` (run start to end), latency and TTFT of finished
+    requests, SLO attainment over all requests (a failed one misses it), cache hit rate."""
+    done = [r for r in records if r.finished]
+    ttfts = [r.first_token_s - r.arrival_s for r in records if r.first_token_s is not None]
+    in_slo = sum(
+        1
+        for r in records
+        if r.first_token_s is not None and not r.error and r.first_token_s - r.arrival_s <= slo_s
+    )
+    lookups = (hits or 0) + (misses or 0)
+    return {
+        "num_requests": len(records),
+        "finished": len(done),
+        "failed": len(records) - len(done),
+        "errors": sorted({r.error for r in records if r.error})[:5],
+        "duration_s": duration_s,
+        "tokens": sum(r.tokens for r in records),
+        "throughput_req_s": len(done) / duration_s if duration_s > 0 else 0.0,
+        "throughput_tok_s": sum(r.tokens for r in records) / duration_s if duration_s > 0 else 0.0,
+        **_stats([r.finish_s - r.arrival_s for r in done if r.finish_s is not None], "latency_s"),
+        **_stats(ttfts, "ttft_s"),
+        "slo_s": slo_s,
+        "slo_attainment": in_slo / len(records) if records else None,
+        "cache_hits": hits,
+        "cache_misses": misses,
+        "cache_hit_rate": hits / lookups if hits is not None and lookups else None,
+    }

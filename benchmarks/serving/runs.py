@@ -1,0 +1,195 @@
+"""One benchmark run per function: a trace served one way, summarized as one result dict."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from benchmarks.serving import grpc_replay, grpc_stack, hf_peft, inprocess
+from benchmarks.serving.engine_setup import (
+    EngineSettings,
+    EngineVariant,
+    build_engine,
+    build_model,
+    free_device_memory,
+    model_dtype,
+)
+from benchmarks.serving.metrics import PoolTimeline, RequestRecord, summarize
+from benchmarks.synthetic_adapters import AdapterBank
+from benchmarks.workload import Trace, TraceRequest
+from services.common.lora_format import CanonicalAdapter
+from services.gpu_worker.model import LlamaForCausalLM
+from services.gpu_worker.server import Worker
+
+
+@dataclass
+class RunOptions:
+    device: torch.device
+    settings: EngineSettings = field(default_factory=EngineSettings)
+    slo_s: float = 6.0
+    timeout_s: float | None = None
+    progress: bool = True
+    distinct_weights: int = 8
+    peft_batch: int = 8
+
+
+def settings_for(options: RunOptions, trace: Trace) -> EngineSettings:
+    """The engine's max rank is the trace's largest unless given: the bmm baseline pads to it
+    inside CUDA graphs, so a larger one would tax it for ranks nobody uses."""
+    if options.settings.max_rank:
+        return options.settings
+    return dataclasses.replace(options.settings, max_rank=max(trace.params.ranks))
+
+
+def describe(mode: str, variant: str, trace: Trace, options: RunOptions) -> dict[str, Any]:
+    p = trace.params
+    return {
+        "date": time.strftime("%F %T"),
+        "device": device_name(options.device),
+        "mode": mode,
+        "variant": variant,
+        "preset": p.preset,
+        "model": p.model,
+        "num_adapters": p.num_adapters,
+        "ranks": list(p.ranks),
+        "alpha": p.alpha,
+        "rate": p.rate,
+        "cv": p.cv,
+        "trace_duration_s": p.duration_s,
+        "prompt_range": list(p.prompt_range),
+        "output_range": list(p.output_range),
+        "seed": p.seed,
+        "max_num_seqs": options.settings.max_num_seqs,
+    }
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def result(
+    info: dict[str, Any],
+    records: list[RequestRecord],
+    duration: float,
+    options: RunOptions,
+    hits: int | None = None,
+    misses: int | None = None,
+    pool: PoolTimeline | None = None,
+) -> dict[str, Any]:
+    summary = summarize(records, duration, options.slo_s, hits, misses)
+    return {**info, **summary, "pool": pool.summary() if pool else {}}
+
+
+class InProcess:
+    """In-process runs; keeps the model and the adapters between runs of one process."""
+
+    def __init__(self, options: RunOptions):
+        self.options = options
+        self._models: dict[str, LlamaForCausalLM] = {}
+        self._banks: dict[tuple[str, tuple[int, ...]], AdapterBank] = {}
+
+    def model(self, preset: str) -> LlamaForCausalLM:
+        if preset not in self._models:
+            self._models.clear()
+            free_device_memory()
+            self._models[preset] = build_model(preset, self.options.device)
+        return self._models[preset]
+
+    def adapters(self, trace: Trace) -> AdapterBank:
+        p = trace.params
+        key = (p.model, p.ranks)
+        if key not in self._banks:
+            self._banks.clear()
+            model = self.model(p.model)
+            self._banks[key] = AdapterBank(
+                model.config.shape,
+                p.rank_of,
+                model_dtype(self.options.device),
+                self.options.device,
+                self.options.distinct_weights,
+            )
+        return self._banks[key]
+
+    def run(self, trace: Trace, variant: EngineVariant) -> dict[str, Any]:
+        bank = self.adapters(trace)
+
+        def adapter_for(req: TraceRequest) -> CanonicalAdapter:
+            return bank.adapter(req.adapter, req.adapter_id)
+
+        engine = build_engine(
+            self.model(trace.params.model), variant, settings_for(self.options, trace)
+        )
+        p = trace.params
+        # Adapters past the trace's indices: one of each rank, never requested by the trace.
+        extra = [bank.adapter(p.num_adapters + k, f"warmup-{k}") for k in range(len(p.ranks))]
+        try:
+            inprocess.warm_up(engine, extra, p.prompt_range)
+            records, duration, pool = inprocess.replay(
+                engine, trace, adapter_for, self.options.timeout_s, self.options.progress
+            )
+            hits, misses = engine.adapters.hits, engine.adapters.misses
+        finally:
+            del engine
+            free_device_memory()
+        info = describe("inprocess", variant.label, trace, self.options)
+        return result(info, records, duration, self.options, hits, misses, pool)
+
+    def release(self) -> None:
+        self._models.clear()
+        self._banks.clear()
+        free_device_memory()
+
+
+def run_hf_peft(trace: Trace, options: RunOptions) -> dict[str, Any]:
+    """HF PEFT with every adapter the trace uses loaded (static batching, see hf_peft)."""
+    ranks = {r.adapter: r.rank for r in trace.requests}
+    model = hf_peft.build_peft_model(trace.params.model, ranks, options.device)
+    try:
+        records, duration = hf_peft.replay(
+            model, trace, options.peft_batch, options.timeout_s, options.progress
+        )
+    finally:
+        del model
+        free_device_memory()
+    return result(describe("inprocess", "hf-peft", trace, options), records, duration, options)
+
+
+async def run_grpc(
+    trace: Trace, variant: EngineVariant, store_target: str, options: RunOptions
+) -> dict[str, Any]:
+    """A fresh worker and router on the store; the trace through the router."""
+    settings = settings_for(options, trace)
+    device = options.device.type
+    model = trace.params.model
+    async with grpc_stack.worker_and_router(
+        store_target, model, device, variant, settings
+    ) as stack:
+        warmup = [name for name, _ in grpc_stack.warmup_adapters(trace.params)]
+        await grpc_replay.warm_up(stack.router_target, warmup, trace.params.prompt_range)
+        adapters = stack.worker.loop.engine.adapters
+        hits0, misses0 = adapters.hits, adapters.misses  # the warm-up's, left out
+        pool = PoolTimeline()
+        probe = _pool_probe(stack.worker, pool)
+        records, duration = await grpc_replay.replay(
+            stack.router_target, trace, options.timeout_s, options.progress, probe
+        )
+        hits, misses = adapters.hits - hits0, adapters.misses - misses0
+    free_device_memory()
+    info = describe("grpc", variant.label, trace, options)
+    return result(info, records, duration, options, hits, misses, pool)
+
+
+def _pool_probe(worker: Worker, pool: PoolTimeline) -> Any:
+    # Reads the engine thread's counters from the event loop: plain ints, a sample may be one
+    # step stale, which a timeline does not mind.
+    return lambda now: pool.add(now, worker.loop.engine.pool.stats())
+
+
+async def run_remote(trace: Trace, target: str, options: RunOptions) -> dict[str, Any]:
+    """The trace through an already-running router (no access to its workers' counters)."""
+    records, duration = await grpc_replay.replay(target, trace, options.timeout_s, options.progress)
+    return result(describe("grpc-remote", "remote", trace, options), records, duration, options)

@@ -1,0 +1,55 @@
+"""The serving benchmark through the whole stack (store, worker, router) on the CPU."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+from benchmarks import serving_bench, workload
+from benchmarks.workload import load
+from tests.e2e.stack import stack_at
+
+
+def test_grpc_mode_serves_every_request_with_its_token_count(tmp_path: Path) -> None:
+    trace_file = tmp_path / "trace.jsonl"
+    workload.main(
+        [*shlex.split("--preset tiny --rate 12 --duration 1.5 --seed 2 --out"), str(trace_file)]
+    )
+    trace = load(trace_file)
+    assert len(trace.requests) >= 10
+    out = tmp_path / "results.jsonl"
+    args = ["--trace", str(trace_file), "--mode", "grpc", "--no-progress", "--out", str(out)]
+    (row,) = serving_bench.main(args)
+    assert json.loads(out.read_text()) == row
+    assert row["mode"] == "grpc" and row["variant"] == "manylora"
+    assert row["num_requests"] == row["finished"] == len(trace.requests)
+    assert row["failed"] == 0 and row["errors"] == []
+    # Every stream ended with finish reason "length" (anything else counts as an error), and
+    # no stream can carry more than its max_new_tokens: so each got exactly its output_len.
+    assert row["tokens"] == sum(r.output_len for r in trace.requests)
+    assert row["avg_latency_s"] >= row["avg_ttft_s"] > 0
+    # The warm-up's requests are not counted; each trace request looks its adapter up once.
+    assert row["cache_hits"] + row["cache_misses"] == len(trace.requests)
+    assert row["pool"]["samples"] > 0
+
+
+async def test_target_drives_a_running_router_after_uploading_to_its_store(
+    tmp_path: Path,
+) -> None:
+    async for stack in stack_at(tmp_path):
+        await stack.start_store()
+        await stack.start_worker()
+        router = await stack.start_router()
+        cli = "--preset tiny --num-adapters 4 --rate 10 --duration 1 --no-progress"
+        targets = ["--target", f"127.0.0.1:{router.port}", "--store-target", stack.store_address]
+        out = ["--out", str(tmp_path / "r.jsonl")]
+        args = serving_bench.parse_args([*shlex.split(cli), *targets, *out])
+        results = serving_bench.Results(args.out)
+        traces = list(serving_bench.traces(args))
+        await serving_bench.run_against(traces, args, serving_bench.run_options(args), results)
+        (row,) = results.rows
+        assert row["mode"] == "grpc-remote"
+        assert row["num_requests"] == row["finished"] == len(traces[0].requests) > 0
+        assert row["tokens"] == sum(r.output_len for r in traces[0].requests)
+        assert row["cache_hit_rate"] is None and row["pool"] == {}

@@ -1,0 +1,96 @@
+"""The serving benchmark in-process on the CPU with the tiny dummy model: short traces."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import serving_bench
+from benchmarks.serving import inprocess
+from benchmarks.serving.engine_setup import EngineSettings, EngineVariant, build_engine, build_model
+from benchmarks.synthetic_adapters import AdapterBank
+from benchmarks.workload import PRESETS, Trace, TraceRequest, generate
+from services.common.lora_format import CanonicalAdapter
+
+# About 20 requests over 1.4 s for 10 adapters of ranks 8 and 16.
+TRACE_ARGS = shlex.split("--preset tiny --rate 15 --duration 1.4 --seed 1 --no-progress")
+
+
+@pytest.fixture(scope="module")
+def trace() -> Trace:
+    params = dataclasses.replace(PRESETS["tiny"], rate=15.0, duration_s=1.4, seed=1)
+    trace = generate(params)
+    assert 15 <= len(trace.requests) <= 30
+    return trace
+
+
+def test_replay_finishes_every_request_and_times_it(trace: Trace) -> None:
+    device = torch.device("cpu")
+    model = build_model("tiny", device)
+    engine = build_engine(model, EngineVariant(), EngineSettings(max_rank=16))
+    bank = AdapterBank(model.config.shape, trace.params.rank_of, torch.float32, device)
+
+    def adapter_for(req: TraceRequest) -> CanonicalAdapter:
+        return bank.adapter(req.adapter, req.adapter_id)
+
+    records, duration, pool = inprocess.replay(engine, trace, adapter_for, progress=False)
+    assert len(records) == len(trace.requests)
+    for record, req in zip(records, trace.requests, strict=True):
+        assert record.finished, record.error
+        assert record.tokens == req.output_len
+        assert record.first_token_s is not None and record.finish_s is not None
+        assert req.arrival_s <= record.first_token_s <= record.finish_s <= duration
+    assert duration >= trace.requests[-1].arrival_s
+    assert pool.times and max(pool.kv_slots) > 0 and max(pool.adapter_slots) > 0
+    assert not engine.has_work()
+    assert engine.adapters.hits + engine.adapters.misses == len(records)
+
+
+def test_cli_runs_each_engine_variant_with_consistent_metrics(tmp_path: Path, trace: Trace) -> None:
+    out = tmp_path / "results.jsonl"
+    variants = "manylora,no-unified-pool,bmm"
+    rows = serving_bench.main([*TRACE_ARGS, "--variant", variants, "--out", str(out)])
+    assert [json.loads(line) for line in out.read_text().splitlines()] == rows
+    assert [r["variant"] for r in rows] == ["manylora", "no-unified-pool", "bmm"]
+    wanted = sum(r.output_len for r in trace.requests)
+    for row in rows:
+        assert row["mode"] == "inprocess"
+        assert row["num_requests"] == row["finished"] == len(trace.requests)
+        assert row["failed"] == 0 and row["errors"] == []
+        assert row["tokens"] == wanted
+        assert row["throughput_req_s"] == pytest.approx(row["finished"] / row["duration_s"])
+        assert row["throughput_tok_s"] == pytest.approx(wanted / row["duration_s"])
+        assert row["duration_s"] >= trace.requests[-1].arrival_s
+        assert row["avg_latency_s"] >= row["avg_ttft_s"] >= 0
+        assert row["p99_latency_s"] >= row["p50_latency_s"] >= row["p50_ttft_s"] >= 0
+        assert row["p99_ttft_s"] >= row["p50_ttft_s"]
+        assert row["slo_attainment"] == 1.0  # TTFT well under 6 s on this tiny load
+        assert row["cache_hits"] + row["cache_misses"] == len(trace.requests)
+        assert 0 < row["pool"]["peak_used_frac"] <= 1
+        assert row["pool"]["peak_adapter_slots"] > 0
+
+
+def test_a_timeout_cuts_the_run_and_counts_what_did_not_finish(tmp_path: Path) -> None:
+    out = tmp_path / "r.jsonl"
+    args = shlex.split("--preset tiny --rate 40 --duration 3 --timeout 0.5 --no-progress")
+    (row,) = serving_bench.main([*args, "--out", str(out)])
+    assert 0.5 <= row["duration_s"] < 1.5
+    assert row["failed"] > 0 and row["finished"] + row["failed"] == row["num_requests"]
+    assert any("timeout" in e for e in row["errors"])
+    assert row["slo_attainment"] <= row["finished"] / row["num_requests"] + 1e-9
+
+
+def test_a_sweep_runs_every_combination_on_repeatable_traces(tmp_path: Path) -> None:
+    args = shlex.split("--preset tiny --duration 0.6 --num-adapters 2,50 --rate 8,16 --no-progress")
+    rows = serving_bench.main([*args, "--out", str(tmp_path / "r.jsonl")])
+    combos = [(r["num_adapters"], r["rate"]) for r in rows]
+    assert combos == [(2, 8.0), (2, 16.0), (50, 8.0), (50, 16.0)]
+    assert all(r["failed"] == 0 for r in rows)
+    # Same seed: arrivals depend only on the rate, so both adapter counts see the same ones.
+    assert rows[0]["num_requests"] == rows[2]["num_requests"]
+    assert rows[1]["num_requests"] == rows[3]["num_requests"]
