@@ -10,7 +10,6 @@ gives one "vs number of adapters" figure per rate.
 from __future__ import annotations
 
 import argparse
-import json
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +20,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on the device or in CI
 import matplotlib.pyplot as plt  # after use(): the backend is chosen first
 
+from benchmarks.serving.report import load_results
+
 SWEPT = ("preset", "num_adapters", "rate", "alpha", "cv")
 PANELS = (
     ("throughput_req_s", "throughput (req/s)"),
@@ -28,13 +29,6 @@ PANELS = (
     ("p99_ttft_s", "p99 time to first token (s)"),
 )
 X_LABELS = {"num_adapters": "number of adapters", "rate": "arrival rate (req/s)"}
-
-
-def load_results(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    for path in paths:
-        rows += [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    return rows
 
 
 def series_name(row: dict[str, Any]) -> str:

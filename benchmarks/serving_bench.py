@@ -273,7 +273,7 @@ async def run_against(
                 options.progress,
             )
     for trace in all_traces:
-        results.add(await run_remote(trace, args.target, options))
+        results.add(await run_remote(trace, args.target, options, bool(args.store_target)))
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:

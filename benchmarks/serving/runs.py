@@ -189,7 +189,13 @@ def _pool_probe(worker: Worker, pool: PoolTimeline) -> Any:
     return lambda now: pool.add(now, worker.loop.engine.pool.stats())
 
 
-async def run_remote(trace: Trace, target: str, options: RunOptions) -> dict[str, Any]:
-    """The trace through an already-running router (no access to its workers' counters)."""
+async def run_remote(
+    trace: Trace, target: str, options: RunOptions, warm_up: bool = False
+) -> dict[str, Any]:
+    """The trace through an already-running router (no access to its workers' counters);
+    `warm_up` when its store holds the warm-up adapters (uploaded by this benchmark)."""
+    if warm_up:
+        warmup = [name for name, _ in grpc_stack.warmup_adapters(trace.params)]
+        await grpc_replay.warm_up(target, warmup, trace.params.prompt_range)
     records, duration = await grpc_replay.replay(target, trace, options.timeout_s, options.progress)
     return result(describe("grpc-remote", "remote", trace, options), records, duration, options)
