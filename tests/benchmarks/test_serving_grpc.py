@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 from benchmarks import serving_bench, workload
 from benchmarks.workload import load
+from services.common.grpc_server import free_port
 from tests.e2e.stack import stack_at
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_grpc_mode_serves_every_request_with_its_token_count(tmp_path: Path) -> None:
@@ -53,3 +59,29 @@ async def test_target_drives_a_running_router_after_uploading_to_its_store(
         assert row["num_requests"] == row["finished"] == len(traces[0].requests) > 0
         assert row["tokens"] == sum(r.output_len for r in traces[0].requests)
         assert row["cache_hit_rate"] is None and row["pool"] == {}
+
+
+def test_separate_processes_script_serves_the_trace(tmp_path: Path) -> None:
+    out = tmp_path / "r.jsonl"
+    ports = {name: str(free_port()) for name in ("STORE_PORT", "WORKER_PORT", "ROUTER_PORT")}
+    env = {
+        **os.environ,
+        **ports,
+        "PYTHON": sys.executable,
+        "WORKER_ARGS": "--max-rank 16",
+        "PYTHONPATH": os.pathsep.join([".", "protos"]),
+    }
+    script = "benchmarks/serving/separate_processes.sh"
+    cli = ["--preset", "tiny", "--duration", "1", "--no-progress", "--out", str(out)]
+    done = subprocess.run(
+        ["bash", script, "tiny", "cpu", *cli],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["mode"] == "grpc-remote"
+    assert row["num_requests"] == row["finished"] > 0 and row["failed"] == 0
