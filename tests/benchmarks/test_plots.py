@@ -6,6 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+pytest.importorskip("matplotlib")  # not a project dependency yet
+
 from benchmarks import plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

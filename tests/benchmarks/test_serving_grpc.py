@@ -25,7 +25,8 @@ def test_grpc_mode_serves_every_request_with_its_token_count(tmp_path: Path) -> 
     trace = load(trace_file)
     assert len(trace.requests) >= 10
     out = tmp_path / "results.jsonl"
-    args = ["--trace", str(trace_file), "--mode", "grpc", "--no-progress", "--out", str(out)]
+    args = ["--trace", str(trace_file), "--mode", "grpc", "--device", "cpu", "--no-progress"]
+    args += ["--out", str(out)]
     (row,) = serving_bench.main(args)
     assert json.loads(out.read_text()) == row
     assert row["mode"] == "grpc" and row["variant"] == "manylora"
@@ -47,7 +48,7 @@ async def test_target_drives_a_running_router_after_uploading_to_its_store(
         await stack.start_store()
         await stack.start_worker()
         router = await stack.start_router()
-        cli = "--preset tiny --num-adapters 4 --rate 10 --duration 1 --no-progress"
+        cli = "--preset tiny --num-adapters 4 --rate 10 --duration 1 --no-progress --device cpu"
         targets = ["--target", f"127.0.0.1:{router.port}", "--store-target", stack.store_address]
         out = ["--out", str(tmp_path / "r.jsonl")]
         args = serving_bench.parse_args([*shlex.split(cli), *targets, *out])
@@ -72,7 +73,8 @@ def test_separate_processes_script_serves_the_trace(tmp_path: Path) -> None:
         "PYTHONPATH": os.pathsep.join([".", "protos"]),
     }
     script = "benchmarks/serving/separate_processes.sh"
-    cli = ["--preset", "tiny", "--duration", "1", "--no-progress", "--out", str(out)]
+    cli = ["--preset", "tiny", "--duration", "1", "--no-progress", "--device", "cpu"]
+    cli += ["--out", str(out)]
     done = subprocess.run(
         ["bash", script, "tiny", "cpu", *cli],
         env=env,

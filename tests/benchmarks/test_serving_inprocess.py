@@ -17,8 +17,11 @@ from benchmarks.synthetic_adapters import AdapterBank
 from benchmarks.workload import PRESETS, Trace, TraceRequest, generate
 from services.common.lora_format import CanonicalAdapter
 
-# About 20 requests over 1.4 s for 10 adapters of ranks 8 and 16.
-TRACE_ARGS = shlex.split("--preset tiny --rate 15 --duration 1.4 --seed 1 --no-progress")
+# About 20 requests over 1.4 s for 10 adapters of ranks 8 and 16; on the CPU also where a GPU
+# is present (the device runs the CPU suite too).
+TRACE_ARGS = shlex.split(
+    "--preset tiny --rate 15 --duration 1.4 --seed 1 --no-progress --device cpu"
+)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +80,9 @@ def test_cli_runs_each_engine_variant_with_consistent_metrics(tmp_path: Path, tr
 
 def test_a_timeout_cuts_the_run_and_counts_what_did_not_finish(tmp_path: Path) -> None:
     out = tmp_path / "r.jsonl"
-    args = shlex.split("--preset tiny --rate 40 --duration 3 --timeout 0.5 --no-progress")
+    args = shlex.split(
+        "--preset tiny --rate 40 --duration 3 --timeout 0.5 --no-progress --device cpu"
+    )
     (row,) = serving_bench.main([*args, "--out", str(out)])
     assert 0.5 <= row["duration_s"] < 1.5
     assert row["failed"] > 0 and row["finished"] + row["failed"] == row["num_requests"]
@@ -86,7 +91,9 @@ def test_a_timeout_cuts_the_run_and_counts_what_did_not_finish(tmp_path: Path) -
 
 
 def test_a_sweep_runs_every_combination_on_repeatable_traces(tmp_path: Path) -> None:
-    args = shlex.split("--preset tiny --duration 0.6 --num-adapters 2,50 --rate 8,16 --no-progress")
+    args = shlex.split(
+        "--preset tiny --duration 0.6 --num-adapters 2,50 --rate 8,16 --no-progress --device cpu"
+    )
     rows = serving_bench.main([*args, "--out", str(tmp_path / "r.jsonl")])
     combos = [(r["num_adapters"], r["rate"]) for r in rows]
     assert combos == [(2, 8.0), (2, 16.0), (50, 8.0), (50, 16.0)]
