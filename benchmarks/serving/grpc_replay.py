@@ -83,8 +83,8 @@ async def replay(
         # At the timeout wait_for cancels the calls still going; their records say so.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(launch(client, bar), timeout_s)
+        duration = clock()
     bar.close()
-    duration = clock()
     sampler.cancel()
     for record in records:
         if record.finish_s is None:

@@ -88,7 +88,8 @@ def replay(
             engine.step()
             timeline.add(clock(), engine.pool.stats())
         elif sent < len(requests):
-            time.sleep(max(0.0, requests[sent].arrival_s - clock()))
+            wake = min(requests[sent].arrival_s, timeout_s or float("inf"))
+            time.sleep(max(0.0, wake - clock()))
     duration = clock()
     _cut_off(engine, records, sent)
     bar.close()

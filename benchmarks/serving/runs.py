@@ -149,6 +149,7 @@ def run_hf_peft(trace: Trace, options: RunOptions) -> dict[str, Any]:
     ranks = {r.adapter: r.rank for r in trace.requests}
     model = hf_peft.build_peft_model(trace.params.model, ranks, options.device)
     try:
+        hf_peft.warm_up(model, sorted(ranks)[:2])
         records, duration = hf_peft.replay(
             model, trace, options.peft_batch, options.timeout_s, options.progress
         )
