@@ -79,6 +79,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--target", help="host:port of a running router to drive (mode grpc-remote)")
     p.add_argument("--store-target", help="with --target: upload the adapters to this store")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
+    p.add_argument(
+        "--max-upload-gb",
+        type=float,
+        default=20.0,
+        help="refuse gRPC runs whose adapter files would be larger",
+    )
     p.add_argument("--slo", type=float, default=6.0, help="time-to-first-token bound, seconds")
     p.add_argument("--timeout", type=float, help="cut each run off after this many seconds")
     p.add_argument("--max-num-seqs", type=int, default=64)
@@ -229,6 +235,22 @@ def run_inprocess(
     runner.release()
 
 
+def adapters_to_upload(
+    all_traces: list[workload.Trace], limit_gb: float
+) -> tuple[str, list[tuple[str, int]]]:
+    """The model and the (id, rank) list of the sweep's largest trace; refuses (SystemExit)
+    when their files would pass `limit_gb` (the store writes each one to disk)."""
+    most = max(all_traces, key=lambda t: t.params.num_adapters).params
+    named = grpc_stack.bench_adapters(most)
+    size = grpc_stack.upload_bytes(most.model, named) / 1e9
+    if size > limit_gb:
+        raise SystemExit(
+            f"uploading {len(named)} adapters would write {size:.0f} GB to the store "
+            f"(over --max-upload-gb {limit_gb:g}); use fewer adapters or smaller ranks"
+        )
+    return most.model, named
+
+
 async def run_grpc_mode(
     all_traces: list[workload.Trace],
     args: argparse.Namespace,
@@ -236,14 +258,13 @@ async def run_grpc_mode(
     results: Results,
 ) -> None:
     """One store with every adapter the largest trace names; per run a fresh worker+router."""
-    most = max(all_traces, key=lambda t: t.params.num_adapters).params
+    model, named = adapters_to_upload(all_traces, args.max_upload_gb)
     with tempfile.TemporaryDirectory(prefix="manylora-bench-") as tmp:
-        async with grpc_stack.store_at(Path(tmp) / "store", most.model, 128) as store:
+        async with grpc_stack.store_at(Path(tmp) / "store", model, 128) as store:
             target = f"127.0.0.1:{store.port}"
-            named = grpc_stack.bench_adapters(most)
             await grpc_stack.upload_adapters(
                 target,
-                most.model,
+                model,
                 named,
                 Path(tmp) / "peft",
                 options.distinct_weights,
@@ -261,12 +282,11 @@ async def run_against(
     results: Results,
 ) -> None:
     if args.store_target:
-        most = max(all_traces, key=lambda t: t.params.num_adapters).params
+        model, named = adapters_to_upload(all_traces, args.max_upload_gb)
         with tempfile.TemporaryDirectory(prefix="manylora-bench-") as tmp:
-            named = grpc_stack.bench_adapters(most)
             await grpc_stack.upload_adapters(
                 args.store_target,
-                most.model,
+                model,
                 named,
                 Path(tmp),
                 options.distinct_weights,

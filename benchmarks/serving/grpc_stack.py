@@ -22,7 +22,7 @@ from manylora.v1 import adapter_store_pb2
 from manylora.v1.adapter_store_pb2_grpc import AdapterStoreStub
 from services.adapter_store.config import AdapterStoreConfig
 from services.adapter_store.server import StoreServer, start_store_server
-from services.common.base_model import BaseModelShape, load_hf_config
+from services.common.base_model import TARGET_MODULES, BaseModelShape, load_hf_config
 from services.common.grpc_server import SERVER_OPTIONS
 from services.common.peft_adapter import CONFIG_FILE, WEIGHTS_FILE
 from services.gpu_worker.config import WorkerConfig
@@ -58,6 +58,13 @@ def bench_adapters(params: WorkloadParams) -> list[tuple[str, int]]:
 def warmup_adapters(params: WorkloadParams) -> list[tuple[str, int]]:
     """One adapter of each rank that no trace requests: runs warm up on those."""
     return [(f"warmup-r{rank}", rank) for rank in sorted(set(params.ranks))]
+
+
+def upload_bytes(model: str, adapters: list[tuple[str, int]]) -> int:
+    """Bytes the store will hold for `adapters`: fp32 A and B of q/k/v/o in every layer."""
+    shape = BaseModelShape.from_hf_config(load_hf_config(model))
+    per_rank = sum(sum(shape.proj_dims(p)) for p in TARGET_MODULES) * shape.num_layers * 4
+    return sum(rank * per_rank for _, rank in adapters)
 
 
 async def upload_adapters(

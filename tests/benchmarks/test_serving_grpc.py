@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from benchmarks import serving_bench, workload
 from benchmarks.workload import load
 from services.common.grpc_server import free_port
@@ -87,3 +89,9 @@ def test_separate_processes_script_serves_the_trace(tmp_path: Path) -> None:
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert row["mode"] == "grpc-remote"
     assert row["num_requests"] == row["finished"] > 0 and row["failed"] == 0
+
+
+def test_grpc_mode_refuses_adapter_files_too_large_for_the_disk(tmp_path: Path) -> None:
+    cli = "--preset S1 --num-adapters 1000 --mode grpc --max-upload-gb 20 --device cpu"
+    with pytest.raises(SystemExit, match="would write 34 GB"):
+        serving_bench.main([*shlex.split(cli), "--out", str(tmp_path / "r.jsonl")])
