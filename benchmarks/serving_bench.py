@@ -26,91 +26,21 @@ import dataclasses
 import json
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from itertools import product
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from benchmarks import workload
 from benchmarks.serving import grpc_stack
-from benchmarks.serving.engine_setup import EngineSettings, EngineVariant, resolve_device
+from benchmarks.serving.options import engine_variants, run_options
+from benchmarks.serving.options import parse_args as _parse_args
 from benchmarks.serving.runs import InProcess, RunOptions, run_grpc, run_hf_peft, run_remote
 from services.common.logging import setup_logging
 
-ENGINE_VARIANTS = {
-    "manylora": EngineVariant(),
-    "no-unified-pool": EngineVariant(unified_pool=False),
-    "bmm": EngineVariant(lora_backend="bmm"),
-}
-MODES = ("inprocess", "grpc")
-T = TypeVar("T")
-
-
-def _list_of(kind: Callable[[str], T]) -> Callable[[str], list[T]]:
-    return lambda text: [kind(x) for x in text.split(",") if x]
-
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks.serving_bench",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--preset", choices=sorted(workload.PRESETS), default="S1")
-    p.add_argument("--model", help="dummy model preset (default: the workload preset's)")
-    p.add_argument("--trace", help="a saved trace (JSON lines) instead of generated ones")
-    p.add_argument("--num-adapters", type=_list_of(int), help="list, e.g. 5,100,1000,2000")
-    p.add_argument("--rate", type=_list_of(float), help="requests/s, list")
-    p.add_argument("--alpha", type=_list_of(float), help="popularity exponent, list")
-    p.add_argument("--cv", type=_list_of(float), help="arrival coefficient of variation, list")
-    p.add_argument("--duration", type=float, help="seconds of arrivals per trace")
-    p.add_argument("--prompt-range", type=workload.int_pair, help="LOW,HIGH")
-    p.add_argument("--output-range", type=workload.int_pair, help="LOW,HIGH")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mode", type=_list_of(str), default=["inprocess"], help="inprocess,grpc")
-    p.add_argument(
-        "--variant",
-        type=_list_of(str),
-        default=["manylora"],
-        help="manylora,no-unified-pool,bmm,hf-peft",
-    )
-    p.add_argument("--no-unified-pool", action="store_true", help="every engine variant split")
-    p.add_argument("--lora-backend", choices=("kernels", "bmm"), help="every engine variant's")
-    p.add_argument("--target", help="host:port of a running router to drive (mode grpc-remote)")
-    p.add_argument("--store-target", help="with --target: upload the adapters to this store")
-    p.add_argument("--device", default="auto", help="cuda, cpu or auto")
-    p.add_argument(
-        "--max-upload-gb",
-        type=float,
-        default=20.0,
-        help="refuse gRPC runs whose adapter files would be larger",
-    )
-    p.add_argument("--slo", type=float, default=6.0, help="time-to-first-token bound, seconds")
-    p.add_argument("--timeout", type=float, help="cut each run off after this many seconds")
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-loras", type=int, default=512)
-    p.add_argument("--max-rank", type=int, default=0, help="0: the trace's largest rank")
-    p.add_argument("--pool-slots", type=int, default=0, help="0: sized from free memory")
-    p.add_argument("--gpu-memory-fraction", type=float, default=0.85)
-    p.add_argument("--adapter-region-fraction", type=float, default=0.25)
-    p.add_argument("--no-cuda-graphs", action="store_true")
-    p.add_argument(
-        "--distinct-weights",
-        type=int,
-        default=8,
-        help="random weight sets per rank that adapters share",
-    )
-    p.add_argument("--peft-batch", type=int, default=8, help="HF PEFT's static batch size")
-    p.add_argument("--out", required=True, help="JSON-lines file the results are appended to")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    for mode in args.mode:
-        if mode not in MODES:
-            p.error(f"--mode {mode!r}: not one of {', '.join(MODES)}")
-    for name in args.variant:
-        if name not in (*ENGINE_VARIANTS, "hf-peft"):
-            p.error(f"--variant {name!r}: not one of {', '.join(ENGINE_VARIANTS)}, hf-peft")
-    return args
+    return _parse_args(argv, __doc__ or "")
 
 
 def traces(args: argparse.Namespace) -> Iterator[workload.Trace]:
@@ -136,41 +66,6 @@ def traces(args: argparse.Namespace) -> Iterator[workload.Trace]:
     for n, rate, alpha, cv in product(*lists):
         params = dataclasses.replace(base, num_adapters=n, rate=rate, alpha=alpha, cv=cv)
         yield workload.generate(params)
-
-
-def engine_variants(args: argparse.Namespace) -> list[EngineVariant]:
-    chosen: list[EngineVariant] = []
-    for name in args.variant:
-        if name in ENGINE_VARIANTS:
-            v = ENGINE_VARIANTS[name]
-            if args.no_unified_pool:
-                v = dataclasses.replace(v, unified_pool=False)
-            if args.lora_backend:
-                v = dataclasses.replace(v, lora_backend=args.lora_backend)
-            if v not in chosen:
-                chosen.append(v)
-    return chosen
-
-
-def run_options(args: argparse.Namespace) -> RunOptions:
-    settings = EngineSettings(
-        max_num_seqs=args.max_num_seqs,
-        max_loras=args.max_loras,
-        max_rank=args.max_rank,
-        pool_slots=args.pool_slots,
-        gpu_memory_fraction=args.gpu_memory_fraction,
-        adapter_region_fraction=args.adapter_region_fraction,
-        cuda_graphs=not args.no_cuda_graphs,
-    )
-    return RunOptions(
-        resolve_device(args.device),
-        settings,
-        args.slo,
-        args.timeout,
-        not args.no_progress,
-        args.distinct_weights,
-        args.peft_batch,
-    )
 
 
 def git_commit() -> str:

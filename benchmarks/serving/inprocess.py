@@ -42,6 +42,24 @@ def _sink(
     return on_output
 
 
+def _submit(
+    engine: Engine,
+    req: TraceRequest,
+    prompt: list[int],
+    adapter: CanonicalAdapter | None,
+    sink: Callable[[StepOutput], None],
+    now: float,
+) -> None:
+    """Add one request; a refusal ends it at once, as an error."""
+    opts = SamplingOptions(max_new_tokens=req.output_len, ignore_eos=True)
+    tokenizer = ByteTokenizer(engine.config.vocab_size)
+    try:
+        engine.add(Sequence(f"r{req.index}", prompt, opts, tokenizer, sink, adapter))
+    except ServiceError as exc:
+        out = StepOutput(f"r{req.index}", [], "", [], FinishReason.ABORTED, error=exc)
+        sink(out)
+
+
 def replay(
     engine: Engine,
     trace: Trace,
@@ -56,7 +74,6 @@ def replay(
     adapters = [adapter_for(r) for r in requests]  # built before the clock starts
     records = [RequestRecord(r.index, r.adapter, r.arrival_s, r.output_len) for r in requests]
     timeline = PoolTimeline()
-    tokenizer = ByteTokenizer(engine.config.vocab_size)
     start = time.perf_counter()
 
     def clock() -> float:
@@ -69,20 +86,8 @@ def replay(
         if timeout_s is not None and now > timeout_s:
             break
         while sent < len(requests) and requests[sent].arrival_s <= now:
-            req, record = requests[sent], records[sent]
-            opts = SamplingOptions(max_new_tokens=req.output_len, ignore_eos=True)
-            seq = Sequence(
-                f"r{req.index}",
-                prompts[sent],
-                opts,
-                tokenizer,
-                _sink(record, clock, bar),
-                adapters[sent],
-            )
-            try:
-                engine.add(seq)
-            except ServiceError as exc:
-                record.error, record.finish_s = f"{type(exc).__name__}: {exc}", now
+            sink = _sink(records[sent], clock, bar)
+            _submit(engine, requests[sent], prompts[sent], adapters[sent], sink, now)
             sent += 1
         if engine.has_work():
             engine.step()

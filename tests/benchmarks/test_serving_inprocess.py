@@ -101,3 +101,17 @@ def test_a_sweep_runs_every_combination_on_repeatable_traces(tmp_path: Path) -> 
     # Same seed: arrivals depend only on the rate, so both adapter counts see the same ones.
     assert rows[0]["num_requests"] == rows[2]["num_requests"]
     assert rows[1]["num_requests"] == rows[3]["num_requests"]
+
+
+def test_a_refused_request_fails_and_the_others_still_finish() -> None:
+    params = dataclasses.replace(PRESETS["tiny"], num_adapters=2)
+    # The second prompt is longer than the tiny model's context of 1024 tokens.
+    requests = [TraceRequest(i, 0.01 * i, i % 2, 8, n, 4) for i, n in enumerate((8, 2000, 9))]
+    engine = build_engine(
+        build_model("tiny", torch.device("cpu")), EngineVariant(), EngineSettings(max_rank=8)
+    )
+    records, _, _ = inprocess.replay(
+        engine, Trace(params, requests), lambda r: None, progress=False
+    )
+    assert [r.finished for r in records] == [True, False, True]
+    assert records[1].error.startswith("InvalidArgument") and records[1].tokens == 0
