@@ -72,7 +72,8 @@ def test_separate_processes_script_serves_the_trace(tmp_path: Path) -> None:
         **ports,
         "PYTHON": sys.executable,
         "WORKER_ARGS": "--max-rank 16",
-        "PYTHONPATH": os.pathsep.join([".", "protos"]),
+        # Keep what is already there: the device puts its carried wheels on the path.
+        "PYTHONPATH": os.pathsep.join([".", "protos", os.environ.get("PYTHONPATH", "")]),
     }
     script = "benchmarks/serving/separate_processes.sh"
     cli = ["--preset", "tiny", "--duration", "1", "--no-progress", "--device", "cpu"]
