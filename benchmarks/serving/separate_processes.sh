@@ -27,9 +27,9 @@ stop_all() {
 }
 trap stop_all EXIT
 
-wait_healthy() {  # the worker answers only once its model is built
+wait_healthy() {  # ADDRESS [SERVICE]; the worker answers only once its model is built
   for _ in $(seq 1 900); do
-    "$py" -m services.common.healthcheck "$1" --timeout 1 >/dev/null 2>&1 && return 0
+    "$py" -m services.common.healthcheck "$1" "${2:-}" --timeout 1 >/dev/null 2>&1 && return 0
     sleep 1
   done
   echo "$1 never became healthy" >&2
@@ -43,10 +43,12 @@ pids+=($!)
 "$py" -m services.gpu_worker --port "${worker#*:}" --model "$model" --dummy --device "$device" \
   --adapter-store "$store" --max-waiting $big --log-level WARNING ${WORKER_ARGS:-} &
 pids+=($!)
+wait_healthy "$store"
+wait_healthy "$worker"
+# The router polls its workers once as it starts: started after the worker is up, it routes
+# from the first request on.
 "$py" -m services.router --port "${router#*:}" --workers "$worker" --adapter-store "$store" \
   --max-running $big --max-queued $big --log-level WARNING &
 pids+=($!)
-wait_healthy "$store"
-wait_healthy "$worker"
-wait_healthy "$router"
+wait_healthy "$router" manylora.v1.Router  # serving once it sees a healthy worker
 "$py" -m benchmarks.serving_bench --target "$router" --store-target "$store" "$@"

