@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("matplotlib")  # not a project dependency yet
+pytest.importorskip("matplotlib")  # in the test extra; the device has none
 
 from benchmarks import plots
 
