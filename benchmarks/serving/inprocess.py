@@ -120,4 +120,4 @@ def warm_up(engine: Engine, adapters: list[CanonicalAdapter], prompt_lens: tuple
     generate_offline(engine, tokenizer, prompts, options, chosen)
     manager = engine.adapters
     manager.evict_until_free(engine.pool.num_slots)  # more than can be free: evicts them all
-    manager.hits = manager.misses = manager.evictions = manager.loads = 0
+    manager.reset_counters()

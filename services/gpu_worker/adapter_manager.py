@@ -42,6 +42,10 @@ class AdapterManager:
         self.device = pool.buffer.device
         self._resident: OrderedDict[int, ResidentAdapter] = OrderedDict()  # LRU first
         self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.reset_counters()
+
+    def reset_counters(self) -> None:
+        """Zero the hit, miss, eviction and load counts (benchmarks exclude their warm-up)."""
         self.hits = self.misses = self.evictions = self.loads = 0
 
     def slot_count(self, adapter: CanonicalAdapter) -> int:
