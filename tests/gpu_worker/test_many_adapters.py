@@ -17,6 +17,9 @@ from services.gpu_worker.sampling import SamplingOptions
 from services.gpu_worker.tokenizer import ByteTokenizer
 from tests.oracle import TINY_MHA, build_pair, greedy_oracle
 
+# The oracle loads and deletes one PEFT adapter at a time; PEFT warns on each delete.
+pytestmark = pytest.mark.filterwarnings("ignore:Adapter .* was active which is now deleted")
+
 NUM_ADAPTERS = 200
 NEW_TOKENS = 4
 
