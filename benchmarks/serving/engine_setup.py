@@ -14,8 +14,6 @@ from services.gpu_worker.model import LlamaForCausalLM
 from services.gpu_worker.model_config import ModelConfig
 from services.gpu_worker.weights import build_dummy_model
 
-CPU_POOL_SLOTS = 32768  # the worker's CPU default
-
 
 @dataclass(frozen=True)
 class EngineVariant:
@@ -37,7 +35,7 @@ class EngineSettings:
     max_num_seqs: int = 64
     max_loras: int = 512
     max_rank: int = 0  # 0: the trace's largest (see runs.settings_for)
-    pool_slots: int = 0  # 0: from gpu_memory_fraction on CUDA, CPU_POOL_SLOTS on the CPU
+    pool_slots: int = 0  # 0: sized as the worker sizes it (UnifiedMemoryPool.default_slots)
     gpu_memory_fraction: float = 0.85
     adapter_region_fraction: float = 0.25
     cuda_graphs: bool = True
@@ -62,15 +60,10 @@ def build_model(preset: str, device: torch.device, seed: int = 0) -> LlamaForCau
 def pool_slots(model: LlamaForCausalLM, settings: EngineSettings) -> int:
     if settings.pool_slots:
         return settings.pool_slots
-    device = model.lm_head.weight.device
-    if device.type != "cuda":
-        return CPU_POOL_SLOTS
-    config = model.config
-    free, _ = torch.cuda.mem_get_info(device)
-    budget = int(free * settings.gpu_memory_fraction)
+    config, weight = model.config, model.lm_head.weight
     width = config.num_kv_heads * config.head_dim
-    return UnifiedMemoryPool.slots_for_memory(
-        config.num_layers, width, model.lm_head.weight.dtype, budget
+    return UnifiedMemoryPool.default_slots(
+        config.num_layers, width, weight.dtype, weight.device, settings.gpu_memory_fraction
     )
 
 

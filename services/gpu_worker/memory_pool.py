@@ -17,6 +17,8 @@ import torch
 
 from services.gpu_worker.slot_allocator import SlotAllocator
 
+CPU_DEFAULT_SLOTS = 32768  # a laptop-sized pool when no GPU memory can be measured
+
 
 @dataclass(frozen=True)
 class PoolStats:
@@ -55,6 +57,16 @@ class UnifiedMemoryPool:
     def slots_for_memory(cls, num_layers: int, width: int, dtype: torch.dtype, nbytes: int) -> int:
         per_slot = num_layers * width * torch.empty((), dtype=dtype).element_size()
         return max(nbytes // per_slot, 0)
+
+    @classmethod
+    def default_slots(
+        cls, num_layers: int, width: int, dtype: torch.dtype, device: torch.device, fraction: float
+    ) -> int:
+        """Slots for `fraction` of the device's free memory now (a fixed count on the CPU)."""
+        if device.type != "cuda":
+            return CPU_DEFAULT_SLOTS
+        free, _ = torch.cuda.mem_get_info(device)
+        return cls.slots_for_memory(num_layers, width, dtype, int(free * fraction))
 
     def free_kv_slots(self) -> int:
         return self._kv.num_free

@@ -84,12 +84,10 @@ def pool_slots(
 ) -> int:
     if config.pool_slots:
         return config.pool_slots
-    if device.type != "cuda":
-        return 32768
-    free, _ = torch.cuda.mem_get_info(device)
     width = model_config.num_kv_heads * model_config.head_dim
-    budget = int(free * config.gpu_memory_fraction)
-    return UnifiedMemoryPool.slots_for_memory(model_config.num_layers, width, dtype, budget)
+    return UnifiedMemoryPool.default_slots(
+        model_config.num_layers, width, dtype, device, config.gpu_memory_fraction
+    )
 
 
 def build_adapter_source(config: WorkerConfig, shape: BaseModelShape) -> AdapterSource:
