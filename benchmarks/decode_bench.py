@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.synthetic_adapters import random_canonical_adapter
 from services.common.base_model import DUMMY_PRESETS
 from services.common.lora_format import CanonicalAdapter
 from services.gpu_worker.engine import Engine
@@ -63,13 +64,10 @@ def ceilings() -> dict[str, float]:
 
 
 def random_adapter(config: ModelConfig, rank: int, seed: int) -> CanonicalAdapter:
-    gen = torch.Generator(DEVICE).manual_seed(seed)
-    adapter = CanonicalAdapter(f"bench-{seed}", rank, 2.0 * rank, 2.0, "llama-7b")
-    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        in_f, out_f = config.shape.proj_dims(proj)
-        shape_a, shape_b = (config.num_layers, rank, in_f), (config.num_layers, out_f, rank)
-        adapter.lora_a[proj] = torch.randn(shape_a, generator=gen, device=DEVICE).bfloat16() / 64
-        adapter.lora_b[proj] = torch.randn(shape_b, generator=gen, device=DEVICE).bfloat16() / 64
+    """Drawn on the GPU (fast at 7B shapes), kept on the host as the worker's cache keeps it."""
+    adapter = random_canonical_adapter(
+        config.shape, rank, seed, torch.bfloat16, DEVICE, f"bench-{seed}", "llama-7b"
+    )
     return adapter.to("cpu", torch.bfloat16)
 
 
