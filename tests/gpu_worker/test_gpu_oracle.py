@@ -48,18 +48,24 @@ def _teacher_forced_logits(peft_model: Any, ids: list[int], adapter: str | None)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda-graphs"])
+@pytest.mark.parametrize(
+    ("graphs", "backend"),
+    [(False, "kernels"), (True, "kernels"), (True, "bmm")],
+    ids=["eager", "cuda-graphs", "bmm-cuda-graphs"],
+)
 @pytest.mark.parametrize("hf_config", [TINY_MHA, TINY_GQA], ids=["mha", "gqa"])
 def test_bf16_cuda_engine_matches_hf_peft_oracle(
-    hf_config: dict[str, Any], graphs: bool, tmp_path: Path
+    hf_config: dict[str, Any], graphs: bool, backend: str, tmp_path: Path
 ):
+    """`bmm` is S-LoRA's padded baseline that the serving benchmark compares against; it must
+    be as right as the kernels on the GPU too."""
     _, hf = build_pair(hf_config)
     peft_model, paths = make_peft_adapters(hf, MIXED_ADAPTERS, tmp_path)
     config = ModelConfig.from_hf(hf_config)
     ours = build_dummy_model(config, 0, torch.bfloat16, torch.device("cuda"))
     adapters = {n: load_peft_folder(p, config.shape, max_rank=64) for n, p in paths.items()}
     requests = _mixed_requests(list(adapters), seed=1)
-    engine = Engine(ours, pool_slots=8192, max_num_seqs=64)
+    engine = Engine(ours, pool_slots=8192, max_num_seqs=64, lora_backend=backend)
     if graphs:
         engine.capture_decode_graphs()
     options = SamplingOptions(max_new_tokens=NEW_TOKENS, ignore_eos=True, logprobs=True)
@@ -93,7 +99,7 @@ def test_bf16_cuda_engine_matches_hf_peft_oracle(
         worst_margin = max(worst_margin, float(margin.max()))
         worst_logprob = max(worst_logprob, float(lp_err.max()))
     print(
-        f"\n[{hf_config['num_key_value_heads']} kv heads, graphs={graphs}] "
+        f"\n[{hf_config['num_key_value_heads']} kv heads, graphs={graphs}, {backend}] "
         f"{full_matches}/{len(requests)} requests "
         f"equal the oracle's greedy run; oracle argmax on {exact}/{total} tokens; "
         f"worst margin {worst_margin:.4f}; worst logprob error {worst_logprob:.4f}"

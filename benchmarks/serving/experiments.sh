@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Issue #7's experiments on the device, one name each, run in the order given:
+#
+#   bash benchmarks/serving/experiments.sh s1_adapters s2_variants ...
+#
+# Each writes OUT/NAME.jsonl (one line per run, appended as the run ends, so a command cut
+# off by the device's time limit keeps every finished run) and OUT/NAME.log, then prints the
+# report. OUT defaults to the device's $OUT, else /tmp/manylora-serving. Wheels the device
+# lacks travel in .whl/ (see the main README) and are installed first.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+out=${OUT:-/tmp/manylora-serving}
+mkdir -p "$out"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=.:protos${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+
+bench() {  # NAME serving_bench-options...
+  local name=$1
+  shift
+  python3 -m benchmarks.serving_bench --no-progress --out "$out/$name.jsonl" "$@" 2>&1 |
+    tee -a "$out/$name.log"
+}
+
+run_one() {
+  case $1 in
+    gpu_tests)  # the GPU tests of the engine, the kernels and the worker (about 2 minutes)
+      python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/gpu_worker tests/kernels \
+        2>&1 | tee "$out/gpu_tests.log" | tail -25 ;;
+    s1_adapters)  # 2,000+ adapters, no failures; throughput at 2,000 ≥ 95% of that at 5
+      bench "$1" --preset S1 --num-adapters 5,100,1000,2000,4000 --rate 20 --duration 20 \
+        --timeout 100 ;;
+    s2_adapters)  # the same with ranks 64/32/16/8
+      bench "$1" --preset S2 --num-adapters 5,100,1000,2000 --rate 20 --duration 20 \
+        --timeout 110 ;;
+    s2_rate)  # no target: throughput, latency and SLO attainment as load passes capacity
+      bench "$1" --preset S2 --num-adapters 1000 --rate 2,5,10,20 --duration 20 --timeout 100 ;;
+    s2_variants)  # unified pool ≥ no-unified-pool, kernels ≥ bmm
+      bench "$1" --preset S2 --num-adapters 1000 --rate 20 --duration 20 --timeout 150 \
+        --variant manylora,no-unified-pool,bmm ;;
+    s2_peft)  # ≥ 30× HF PEFT (PEFT is cut off at the timeout; see benchmarks/README.md)
+      bench "$1" --preset S2 --num-adapters 5 --rate 20 --duration 20 --timeout 180 \
+        --variant manylora,hf-peft ;;
+    grpc)  # the stack as three processes ≥ 90% of the in-process engine, same trace
+      bench "$1" --preset S1 --num-adapters 20 --rate 20 --duration 20 --timeout 100
+      WORKER_ARGS="--max-rank 8" bash benchmarks/serving/separate_processes.sh llama-7b cuda \
+        --preset S1 --num-adapters 20 --rate 20 --duration 20 --timeout 100 --no-progress \
+        --out "$out/$1.jsonl" 2>&1 | tee -a "$out/$1.log" ;;
+    grpc_inproc)  # the stack in the benchmark's own process: a lower bound
+      bench "$1" --preset S1 --num-adapters 20 --rate 20 --duration 20 --timeout 100 \
+        --mode inprocess,grpc ;;
+    *)
+      echo "unknown experiment $1" >&2
+      return 2 ;;
+  esac
+}
+
+status=0
+for name in "$@"; do
+  echo "=== $name ($(date -u +%H:%M:%S))"
+  run_one "$name" || status=1
+  if [ -s "$out/$name.jsonl" ]; then python3 -m benchmarks.serving.report "$out/$name.jsonl"; fi
+done
+exit $status
