@@ -4,7 +4,8 @@ and against the arrival rate, one line per variant (and mode), as PNG files.
     python -m benchmarks.plots results.jsonl [more.jsonl ...] --out plots/
 
 Each figure holds the other sweep parameters fixed: a results file that swept two rates
-gives one "vs number of adapters" figure per rate.
+gives one "vs number of adapters" figure per rate. Repeated runs of one setting are drawn as
+their mean.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on the device or in CI
 import matplotlib.pyplot as plt  # after use(): the backend is chosen first
 
-from benchmarks.serving.report import load_results
+from benchmarks.serving.report import load_results, mean_of_repeats
 
 SWEPT = ("preset", "num_adapters", "rate", "alpha", "cv")
 PANELS = (
@@ -94,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     parser.add_argument("results", nargs="+", help="JSON-lines files of serving_bench")
     parser.add_argument("--out", default="plots", help="folder for the PNG files")
     args = parser.parse_args(argv)
-    rows = load_results(args.results)
+    rows = mean_of_repeats(load_results(args.results))  # repeated runs: one point, the mean
     written = [p for x in X_LABELS for p in plot_against(rows, x, Path(args.out))]
     for path in written:
         print(path)

@@ -4,18 +4,22 @@
 
 Comparisons pair runs of the same trace (same preset, adapter count, rate, alpha, cv,
 duration, lengths and seed); a target with no such pair in the files is "not measured".
+Repeated runs of one variant on one trace are compared by their mean: single runs of the same
+setting on the device differ by up to 15%, more than some targets' margins.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 TRACE_KEYS = ("preset", "model", "num_adapters", "rate", "alpha", "cv", "trace_duration_s", "seed")
 COLUMNS = (
+    ("preset", "trace", "{}"),
     ("mode", "mode", "{}"),
     ("variant", "variant", "{}"),
     ("num_adapters", "n", "{}"),
@@ -56,6 +60,25 @@ def _trace(row: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(row.get(k) for k in TRACE_KEYS)
 
 
+MEANED = ("throughput_req_s", "throughput_tok_s", "avg_latency_s", "p99_ttft_s")
+
+
+def mean_of_repeats(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (mode, variant, trace): the first run's row with the MEANED metrics
+    averaged over all its runs, `failed` summed and `repeats` set to the number of runs."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        groups[(row["mode"], row["variant"], _trace(row))].append(row)
+    merged = []
+    for runs in groups.values():
+        row = {**runs[0], "repeats": len(runs), "failed": sum(r.get("failed", 0) for r in runs)}
+        for key in MEANED:
+            values = [r[key] for r in runs if r.get(key) is not None]
+            row[key] = sum(values) / len(values) if values else None
+        merged.append(row)
+    return merged
+
+
 def _pairs(
     rows: list[dict[str, Any]], first: tuple[str, str], second: tuple[str, str]
 ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
@@ -69,14 +92,18 @@ def _pairs(
 
 
 def _ratio_check(
-    name: str, pairs: list[tuple[dict[str, Any], dict[str, Any]]], bound: float
+    name: str,
+    pairs: list[tuple[dict[str, Any], dict[str, Any]]],
+    bound: float,
+    metric: str = "throughput_req_s",
 ) -> tuple[str, str, str]:
-    """Throughput of a over b, the worst over all pairs, against `bound`."""
+    """`metric` of a over b, the worst over all pairs, against `bound`."""
     if not pairs:
         return name, "not measured", "–"
-    ratios = [(a["throughput_req_s"] / max(b["throughput_req_s"], 1e-12), a) for a, b in pairs]
-    worst, row = min(ratios, key=lambda item: item[0])
-    where = f"{worst:.3f}× (n={row['num_adapters']}, R={row['rate']:g}, {len(pairs)} pair(s))"
+    ratios = [(a[metric] / max(b[metric], 1e-12), a, b) for a, b in pairs]
+    worst, row, other = min(ratios, key=lambda item: item[0])
+    runs = f"; {row['repeats']} and {other['repeats']} runs" if row["repeats"] > 1 else ""
+    where = f"{worst:.3f}× (n={row['num_adapters']}, R={row['rate']:g}, {len(pairs)} pair(s){runs})"
     return name, where, "met" if worst >= bound else "missed"
 
 
@@ -91,9 +118,10 @@ def _many_adapters(rows: list[dict[str, Any]]) -> tuple[str, str, str]:
     return name, "not measured", "–"
 
 
-def targets(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+def targets(runs: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     ours = ("inprocess", "manylora")
-    checks = [_many_adapters(rows)]
+    checks = [_many_adapters(runs)]
+    rows = mean_of_repeats(runs)
     scale = [
         (a, b)
         for a in rows
@@ -105,7 +133,10 @@ def targets(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
         and a["preset"] == b["preset"]
     ]
     checks.append(_ratio_check("throughput at 2,000 adapters ≥ 95% of at 5", scale, 0.95))
-    checks.append(_ratio_check("≥ 30× HF PEFT", _pairs(rows, ours, ("inprocess", "hf-peft")), 30))
+    # Tokens, not requests: the PEFT run is cut off at a timeout, and tokens streamed to
+    # requests it had not finished still count for it.
+    peft = _pairs(rows, ours, ("inprocess", "hf-peft"))
+    checks.append(_ratio_check("≥ 30× HF PEFT (tokens/s)", peft, 30, "throughput_tok_s"))
     no_unified = _pairs(rows, ours, ("inprocess", "no-unified-pool"))
     checks.append(_ratio_check("unified pool ≥ no-unified-pool", no_unified, 1.0))
     checks.append(_ratio_check("kernels ≥ bmm", _pairs(rows, ours, ("inprocess", "bmm")), 1.0))

@@ -54,7 +54,7 @@ def test_targets_pair_runs_of_the_same_trace() -> None:
     got = verdicts(rows)
     assert got["2,000+ adapters in one run, no failed request"] == ("2000 adapters", "met")
     assert got["throughput at 2,000 adapters ≥ 95% of at 5"][1] == "met"  # 0.96
-    assert got["≥ 30× HF PEFT"] == ("48.000× (n=2000, R=20, 1 pair(s))", "met")
+    assert got["≥ 30× HF PEFT (tokens/s)"] == ("48.000× (n=2000, R=20, 1 pair(s))", "met")
     assert got["unified pool ≥ no-unified-pool"][1] == "missed"  # 9.6 < 9.7
     assert got["kernels ≥ bmm"][1] == "met"
     # The grpc run at n=100 has no in-process partner; the one at 2000 gives 9.0/9.6.
@@ -65,9 +65,30 @@ def test_failures_and_missing_runs_are_reported_as_such(tmp_path: Path) -> None:
     rows = [row("manylora", 4000, 5.0, failed=3)]
     got = verdicts(rows)
     assert got["2,000+ adapters in one run, no failed request"][1] == "missed"
-    assert got["≥ 30× HF PEFT"] == ("not measured", "–")
+    assert got["≥ 30× HF PEFT (tokens/s)"] == ("not measured", "–")
     path = tmp_path / "r.jsonl"
     path.write_text(json.dumps(rows[0]) + "\n")
     text = report.main([str(path)])
-    assert "| inprocess | manylora | 4000 | 20 | 1 | 1 | 97 | 100 | 5.00 | 1300 |" in text
+    assert "| S2 | inprocess | manylora | 4000 | 20 | 1 | 1 | 97 | 100 | 5.00 | 1300 |" in text
     assert "| – |" in text  # p99 TTFT missing
+
+
+def test_repeated_runs_are_compared_by_their_mean() -> None:
+    """Two runs each at 5 and 2,000 adapters: the verdict uses the means (9.5 / 10.0), not
+    the worst pairing of single runs (9.0 / 10.5), which would miss."""
+    rows = [
+        row("manylora", 5, 10.5),
+        row("manylora", 5, 9.5),
+        row("manylora", 2000, 9.0),
+        row("manylora", 2000, 10.0),
+    ]
+    result, verdict = verdicts(rows)["throughput at 2,000 adapters ≥ 95% of at 5"]
+    assert (result, verdict) == ("0.950× (n=2000, R=20, 1 pair(s); 2 and 2 runs)", "met")
+
+
+def test_peft_is_compared_on_tokens_per_second() -> None:
+    """A cut-off PEFT run that finished no request still streamed tokens: the ratio is over
+    those, not a division by zero finished requests."""
+    peft = {**row("hf-peft", 5, 0.0), "throughput_tok_s": 26.0}
+    result, verdict = verdicts([row("manylora", 5, 5.0), peft])["≥ 30× HF PEFT (tokens/s)"]
+    assert (result, verdict) == ("50.000× (n=5, R=20, 1 pair(s))", "met")
