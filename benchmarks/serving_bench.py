@@ -111,8 +111,18 @@ def summary_line(r: dict[str, Any]) -> str:
         f"latency avg {fmt(r['avg_latency_s'])} s p99 {fmt(r['p99_latency_s'])} s, "
         f"TTFT avg {fmt(r['avg_ttft_s'])} s p99 {fmt(r['p99_ttft_s'])} s, "
         f"SLO {fmt(r['slo_attainment'], '.1%')}, "
-        f"cache hits {fmt(r['cache_hit_rate'], '.1%')}"
+        f"cache hits {fmt(r['cache_hit_rate'], '.1%')}{_steps_text(r.get('steps') or {})}"
     )
+
+
+def _steps_text(steps: dict[str, Any]) -> str:
+    """`; steps: decode N × X ms, mixed M × Y ms` where the run timed its engine steps."""
+    parts = [
+        f"{kind} {s['steps']} × {s['avg_ms']:.1f} ms ({s['avg_seqs']:.0f} seqs)"
+        for kind, s in steps.items()
+        if s.get("steps")
+    ]
+    return "; steps: " + ", ".join(parts) if parts else ""
 
 
 def run_inprocess(

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from tqdm import tqdm
 
-from benchmarks.serving.metrics import PoolTimeline, RequestRecord
+from benchmarks.serving.metrics import PoolTimeline, RequestRecord, StepLog
 from benchmarks.workload import Trace, TraceRequest, prompt_tokens
 from services.common.errors import ServiceError
 from services.common.lora_format import CanonicalAdapter
@@ -66,9 +66,11 @@ def replay(
     adapter_for: AdapterFor,
     timeout_s: float | None = None,
     progress: bool = True,
+    steps: StepLog | None = None,
 ) -> tuple[list[RequestRecord], float, PoolTimeline]:
     """Run the trace; returns the per-request records, the run's duration (start to the last
-    finish, or to the timeout) and the pool occupancy after every step."""
+    finish, or to the timeout) and the pool occupancy after every step. `steps`, when given,
+    gets every step's wall time."""
     requests = trace.requests
     prompts = prompt_tokens(trace)
     adapters = [adapter_for(r) for r in requests]  # built before the clock starts
@@ -90,8 +92,12 @@ def replay(
             _submit(engine, requests[sent], prompts[sent], adapters[sent], sink, now)
             sent += 1
         if engine.has_work():
+            began = clock()
             engine.step()
-            timeline.add(clock(), engine.pool.stats())
+            ended = clock()
+            timeline.add(ended, engine.pool.stats())
+            if steps is not None:
+                steps.add(ended - began, engine.last_step)
         elif sent < len(requests):
             wake = min(requests[sent].arrival_s, timeout_s or float("inf"))
             time.sleep(max(0.0, wake - clock()))

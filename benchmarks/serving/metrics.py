@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from services.gpu_worker.engine import StepInfo
 from services.gpu_worker.memory_pool import PoolStats
 
 
@@ -67,6 +68,45 @@ class PoolTimeline:
             "timeline": [
                 [round(self.times[i], 3), self.kv_slots[i], self.adapter_slots[i]] for i in keep
             ],
+        }
+
+
+@dataclass
+class StepLog:
+    """Wall time of every engine step, by kind: `decode` steps (decode rows only) and `mixed`
+    steps (with a prefill, which run without CUDA graphs). On the GPU a step ends with the
+    sampled tokens on the host, so its wall time includes its device time."""
+
+    seconds: list[float] = field(default_factory=list)
+    infos: list[StepInfo] = field(default_factory=list)
+
+    def add(self, seconds: float, info: StepInfo | None) -> None:
+        if info is not None:  # a step that ran nothing
+            self.seconds.append(seconds)
+            self.infos.append(info)
+
+    def summary(self) -> dict[str, Any]:
+        kinds = {
+            "decode": [i for i, info in enumerate(self.infos) if info.prefill_seqs == 0],
+            "mixed": [i for i, info in enumerate(self.infos) if info.prefill_seqs > 0],
+        }
+        total = sum(self.seconds)
+        return {kind: self._kind(rows, total) for kind, rows in kinds.items()}
+
+    def _kind(self, rows: list[int], total_s: float) -> dict[str, Any]:
+        if not rows:
+            return {"steps": 0}
+        ms = np.array([self.seconds[i] for i in rows]) * 1e3
+        infos = [self.infos[i] for i in rows]
+        return {
+            "steps": len(rows),
+            "time_share": float(ms.sum() / 1e3 / total_s) if total_s > 0 else None,
+            "avg_ms": float(ms.mean()),
+            "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99)),
+            "avg_seqs": float(np.mean([i.prefill_seqs + i.decode_seqs for i in infos])),
+            "avg_tokens": float(np.mean([i.tokens for i in infos])),
+            "graph_share": float(np.mean([i.graph for i in infos])),
         }
 
 

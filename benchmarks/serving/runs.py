@@ -18,7 +18,7 @@ from benchmarks.serving.engine_setup import (
     free_device_memory,
     model_dtype,
 )
-from benchmarks.serving.metrics import PoolTimeline, RequestRecord, summarize
+from benchmarks.serving.metrics import PoolTimeline, RequestRecord, StepLog, summarize
 from benchmarks.synthetic_adapters import AdapterBank
 from benchmarks.workload import Trace, TraceRequest
 from services.common.lora_format import CanonicalAdapter
@@ -79,9 +79,15 @@ def result(
     hits: int | None = None,
     misses: int | None = None,
     pool: PoolTimeline | None = None,
+    steps: StepLog | None = None,
 ) -> dict[str, Any]:
     summary = summarize(records, duration, options.slo_s, hits, misses)
-    return {**info, **summary, "pool": pool.summary() if pool else {}}
+    return {
+        **info,
+        **summary,
+        "pool": pool.summary() if pool else {},
+        "steps": steps.summary() if steps else {},
+    }
 
 
 class InProcess:
@@ -126,17 +132,18 @@ class InProcess:
         p = trace.params
         # Adapters past the trace's indices: one of each rank, never requested by the trace.
         extra = [bank.adapter(p.num_adapters + k, f"warmup-{k}") for k in range(len(p.ranks))]
+        steps = StepLog()
         try:
             inprocess.warm_up(engine, extra, p.prompt_range)
             records, duration, pool = inprocess.replay(
-                engine, trace, adapter_for, self.options.timeout_s, self.options.progress
+                engine, trace, adapter_for, self.options.timeout_s, self.options.progress, steps
             )
             hits, misses = engine.adapters.hits, engine.adapters.misses
         finally:
             del engine
             free_device_memory()
         info = describe("inprocess", variant.label, trace, self.options)
-        return result(info, records, duration, self.options, hits, misses, pool)
+        return result(info, records, duration, self.options, hits, misses, pool, steps)
 
     def release(self) -> None:
         self._models.clear()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -24,6 +25,16 @@ from services.gpu_worker.scheduler import PREFETCH_WINDOW, Scheduler
 from services.gpu_worker.sequence import FinishReason, Sequence
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What one engine step ran: for benchmarks that time steps by kind."""
+
+    prefill_seqs: int  # requests whose prompt went through the model in this step
+    decode_seqs: int  # requests that decoded one token
+    tokens: int  # tokens through the model
+    graph: bool  # a CUDA graph replayed the step (pure decode that fits a bucket)
 
 
 class Engine:
@@ -74,6 +85,7 @@ class Engine:
             self.max_model_len,
         )
         self.steps = 0
+        self.last_step: StepInfo | None = None  # None after a step that ran nothing
         self.graphs: DecodeGraphs | None = None
 
     def capture_decode_graphs(self) -> None:
@@ -140,6 +152,7 @@ class Engine:
         return bool(self.scheduler.running or self.scheduler.waiting)
 
     def step(self) -> None:
+        self.last_step = None
         scheduled = self.scheduler.schedule()
         for seq in scheduled.expired:
             out = seq.output([], "", [], FinishReason.ABORTED)
@@ -150,10 +163,8 @@ class Engine:
         seqs = scheduled.prefill + scheduled.decode
         try:
             batch = self.build_batch(seqs)
-            if self.graphs is not None and batch.is_decode and self.graphs.fits(len(seqs)):
-                logits = self.graphs.run(batch)
-            else:
-                logits = self.model(batch)
+            graphs = self._graphs_for(batch, len(seqs))
+            logits = graphs.run(batch) if graphs is not None else self.model(batch)
             tokens, logprobs = sample(
                 logits, [s.options for s in seqs], [s.generator for s in seqs]
             )
@@ -166,8 +177,17 @@ class Engine:
                 seq.on_output(out)
             return
         self.steps += 1
+        prefill, decode = len(scheduled.prefill), len(scheduled.decode)
+        self.last_step = StepInfo(prefill, decode, sum(batch.host_q_lens), graphs is not None)
         for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
             self._append(seq, token, logprob)
+
+    def _graphs_for(self, batch: ForwardBatch, num_seqs: int) -> DecodeGraphs | None:
+        """The captured decode graphs when they can run this batch: decode only, and a
+        bucket as large as the batch."""
+        if self.graphs is not None and batch.is_decode and self.graphs.fits(num_seqs):
+            return self.graphs
+        return None
 
     def build_batch(self, seqs: list[Sequence]) -> ForwardBatch:
         ids: list[int] = []

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.serving.metrics import PoolTimeline, RequestRecord, summarize
+from benchmarks.serving.metrics import PoolTimeline, RequestRecord, StepLog, summarize
+from services.gpu_worker.engine import StepInfo
 from services.gpu_worker.memory_pool import PoolStats
 
 
@@ -50,3 +51,19 @@ def test_pool_timeline_summary_keeps_at_most_max_points() -> None:
     assert s["peak_used_frac"] == pytest.approx(0.599)
     assert s["timeline"][0] == [0.0, 0, 100] and s["timeline"][-1] == [4.99, 499, 100]
     assert PoolTimeline().summary() == {}
+
+
+def test_step_log_splits_decode_and_mixed_steps() -> None:
+    log = StepLog()
+    log.add(0.010, StepInfo(0, 4, 4, graph=True))
+    log.add(0.030, StepInfo(0, 4, 4, graph=False))
+    log.add(0.060, StepInfo(1, 3, 103, graph=False))  # a 100-token prompt joins 3 decodes
+    log.add(0.005, None)  # a step that ran nothing is not a step
+    s = log.summary()
+    assert s["decode"]["steps"] == 2 and s["mixed"]["steps"] == 1
+    assert s["decode"]["avg_ms"] == pytest.approx(20.0)
+    assert s["decode"]["graph_share"] == pytest.approx(0.5)
+    assert s["decode"]["time_share"] == pytest.approx(0.4)
+    assert s["mixed"]["time_share"] == pytest.approx(0.6)
+    assert (s["mixed"]["avg_seqs"], s["mixed"]["avg_tokens"]) == (4.0, 103.0)
+    assert StepLog().summary() == {"decode": {"steps": 0}, "mixed": {"steps": 0}}

@@ -13,6 +13,7 @@ import torch
 from benchmarks import serving_bench
 from benchmarks.serving import inprocess
 from benchmarks.serving.engine_setup import EngineSettings, EngineVariant, build_engine, build_model
+from benchmarks.serving.metrics import StepLog
 from benchmarks.synthetic_adapters import AdapterBank
 from benchmarks.workload import PRESETS, Trace, TraceRequest, generate
 from services.common.lora_format import CanonicalAdapter
@@ -41,7 +42,10 @@ def test_replay_finishes_every_request_and_times_it(trace: Trace) -> None:
     def adapter_for(req: TraceRequest) -> CanonicalAdapter:
         return bank.adapter(req.adapter, req.adapter_id)
 
-    records, duration, pool = inprocess.replay(engine, trace, adapter_for, progress=False)
+    steps = StepLog()
+    records, duration, pool = inprocess.replay(
+        engine, trace, adapter_for, progress=False, steps=steps
+    )
     assert len(records) == len(trace.requests)
     for record, req in zip(records, trace.requests, strict=True):
         assert record.finished, record.error
@@ -52,6 +56,15 @@ def test_replay_finishes_every_request_and_times_it(trace: Trace) -> None:
     assert pool.times and max(pool.kv_slots) > 0 and max(pool.adapter_slots) > 0
     assert not engine.has_work()
     assert engine.adapters.hits + engine.adapters.misses == len(records)
+    # Every step that ran is timed once: each prompt went through one mixed step, and each
+    # later token through a decode or mixed step.
+    assert len(steps.seconds) == engine.steps
+    assert sum(info.prefill_seqs for info in steps.infos) == len(records)
+    decoded = sum(info.decode_seqs for info in steps.infos)
+    assert decoded == sum(r.output_len - 1 for r in trace.requests)
+    summary = steps.summary()
+    assert summary["decode"]["steps"] + summary["mixed"]["steps"] == engine.steps
+    assert summary["mixed"]["avg_tokens"] > summary["mixed"]["avg_seqs"]  # prompts are long
 
 
 def test_cli_runs_each_engine_variant_with_consistent_metrics(tmp_path: Path, trace: Trace) -> None:
