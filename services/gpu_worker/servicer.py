@@ -16,6 +16,7 @@ from services.common.logging import request_id_var
 from services.gpu_worker.adapter_source import AdapterSource
 from services.gpu_worker.engine_loop import EngineLoop
 from services.gpu_worker.metrics import WorkerMetrics
+from services.gpu_worker.output_relay import OutputRelay, merge_outputs
 from services.gpu_worker.sampling import SamplingOptions
 from services.gpu_worker.sequence import FinishReason, Sequence, StepOutput
 from services.gpu_worker.tokenizer import Tokenizer
@@ -47,6 +48,14 @@ def to_proto(out: StepOutput) -> common_pb2.GenerateResponse:
     return response
 
 
+async def _next_outputs(outputs: asyncio.Queue[StepOutput]) -> list[StepOutput]:
+    """The next output and every one queued behind it, up to the request's last."""
+    outs = [await outputs.get()]
+    while outs[-1].finish_reason is None and outs[-1].error is None and not outputs.empty():
+        outs.append(outputs.get_nowait())
+    return outs
+
+
 class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
     def __init__(
         self,
@@ -61,6 +70,7 @@ class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
         self._tokenizer = tokenizer
         self._adapters = adapters
         self._model_name = model_name
+        self._relay: OutputRelay | None = None
 
     async def Generate(
         self, request: common_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -83,13 +93,16 @@ class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
         finished = False
         try:
             while not finished:
-                out = await outputs.get()
-                if out.error is not None:
-                    code = getattr(out.error, "code", grpc.StatusCode.INTERNAL)
+                outs = await _next_outputs(outputs)
+                failure = outs.pop().error if outs[-1].error is not None else None
+                if outs:  # tokens that came before a failure still go out
+                    out = merge_outputs(outs)
+                    finished = out.finish_reason is not None
+                    yield tracker.on_response(to_proto(out))
+                if failure is not None:
+                    code = getattr(failure, "code", grpc.StatusCode.INTERNAL)
                     tracker.fail(code)
-                    await context.abort(code, f"request failed: {out.error}")
-                finished = out.finish_reason is not None
-                yield tracker.on_response(to_proto(out))
+                    await context.abort(code, f"request failed: {failure}")
             logger.info("finished")
         finally:
             tracker.close()
@@ -114,10 +127,12 @@ class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
         else:
             raise InvalidArgument("prompt is empty")
         adapter = await self._adapters.get(request.adapter_id) if request.adapter_id else None
-        event_loop = asyncio.get_running_loop()
+        if self._relay is None:  # the first call: now the servicer knows its event loop
+            self._relay = OutputRelay(asyncio.get_running_loop())
+        relay = self._relay
 
         def deliver(out: StepOutput) -> None:  # called on the engine thread
-            event_loop.call_soon_threadsafe(outputs.put_nowait, out)
+            relay.deliver(outputs, out)
 
         return Sequence(
             request_id=request_id,

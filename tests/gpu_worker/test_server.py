@@ -49,7 +49,9 @@ async def _collect(stub: gpu_worker_pb2_grpc.GpuWorkerStub, request: common_pb2.
 
 async def test_generate_streams_tokens_and_finishes_with_usage(stub):
     responses = await _collect(stub, _request("ad-a", ignore_eos=True))
-    assert len(responses) == 12  # one message per decode step
+    # One message per decode step, fewer when the stream fell behind the engine and the
+    # worker merged what it owed (services/gpu_worker/output_relay.py).
+    assert 1 <= len(responses) <= 12
     assert all(r.request_id == responses[0].request_id != "" for r in responses)
     assert sum(len(r.token_ids) for r in responses) == 12
     last = responses[-1]

@@ -1,0 +1,75 @@
+"""Outputs from the engine thread to the event loop: order, batching, and merging."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+
+from services.gpu_worker.output_relay import OutputRelay, merge_outputs
+from services.gpu_worker.sequence import FinishReason, StepOutput
+from services.gpu_worker.servicer import _next_outputs
+
+
+def out(request: str, token: int, finish: FinishReason | None = None) -> StepOutput:
+    return StepOutput(request, [token], chr(token), [-0.1 * token], finish, completion_tokens=token)
+
+
+async def test_one_wake_up_carries_a_whole_step_in_order(monkeypatch: pytest.MonkeyPatch):
+    """While the loop is busy, the engine thread delivers a step's outputs for two requests:
+    one call_soon_threadsafe, and each queue gets its outputs in delivery order."""
+    loop = asyncio.get_running_loop()
+    wakeups: list[Any] = []
+    original = loop.call_soon_threadsafe
+
+    def counting(*args: Any) -> Any:
+        wakeups.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(loop, "call_soon_threadsafe", counting)
+    relay = OutputRelay(loop)
+    queues: dict[str, asyncio.Queue[StepOutput]] = {"a": asyncio.Queue(), "b": asyncio.Queue()}
+
+    def engine_step() -> None:
+        for token in range(10):
+            for name, queue in queues.items():
+                relay.deliver(queue, out(name, token))
+
+    thread = threading.Thread(target=engine_step)
+    thread.start()
+    thread.join()  # the loop is blocked meanwhile, as it is while it serves other streams
+    await asyncio.sleep(0)
+    assert len(wakeups) == 1
+    for name, queue in queues.items():
+        got = [queue.get_nowait() for _ in range(queue.qsize())]
+        assert [o.token_ids[0] for o in got] == list(range(10))
+        assert {o.request_id for o in got} == {name}
+    relay.deliver(queues["a"], out("a", 10))  # the next batch wakes the loop again
+    await asyncio.sleep(0)
+    assert len(wakeups) == 2 and queues["a"].qsize() == 1
+
+
+def test_merged_outputs_join_tokens_and_keep_the_last_finish() -> None:
+    merged = merge_outputs([out("r", 3), out("r", 4), out("r", 5, FinishReason.LENGTH)])
+    assert merged.token_ids == [3, 4, 5]
+    assert merged.text == "\x03\x04\x05"
+    assert merged.logprobs == pytest.approx([-0.3, -0.4, -0.5])
+    assert merged.finish_reason is FinishReason.LENGTH
+    assert merged.completion_tokens == 5
+    single = out("r", 7)
+    assert merge_outputs([single]) is single
+
+
+async def test_a_lagging_stream_takes_what_is_queued_up_to_its_last_output() -> None:
+    queue: asyncio.Queue[StepOutput] = asyncio.Queue()
+    for token in (1, 2):
+        queue.put_nowait(out("r", token))
+    assert [o.token_ids for o in await _next_outputs(queue)] == [[1], [2]]
+    queue.put_nowait(out("r", 3, FinishReason.STOP))
+    failed = out("r", 4, FinishReason.ABORTED)
+    failed.error = RuntimeError("boom")
+    queue.put_nowait(failed)  # never follows a last output in practice; must not be merged
+    assert [o.token_ids for o in await _next_outputs(queue)] == [[3]]
+    assert (await _next_outputs(queue))[0].error is not None
