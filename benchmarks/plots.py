@@ -1,5 +1,5 @@
-"""Plots of serving-benchmark results: throughput and latency against the number of adapters
-and against the arrival rate, one line per variant (and mode), as PNG files.
+"""Plots of serving-benchmark results: throughput and latency against the number of adapters,
+the arrival rate, α and cv, one line per variant (and mode), as PNG files.
 
     python -m benchmarks.plots results.jsonl [more.jsonl ...] --out plots/
 
@@ -29,7 +29,12 @@ PANELS = (
     ("avg_latency_s", "average latency (s)"),
     ("p99_ttft_s", "p99 time to first token (s)"),
 )
-X_LABELS = {"num_adapters": "number of adapters", "rate": "arrival rate (req/s)"}
+X_LABELS = {
+    "num_adapters": "number of adapters",
+    "rate": "arrival rate (req/s)",
+    "alpha": "popularity exponent α",
+    "cv": "arrival coefficient of variation",
+}
 
 
 def series_name(row: dict[str, Any]) -> str:

@@ -38,6 +38,11 @@ run_one() {
         --timeout 110 ;;
     s2_rate)  # no target: throughput, latency and SLO attainment as load passes capacity
       bench "$1" --preset S2 --num-adapters 1000 --rate 2,5,10,20 --duration 20 --timeout 100 ;;
+    s1_alpha)  # no target: popularity skew at capacity (α = 0 is uniform)
+      bench "$1" --preset S1 --num-adapters 1000 --alpha 0,0.5,1,2 --rate 20 --duration 20 \
+        --timeout 100 ;;
+    s2_cv)  # no target: burstier arrivals below capacity, where latency shows them
+      bench "$1" --preset S2 --num-adapters 1000 --rate 5 --cv 1,2,4 --duration 20 --timeout 60 ;;
     s2_variants)  # unified pool ≥ no-unified-pool, kernels ≥ bmm
       bench "$1" --preset S2 --num-adapters 1000 --rate 20 --duration 20 --timeout 150 \
         --variant manylora,no-unified-pool,bmm ;;

@@ -51,3 +51,15 @@ def test_nothing_to_plot_writes_nothing(tmp_path: Path) -> None:
     results = tmp_path / "one.jsonl"
     results.write_text(json.dumps(row("manylora", 5, 2.0)) + "\n")
     assert plots.main([str(results), "--out", str(tmp_path / "p")]) == []
+
+
+def test_alpha_and_cv_sweeps_get_their_own_figures(tmp_path: Path) -> None:
+    rows = [row("manylora", 100, 2.0) | {"alpha": a} for a in (0.0, 1.0, 2.0)]
+    rows += [row("manylora", 100, 2.0) | {"cv": cv} for cv in (2.0, 4.0)]  # and cv = 1 above
+    results = tmp_path / "sweeps.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    names = sorted(p.name for p in plots.main([str(results), "--out", str(tmp_path / "p")]))
+    assert names == [
+        "vs_alpha_presetS2_num_adapters100_rate2_cv1.png",
+        "vs_cv_presetS2_num_adapters100_rate2_alpha1.png",
+    ]
