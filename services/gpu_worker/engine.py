@@ -249,11 +249,17 @@ class Engine:
             token_req=torch.tensor(token_req, dtype=torch.long, device=device),
             token_idx=torch.tensor(token_idx, dtype=torch.long, device=device),
             lora_backend=self.lora_backend,
-            lora_groups=[
-                LoraGroup(resident, torch.tensor(rows, device=device))
-                for resident, rows in groups.values()
-            ],
+            lora_groups=self._lora_groups(groups),
         )
+
+    def _lora_groups(self, groups: dict[int, tuple[ResidentAdapter, list[int]]]) -> list[LoraGroup]:
+        """Each adapter's token rows, for the CPU LoRA path, the only one that reads them. On
+        CUDA the kernels (and the bmm baseline) read the adapter tables instead, and building
+        these would cost one host-to-device copy per distinct adapter per step: more of them
+        the more adapters a batch mixes."""
+        if self.device.type != "cpu" or self.lora_backend != "kernels":
+            return []
+        return [LoraGroup(resident, torch.tensor(rows)) for resident, rows in groups.values()]
 
     def _append(self, seq: Sequence, token: int, logprob: float | None) -> None:
         seq.first_token_at = seq.first_token_at or time.monotonic()
