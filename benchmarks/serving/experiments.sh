@@ -25,6 +25,9 @@ bench() {  # NAME serving_bench-options...
     tee -a "$out/$name.log"
 }
 
+# The gRPC comparisons' trace: 20 adapters, since the stack uploads each as an fp32 PEFT file.
+grpc_trace=(--preset S1 --num-adapters 20 --rate 20 --duration 20 --timeout 100)
+
 run_one() {
   case $1 in
     gpu_tests)  # the GPU tests of the engine, the kernels and the worker (about 75 s)
@@ -50,13 +53,11 @@ run_one() {
       bench "$1" --preset S2 --num-adapters 5 --rate 20 --duration 20 --timeout 150 \
         --variant manylora,hf-peft ;;
     grpc)  # the stack as three processes ≥ 90% of the in-process engine, same trace
-      bench "$1" --preset S1 --num-adapters 20 --rate 20 --duration 20 --timeout 100
+      bench "$1" "${grpc_trace[@]}"
       WORKER_ARGS="--max-rank 8" bash benchmarks/serving/separate_processes.sh llama-7b cuda \
-        --preset S1 --num-adapters 20 --rate 20 --duration 20 --timeout 100 --no-progress \
-        --out "$out/$1.jsonl" 2>&1 | tee -a "$out/$1.log" ;;
+        "${grpc_trace[@]}" --no-progress --out "$out/$1.jsonl" 2>&1 | tee -a "$out/$1.log" ;;
     grpc_inproc)  # the stack in the benchmark's own process: a lower bound
-      bench "$1" --preset S1 --num-adapters 20 --rate 20 --duration 20 --timeout 100 \
-        --mode inprocess,grpc ;;
+      bench "$1" "${grpc_trace[@]}" --mode inprocess,grpc ;;
     *)
       echo "unknown experiment $1" >&2
       return 2 ;;

@@ -200,7 +200,6 @@ class Engine:
         ctx_lens: list[int] = []
         req_lora: list[int] = []
         max_rank = 0
-        groups: dict[int, tuple[ResidentAdapter, list[int]]] = {}
         for seq in seqs:
             new = seq.prompt_ids if seq.num_cached == 0 else seq.output_ids[-1:]
             q_starts.append(len(ids))
@@ -214,8 +213,6 @@ class Engine:
             req_lora.append(seq.resident.row if seq.resident else -1)
             if seq.resident is not None:
                 max_rank = max(max_rank, seq.resident.rank)
-                rows_of = groups.setdefault(seq.resident.row, (seq.resident, []))[1]
-                rows_of.extend(range(q_starts[-1], q_starts[-1] + len(new)))
         device, sched = self.device, self.scheduler
         pos = torch.tensor(positions, dtype=torch.long, device=device)
         rows = torch.tensor(token_rows, dtype=torch.long, device=device)
@@ -249,16 +246,23 @@ class Engine:
             token_req=torch.tensor(token_req, dtype=torch.long, device=device),
             token_idx=torch.tensor(token_idx, dtype=torch.long, device=device),
             lora_backend=self.lora_backend,
-            lora_groups=self._lora_groups(groups),
+            lora_groups=self._lora_groups(seqs, q_starts, q_lens),
         )
 
-    def _lora_groups(self, groups: dict[int, tuple[ResidentAdapter, list[int]]]) -> list[LoraGroup]:
+    def _lora_groups(
+        self, seqs: list[Sequence], q_starts: list[int], q_lens: list[int]
+    ) -> list[LoraGroup]:
         """Each adapter's token rows, for the CPU LoRA path, the only one that reads them. On
         CUDA the kernels (and the bmm baseline) read the adapter tables instead, and building
         these would cost one host-to-device copy per distinct adapter per step: more of them
         the more adapters a batch mixes."""
         if self.device.type != "cpu" or self.lora_backend != "kernels":
             return []
+        groups: dict[int, tuple[ResidentAdapter, list[int]]] = {}
+        for seq, start, n in zip(seqs, q_starts, q_lens, strict=True):
+            if seq.resident is not None:
+                rows = groups.setdefault(seq.resident.row, (seq.resident, []))[1]
+                rows.extend(range(start, start + n))
         return [LoraGroup(resident, torch.tensor(rows)) for resident, rows in groups.values()]
 
     def _append(self, seq: Sequence, token: int, logprob: float | None) -> None:
