@@ -4,9 +4,14 @@ MBGMV in one form), reading A and Bᵀ straight from the unified pool through sl
 Layout and meaning of every argument: see `lora_ref.py`, whose functions are the references
 these must match. One program handles a tile of one request's rows, so a request with many
 new tokens (prefill) is a small matrix product against its adapter, and a decode request (one
-row) reads its adapter once. Ranks need no padding: tiles past a request's rank exit early.
-`lora_shrink` computes several projections that share their input (q, k, v) in one launch;
-`lora_expand` adds into the base projection's output in place.
+row) reads its adapter once. Ranks need no padding: tiles past a request's rank (for that
+projection) exit early. Any linear layer works, attention (q, k, v, o) or MLP (gate, up,
+down): a row of A or Bᵀ longer than the slot width W lies over ceil(len / W) slots, the last
+one padded, and the kernels mask the tail (Llama-7B's 11008 over W = 4096).
+`lora_shrink` computes several projections that share their input (q, k, v; gate, up) in
+one launch; `lora_expand` adds into the base projection's output in place. Neither reads
+anything back to the host or copies to the device after its first call with the same
+projections, so both can be captured in CUDA graphs.
 """
 
 from __future__ import annotations
@@ -32,8 +37,8 @@ def _block(width: int, cap: int) -> int:
 @triton.jit
 def _shrink_kernel(
     x_ptr, y_ptr, pool_ptr, slots_ptr, meta_ptr, req_lora_ptr, q_starts_ptr, q_lens_ptr,
-    proj_ids_ptr, in_features, stride_x, stride_slots, max_rank, n_rblocks, k_per_split,
-    split_stride,
+    proj_ids_ptr, in_features, stride_x, stride_slots, meta_stride, max_rank, n_rblocks,
+    k_per_split, split_stride,
     W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     NPROJ: tl.constexpr, K_SPLITS: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
@@ -46,25 +51,29 @@ def _shrink_kernel(
     m = tl.load(req_lora_ptr + b)
     q_len = tl.load(q_lens_ptr + b)
     proj = tl.load(proj_ids_ptr + p_local)
-    rank = tl.load(meta_ptr + (m * 4 + proj) * 3, mask=m >= 0, other=0)
+    rank = tl.load(meta_ptr + (m * meta_stride + proj) * 3, mask=m >= 0, other=0)
     if m < 0 or t0 >= q_len or r0 >= rank:
         return
-    a_start = tl.load(meta_ptr + (m * 4 + proj) * 3 + 1)
+    a_start = tl.load(meta_ptr + (m * meta_stride + proj) * 3 + 1)
     rows = t0 + tl.arange(0, BLOCK_T)
     ranks = r0 + tl.arange(0, BLOCK_R)
     row_ok = rows < q_len
     rank_ok = ranks < rank
     x_rows = tl.load(q_starts_ptr + b) + rows
-    slots_per_row = in_features // W
+    slots_per_row = tl.cdiv(in_features, W)  # a row's last slot is padded past in_features
     acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
     for k0 in range(k_begin, tl.minimum(k_begin + k_per_split, in_features), BLOCK_K):
         cols = tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + x_rows[:, None] * stride_x + k0 + cols[None, :], mask=row_ok[:, None])
+        col_ok = k0 + cols < in_features
+        x = tl.load(
+            x_ptr + x_rows[:, None] * stride_x + k0 + cols[None, :],
+            mask=row_ok[:, None] & col_ok[None, :], other=0.0,
+        )
         slot_idx = a_start + ranks * slots_per_row + k0 // W
         slot = tl.load(slots_ptr + m * stride_slots + slot_idx, mask=rank_ok, other=0)
         a = tl.load(
             pool_ptr + slot.to(tl.int64)[:, None] * W + (k0 % W) + cols[None, :],
-            mask=rank_ok[:, None],
+            mask=rank_ok[:, None] & col_ok[None, :], other=0.0,
         )
         if IEEE:
             acc += tl.dot(x, tl.trans(a), input_precision="ieee")
@@ -77,7 +86,7 @@ def _shrink_kernel(
 @triton.jit
 def _expand_kernel(
     y_ptr, out_ptr, pool_ptr, slots_ptr, meta_ptr, req_lora_ptr, q_starts_ptr, q_lens_ptr,
-    proj, y_index, out_features, stride_out, stride_slots, max_rank,
+    proj, y_index, out_features, stride_out, stride_slots, meta_stride, max_rank,
     W: tl.constexpr, NPROJ: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
@@ -86,15 +95,16 @@ def _expand_kernel(
     n0 = tl.program_id(2) * BLOCK_N
     m = tl.load(req_lora_ptr + b)
     q_len = tl.load(q_lens_ptr + b)
-    rank = tl.load(meta_ptr + (m * 4 + proj) * 3, mask=m >= 0, other=0)
+    rank = tl.load(meta_ptr + (m * meta_stride + proj) * 3, mask=m >= 0, other=0)
     if m < 0 or t0 >= q_len or rank == 0:
         return
-    b_start = tl.load(meta_ptr + (m * 4 + proj) * 3 + 2)
+    b_start = tl.load(meta_ptr + (m * meta_stride + proj) * 3 + 2)
     rows = t0 + tl.arange(0, BLOCK_T)
     row_ok = rows < q_len
     out_rows = tl.load(q_starts_ptr + b) + rows
     cols = tl.arange(0, BLOCK_N)
-    slots_per_row = out_features // W
+    col_ok = n0 + cols < out_features
+    slots_per_row = tl.cdiv(out_features, W)  # a row's last slot is padded past out_features
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, rank, BLOCK_R):
         ranks = r0 + tl.arange(0, BLOCK_R)
@@ -105,15 +115,16 @@ def _expand_kernel(
         slot = tl.load(slots_ptr + m * stride_slots + slot_idx, mask=rank_ok, other=0)
         bt = tl.load(
             pool_ptr + slot.to(tl.int64)[:, None] * W + (n0 % W) + cols[None, :],
-            mask=rank_ok[:, None],
+            mask=rank_ok[:, None] & col_ok[None, :], other=0.0,
         )
         if IEEE:
             acc += tl.dot(y.to(bt.dtype), bt, input_precision="ieee")
         else:
             acc += tl.dot(y.to(bt.dtype), bt)
     out_ptrs = out_ptr + out_rows[:, None] * stride_out + n0 + cols[None, :]
-    current = tl.load(out_ptrs, mask=row_ok[:, None])
-    tl.store(out_ptrs, (current.to(tl.float32) + acc).to(current.dtype), mask=row_ok[:, None])
+    out_ok = row_ok[:, None] & col_ok[None, :]
+    current = tl.load(out_ptrs, mask=out_ok)
+    tl.store(out_ptrs, (current.to(tl.float32) + acc).to(current.dtype), mask=out_ok)
 
 
 _PROJ_IDS: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
@@ -142,8 +153,12 @@ def lora_shrink(
 ) -> torch.Tensor:
     """y [T, len(projs), max_rank] (float32) with y[t, i, :r] = x[t] @ A_pᵢᵀ; see lora_ref.
 
-    x [T, in] contiguous; pool [num_slots, W]; int32 tables on x's device. Entries outside
-    each request's rank and rows without an adapter are left unwritten."""
+    x [T, in] with unit column stride (in: any width, e.g. 4096 for q/k/v/gate/up, 11008 or
+    14336 for down); pool [num_slots, W] (one layer); lora_slots [M, S], lora_meta
+    [M, P, 3] (P projections: the meta stride), req_lora/q_starts/q_lens [B]: int32 on x's
+    device. projs index lora_meta's second dimension; max_rank bounds every rank of the
+    batch; max_q_len bounds q_lens (grid size only: nothing is read back). Entries outside
+    each request's rank for a projection and rows without an adapter are left unwritten."""
     width, in_features = pool.shape[1], x.shape[1]
     block_k = _block(width, 128)
     # A program walks its slice of in_features; splitting the walk across programs keeps a
@@ -158,8 +173,8 @@ def lora_shrink(
             len(projs) * n_rblocks)  # fmt: skip
     _shrink_kernel[grid](
         x, parts, pool, lora_slots, lora_meta, req_lora, q_starts, q_lens,
-        _proj_ids(projs, x.device), in_features, x.stride(0), lora_slots.stride(0), max_rank,
-        n_rblocks, k_per_split, parts[0].numel(),
+        _proj_ids(projs, x.device), in_features, x.stride(0), lora_slots.stride(0),
+        lora_meta.shape[1], max_rank, n_rblocks, k_per_split, parts[0].numel(),
         W=width, BLOCK_T=BLOCK_T, BLOCK_R=BLOCK_R, BLOCK_K=block_k,
         NPROJ=len(projs), K_SPLITS=k_splits, IEEE=x.dtype == torch.float32,
     )  # fmt: skip
@@ -180,13 +195,19 @@ def lora_expand(
     proj: int,
     max_q_len: int,
 ) -> torch.Tensor:
-    """out [T, out_features] += y[:, y_index, :r] @ Bᵀ_proj in place; see lora_ref."""
+    """out [T, out_features] += y[:, y_index, :r] @ Bᵀ_proj in place; see lora_ref.
+
+    y [T, n, max_rank] float32 from `lora_shrink`; out [T, out_features] with unit column
+    stride (out_features: any width, e.g. 11008 or 14336 for gate/up); the tables as in
+    `lora_shrink`. Rows without an adapter, or whose adapter leaves `proj` alone, keep their
+    values bit for bit."""
     width = pool.shape[1]
     block_n = _block(width, 128)
     grid = (req_lora.shape[0], triton.cdiv(max_q_len, BLOCK_T), triton.cdiv(out.shape[1], block_n))
     _expand_kernel[grid](
         y, out, pool, lora_slots, lora_meta, req_lora, q_starts, q_lens,
-        proj, y_index, out.shape[1], out.stride(0), lora_slots.stride(0), y.shape[2],
+        proj, y_index, out.shape[1], out.stride(0), lora_slots.stride(0), lora_meta.shape[1],
+        y.shape[2],
         W=width, NPROJ=y.shape[1], BLOCK_T=BLOCK_T, BLOCK_R=BLOCK_R, BLOCK_N=block_n,
         IEEE=out.dtype == torch.float32,
     )  # fmt: skip

@@ -1,12 +1,15 @@
 """Plain-torch references of the LoRA kernels in `lora.py` (same signatures): the oracle.
 
 Adapter weights live in the unified pool (`pool [num_slots, W]` for one layer). A resident
-adapter owns row `m` of `lora_slots [M, S]` (its slot list) and of `lora_meta [M, 4, 3]`:
-for projection p (0 q, 1 k, 2 v, 3 o), `lora_meta[m, p] = (rank, a_start, b_start)`, rank 0
-when the adapter leaves p alone. A [rank, in] lies over the slots
-`lora_slots[m, a_start : a_start + rank * in / W]` row after row, Bᵀ [rank, out] over
-`lora_slots[m, b_start : b_start + rank * out / W]`. Request b's rows of the flat batch are
-q_starts[b] .. q_starts[b] + q_lens[b] - 1 and use adapter row req_lora[b] (-1: none).
+adapter owns row `m` of `lora_slots [M, S]` (its slot list) and of `lora_meta [M, P, 3]`
+(contiguous; P projections, 7 in the worker: 0 q, 1 k, 2 v, 3 o, 4 gate, 5 up, 6 down):
+`lora_meta[m, p] = (rank, a_start, b_start)`, rank 0 when the adapter leaves p alone; each
+projection has its own rank. Each row of A [rank, in] takes ceil(in / W) slots, the last one
+zero-padded when in is not a multiple of W, so A lies over the slots
+`lora_slots[m, a_start : a_start + rank * ceil(in / W)]` row after row; Bᵀ [rank, out] over
+`lora_slots[m, b_start : b_start + rank * ceil(out / W)]` likewise. Request b's rows of the
+flat batch are q_starts[b] .. q_starts[b] + q_lens[b] - 1 and use adapter row req_lora[b]
+(-1: none).
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ def _weights(
 ) -> torch.Tensor:
     """A ([rank, dim], which=1) or Bᵀ ([rank, dim], which=2) of one adapter, one projection."""
     rank, start = int(meta[0]), int(meta[which])
-    width = pool.shape[1]
-    slots = lora_slots[start : start + rank * dim // width].long()
-    return pool.index_select(0, slots).reshape(rank, dim)
+    per_row = -(-dim // pool.shape[1])
+    slots = lora_slots[start : start + rank * per_row].long()
+    return pool.index_select(0, slots).reshape(rank, -1)[:, :dim]
 
 
 def lora_shrink_ref(

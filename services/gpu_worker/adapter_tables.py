@@ -1,23 +1,51 @@
 """Device tables through which the LoRA kernels find resident adapters' weights in the pool.
 
 Row m of `slots [max_loras, max_adapter_slots]` lists the pool slots of one resident
-adapter; `meta [max_loras, 4, 3]` holds (rank, a_start, b_start) per projection (q, k, v, o;
-rank 0 when the adapter leaves one alone). See kernels/lora_ref.py for how they are read.
+adapter; `meta [max_loras, NUM_PROJ, 3]` holds (rank, a_start, b_start) per projection in
+PROJ_INDEX order (rank 0 when the adapter leaves one alone). See kernels/lora_ref.py for how
+they are read.
 """
 
 from __future__ import annotations
 
 import torch
 
-from services.gpu_worker.adapter_layout import ProjSegment
+from services.gpu_worker.adapter_layout import ProjSegment, slots_per_row
+from services.gpu_worker.model_config import ModelConfig
 
-PROJ_INDEX = {"q_proj": 0, "k_proj": 1, "v_proj": 2, "o_proj": 3}
+PROJ_INDEX = {
+    "q_proj": 0, "k_proj": 1, "v_proj": 2, "o_proj": 3,
+    "gate_proj": 4, "up_proj": 5, "down_proj": 6,
+}  # fmt: skip
+NUM_PROJ = len(PROJ_INDEX)
+# Projections that share their input, so that one shrink launch serves them all.
+QKV = (PROJ_INDEX["q_proj"], PROJ_INDEX["k_proj"], PROJ_INDEX["v_proj"])
+O_PROJ = (PROJ_INDEX["o_proj"],)
+GATE_UP = (PROJ_INDEX["gate_proj"], PROJ_INDEX["up_proj"])
+DOWN = (PROJ_INDEX["down_proj"],)
+MLP_PROJS = frozenset(("gate_proj", "up_proj", "down_proj"))
+
+
+def proj_dims(config: ModelConfig, proj: str) -> tuple[int, int]:
+    """(in_features, out_features) of one linear layer of the model."""
+    hidden, inter = config.hidden_size, config.intermediate_size
+    mlp = {"gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
+    return mlp[proj] if proj in mlp else config.shape.proj_dims(proj)
+
+
+def max_adapter_slots(config: ModelConfig, max_rank: int, width: int) -> int:
+    """Slots of an adapter of rank `max_rank` on every projection: a table row's width."""
+    per_rank = 0
+    for proj in PROJ_INDEX:
+        in_f, out_f = proj_dims(config, proj)
+        per_rank += slots_per_row(in_f, width) + slots_per_row(out_f, width)
+    return max_rank * per_rank
 
 
 class AdapterTables:
     def __init__(self, max_loras: int, max_adapter_slots: int, device: torch.device):
         self.slots = torch.zeros(max_loras, max_adapter_slots, dtype=torch.int32, device=device)
-        self.meta = torch.zeros(max_loras, 4, 3, dtype=torch.int32, device=device)
+        self.meta = torch.zeros(max_loras, NUM_PROJ, 3, dtype=torch.int32, device=device)
         self._free_rows = list(range(max_loras - 1, -1, -1))
 
     @property
@@ -30,9 +58,12 @@ class AdapterTables:
             raise ValueError(
                 f"adapter needs {slots.numel()} slots > table width {self.slots.shape[1]}"
             )
+        unknown = sorted(set(segments) - set(PROJ_INDEX))
+        if unknown:
+            raise ValueError(f"no LoRA support for {', '.join(unknown)}")
         row = self._free_rows.pop()
         self.slots[row, : slots.numel()] = slots.to(torch.int32)
-        meta = torch.zeros(4, 3, dtype=torch.int32)
+        meta = torch.zeros(NUM_PROJ, 3, dtype=torch.int32)
         for proj, seg in segments.items():
             meta[PROJ_INDEX[proj]] = torch.tensor([seg.rank, seg.a_start, seg.b_start])
         self.meta[row] = meta.to(self.meta.device)

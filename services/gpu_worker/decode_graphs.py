@@ -4,8 +4,10 @@ few copies and one graph replay instead of hundreds of kernel launches from Pyth
 Each bucket's graph reads static input buffers. A batch of B requests runs in the smallest
 bucket >= B; the padding rows point at a scratch pair of pool slots (so their K/V writes
 harm no one), have no adapter, and a sequence length of 0 (attention gives them zeros).
-Two graphs per bucket: one with LoRA (its kernels sized for the engine's max rank; tiles past
-a request's rank exit at once) and one for batches of base-model requests only.
+Three graphs per bucket: one with LoRA on all seven projections (its kernels sized for the
+engine's max rank; tiles past a request's rank, or of a projection it leaves alone, exit at
+once), one with LoRA on attention only (for batches whose adapters all leave the MLP alone:
+no MLP LoRA launches), and one for batches of base-model requests only.
 """
 
 from __future__ import annotations
@@ -29,6 +31,15 @@ _PER_ROW = (
 # The ones that change from step to step (the rest are fixed: row b is request b, one token).
 _COPIED_PER_STEP = ("input_ids", "positions", "new_k_slots", "new_v_slots", "req_rows",
                     "ctx_lens", "seq_lens", "req_lora")  # fmt: skip
+
+# Which LoRA a graph runs: on every projection, on attention only, or none.
+_LORA_KINDS = ("all", "attention", "none")
+
+
+def _lora_kind(batch: ForwardBatch) -> str:
+    if batch.max_rank == 0:
+        return "none"
+    return "all" if batch.mlp_lora else "attention"
 
 
 class DecodeGraphs:
@@ -64,25 +75,26 @@ class DecodeGraphs:
             lora_groups=[],
         )
         self._scratch = scratch_slots
-        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
-        self._logits: dict[tuple[int, bool], torch.Tensor] = {}
+        self._graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
+        self._logits: dict[tuple[int, str], torch.Tensor] = {}
 
-    def _view(self, bucket: int, with_lora: bool) -> ForwardBatch:
+    def _view(self, bucket: int, lora: str) -> ForwardBatch:
         rows = {name: getattr(self.static, name)[:bucket] for name in _PER_ROW}
-        return replace(self.static, **rows, max_rank=self.max_rank if with_lora else 0)
+        rank = 0 if lora == "none" else self.max_rank
+        return replace(self.static, **rows, max_rank=rank, mlp_lora=lora == "all")
 
     def capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()
         for bucket in reversed(self.buckets):  # largest first: smaller ones reuse its memory
-            for with_lora in (True, False):
-                batch = self._view(bucket, with_lora)
+            for lora in _LORA_KINDS:
+                batch = self._view(bucket, lora)
                 for _ in range(2):  # compile the kernels and settle the allocator first
                     self.model(batch)
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    self._logits[(bucket, with_lora)] = self.model(batch)
-                self._graphs[(bucket, with_lora)] = graph
+                    self._logits[(bucket, lora)] = self.model(batch)
+                self._graphs[(bucket, lora)] = graph
         torch.cuda.synchronize()
         logger.info("captured decode graphs for batch sizes %s", self.buckets)
 
@@ -105,6 +117,6 @@ class DecodeGraphs:
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits [B, vocab] of a decode batch, by graph replay."""
-        key = (self.fill(batch), batch.max_rank > 0)
+        key = (self.fill(batch), _lora_kind(batch))
         self._graphs[key].replay()
         return self._logits[key][: batch.input_ids.shape[0]]

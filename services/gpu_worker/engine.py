@@ -15,7 +15,7 @@ import torch
 
 from services.common.errors import DeadlineExceeded, InvalidArgument
 from services.gpu_worker.adapter_manager import AdapterManager, ResidentAdapter
-from services.gpu_worker.adapter_tables import PROJ_INDEX
+from services.gpu_worker.adapter_tables import MLP_PROJS, max_adapter_slots
 from services.gpu_worker.decode_graphs import DecodeGraphs
 from services.gpu_worker.forward_batch import ForwardBatch, LoraGroup
 from services.gpu_worker.memory_pool import UnifiedMemoryPool
@@ -66,12 +66,11 @@ class Engine:
             unified=unified_pool,
             adapter_region_slots=adapter_region_slots,
         )
-        shape = self.config.shape
-        width = self.pool.width
-        max_adapter_slots = max_rank * sum(sum(shape.proj_dims(p)) for p in PROJ_INDEX) // width
         if max_loras <= max_num_seqs + PREFETCH_WINDOW:
             raise ValueError("max_loras must exceed max_num_seqs + the prefetch window")
-        self.adapters = AdapterManager(self.pool, max_loras, max_adapter_slots)
+        self.adapters = AdapterManager(
+            self.pool, max_loras, max_adapter_slots(self.config, max_rank, self.pool.width)
+        )
         self.max_rank = max_rank
         if lora_backend not in ("kernels", "bmm"):
             raise ValueError(f"lora_backend {lora_backend!r} is not kernels or bmm")
@@ -199,7 +198,7 @@ class Engine:
         q_lens: list[int] = []
         ctx_lens: list[int] = []
         req_lora: list[int] = []
-        max_rank = 0
+        max_rank, mlp_lora = 0, False
         for seq in seqs:
             new = seq.prompt_ids if seq.num_cached == 0 else seq.output_ids[-1:]
             q_starts.append(len(ids))
@@ -213,6 +212,7 @@ class Engine:
             req_lora.append(seq.resident.row if seq.resident else -1)
             if seq.resident is not None:
                 max_rank = max(max_rank, seq.resident.rank)
+                mlp_lora = mlp_lora or not MLP_PROJS.isdisjoint(seq.resident.segments)
         device, sched = self.device, self.scheduler
         pos = torch.tensor(positions, dtype=torch.long, device=device)
         rows = torch.tensor(token_rows, dtype=torch.long, device=device)
@@ -247,6 +247,7 @@ class Engine:
             token_idx=torch.tensor(token_idx, dtype=torch.long, device=device),
             lora_backend=self.lora_backend,
             lora_groups=self._lora_groups(seqs, q_starts, q_lens),
+            mlp_lora=mlp_lora,
         )
 
     def _lora_groups(

@@ -41,7 +41,7 @@ class ForwardBatch:
     k_table: torch.Tensor  # [max_rows, max_len] int32
     v_table: torch.Tensor  # [max_rows, max_len] int32
     lora_slots: torch.Tensor  # [max_loras, max_adapter_slots] int32
-    lora_meta: torch.Tensor  # [max_loras, 4, 3] int32
+    lora_meta: torch.Tensor  # [max_loras, NUM_PROJ, 3] int32 (see adapter_tables)
     max_rank: int  # largest rank among this batch's adapters (0: no adapter in the batch)
     max_q_len: int
     host_q_lens: list[int]
@@ -50,6 +50,9 @@ class ForwardBatch:
     token_idx: torch.Tensor  # [T] int64: its index among that request's new tokens
     lora_groups: list[LoraGroup] = field(default_factory=list)
     lora_backend: str = "kernels"  # or "bmm": S-LoRA's padded-bmm baseline
+    # Some adapter of the batch targets an MLP projection (gate, up or down): without one,
+    # the MLP's LoRA launches are skipped.
+    mlp_lora: bool = True
 
     @property
     def is_decode(self) -> bool:

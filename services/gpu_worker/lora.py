@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from services.gpu_worker.adapter_layout import slots_per_row
 from services.gpu_worker.adapter_manager import ResidentAdapter
 from services.gpu_worker.adapter_tables import PROJ_INDEX
 from services.gpu_worker.forward_batch import ForwardBatch
@@ -24,14 +25,15 @@ def _weight(pool: torch.Tensor, adapter: ResidentAdapter, proj: int, b_side: boo
     seg = adapter.segments[_PROJ_NAME[proj]]
     start, length = (seg.b_start, seg.b_len) if b_side else (seg.a_start, seg.a_len)
     dim = seg.out_features if b_side else seg.in_features
-    return pool.index_select(0, adapter.slots[start : start + length]).view(seg.rank, dim)
+    rows = pool.index_select(0, adapter.slots[start : start + length]).view(seg.rank, -1)
+    return rows[:, :dim]  # each row's last slot is padded when dim is not a multiple of W
 
 
 def shrink(
     x: torch.Tensor, batch: ForwardBatch, layer: int, projs: tuple[int, ...]
 ) -> torch.Tensor:
     """y [T, len(projs), max_rank] = x @ Aᵀ of each row's adapter, for the projections given
-    (q, k, v share x, so they shrink in one launch)."""
+    (q, k, v share x, and so do gate and up: each group shrinks in one launch)."""
     pool = batch.pool[layer]
     if batch.lora_backend == "bmm":
         return _bmm_shrink(x, pool, batch, projs)
@@ -82,13 +84,13 @@ def _padded(
     rows = batch.req_lora.clamp(min=0).long()
     meta = batch.lora_meta[rows, proj]  # [B, 3]: rank, a_start, b_start
     rank = torch.where(has, meta[:, 0], 0)
-    per_rank_row = dim // width
+    per_rank_row = slots_per_row(dim, width)
     offsets = torch.arange(rank_cap * per_rank_row, device=pool.device)
     cols = (meta[:, 2 if b_side else 1, None] + offsets[None, :]).clamp(
         max=batch.lora_slots.shape[1] - 1
     )
-    slots = batch.lora_slots[rows[:, None], cols].long()  # [B, R * dim / W]
-    weights = pool[slots].view(rows.shape[0], rank_cap, dim)
+    slots = batch.lora_slots[rows[:, None], cols].long()  # [B, R * ceil(dim / W)]
+    weights = pool[slots].view(rows.shape[0], rank_cap, per_rank_row * width)[:, :, :dim]
     keep = torch.arange(rank_cap, device=pool.device)[None, :] < rank[:, None]
     return weights * keep[:, :, None]
 

@@ -2,7 +2,8 @@
 
 Parameter names follow Hugging Face's `LlamaForCausalLM`, so a checkpoint loads by name.
 Attention and LoRA go through `attention.attend` and `lora.shrink`/`lora.expand`, which pick
-the Triton kernels on CUDA and their torch references elsewhere.
+the Triton kernels on CUDA and their torch references elsewhere. LoRA may target any of the
+seven linear layers of a decoder layer (q, k, v, o, gate, up, down).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from services.gpu_worker import attention, fused_ops, lora
+from services.gpu_worker.adapter_tables import DOWN, GATE_UP, O_PROJ, QKV
 from services.gpu_worker.forward_batch import ForwardBatch
 from services.gpu_worker.model_config import ModelConfig
 
@@ -67,28 +69,41 @@ class Attention(nn.Module):
         tokens, layer = x.shape[0], self.layer
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if batch.max_rank:
-            y = lora.shrink(x, batch, layer, (0, 1, 2))
+            y = lora.shrink(x, batch, layer, QKV)
             for i, out in enumerate((q, k, v)):
-                lora.expand(out, y, i, batch, layer, proj=i)
+                lora.expand(out, y, i, batch, layer, proj=QKV[i])
         q = fused_ops.rotary(q.view(tokens, self.num_heads, self.head_dim), cos, sin)
         k = fused_ops.rotary(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         attn = attention.attend(layer, q, k, v, batch).reshape(tokens, -1)
         out = self.o_proj(attn)
         if batch.max_rank:
-            lora.expand(out, lora.shrink(attn, batch, layer, (3,)), 0, batch, layer, proj=3)
+            lora.expand(out, lora.shrink(attn, batch, layer, O_PROJ), 0, batch, layer, O_PROJ[0])
         return out
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
+        self.layer = layer
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(fused_ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        # Batches whose adapters all leave the MLP alone skip its LoRA launches altogether.
+        with_lora = batch.max_rank > 0 and batch.mlp_lora
+        if with_lora:
+            y = lora.shrink(x, batch, self.layer, GATE_UP)
+            lora.expand(gate, y, 0, batch, self.layer, proj=GATE_UP[0])
+            lora.expand(up, y, 1, batch, self.layer, proj=GATE_UP[1])
+        hidden = fused_ops.silu_mul(gate, up)
+        out = self.down_proj(hidden)
+        if with_lora:
+            y = lora.shrink(hidden, batch, self.layer, DOWN)
+            lora.expand(out, y, 0, batch, self.layer, proj=DOWN[0])
+        return out
 
 
 class DecoderLayer(nn.Module):
@@ -97,13 +112,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, layer)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), batch)
 
 
 class LlamaModel(nn.Module):

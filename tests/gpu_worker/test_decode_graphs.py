@@ -33,7 +33,7 @@ def test_padding_rows_are_harmless_and_reset_after_a_larger_batch():
     small_engine = Engine(model, pool_slots=2048, max_num_seqs=8)
     small = _decode_batch(small_engine, 3)
     assert graphs.fill(small) == 4
-    view = graphs._view(4, with_lora=True)
+    view = graphs._view(4, lora="all")
     for name in ("input_ids", "positions", "new_k_slots", "new_v_slots", "req_rows", "seq_lens"):
         assert torch.equal(
             getattr(view, name)[:3], getattr(small, name).to(getattr(view, name).dtype)
@@ -42,4 +42,7 @@ def test_padding_rows_are_harmless_and_reset_after_a_larger_batch():
     # slots, attend to nothing and use no adapter.
     assert view.new_k_slots[3] == 1000 and view.new_v_slots[3] == 1001
     assert view.seq_lens[3] == 0 and view.req_lora[3] == -1
-    assert view.max_rank == 64 and graphs._view(4, with_lora=False).max_rank == 0
+    assert view.max_rank == 64 and view.mlp_lora
+    attention_only = graphs._view(4, lora="attention")
+    assert attention_only.max_rank == 64 and not attention_only.mlp_lora
+    assert graphs._view(4, lora="none").max_rank == 0
