@@ -118,12 +118,12 @@ def read_safetensors_header(blob: bytes) -> dict[str, Any]:
         raise ValueError(f"not a safetensors blob: header {exc}") from exc
     if not isinstance(header, dict):
         raise ValueError("not a safetensors blob: header is not a JSON object")
+    if not isinstance(header.get("__metadata__") or {}, dict):
+        raise ValueError("not a safetensors blob: __metadata__ is not a JSON object")
     return header
 
 
 def read_safetensors_metadata(blob: bytes) -> dict[str, str]:
     """The `__metadata__` map of a safetensors blob."""
     meta = read_safetensors_header(blob).get("__metadata__") or {}
-    if not isinstance(meta, dict):
-        raise ValueError("not a safetensors blob: __metadata__ is not a JSON object")
     return {str(k): str(v) for k, v in meta.items()}

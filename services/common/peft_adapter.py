@@ -151,7 +151,7 @@ def _check_plain(option: str, value: str) -> None:
     bad = sorted(set(value) & _REGEX_METACHARACTERS)
     if bad:
         raise AdapterValidationError(
-            f"{option}.{value}" if option.endswith("_pattern") else option,
+            f"{option}.{value}" if option in ("rank_pattern", "alpha_pattern") else option,
             f"{value!r} contains regular-expression characters {''.join(bad)!r}; only module "
             f"names and dotted paths (e.g. 'q_proj', 'layers.3.mlp.down_proj') are supported",
         )
