@@ -1,4 +1,4 @@
-"""What adapters are checked against: the attention shapes of the served base model."""
+"""What adapters are checked against: the linear-layer shapes of the served base model."""
 
 from __future__ import annotations
 
@@ -7,22 +7,37 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Projections a LoRA adapter may target. MLP projections are refused by name, not trimmed.
+# The attention projections: the default targets of synthetic adapters and benchmarks.
 TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+# Every linear layer of a Llama-family decoder layer: what a LoRA adapter may target (PEFT's
+# "all-linear" for these models, which leaves out lm_head).
+LINEAR_MODULES: tuple[str, ...] = TARGET_MODULES + MLP_MODULES
+
+
+def module_block(proj: str) -> str:
+    """The submodule of a decoder layer that holds `proj`: "self_attn" or "mlp"."""
+    if proj in TARGET_MODULES:
+        return "self_attn"
+    if proj in MLP_MODULES:
+        return "mlp"
+    raise KeyError(f"{proj!r} is not a linear layer of a decoder layer")
 
 
 @dataclass(frozen=True)
 class BaseModelShape:
-    """Layer count and attention layout of the base model."""
+    """Layer count, attention layout and MLP width of the base model."""
 
     num_layers: int
     hidden_size: int
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    # 0 when unknown: then only the attention projections have dimensions.
+    intermediate_size: int = 0
 
     def proj_dims(self, proj: str) -> tuple[int, int]:
-        """(in_features, out_features) of one attention projection."""
+        """(in_features, out_features) of one linear layer of a decoder layer."""
         q_out = self.num_heads * self.head_dim
         kv_out = self.num_kv_heads * self.head_dim
         dims = {
@@ -31,6 +46,12 @@ class BaseModelShape:
             "v_proj": (self.hidden_size, kv_out),
             "o_proj": (q_out, self.hidden_size),
         }
+        if self.intermediate_size > 0:
+            dims["gate_proj"] = (self.hidden_size, self.intermediate_size)
+            dims["up_proj"] = (self.hidden_size, self.intermediate_size)
+            dims["down_proj"] = (self.intermediate_size, self.hidden_size)
+        elif proj in MLP_MODULES:
+            raise KeyError(f"{proj}: the base model's intermediate_size is not known")
         return dims[proj]
 
     @classmethod
@@ -46,6 +67,7 @@ class BaseModelShape:
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,
+            intermediate_size=int(cfg.get("intermediate_size") or 0),
         )
 
 

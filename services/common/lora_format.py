@@ -1,22 +1,34 @@
 """The canonical adapter layout that workers load, and its safetensors serialization.
 
-Per target projection `p` the canonical weights are two stacked tensors:
-`p.lora_A` of shape [num_layers, r, in_features] and `p.lora_B` of shape
-[num_layers, out_features, r], with each module's scaling already folded into B, so that
-the LoRA delta of layer l is `x @ A[l].T @ B[l].T`. Layers an adapter does not touch and
-modules of smaller rank (rank_pattern) are zero-padded to r, which leaves the math exact.
+Per target projection `p` (any of q/k/v/o_proj and gate/up/down_proj) the canonical weights
+are two stacked tensors: `p.lora_A` of shape [num_layers, r_p, in_features] and `p.lora_B` of
+shape [num_layers, out_features, r_p], with each module's scaling (alpha / r, or alpha / sqrt(r)
+with rslora; per module under rank_pattern / alpha_pattern) already folded into B, so that the
+LoRA delta of layer l is `x @ A[l].T @ B[l].T`.
+
+Ranks are per projection, not per adapter: r_p is the largest rank of projection p over the
+layers, so an adapter with rank 64 on q_proj and 8 on down_proj stores down_proj at rank 8.
+Within one projection, layers of smaller rank and layers the adapter does not touch are
+zero-padded to r_p (the worker's pool lays one slot list across all layers of a projection),
+which leaves the math exact. `CanonicalAdapter.rank` is the largest r_p.
 """
 
 from __future__ import annotations
 
-import json
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from services.common.bounded_json import JsonBoundsError, loads_bounded
+
+# Safetensors headers are small (about 130 bytes a tensor); the library itself allows 100 MB.
+MAX_SAFETENSORS_HEADER_BYTES = 4 << 20
+# A header is an object of objects holding arrays: 3 levels; a little slack for metadata.
+MAX_SAFETENSORS_HEADER_DEPTH = 8
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -85,13 +97,33 @@ class CanonicalAdapter:
         return adapter
 
 
-def read_safetensors_metadata(blob: bytes) -> dict[str, str]:
-    """The `__metadata__` map of a safetensors blob (8-byte little-endian header length, JSON)."""
+def read_safetensors_header(blob: bytes) -> dict[str, Any]:
+    """The JSON header of a safetensors blob (8-byte little-endian length, then JSON), checked
+    for size and nesting before it is parsed; `ValueError` when it is not one."""
     if len(blob) < 8:
         raise ValueError("not a safetensors blob: shorter than its 8-byte header length")
     (header_len,) = struct.unpack("<Q", blob[:8])
     if header_len > len(blob) - 8:
         raise ValueError("not a safetensors blob: header runs past the end")
-    header = json.loads(blob[8 : 8 + header_len])
-    meta = header.get("__metadata__") or {}
+    if header_len > MAX_SAFETENSORS_HEADER_BYTES:
+        raise ValueError(
+            f"safetensors header: {header_len} bytes is over the limit of "
+            f"{MAX_SAFETENSORS_HEADER_BYTES}"
+        )
+    try:
+        header = loads_bounded(
+            blob[8 : 8 + header_len], MAX_SAFETENSORS_HEADER_BYTES, MAX_SAFETENSORS_HEADER_DEPTH
+        )
+    except JsonBoundsError as exc:
+        raise ValueError(f"not a safetensors blob: header {exc}") from exc
+    if not isinstance(header, dict):
+        raise ValueError("not a safetensors blob: header is not a JSON object")
+    if not isinstance(header.get("__metadata__") or {}, dict):
+        raise ValueError("not a safetensors blob: __metadata__ is not a JSON object")
+    return header
+
+
+def read_safetensors_metadata(blob: bytes) -> dict[str, str]:
+    """The `__metadata__` map of a safetensors blob."""
+    meta = read_safetensors_header(blob).get("__metadata__") or {}
     return {str(k): str(v) for k, v in meta.items()}

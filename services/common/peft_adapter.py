@@ -3,30 +3,53 @@
 Every refusal is an `AdapterValidationError` naming the offending key, so that the store can
 answer INVALID_ARGUMENT with a reason a person can act on. Validation happens once, at upload
 (or at load for adapters given as local folders).
+
+The conversion reproduces what PEFT itself loads from the same folder: which modules
+`target_modules` / `exclude_modules` / `layers_to_transform` select, and which `rank_pattern` /
+`alpha_pattern` entry applies to each module (PEFT's first key `k` in order such that
+`re.match(rf"(.*\\.)?({k})$", module_name)`). Nothing the sender wrote is ever compiled as a
+regular expression: a key made of plain characters means the same under plain string logic
+(`.` standing for any one character, as in a regex), and a key with any other regex
+metacharacter is refused.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from safetensors.torch import load as st_load
 
-from services.common.base_model import TARGET_MODULES, BaseModelShape
-from services.common.lora_format import CanonicalAdapter
+from services.common.base_model import LINEAR_MODULES, MLP_MODULES, BaseModelShape, module_block
+from services.common.bounded_json import JsonBoundsError, loads_bounded
+from services.common.lora_format import CanonicalAdapter, read_safetensors_header
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
-_KEY_RE = re.compile(
-    r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_(A|B)\.weight$"
-)
-# PEFT options that change the math beyond plain LoRA on q/k/v/o: refused when set.
+# adapter_config.json files are about 1 KB; per-layer rank patterns of an 80-layer model ~25 KB.
+MAX_CONFIG_BYTES = 256 << 10
+MAX_CONFIG_DEPTH = 8
+MAX_PATTERN_ENTRIES = 4096  # rank_pattern, alpha_pattern, target_modules, exclude_modules
+ALL_LINEAR = "all-linear"  # PEFT's shorthand; for a Llama-family model: LINEAR_MODULES
+
+PEFT_DEFAULT_ALPHA = 8  # LoraConfig's lora_alpha when the config leaves it out
+# init_lora_weights values under which the trained adapter is plain LoRA on the unmodified base
+# model. The others (pissa, olora, corda, loftq, lora_ga) change the base weights at training
+# start, or (mica) the forward; such an adapter only fits our base model once PEFT has
+# converted it at save time, which writes init_lora_weights=true.
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+_PEFT_PREFIX = "base_model.model."  # PeftModel's name for the wrapped model's root
+_LORA_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
+# What a pattern key may contain beyond plain characters: refused, because its meaning as a
+# regex differs from its meaning as text. `.` stays: as any-one-character it is matched exactly.
+_REGEX_METACHARACTERS = frozenset("\\^$*+?{}[]|()")
+
+# PEFT options that change the math beyond plain LoRA: refused when set (truthy).
 _UNSUPPORTED_OPTIONS = (
     "use_dora",
     "modules_to_save",
@@ -37,10 +60,51 @@ _UNSUPPORTED_OPTIONS = (
     "use_qalora",
     "alora_invocation_tokens",
     "use_bdlora",
+    "megatron_config",
+    "enable_lora",  # PEFT 0.2's merged-QKV layout
     # LoRA variants (PEFT marks them is_lora_variant) whose forward differs from x·Aᵀ·Bᵀ.
+    "velora_config",
     "monteclora_config",
     "arrow_config",
     "kasa_config",
+)
+# Options that only matter for training, initialization or bookkeeping: any value is fine.
+_INERT_OPTIONS = frozenset(
+    {
+        "task_type",
+        "inference_mode",
+        "revision",
+        "auto_mapping",
+        "peft_version",
+        "lora_dropout",
+        "init_lora_weights",
+        "loftq_config",
+        "eva_config",
+        "corda_config",
+        "lora_ga_config",
+        "runtime_config",
+        "ensure_weight_tying",
+        "megatron_core",
+        "qalora_group_size",
+        "merge_weights",
+        "base_model_name_or_path",
+    }
+)
+_HANDLED_OPTIONS = frozenset(
+    {
+        "peft_type",
+        "r",
+        "lora_alpha",
+        "use_rslora",
+        "fan_in_fan_out",
+        "bias",
+        "target_modules",
+        "exclude_modules",
+        "layers_to_transform",
+        "layers_pattern",
+        "rank_pattern",
+        "alpha_pattern",
+    }
 )
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -54,6 +118,82 @@ class AdapterValidationError(ValueError):
         self.reason = reason
 
 
+# ---- PEFT's name matching, without regular expressions ---------------------------------------
+
+
+def _wildcard_equal(pattern: str, text: str) -> bool:
+    """`re.fullmatch(pattern, text)` for a pattern of plain characters and `.` (any character)."""
+    if len(pattern) != len(text):
+        return False
+    pos = 0
+    for piece in pattern.split("."):
+        if not text.startswith(piece, pos):
+            return False
+        pos += len(piece) + 1
+    return True
+
+
+def matches_pattern_key(key: str, module_name: str) -> bool:
+    """PEFT's `re.match(rf"(.*\\.)?({key})$", module_name)` for a key without metacharacters:
+    the key matches the whole name, or a suffix of it that starts right after a `.`."""
+    start = len(module_name) - len(key)
+    if start < 0 or (start > 0 and module_name[start - 1] != "."):
+        return False
+    return _wildcard_equal(key, module_name[start:])
+
+
+def pattern_key_for(keys: Iterable[str], module_name: str) -> str | None:
+    """PEFT's `get_pattern_key`: the first key, in order, that matches `module_name`."""
+    return next((k for k in keys if matches_pattern_key(k, module_name)), None)
+
+
+def _check_plain(option: str, value: str) -> None:
+    bad = sorted(set(value) & _REGEX_METACHARACTERS)
+    if bad:
+        raise AdapterValidationError(
+            f"{option}.{value}" if option in ("rank_pattern", "alpha_pattern") else option,
+            f"{value!r} contains regular-expression characters {''.join(bad)!r}; only module "
+            f"names and dotted paths (e.g. 'q_proj', 'layers.3.mlp.down_proj') are supported",
+        )
+
+
+# ---- The base model's modules ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Module:
+    name: str  # as in the base model, e.g. "model.layers.3.mlp.down_proj"
+    layer: int | None  # None for modules outside the decoder layers
+    proj: str | None  # one of LINEAR_MODULES, or None for a module LoRA cannot target here
+
+
+def _model_modules(shape: BaseModelShape) -> Iterator[_Module]:
+    """Every named module of a Llama-family causal LM (HF's names), with what it is."""
+    for name in ("", "model", "model.embed_tokens", "model.layers", "model.norm"):
+        yield _Module(name, None, None)
+    yield _Module("model.rotary_emb", None, None)
+    yield _Module("lm_head", None, None)
+    for layer in range(shape.num_layers):
+        prefix = f"model.layers.{layer}"
+        for sub in ("", ".self_attn", ".mlp", ".mlp.act_fn", ".input_layernorm"):
+            yield _Module(prefix + sub, layer, None)
+        yield _Module(prefix + ".post_attention_layernorm", layer, None)
+        for proj in LINEAR_MODULES:
+            yield _Module(f"{prefix}.{module_block(proj)}.{proj}", layer, proj)
+
+
+def _dot_suffixes(name: str) -> Iterator[str]:
+    """`name` and each of its suffixes that start right after a `.`."""
+    yield name
+    pos = name.find(".")
+    while pos >= 0:
+        yield name[pos + 1 :]
+        pos = name.find(".", pos + 1)
+
+
+# ---- adapter_config.json -----------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class _LoraOptions:
     r: int
@@ -61,146 +201,339 @@ class _LoraOptions:
     use_rslora: bool
     rank_pattern: dict[str, int]
     alpha_pattern: dict[str, float]
+    target_modules: str | frozenset[str]
+    exclude_modules: str | frozenset[str] | None
+    layers_to_transform: frozenset[int] | None
+    layers_pattern: tuple[str, ...]
     base_model: str
 
 
-def _pattern_value(patterns: dict[str, Any], module_name: str) -> Any | None:
-    """PEFT's rule: a pattern key matches a module name exactly or as a dotted suffix regex."""
-    for key, value in patterns.items():
-        if key == module_name or re.match(rf"(.*\.)?({key})$", module_name):
-            return value
-    return None
-
-
-def _parse_config(config_json: str) -> _LoraOptions:
-    try:
-        cfg = json.loads(config_json)
-    except json.JSONDecodeError as exc:
-        raise AdapterValidationError(CONFIG_FILE, f"not valid JSON ({exc})") from exc
-    if not isinstance(cfg, dict):
-        raise AdapterValidationError(CONFIG_FILE, "must be a JSON object")
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise AdapterValidationError(
-            "peft_type", f"only LORA is supported, got {cfg['peft_type']!r}"
-        )
-    for option in _UNSUPPORTED_OPTIONS:
-        if cfg.get(option):
-            raise AdapterValidationError(option, f"is set ({cfg[option]!r}); not supported")
-    if cfg.get("bias", "none") != "none":
-        raise AdapterValidationError("bias", f"only 'none' is supported, got {cfg['bias']!r}")
-    targets = cfg.get("target_modules")
-    if isinstance(targets, str) and targets == "all-linear":
-        raise AdapterValidationError(
-            "target_modules", "'all-linear' targets MLP projections; only q/k/v/o are supported"
-        )
-    if isinstance(targets, list):
-        unsupported = sorted(set(targets) - set(TARGET_MODULES))
-        if unsupported:
-            raise AdapterValidationError(
-                "target_modules",
-                f"{', '.join(unsupported)} not supported; supported: {', '.join(TARGET_MODULES)}",
-            )
-    r = cfg.get("r")
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise AdapterValidationError("r", f"must be a positive integer, got {r!r}")
-    alpha = cfg.get("lora_alpha", r)
-    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise AdapterValidationError("lora_alpha", f"must be a finite number, got {alpha!r}")
-    for name in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(cfg.get(name) or {}, dict):
-            raise AdapterValidationError(name, "must be an object of pattern -> value")
-    _check_options(cfg)
-    return _LoraOptions(
-        r=r,
-        alpha=float(alpha),
-        use_rslora=bool(cfg.get("use_rslora", False)),
-        rank_pattern=dict(cfg.get("rank_pattern") or {}),
-        alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
-        base_model=str(cfg.get("base_model_name_or_path") or ""),
-    )
+def _is_int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check_options(cfg: dict[str, Any]) -> None:
-    """Types of the options whose values change the math (a wrong type must not slip through
-    as truthy). fan_in_fan_out may be either: PEFT itself ignores it for nn.Linear targets."""
-    for flag in ("use_rslora", "fan_in_fan_out"):
-        if cfg.get(flag) is not None and not isinstance(cfg[flag], bool):
-            raise AdapterValidationError(flag, f"must be true or false, got {cfg[flag]!r}")
-    for pattern, rank in (cfg.get("rank_pattern") or {}).items():
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-            raise AdapterValidationError(
-                f"rank_pattern.{pattern}", f"must be a positive integer, got {rank!r}"
-            )
-    for pattern, alpha in (cfg.get("alpha_pattern") or {}).items():
-        if not _is_number(alpha):
-            raise AdapterValidationError(
-                f"alpha_pattern.{pattern}", f"must be a finite number, got {alpha!r}"
-            )
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _load_tensors(weights: bytes) -> dict[str, torch.Tensor]:
+def _load_config(config_json: str) -> dict[str, Any]:
     try:
-        return st_load(weights)
+        cfg = loads_bounded(config_json, MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH)
+    except JsonBoundsError as exc:
+        raise AdapterValidationError(CONFIG_FILE, str(exc)) from exc
+    if not isinstance(cfg, dict):
+        raise AdapterValidationError(CONFIG_FILE, "must be a JSON object")
+    return cfg
+
+
+def _check_refused_options(cfg: dict[str, Any]) -> None:
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise AdapterValidationError(
+            "peft_type", f"only LORA is supported, got {_describe(cfg['peft_type'])}"
+        )
+    for option in _UNSUPPORTED_OPTIONS:
+        if cfg.get(option):
+            raise AdapterValidationError(
+                option, f"is set ({_describe(cfg[option])}); not supported"
+            )
+    if cfg.get("bias", "none") not in ("none", None):
+        raise AdapterValidationError(
+            "bias", f"only 'none' is supported, got {_describe(cfg['bias'])}"
+        )
+    init = cfg.get("init_lora_weights", True)
+    if not any(init is v if isinstance(v, bool) else init == v for v in _PLAIN_INITS):
+        raise AdapterValidationError(
+            "init_lora_weights",
+            f"{_describe(init)} modifies the base weights or the forward; only plain LoRA is "
+            "supported (save a PiSSA/OLoRA/CorDA/LoftQ/LoRA-GA adapter converted to LoRA)",
+        )
+    for flag in ("use_rslora", "fan_in_fan_out"):
+        # fan_in_fan_out may be either: PEFT itself resets it for nn.Linear targets.
+        if cfg.get(flag) is not None and not isinstance(cfg[flag], bool):
+            raise AdapterValidationError(flag, f"must be true or false, got {_describe(cfg[flag])}")
+    unknown = sorted(k for k, v in cfg.items() if k not in _INERT_OPTIONS | _HANDLED_OPTIONS and v)
+    unknown = [k for k in unknown if k not in _UNSUPPORTED_OPTIONS]
+    if unknown:
+        raise AdapterValidationError(
+            unknown[0], f"unknown option, set ({_describe(cfg[unknown[0]])}); not supported"
+        )
+
+
+def _name_list(cfg: dict[str, Any], option: str) -> str | frozenset[str] | None:
+    """A target_modules-style option: None, one string (PEFT: a regex, fully matched), or a list
+    of names (PEFT: exact name or dotted suffix)."""
+    value = cfg.get(option)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value.lower() != ALL_LINEAR or option != "target_modules":
+            _check_plain(option, value)
+        return value
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise AdapterValidationError(option, f"must be a list of names, got {_describe(value)}")
+    if len(value) > MAX_PATTERN_ENTRIES:
+        raise AdapterValidationError(option, f"{len(value)} entries, over {MAX_PATTERN_ENTRIES}")
+    return frozenset(value)
+
+
+def _pattern_dict(cfg: dict[str, Any], option: str) -> dict[str, Any]:
+    value = cfg.get(option) or {}
+    if not isinstance(value, dict):
+        raise AdapterValidationError(option, "must be an object of pattern -> value")
+    if len(value) > MAX_PATTERN_ENTRIES:
+        raise AdapterValidationError(option, f"{len(value)} entries, over {MAX_PATTERN_ENTRIES}")
+    for key, item in value.items():
+        _check_plain(option, key)
+        if option == "rank_pattern" and (not _is_int(item) or item <= 0):
+            raise AdapterValidationError(
+                f"{option}.{key}", f"must be a positive integer, got {_describe(item)}"
+            )
+        if option == "alpha_pattern" and not _is_number(item):
+            raise AdapterValidationError(
+                f"{option}.{key}", f"must be a finite number, got {_describe(item)}"
+            )
+    return dict(value)
+
+
+def _layer_options(cfg: dict[str, Any]) -> tuple[frozenset[int] | None, tuple[str, ...]]:
+    layers = cfg.get("layers_to_transform")
+    if isinstance(layers, list) and not layers:
+        layers = None  # PEFT: an empty list selects nothing out, like None
+    if layers is not None:
+        items = [layers] if _is_int(layers) else layers
+        if not isinstance(items, list) or not all(_is_int(i) and i >= 0 for i in items):
+            raise AdapterValidationError(
+                "layers_to_transform",
+                f"must be a layer index or a list of them, got {_describe(layers)}",
+            )
+        if isinstance(cfg.get("target_modules"), str):
+            raise AdapterValidationError(
+                "layers_to_transform", "cannot be used when target_modules is a string (PEFT)"
+            )
+        layers = frozenset(items)
+    pattern = cfg.get("layers_pattern") or []
+    patterns = [pattern] if isinstance(pattern, str) else pattern
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        raise AdapterValidationError(
+            "layers_pattern", f"must be a name or a list of names, got {_describe(pattern)}"
+        )
+    for item in patterns:
+        _check_plain("layers_pattern", item)
+    return layers, tuple(patterns)
+
+
+def _parse_config(config_json: str) -> _LoraOptions:
+    cfg = _load_config(config_json)
+    _check_refused_options(cfg)
+    r = cfg.get("r")
+    if not _is_int(r) or r <= 0:
+        raise AdapterValidationError("r", f"must be a positive integer, got {_describe(r)}")
+    alpha = cfg.get("lora_alpha", PEFT_DEFAULT_ALPHA)
+    if not _is_number(alpha):
+        raise AdapterValidationError(
+            "lora_alpha", f"must be a finite number, got {_describe(alpha)}"
+        )
+    targets = _name_list(cfg, "target_modules")
+    if targets is None:
+        raise AdapterValidationError("target_modules", "missing; name the modules LoRA is on")
+    layers, layers_pattern = _layer_options(cfg)
+    base_model = cfg.get("base_model_name_or_path") or ""
+    return _LoraOptions(
+        r=r,
+        alpha=float(alpha),
+        use_rslora=bool(cfg.get("use_rslora", False)),
+        rank_pattern=_pattern_dict(cfg, "rank_pattern"),
+        alpha_pattern=_pattern_dict(cfg, "alpha_pattern"),
+        target_modules=targets,
+        exclude_modules=_name_list(cfg, "exclude_modules"),
+        layers_to_transform=layers,
+        layers_pattern=layers_pattern,
+        base_model=base_model if isinstance(base_model, str) else str(base_model),
+    )
+
+
+# ---- Which modules the config selects (PEFT's check_target_module_exists) ----------------------
+
+
+def _excluded(opts: _LoraOptions, name: str) -> bool:
+    excluded = opts.exclude_modules
+    if not excluded:
+        return False
+    if isinstance(excluded, str):
+        return _wildcard_equal(excluded, name)
+    return any(s in excluded for s in _dot_suffixes(name))
+
+
+def _layer_selected(opts: _LoraOptions, module: _Module) -> bool:
+    """PEFT's layers_to_transform test: the index after the first numbered path segment (or
+    after a `layers_pattern` segment) must be listed. In Llama names that is the layer."""
+    assert opts.layers_to_transform is not None
+    if module.layer is None or module.name == f"model.layers.{module.layer}":
+        return False  # no "<segment>.<index>." in the name
+    if opts.layers_pattern and not any(
+        matches_pattern_key(p, "model.layers") for p in opts.layers_pattern
+    ):
+        return False
+    return module.layer in opts.layers_to_transform
+
+
+def _selected_by(opts: _LoraOptions, module: _Module) -> str | None:
+    """The target_modules entry that selects `module` for LoRA in PEFT, or None."""
+    name, targets = module.name, opts.target_modules
+    if _excluded(opts, name):
+        return None
+    if isinstance(targets, str):
+        if targets.lower() == ALL_LINEAR:
+            return ALL_LINEAR if module.proj is not None else None
+        return targets if _wildcard_equal(targets, name) else None
+    if name in targets:
+        return name
+    entry = next((s for s in _dot_suffixes(name) if s in targets), None)
+    if entry is not None and opts.layers_to_transform is not None:
+        return entry if _layer_selected(opts, module) else None
+    return entry
+
+
+def _selected_modules(opts: _LoraOptions, shape: BaseModelShape) -> dict[str, _Module]:
+    """{module name: module} of the linear layers LoRA is on; refuses selections PEFT would
+    put LoRA on that we do not serve (lm_head, embeddings), or could not (norms, blocks)."""
+    selected: dict[str, _Module] = {}
+    for module in _model_modules(shape):
+        entry = _selected_by(opts, module)
+        if entry is None:
+            continue
+        if module.proj is None:
+            what = {
+                "lm_head": "LoRA on the output head (lm_head) is not supported",
+                "model.embed_tokens": "LoRA on embeddings (embed_tokens) is not supported",
+            }.get(module.name, "is not a linear layer; LoRA goes on q/k/v/o/gate/up/down_proj")
+            raise AdapterValidationError(
+                "target_modules", f"{entry!r} selects {module.name}: {what}"
+            )
+        if module.proj in MLP_MODULES and shape.intermediate_size <= 0:
+            raise AdapterValidationError(
+                "target_modules", f"{module.proj}: the base model's intermediate_size is unknown"
+            )
+        selected[module.name] = module
+    if not selected:
+        raise AdapterValidationError(
+            "target_modules",
+            f"{_describe(opts.target_modules)} selects no module of the base model (PEFT matches "
+            f"a string against whole names such as model.layers.0.self_attn.q_proj)",
+        )
+    return selected
+
+
+# ---- adapter_model.safetensors -----------------------------------------------------------------
+
+
+def _split_key(key: str) -> tuple[str, str] | None:
+    """("model.layers.3.mlp.down_proj", "A") from a PEFT LoRA weight key, or None."""
+    if not key.startswith(_PEFT_PREFIX):
+        return None
+    for suffix, kind in _LORA_SUFFIXES.items():
+        if key.endswith(suffix):
+            return key[len(_PEFT_PREFIX) : -len(suffix)], kind
+    return None
+
+
+def _weight_key(module_name: str, kind: str) -> str:
+    return f"{_PEFT_PREFIX}{module_name}.lora_{kind}.weight"
+
+
+def _check_weight_names(
+    names: Iterable[str], selected: dict[str, _Module], shape: BaseModelShape
+) -> None:
+    """Every tensor must be lora_A/lora_B of a selected module; every selected module needs
+    both. Checked on the header, before any tensor is read."""
+    linear = {m.name: m for m in _model_modules(shape) if m.proj is not None}
+    present: set[tuple[str, str]] = set()
+    for key in sorted(names):
+        split = _split_key(key)
+        if split is None or split[0] not in linear:
+            raise AdapterValidationError(
+                key,
+                "unexpected tensor; only lora_A/lora_B weights of the base model's "
+                f"{'/'.join(LINEAR_MODULES)} layers (0..{shape.num_layers - 1}) are allowed",
+            )
+        if split[0] not in selected:
+            raise AdapterValidationError(
+                key,
+                "its module is not selected by target_modules (PEFT would not load it); "
+                "fix target_modules or remove the tensor",
+            )
+        present.add(split)
+    for name in selected:
+        for kind in ("A", "B"):
+            if (name, kind) not in present:
+                raise AdapterValidationError(
+                    _weight_key(name, kind), "missing (target_modules selects this module)"
+                )
+
+
+def _load_tensors(
+    weights: bytes, selected: dict[str, _Module], shape: BaseModelShape
+) -> dict[str, torch.Tensor]:
+    try:
+        header = read_safetensors_header(weights)
+    except ValueError as exc:
+        raise AdapterValidationError(
+            WEIGHTS_FILE, f"not a readable safetensors file ({exc})"
+        ) from exc
+    _check_weight_names((k for k in header if k != "__metadata__"), selected, shape)
+    try:
+        tensors = st_load(weights)
     except Exception as exc:  # safetensors raises several types for corrupt input
         raise AdapterValidationError(
             WEIGHTS_FILE, f"not a readable safetensors file ({exc})"
         ) from exc
-
-
-def _group_modules(
-    tensors: dict[str, torch.Tensor], shape: BaseModelShape
-) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
-    """{(layer, proj): {"A": tensor, "B": tensor}}, refusing keys that are not q/k/v/o LoRA."""
-    modules: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        match = _KEY_RE.match(key)
-        if match is None:
-            raise AdapterValidationError(key, "unexpected tensor; only LoRA A/B of q/k/v/o allowed")
-        layer, block, proj, kind = int(match[1]), match[2], match[3], match[4]
-        if block != "self_attn" or proj not in TARGET_MODULES:
-            raise AdapterValidationError(key, f"targets {block}.{proj}, which is not supported")
-        if layer >= shape.num_layers:
-            raise AdapterValidationError(key, f"layer {layer} >= base model's {shape.num_layers}")
         if tensor.dtype not in _FLOAT_DTYPES:
             raise AdapterValidationError(key, f"dtype {tensor.dtype} not supported")
         if not bool(torch.isfinite(tensor).all()):
             raise AdapterValidationError(key, "has non-finite values (NaN or inf)")
-        modules.setdefault((layer, proj), {})[kind] = tensor
-    if not modules:
-        raise AdapterValidationError(WEIGHTS_FILE, "holds no LoRA tensors")
-    return modules
+    return tensors
 
 
-def _module_rank_and_scaling(
-    opts: _LoraOptions,
-    layer: int,
-    proj: str,
+# ---- Conversion --------------------------------------------------------------------------------
+
+
+def _module_rank_and_scaling(opts: _LoraOptions, module_name: str) -> tuple[int, float]:
+    """PEFT's LoraModel._create_and_replace: rank and alpha from the first matching pattern."""
+    r_key = pattern_key_for(opts.rank_pattern, module_name)
+    a_key = pattern_key_for(opts.alpha_pattern, module_name)
+    rank = opts.rank_pattern[r_key] if r_key is not None else opts.r
+    alpha = float(opts.alpha_pattern[a_key]) if a_key is not None else opts.alpha
+    return rank, alpha / math.sqrt(rank) if opts.use_rslora else alpha / rank
+
+
+def _check_module_shapes(
+    module: _Module,
     a: torch.Tensor,
     b: torch.Tensor,
+    rank: int,
     shape: BaseModelShape,
     max_rank: int,
-) -> tuple[int, float]:
-    name = f"model.layers.{layer}.self_attn.{proj}"
-    key = f"base_model.model.{name}"
-    rank = _pattern_value(opts.rank_pattern, name) or opts.r
-    in_f, out_f = shape.proj_dims(proj)
+) -> None:
+    assert module.proj is not None
+    in_f, out_f = shape.proj_dims(module.proj)
     if tuple(a.shape) != (rank, in_f):
         raise AdapterValidationError(
-            f"{key}.lora_A.weight", f"shape {list(a.shape)} != {[rank, in_f]}"
+            _weight_key(module.name, "A"), f"shape {list(a.shape)} != {[rank, in_f]}"
         )
     if tuple(b.shape) != (out_f, rank):
         raise AdapterValidationError(
-            f"{key}.lora_B.weight", f"shape {list(b.shape)} != {[out_f, rank]}"
+            _weight_key(module.name, "B"), f"shape {list(b.shape)} != {[out_f, rank]}"
         )
     if rank > max_rank:
-        raise AdapterValidationError(f"{key}.lora_A.weight", f"rank {rank} > max rank {max_rank}")
-    alpha = float(_pattern_value(opts.alpha_pattern, name) or opts.alpha)
-    scaling = alpha / math.sqrt(rank) if opts.use_rslora else alpha / rank
-    return int(rank), scaling
+        raise AdapterValidationError(
+            _weight_key(module.name, "A"), f"rank {rank} > max rank {max_rank}"
+        )
 
 
 def canonicalize(
@@ -208,40 +541,41 @@ def canonicalize(
 ) -> CanonicalAdapter:
     """Validate a PEFT adapter against `shape` and return it in canonical layout."""
     opts = _parse_config(config_json)
-    modules = _group_modules(_load_tensors(weights), shape)
-    ranks: dict[tuple[int, str], tuple[int, float]] = {}
-    for (layer, proj), pair in modules.items():
-        for kind in ("A", "B"):
-            if kind not in pair:
-                raise AdapterValidationError(
-                    f"base_model.model.model.layers.{layer}.self_attn.{proj}.lora_{kind}.weight",
-                    "missing (each module needs both lora_A and lora_B)",
-                )
-        ranks[(layer, proj)] = _module_rank_and_scaling(
-            opts, layer, proj, pair["A"], pair["B"], shape, max_rank
-        )
-    rank = max(r for r, _ in ranks.values())
-    dtype = next(iter(modules.values()))["A"].dtype
+    selected = _selected_modules(opts, shape)
+    tensors = _load_tensors(weights, selected, shape)
+    ranks: dict[str, tuple[int, float]] = {}
+    for name, module in selected.items():
+        ranks[name] = _module_rank_and_scaling(opts, name)
+        a, b = tensors[_weight_key(name, "A")], tensors[_weight_key(name, "B")]
+        _check_module_shapes(module, a, b, ranks[name][0], shape, max_rank)
+    proj_rank: dict[str, int] = {}
+    for name, module in selected.items():
+        assert module.proj is not None
+        proj_rank[module.proj] = max(proj_rank.get(module.proj, 0), ranks[name][0])
+    dtype = next(iter(tensors.values())).dtype
     adapter = CanonicalAdapter(
         adapter_id=adapter_id,
-        rank=rank,
+        rank=max(proj_rank.values()),
         alpha=opts.alpha,
         scaling=opts.alpha / math.sqrt(opts.r) if opts.use_rslora else opts.alpha / opts.r,
         base_model=opts.base_model,
     )
-    for proj in sorted({p for _, p in modules}):
+    for proj in sorted(proj_rank, key=LINEAR_MODULES.index):
         in_f, out_f = shape.proj_dims(proj)
-        a_all = torch.zeros(shape.num_layers, rank, in_f, dtype=dtype)
-        b_all = torch.zeros(shape.num_layers, out_f, rank, dtype=dtype)
-        for (layer, p), pair in modules.items():
-            if p != proj:
-                continue
-            r_m, s_m = ranks[(layer, p)]
-            a_all[layer, :r_m] = pair["A"]
-            # Fold in float32: a half-precision adapter then loses one rounding, no more.
-            b_all[layer, :, :r_m] = (pair["B"].float() * s_m).to(dtype)
-        adapter.lora_a[proj] = a_all
-        adapter.lora_b[proj] = b_all
+        adapter.lora_a[proj] = torch.zeros(shape.num_layers, proj_rank[proj], in_f, dtype=dtype)
+        adapter.lora_b[proj] = torch.zeros(shape.num_layers, out_f, proj_rank[proj], dtype=dtype)
+    for name, module in selected.items():
+        assert module.proj is not None and module.layer is not None
+        rank, scaling = ranks[name]
+        # Fold in float32: a half-precision adapter then loses one rounding, no more.
+        folded = (tensors[_weight_key(name, "B")].float() * scaling).to(dtype)
+        if not bool(torch.isfinite(folded).all()):
+            raise AdapterValidationError(
+                "alpha_pattern" if opts.alpha_pattern else "lora_alpha",
+                f"scaling {scaling!r} of {name} overflows {dtype} once folded into lora_B",
+            )
+        adapter.lora_a[module.proj][module.layer, :rank] = tensors[_weight_key(name, "A")]
+        adapter.lora_b[module.proj][module.layer, :, :rank] = folded
     return adapter
 
 
@@ -254,6 +588,8 @@ def load_peft_folder(
     for needed in (config_path, weights_path):
         if not needed.is_file():
             raise AdapterValidationError(needed.name, f"missing in {folder}")
+    if config_path.stat().st_size > MAX_CONFIG_BYTES:
+        raise AdapterValidationError(CONFIG_FILE, f"over the limit of {MAX_CONFIG_BYTES} bytes")
     return canonicalize(
         adapter_id or folder.name,
         config_path.read_text(),

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from services.common.base_model import TARGET_MODULES, BaseModelShape
+from services.common.base_model import TARGET_MODULES, BaseModelShape, module_block
 
 
 def save_random_peft_adapter(
@@ -22,7 +22,8 @@ def save_random_peft_adapter(
     targets: Sequence[str] = TARGET_MODULES,
     std: float = 0.05,
 ) -> Path:
-    """Write adapter_config.json and adapter_model.safetensors with random A and B."""
+    """Write adapter_config.json and adapter_model.safetensors with random A and B on `targets`
+    (any of base_model.LINEAR_MODULES; the MLP ones need the shape's intermediate_size)."""
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
@@ -30,7 +31,7 @@ def save_random_peft_adapter(
     for layer in range(shape.num_layers):
         for proj in targets:
             in_f, out_f = shape.proj_dims(proj)
-            prefix = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
+            prefix = f"base_model.model.model.layers.{layer}.{module_block(proj)}.{proj}"
             tensors[f"{prefix}.lora_A.weight"] = std * torch.randn(rank, in_f, generator=generator)
             tensors[f"{prefix}.lora_B.weight"] = std * torch.randn(out_f, rank, generator=generator)
     save_file(tensors, str(out / "adapter_model.safetensors"))

@@ -58,9 +58,9 @@ CASES: dict[str, tuple[Case, str]] = {
         lambda qv, tmp: ("ok-id", "{not json", _good(qv)[2], 0),
         "^adapter_config.json: not valid JSON",
     ),
-    "gate-proj": (
-        lambda qv, tmp: _peft(tmp, target_modules=["q_proj", "gate_proj"]),
-        "^target_modules: gate_proj not supported",
+    "lm-head": (
+        lambda qv, tmp: _peft(tmp, target_modules=["q_proj", "lm_head"]),
+        r"^target_modules: 'lm_head' selects lm_head: LoRA on the output head",
     ),
     "bias-all": (lambda qv, tmp: _peft(tmp, bias="all"), "^bias: only 'none'"),
     "rank-over-max": (lambda qv, tmp: _peft(tmp, r=32), r"lora_A\.weight: rank 32 > max rank 16"),
