@@ -67,13 +67,15 @@ def _shrink_kernel(
         col_ok = k0 + cols < in_features
         x = tl.load(
             x_ptr + x_rows[:, None] * stride_x + k0 + cols[None, :],
-            mask=row_ok[:, None] & col_ok[None, :], other=0.0,
+            mask=row_ok[:, None] & col_ok[None, :],
+            other=0.0,
         )
         slot_idx = a_start + ranks * slots_per_row + k0 // W
         slot = tl.load(slots_ptr + m * stride_slots + slot_idx, mask=rank_ok, other=0)
         a = tl.load(
             pool_ptr + slot.to(tl.int64)[:, None] * W + (k0 % W) + cols[None, :],
-            mask=rank_ok[:, None] & col_ok[None, :], other=0.0,
+            mask=rank_ok[:, None] & col_ok[None, :],
+            other=0.0,
         )
         if IEEE:
             acc += tl.dot(x, tl.trans(a), input_precision="ieee")
@@ -115,7 +117,8 @@ def _expand_kernel(
         slot = tl.load(slots_ptr + m * stride_slots + slot_idx, mask=rank_ok, other=0)
         bt = tl.load(
             pool_ptr + slot.to(tl.int64)[:, None] * W + (n0 % W) + cols[None, :],
-            mask=rank_ok[:, None] & col_ok[None, :], other=0.0,
+            mask=rank_ok[:, None] & col_ok[None, :],
+            other=0.0,
         )
         if IEEE:
             acc += tl.dot(y.to(bt.dtype), bt, input_precision="ieee")

@@ -7,7 +7,7 @@ saved as real PEFT folders, and greedy completions computed by HF one request at
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +48,10 @@ class AdapterSpec:
     name: str
     rank: int
     alpha: int
-    targets: tuple[str, ...]
+    targets: tuple[str, ...] | str  # a list of module names, or PEFT's "all-linear"
     use_rslora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
 
 
 MIXED_ADAPTERS = (
@@ -81,8 +83,10 @@ def make_peft_adapters(
         cfg = LoraConfig(
             r=spec.rank,
             lora_alpha=spec.alpha,
-            target_modules=list(spec.targets),
+            target_modules=spec.targets if isinstance(spec.targets, str) else list(spec.targets),
             use_rslora=spec.use_rslora,
+            rank_pattern=dict(spec.rank_pattern),
+            alpha_pattern=dict(spec.alpha_pattern),
             init_lora_weights=False,
         )
         if peft_model is None:

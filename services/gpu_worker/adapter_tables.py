@@ -10,34 +10,26 @@ from __future__ import annotations
 
 import torch
 
+from services.common.base_model import LINEAR_MODULES, MLP_MODULES
 from services.gpu_worker.adapter_layout import ProjSegment, slots_per_row
 from services.gpu_worker.model_config import ModelConfig
 
-PROJ_INDEX = {
-    "q_proj": 0, "k_proj": 1, "v_proj": 2, "o_proj": 3,
-    "gate_proj": 4, "up_proj": 5, "down_proj": 6,
-}  # fmt: skip
+# q, k, v, o, gate, up, down: a projection's index in the meta table.
+PROJ_INDEX = {proj: i for i, proj in enumerate(LINEAR_MODULES)}
 NUM_PROJ = len(PROJ_INDEX)
 # Projections that share their input, so that one shrink launch serves them all.
 QKV = (PROJ_INDEX["q_proj"], PROJ_INDEX["k_proj"], PROJ_INDEX["v_proj"])
 O_PROJ = (PROJ_INDEX["o_proj"],)
 GATE_UP = (PROJ_INDEX["gate_proj"], PROJ_INDEX["up_proj"])
 DOWN = (PROJ_INDEX["down_proj"],)
-MLP_PROJS = frozenset(("gate_proj", "up_proj", "down_proj"))
-
-
-def proj_dims(config: ModelConfig, proj: str) -> tuple[int, int]:
-    """(in_features, out_features) of one linear layer of the model."""
-    hidden, inter = config.hidden_size, config.intermediate_size
-    mlp = {"gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
-    return mlp[proj] if proj in mlp else config.shape.proj_dims(proj)
+MLP_PROJS = frozenset(MLP_MODULES)
 
 
 def max_adapter_slots(config: ModelConfig, max_rank: int, width: int) -> int:
     """Slots of an adapter of rank `max_rank` on every projection: a table row's width."""
     per_rank = 0
     for proj in PROJ_INDEX:
-        in_f, out_f = proj_dims(config, proj)
+        in_f, out_f = config.shape.proj_dims(proj)
         per_rank += slots_per_row(in_f, width) + slots_per_row(out_f, width)
     return max_rank * per_rank
 

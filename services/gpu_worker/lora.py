@@ -18,6 +18,13 @@ from services.gpu_worker.adapter_tables import PROJ_INDEX
 from services.gpu_worker.forward_batch import ForwardBatch
 
 _PROJ_NAME = {i: name for name, i in PROJ_INDEX.items()}
+# Run the Triton kernels whatever the device: tests set it to check the engine's kernel path
+# on the CPU, under Triton's interpreter.
+KERNELS_ON_CPU = False
+
+
+def _use_kernels(x: torch.Tensor) -> bool:
+    return x.is_cuda or KERNELS_ON_CPU
 
 
 def _weight(pool: torch.Tensor, adapter: ResidentAdapter, proj: int, b_side: bool) -> torch.Tensor:
@@ -37,7 +44,7 @@ def shrink(
     pool = batch.pool[layer]
     if batch.lora_backend == "bmm":
         return _bmm_shrink(x, pool, batch, projs)
-    if x.is_cuda:
+    if _use_kernels(x):
         from kernels.lora import lora_shrink
 
         return lora_shrink(x, pool, batch.lora_slots, batch.lora_meta, batch.req_lora,
@@ -60,7 +67,7 @@ def expand(
     pool = batch.pool[layer]
     if batch.lora_backend == "bmm":
         return _bmm_expand(out, y, y_index, pool, batch, proj)
-    if out.is_cuda:
+    if _use_kernels(out):
         from kernels.lora import lora_expand
 
         return lora_expand(y, y_index, out, pool, batch.lora_slots, batch.lora_meta,

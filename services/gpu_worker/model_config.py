@@ -35,7 +35,12 @@ class ModelConfig:
     @property
     def shape(self) -> BaseModelShape:
         return BaseModelShape(
-            self.num_layers, self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
+            self.num_layers,
+            self.hidden_size,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.intermediate_size,
         )
 
     @classmethod

@@ -123,7 +123,7 @@ def check_all_projections(t, shapes: Shapes, max_rank: int, tol: float, seed: in
     tables = (t["lora_slots"], t["lora_meta"], t["req_lora"], t["q_starts"], t["q_lens"])
     for group in GROUPS:
         in_f = shapes.dims(group[0])[0]
-        x, x_wide = _strided(total, in_f, dtype, device, gen)
+        x, _ = _strided(total, in_f, dtype, device, gen)  # row stride != in_features
         y = lora_shrink(x, t["pool"], *tables, group, max_rank, max_q)
         y_ref = lora_shrink_ref(x.float(), pool_ref, *tables, group, max_rank)
         written = _written_mask(t, group, max_rank, total)

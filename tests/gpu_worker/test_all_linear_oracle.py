@@ -1,0 +1,115 @@
+"""The engine with LoRA on every linear layer (q, k, v, o, gate, up, down) against HF
+transformers + PEFT: one batch mixing all-linear adapters whose modules have different ranks
+and scalings (rank_pattern, alpha_pattern, rsLoRA, a layer-specific rank), an MLP-only
+adapter, attention-only adapters and base-model requests. The MHA model's MLP width (160) is
+not a multiple of its slot width (64), so its MLP rows lie over padded slots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from services.common.peft_adapter import load_peft_folder
+from services.gpu_worker import lora
+from services.gpu_worker.engine import Engine
+from services.gpu_worker.offline import generate_offline
+from services.gpu_worker.sampling import SamplingOptions
+from services.gpu_worker.tokenizer import ByteTokenizer
+from tests.gpu_worker.test_engine_oracle import _mixed_requests
+from tests.oracle import (
+    TINY_GQA,
+    TINY_MHA,
+    AdapterSpec,
+    build_pair,
+    greedy_oracle,
+    make_peft_adapters,
+)
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+ALL_LINEAR_ADAPTERS = (
+    AdapterSpec("all-r8", 8, 16, "all-linear"),
+    AdapterSpec(
+        "all-mixed", 16, 32, "all-linear",
+        rank_pattern={"gate_proj": 32, "down_proj": 8, "q_proj": 64},
+        alpha_pattern={"up_proj": 8, "k_proj": 64},
+    ),  # fmt: skip
+    AdapterSpec(
+        "mlp-rslora", 32, 16, MLP, use_rslora=True,
+        rank_pattern={"model.layers.1.mlp.down_proj": 8},
+    ),  # fmt: skip
+    AdapterSpec("qv-down", 64, 128, ("q_proj", "v_proj", "down_proj"), rank_pattern={"v_proj": 8}),
+    AdapterSpec("attn-r16", 16, 8, ATTENTION),
+)
+NEW_TOKENS = 16
+
+
+def _run(hf_config: dict[str, Any], backend: str, new_tokens: int, folder: Path) -> None:
+    ours, hf = build_pair(hf_config)
+    peft_model, paths = make_peft_adapters(hf, ALL_LINEAR_ADAPTERS, folder)
+    shape = ours.config.shape
+    adapters = {name: load_peft_folder(path, shape, max_rank=64) for name, path in paths.items()}
+    assert adapters["all-mixed"].lora_a["gate_proj"].shape[1] == 32  # ranks stay per module
+    assert adapters["all-mixed"].lora_a["down_proj"].shape[1] == 8
+    requests = _mixed_requests(list(adapters), seed=2)
+
+    engine = Engine(ours, pool_slots=8192, max_num_seqs=64, max_rank=64, lora_backend=backend)
+    completions = generate_offline(
+        engine,
+        ByteTokenizer(),
+        [prompt for prompt, _ in requests],
+        [SamplingOptions(max_new_tokens=new_tokens, ignore_eos=True, logprobs=True)]
+        * len(requests),
+        [adapters[name] if name else None for _, name in requests],
+    )
+    for (prompt, adapter), done in zip(requests, completions, strict=True):
+        expected, oracle_logits = greedy_oracle(peft_model, prompt, adapter, new_tokens)
+        assert done.token_ids == expected, f"adapter={adapter} prompt_len={len(prompt)}"
+        oracle_logprobs = torch.log_softmax(oracle_logits, -1)[torch.arange(new_tokens), expected]
+        torch.testing.assert_close(
+            torch.tensor(done.logprobs), oracle_logprobs, atol=1e-4, rtol=1e-4
+        )
+    assert engine.pool.kv_used == 0
+
+
+@pytest.mark.parametrize("backend", ["kernels", "bmm"])
+@pytest.mark.parametrize("hf_config", [TINY_MHA, TINY_GQA], ids=["mha", "gqa"])
+def test_all_linear_adapter_batch_matches_hf_peft_greedy(
+    hf_config: dict[str, Any], backend: str, tmp_path: Path
+):
+    """`kernels` is the engine's own LoRA path (its torch form on the CPU); `bmm` is S-LoRA's
+    padded baseline."""
+    _run(hf_config, backend, NEW_TOKENS, tmp_path)
+
+
+def test_all_linear_batch_through_the_triton_kernels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The same batch through the engine's Triton kernels (under the interpreter on the CPU),
+    on the MHA model whose MLP rows lie over padded slots: a few tokens."""
+    monkeypatch.setattr(lora, "KERNELS_ON_CPU", True)
+    _run(TINY_MHA, "kernels", 3, tmp_path)
+
+
+def test_mlp_adapters_change_the_output(tmp_path: Path):
+    """Guards the oracle test against MLP modules too weak to matter: an adapter's greedy
+    tokens differ with and without its MLP modules."""
+    _, hf = build_pair(TINY_MHA)
+    with_mlp = AdapterSpec("with", 8, 16, ATTENTION + MLP)
+    without = AdapterSpec("without", 8, 16, ATTENTION)
+    mlp_only = AdapterSpec("mlp", 8, 16, MLP)
+    peft_model, _ = make_peft_adapters(hf, (with_mlp, without, mlp_only), tmp_path)
+    # One seed draws all three, so copy the attention weights to isolate the MLP's effect.
+    state = peft_model.state_dict()
+    for key in list(state):
+        if ".with." in key and "self_attn" in key:
+            state[key.replace(".with.", ".without.")] = state[key]
+    peft_model.load_state_dict(state)
+    prompt = list(range(10, 30))
+    base, _ = greedy_oracle(peft_model, prompt, None, 8)
+    tuned, _ = greedy_oracle(peft_model, prompt, "with", 8)
+    assert tuned != greedy_oracle(peft_model, prompt, "without", 8)[0]
+    assert greedy_oracle(peft_model, prompt, "mlp", 8)[0] != base
