@@ -11,6 +11,12 @@ Llama-7B shapes with dummy bf16 weights (S-LoRA's setting), on the device:
    (`adapter_names`), one decode step with a KV cache.
 
     python -m benchmarks.decode_bench [--out DIR] [--quick]
+
+`--targets-table` runs only a comparison of what adapters target: the engine's decode step at
+batch 32 and 128 with every request on its own adapter of rank 8/16/32/64 on the attention
+projections (q/k/v/o), on all seven linear layers (and gate/up/down), and base only.
+
+    python -m benchmarks.decode_bench --targets-table [--out DIR]
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.synthetic_adapters import random_canonical_adapter
+from benchmarks.synthetic_adapters import TARGET_SETS, AdapterBank, random_canonical_adapter
 from services.common.base_model import DUMMY_PRESETS
 from services.common.lora_format import CanonicalAdapter
 from services.gpu_worker.engine import Engine
@@ -84,14 +90,77 @@ def time_decode(
         engine.step()  # prefill everyone first
     times = []
     for _ in range(steps):
-        torch.cuda.synchronize()
+        _sync(engine.device)
         start = time.perf_counter()
         engine.step()
-        torch.cuda.synchronize()
+        _sync(engine.device)
         times.append(time.perf_counter() - start)
     for seq in list(engine.scheduler.running):
         engine.abort(seq.request_id)
     return sorted(times)[len(times) // 2]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def targets_table(
+    preset: str, device: torch.device, batches: tuple[int, ...], steps: int, distinct: int = 8
+) -> list[dict[str, Any]]:
+    """Median decode step (s) per batch size: base only, and every request on its own adapter
+    (ranks cycling through RANKS) targeting the attention projections or all linear layers.
+    Adapters of one rank and target set share `distinct` weight sets (AdapterBank); each is
+    still its own adapter, loaded into its own slots."""
+    config = ModelConfig.from_hf(DUMMY_PRESETS[preset])
+    on_gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    model = build_dummy_model(config, 0, dtype, device, draw_on_device=on_gpu)
+    width = config.num_kv_heads * config.head_dim
+    if on_gpu:
+        free, _ = torch.cuda.mem_get_info()
+        slots = int(free * 0.6) // (config.num_layers * width * dtype.itemsize)
+    else:
+        slots = 64 * 1024
+    engine = Engine(model, pool_slots=slots, max_num_seqs=max(batches), max_prefill_tokens=8192,
+                    max_rank=max(RANKS))  # fmt: skip
+    if on_gpu:
+        engine.capture_decode_graphs()
+
+    def rank_of(index: int) -> int:
+        return RANKS[index % len(RANKS)]
+
+    banks = {
+        name: AdapterBank(config.shape, rank_of, dtype, device, distinct, targets=TARGET_SETS[name])
+        for name in ("attention", "all-linear")
+    }
+    rows = []
+    for batch in batches:
+        row: dict[str, Any] = {"batch": batch}
+        row["base_step_s"] = time_decode(engine, batch, [None] * batch, steps)
+        for name, bank in banks.items():
+            adapters: list[CanonicalAdapter | None] = [
+                bank.adapter(i, f"{name}-{i}") for i in range(batch)
+            ]
+            row[f"{name}_step_s"] = time_decode(engine, batch, adapters, steps)
+        rows.append(row)
+        print(f"engine batch {batch}: " + ", ".join(
+            f"{k[:-7]} {v * 1e3:.2f} ms" for k, v in row.items() if k.endswith("_step_s")
+        ), flush=True)  # fmt: skip
+    del engine, model
+    gc.collect()
+    if on_gpu:
+        torch.cuda.empty_cache()
+    return rows
+
+
+def print_targets_table(rows: list[dict[str, Any]]) -> None:
+    print(f"decode step (ms), every request on its own adapter of rank {RANKS[0]}-{RANKS[-1]}:")
+    print("  batch    base  attention  all-linear  all/attention  all/base")
+    for r in rows:
+        base, attn, every = r["base_step_s"], r["attention_step_s"], r["all-linear_step_s"]
+        print(f"  {r['batch']:>5} {base * 1e3:7.2f} {attn * 1e3:10.2f} {every * 1e3:11.2f}"
+              f" {every / attn:14.2f} {every / base:9.2f}")  # fmt: skip
 
 
 def engine_table(batches: tuple[int, ...], steps: int) -> tuple[list[dict[str, Any]], int]:
@@ -178,7 +247,18 @@ def main() -> None:
     parser.add_argument(
         "--no-baselines", action="store_true", help="skip HF/PEFT and the attention table"
     )
+    parser.add_argument(
+        "--targets-table",
+        action="store_true",
+        help="only the decode step with attention-only vs all-linear adapters (batch 32, 128)",
+    )
     args = parser.parse_args()
+    if args.targets_table:
+        rows = targets_table("llama-7b", DEVICE, (32, 128), 10 if args.quick else 30)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "decode_targets.json").write_text(json.dumps(rows, indent=2))
+        print_targets_table(rows)
+        return
     batches = (1, 8, 32) if args.quick else (1, 8, 32, 64, 128)
     steps = 10 if args.quick else 30
     from benchmarks import attention_bench, lora_kernel_bench

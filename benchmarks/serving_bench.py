@@ -11,6 +11,9 @@ trace (benchmarks.workload, same seed), served by every --variant in every --mod
   static batching; in-process only). `--no-unified-pool` and `--lora-backend bmm` apply to
   every engine variant.
 
+`--target-modules all-linear` gives every adapter LoRA on all seven linear layers (q/k/v/o and
+gate/up/down) instead of the attention projections only (`attention`, the default).
+
 Each run appends one JSON line to --out: the trace's parameters, throughput, latency and time
 to first token (average, p50, p99), SLO attainment, adapter cache hit rate and pool usage.
 
@@ -104,8 +107,10 @@ def summary_line(r: dict[str, Any]) -> str:
     def fmt(value: float | None, spec: str = ".2f") -> str:
         return "-" if value is None else format(value, spec)
 
+    targets = r.get("target_modules", "attention")
+    on = "" if targets == "attention" else f" on {targets}"
     return (
-        f"[{r['mode']} {r['variant']}] n={r['num_adapters']} R={r['rate']:g} "
+        f"[{r['mode']} {r['variant']}] n={r['num_adapters']}{on} R={r['rate']:g} "
         f"alpha={r['alpha']:g} cv={r['cv']:g}: {r['finished']}/{r['num_requests']} done, "
         f"{fmt(r['throughput_req_s'])} req/s, {fmt(r['throughput_tok_s'], '.0f')} tok/s, "
         f"latency avg {fmt(r['avg_latency_s'])} s p99 {fmt(r['p99_latency_s'])} s, "
@@ -141,13 +146,13 @@ def run_inprocess(
 
 
 def adapters_to_upload(
-    all_traces: list[workload.Trace], limit_gb: float
+    all_traces: list[workload.Trace], limit_gb: float, targets: Sequence[str]
 ) -> tuple[str, list[tuple[str, int]]]:
     """The model and the (id, rank) list of the sweep's largest trace; refuses (SystemExit)
     when their files would pass `limit_gb` (the store writes each one to disk)."""
     most = max(all_traces, key=lambda t: t.params.num_adapters).params
     named = grpc_stack.bench_adapters(most)
-    size = grpc_stack.upload_bytes(most.model, named) / 1e9
+    size = grpc_stack.upload_bytes(most.model, named, targets) / 1e9
     if size > limit_gb:
         raise SystemExit(
             f"uploading {len(named)} adapters would write {size:.0f} GB to the store "
@@ -163,7 +168,7 @@ async def run_grpc_mode(
     results: Results,
 ) -> None:
     """One store with every adapter the largest trace names; per run a fresh worker+router."""
-    model, named = adapters_to_upload(all_traces, args.max_upload_gb)
+    model, named = adapters_to_upload(all_traces, args.max_upload_gb, options.targets)
     with tempfile.TemporaryDirectory(prefix="manylora-bench-") as tmp:
         async with grpc_stack.store_at(Path(tmp) / "store", model, 128) as store:
             target = f"127.0.0.1:{store.port}"
@@ -174,6 +179,7 @@ async def run_grpc_mode(
                 Path(tmp) / "peft",
                 options.distinct_weights,
                 options.progress,
+                options.targets,
             )
             for trace in all_traces:
                 for variant in engine_variants(args):
@@ -187,7 +193,7 @@ async def run_against(
     results: Results,
 ) -> None:
     if args.store_target:
-        model, named = adapters_to_upload(all_traces, args.max_upload_gb)
+        model, named = adapters_to_upload(all_traces, args.max_upload_gb, options.targets)
         with tempfile.TemporaryDirectory(prefix="manylora-bench-") as tmp:
             await grpc_stack.upload_adapters(
                 args.store_target,
@@ -196,6 +202,7 @@ async def run_against(
                 Path(tmp),
                 options.distinct_weights,
                 options.progress,
+                options.targets,
             )
     for trace in all_traces:
         results.add(await run_remote(trace, args.target, options, bool(args.store_target)))

@@ -8,7 +8,7 @@ adapter cache, like a fresh in-process engine) and a router in front of it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,10 +60,12 @@ def warmup_adapters(params: WorkloadParams) -> list[tuple[str, int]]:
     return [(f"warmup-r{rank}", rank) for rank in sorted(set(params.ranks))]
 
 
-def upload_bytes(model: str, adapters: list[tuple[str, int]]) -> int:
-    """Bytes the store will hold for `adapters`: fp32 A and B of q/k/v/o in every layer."""
+def upload_bytes(
+    model: str, adapters: list[tuple[str, int]], targets: Sequence[str] = TARGET_MODULES
+) -> int:
+    """Bytes the store will hold for `adapters`: fp32 A and B of `targets` in every layer."""
     shape = BaseModelShape.from_hf_config(load_hf_config(model))
-    per_rank = sum(sum(shape.proj_dims(p)) for p in TARGET_MODULES) * shape.num_layers * 4
+    per_rank = sum(sum(shape.proj_dims(p)) for p in targets) * shape.num_layers * 4
     return sum(rank * per_rank for _, rank in adapters)
 
 
@@ -74,12 +76,14 @@ async def upload_adapters(
     folder: Path,
     distinct: int = 8,
     progress: bool = True,
+    targets: Sequence[str] = TARGET_MODULES,
 ) -> None:
     """Upload each (id, rank) as a copy of one of `distinct` random PEFT folders of its rank
     (see synthetic_adapters), through the store's UploadAdapter call."""
     shape = BaseModelShape.from_hf_config(load_hf_config(model))
     distinct = max(1, min(distinct, len(adapters)))
-    bank = write_peft_bank(folder, shape, tuple(rank for _, rank in adapters), distinct)
+    ranks = tuple(rank for _, rank in adapters)
+    bank = write_peft_bank(folder, shape, ranks, distinct, targets=targets)
     weights = {key: (path / WEIGHTS_FILE).read_bytes() for key, path in bank.items()}
     async with grpc.aio.insecure_channel(store_target, options=SERVER_OPTIONS) as channel:
         stub = AdapterStoreStub(channel)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -29,9 +29,14 @@ from services.common.base_model import DUMMY_PRESETS, TARGET_MODULES
 PAD_ID = 0
 
 
-def build_peft_model(preset: str, ranks: dict[int, int], device: torch.device) -> Any:
+def build_peft_model(
+    preset: str,
+    ranks: dict[int, int],
+    device: torch.device,
+    targets: Sequence[str] = TARGET_MODULES,
+) -> Any:
     """HF Llama with random weights and one PEFT LoRA adapter per key of `ranks` (adapter
-    index -> rank), named `a{index}`, on q/k/v/o like the engine's adapters."""
+    index -> rank), named `a{index}`, on `targets` like the engine's adapters."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -47,7 +52,7 @@ def build_peft_model(preset: str, ranks: dict[int, int], device: torch.device) -
         config = LoraConfig(
             r=rank,
             lora_alpha=2 * rank,
-            target_modules=list(TARGET_MODULES),
+            target_modules=list(targets),
             init_lora_weights=False,
         )
         if model is None:

@@ -10,6 +10,7 @@ from typing import TypeVar
 from benchmarks import workload
 from benchmarks.serving.engine_setup import EngineSettings, EngineVariant, resolve_device
 from benchmarks.serving.runs import RunOptions
+from benchmarks.synthetic_adapters import parse_targets
 
 ENGINE_VARIANTS = {
     "manylora": EngineVariant(),
@@ -22,6 +23,13 @@ T = TypeVar("T")
 
 def _list_of(kind: Callable[[str], T]) -> Callable[[str], list[T]]:
     return lambda text: [kind(x) for x in text.split(",") if x]
+
+
+def _targets(text: str) -> tuple[str, ...]:
+    try:
+        return parse_targets(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _workload_args(p: argparse.ArgumentParser) -> None:
@@ -37,6 +45,13 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt-range", type=workload.int_pair, help="LOW,HIGH")
     g.add_argument("--output-range", type=workload.int_pair, help="LOW,HIGH")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--target-modules",
+        type=_targets,
+        default=parse_targets("attention"),
+        help="what every adapter targets: attention (q/k/v/o), all-linear (and gate/up/down), "
+        "or a comma list of projection names",
+    )
 
 
 def _serving_args(p: argparse.ArgumentParser) -> None:
@@ -138,4 +153,5 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         not args.no_progress,
         args.distinct_weights,
         args.peft_batch,
+        args.target_modules,
     )

@@ -19,8 +19,9 @@ from benchmarks.serving.engine_setup import (
     model_dtype,
 )
 from benchmarks.serving.metrics import PoolTimeline, RequestRecord, StepLog, summarize
-from benchmarks.synthetic_adapters import AdapterBank
+from benchmarks.synthetic_adapters import AdapterBank, targets_label
 from benchmarks.workload import Trace, TraceRequest
+from services.common.base_model import TARGET_MODULES
 from services.common.lora_format import CanonicalAdapter
 from services.gpu_worker.model import LlamaForCausalLM
 from services.gpu_worker.server import Worker
@@ -35,6 +36,7 @@ class RunOptions:
     progress: bool = True
     distinct_weights: int = 8
     peft_batch: int = 8
+    targets: tuple[str, ...] = TARGET_MODULES  # the projections every adapter targets
 
 
 def settings_for(options: RunOptions, trace: Trace) -> EngineSettings:
@@ -64,6 +66,7 @@ def describe(mode: str, variant: str, trace: Trace, options: RunOptions) -> dict
         "output_range": list(p.output_range),
         "seed": p.seed,
         "max_num_seqs": options.settings.max_num_seqs,
+        "target_modules": targets_label(options.targets),
     }
 
 
@@ -117,6 +120,7 @@ class InProcess:
                 model_dtype(self.options.device),
                 self.options.device,
                 self.options.distinct_weights,
+                targets=self.options.targets,
             )
         return self._banks[key]
 
@@ -154,7 +158,7 @@ class InProcess:
 def run_hf_peft(trace: Trace, options: RunOptions) -> dict[str, Any]:
     """HF PEFT with every adapter the trace uses loaded (static batching, see hf_peft)."""
     ranks = {r.adapter: r.rank for r in trace.requests}
-    model = hf_peft.build_peft_model(trace.params.model, ranks, options.device)
+    model = hf_peft.build_peft_model(trace.params.model, ranks, options.device, options.targets)
     try:
         hf_peft.warm_up(model, sorted(ranks)[:2])
         records, duration = hf_peft.replay(
