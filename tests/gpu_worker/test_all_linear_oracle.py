@@ -33,14 +33,21 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 ALL_LINEAR_ADAPTERS = (
     AdapterSpec("all-r8", 8, 16, "all-linear"),
     AdapterSpec(
-        "all-mixed", 16, 32, "all-linear",
+        "all-mixed",
+        16,
+        32,
+        "all-linear",
         rank_pattern={"gate_proj": 32, "down_proj": 8, "q_proj": 64},
         alpha_pattern={"up_proj": 8, "k_proj": 64},
-    ),  # fmt: skip
+    ),
     AdapterSpec(
-        "mlp-rslora", 32, 16, MLP, use_rslora=True,
+        "mlp-rslora",
+        32,
+        16,
+        MLP,
+        use_rslora=True,
         rank_pattern={"model.layers.1.mlp.down_proj": 8},
-    ),  # fmt: skip
+    ),
     AdapterSpec("qv-down", 64, 128, ("q_proj", "v_proj", "down_proj"), rank_pattern={"v_proj": 8}),
     AdapterSpec("attn-r16", 16, 8, ATTENTION),
 )
