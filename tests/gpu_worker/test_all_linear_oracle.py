@@ -12,13 +12,22 @@ from typing import Any
 import pytest
 import torch
 
+from services.common.base_model import DUMMY_PRESETS
 from services.common.peft_adapter import load_peft_folder
 from services.gpu_worker import lora
 from services.gpu_worker.engine import Engine
+from services.gpu_worker.forward_batch import ForwardBatch
+from services.gpu_worker.model_config import ModelConfig
 from services.gpu_worker.offline import generate_offline
 from services.gpu_worker.sampling import SamplingOptions
 from services.gpu_worker.tokenizer import ByteTokenizer
+from services.gpu_worker.weights import build_dummy_model
 from tests.gpu_worker.test_engine_oracle import _mixed_requests
+from tests.gpu_worker.test_gpu_oracle import (
+    LOGPROB_TOL,
+    MARGIN_TOL,
+    check_bf16_engine_against_oracle,
+)
 from tests.oracle import (
     TINY_GQA,
     TINY_MHA,
@@ -120,3 +129,73 @@ def test_mlp_adapters_change_the_output(tmp_path: Path):
     tuned, _ = greedy_oracle(peft_model, prompt, "with", 8)
     assert tuned != greedy_oracle(peft_model, prompt, "without", 8)[0]
     assert greedy_oracle(peft_model, prompt, "mlp", 8)[0] != base
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["kernels", "bmm"])
+@pytest.mark.parametrize("hf_config", [TINY_MHA, TINY_GQA], ids=["mha", "gqa"])
+def test_bf16_cuda_graphs_all_linear_batch_matches_hf_peft(
+    hf_config: dict[str, Any], backend: str, tmp_path: Path
+):
+    """The all-linear batch in bf16 on CUDA with decode graphs, against the fp32 oracle with
+    test_gpu_oracle's teacher-forced tolerance."""
+    check_bf16_engine_against_oracle(hf_config, ALL_LINEAR_ADAPTERS, True, backend, tmp_path)
+
+
+@pytest.mark.gpu
+def test_llama7b_shapes_all_linear_under_cuda_graphs(tmp_path: Path):
+    """Llama-7B widths, two layers: W = 4096, so each MLP row of 11008 lies over three slots,
+    the last one padded. A bf16 engine with decode graphs against HF + PEFT in fp32 on the
+    GPU, teacher-forced on our tokens (test_gpu_oracle's tolerances)."""
+    hf_config = {**DUMMY_PRESETS["llama-7b"], "num_hidden_layers": 2}
+    specs = (
+        AdapterSpec("all-r8", 8, 2, "all-linear"),
+        AdapterSpec(
+            "all-mixed", 16, 4, "all-linear", rank_pattern={"gate_proj": 64, "down_proj": 8}
+        ),
+        AdapterSpec("attn-r32", 32, 8, ATTENTION),
+    )
+    _, hf = build_pair(hf_config)
+    peft_model, paths = make_peft_adapters(hf, specs, tmp_path)
+    peft_model.to("cuda")
+    config = ModelConfig.from_hf(hf_config)
+    ours = build_dummy_model(config, 0, torch.bfloat16, torch.device("cuda"))
+    adapters = {n: load_peft_folder(p, config.shape, max_rank=64) for n, p in paths.items()}
+    names: list[str | None] = [*adapters, None, *adapters]
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 32000, (5 + 9 * i,), generator=gen).tolist() for i in range(7)]
+    engine = Engine(ours, pool_slots=4096, max_num_seqs=8, max_rank=64)
+    engine.capture_decode_graphs()
+    graphs = engine.graphs
+    assert graphs is not None
+    replays: list[int] = []
+    replay = graphs.run
+
+    def counted(batch: ForwardBatch) -> torch.Tensor:
+        replays.append(batch.input_ids.shape[0])
+        return replay(batch)
+
+    graphs.run = counted  # type: ignore[method-assign]
+    new_tokens = 6
+    options = SamplingOptions(max_new_tokens=new_tokens, ignore_eos=True, logprobs=True)
+    completions = generate_offline(
+        engine, ByteTokenizer(), prompts, [options] * len(prompts),
+        [adapters[n] if n else None for n in names],
+    )  # fmt: skip
+    assert len(replays) >= new_tokens - 1  # the decode steps went through the graphs
+    for prompt, name, done in zip(prompts, names, completions, strict=True):
+        ids = torch.tensor([prompt + done.token_ids], device="cuda")
+        with torch.no_grad():
+            if name is None:
+                with peft_model.disable_adapter():
+                    logits = peft_model(input_ids=ids).logits[0].float().cpu()
+            else:
+                peft_model.set_adapter(name)
+                logits = peft_model(input_ids=ids).logits[0].float().cpu()
+        steps = logits[len(prompt) - 1 : len(prompt) - 1 + new_tokens]
+        ours_ids = torch.tensor(done.token_ids)
+        margin = steps.max(-1).values - steps.gather(1, ours_ids[:, None])[:, 0]
+        oracle_lp = torch.log_softmax(steps, -1).gather(1, ours_ids[:, None])[:, 0]
+        lp_err = (torch.tensor(done.logprobs) - oracle_lp).abs()
+        assert float(margin.max()) < MARGIN_TOL, (name, margin.tolist())
+        assert float(lp_err.max()) < LOGPROB_TOL, (name, lp_err.tolist())

@@ -27,6 +27,7 @@ from tests.oracle import (
     MIXED_ADAPTERS,
     TINY_GQA,
     TINY_MHA,
+    AdapterSpec,
     build_pair,
     greedy_oracle,
     make_peft_adapters,
@@ -59,16 +60,31 @@ def test_bf16_cuda_engine_matches_hf_peft_oracle(
 ):
     """`bmm` is S-LoRA's padded baseline that the serving benchmark compares against; it must
     be as right as the kernels on the GPU too."""
+    check_bf16_engine_against_oracle(hf_config, MIXED_ADAPTERS, graphs, backend, tmp_path)
+
+
+def check_bf16_engine_against_oracle(
+    hf_config: dict[str, Any],
+    specs: tuple[AdapterSpec, ...],
+    graphs: bool,
+    backend: str,
+    folder: Path,
+    new_tokens: int = NEW_TOKENS,
+    device: str = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+) -> None:
+    """The mixed batch of `specs` (see _mixed_requests) through a bf16 CUDA engine, each token
+    checked against the fp32 HF + PEFT oracle on our prefix (see the module docstring)."""
     _, hf = build_pair(hf_config)
-    peft_model, paths = make_peft_adapters(hf, MIXED_ADAPTERS, tmp_path)
+    peft_model, paths = make_peft_adapters(hf, specs, folder)
     config = ModelConfig.from_hf(hf_config)
-    ours = build_dummy_model(config, 0, torch.bfloat16, torch.device("cuda"))
+    ours = build_dummy_model(config, 0, dtype, torch.device(device))
     adapters = {n: load_peft_folder(p, config.shape, max_rank=64) for n, p in paths.items()}
     requests = _mixed_requests(list(adapters), seed=1)
     engine = Engine(ours, pool_slots=8192, max_num_seqs=64, lora_backend=backend)
     if graphs:
         engine.capture_decode_graphs()
-    options = SamplingOptions(max_new_tokens=NEW_TOKENS, ignore_eos=True, logprobs=True)
+    options = SamplingOptions(max_new_tokens=new_tokens, ignore_eos=True, logprobs=True)
     completions = generate_offline(
         engine,
         ByteTokenizer(),
@@ -78,15 +94,15 @@ def test_bf16_cuda_engine_matches_hf_peft_oracle(
     )
 
     full_matches = sum(
-        done.token_ids == greedy_oracle(peft_model, prompt, adapter, NEW_TOKENS)[0]
+        done.token_ids == greedy_oracle(peft_model, prompt, adapter, new_tokens)[0]
         for (prompt, adapter), done in zip(requests, completions, strict=True)
     )
     exact = total = 0
     worst_margin = worst_logprob = 0.0
     for (prompt, adapter), done in zip(requests, completions, strict=True):
-        assert len(done.token_ids) == NEW_TOKENS
+        assert len(done.token_ids) == new_tokens
         logits = _teacher_forced_logits(peft_model, prompt + done.token_ids, adapter)
-        steps = logits[len(prompt) - 1 : len(prompt) - 1 + NEW_TOKENS]
+        steps = logits[len(prompt) - 1 : len(prompt) - 1 + new_tokens]
         ours_ids = torch.tensor(done.token_ids)
         best = steps.max(dim=-1).values
         margin = best - steps.gather(1, ours_ids[:, None])[:, 0]
@@ -95,7 +111,7 @@ def test_bf16_cuda_engine_matches_hf_peft_oracle(
         assert float(margin.max()) < MARGIN_TOL, (adapter, margin.tolist())
         assert float(lp_err.max()) < LOGPROB_TOL, (adapter, lp_err.tolist())
         exact += int((margin == 0).sum())
-        total += NEW_TOKENS
+        total += new_tokens
         worst_margin = max(worst_margin, float(margin.max()))
         worst_logprob = max(worst_logprob, float(lp_err.max()))
     print(
