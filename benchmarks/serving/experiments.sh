@@ -41,6 +41,13 @@ run_one() {
         --timeout 110 ;;
     s2_rate)  # no target: throughput, latency and SLO attainment as load passes capacity
       bench "$1" --preset S2 --num-adapters 1000 --rate 2,5,10,20 --duration 20 --timeout 100 ;;
+    s1_all_linear)  # no target: 2,000 rank-8 adapters on all seven linear layers vs q/k/v/o
+      bench "$1" --preset S1 --num-adapters 2000 --alpha 0 --rate 20 --duration 20 --timeout 100
+      bench "$1" --preset S1 --num-adapters 2000 --alpha 0 --rate 20 --duration 20 --timeout 100 \
+        --target-modules all-linear ;;
+    decode_targets)  # no target: decode step, base vs attention-only vs all-linear adapters
+      python3 -m benchmarks.decode_bench --targets-table --out "$out" 2>&1 |
+        tee "$out/$1.log" | tail -6 ;;
     s1_alpha)  # no target: popularity skew at capacity (α = 0 is uniform)
       bench "$1" --preset S1 --num-adapters 1000 --alpha 0,0.5,1,2 --rate 20 --duration 20 \
         --timeout 100 ;;
