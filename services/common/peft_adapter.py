@@ -34,7 +34,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 # adapter_config.json files are about 1 KB; per-layer rank patterns of an 80-layer model ~25 KB.
 MAX_CONFIG_BYTES = 256 << 10
 MAX_CONFIG_DEPTH = 8
-MAX_PATTERN_ENTRIES = 4096  # rank_pattern, alpha_pattern, target_modules, exclude_modules
+MAX_PATTERN_ENTRIES = 1024  # rank_pattern, alpha_pattern, target_modules, exclude_modules
 ALL_LINEAR = "all-linear"  # PEFT's shorthand; for a Llama-family model: LINEAR_MODULES
 
 PEFT_DEFAULT_ALPHA = 8  # LoraConfig's lora_alpha when the config leaves it out

@@ -86,7 +86,7 @@ CONFIG_CASES: dict[str, tuple[dict[str, Any] | str, str, str]] = {
     "target-too-many": (
         {"target_modules": [f"m{i}" for i in range(5000)]},
         "target_modules",
-        "over 4096",
+        "over 1024",
     ),
     "rank-pattern-list": ({"rank_pattern": [1]}, "rank_pattern", "object of pattern"),
     "rank-pattern-zero": ({"rank_pattern": {"q_proj": 0}}, "rank_pattern.q_proj", "positive"),
@@ -104,7 +104,7 @@ CONFIG_CASES: dict[str, tuple[dict[str, Any] | str, str, str]] = {
     "rank-pattern-huge": (
         {"rank_pattern": {f"layers.{i}.q_proj": 8 for i in range(5000)}},
         "rank_pattern",
-        "over 4096",
+        "over 1024",
     ),
     "alpha-pattern-nan": ('"alpha_pattern": {"q_proj": NaN}', "alpha_pattern.q_proj", "finite"),
     "alpha-pattern-bool": ({"alpha_pattern": {"q_proj": True}}, "alpha_pattern.q_proj", "finite"),
