@@ -160,6 +160,27 @@ def _check_plain(option: str, value: str) -> None:
 # ---- The base model's modules ------------------------------------------------------------------
 
 
+# The modules of HF's LlamaForCausalLM outside the decoder layers, and a decoder layer's
+# modules other than its linear layers.
+_MODEL_MODULES = (
+    "",
+    "model",
+    "model.embed_tokens",
+    "model.layers",
+    "model.norm",
+    "model.rotary_emb",
+    "lm_head",
+)
+_LAYER_SUBMODULES = (
+    "",
+    ".self_attn",
+    ".mlp",
+    ".mlp.act_fn",
+    ".input_layernorm",
+    ".post_attention_layernorm",
+)
+
+
 @dataclass(frozen=True)
 class _Module:
     name: str  # as in the base model, e.g. "model.layers.3.mlp.down_proj"
@@ -169,15 +190,12 @@ class _Module:
 
 def _model_modules(shape: BaseModelShape) -> Iterator[_Module]:
     """Every named module of a Llama-family causal LM (HF's names), with what it is."""
-    for name in ("", "model", "model.embed_tokens", "model.layers", "model.norm"):
+    for name in _MODEL_MODULES:
         yield _Module(name, None, None)
-    yield _Module("model.rotary_emb", None, None)
-    yield _Module("lm_head", None, None)
     for layer in range(shape.num_layers):
         prefix = f"model.layers.{layer}"
-        for sub in ("", ".self_attn", ".mlp", ".mlp.act_fn", ".input_layernorm"):
+        for sub in _LAYER_SUBMODULES:
             yield _Module(prefix + sub, layer, None)
-        yield _Module(prefix + ".post_attention_layernorm", layer, None)
         for proj in LINEAR_MODULES:
             yield _Module(f"{prefix}.{module_block(proj)}.{proj}", layer, proj)
 
@@ -256,8 +274,9 @@ def _check_refused_options(cfg: dict[str, Any]) -> None:
         # fan_in_fan_out may be either: PEFT itself resets it for nn.Linear targets.
         if cfg.get(flag) is not None and not isinstance(cfg[flag], bool):
             raise AdapterValidationError(flag, f"must be true or false, got {_describe(cfg[flag])}")
-    unknown = sorted(k for k, v in cfg.items() if k not in _INERT_OPTIONS | _HANDLED_OPTIONS and v)
-    unknown = [k for k in unknown if k not in _UNSUPPORTED_OPTIONS]
+    # A newer PEFT's option, set, may change the math: refused rather than guessed at.
+    known = _INERT_OPTIONS | _HANDLED_OPTIONS | frozenset(_UNSUPPORTED_OPTIONS)
+    unknown = sorted(k for k, v in cfg.items() if k not in known and v)
     if unknown:
         raise AdapterValidationError(
             unknown[0], f"unknown option, set ({_describe(cfg[unknown[0]])}); not supported"
