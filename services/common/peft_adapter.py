@@ -37,7 +37,9 @@ MAX_CONFIG_DEPTH = 8
 MAX_PATTERN_ENTRIES = 1024  # rank_pattern, alpha_pattern, target_modules, exclude_modules
 ALL_LINEAR = "all-linear"  # PEFT's shorthand; for a Llama-family model: LINEAR_MODULES
 
-PEFT_DEFAULT_ALPHA = 8  # LoraConfig's lora_alpha when the config leaves it out
+# LoraConfig's r and lora_alpha when the config leaves them out.
+PEFT_DEFAULT_R = 8
+PEFT_DEFAULT_ALPHA = 8
 # init_lora_weights values under which the trained adapter is plain LoRA on the unmodified base
 # model. The others (pissa, olora, corda, loftq, lora_ga) change the base weights at training
 # start, or (mica) the forward; such an adapter only fits our base model once PEFT has
@@ -349,7 +351,7 @@ def _layer_options(cfg: dict[str, Any]) -> tuple[frozenset[int] | None, tuple[st
 def _parse_config(config_json: str) -> _LoraOptions:
     cfg = _load_config(config_json)
     _check_refused_options(cfg)
-    r = cfg.get("r")
+    r = cfg.get("r", PEFT_DEFAULT_R)
     if not _is_int(r) or r <= 0:
         raise AdapterValidationError("r", f"must be a positive integer, got {_describe(r)}")
     alpha = cfg.get("lora_alpha", PEFT_DEFAULT_ALPHA)

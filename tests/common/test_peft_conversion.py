@@ -8,6 +8,7 @@ The oracle is PEFT itself: the model is loaded from the saved folder with
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,26 @@ def test_canonical_delta_equals_peft_delta_per_layer_and_module(
             torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-6)
             checked += int((layer, proj) in expected)
     assert checked == len(expected) > 0
+
+
+@pytest.mark.parametrize(
+    "rank, left_out",
+    [(4, "lora_alpha"), (8, "r")],  # r=4: a default alpha of r would differ from PEFT's 8
+)
+def test_options_left_out_of_the_config_take_peft_defaults(
+    tmp_path: Path, rank: int, left_out: str
+) -> None:
+    """PEFT's LoraConfig defaults (r=8, lora_alpha=8) apply to a config file without them."""
+    lora = {"r": rank, "lora_alpha": 32, "target_modules": ["q_proj", "up_proj"]}
+    base = _save_peft(tmp_path, lora)
+    config = json.loads((tmp_path / CONFIG_FILE).read_text())
+    del config[left_out]
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(config))
+    expected = _peft_deltas(base, tmp_path)
+    adapter = load_peft_folder(tmp_path, SHAPE, max_rank=64)
+    for (layer, proj), want in expected.items():
+        ours = adapter.lora_b[proj][layer].float() @ adapter.lora_a[proj][layer].float()
+        torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-6)
 
 
 def test_each_projection_keeps_its_own_rank(tmp_path: Path) -> None:
