@@ -35,6 +35,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 MAX_CONFIG_BYTES = 256 << 10
 MAX_CONFIG_DEPTH = 8
 MAX_PATTERN_ENTRIES = 1024  # rank_pattern, alpha_pattern, target_modules, exclude_modules
+MAX_KEY_IN_MESSAGE = 160
 ALL_LINEAR = "all-linear"  # PEFT's shorthand; for a Llama-family model: LINEAR_MODULES
 
 # LoraConfig's r and lora_alpha when the config leaves them out.
@@ -115,6 +116,9 @@ class AdapterValidationError(ValueError):
     """An adapter refused at validation; `key` names what is wrong in it."""
 
     def __init__(self, key: str, reason: str):
+        # Keys come from the sender (pattern keys, tensor names): keep the status message short.
+        if len(key) > MAX_KEY_IN_MESSAGE:
+            key = key[: MAX_KEY_IN_MESSAGE - 3] + "..."
         super().__init__(f"{key}: {reason}")
         self.key = key
         self.reason = reason
@@ -154,8 +158,9 @@ def _check_plain(option: str, value: str) -> None:
     if bad:
         raise AdapterValidationError(
             f"{option}.{value}" if option in ("rank_pattern", "alpha_pattern") else option,
-            f"{value!r} contains regular-expression characters {''.join(bad)!r}; only module "
-            f"names and dotted paths (e.g. 'q_proj', 'layers.3.mlp.down_proj') are supported",
+            f"{_describe(value)} contains regular-expression characters {''.join(bad)!r}; "
+            "only module names and dotted paths (e.g. 'q_proj', 'layers.3.mlp.down_proj') are "
+            "supported",
         )
 
 

@@ -169,6 +169,13 @@ def test_the_good_config_is_accepted(qkvo: tuple[dict[str, Any], bytes]) -> None
     assert all(torch.equal(adapter.lora_b[p], again.lora_b[p]) for p in QKVO)
 
 
+def test_a_huge_hostile_key_is_named_but_cut_short(qkvo: tuple[dict[str, Any], bytes]) -> None:
+    config, weights = qkvo
+    refused = _refusal({**config, "rank_pattern": {"(" + "a" * 100_000: 4}}, weights)
+    assert refused.key.startswith("rank_pattern.(aaaa") and refused.key.endswith("...")
+    assert len(str(refused)) < 400
+
+
 def test_oversized_config_is_refused_before_parsing(qkvo: tuple[dict[str, Any], bytes]) -> None:
     config, weights = qkvo
     text = json.dumps({**config, "padding": "x" * (300 << 10)})
