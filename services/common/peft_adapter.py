@@ -34,10 +34,13 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 # adapter_config.json files are about 1 KB; per-layer rank patterns of an 80-layer model ~25 KB.
 MAX_CONFIG_BYTES = 256 << 10
 MAX_CONFIG_DEPTH = 8
-MAX_PATTERN_ENTRIES = 4096  # rank_pattern, alpha_pattern, target_modules, exclude_modules
+MAX_PATTERN_ENTRIES = 1024  # rank_pattern, alpha_pattern, target_modules, exclude_modules
+MAX_KEY_IN_MESSAGE = 160
 ALL_LINEAR = "all-linear"  # PEFT's shorthand; for a Llama-family model: LINEAR_MODULES
 
-PEFT_DEFAULT_ALPHA = 8  # LoraConfig's lora_alpha when the config leaves it out
+# LoraConfig's r and lora_alpha when the config leaves them out.
+PEFT_DEFAULT_R = 8
+PEFT_DEFAULT_ALPHA = 8
 # init_lora_weights values under which the trained adapter is plain LoRA on the unmodified base
 # model. The others (pissa, olora, corda, loftq, lora_ga) change the base weights at training
 # start, or (mica) the forward; such an adapter only fits our base model once PEFT has
@@ -113,6 +116,9 @@ class AdapterValidationError(ValueError):
     """An adapter refused at validation; `key` names what is wrong in it."""
 
     def __init__(self, key: str, reason: str):
+        # Keys come from the sender (pattern keys, tensor names): keep the status message short.
+        if len(key) > MAX_KEY_IN_MESSAGE:
+            key = key[: MAX_KEY_IN_MESSAGE - 3] + "..."
         super().__init__(f"{key}: {reason}")
         self.key = key
         self.reason = reason
@@ -152,12 +158,34 @@ def _check_plain(option: str, value: str) -> None:
     if bad:
         raise AdapterValidationError(
             f"{option}.{value}" if option in ("rank_pattern", "alpha_pattern") else option,
-            f"{value!r} contains regular-expression characters {''.join(bad)!r}; only module "
-            f"names and dotted paths (e.g. 'q_proj', 'layers.3.mlp.down_proj') are supported",
+            f"{_describe(value)} contains regular-expression characters {''.join(bad)!r}; "
+            "only module names and dotted paths (e.g. 'q_proj', 'layers.3.mlp.down_proj') are "
+            "supported",
         )
 
 
 # ---- The base model's modules ------------------------------------------------------------------
+
+
+# The modules of HF's LlamaForCausalLM outside the decoder layers, and a decoder layer's
+# modules other than its linear layers.
+_MODEL_MODULES = (
+    "",
+    "model",
+    "model.embed_tokens",
+    "model.layers",
+    "model.norm",
+    "model.rotary_emb",
+    "lm_head",
+)
+_LAYER_SUBMODULES = (
+    "",
+    ".self_attn",
+    ".mlp",
+    ".mlp.act_fn",
+    ".input_layernorm",
+    ".post_attention_layernorm",
+)
 
 
 @dataclass(frozen=True)
@@ -169,15 +197,12 @@ class _Module:
 
 def _model_modules(shape: BaseModelShape) -> Iterator[_Module]:
     """Every named module of a Llama-family causal LM (HF's names), with what it is."""
-    for name in ("", "model", "model.embed_tokens", "model.layers", "model.norm"):
+    for name in _MODEL_MODULES:
         yield _Module(name, None, None)
-    yield _Module("model.rotary_emb", None, None)
-    yield _Module("lm_head", None, None)
     for layer in range(shape.num_layers):
         prefix = f"model.layers.{layer}"
-        for sub in ("", ".self_attn", ".mlp", ".mlp.act_fn", ".input_layernorm"):
+        for sub in _LAYER_SUBMODULES:
             yield _Module(prefix + sub, layer, None)
-        yield _Module(prefix + ".post_attention_layernorm", layer, None)
         for proj in LINEAR_MODULES:
             yield _Module(f"{prefix}.{module_block(proj)}.{proj}", layer, proj)
 
@@ -256,8 +281,9 @@ def _check_refused_options(cfg: dict[str, Any]) -> None:
         # fan_in_fan_out may be either: PEFT itself resets it for nn.Linear targets.
         if cfg.get(flag) is not None and not isinstance(cfg[flag], bool):
             raise AdapterValidationError(flag, f"must be true or false, got {_describe(cfg[flag])}")
-    unknown = sorted(k for k, v in cfg.items() if k not in _INERT_OPTIONS | _HANDLED_OPTIONS and v)
-    unknown = [k for k in unknown if k not in _UNSUPPORTED_OPTIONS]
+    # A newer PEFT's option, set, may change the math: refused rather than guessed at.
+    known = _INERT_OPTIONS | _HANDLED_OPTIONS | frozenset(_UNSUPPORTED_OPTIONS)
+    unknown = sorted(k for k, v in cfg.items() if k not in known and v)
     if unknown:
         raise AdapterValidationError(
             unknown[0], f"unknown option, set ({_describe(cfg[unknown[0]])}); not supported"
@@ -330,7 +356,7 @@ def _layer_options(cfg: dict[str, Any]) -> tuple[frozenset[int] | None, tuple[st
 def _parse_config(config_json: str) -> _LoraOptions:
     cfg = _load_config(config_json)
     _check_refused_options(cfg)
-    r = cfg.get("r")
+    r = cfg.get("r", PEFT_DEFAULT_R)
     if not _is_int(r) or r <= 0:
         raise AdapterValidationError("r", f"must be a positive integer, got {_describe(r)}")
     alpha = cfg.get("lora_alpha", PEFT_DEFAULT_ALPHA)

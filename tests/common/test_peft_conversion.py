@@ -8,6 +8,7 @@ The oracle is PEFT itself: the model is loaded from the saved folder with
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,43 @@ def test_canonical_delta_equals_peft_delta_per_layer_and_module(
             torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-6)
             checked += int((layer, proj) in expected)
     assert checked == len(expected) > 0
+
+
+DROP = object()
+# The config file edited after saving, and PEFT loading it as edited: (r, edits).
+CONFIG_EDITS: dict[str, tuple[int, dict[str, Any]]] = {
+    # PEFT's LoraConfig defaults (r=8, lora_alpha=8) apply; r=4 so that a default of r differs.
+    "no-lora-alpha": (4, {"lora_alpha": DROP}),
+    "no-r": (8, {"r": DROP}),
+    # PEFT resets it for nn.Linear targets (with a warning): the weights are not transposed.
+    "fan-in-fan-out": (4, {"fan_in_fan_out": True}),
+    "training-only-options": (
+        4,
+        {"lora_dropout": 0.5, "init_lora_weights": "gaussian", "inference_mode": False},
+    ),
+    "all-linear-written-as-list": (4, {"target_modules": sorted(LINEAR_MODULES)}),
+}
+
+
+@pytest.mark.parametrize("rank, edits", CONFIG_EDITS.values(), ids=CONFIG_EDITS.keys())
+def test_edited_config_converts_as_peft_loads_it(
+    tmp_path: Path, rank: int, edits: dict[str, Any]
+) -> None:
+    lora = {"r": rank, "lora_alpha": 32, "target_modules": "all-linear"}
+    base = _save_peft(tmp_path, lora)
+    config = json.loads((tmp_path / CONFIG_FILE).read_text())
+    for key, value in edits.items():
+        if value is DROP:
+            del config[key]
+        else:
+            config[key] = value
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(config))
+    expected = _peft_deltas(base, tmp_path)
+    adapter = load_peft_folder(tmp_path, SHAPE, max_rank=64)
+    assert len(expected) == SHAPE.num_layers * len(LINEAR_MODULES)
+    for (layer, proj), want in expected.items():
+        ours = adapter.lora_b[proj][layer].float() @ adapter.lora_a[proj][layer].float()
+        torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-6)
 
 
 def test_each_projection_keeps_its_own_rank(tmp_path: Path) -> None:
