@@ -153,9 +153,9 @@ def check_all_projections(t, shapes: Shapes, max_rank: int, tol: float, seed: in
 
 
 # hidden 64 over 32-wide slots, MLP width 80 = 2.5 slots (padded); one program walks all of
-# in_features. hidden 512 / MLP 720 (22.5 slots): the shrink splits in_features over programs.
+# in_features. hidden 512 / MLP 720 over 64-wide slots (11.25): the shrink splits in_features.
 SMALL = Shapes(64, 32, 80)
-SPLIT = Shapes(512, 32, 720)
+SPLIT = Shapes(512, 64, 720)
 CPU_CASES = {
     "decode-mixed-ranks": (SMALL, [8, 16, 32, 64], [1] * 7, [0, 1, -1, 2, 3, 1, -1]),
     "prefill-ragged": (SMALL, [8, 16, 32], [17, 3, 1, 33, 9], [2, -1, 0, 1, 2]),
