@@ -120,6 +120,21 @@ CONFIG_CASES: dict[str, tuple[dict[str, Any] | str, str, str]] = {
         "layers_to_transform",
         "target_modules is a string",
     ),
+    "layers-empty-with-string-target": (
+        {"target_modules": "all-linear", "layers_to_transform": []},
+        "layers_to_transform",
+        "target_modules is a string",
+    ),
+    "layers-pattern-with-string-target": (
+        {"target_modules": "all-linear", "layers_pattern": "layers"},
+        "layers_pattern",
+        "target_modules is a string",
+    ),
+    "layers-pattern-without-layers": (
+        {"layers_pattern": "layers"},
+        "layers_pattern",
+        "needs layers_to_transform",
+    ),
     "layers-pattern-regex": (
         {"layers_to_transform": [0], "layers_pattern": "lay(ers)?"},
         "layers_pattern",
