@@ -284,6 +284,14 @@ def test_weight_refusal_names_the_tensor(
     assert (refused.key, reason in refused.reason) == (key, True), str(refused)
 
 
+def test_random_all_linear_adapter_is_accepted(all_linear: tuple[dict[str, Any], bytes]) -> None:
+    """The control for the MLP refusals below (random_adapters writes MLP keys under .mlp.)."""
+    config, weights = all_linear
+    adapter = canonicalize("x", json.dumps(config), weights, TINY, max_rank=16)
+    assert set(adapter.target_modules) == set(LINEAR_MODULES)
+    assert adapter.lora_a["down_proj"].shape == (TINY.num_layers, 4, TINY.intermediate_size)
+
+
 def test_mlp_weights_with_attention_shapes_are_refused(
     all_linear: tuple[dict[str, Any], bytes],
 ) -> None:
