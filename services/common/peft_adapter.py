@@ -327,26 +327,30 @@ def _pattern_dict(cfg: dict[str, Any], option: str) -> dict[str, Any]:
 
 
 def _layer_options(cfg: dict[str, Any]) -> tuple[frozenset[int] | None, tuple[str, ...]]:
-    layers = cfg.get("layers_to_transform")
-    if isinstance(layers, list) and not layers:
-        layers = None  # PEFT: an empty list selects nothing out, like None
-    if layers is not None:
-        items = [layers] if _is_int(layers) else layers
+    raw_layers, raw_pattern = cfg.get("layers_to_transform"), cfg.get("layers_pattern")
+    # LoraConfig.__post_init__'s refusals, on the values as written.
+    if isinstance(cfg.get("target_modules"), str):
+        for option, value in (("layers_to_transform", raw_layers), ("layers_pattern", raw_pattern)):
+            if value is not None:
+                raise AdapterValidationError(
+                    option, "cannot be used when target_modules is a string (PEFT)"
+                )
+    if raw_pattern and raw_layers is None:
+        raise AdapterValidationError("layers_pattern", "needs layers_to_transform (PEFT)")
+    layers: frozenset[int] | None = None
+    # PEFT: an empty list selects no layers out, like None.
+    if raw_layers is not None and raw_layers != []:
+        items = [raw_layers] if _is_int(raw_layers) else raw_layers
         if not isinstance(items, list) or not all(_is_int(i) and i >= 0 for i in items):
             raise AdapterValidationError(
                 "layers_to_transform",
-                f"must be a layer index or a list of them, got {_describe(layers)}",
-            )
-        if isinstance(cfg.get("target_modules"), str):
-            raise AdapterValidationError(
-                "layers_to_transform", "cannot be used when target_modules is a string (PEFT)"
+                f"must be a layer index or a list of them, got {_describe(raw_layers)}",
             )
         layers = frozenset(items)
-    pattern = cfg.get("layers_pattern") or []
-    patterns = [pattern] if isinstance(pattern, str) else pattern
+    patterns = [raw_pattern] if isinstance(raw_pattern, str) else (raw_pattern or [])
     if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
         raise AdapterValidationError(
-            "layers_pattern", f"must be a name or a list of names, got {_describe(pattern)}"
+            "layers_pattern", f"must be a name or a list of names, got {_describe(raw_pattern)}"
         )
     for item in patterns:
         _check_plain("layers_pattern", item)

@@ -120,6 +120,21 @@ CONFIG_CASES: dict[str, tuple[dict[str, Any] | str, str, str]] = {
         "layers_to_transform",
         "target_modules is a string",
     ),
+    "layers-empty-with-string-target": (
+        {"target_modules": "all-linear", "layers_to_transform": []},
+        "layers_to_transform",
+        "target_modules is a string",
+    ),
+    "layers-pattern-with-string-target": (
+        {"target_modules": "all-linear", "layers_pattern": "layers"},
+        "layers_pattern",
+        "target_modules is a string",
+    ),
+    "layers-pattern-without-layers": (
+        {"layers_pattern": "layers"},
+        "layers_pattern",
+        "needs layers_to_transform",
+    ),
     "layers-pattern-regex": (
         {"layers_to_transform": [0], "layers_pattern": "lay(ers)?"},
         "layers_pattern",
@@ -267,6 +282,14 @@ def test_weight_refusal_names_the_tensor(
             tensors[name] = tensor
     refused = _refusal(config, bytes(st_save(tensors)))
     assert (refused.key, reason in refused.reason) == (key, True), str(refused)
+
+
+def test_random_all_linear_adapter_is_accepted(all_linear: tuple[dict[str, Any], bytes]) -> None:
+    """The control for the MLP refusals below (random_adapters writes MLP keys under .mlp.)."""
+    config, weights = all_linear
+    adapter = canonicalize("x", json.dumps(config), weights, TINY, max_rank=16)
+    assert set(adapter.target_modules) == set(LINEAR_MODULES)
+    assert adapter.lora_a["down_proj"].shape == (TINY.num_layers, 4, TINY.intermediate_size)
 
 
 def test_mlp_weights_with_attention_shapes_are_refused(

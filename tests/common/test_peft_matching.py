@@ -162,3 +162,20 @@ def test_selections_peft_would_refuse_or_we_do_not_serve_are_refused(
         _selected_modules(opts, SHAPE)
     assert refused.value.key == "target_modules"
     assert named in refused.value.reason
+
+
+@pytest.mark.parametrize(
+    "lora",
+    [
+        {"target_modules": "all-linear", "layers_to_transform": []},
+        {"target_modules": "all-linear", "layers_pattern": "layers"},
+        {"target_modules": ["q_proj"], "layers_pattern": "layers"},
+    ],
+    ids=["layers-with-string-target", "pattern-with-string-target", "pattern-without-layers"],
+)
+def test_layer_options_peft_refuses_are_refused(lora: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        LoraConfig(r=2, **lora)  # PEFT's own refusal: the oracle
+    with pytest.raises(AdapterValidationError) as refused:
+        _parse_config(json.dumps({"peft_type": "LORA", "r": 2, **lora}))
+    assert refused.value.key in lora
