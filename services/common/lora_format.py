@@ -12,12 +12,21 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+class AdapterKey(NamedTuple):
+    """What an adapter is, as a value: two objects with equal keys hold the same weights."""
+
+    adapter_id: str
+    version: int
+    sha256: str
 
 
 @dataclass
@@ -31,6 +40,14 @@ class CanonicalAdapter:
     base_model: str
     lora_a: dict[str, torch.Tensor] = field(default_factory=dict)
     lora_b: dict[str, torch.Tensor] = field(default_factory=dict)
+    # The store's version and the hex sha256 of the canonical blob (`to_bytes`); neither is
+    # inside the blob. Adapters built in-process without them (0, "") are known by id alone.
+    version: int = 0
+    sha256: str = ""
+
+    @property
+    def key(self) -> AdapterKey:
+        return AdapterKey(self.adapter_id, self.version, self.sha256)
 
     @property
     def target_modules(self) -> tuple[str, ...]:
@@ -50,6 +67,8 @@ class CanonicalAdapter:
             base_model=self.base_model,
             lora_a={p: t.to(device=device, dtype=dtype) for p, t in self.lora_a.items()},
             lora_b={p: t.to(device=device, dtype=dtype) for p, t in self.lora_b.items()},
+            version=self.version,
+            sha256=self.sha256,
         )
 
     def to_bytes(self) -> bytes:
