@@ -15,7 +15,7 @@ from services.adapter_store.server import StoreServer, start_store_server
 from services.common.base_model import BaseModelShape, load_hf_config
 from services.common.errors import NotFound, Unavailable
 from services.common.grpc_server import RunningServer, free_port, start_server
-from services.common.lora_format import CanonicalAdapter
+from services.common.lora_format import AdapterKey, CanonicalAdapter
 from services.common.peft_adapter import load_peft_folder
 from services.gpu_worker.host_adapter_cache import HostAdapterCache, adapter_nbytes
 from services.gpu_worker.store_adapter_source import StoreAdapterSource
@@ -116,8 +116,9 @@ async def test_host_cache_keeps_within_bytes_and_evicts_least_recently_used(
 def test_host_cache_skips_an_adapter_larger_than_its_budget(adapter_folder: Path) -> None:
     adapter = load_peft_folder(adapter_folder, TINY, max_rank=128)
     cache = HostAdapterCache(max_bytes=adapter_nbytes(adapter) - 1)
-    assert cache.put("big", adapter) == []
-    assert cache.get("big") is None and cache.nbytes == 0
+    key = AdapterKey("big", 1, "00")
+    assert cache.put(key, adapter) == []
+    assert cache.get(key) is None and cache.nbytes == 0
 
 
 async def test_unknown_id_is_not_found_and_a_dead_store_unavailable(store: StoreServer) -> None:
