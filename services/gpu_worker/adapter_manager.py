@@ -175,5 +175,9 @@ class AdapterManager:
         self.evictions += 1
         logger.info("adapter %s v%d evicted", key.adapter_id, key.version)
 
+    def resident_keys(self) -> list[AdapterKey]:
+        """Identities of the resident adapters, least recently used first."""
+        return list(self._resident)
+
     def resident_ids(self) -> list[str]:
         return sorted({r.adapter_id for r in self._resident.values()})
