@@ -140,7 +140,7 @@ async def check_versions(
         for pinned in ({"adapter": f"{ID}@1"}, {"adapter": ID, "adapter_version": 1}):
             done = await client.complete(
                 PROMPT, max_new_tokens=NEW_TOKENS, ignore_eos=True, **pinned
-            )  # type: ignore[arg-type]
+            )
             assert (done.adapter_version, done.token_ids) == (1, expected["w1"])
         for bad, code in (
             ({"adapter": f"{ID}@9"}, grpc.StatusCode.NOT_FOUND),
@@ -148,7 +148,7 @@ async def check_versions(
             ({"adapter": f"{ID}@x"}, grpc.StatusCode.INVALID_ARGUMENT),
         ):
             with pytest.raises(ManyloraError) as refused:
-                await client.complete(PROMPT, max_new_tokens=NEW_TOKENS, **bad)  # type: ignore[arg-type]
+                await client.complete(PROMPT, max_new_tokens=NEW_TOKENS, **bad)
             assert refused.value.code == code, bad
 
         # Deleted: NOT_FOUND everywhere; re-uploaded: the new weights, as the next version.

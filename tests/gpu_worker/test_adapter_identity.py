@@ -9,8 +9,10 @@ freshly fetched adapter for the freed one and ran the request on the other adapt
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections import deque
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -61,19 +63,21 @@ def oracle(tmp_path_factory: pytest.TempPathFactory):
     return ours, blobs, requests, expected
 
 
-def test_refetched_adapters_run_on_their_own_weights(oracle):
-    """Requests stream through the engine a few at a time, each with its adapter fetched
-    anew (a host cache that keeps nothing), the previous objects freed as requests finish:
-    every output must still be the oracle's."""
-    ours, blobs, requests, expected = oracle
-    engine = Engine(ours, pool_slots=4096, max_num_seqs=MAX_NUM_SEQS)
+def stream_through(
+    engine: Engine, blobs: dict[str, bytes], requests: list[tuple[str, list[int]]], refetch: bool
+) -> list[list[int]]:
+    """Each request's tokens, submitted a few at a time (twice max_num_seqs in flight, so some
+    wait and their adapters are prefetched). With `refetch` each request gets its adapter as
+    a fresh object (a host cache that keeps nothing), freed once the request finishes;
+    without, one object per adapter lives throughout."""
+    kept = {name: _adapter_of(blob) for name, blob in blobs.items()}
     options = SamplingOptions(max_new_tokens=NEW_TOKENS, ignore_eos=True)
     got: dict[int, list[int]] = {}
     finished: deque[int] = deque()
     pending = deque(enumerate(requests))
-    running = 0
+    in_flight = 0
 
-    def sink(index: int):
+    def sink(index: int) -> Callable[[StepOutput], None]:
         def on_output(out: StepOutput) -> None:
             assert out.error is None, out.error
             got.setdefault(index, []).extend(out.token_ids)
@@ -82,20 +86,34 @@ def test_refetched_adapters_run_on_their_own_weights(oracle):
 
         return on_output
 
-    while pending or running:
-        while pending and running < MAX_NUM_SEQS:
+    while pending or in_flight:
+        while pending and in_flight < 2 * MAX_NUM_SEQS:
             index, (name, prompt) = pending.popleft()
-            adapter = CanonicalAdapter.from_bytes(blobs[name])  # a fresh object, as refetched
-            adapter.version, adapter.sha256 = 1, _sha(blobs[name])
+            adapter = _adapter_of(blobs[name]) if refetch else kept[name]
             engine.add(
                 Sequence(f"r{index}", prompt, options, ByteTokenizer(), sink(index), adapter)
             )
             del adapter
-            running += 1
+            in_flight += 1
         engine.step()
         while finished:
             finished.popleft()
-            running -= 1
+            in_flight -= 1
+    return [got[i] for i in range(len(requests))]
+
+
+def _adapter_of(blob: bytes) -> CanonicalAdapter:
+    adapter = CanonicalAdapter.from_bytes(blob)
+    adapter.version, adapter.sha256 = 1, hashlib.sha256(blob).hexdigest()
+    return adapter
+
+
+def test_refetched_adapters_run_on_their_own_weights(oracle):
+    """Adapters fetched anew for each request, the previous objects freed as requests
+    finish: every output must still be the oracle's."""
+    ours, blobs, requests, expected = oracle
+    engine = Engine(ours, pool_slots=4096, max_num_seqs=MAX_NUM_SEQS)
+    got = stream_through(engine, blobs, requests, refetch=True)
     wrong = [i for i in range(REQUESTS) if got[i] != expected[i]]
     assert not wrong, (
         f"requests {wrong} diverged from HF + PEFT (adapters {[requests[i][0] for i in wrong]})"
@@ -105,8 +123,18 @@ def test_refetched_adapters_run_on_their_own_weights(oracle):
     assert sorted(engine.adapters.resident_ids()) == sorted(s.name for s in SPECS)
 
 
-def _sha(blob: bytes) -> str:
-    return hashlib.sha256(blob).hexdigest()
+@pytest.mark.gpu
+def test_refetched_adapters_on_the_gpu_match_long_lived_ones(oracle):
+    """The same on CUDA, where waiting requests' adapters are copied on a side stream: the
+    refetched run must give exactly what a run with one live object per adapter gives."""
+    ours, blobs, requests, _ = oracle
+    model = copy.deepcopy(ours).to("cuda")
+    reference = stream_through(
+        Engine(model, pool_slots=4096, max_num_seqs=MAX_NUM_SEQS), blobs, requests, refetch=False
+    )
+    engine = Engine(model, pool_slots=4096, max_num_seqs=MAX_NUM_SEQS)
+    assert stream_through(engine, blobs, requests, refetch=True) == reference
+    assert engine.adapters.loads == len(SPECS)
 
 
 # --- AdapterManager alone: identity decides residency --------------------------------------
