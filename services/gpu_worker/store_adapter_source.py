@@ -137,10 +137,16 @@ class StoreAdapterSource:
             return None
         if time.monotonic() - resolution.at < self.version_ttl_s:
             return resolution.key
-        return await self._lookups.run(
-            ("info", adapter_id, version, generation),
-            lambda: self._look_up(adapter_id, version, generation),
-        )
+        try:
+            return await self._lookups.run(
+                ("info", adapter_id, version, generation),
+                lambda: self._look_up(adapter_id, version, generation),
+            )
+        except Unavailable as exc:
+            # The store is down: serving what it last said beats refusing an adapter held
+            # right here; the next get asks again.
+            logger.warning("serving %s as last resolved: %s", _name(resolution.key), exc)
+            return resolution.key
 
     async def _look_up(self, adapter_id: str, version: int, generation: int) -> AdapterKey:
         request = adapter_store_pb2.GetAdapterInfoRequest(adapter_id=adapter_id, version=version)

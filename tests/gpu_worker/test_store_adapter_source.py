@@ -249,3 +249,18 @@ async def test_a_notice_during_a_fetch_is_not_undone_by_its_answer(adapter_folde
         await source.close()
         await server.stop(None)
     assert fake.fetches == 2
+
+
+async def test_an_unreachable_store_leaves_the_last_resolved_version_serving(
+    store: StoreServer,
+) -> None:
+    source = StoreAdapterSource(f"127.0.0.1:{store.port}", 1 << 30, version_ttl_s=0.0, timeout_s=2)
+    try:
+        before = await source.get("a")
+        await store.stop(grace=None)
+        after = await source.get("a")  # the TTL has passed, but the store cannot be asked
+        with pytest.raises(Unavailable):
+            await source.get("b")  # never fetched: nothing to fall back on
+    finally:
+        await source.close()
+    assert after is before
