@@ -133,7 +133,7 @@ class FakeStore(adapter_store_pb2_grpc.AdapterStoreServicer):
         self.info_calls += 1
         if self.down:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "store is down")
-        if request.adapter_id not in self.known:
+        if request.adapter_id not in self.known or request.version > 1:  # only v1 exists
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no adapter {request.adapter_id!r}")
         return common_pb2.AdapterInfo(adapter_id=request.adapter_id, version=1, rank=8)
 
