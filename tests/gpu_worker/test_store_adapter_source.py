@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from redis.asyncio import Redis
 
 from manylora.v1 import adapter_store_pb2, adapter_store_pb2_grpc, common_pb2
 from services.adapter_store.server import StoreServer, start_store_server
@@ -19,8 +20,9 @@ from services.common.grpc_server import RunningServer, free_port, start_server
 from services.common.lora_format import AdapterKey, CanonicalAdapter
 from services.common.peft_adapter import load_peft_folder
 from services.gpu_worker.host_adapter_cache import HostAdapterCache, adapter_nbytes
-from services.gpu_worker.store_adapter_source import StoreAdapterSource
+from services.gpu_worker.store_adapter_source import AdapterEventListener, StoreAdapterSource
 from tests.adapter_store.helpers import (
+    RedisProcess,
     aio_channel,
     as_stream,
     make_peft_adapter,
@@ -264,3 +266,42 @@ async def test_an_unreachable_store_leaves_the_last_resolved_version_serving(
     finally:
         await source.close()
     assert after is before
+
+
+class _Recording(StoreAdapterSource):
+    def __init__(self) -> None:
+        super().__init__("127.0.0.1:1", 1 << 20)
+        self.events: list[AdapterEvent] = []
+
+    def on_event(self, event: AdapterEvent) -> None:
+        self.events.append(event)
+
+
+async def test_the_listener_hands_on_notices_and_comes_back_after_redis_restarts(
+    tmp_path: Path,
+) -> None:
+    redis = RedisProcess(tmp_path)
+    redis.start()
+    source = _Recording()
+    listener = AdapterEventListener(source, redis.url, "chan", retry_s=0.05)
+    client = Redis.from_url(redis.url)
+    try:
+        listener.start()
+        await asyncio.wait_for(listener.subscribed.wait(), 5)
+        await client.publish("chan", AdapterEvent(UPLOAD, "a", 2).encode())
+        await client.publish("chan", b"not a notice")  # logged and ignored
+        await client.publish("other", AdapterEvent(UPLOAD, "b", 2).encode())
+        redis.kill()
+        redis.start()  # same port, empty
+        await client.aclose()
+        client = Redis.from_url(redis.url)
+        # Published until heard: the listener may not have subscribed again yet.
+        async with asyncio.timeout(5):
+            while len(source.events) < 2:
+                await client.publish("chan", AdapterEvent(DELETE, "a", 2).encode())
+                await asyncio.sleep(0.05)
+    finally:
+        await listener.stop()
+        await client.aclose()
+        redis.kill()
+    assert source.events[:2] == [AdapterEvent(UPLOAD, "a", 2), AdapterEvent(DELETE, "a", 2)]
