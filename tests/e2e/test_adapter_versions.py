@@ -39,7 +39,7 @@ SPECS = (
 )
 PROMPT = [5, 77, 140, 9, 201]
 NEW_TOKENS = 6
-LONG_TOKENS = 300  # a stream that is still running while a new version is uploaded
+LONG_TOKENS = 500  # a stream that is still running while a new version is uploaded
 NOTICE_BOUND_S = 5.0  # with Redis notices; far under the TTL those workers run with
 
 
@@ -198,7 +198,7 @@ async def test_versions_reach_both_workers_through_redis_notices(
 
 async def test_versions_reach_both_workers_by_ttl_without_redis(stack: Stack, oracle):
     await stack.start_store()
-    ttl = 0.5
+    ttl = 0.25
     await check_versions(stack, oracle, ttl + 3.0, {"adapter_version_ttl_s": ttl})
 
 
