@@ -8,6 +8,11 @@ Keeping the index in Redis (not in this process) means it vanishes together with
 when Redis restarts empty, so the two never disagree; the script builds key names, so it
 needs a standalone Redis (not a cluster). Leave Redis' own `maxmemory` above the budget.
 
+The store also publishes change notices (`services/common/adapter_events.py`) on the channel
+`{prefix}events` after each upload and delete, for workers to drop their idea of an id's
+newest version at once. A notice lost (Redis down, a worker not connected) costs only time:
+workers re-check versions with the store on their own TTL.
+
 Redis is optional and may fail at any time: every operation turns a Redis error into a miss
 (or a no-op), marks Redis down, logs it once and probes in the background until it answers
 again; meanwhile nothing waits on it. Entries of versions deleted while Redis was unreachable
@@ -26,6 +31,8 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+
+from services.common.adapter_events import CHANNEL_SUFFIX, AdapterEvent
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +100,7 @@ class RedisCache:
             url, retry=Retry(NoBackoff(), 1), socket_connect_timeout=2, socket_timeout=30
         )
         self._index_keys = [prefix + "lru", prefix + "sizes", prefix + "bytes"]
+        self.events_channel = prefix + CHANNEL_SUFFIX
         self._put = self._client.register_script(_PUT_SCRIPT)
         self._delete = self._client.register_script(_DELETE_SCRIPT)
         self._probe_task: asyncio.Task[None] | None = None
@@ -135,6 +143,11 @@ class RedisCache:
         entries = [self.entry_key(adapter_id, v) for v in versions]
         if self.available and entries:
             await self._call(self._delete(keys=[*self._index_keys, *entries], args=[]))
+
+    async def publish(self, event: AdapterEvent) -> None:
+        """Tell listening workers about a change (best effort, like everything here)."""
+        if self.available:
+            await self._call(self._client.publish(self.events_channel, event.encode()))
 
     async def _read(self, adapter_id: str, version: int, *fields: str) -> list[Any] | None:
         if not self.available:

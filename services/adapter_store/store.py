@@ -13,6 +13,7 @@ from manylora.v1 import common_pb2
 from services.adapter_store.disk_store import AdapterVersions, DiskStore
 from services.adapter_store.records import check_adapter_id, info_from_json, info_to_json, make_info
 from services.adapter_store.redis_cache import RedisCache
+from services.common.adapter_events import DELETE, UPLOAD, AdapterEvent
 from services.common.base_model import BaseModelShape
 from services.common.errors import InvalidArgument, NotFound, ServiceError
 from services.common.lora_format import CanonicalAdapter
@@ -68,6 +69,7 @@ class AdapterStore:
             state.last = info.version
         if self.cache is not None:
             await self.cache.put(adapter_id, info.version, info_json, blob)
+            await self.cache.publish(AdapterEvent(UPLOAD, adapter_id, info.version))
         logger.info(
             "stored %s v%d: rank %d, %s, %d bytes, sha256 %s",
             adapter_id, info.version, info.rank, ",".join(info.target_modules),
@@ -109,6 +111,7 @@ class AdapterStore:
             await asyncio.to_thread(self.disk.delete, adapter_id, doomed)
         if self.cache is not None:
             await self.cache.delete(adapter_id, doomed)
+            await self.cache.publish(AdapterEvent(DELETE, adapter_id, doomed[-1]))
         logger.info("deleted %s (versions %s)", adapter_id, doomed)
         return len(doomed)
 

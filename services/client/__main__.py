@@ -27,7 +27,12 @@ def printable(text: str) -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m services.client", description=__doc__)
     parser.add_argument("prompt", nargs="?", help="prompt text")
-    parser.add_argument("--adapter", default="", help="adapter id; empty = the base model")
+    parser.add_argument(
+        "--adapter", default="", help="adapter id (id@N pins version N); empty = the base model"
+    )
+    parser.add_argument(
+        "--adapter-version", type=int, default=0, help="adapter version; 0 = the newest"
+    )
     parser.add_argument(
         "--target", default=DEFAULT_TARGET, help="router host:port (env MANYLORA_ROUTER_TARGET)"
     )
@@ -49,8 +54,9 @@ def _summary(last: Chunk) -> str:
     usage = last.usage
     if usage is None:
         return ""
+    version = f" (adapter v{last.adapter_version})" if last.adapter_version else ""
     return (
-        f"[{last.request_id}] finish {last.finish_reason}: {usage.prompt_tokens} prompt + "
+        f"[{last.request_id}]{version} finish {last.finish_reason}: {usage.prompt_tokens} prompt + "
         f"{usage.completion_tokens} generated tokens, first token after "
         f"{usage.time_to_first_token_ms:.1f} ms"
     )
@@ -61,6 +67,7 @@ def _generate(client: ManyloraClient, args: argparse.Namespace) -> None:
     for chunk in client.generate(
         args.prompt,
         adapter=args.adapter,
+        adapter_version=args.adapter_version,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,

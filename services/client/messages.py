@@ -51,6 +51,7 @@ class Chunk:
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None  # "length", "stop", "eos" or "aborted" on the last chunk
     usage: Usage | None = None
+    adapter_version: int = 0  # the adapter version serving the request (0: the base model)
 
 
 @dataclass(frozen=True)
@@ -61,12 +62,14 @@ class Completion:
     logprobs: list[float]
     finish_reason: str
     usage: Usage
+    adapter_version: int = 0  # the adapter version that served it (0: the base model)
 
 
 class GenerateParams(TypedDict, total=False):
     """Keyword arguments of `generate` and `complete`, as `build_request` takes them."""
 
     adapter: str
+    adapter_version: int
     max_new_tokens: int
     temperature: float
     top_p: float
@@ -83,6 +86,7 @@ def build_request(
     prompt: str | Sequence[int],
     *,
     adapter: str = "",
+    adapter_version: int = 0,
     max_new_tokens: int = 64,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -94,7 +98,8 @@ def build_request(
     logprobs: bool = False,
     request_id: str = "",
 ) -> common_pb2.GenerateRequest:
-    """A GenerateRequest: a str prompt is text, a sequence of ints is token ids."""
+    """A GenerateRequest: a str prompt is text, a sequence of ints is token ids. `adapter` may
+    pin a version as "id@N"; `adapter_version` does the same (0: the newest when admitted)."""
     params = common_pb2.SamplingParams(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -107,7 +112,9 @@ def build_request(
     )
     if seed is not None:
         params.seed = seed
-    request = common_pb2.GenerateRequest(request_id=request_id, adapter_id=adapter, params=params)
+    request = common_pb2.GenerateRequest(
+        request_id=request_id, adapter_id=adapter, adapter_version=adapter_version, params=params
+    )
     if isinstance(prompt, str):
         request.prompt = prompt
     else:
@@ -123,6 +130,7 @@ def chunk_from_proto(response: common_pb2.GenerateResponse) -> Chunk:
             response.text,
             list(response.token_ids),
             list(response.logprobs),
+            adapter_version=response.adapter_version,
         )
     u = response.usage
     return Chunk(
@@ -132,6 +140,7 @@ def chunk_from_proto(response: common_pb2.GenerateResponse) -> Chunk:
         list(response.logprobs),
         common_pb2.FinishReason.Name(finish).lower(),
         Usage(u.prompt_tokens, u.completion_tokens, u.queue_time_ms, u.time_to_first_token_ms),
+        response.adapter_version,
     )
 
 
@@ -155,4 +164,5 @@ class CompletionBuilder:
             [p for c in self._chunks for p in c.logprobs],
             last.finish_reason,
             last.usage,
+            last.adapter_version,
         )

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import load as st_load
@@ -32,6 +32,14 @@ MAX_SAFETENSORS_HEADER_DEPTH = 8
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
+class AdapterKey(NamedTuple):
+    """What an adapter is, as a value: two objects with equal keys hold the same weights."""
+
+    adapter_id: str
+    version: int
+    sha256: str
+
+
 @dataclass
 class CanonicalAdapter:
     """One adapter in canonical layout (see module docstring)."""
@@ -43,6 +51,14 @@ class CanonicalAdapter:
     base_model: str
     lora_a: dict[str, torch.Tensor] = field(default_factory=dict)
     lora_b: dict[str, torch.Tensor] = field(default_factory=dict)
+    # The store's version and the hex sha256 of the canonical blob (`to_bytes`); neither is
+    # inside the blob. Adapters built in-process without them (0, "") are known by id alone.
+    version: int = 0
+    sha256: str = ""
+
+    @property
+    def key(self) -> AdapterKey:
+        return AdapterKey(self.adapter_id, self.version, self.sha256)
 
     @property
     def target_modules(self) -> tuple[str, ...]:
@@ -62,6 +78,8 @@ class CanonicalAdapter:
             base_model=self.base_model,
             lora_a={p: t.to(device=device, dtype=dtype) for p, t in self.lora_a.items()},
             lora_b={p: t.to(device=device, dtype=dtype) for p, t in self.lora_b.items()},
+            version=self.version,
+            sha256=self.sha256,
         )
 
     def to_bytes(self) -> bytes:

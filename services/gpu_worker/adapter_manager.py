@@ -5,17 +5,23 @@ an unreferenced resident adapter stays cached until the scheduler needs its slot
 the least recently used goes first. Loads for waiting requests (prefetch) copy on a side CUDA
 stream so they overlap the engine's compute; a request waits on its adapter's copy only when
 it is admitted.
+
+Residency is keyed by the adapter's identity, `CanonicalAdapter.key` (id, version, sha256):
+a value, never the Python object, since a worker may fetch one adapter many times as new
+objects, and a freed object's address goes to the next one made. One identity has one
+resident copy. An older version of an id is evicted as soon as nothing references it while a
+newer version of that id is resident.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 import torch
 
-from services.common.lora_format import CanonicalAdapter
+from services.common.lora_format import AdapterKey, CanonicalAdapter
 from services.gpu_worker.adapter_layout import ProjSegment, adapter_slot_count, pack_adapter
 from services.gpu_worker.adapter_tables import AdapterTables
 from services.gpu_worker.memory_pool import UnifiedMemoryPool
@@ -25,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ResidentAdapter:
-    adapter_id: str
+    key: AdapterKey
     rank: int
     slots: torch.Tensor  # [num_slots] pool indices, on the device
     segments: dict[str, ProjSegment]
@@ -34,13 +40,18 @@ class ResidentAdapter:
     ready: torch.cuda.Event | None = None  # set while a side-stream copy may be in flight
     staging: torch.Tensor | None = None  # pinned source of that copy, kept alive until done
 
+    @property
+    def adapter_id(self) -> str:
+        return self.key.adapter_id
+
 
 class AdapterManager:
     def __init__(self, pool: UnifiedMemoryPool, max_loras: int, max_adapter_slots: int):
         self.pool = pool
         self.tables = AdapterTables(max_loras, max_adapter_slots, pool.buffer.device)
         self.device = pool.buffer.device
-        self._resident: OrderedDict[int, ResidentAdapter] = OrderedDict()  # LRU first
+        self._resident: OrderedDict[AdapterKey, ResidentAdapter] = OrderedDict()  # LRU first
+        self._copies_of: Counter[str] = Counter()  # resident versions per adapter id
         self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.reset_counters()
 
@@ -52,7 +63,7 @@ class AdapterManager:
         return adapter_slot_count(adapter, self.pool.width)
 
     def is_resident(self, adapter: CanonicalAdapter) -> bool:
-        return id(adapter) in self._resident
+        return adapter.key in self._resident
 
     def missing_slots(self, adapter: CanonicalAdapter | None) -> int:
         """Slots `adapter` would take if loaded now (0 when resident or None)."""
@@ -64,7 +75,7 @@ class AdapterManager:
         return sum(
             r.slots.numel()
             for key, r in self._resident.items()
-            if r.refs == 0 and (keep is None or key != id(keep))
+            if r.refs == 0 and (keep is None or key != keep.key)
         )
 
     def evict_until_free(self, free_target: int, keep: CanonicalAdapter | None = None) -> None:
@@ -74,12 +85,12 @@ class AdapterManager:
             if self.pool.free_adapter_slots() >= free_target:
                 return
             resident = self._resident[key]
-            if resident.refs == 0 and (keep is None or key != id(keep)):
+            if resident.refs == 0 and (keep is None or key != keep.key):
                 self._evict(key)
 
     def load(self, adapter: CanonicalAdapter, background: bool = False) -> ResidentAdapter:
         """Copy `adapter` into freshly allocated slots (the caller made room)."""
-        key = id(adapter)
+        key = adapter.key
         if key in self._resident:
             return self._resident[key]
         if self.tables.free_rows == 0:
@@ -89,7 +100,7 @@ class AdapterManager:
         )
         slots = self.pool.alloc_adapter(packed.num_slots)
         row = self.tables.add(slots, packed.segments)
-        resident = ResidentAdapter(adapter.adapter_id, adapter.rank, slots, packed.segments, row)
+        resident = ResidentAdapter(key, adapter.rank, slots, packed.segments, row)
         if self._side is not None and background:
             self._side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._side):
@@ -100,8 +111,12 @@ class AdapterManager:
         else:
             self._copy_in(packed.data, slots)
         self._resident[key] = resident
+        self._copies_of[key.adapter_id] += 1
         self.loads += 1
-        logger.info("adapter %s resident in %d slots", adapter.adapter_id, slots.numel())
+        logger.info(
+            "adapter %s v%d resident in %d slots", key.adapter_id, key.version, slots.numel()
+        )
+        self._evict_superseded(key.adapter_id, keep=key)
         return resident
 
     def _copy_in(self, data: torch.Tensor, slots: torch.Tensor) -> None:
@@ -110,7 +125,7 @@ class AdapterManager:
 
     def acquire(self, adapter: CanonicalAdapter) -> ResidentAdapter:
         """Reference a resident adapter for a request about to run (loading it if needed)."""
-        key = id(adapter)
+        key = adapter.key
         if key in self._resident:
             self.hits += 1
         else:
@@ -126,6 +141,20 @@ class AdapterManager:
 
     def release(self, resident: ResidentAdapter) -> None:
         resident.refs -= 1
+        if resident.refs == 0:
+            self._evict_superseded(resident.adapter_id)
+
+    def _evict_superseded(self, adapter_id: str, keep: AdapterKey | None = None) -> None:
+        """Evict the unreferenced versions of `adapter_id` older than its newest resident one
+        (but `keep`, just loaded for a request pinned to it): new requests for the id run on
+        the newest, so the old slots would only sit idle."""
+        if self._copies_of[adapter_id] < 2:  # the common case, without a scan
+            return
+        versions = [k for k in self._resident if k.adapter_id == adapter_id]
+        newest = max(k.version for k in versions)
+        for key in versions:
+            if key.version < newest and key != keep and self._resident[key].refs == 0:
+                self._evict(key)
 
     def _evict_lru_unreferenced(self) -> None:
         for key, resident in self._resident.items():
@@ -134,14 +163,21 @@ class AdapterManager:
                 return
         raise MemoryError("every adapter-table row is held by a running request")
 
-    def _evict(self, key: int) -> None:
+    def _evict(self, key: AdapterKey) -> None:
         resident = self._resident.pop(key)
+        self._copies_of[key.adapter_id] -= 1
+        if not self._copies_of[key.adapter_id]:
+            del self._copies_of[key.adapter_id]
         if resident.ready is not None:
             resident.ready.synchronize()
         self.pool.free_adapter(resident.slots)
         self.tables.remove(resident.row)
         self.evictions += 1
-        logger.info("adapter %s evicted", resident.adapter_id)
+        logger.info("adapter %s v%d evicted", key.adapter_id, key.version)
+
+    def resident_keys(self) -> list[AdapterKey]:
+        """Identities of the resident adapters, least recently used first."""
+        return list(self._resident)
 
     def resident_ids(self) -> list[str]:
         return sorted({r.adapter_id for r in self._resident.values()})

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from services.common.adapter_events import DEFAULT_CHANNEL
+
 
 @dataclass
 class WorkerConfig:
@@ -30,6 +32,24 @@ class WorkerConfig:
     adapter_store: str = field(
         default="",
         metadata={"help": "host:port of the adapter store; empty = only --adapters folders"},
+    )
+    adapter_version_ttl_s: float = field(
+        default=5.0,
+        metadata={
+            "help": "seconds a resolved adapter version is trusted before the store is asked "
+            "again; bounds how long a new upload or a delete takes to reach this worker"
+        },
+    )
+    adapter_events_redis_url: str = field(
+        default="",
+        metadata={
+            "help": "Redis the adapter store publishes change notices on (its --redis-url), "
+            "for uploads and deletes to take effect at once; empty = only the TTL"
+        },
+    )
+    adapter_events_channel: str = field(
+        default=DEFAULT_CHANNEL,
+        metadata={"help": "pub/sub channel of those notices: the store's key prefix + events"},
     )
     host_cache_bytes: int = field(
         default=4 << 30, metadata={"help": "host-memory adapter cache bound, in bytes"}

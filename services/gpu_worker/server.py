@@ -24,7 +24,7 @@ from services.gpu_worker.memory_pool import UnifiedMemoryPool
 from services.gpu_worker.metrics import serve_worker_metrics
 from services.gpu_worker.model_config import ModelConfig
 from services.gpu_worker.servicer import GpuWorkerServicer
-from services.gpu_worker.store_adapter_source import StoreAdapterSource
+from services.gpu_worker.store_adapter_source import AdapterEventListener, StoreAdapterSource
 from services.gpu_worker.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 from services.gpu_worker.weights import build_dummy_model, load_hf_model
 
@@ -94,7 +94,11 @@ def build_adapter_source(config: WorkerConfig, shape: BaseModelShape) -> Adapter
     if config.adapter_store and config.adapters:
         raise ValueError("give --adapter-store or --adapters, not both")
     if config.adapter_store:
-        return StoreAdapterSource(config.adapter_store, config.host_cache_bytes)
+        return StoreAdapterSource(
+            config.adapter_store,
+            config.host_cache_bytes,
+            version_ttl_s=config.adapter_version_ttl_s,
+        )
     return LocalFolderAdapterSource(parse_adapter_paths(config.adapters), shape, config.max_rank)
 
 
@@ -139,6 +143,12 @@ async def start_worker(config: WorkerConfig) -> Worker:
             await serve_worker_metrics(metrics, config.metrics_port, config.host, servicer.stats)
         )
     if isinstance(adapters, StoreAdapterSource):
+        if config.adapter_events_redis_url:
+            listener = AdapterEventListener(
+                adapters, config.adapter_events_redis_url, config.adapter_events_channel
+            )
+            listener.start()
+            closers.append(listener.stop)
         closers.append(adapters.close)
     return Worker(server, loop, closers)
 

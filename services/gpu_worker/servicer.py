@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from manylora.v1 import common_pb2, gpu_worker_pb2, gpu_worker_pb2_grpc
+from services.common.adapter_ref import parse_adapter_ref
 from services.common.errors import InvalidArgument, ServiceError
 from services.common.logging import request_id_var
 from services.gpu_worker.adapter_source import AdapterSource
@@ -98,7 +99,9 @@ class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
                 if outs:  # tokens that came before a failure still go out
                     out = merge_outputs(outs)
                     finished = out.finish_reason is not None
-                    yield tracker.on_response(to_proto(out))
+                    response = to_proto(out)
+                    response.adapter_version = seq.adapter.version if seq.adapter else 0
+                    yield tracker.on_response(response)
                 if failure is not None:
                     code = getattr(failure, "code", grpc.StatusCode.INTERNAL)
                     tracker.fail(code)
@@ -126,7 +129,8 @@ class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
             prompt = self._tokenizer.encode(request.prompt)
         else:
             raise InvalidArgument("prompt is empty")
-        adapter = await self._adapters.get(request.adapter_id) if request.adapter_id else None
+        adapter_id, version = parse_adapter_ref(request.adapter_id, request.adapter_version)
+        adapter = await self._adapters.get(adapter_id, version) if adapter_id else None
         if self._relay is None:  # the first call: now the servicer knows its event loop
             self._relay = OutputRelay(asyncio.get_running_loop())
         relay = self._relay

@@ -1,5 +1,6 @@
-"""What the router asks of the adapter store: whether an adapter exists (cached a few seconds,
-so that a stream of requests costs the store one call), and the ListAdapters pass-through."""
+"""What the router asks of the adapter store: whether an adapter (or a pinned version of it)
+exists, cached a few seconds so that a stream of requests costs the store one call; and the
+ListAdapters pass-through. Which version serves a request is the worker's business."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import grpc
 
 from manylora.v1 import adapter_store_pb2, common_pb2
 from manylora.v1.adapter_store_pb2_grpc import AdapterStoreStub
+from services.common.adapter_ref import adapter_ref
 from services.common.errors import InvalidArgument, NotFound, ServiceError, Unavailable
 from services.common.grpc_server import SERVER_OPTIONS
 from services.common.logging import request_id_metadata
@@ -28,24 +30,27 @@ class AdapterCatalog:
         self.target = target
         self._ttl_s = ttl_s
         self._timeout_s = timeout_s
-        self._known: dict[str, tuple[float, bool]] = {}  # id -> (expires at, exists)
+        # (id, version; 0 = any) -> (expires at, exists)
+        self._known: dict[tuple[str, int], tuple[float, bool]] = {}
         self._lookups: SingleFlight[bool] = SingleFlight()
         self._channel = grpc.aio.insecure_channel(target, options=SERVER_OPTIONS)
         self._stub = AdapterStoreStub(self._channel)
 
-    async def check(self, adapter_id: str) -> None:
-        """Raise NotFound for an adapter the store does not have. When the store cannot be
-        asked the request goes on: a worker may still hold the adapter."""
-        cached = self._known.get(adapter_id)
+    async def check(self, adapter_id: str, version: int = 0) -> None:
+        """Raise NotFound for an adapter (or version; 0 = any) the store does not have. When
+        the store cannot be asked the request goes on: a worker may still hold the adapter."""
+        ref = (adapter_id, version)
+        cached = self._known.get(ref)
         if cached is not None and cached[0] > time.monotonic():
             exists = cached[1]
         else:
-            exists = await self._lookups.run(adapter_id, lambda: self._lookup(adapter_id))
+            exists = await self._lookups.run(ref, lambda: self._lookup(adapter_id, version))
         if not exists:
-            raise NotFound(f"unknown adapter {adapter_id!r}: not in the adapter store")
+            name = adapter_ref(adapter_id, version)
+            raise NotFound(f"unknown adapter {name!r}: not in the adapter store")
 
-    async def _lookup(self, adapter_id: str) -> bool:
-        request = adapter_store_pb2.GetAdapterInfoRequest(adapter_id=adapter_id)
+    async def _lookup(self, adapter_id: str, version: int) -> bool:
+        request = adapter_store_pb2.GetAdapterInfoRequest(adapter_id=adapter_id, version=version)
         try:
             await self._stub.GetAdapterInfo(
                 request, timeout=self._timeout_s, metadata=request_id_metadata()
@@ -65,7 +70,7 @@ class AdapterCatalog:
         now = time.monotonic()
         if len(self._known) >= MAX_REMEMBERED:
             self._known = {k: v for k, v in self._known.items() if v[0] > now}
-        self._known[adapter_id] = (now + ttl, exists)
+        self._known[(adapter_id, version)] = (now + ttl, exists)
         return exists
 
     async def list(

@@ -16,6 +16,7 @@ from typing import NoReturn
 import grpc
 
 from manylora.v1 import common_pb2, router_pb2_grpc
+from services.common.adapter_ref import parse_adapter_ref
 from services.common.errors import ServiceError, Unavailable
 from services.common.logging import request_id_var
 from services.common.sampling_params import check_input, check_sampling_params
@@ -102,8 +103,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     ) -> AsyncGenerator[common_pb2.GenerateResponse, None]:
         check_input(request)
         check_sampling_params(request.params)
+        # Sent on as a bare id and a version, so that routing sees the id's affinity.
+        request.adapter_id, request.adapter_version = parse_adapter_ref(
+            request.adapter_id, request.adapter_version
+        )
         if request.adapter_id and self._catalog is not None:
-            await self._catalog.check(request.adapter_id)
+            await self._catalog.check(request.adapter_id, request.adapter_version)
         await self._admit(context)
         try:
             async with contextlib.aclosing(self._relay(request, context)) as stream:

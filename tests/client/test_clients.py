@@ -109,6 +109,21 @@ async def test_command_line_streams_to_stdout(stack, capsys):
     assert worker.seen[-1].request.params.max_new_tokens == 3
 
 
+async def test_adapter_versions_go_out_and_come_back(stack, capsys):
+    worker, target = stack
+    async with AsyncManyloraClient(target, timeout=10) as client:
+        chunks = [c async for c in client.generate("hi", adapter="ad", adapter_version=1)]
+        assert {c.adapter_version for c in chunks} == {1}
+        done = await client.complete("hi", adapter="ad@1", max_new_tokens=3)
+        assert done.adapter_version == 1
+        assert (await client.complete("hi", max_new_tokens=3)).adapter_version == 0
+    assert worker.seen[0].request.adapter_version == 1
+    argv = ["hello", "--adapter", "ad", "--adapter-version", "1", "--target", target]
+    assert await asyncio.to_thread(cli_main, argv) == 0
+    assert worker.seen[-1].request.adapter_version == 1
+    assert "(adapter v1)" in capsys.readouterr().err
+
+
 async def test_command_line_reports_errors_with_exit_status_1(stack, capsys):
     _, target = stack
     argv = ["hello", "--adapter", "missing", "--target", target]

@@ -8,7 +8,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from manylora.v1 import adapter_store_pb2_grpc, gpu_worker_pb2, gpu_worker_pb2_grpc
+from manylora.v1 import (
+    adapter_store_pb2,
+    adapter_store_pb2_grpc,
+    gpu_worker_pb2,
+    gpu_worker_pb2_grpc,
+)
 from services.adapter_store.server import StoreServer, start_store_server
 from services.common.grpc_server import free_port
 from services.common.peft_adapter import CONFIG_FILE, WEIGHTS_FILE
@@ -31,8 +36,8 @@ class Stack:
         assert self.store is not None
         return f"127.0.0.1:{self.store.port}"
 
-    async def start_store(self, metrics_port: int = 0) -> StoreServer:
-        config = store_config(self.tmp / "store")
+    async def start_store(self, metrics_port: int = 0, **overrides: Any) -> StoreServer:
+        config = store_config(self.tmp / "store", **overrides)
         config.metrics_port = metrics_port
         self.store = await start_store_server(config)
         return self.store
@@ -48,6 +53,12 @@ class Stack:
                 await stub.UploadAdapter(
                     as_stream(upload_requests(adapter_id, config_json, weights))
                 )
+
+    async def delete(self, adapter_id: str) -> None:
+        assert self.store is not None
+        async with aio_channel(self.store.port) as channel:
+            stub = adapter_store_pb2_grpc.AdapterStoreStub(channel)
+            await stub.DeleteAdapter(adapter_store_pb2.DeleteAdapterRequest(adapter_id=adapter_id))
 
     async def start_worker(self, **overrides: Any) -> Worker:
         fields: dict[str, Any] = {

@@ -9,17 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from redis.asyncio import Redis
 
 from manylora.v1 import adapter_store_pb2, adapter_store_pb2_grpc, common_pb2
 from services.adapter_store.server import StoreServer, start_store_server
+from services.common.adapter_events import DELETE, UPLOAD, AdapterEvent
 from services.common.base_model import BaseModelShape, load_hf_config
 from services.common.errors import NotFound, Unavailable
 from services.common.grpc_server import RunningServer, free_port, start_server
-from services.common.lora_format import CanonicalAdapter
+from services.common.lora_format import AdapterKey, CanonicalAdapter
 from services.common.peft_adapter import load_peft_folder
 from services.gpu_worker.host_adapter_cache import HostAdapterCache, adapter_nbytes
-from services.gpu_worker.store_adapter_source import StoreAdapterSource
+from services.gpu_worker.store_adapter_source import AdapterEventListener, StoreAdapterSource
 from tests.adapter_store.helpers import (
+    RedisProcess,
     aio_channel,
     as_stream,
     make_peft_adapter,
@@ -116,8 +119,9 @@ async def test_host_cache_keeps_within_bytes_and_evicts_least_recently_used(
 def test_host_cache_skips_an_adapter_larger_than_its_budget(adapter_folder: Path) -> None:
     adapter = load_peft_folder(adapter_folder, TINY, max_rank=128)
     cache = HostAdapterCache(max_bytes=adapter_nbytes(adapter) - 1)
-    assert cache.put("big", adapter) == []
-    assert cache.get("big") is None and cache.nbytes == 0
+    key = AdapterKey("big", 1, "00")
+    assert cache.put(key, adapter) == []
+    assert cache.get(key) is None and cache.nbytes == 0
 
 
 async def test_unknown_id_is_not_found_and_a_dead_store_unavailable(store: StoreServer) -> None:
@@ -167,3 +171,137 @@ async def test_concurrent_gets_of_one_id_share_one_fetch(adapter_folder: Path) -
         await server.stop(None)
     assert fake.fetches == 1
     assert all(adapter is adapters[0] for adapter in adapters)
+
+
+# --- versions ------------------------------------------------------------------------------
+
+
+async def _upload(server: StoreServer, adapter_id: str, folder: Path) -> None:
+    config_json, weights = read_adapter(folder)
+    async with aio_channel(server.port) as channel:
+        stub = adapter_store_pb2_grpc.AdapterStoreStub(channel)
+        await stub.UploadAdapter(as_stream(upload_requests(adapter_id, config_json, weights)))
+
+
+@pytest.fixture(scope="module")
+def second_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("worker-adapters-2") / "qv2"
+    make_peft_adapter(folder, seed=12)
+    return folder
+
+
+async def test_a_new_version_is_served_once_the_ttl_has_passed(
+    store: StoreServer, adapter_folder: Path, second_folder: Path
+) -> None:
+    source = StoreAdapterSource(f"127.0.0.1:{store.port}", 1 << 30, version_ttl_s=0.0)
+    try:
+        v1 = await source.get("a")
+        await _upload(store, "a", second_folder)
+        v2 = await source.get("a")  # resolution expired at once: asks again, fetches v2
+        pinned = await source.get("a", 1)
+        with pytest.raises(NotFound, match="version 7"):
+            await source.get("a", 7)
+    finally:
+        await source.close()
+    assert (v1.version, v2.version, pinned.version) == (1, 2, 1)
+    assert v1.sha256 != v2.sha256 and pinned.key == v1.key
+    assert _same(v1, load_peft_folder(adapter_folder, TINY, 128))
+    assert _same(v2, load_peft_folder(second_folder, TINY, 128))
+    assert v2.adapter_id == "a"
+
+
+async def test_a_notice_takes_effect_at_once_and_old_versions_leave_the_host_cache(
+    store: StoreServer, second_folder: Path
+) -> None:
+    source = StoreAdapterSource(f"127.0.0.1:{store.port}", 1 << 30, version_ttl_s=600.0)
+    try:
+        v1 = await source.get("a")
+        await _upload(store, "a", second_folder)
+        still = await source.get("a")  # no notice, TTL far away: v1 as before
+        source.on_event(AdapterEvent(UPLOAD, "a", 2))
+        v2 = await source.get("a")
+        cached = [k.version for k in source.cache.list_keys() if k.adapter_id == "a"]
+        async with aio_channel(store.port) as channel:
+            stub = adapter_store_pb2_grpc.AdapterStoreStub(channel)
+            await stub.DeleteAdapter(adapter_store_pb2.DeleteAdapterRequest(adapter_id="a"))
+        source.on_event(AdapterEvent(DELETE, "a", 2))
+        with pytest.raises(NotFound):
+            await source.get("a")
+    finally:
+        await source.close()
+    assert still is v1 and v2.version == 2
+    assert cached == [2]
+    assert "a" not in source.cached_ids()
+
+
+async def test_a_notice_during_a_fetch_is_not_undone_by_its_answer(adapter_folder: Path) -> None:
+    """The fetch started before the notice may carry the old version: its answer must not be
+    remembered as the newest."""
+    blob = load_peft_folder(adapter_folder, TINY, max_rank=128, adapter_id="x").to_bytes()
+    fake = FakeStore(blob, corrupt=0, delay_s=0.3)
+    server = await _serve_fake(fake)
+    source = StoreAdapterSource(f"127.0.0.1:{server.port}", 1 << 30, version_ttl_s=600.0)
+    try:
+        pending = asyncio.ensure_future(source.get("x"))
+        await asyncio.sleep(0.1)
+        source.on_event(AdapterEvent(UPLOAD, "x", 2))
+        await pending
+        await source.get("x")  # must ask the store again
+    finally:
+        await source.close()
+        await server.stop(None)
+    assert fake.fetches == 2
+
+
+async def test_an_unreachable_store_leaves_the_last_resolved_version_serving(
+    store: StoreServer,
+) -> None:
+    source = StoreAdapterSource(f"127.0.0.1:{store.port}", 1 << 30, version_ttl_s=0.0, timeout_s=2)
+    try:
+        before = await source.get("a")
+        await store.stop(grace=None)
+        after = await source.get("a")  # the TTL has passed, but the store cannot be asked
+        with pytest.raises(Unavailable):
+            await source.get("b")  # never fetched: nothing to fall back on
+    finally:
+        await source.close()
+    assert after is before
+
+
+class _Recording(StoreAdapterSource):
+    def __init__(self) -> None:
+        super().__init__("127.0.0.1:1", 1 << 20)
+        self.events: list[AdapterEvent] = []
+
+    def on_event(self, event: AdapterEvent) -> None:
+        self.events.append(event)
+
+
+async def test_the_listener_hands_on_notices_and_comes_back_after_redis_restarts(
+    tmp_path: Path,
+) -> None:
+    redis = RedisProcess(tmp_path)
+    redis.start()
+    source = _Recording()
+    listener = AdapterEventListener(source, redis.url, "chan", retry_s=0.05)
+    client = Redis.from_url(redis.url)
+    try:
+        listener.start()
+        await asyncio.wait_for(listener.subscribed.wait(), 5)
+        await client.publish("chan", AdapterEvent(UPLOAD, "a", 2).encode())
+        await client.publish("chan", b"not a notice")  # logged and ignored
+        await client.publish("other", AdapterEvent(UPLOAD, "b", 2).encode())
+        redis.kill()
+        redis.start()  # same port, empty
+        await client.aclose()
+        client = Redis.from_url(redis.url)
+        # Published until heard: the listener may not have subscribed again yet.
+        async with asyncio.timeout(5):
+            while len(source.events) < 2:
+                await client.publish("chan", AdapterEvent(DELETE, "a", 2).encode())
+                await asyncio.sleep(0.05)
+    finally:
+        await listener.stop()
+        await client.aclose()
+        redis.kill()
+    assert source.events[:2] == [AdapterEvent(UPLOAD, "a", 2), AdapterEvent(DELETE, "a", 2)]

@@ -66,7 +66,10 @@ class FakeWorker(gpu_worker_pb2_grpc.GpuWorkerServicer):
                 if self.fail_after is not None and i == self.fail_after:
                     await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.name} broke down")
                 last = i == self.tokens - 1
-                yield _response(request.request_id, i, self.name, last)
+                response = _response(request.request_id, i, self.name, last)
+                # A worker reports the version that serves the request: here, the asked one.
+                response.adapter_version = request.adapter_version or int(bool(request.adapter_id))
+                yield response
                 if i == 0 and self.gate is not None:
                     await self.gate.wait()
             seen.finished = True
@@ -133,7 +136,7 @@ class FakeStore(adapter_store_pb2_grpc.AdapterStoreServicer):
         self.info_calls += 1
         if self.down:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "store is down")
-        if request.adapter_id not in self.known:
+        if request.adapter_id not in self.known or request.version > 1:  # only v1 exists
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no adapter {request.adapter_id!r}")
         return common_pb2.AdapterInfo(adapter_id=request.adapter_id, version=1, rank=8)
 

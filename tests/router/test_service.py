@@ -130,6 +130,33 @@ async def test_unknown_adapter_is_not_found_and_answers_are_cached(
         await server.stop(None)
 
 
+async def test_a_pinned_version_is_checked_and_sent_on_as_id_and_version(
+    start_fakes, start_router_for, channel_to
+):
+    (worker,) = await start_fakes(1)
+    server = await serve_fake_store(FakeStore(known={"known"}))
+    try:
+        stub = channel_to(
+            await start_router_for([worker], adapter_store=f"127.0.0.1:{server.port}")
+        )
+        await collect(stub, request("known@1"))
+        sent = worker.seen[-1].request
+        assert (sent.adapter_id, sent.adapter_version) == ("known", 1)
+        for adapter, version, code in (
+            ("known@2", 0, grpc.StatusCode.NOT_FOUND),
+            ("known", 2, grpc.StatusCode.NOT_FOUND),
+            ("known@1", 2, grpc.StatusCode.INVALID_ARGUMENT),
+        ):
+            req = request(adapter)
+            req.adapter_version = version
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await collect(stub, req)
+            assert err.value.code() == code, (adapter, version)
+        assert len(worker.seen) == 1
+    finally:
+        await server.stop(None)
+
+
 async def test_without_a_store_adapters_are_not_checked_and_listing_says_why(
     start_fakes, start_router_for, channel_to
 ):
