@@ -103,7 +103,10 @@ class DiskStore:
         self._tmp.mkdir(parents=True, exist_ok=True)
         for leftover in self._tmp.iterdir():
             logger.warning("removing leftover of an interrupted write: %s", leftover)
-            shutil.rmtree(leftover, ignore_errors=True)
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:  # an upload's spool, or a version number being written
+                leftover.unlink(missing_ok=True)
 
     def open_spool(self) -> UploadSpool:
         return UploadSpool(self._tmp / f"upload-{uuid.uuid4().hex}")
