@@ -314,12 +314,12 @@ async def test_huge_uploads_are_refused_while_other_clients_upload_and_fetch_unc
     async def unannounced_huge():  # says nothing: refused once the cap is passed
         return await upload_code(sync_stub, [header("huge-2", "{}"), *chunks(huge)])
 
-    async def bystander_traffic():
-        infos = []
+    async def bystander_traffic() -> tuple[list[common_pb2.AdapterInfo], list[bytes]]:
+        infos, fetched = [], []
         for _ in range(3):
             infos.append(await upload_real(stub, "bystander", adapter_files))
-            infos.append((await fetch_blob(stub, "bystander"))[1])
-        return infos
+            fetched.append((await fetch_blob(stub, "bystander"))[1])
+        return infos, fetched
 
     huge_1, huge_2, traffic = await asyncio.gather(
         announced_huge(), unannounced_huge(), bystander_traffic()
@@ -327,7 +327,7 @@ async def test_huge_uploads_are_refused_while_other_clients_upload_and_fetch_unc
 
     assert huge_1[0] == grpc.StatusCode.INVALID_ARGUMENT and "total_size" in huge_1[1]
     assert huge_2[0] == grpc.StatusCode.INVALID_ARGUMENT and "--max-upload-bytes" in huge_2[1]
-    uploads, blobs = traffic[0::2], traffic[1::2]
+    uploads, blobs = traffic
     assert [info.version for info in uploads] == [first.version + 1 + i for i in range(3)]
     # Each fetch got the newest version whole; the same weights as the first. (Blobs are
     # compared by their tensors: safetensors writes its metadata map in a random order.)
