@@ -54,9 +54,15 @@ def build_store(config: AdapterStoreConfig) -> AdapterStore:
     shape = BaseModelShape.from_hf_config(load_hf_config(config.base_model))
     cache = None
     if config.redis_url:
-        cache = RedisCache(
-            config.redis_url, config.redis_max_bytes, config.redis_key_prefix, config.redis_retry_s
-        )
+        try:
+            cache = RedisCache(
+                config.redis_url,
+                config.redis_max_bytes,
+                config.redis_key_prefix,
+                config.redis_retry_s,
+            )
+        except ValueError as exc:  # redis-py reads the URL here
+            raise ConfigError("redis_url", f"{config.redis_url!r}: {exc}") from None
     return AdapterStore(DiskStore(config.data_dir), shape, config.max_rank, cache)
 
 

@@ -132,6 +132,10 @@ def test_programs_refuse_bad_settings_in_one_line_without_traceback(tmp_path: Pa
     results = _run_programs({
         "store bad flag value": (["services.adapter_store", "--port", "x"], {}),
         "store bad env value": (["services.adapter_store"], {"MANYLORA_MAX_RANK": "big"}),
+        "store bad Redis URL": (
+            ["services.adapter_store", "--port", "0", "--data-dir", str(tmp_path / "data")],
+            {"MANYLORA_REDIS_URL": "redis://host:notaport/0"},
+        ),
         "worker without CUDA": (
             ["services.gpu_worker", "--device", "cuda"], {"CUDA_VISIBLE_DEVICES": ""}
         ),
@@ -142,6 +146,7 @@ def test_programs_refuse_bad_settings_in_one_line_without_traceback(tmp_path: Pa
     expected = {
         "store bad flag value": ("services.adapter_store", "--port (MANYLORA_PORT)"),
         "store bad env value": ("services.adapter_store", "--max-rank (MANYLORA_MAX_RANK)"),
+        "store bad Redis URL": ("services.adapter_store", "--redis-url (MANYLORA_REDIS_URL)"),
         "worker without CUDA": ("services.gpu_worker", "--device (MANYLORA_DEVICE)"),
         "worker without weights": ("services.gpu_worker", "--model (MANYLORA_MODEL)"),
         "router bad env value": ("services.router", "--load-bound (MANYLORA_LOAD_BOUND)"),
