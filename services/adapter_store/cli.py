@@ -21,6 +21,7 @@ from tqdm import tqdm
 from manylora.v1 import adapter_store_pb2, common_pb2
 from manylora.v1.adapter_store_pb2_grpc import AdapterStoreStub
 from services.common.grpc_server import SERVER_OPTIONS
+from services.common.ids import adapter_id_problem
 from services.common.peft_adapter import CONFIG_FILE, WEIGHTS_FILE
 
 DEFAULT_TARGET = os.environ.get("MANYLORA_STORE_TARGET", "127.0.0.1:50052")
@@ -53,6 +54,9 @@ def upload(stub: AdapterStoreStub, folder: Path, adapter_id: str | None) -> comm
         if not (folder / needed).is_file():
             raise CliError(f"{folder}: no {needed} there")
     adapter_id = adapter_id or folder.name
+    problem = adapter_id_problem(adapter_id)
+    if problem is not None:  # said here, before a large file travels to be refused
+        raise CliError(problem)
     size = (folder / WEIGHTS_FILE).stat().st_size
     with tqdm(total=size, unit="B", unit_scale=True, desc=adapter_id, leave=False) as progress:
         info: common_pb2.AdapterInfo = stub.UploadAdapter(

@@ -4,15 +4,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from services.common.config import LOG_LEVELS, ConfigError, check_model_setting
+
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
 
 @dataclass
 class AdapterStoreConfig:
     """manylora adapter store: upload, validate, store (disk + Redis) and serve LoRA adapters."""
 
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
-    port: int = field(default=50052, metadata={"help": "gRPC port (0 picks a free one)"})
+    port: int = field(
+        default=50052,
+        metadata={"help": "gRPC port (0 picks a free one)", "min": 0, "max": 65535},
+    )
     metrics_port: int = field(
-        default=0, metadata={"help": "port of the Prometheus /metrics endpoint; 0 = off"}
+        default=0,
+        metadata={
+            "help": "port of the Prometheus /metrics endpoint; 0 = off",
+            "min": 0,
+            "max": 65535,
+        },
     )
     data_dir: str = field(
         default="./.run/adapters",
@@ -26,23 +38,63 @@ class AdapterStoreConfig:
     )
     redis_max_bytes: int = field(
         default=1 << 30,
-        metadata={"help": "byte budget of the hot copy in Redis; least recently used go first"},
+        metadata={
+            "help": "byte budget of the hot copy in Redis; least recently used go first",
+            "min": 0,
+        },
     )
     redis_key_prefix: str = field(
         default="manylora:store:", metadata={"help": "prefix of every Redis key the store owns"}
     )
     redis_retry_s: float = field(
-        default=2.0, metadata={"help": "seconds between reconnection attempts while Redis is down"}
+        default=2.0,
+        metadata={
+            "help": "seconds between probes of Redis (its health, and reconnection while down)",
+            "min": 0.01,
+        },
     )
-    max_rank: int = field(default=128, metadata={"help": "largest LoRA rank accepted"})
+    max_rank: int = field(default=128, metadata={"help": "largest LoRA rank accepted", "min": 1})
     base_model: str = field(
         default="tiny",
         metadata={"help": "dummy preset name or local Hugging Face folder to validate against"},
     )
     fetch_chunk_bytes: int = field(
-        default=2 << 20, metadata={"help": "bytes per FetchAdapter message"}
+        default=2 << 20,
+        metadata={"help": "bytes per FetchAdapter message", "min": 1, "max": 32 << 20},
     )
     max_upload_bytes: int = field(
-        default=2 << 30, metadata={"help": "largest adapter_model.safetensors accepted"}
+        default=2 << 30,
+        metadata={"help": "largest adapter_model.safetensors accepted", "min": 1},
     )
-    log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
+    max_upload_bytes_in_flight: int = field(
+        default=2 << 30,
+        metadata={
+            "help": "bytes of all uploads in progress together (validation holds an upload in "
+            "memory, at a few times its size); beyond it RESOURCE_EXHAUSTED",
+            "min": 1,
+        },
+    )
+    upload_idle_timeout_s: float = field(
+        default=30.0,
+        metadata={
+            "help": "an upload silent this long is dropped (and gives back its budget)",
+            "min": 0.01,
+        },
+    )
+    log_level: str = field(
+        default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR", "choices": LOG_LEVELS}
+    )
+
+    def check(self) -> None:
+        """Settings that cannot work together or point at nothing; `ConfigError` naming one."""
+        check_model_setting("base_model", self.base_model)
+        if self.max_upload_bytes > self.max_upload_bytes_in_flight:
+            raise ConfigError(
+                "max_upload_bytes",
+                f"{self.max_upload_bytes} is above --max-upload-bytes-in-flight "
+                f"({self.max_upload_bytes_in_flight}): such an upload could never start",
+            )
+        if self.redis_url and not self.redis_url.startswith(_REDIS_SCHEMES):
+            raise ConfigError(
+                "redis_url", f"{self.redis_url!r} does not start with {', '.join(_REDIS_SCHEMES)}"
+            )

@@ -5,10 +5,12 @@ Layout under the data folder:
     <adapter_id>/v<N>/weights.safetensors   canonical blob of version N
     <adapter_id>/v<N>/info.json             its AdapterInfo
     <adapter_id>/last_version               highest version ever given to this id
-    .tmp/                                   writes and deletions in progress
+    .tmp/                                   uploads, writes and deletions in progress
 
-A version folder is built under `.tmp/` and renamed into place, so it appears whole or not
-at all; `.tmp/` is emptied at start, which removes whatever a crash left there.
+An upload streams into a spool file under `.tmp/` (never into memory), removed once it has
+been read for validation, refused or cancelled. A version folder is built under `.tmp/`,
+fsync'd and renamed into place, so it appears whole or not at all; `.tmp/` is emptied at
+start, which removes whatever a crash left there.
 `last_version` outlives a delete so that a version number is never given twice: whoever
 cached (id, version) can trust it.
 """
@@ -22,8 +24,9 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
-from services.adapter_store.records import is_valid_adapter_id
+from services.common.ids import is_valid_adapter_id
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +60,36 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class UploadSpool:
+    """The weights of one upload on their way in, in a file under `.tmp/`.
+
+    `discard` is synchronous and idempotent so that it can run in a `finally` of a cancelled
+    task without awaiting."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.size = 0
+        self._file: BinaryIO | None = open(path, "wb")  # noqa: SIM115 (closed in discard)
+
+    def write(self, chunk: bytes) -> None:
+        if self._file is None:
+            raise ValueError(f"{self.path} was discarded")
+        self._file.write(chunk)
+        self.size += len(chunk)
+
+    def read_all(self) -> bytes:
+        if self._file is None:
+            raise ValueError(f"{self.path} was discarded")
+        self._file.flush()
+        return self.path.read_bytes()
+
+    def discard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self.path.unlink(missing_ok=True)
+
+
 class DiskStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -70,7 +103,13 @@ class DiskStore:
         self._tmp.mkdir(parents=True, exist_ok=True)
         for leftover in self._tmp.iterdir():
             logger.warning("removing leftover of an interrupted write: %s", leftover)
-            shutil.rmtree(leftover, ignore_errors=True)
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:  # an upload's spool, or a version number being written
+                leftover.unlink(missing_ok=True)
+
+    def open_spool(self) -> UploadSpool:
+        return UploadSpool(self._tmp / f"upload-{uuid.uuid4().hex}")
 
     def scan(self) -> dict[str, AdapterVersions]:
         """Every id folder with its versions (ids whose versions were all deleted included)."""

@@ -3,29 +3,19 @@
 from __future__ import annotations
 
 import hashlib
-import re
 
 from google.protobuf import json_format
 
 from manylora.v1 import common_pb2
 from services.common.errors import InvalidArgument
+from services.common.ids import adapter_id_problem
 from services.common.lora_format import CanonicalAdapter
-
-# Ids name folders on disk, so no '/' and no leading '.' (which would allow '..' and
-# collide with the store's own hidden folders).
-_ID_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
-
-
-def is_valid_adapter_id(adapter_id: str) -> bool:
-    return _ID_RE.match(adapter_id) is not None
 
 
 def check_adapter_id(adapter_id: str) -> None:
-    if not is_valid_adapter_id(adapter_id):
-        raise InvalidArgument(
-            f"adapter_id: {adapter_id!r} is not valid; use 1-128 letters, digits, '.', '_' "
-            "or '-', not starting with '.'"
-        )
+    problem = adapter_id_problem(adapter_id)
+    if problem is not None:
+        raise InvalidArgument(problem)
 
 
 def make_info(adapter: CanonicalAdapter, blob: bytes, version: int) -> common_pb2.AdapterInfo:

@@ -14,9 +14,11 @@ newest version at once. A notice lost (Redis down, a worker not connected) costs
 workers re-check versions with the store on their own TTL.
 
 Redis is optional and may fail at any time: every operation turns a Redis error into a miss
-(or a no-op), marks Redis down, logs it once and probes in the background until it answers
-again; meanwhile nothing waits on it. Entries of versions deleted while Redis was unreachable
-stay behind, unreachable (version numbers are never reused), until the LRU drops them.
+(or a no-op), marks Redis down and logs it once; meanwhile nothing waits on it. A background
+probe pings Redis every `retry_s` (with a short timeout, on a connection of its own), so that
+its state (and the health that reports it) follows Redis within seconds, traffic or not.
+Entries of versions deleted while Redis was unreachable stay behind, unreachable (version
+numbers are never reused), until the LRU drops them.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ from services.common.adapter_events import CHANNEL_SUFFIX, AdapterEvent
 logger = logging.getLogger(__name__)
 
 StateCallback = Callable[[bool], Awaitable[None]]
+
+# A probe slower than this counts as Redis down (a hung Redis is as useless as a dead one).
+PROBE_TIMEOUT_S = 1.0
 
 # Redis refuses a single value above 512 MB by default (proto-max-bulk-len).
 MAX_ENTRY_BYTES = 512 * 1024 * 1024
@@ -99,6 +104,12 @@ class RedisCache:
         self._client = Redis.from_url(
             url, retry=Retry(NoBackoff(), 1), socket_connect_timeout=2, socket_timeout=30
         )
+        self._probe_client = Redis.from_url(
+            url,
+            retry=Retry(NoBackoff(), 0),
+            socket_connect_timeout=PROBE_TIMEOUT_S,
+            socket_timeout=PROBE_TIMEOUT_S,
+        )
         self._index_keys = [prefix + "lru", prefix + "sizes", prefix + "bytes"]
         self.events_channel = prefix + CHANNEL_SUFFIX
         self._put = self._client.register_script(_PUT_SCRIPT)
@@ -115,11 +126,13 @@ class RedisCache:
             logger.info("hot copy in Redis at %s, budget %d bytes", self._url, self._max_bytes)
         except (RedisError, OSError) as exc:
             await self._mark_down(exc)
+        self._probe_task = asyncio.create_task(self._probe())
 
     async def close(self) -> None:
         if self._probe_task is not None:
             self._probe_task.cancel()
         await self._client.aclose()
+        await self._probe_client.aclose()
 
     async def get_entry(self, adapter_id: str, version: int) -> tuple[bytes, bytes] | None:
         """(info JSON, blob), or None on a miss or while Redis is down."""
@@ -168,27 +181,27 @@ class RedisCache:
             return None
 
     async def _mark_down(self, exc: BaseException) -> None:
-        if not self.available and self._probe_task is not None:
+        if not self.available:
             return
         self.available = False
-        self._probe_task = asyncio.create_task(self._probe())
         logger.warning(
             "Redis at %s unreachable (%s); serving from disk until it is back", self._url, exc
         )
         await self._notify(False)
 
     async def _probe(self) -> None:
+        """Runs from `start` to `close`: marks Redis down or back as pings fail or answer."""
         while True:
             await asyncio.sleep(self._retry_s)
             try:
-                await self._client.ping()
-            except (RedisError, OSError):
+                await self._probe_client.ping()
+            except (RedisError, OSError) as exc:
+                await self._mark_down(exc)
                 continue
-            self.available = True
-            self._probe_task = None
-            logger.info("Redis at %s is back; it refills as adapters are read", self._url)
-            await self._notify(True)
-            return
+            if not self.available:
+                self.available = True
+                logger.info("Redis at %s is back; it refills as adapters are read", self._url)
+                await self._notify(True)
 
     async def _notify(self, available: bool) -> None:
         if self.on_state_change is not None:

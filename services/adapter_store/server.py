@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import grpc
 from grpc_health.v1 import health_pb2
 from prometheus_client import Gauge
 
@@ -12,9 +13,10 @@ from manylora.v1 import adapter_store_pb2, adapter_store_pb2_grpc
 from services.adapter_store.config import AdapterStoreConfig
 from services.adapter_store.disk_store import DiskStore
 from services.adapter_store.redis_cache import RedisCache
-from services.adapter_store.service import AdapterStoreService
+from services.adapter_store.service import AdapterStoreService, UploadBudget, UploadLimits
 from services.adapter_store.store import AdapterStore
 from services.common.base_model import BaseModelShape, load_hf_config
+from services.common.config import ConfigError
 from services.common.grpc_server import RunningServer, start_server
 from services.common.metrics import PREFIX, MetricsServer, rpc_registry, start_metrics_server
 
@@ -52,9 +54,15 @@ def build_store(config: AdapterStoreConfig) -> AdapterStore:
     shape = BaseModelShape.from_hf_config(load_hf_config(config.base_model))
     cache = None
     if config.redis_url:
-        cache = RedisCache(
-            config.redis_url, config.redis_max_bytes, config.redis_key_prefix, config.redis_retry_s
-        )
+        try:
+            cache = RedisCache(
+                config.redis_url,
+                config.redis_max_bytes,
+                config.redis_key_prefix,
+                config.redis_retry_s,
+            )
+        except ValueError as exc:  # redis-py reads the URL here
+            raise ConfigError("redis_url", f"{config.redis_url!r}: {exc}") from None
     return AdapterStore(DiskStore(config.data_dir), shape, config.max_rank, cache)
 
 
@@ -63,16 +71,32 @@ async def start_store_server(config: AdapterStoreConfig) -> StoreServer:
     port, Prometheus metrics of every call (and of Redis) on it."""
     metrics_port = config.metrics_port
     store = build_store(config)
-    await store.open()
-    service = AdapterStoreService(store, config.fetch_chunk_bytes, config.max_upload_bytes)
+    try:
+        await store.open()
+    except OSError as exc:
+        raise ConfigError("data_dir", f"cannot use {config.data_dir}: {exc}") from None
+    limits = UploadLimits(
+        config.max_upload_bytes,
+        UploadBudget(config.max_upload_bytes_in_flight),
+        config.upload_idle_timeout_s,
+    )
+    service = AdapterStoreService(store, config.fetch_chunk_bytes, limits)
     descriptor = adapter_store_pb2.DESCRIPTOR.services_by_name["AdapterStore"]
     registry = rpc_registry(service, descriptor) if metrics_port else None
-    running = await start_server(
-        [lambda server: adapter_store_pb2_grpc.add_AdapterStoreServicer_to_server(service, server)],
-        [SERVICE_NAME],
-        config.host,
-        config.port,
-    )
+
+    def add_service(server: grpc.aio.Server) -> None:
+        adapter_store_pb2_grpc.add_AdapterStoreServicer_to_server(service, server)
+
+    try:
+        running = await start_server(
+            [add_service],
+            [SERVICE_NAME],
+            config.host,
+            config.port,
+        )
+    except BaseException:
+        await store.close()
+        raise
     cache = store.cache
     if cache is not None:
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
 import socket
@@ -10,6 +11,8 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from services.common.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -19,6 +22,9 @@ SERVER_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
+# gRPC sets SO_REUSEPORT by default: a second server on a taken port would start silently and
+# take a random share of its calls. Off, binding a taken port fails.
+_BIND_OPTIONS = [("grpc.so_reuseport", 0)]
 
 AddServicer = Callable[[grpc.aio.Server], None]
 
@@ -53,19 +59,59 @@ async def start_server(
     port: int,
 ) -> RunningServer:
     """Bind on host:port (port 0 picks a free one), register health, start, mark SERVING."""
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=[*SERVER_OPTIONS, *_BIND_OPTIONS])
     for add in add_servicers:
         add(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot bind gRPC server on {host}:{port}")
+    bound = _bind(server, host, port)
     await server.start()
     running = RunningServer(server, bound, health_servicer)
     await running.set_serving(service_names, True)
     logger.info("serving %s on %s:%d", ", ".join(service_names), host, bound)
     return running
+
+
+def _bind(server: grpc.aio.Server, host: str, port: int) -> int:
+    """The bound port; `ConfigError` naming --port (or --host) when the address is taken or
+    not ours. grpc returns 0 or raises RuntimeError depending on its version: both count."""
+    field, problem = _bind_problem(host, port)
+    if problem is None:
+        try:
+            bound = int(server.add_insecure_port(f"{host}:{port}"))
+        except RuntimeError:
+            bound = 0
+        if bound:
+            return bound
+        problem = "the port is in use or the address is not local"
+    raise ConfigError(field, f"cannot listen on {host}:{port}: {problem}")
+
+
+def _bind_problem(host: str, port: int) -> tuple[str, str | None]:
+    """Why host:port cannot be bound, found with a plain socket first, so that the operator
+    reads our one line rather than gRPC's log of its failed bind (which stays the backstop)."""
+    if port == 0:
+        return "port", None
+    try:
+        addresses = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError as exc:
+        return "host", f"cannot resolve {host!r} ({exc})"
+    # Like gRPC: fine when some resolved address binds, unless another one is taken.
+    failures: list[OSError] = []
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return "port", exc.strerror or str(exc)
+                failures.append(exc)
+    if failures and len(failures) == len(addresses):
+        return "host", failures[0].strerror or str(failures[0])
+    return "port", None
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
-from services.common.config import load_config
+from services.common.config import exit_on_startup_error, load_config
 from services.common.logging import setup_logging
 from services.gpu_worker.config import WorkerConfig
-from services.gpu_worker.server import serve
+
+PROG = "python -m services.gpu_worker"
 
 
-def main() -> None:
-    config = load_config(WorkerConfig)
-    setup_logging(config.log_level)
-    asyncio.run(serve(config))
+def main(argv: Sequence[str] | None = None) -> None:
+    with exit_on_startup_error(PROG):
+        config = load_config(WorkerConfig, argv, prog=PROG)
+        config.check()
+        setup_logging(config.log_level)
+        # Imported once the settings are checked: torch and the engine take seconds to load.
+        from services.gpu_worker.server import serve
+
+        asyncio.run(serve(config))
 
 
 if __name__ == "__main__":

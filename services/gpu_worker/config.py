@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from services.common.adapter_events import DEFAULT_CHANNEL
+from services.common.base_model import DUMMY_PRESETS
+from services.common.config import LOG_LEVELS, ConfigError, check_model_setting
+
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 
 
 @dataclass
@@ -12,18 +16,29 @@ class WorkerConfig:
     """Serve one base model and its LoRA adapters on one device."""
 
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind"})
-    port: int = field(default=50051, metadata={"help": "gRPC port (0 picks a free one)"})
+    port: int = field(
+        default=50051,
+        metadata={"help": "gRPC port (0 picks a free one)", "min": 0, "max": 65535},
+    )
     model: str = field(
         default="tiny",
-        metadata={"help": "local Hugging Face folder, or a dummy preset name (tiny, llama-7b)"},
+        metadata={
+            "help": "local Hugging Face folder (its weights are loaded unless --dummy), or a "
+            "dummy preset name (tiny, llama-7b: random weights by nature)"
+        },
     )
     dummy: bool = field(
-        default=True, metadata={"help": "random weights from the config and --seed"}
+        default=False,
+        metadata={"help": "random weights from the folder's config.json and --seed"},
     )
     seed: int = field(default=0, metadata={"help": "seed of the dummy weights"})
-    device: str = field(default="auto", metadata={"help": "cuda, cpu, or auto"})
+    device: str = field(default="auto", metadata={"help": "cuda, cuda:N, cpu, or auto"})
     dtype: str = field(
-        default="auto", metadata={"help": "bfloat16, float16, float32, or auto (bf16 on GPU)"}
+        default="auto",
+        metadata={
+            "help": "bfloat16, float16, float32, or auto (bf16 on GPU)",
+            "choices": DTYPE_CHOICES,
+        },
     )
     adapters: list[str] = field(
         default_factory=list,
@@ -72,7 +87,9 @@ class WorkerConfig:
     adapter_region_fraction: float = field(
         default=0.25, metadata={"help": "share of the pool kept for adapters when not unified"}
     )
-    max_num_seqs: int = field(default=64, metadata={"help": "most requests running at once"})
+    max_num_seqs: int = field(
+        default=64, metadata={"help": "most requests running at once", "min": 1}
+    )
     max_loras: int = field(
         default=512, metadata={"help": "most adapters resident in the pool at once"}
     )
@@ -80,7 +97,8 @@ class WorkerConfig:
         default="kernels",
         metadata={
             "help": "kernels, or bmm: S-LoRA's padded-bmm baseline for benchmarks (inside CUDA "
-            "graphs it pads to --max-rank, the graphs' static shape)"
+            "graphs it pads to --max-rank, the graphs' static shape)",
+            "choices": ("kernels", "bmm"),
         },
     )
     cuda_graphs: bool = field(
@@ -95,9 +113,16 @@ class WorkerConfig:
     max_model_len: int = field(
         default=0, metadata={"help": "context length cap; 0 = the model's own"}
     )
-    log_level: str = field(default="INFO", metadata={"help": "logging level"})
+    log_level: str = field(
+        default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR", "choices": LOG_LEVELS}
+    )
     metrics_port: int = field(
-        default=0, metadata={"help": "port of the Prometheus /metrics endpoint; 0 = off"}
+        default=0,
+        metadata={
+            "help": "port of the Prometheus /metrics endpoint; 0 = off",
+            "min": 0,
+            "max": 65535,
+        },
     )
     registry_redis_url: str = field(
         default="",
@@ -112,3 +137,35 @@ class WorkerConfig:
     heartbeat_ttl_s: float = field(
         default=6.0, metadata={"help": "seconds a registration lives without a new heartbeat"}
     )
+
+    def __post_init__(self) -> None:
+        # A preset has no weights to load: it is random by nature, whatever --dummy says.
+        if self.model in DUMMY_PRESETS:
+            self.dummy = True
+
+    def check(self) -> None:
+        """What would fail later, deep in start-up: `ConfigError` naming the setting."""
+        check_model_setting("model", self.model, need_weights=not self.dummy)
+        _check_device(self.device)
+        if self.adapter_store and self.adapters:
+            raise ConfigError("adapters", "give --adapter-store or --adapters, not both")
+
+
+def _check_device(device: str) -> None:
+    import torch  # here: a bad flag elsewhere is told before torch takes seconds to load
+
+    kind, _, index = device.partition(":")
+    if kind not in ("auto", "cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
+        raise ConfigError("device", f"{device!r} is not one of auto, cpu, cuda, cuda:N")
+    if kind != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "device",
+            f"{device!r} asked for, but CUDA is not available here (no visible GPU, or a CPU "
+            f"build of torch {torch.__version__}); use --device cpu or auto",
+        )
+    if index and int(index) >= torch.cuda.device_count():
+        raise ConfigError(
+            "device", f"{device!r}: only {torch.cuda.device_count()} CUDA device(s) visible"
+        )

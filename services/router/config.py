@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from services.common.config import LOG_LEVELS, ConfigError
 from services.gpu_worker.heartbeat import REGISTRY_PREFIX
 
 
@@ -12,7 +13,10 @@ class RouterConfig:
     """manylora router: validates, queues and routes Generate calls to GPU workers."""
 
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind"})
-    port: int = field(default=50050, metadata={"help": "gRPC port (0 picks a free one)"})
+    port: int = field(
+        default=50050,
+        metadata={"help": "gRPC port (0 picks a free one)", "min": 0, "max": 65535},
+    )
     workers: list[str] = field(
         default_factory=list, metadata={"help": "worker addresses host:port, comma-separated"}
     )
@@ -30,7 +34,9 @@ class RouterConfig:
     model: str = field(
         default="", metadata={"help": "route only to workers serving this model; empty = any"}
     )
-    max_running: int = field(default=256, metadata={"help": "requests relayed to workers at once"})
+    max_running: int = field(
+        default=256, metadata={"help": "requests relayed to workers at once", "min": 1}
+    )
     max_queued: int = field(
         default=512,
         metadata={"help": "requests waiting for a running slot; beyond it RESOURCE_EXHAUSTED"},
@@ -56,6 +62,31 @@ class RouterConfig:
         default=5.0, metadata={"help": "seconds the store's answer about an adapter is reused"}
     )
     metrics_port: int = field(
-        default=0, metadata={"help": "port of the Prometheus /metrics endpoint; 0 = off"}
+        default=0,
+        metadata={
+            "help": "port of the Prometheus /metrics endpoint; 0 = off",
+            "min": 0,
+            "max": 65535,
+        },
     )
-    log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
+    log_level: str = field(
+        default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR", "choices": LOG_LEVELS}
+    )
+
+    def check(self) -> None:
+        """Settings that cannot work: `ConfigError` naming the first one."""
+        if self.load_bound < 1:
+            raise ConfigError("load_bound", f"must be >= 1, got {self.load_bound:g}")
+        if not self.workers and not self.registry_redis_url:
+            raise ConfigError(
+                "workers", "give --workers or --registry-redis-url (or both): no way to find one"
+            )
+        for address in (*self.workers, self.adapter_store):
+            if address and not _is_host_port(address):
+                field_name = "adapter_store" if address == self.adapter_store else "workers"
+                raise ConfigError(field_name, f"{address!r} is not host:port")
+
+
+def _is_host_port(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536

@@ -28,6 +28,7 @@ from services.adapter_store.server import start_store_server
 from services.client import AsyncManyloraClient
 from services.client.__main__ import printable
 from services.common.base_model import BaseModelShape, load_hf_config
+from services.common.config import exit_on_startup_error
 from services.common.grpc_server import SERVER_OPTIONS
 from services.common.logging import setup_logging
 from services.common.random_adapters import save_random_peft_adapter
@@ -36,6 +37,7 @@ from services.gpu_worker.server import start_worker
 from services.router.config import RouterConfig
 from services.router.server import start_router
 
+PROG = "python -m services.router.demo"
 PROMPT = "Once upon a time, a thousand adapters"
 DEMO_ADAPTERS = {"demo-rank8": 8, "demo-rank16": 16, "demo-rank32": 32}
 STREAMED = ("demo-rank8", "demo-rank32", "")
@@ -59,7 +61,7 @@ async def running_stack(tmp: Path, router_port: int) -> AsyncIterator[str]:
     try:
         await asyncio.to_thread(upload_demo_adapters, store_target, tmp / "peft")
         worker = await start_worker(
-            WorkerConfig(port=0, model="tiny", device="cpu", adapter_store=store_target)
+            WorkerConfig(port=0, model="tiny", dummy=True, device="cpu", adapter_store=store_target)
         )
         try:
             router = await start_router(
@@ -98,7 +100,7 @@ async def stream_one(client: AsyncManyloraClient, adapter: str) -> None:
 
 
 async def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m services.router.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
     parser.add_argument("--serve", action="store_true", help="keep serving until Ctrl-C")
     parser.add_argument("--router-port", type=int, default=0, help="0 picks a free port")
     args = parser.parse_args(argv)
@@ -120,5 +122,5 @@ async def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):
+    with contextlib.suppress(KeyboardInterrupt), exit_on_startup_error(PROG):
         asyncio.run(main())

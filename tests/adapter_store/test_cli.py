@@ -65,3 +65,13 @@ async def test_cli_prints_the_refusal_and_exits_non_zero(
     assert "error: INVALID_ARGUMENT: bias: only 'none' is supported, got 'all'" in err
     assert no_folder[0] == 1 and "no adapter_config.json" in no_folder[2]
     assert unreachable[0] == 1 and "error: UNAVAILABLE" in unreachable[2]
+
+
+async def test_cli_refuses_a_bad_id_before_sending_anything(
+    tmp_path: Path, qv_adapter: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # No store listens there: the id is refused before any connection is tried.
+    target = ["--target", f"127.0.0.1:{free_port()}"]
+    code, out, err = await _cli(capsys, "upload", str(qv_adapter), "--id", "bad\n", *target)
+    assert (code, out) == (1, "")
+    assert err.startswith("error: adapter_id: 'bad\\n' ") and err.count("\n") == 1
