@@ -21,7 +21,7 @@ from services.common.errors import (
     ServiceError,
 )
 from services.common.logging import bind_request_id
-from services.common.peft_adapter import WEIGHTS_FILE
+from services.common.peft_adapter import MAX_CONFIG_BYTES, WEIGHTS_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +34,8 @@ async def _abort(context: grpc.aio.ServicerContext, exc: ServiceError) -> NoRetu
     raise AssertionError("context.abort returned")  # it raises; this line tells the type checker
 
 
-# A PEFT adapter_config.json is a few kB; anything near a gRPC message's size is an attack.
-MAX_CONFIG_JSON_BYTES = 1 << 20
+# Checked at the header, before any weights arrive; the same limit validation applies.
+MAX_CONFIG_JSON_BYTES = MAX_CONFIG_BYTES
 
 
 def _clear_frames(exc: BaseException) -> None:
