@@ -99,7 +99,11 @@ class AdapterManager:
             adapter, self.pool.width, self.pool.buffer.dtype, pin=self._side is not None
         )
         slots = self.pool.alloc_adapter(packed.num_slots)
-        row = self.tables.add(slots, packed.segments)
+        try:
+            row = self.tables.add(slots, packed.segments)
+        except ValueError:  # an adapter the tables cannot hold must not keep its slots
+            self.pool.free_adapter(slots)
+            raise
         resident = ResidentAdapter(key, adapter.rank, slots, packed.segments, row)
         if self._side is not None and background:
             self._side.wait_stream(torch.cuda.current_stream(self.device))
