@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from services.common.lora_format import CanonicalAdapter
 from services.gpu_worker.adapter_layout import adapter_slot_count, pack_adapter
+from services.gpu_worker.adapter_manager import AdapterManager
 from services.gpu_worker.adapter_tables import PROJ_INDEX, AdapterTables
 from services.gpu_worker.engine import Engine
+from services.gpu_worker.memory_pool import UnifiedMemoryPool
 from services.gpu_worker.offline import generate_offline
 from services.gpu_worker.sampling import SamplingOptions
 from services.gpu_worker.tokenizer import ByteTokenizer
@@ -80,3 +83,16 @@ def test_table_rows_fit_an_adapter_of_max_rank_on_every_projection():
     options = SamplingOptions(max_new_tokens=2, ignore_eos=True)
     (done,) = generate_offline(engine, ByteTokenizer(), [[5, 6, 7]], [options], [full])
     assert len(done.token_ids) == 2
+
+
+def test_an_adapter_the_tables_refuse_gives_its_pool_slots_back():
+    pool = UnifiedMemoryPool(LAYERS, 512, WIDTH, torch.float32, torch.device("cpu"))
+    small = _adapter({"q_proj": 2}, seed=1)
+    manager = AdapterManager(pool, max_loras=4, max_adapter_slots=adapter_slot_count(small, WIDTH))
+    free = pool.free_adapter_slots()
+    too_wide = _adapter({"q_proj": 2, "down_proj": 8}, seed=2)
+    with pytest.raises(ValueError, match="table width"):
+        manager.load(too_wide)
+    assert pool.free_adapter_slots() == free
+    manager.load(small)
+    assert pool.free_adapter_slots() == free - adapter_slot_count(small, WIDTH)
