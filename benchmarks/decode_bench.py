@@ -90,7 +90,7 @@ def time_decode(
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     for seq in list(engine.scheduler.running):
-        engine.abort(seq.request_id)
+        engine.abort(seq.seq_id)
     return sorted(times)[len(times) // 2]
 
 
