@@ -11,6 +11,7 @@ import torch
 
 from manylora.v1 import common_pb2
 from services.common.errors import Internal, WorkerFault
+from services.common.lora_format import CanonicalAdapter
 from services.common.peft_adapter import load_peft_folder
 from services.common.random_adapters import save_random_peft_adapter
 from services.gpu_worker.engine import Engine
@@ -58,12 +59,15 @@ class Sink:
         return self.outs[-1].finish_reason if self.outs else None
 
 
-def _run(engine: Engine, requests: list[tuple[str, SamplingOptions, object]]) -> list[Sink]:
+Request = tuple[str, SamplingOptions, CanonicalAdapter | None]
+
+
+def _run(engine: Engine, requests: list[Request]) -> list[Sink]:
     """Add every (request_id, options, adapter) and step until all end."""
     sinks = []
     for rid, opts, adapter in requests:
         sink = Sink()
-        engine.add(Sequence(rid, PROMPT, opts, ByteTokenizer(), sink, adapter))  # type: ignore[arg-type]
+        engine.add(Sequence(rid, PROMPT, opts, ByteTokenizer(), sink, adapter))
         sinks.append(sink)
     while engine.has_work():
         engine.step()
@@ -149,7 +153,11 @@ def test_nan_adapter_fails_its_request_alone(model, tmp_path: Path):
     poisoned = load_peft_folder(folder, shape, 64, "nan")
     for b in poisoned.lora_b.values():
         b.fill_(float("nan"))
-    bystanders = [("a", _greedy(), None), ("b", _seeded(11), None), ("c", _greedy(), None)]
+    bystanders: list[Request] = [
+        ("a", _greedy(), None),
+        ("b", _seeded(11), None),
+        ("c", _greedy(), None),
+    ]
     alone = _run(Engine(model, pool_slots=8192), bystanders)
     mixed = _run(
         Engine(model, pool_slots=8192),
