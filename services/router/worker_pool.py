@@ -43,6 +43,8 @@ def channel_options(liveness_timeout_s: float) -> list[tuple[str, int]]:
         *CHANNEL_OPTIONS,
         ("grpc.keepalive_time_ms", half_ms),
         ("grpc.keepalive_timeout_ms", half_ms),
+        # gRPC core (1.6x+) times out an unanswered ping by this one, not the one above.
+        ("grpc.http2.ping_timeout_ms", half_ms),
         ("grpc.keepalive_permit_without_calls", 0),  # idle workers are watched by health polls
         ("grpc.http2.max_pings_without_data", 0),  # a stream's request is sent only once
     ]
