@@ -126,7 +126,9 @@ def _sample_row(
     a 0 at the max, so for finite input the softmax has no inf and no NaN at any
     temperature. A non-finite row samples zeros instead (its result is discarded): on CUDA,
     multinomial of NaN probabilities is a device-side assert that would end the worker."""
-    scaled = (logits - row_max) / opts.temperature
+    # Clamped here too: options built without from_proto must not divide by a subnormal,
+    # which a device that flushes denormals reads as 0 (0 / 0 = NaN at the max).
+    scaled = (logits - row_max) / max(opts.temperature, MIN_TEMPERATURE)
     scaled = torch.where(finite, scaled, torch.zeros_like(scaled))
     probs = torch.softmax(filter_logits(scaled, opts.top_k, opts.top_p), dim=-1)
     return torch.multinomial(probs, 1, generator=gen)[0]

@@ -121,8 +121,9 @@ def test_sampling_error_of_one_row_is_that_rows_alone(monkeypatch):
 
 
 @pytest.mark.parametrize("temperature", [1e-45, 1e-30, 1e-8])
-def test_tiny_temperature_samples_the_argmax(temperature):
-    logits = _logits(4)
+@pytest.mark.parametrize("scale", [1.0, 1e36])
+def test_tiny_temperature_samples_the_argmax(temperature, scale):
+    logits = _logits(4) * scale  # finite, but logits / temperature would overflow
     params = common_pb2.SamplingParams(max_new_tokens=1, temperature=temperature, seed=3)
     clamped = SamplingOptions.from_proto(params)
     raw = SamplingOptions(max_new_tokens=1, temperature=temperature, seed=3)  # not clamped
@@ -222,3 +223,26 @@ def test_same_request_id_twice_abort_ends_only_the_one_aborted(model):
     assert second.finish == FinishReason.ABORTED
     assert first.finish == FinishReason.LENGTH and first.tokens == alone.tokens
     assert [o.request_id for o in first.outs] == ["dup"] * len(first.outs)
+
+
+@pytest.mark.gpu
+def test_non_finite_rows_on_cuda_fail_alone_without_a_device_assert():
+    """On CUDA, multinomial of NaN probabilities is a device-side assert that ends the
+    process's CUDA context: the sampler must never hand it a non-finite row."""
+    cuda = torch.device("cuda")
+    logits = _logits(4).to(cuda)
+    bad = logits.clone()
+    bad[1] = float("nan")
+    bad[2, 5] = float("inf")
+    options = [_seeded(1), _seeded(2), _seeded(3), _greedy(temperature=1e-45)]
+
+    def generators() -> list[torch.Generator | None]:
+        return [make_generator(o, cuda) for o in options]
+
+    clean = sample(logits, options, generators())
+    attacked = sample(bad, options, generators())
+    torch.cuda.synchronize()
+    assert [e is None for e in attacked.errors] == [True, False, False, True]
+    assert attacked.token_ids[0] == clean.token_ids[0]
+    assert attacked.token_ids[3] == int(torch.argmax(logits[3]))
+    assert torch.ones(1, device=cuda).item() == 1.0  # the device still works
