@@ -15,10 +15,12 @@ from services.common.lora_format import CanonicalAdapter
 from services.common.peft_adapter import load_peft_folder
 from services.common.random_adapters import save_random_peft_adapter
 from services.gpu_worker.engine import Engine
+from services.gpu_worker.model_config import ModelConfig
 from services.gpu_worker.sampling import SamplingOptions, make_generator, sample
 from services.gpu_worker.sequence import FinishReason, Sequence, StepOutput
 from services.gpu_worker.tokenizer import ByteTokenizer
-from tests.oracle import TINY_MHA, build_pair
+from services.gpu_worker.weights import build_dummy_model
+from tests.oracle import TINY_GQA, TINY_MHA, build_pair
 
 PROMPT = list(range(40, 52))
 NEW = 10
@@ -246,3 +248,48 @@ def test_non_finite_rows_on_cuda_fail_alone_without_a_device_assert():
     assert attacked.token_ids[0] == clean.token_ids[0]
     assert attacked.token_ids[3] == int(torch.argmax(logits[3]))
     assert torch.ones(1, device=cuda).item() == 1.0  # the device still works
+
+
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)], ids=["cpu", "cuda"]
+)
+def test_a_nan_adapter_leaks_into_no_other_row(device: str, tmp_path: Path):
+    """The same batch twice, once with the last request's adapter poisoned with NaN: every
+    other row's logits are bit for bit the same, in the prefill pass and in a decode pass
+    (on CUDA through the LoRA and attention kernels)."""
+    config = ModelConfig.from_hf(TINY_GQA)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = build_dummy_model(config, 0, dtype, torch.device(device))
+
+    def adapter(name: str, seed: int) -> CanonicalAdapter:
+        folder = save_random_peft_adapter(tmp_path / name, config.shape, 8, seed=seed, std=0.2)
+        return load_peft_folder(folder, config.shape, 64, name)
+
+    other, victim = adapter("other", 1), adapter("victim", 2)
+    poisoned = adapter("victim", 2)
+    for b in poisoned.lora_b.values():
+        b.fill_(float("nan"))
+
+    def pass_logits(victim_adapter: CanonicalAdapter) -> list[torch.Tensor]:
+        engine = Engine(model, pool_slots=20_000)
+        adapters = [None, other, None, victim_adapter]
+        seqs = [
+            Sequence(f"r{i}", PROMPT[: 6 + i], _greedy(), ByteTokenizer(), Sink(), a)
+            for i, a in enumerate(adapters)
+        ]
+        for seq in seqs:
+            engine.add(seq)
+        logits = []
+        for _ in range(2):  # the prefill pass, then a decode pass
+            scheduled = engine.scheduler.schedule()
+            assert scheduled.prefill + scheduled.decode == seqs
+            logits.append(engine.model(engine.build_batch(seqs)).float().cpu())
+            for seq in seqs:
+                engine._append(seq, 65, None)  # the same next token for every request
+        return logits
+
+    clean, attacked = pass_logits(victim), pass_logits(poisoned)
+    for good, bad in zip(clean, attacked, strict=True):
+        assert torch.isnan(bad[3]).any()
+        assert torch.isfinite(good).all()
+        assert torch.equal(bad[:3], good[:3])
