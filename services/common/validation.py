@@ -194,11 +194,14 @@ def add_servicer_leniently(add: Callable[[Any, Any], None], servicer: Any, serve
     """Register `servicer` through its generated `add_..._to_server`, with every request
     deserializer made lenient: undecodable requests reach the servicer as UndecodableRequest."""
 
+    registered: list[str] = []
+
     class Capture:
         def add_generic_rpc_handlers(self, handlers: Any) -> None:
             pass  # the registered handlers below are re-added as a generic handler
 
         def add_registered_method_handlers(self, service: str, handlers: Any) -> None:
+            registered.append(service)
             lenient = {
                 name: handler._replace(
                     request_deserializer=lenient_deserializer(handler.request_deserializer)
@@ -211,3 +214,5 @@ def add_servicer_leniently(add: Callable[[Any, Any], None], servicer: Any, serve
             server.add_registered_method_handlers(service, lenient)
 
     add(servicer, Capture())
+    if not registered:  # generated code of another grpcio-tools: nothing would be served
+        raise RuntimeError(f"{add.__name__} registered no method handlers")

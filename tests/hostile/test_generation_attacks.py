@@ -122,7 +122,7 @@ ATTACKS: list[tuple[str, common_pb2.GenerateRequest, grpc.StatusCode | str]] = [
     ("subnormal temperature", request(params=params(max_new_tokens=LONG, temperature=1e-45)), OK),
     (
         "extreme but valid",
-        request(params=params(temperature=3e38, top_p=1e-45, top_k=U32, seed=U64)),
+        request(params=params(temperature=3e38, top_p=1e-45, top_k=U32, seed=U64, logprobs=True)),
         OK,
     ),
     ("NaN temperature", request(params=params(temperature=float("nan"))), INVALID),
