@@ -11,16 +11,18 @@ import grpc
 FAILURE_SCOPE_KEY = "x-manylora-failure-scope"
 REQUEST_FAILURE = "request"
 WORKER_FAILURE = "worker"
-# Status details travel in a trailer (percent-encoded: up to 3 bytes a character); gRPC's
-# default metadata limit is 8 KiB.
-MAX_STATUS_DETAILS_CHARS = 1000
+# Status details travel in a trailer, percent-encoded (3 bytes for each non-ASCII byte);
+# gRPC's default metadata limit is 8 KiB. Bounded in UTF-8 bytes, they stay under 3 KiB.
+MAX_STATUS_DETAILS_BYTES = 1000
 
 
 def status_details(message: str) -> str:
     """`message` cut short enough to be sent as status details."""
-    if len(message) <= MAX_STATUS_DETAILS_CHARS:
+    data = message.encode()
+    if len(data) <= MAX_STATUS_DETAILS_BYTES:
         return message
-    return message[: MAX_STATUS_DETAILS_CHARS - 20] + f"... ({len(message)} chars)"
+    head = data[: MAX_STATUS_DETAILS_BYTES - 24].decode(errors="ignore")
+    return f"{head}... ({len(message)} chars)"
 
 
 class ServiceError(Exception):

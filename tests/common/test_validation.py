@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from manylora.v1 import common_pb2
-from services.common.errors import MAX_STATUS_DETAILS_CHARS, InvalidArgument, status_details
+from services.common.errors import MAX_STATUS_DETAILS_BYTES, InvalidArgument, status_details
 from services.common.validation import (
     UndecodableRequest,
     check_generate_request,
@@ -79,7 +79,9 @@ def test_extreme_but_valid_requests_pass(request_):
 def test_excerpt_and_status_details_are_bounded():
     assert excerpt("abc") == "'abc'"
     assert len(excerpt("x" * 100_000)) < 80 and "100000 chars" in excerpt("x" * 100_000)
-    assert len(status_details("y" * 100_000)) <= MAX_STATUS_DETAILS_CHARS
+    assert len(status_details("y" * 100_000)) <= MAX_STATUS_DETAILS_BYTES
+    emoji = status_details("\U0001f600" * 10_000)  # 4 bytes each in UTF-8
+    assert len(emoji.encode()) <= MAX_STATUS_DETAILS_BYTES and "10000 chars" in emoji
 
 
 def _with_bad_utf8(request: common_pb2.GenerateRequest, marker: str) -> bytes:

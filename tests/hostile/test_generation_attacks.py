@@ -17,7 +17,7 @@ import pytest
 
 from manylora.v1 import common_pb2, router_pb2_grpc
 from services.common.base_model import BaseModelShape, load_hf_config
-from services.common.errors import MAX_STATUS_DETAILS_CHARS
+from services.common.errors import MAX_STATUS_DETAILS_BYTES
 from services.common.random_adapters import save_random_peft_adapter
 from tests.e2e.stack import Stack, poll_stats, worker_stats
 from tests.hostile.conftest import WorkerProcess
@@ -181,7 +181,7 @@ async def test_hostile_fields_fail_alone_while_others_stream(hostile_stack: Stac
                 assert outcome.code == grpc.StatusCode.CANCELLED, name
                 continue
             assert outcome.code == expected, (name, outcome.code, outcome.details)
-            assert len(outcome.details) <= MAX_STATUS_DETAILS_CHARS // 4, name
+            assert len(outcome.details) <= MAX_STATUS_DETAILS_BYTES // 4, name
         # The subnormal temperature is greedy: the base bystander's tokens.
         assert attacked[0].tokens == alone[0].tokens
         for before, after in zip(alone, others, strict=True):
