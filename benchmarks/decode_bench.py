@@ -96,7 +96,7 @@ def time_decode(
         _sync(engine.device)
         times.append(time.perf_counter() - start)
     for seq in list(engine.scheduler.running):
-        engine.abort(seq.request_id)
+        engine.abort(seq.seq_id)
     return sorted(times)[len(times) // 2]
 
 

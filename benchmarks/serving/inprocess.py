@@ -110,7 +110,7 @@ def replay(
 def _cut_off(engine: Engine, records: list[RequestRecord], sent: int) -> None:
     """After a timeout: abort what still runs or waits, and mark what was never sent."""
     for seq in [*engine.scheduler.running, *engine.scheduler.waiting]:
-        engine.abort(seq.request_id)
+        engine.abort(seq.seq_id)
     for record in records[sent:]:
         record.error = "not sent before the run's timeout"
 

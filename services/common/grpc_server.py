@@ -21,6 +21,9 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 SERVER_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # Routers ping workers every few seconds while streams are in flight (liveness); the
+    # default policy (one ping per 5 minutes without data) would answer with GOAWAY.
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
 ]
 # gRPC sets SO_REUSEPORT by default: a second server on a taken port would start silently and
 # take a random share of its calls. Off, binding a taken port fails.

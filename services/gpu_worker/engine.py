@@ -13,7 +13,13 @@ from dataclasses import dataclass
 
 import torch
 
-from services.common.errors import DeadlineExceeded, InvalidArgument
+from services.common.errors import (
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    WorkerFault,
+    status_details,
+)
 from services.gpu_worker.adapter_manager import AdapterManager, ResidentAdapter
 from services.gpu_worker.adapter_tables import MLP_PROJS, max_adapter_slots
 from services.gpu_worker.decode_graphs import DecodeGraphs
@@ -138,13 +144,14 @@ class Engine:
         seq.generator = make_generator(seq.options, self.device)
         self.scheduler.add(seq)
 
-    def abort(self, request_id: str) -> bool:
-        seq = self.scheduler.find(request_id)
+    def abort(self, seq_id: int) -> bool:
+        """End the request with this internal id (`Sequence.seq_id`); False if not here."""
+        seq = self.scheduler.find(seq_id)
         if seq is None:
             return False
         self.scheduler.remove(seq)
         seq.on_output(seq.output([], "", [], FinishReason.ABORTED))
-        logger.info("aborted", extra={"request_id": request_id})
+        logger.info("aborted", extra={"request_id": seq.request_id})
         return True
 
     def has_work(self) -> bool:
@@ -164,22 +171,36 @@ class Engine:
             batch = self.build_batch(seqs)
             graphs = self._graphs_for(batch, len(seqs))
             logits = graphs.run(batch) if graphs is not None else self.model(batch)
-            tokens, logprobs = sample(
-                logits, [s.options for s in seqs], [s.generator for s in seqs]
-            )
+            sampled = sample(logits, [s.options for s in seqs], [s.generator for s in seqs])
         except Exception as exc:
+            # The pass itself failed: no request is to blame, the worker is.
             logger.exception("engine step failed; failing its %d requests", len(seqs))
+            fault = WorkerFault(status_details(f"engine step failed: {type(exc).__name__}: {exc}"))
             for seq in seqs:
-                self.scheduler.remove(seq)
-                out = seq.output([], "", [], FinishReason.ABORTED)
-                out.error = exc
-                seq.on_output(out)
+                self._fail(seq, fault)
             return
         self.steps += 1
         prefill, decode = len(scheduled.prefill), len(scheduled.decode)
         self.last_step = StepInfo(prefill, decode, sum(batch.host_q_lens), graphs is not None)
-        for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
-            self._append(seq, token, logprob)
+        for seq, token, logprob, error in zip(
+            seqs, sampled.token_ids, sampled.logprobs, sampled.errors, strict=True
+        ):
+            if error is not None:
+                logger.warning("request failed: %s", error, extra={"request_id": seq.request_id})
+                self._fail(seq, error)
+                continue
+            try:
+                self._append(seq, token, logprob)
+            except Exception as exc:  # e.g. its detokenizer or stop strings: its failure alone
+                logger.exception("request failed", extra={"request_id": seq.request_id})
+                self._fail(seq, Internal(f"request failed after a token: {type(exc).__name__}"))
+
+    def _fail(self, seq: Sequence, error: Exception) -> None:
+        """End one request with `error`, freeing what it holds."""
+        self.scheduler.remove(seq)
+        out = seq.output([], "", [], FinishReason.ABORTED)
+        out.error = error
+        seq.on_output(out)
 
     def _graphs_for(self, batch: ForwardBatch, num_seqs: int) -> DecodeGraphs | None:
         """The captured decode graphs when they can run this batch: decode only, and a

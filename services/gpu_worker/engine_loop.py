@@ -7,7 +7,13 @@ import queue
 import threading
 from collections.abc import Callable
 
-from services.common.errors import ResourceExhausted, ServiceError
+from services.common.errors import (
+    Internal,
+    ResourceExhausted,
+    ServiceError,
+    WorkerFault,
+    status_details,
+)
 from services.gpu_worker.engine import Engine
 from services.gpu_worker.sequence import FinishReason, Sequence
 
@@ -47,21 +53,26 @@ class EngineLoop:
             self._pending += 1
         self._inbox.put(lambda: self._add(seq))
 
-    def abort(self, request_id: str) -> None:
-        self._inbox.put(lambda: self._abort(request_id))
+    def abort(self, seq: Sequence) -> None:
+        """End `seq` (by its internal id: callers' request ids may collide)."""
+        seq_id = seq.seq_id
+        self._inbox.put(lambda: self._abort(seq_id))
 
     def _add(self, seq: Sequence) -> None:
         with self._lock:
             self._pending -= 1
         try:
             self.engine.add(seq)
-        except ServiceError as exc:
+        except Exception as exc:  # whatever it is, it must reach this request's caller
+            if not isinstance(exc, ServiceError):
+                logger.exception("adding a request failed")
+            error = exc if isinstance(exc, ServiceError) else Internal("the request was refused")
             out = seq.output([], "", [], FinishReason.ABORTED)
-            out.error = exc
+            out.error = error
             seq.on_output(out)
 
-    def _abort(self, request_id: str) -> None:
-        self.engine.abort(request_id)
+    def _abort(self, seq_id: int) -> None:
+        self.engine.abort(seq_id)
 
     def _run(self) -> None:
         while not self._stopping.is_set():
@@ -76,4 +87,19 @@ class EngineLoop:
             except Exception:
                 logger.exception("engine command failed")
             if self.engine.has_work() and not self._stopping.is_set():
-                self.engine.step()
+                self._step()
+
+    def _step(self) -> None:
+        """One engine step; if it raises outside the pass (which fails its own requests),
+        every request here fails rather than the thread dying and leaving them hanging."""
+        try:
+            self.engine.step()
+        except Exception as exc:
+            logger.exception("engine step failed outside the forward pass")
+            fault = WorkerFault(status_details(f"engine failed: {type(exc).__name__}: {exc}"))
+            scheduler = self.engine.scheduler
+            for seq in (*scheduler.running, *scheduler.waiting):
+                scheduler.remove(seq)
+                out = seq.output([], "", [], FinishReason.ABORTED)
+                out.error = fault
+                seq.on_output(out)

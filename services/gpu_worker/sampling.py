@@ -1,4 +1,9 @@
-"""Sampling options (validated from the proto) and the sampler over a batch of logits."""
+"""Sampling options (from a validated proto) and the sampler over a batch of logits.
+
+The sampler fails rows, not batches: a row whose logits are not finite, or whose sampling
+raises, is reported as that row's error and the other rows get their tokens as if it had
+not been there (each request samples with its own generator).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,11 @@ from dataclasses import dataclass, field
 import torch
 
 from manylora.v1 import common_pb2
-from services.common.sampling_params import check_sampling_params
+from services.common.errors import Internal
+
+# Colder than this is greedy up to exact ties; clamping keeps (logit - max) / temperature
+# finite whatever the caller sends (1e-45 would overflow float32 to -inf - -inf = NaN).
+MIN_TEMPERATURE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -28,12 +37,12 @@ class SamplingOptions:
         return self.temperature == 0.0
 
     @classmethod
-    def from_proto(cls, params: common_pb2.SamplingParams, vocab_size: int) -> SamplingOptions:
-        """Validate; raise InvalidArgument naming the bad field."""
-        check_sampling_params(params, vocab_size)
+    def from_proto(cls, params: common_pb2.SamplingParams) -> SamplingOptions:
+        """Options of params that passed `check_sampling_params` (at the worker's boundary)."""
+        temperature = float(params.temperature)
         return cls(
             max_new_tokens=params.max_new_tokens,
-            temperature=params.temperature,
+            temperature=max(temperature, MIN_TEMPERATURE) if temperature > 0 else 0.0,
             top_p=params.top_p if params.top_p > 0 else 1.0,
             top_k=params.top_k,
             seed=params.seed if params.HasField("seed") else None,
@@ -66,22 +75,60 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
+@dataclass
+class Sampled:
+    """The sampler's answer for each row: a token (and its logprob when asked), or an error
+    that belongs to that row's request alone."""
+
+    token_ids: list[int]
+    logprobs: list[float | None]
+    errors: list[Exception | None]
+
+
 def sample(
     logits: torch.Tensor,
     options: list[SamplingOptions],
     generators: list[torch.Generator | None],
-) -> tuple[list[int], list[float | None]]:
+) -> Sampled:
     """Next token of each row of logits [B, V] (float32), and its logprob when asked."""
+    # max propagates NaN, so one reduction finds rows with a NaN, a +inf or no finite logit.
+    row_max = logits.amax(dim=-1)
+    finite = torch.isfinite(row_max)
     chosen = torch.argmax(logits, dim=-1)
+    errors: list[Exception | None] = [None] * len(options)
     for row, (opts, gen) in enumerate(zip(options, generators, strict=True)):
         if opts.greedy:
             continue
-        filtered = filter_logits(logits[row] / opts.temperature, opts.top_k, opts.top_p)
-        probs = torch.softmax(filtered, dim=-1)
-        chosen[row] = torch.multinomial(probs, 1, generator=gen)[0]
-    token_ids = chosen.tolist()
+        try:
+            chosen[row] = _sample_row(logits[row], row_max[row], finite[row], opts, gen)
+        except Exception as exc:  # whatever it is, it is this row's alone
+            errors[row] = Internal(f"sampling failed: {type(exc).__name__}")
+    # One transfer for the tokens and the finiteness flags.
+    token_ids, finite_flags = torch.stack((chosen, finite.to(chosen.dtype))).tolist()
+    for row, ok in enumerate(finite_flags):
+        if not ok and errors[row] is None:
+            errors[row] = Internal("the model produced non-finite logits for this request")
     logprobs: list[float | None] = [None] * len(options)
     if any(o.logprobs for o in options):
         picked = torch.log_softmax(logits, dim=-1).gather(1, chosen[:, None])[:, 0].tolist()
         logprobs = [lp if o.logprobs else None for lp, o in zip(picked, options, strict=True)]
-    return token_ids, logprobs
+    return Sampled(token_ids, logprobs, errors)
+
+
+def _sample_row(
+    logits: torch.Tensor,
+    row_max: torch.Tensor,
+    finite: torch.Tensor,
+    opts: SamplingOptions,
+    gen: torch.Generator | None,
+) -> torch.Tensor:
+    """One request's token. Shifted by the row's max first, the scaled logits are <= 0 with
+    a 0 at the max, so for finite input the softmax has no inf and no NaN at any
+    temperature. A non-finite row samples zeros instead (its result is discarded): on CUDA,
+    multinomial of NaN probabilities is a device-side assert that would end the worker."""
+    # Clamped here too: options built without from_proto must not divide by a subnormal,
+    # which a device that flushes denormals reads as 0 (0 / 0 = NaN at the max).
+    scaled = (logits - row_max) / max(opts.temperature, MIN_TEMPERATURE)
+    scaled = torch.where(finite, scaled, torch.zeros_like(scaled))
+    probs = torch.softmax(filter_logits(scaled, opts.top_k, opts.top_p), dim=-1)
+    return torch.multinomial(probs, 1, generator=gen)[0]

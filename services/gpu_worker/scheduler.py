@@ -167,8 +167,9 @@ class Scheduler:
             self.adapters.release(seq.resident)
             seq.resident = None
 
-    def find(self, request_id: str) -> Sequence | None:
+    def find(self, seq_id: int) -> Sequence | None:
+        """The request with this internal id (`Sequence.seq_id`), running or waiting."""
         for seq in (*self.running, *self.waiting):
-            if seq.request_id == request_id:
+            if seq.seq_id == seq_id:
                 return seq
         return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,9 +46,14 @@ class StepOutput:
     error: Exception | None = None  # set when the request failed instead of finishing
 
 
+# Internal ids: requests are found by these, never by the caller's request_id, which two
+# callers may share (it is only echoed back).
+_seq_ids = itertools.count(1)
+
+
 @dataclass
 class Sequence:
-    request_id: str
+    request_id: str  # the caller's, echoed on every output
     prompt_ids: list[int]
     options: SamplingOptions
     tokenizer: Tokenizer
@@ -67,6 +73,7 @@ class Sequence:
     arrival: float = field(default_factory=time.monotonic)
     scheduled_at: float | None = None
     first_token_at: float | None = None
+    seq_id: int = field(default_factory=lambda: next(_seq_ids))  # unique in this process
 
     def __post_init__(self) -> None:
         self.detokenizer = IncrementalDetokenizer(self.tokenizer)

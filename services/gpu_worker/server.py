@@ -11,6 +11,7 @@ import torch
 from manylora.v1 import gpu_worker_pb2_grpc
 from services.common.base_model import BaseModelShape, load_hf_config
 from services.common.grpc_server import RunningServer, start_server, wait_for_signal_then
+from services.common.validation import add_servicer_leniently
 from services.gpu_worker.adapter_source import (
     AdapterSource,
     LocalFolderAdapterSource,
@@ -128,7 +129,11 @@ async def start_worker(config: WorkerConfig) -> Worker:
     loop.start()
     servicer = GpuWorkerServicer(loop, tokenizer, adapters, config.model)
     server = await start_server(
-        [lambda s: gpu_worker_pb2_grpc.add_GpuWorkerServicer_to_server(servicer, s)],
+        [
+            lambda s: add_servicer_leniently(
+                gpu_worker_pb2_grpc.add_GpuWorkerServicer_to_server, servicer, s
+            )
+        ],
         [SERVICE_NAME],
         config.host,
         config.port,

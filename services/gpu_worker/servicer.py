@@ -7,13 +7,16 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import NoReturn
 
 import grpc
 
 from manylora.v1 import common_pb2, gpu_worker_pb2, gpu_worker_pb2_grpc
 from services.common.adapter_ref import parse_adapter_ref
-from services.common.errors import InvalidArgument, ServiceError
+from services.common.errors import Internal, InvalidArgument, ServiceError, status_details
 from services.common.logging import request_id_var
+from services.common.metrics import StreamTracker
+from services.common.validation import UndecodableRequest, check_generate_request
 from services.gpu_worker.adapter_source import AdapterSource
 from services.gpu_worker.engine_loop import EngineLoop
 from services.gpu_worker.metrics import WorkerMetrics
@@ -23,6 +26,9 @@ from services.gpu_worker.sequence import FinishReason, Sequence, StepOutput
 from services.gpu_worker.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
+
+# Prompts longer than this are tokenized on a thread, so that other streams keep flowing.
+LONG_PROMPT_CHARS = 16384
 
 _FINISH_REASONS = {
     FinishReason.LENGTH: common_pb2.LENGTH,
@@ -47,6 +53,23 @@ def to_proto(out: StepOutput) -> common_pb2.GenerateResponse:
             )
         )
     return response
+
+
+def _as_service_error(error: Exception) -> ServiceError:
+    if isinstance(error, ServiceError):
+        return error
+    return Internal(f"request failed: {type(error).__name__}")
+
+
+async def _fail(
+    context: grpc.aio.ServicerContext, tracker: StreamTracker, error: ServiceError
+) -> NoReturn:
+    """End the call with `error`'s status, bounded details, and whose failure it is."""
+    tracker.fail(error.code)
+    await context.abort(
+        error.code, status_details(str(error)), trailing_metadata=error.failure_scope()
+    )
+    raise AssertionError("context.abort returned")  # it raises; this tells the type checker
 
 
 async def _next_outputs(outputs: asyncio.Queue[StepOutput]) -> list[StepOutput]:
@@ -74,22 +97,17 @@ class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
         self._relay: OutputRelay | None = None
 
     async def Generate(
-        self, request: common_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+        self,
+        request: common_pb2.GenerateRequest | UndecodableRequest,
+        context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[common_pb2.GenerateResponse]:
-        request_id = request.request_id or uuid.uuid4().hex
-        request_id_var.set(request_id)
         outputs: asyncio.Queue[StepOutput] = asyncio.Queue()
         tracker = self.metrics.track()
         try:
-            seq = await self._make_sequence(request, request_id, outputs)
-            remaining = context.time_remaining()
-            if remaining is not None:  # lets the scheduler drop it unstarted once it is too late
-                seq.deadline = time.monotonic() + remaining
-            self._loop.submit(seq)
+            seq = await self._accept(request, outputs, context)
         except ServiceError as exc:
             logger.info("refused: %s", exc)
-            tracker.fail(exc.code)
-            await context.abort(exc.code, str(exc))
+            await _fail(context, tracker, exc)
         logger.info("accepted: adapter=%r prompt_tokens=%d", seq.adapter_id, len(seq.prompt_ids))
         finished = False
         try:
@@ -103,15 +121,39 @@ class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
                     response.adapter_version = seq.adapter.version if seq.adapter else 0
                     yield tracker.on_response(response)
                 if failure is not None:
-                    code = getattr(failure, "code", grpc.StatusCode.INTERNAL)
-                    tracker.fail(code)
-                    await context.abort(code, f"request failed: {failure}")
+                    finished = True  # the engine has let go of it already
+                    logger.info("failed: %s", failure)
+                    await _fail(context, tracker, _as_service_error(failure))
             logger.info("finished")
         finally:
             tracker.close()
             if not finished:  # the client went away or the call was cancelled
                 logger.info("cancelled by client; aborting")
-                self._loop.abort(request_id)
+                self._loop.abort(seq)
+
+    async def _accept(
+        self,
+        request: common_pb2.GenerateRequest | UndecodableRequest,
+        outputs: asyncio.Queue[StepOutput],
+        context: grpc.aio.ServicerContext,
+    ) -> Sequence:
+        """Check the request once, build its sequence and hand it to the engine."""
+        if isinstance(request, UndecodableRequest):
+            raise InvalidArgument(request.reason)
+        check_generate_request(request, self._tokenizer.vocab_size)
+        request_id_var.set(request.request_id or uuid.uuid4().hex)
+        try:
+            seq = await self._make_sequence(request, request_id_var.get(), outputs)
+        except ServiceError:
+            raise
+        except Exception as exc:  # e.g. a tokenizer or adapter source bug: this request's
+            logger.exception("preparing the request failed")
+            raise Internal(f"preparing the request failed: {type(exc).__name__}") from exc
+        remaining = context.time_remaining()
+        if remaining is not None:  # lets the scheduler drop it unstarted once it is too late
+            seq.deadline = time.monotonic() + remaining
+        self._loop.submit(seq)
+        return seq
 
     async def _make_sequence(
         self,
@@ -119,16 +161,13 @@ class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
         request_id: str,
         outputs: asyncio.Queue[StepOutput],
     ) -> Sequence:
-        options = SamplingOptions.from_proto(request.params, self._tokenizer.vocab_size)
-        kind = request.WhichOneof("input")
-        if kind is None:
-            raise InvalidArgument("one of prompt or prompt_token_ids is required")
-        if kind == "prompt_token_ids":
+        options = SamplingOptions.from_proto(request.params)
+        if request.WhichOneof("input") == "prompt_token_ids":
             prompt = list(request.prompt_token_ids.ids)
-        elif request.prompt:
-            prompt = self._tokenizer.encode(request.prompt)
+        elif len(request.prompt) > LONG_PROMPT_CHARS:  # keep the event loop free meanwhile
+            prompt = await asyncio.to_thread(self._tokenizer.encode, request.prompt)
         else:
-            raise InvalidArgument("prompt is empty")
+            prompt = self._tokenizer.encode(request.prompt)
         adapter_id, version = parse_adapter_ref(request.adapter_id, request.adapter_version)
         adapter = await self._adapters.get(adapter_id, version) if adapter_id else None
         if self._relay is None:  # the first call: now the servicer knows its event loop

@@ -58,6 +58,14 @@ class RouterConfig:
     health_timeout_s: float = field(
         default=1.0, metadata={"help": "a poll slower than this counts as failed"}
     )
+    worker_liveness_timeout_s: float = field(
+        default=6.0,
+        metadata={
+            "help": "a worker with streams in flight that answers no keepalive ping for about "
+            "this long (frozen, or its host gone) is taken as dead: its streams end with "
+            "UNAVAILABLE and it gets no work until a health poll finds it again (>= 2)"
+        },
+    )
     adapter_cache_ttl_s: float = field(
         default=5.0, metadata={"help": "seconds the store's answer about an adapter is reused"}
     )

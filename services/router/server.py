@@ -10,6 +10,7 @@ from grpc_health.v1 import health_pb2
 from manylora.v1 import router_pb2, router_pb2_grpc
 from services.common.grpc_server import RunningServer, start_server, wait_for_signal_then
 from services.common.metrics import MetricsServer, start_metrics_server
+from services.common.validation import add_servicer_leniently
 from services.router.adapter_catalog import AdapterCatalog
 from services.router.admission import Admission
 from services.router.config import RouterConfig
@@ -55,6 +56,10 @@ class RouterServer:
 def _check(config: RouterConfig) -> None:
     if config.load_bound < 1:
         raise ValueError(f"load_bound must be >= 1, got {config.load_bound}")
+    if config.worker_liveness_timeout_s < 2:
+        raise ValueError(
+            f"worker_liveness_timeout_s must be >= 2, got {config.worker_liveness_timeout_s}"
+        )
     if not config.workers and not config.registry_redis_url:
         raise ValueError("give --workers or --registry-redis-url (or both)")
 
@@ -68,7 +73,12 @@ async def start_router(config: RouterConfig) -> RouterServer:
             config.registry_redis_url, config.registry_prefix, config.health_timeout_s
         )
     pool = WorkerPool(
-        config.workers, registry, config.model, config.health_interval_s, config.health_timeout_s
+        config.workers,
+        registry,
+        config.model,
+        config.health_interval_s,
+        config.health_timeout_s,
+        config.worker_liveness_timeout_s,
     )
     admission = Admission(config.max_running, config.max_queued)
     catalog = None
@@ -79,7 +89,11 @@ async def start_router(config: RouterConfig) -> RouterServer:
         pool, admission, catalog, metrics, config.load_bound, config.min_load_bound
     )
     running = await start_server(
-        [lambda server: router_pb2_grpc.add_RouterServicer_to_server(servicer, server)],
+        [
+            lambda s: add_servicer_leniently(
+                router_pb2_grpc.add_RouterServicer_to_server, servicer, s
+            )
+        ],
         [SERVICE_NAME],
         config.host,
         config.port,

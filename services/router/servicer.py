@@ -17,9 +17,17 @@ import grpc
 
 from manylora.v1 import common_pb2, router_pb2_grpc
 from services.common.adapter_ref import parse_adapter_ref
-from services.common.errors import ServiceError, Unavailable
+from services.common.errors import (
+    FAILURE_SCOPE_KEY,
+    REQUEST_FAILURE,
+    WORKER_FAILURE,
+    InvalidArgument,
+    ServiceError,
+    Unavailable,
+    status_details,
+)
 from services.common.logging import request_id_var
-from services.common.sampling_params import check_input, check_sampling_params
+from services.common.validation import UndecodableRequest, check_generate_request
 from services.router.adapter_catalog import AdapterCatalog
 from services.router.admission import Admission
 from services.router.metrics import RouterMetrics
@@ -30,7 +38,8 @@ logger = logging.getLogger(__name__)
 
 # A worker is tried at most this often per request, and only before its first token.
 MAX_ATTEMPTS = 2
-# Codes of a worker call that mean the worker (or the way to it) failed, not the request.
+# Codes of a worker call that mean the worker (or the way to it) failed, not the request,
+# when the worker did not say (a call that failed on the way has no failure scope).
 WORKER_FAILED = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN}
 
 
@@ -52,8 +61,17 @@ def time_left(context: grpc.aio.ServicerContext) -> float | None:
     return float(remaining)
 
 
+def failure_scope(exc: grpc.aio.AioRpcError) -> str | None:
+    """Whose failure a worker said this was (errors.FAILURE_SCOPE_KEY); None when it said
+    nothing (the call failed on the way, or the worker predates the marker)."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == FAILURE_SCOPE_KEY:
+            return value if isinstance(value, str) else value.decode(errors="replace")
+    return None
+
+
 async def abort(context: grpc.aio.ServicerContext, exc: ServiceError) -> NoReturn:
-    await context.abort(exc.code, str(exc))
+    await context.abort(exc.code, status_details(str(exc)))
     raise AssertionError("context.abort returned")  # it raises; this tells the type checker
 
 
@@ -75,14 +93,13 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self._min_load_bound = min_load_bound
 
     async def Generate(
-        self, request: common_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+        self,
+        request: common_pb2.GenerateRequest | UndecodableRequest,
+        context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[common_pb2.GenerateResponse]:
-        forward = common_pb2.GenerateRequest()
-        forward.CopyFrom(request)
-        forward.request_id = request.request_id or uuid.uuid4().hex
-        request_id_var.set(forward.request_id)
         tracker = self._metrics.generation.track()
         try:
+            forward = self._checked(request)
             async with contextlib.aclosing(self._generate(forward, context)) as stream:
                 async for response in stream:
                     yield tracker.on_response(response)
@@ -98,11 +115,24 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         finally:
             tracker.close()
 
+    @staticmethod
+    def _checked(
+        request: common_pb2.GenerateRequest | UndecodableRequest,
+    ) -> common_pb2.GenerateRequest:
+        """The request to forward, after the router's one check of every field. The caller's
+        request_id is only echoed and logged: nothing is keyed by it, here or at the worker."""
+        if isinstance(request, UndecodableRequest):
+            raise InvalidArgument(request.reason)
+        check_generate_request(request)
+        forward = common_pb2.GenerateRequest()
+        forward.CopyFrom(request)
+        forward.request_id = request.request_id or uuid.uuid4().hex
+        request_id_var.set(forward.request_id)
+        return forward
+
     async def _generate(
         self, request: common_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncGenerator[common_pb2.GenerateResponse, None]:
-        check_input(request)
-        check_sampling_params(request.params)
         # Sent on as a bare id and a version, so that routing sees the id's affinity.
         request.adapter_id, request.adapter_version = parse_adapter_ref(
             request.adapter_id, request.adapter_version
@@ -192,11 +222,17 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self, handle: WorkerHandle, exc: grpc.aio.AioRpcError, sent: int, can_retry: bool
     ) -> ServiceError | None:
         """The error for the client, or None to try another worker."""
-        code, details = exc.code(), exc.details() or ""
-        failed = code in WORKER_FAILED
+        code, details = exc.code(), status_details(exc.details() or "")
+        scope = failure_scope(exc)
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and sent == 0 and can_retry:
+            logger.warning("worker %s is full (%s); trying another", handle.address, details)
+            return None
+        if scope == REQUEST_FAILURE:  # this request failed, not the worker: pass it on
+            return StatusError(code, details or code.name)
+        failed = scope == WORKER_FAILURE or code in WORKER_FAILED
         if failed:
             self._pool.mark_failed(handle, f"Generate failed: {code.name}: {details}")
-        if sent == 0 and can_retry and (failed or code == grpc.StatusCode.RESOURCE_EXHAUSTED):
+        if sent == 0 and can_retry and failed:
             logger.warning(
                 "worker %s: %s before the first token (%s); trying another",
                 handle.address, code.name, details,
@@ -212,9 +248,13 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         return StatusError(code, details or code.name)
 
     async def ListAdapters(
-        self, request: common_pb2.ListAdaptersRequest, context: grpc.aio.ServicerContext
+        self,
+        request: common_pb2.ListAdaptersRequest | UndecodableRequest,
+        context: grpc.aio.ServicerContext,
     ) -> common_pb2.ListAdaptersResponse:
         request_id_var.set(uuid.uuid4().hex)
+        if isinstance(request, UndecodableRequest):
+            await abort(context, InvalidArgument(request.reason))
         if self._catalog is None:
             await abort(
                 context,

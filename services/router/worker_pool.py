@@ -28,12 +28,32 @@ CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
+# The default worker liveness bound (RouterConfig.worker_liveness_timeout_s).
+LIVENESS_TIMEOUT_S = 6.0
+
+
+def channel_options(liveness_timeout_s: float) -> list[tuple[str, int]]:
+    """Options of a channel to a worker. While streams are in flight, a ping goes out every
+    half of `liveness_timeout_s` and must be answered within the other half, or the
+    connection is closed and its streams end with UNAVAILABLE: a frozen worker (SIGSTOP, a
+    hung host) keeps its TCP connection open and would otherwise hold them until their
+    deadlines. The workers' servers accept pings this often (grpc_server.SERVER_OPTIONS)."""
+    half_ms = max(1000, int(liveness_timeout_s * 500))
+    return [
+        *CHANNEL_OPTIONS,
+        ("grpc.keepalive_time_ms", half_ms),
+        ("grpc.keepalive_timeout_ms", half_ms),
+        # gRPC core (1.6x+) times out an unanswered ping by this one, not the one above.
+        ("grpc.http2.ping_timeout_ms", half_ms),
+        ("grpc.keepalive_permit_without_calls", 0),  # idle workers are watched by health polls
+        ("grpc.http2.max_pings_without_data", 0),  # a stream's request is sent only once
+    ]
 
 
 class WorkerHandle:
     """One worker: its channel, its last known stats, and this router's streams on it."""
 
-    def __init__(self, address: str, static: bool):
+    def __init__(self, address: str, static: bool, liveness_timeout_s: float = LIVENESS_TIMEOUT_S):
         self.address = address
         self.static = static
         self.registered = static  # static workers need no registration
@@ -41,7 +61,9 @@ class WorkerHandle:
         self.in_flight = 0
         self.stats: gpu_worker_pb2.GetStatsResponse | None = None
         self._in_flight_at_stats = 0
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.channel = grpc.aio.insecure_channel(
+            address, options=channel_options(liveness_timeout_s)
+        )
         self.stub = gpu_worker_pb2_grpc.GpuWorkerStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -79,8 +101,13 @@ class WorkerPool:
         model: str,
         interval_s: float,
         timeout_s: float,
+        liveness_timeout_s: float = LIVENESS_TIMEOUT_S,
     ):
-        self._workers = {address: WorkerHandle(address, static=True) for address in static}
+        self._liveness_timeout_s = liveness_timeout_s
+        self._workers = {
+            address: WorkerHandle(address, static=True, liveness_timeout_s=liveness_timeout_s)
+            for address in static
+        }
         self._registry = registry
         self._model = model
         self._interval_s = interval_s
@@ -139,7 +166,9 @@ class WorkerPool:
         for address, stats in live.items():
             handle = self._workers.get(address)
             if handle is None:
-                handle = self._workers[address] = WorkerHandle(address, static=False)
+                handle = self._workers[address] = WorkerHandle(
+                    address, static=False, liveness_timeout_s=self._liveness_timeout_s
+                )
                 handle.update_stats(stats)
                 logger.info("worker %s registered (model %s)", address, stats.model)
             handle.registered = True

@@ -75,12 +75,13 @@ def test_request_that_can_never_fit_is_refused_at_once(model):
 def test_abort_frees_a_running_requests_slots_within_one_step(model):
     engine = Engine(model, pool_slots=1000)
     outs: list[StepOutput] = []
-    engine.add(_seq("victim", outs, max_new=200))
+    victim = _seq("victim", outs, max_new=200)
+    engine.add(victim)
     engine.add(_seq("other", outs, max_new=200))
     for _ in range(3):
         engine.step()
     used_before = engine.pool.kv_used
-    assert engine.abort("victim")
+    assert engine.abort(victim.seq_id)
     assert outs[-1].finish_reason == FinishReason.ABORTED and outs[-1].request_id == "victim"
     assert engine.pool.kv_used == used_before // 2
     engine.step()

@@ -7,6 +7,7 @@ import torch
 
 from manylora.v1 import common_pb2
 from services.common.errors import InvalidArgument
+from services.common.sampling_params import check_sampling_params
 from services.gpu_worker.engine import Engine
 from services.gpu_worker.offline import Completion, generate_offline
 from services.gpu_worker.sampling import SamplingOptions, filter_logits
@@ -125,4 +126,4 @@ def test_max_new_tokens_ends_with_length_and_logprobs_are_log_probabilities(mode
 )
 def test_bad_sampling_params_are_refused_by_name(params, field):
     with pytest.raises(InvalidArgument, match=field):
-        SamplingOptions.from_proto(params, vocab_size=259)
+        check_sampling_params(params, vocab_size=259)

@@ -16,6 +16,7 @@ from manylora.v1 import (
     gpu_worker_pb2,
     gpu_worker_pb2_grpc,
 )
+from services.common.errors import FAILURE_SCOPE_KEY
 from services.common.grpc_server import RunningServer, start_server
 from services.router.worker_pool import WORKER_SERVICE
 
@@ -43,6 +44,8 @@ class FakeWorker(gpu_worker_pb2_grpc.GpuWorkerServicer):
         self.host_cached: list[str] = []
         self.gate: asyncio.Event | None = None
         self.fail_first: list[grpc.StatusCode] = []
+        # Failure scope the fail_first aborts carry (errors.FAILURE_SCOPE_KEY); None: none.
+        self.fail_scope: str | None = None
         self.fail_after: int | None = None
         self.seen: list[Seen] = []
         self.open_streams = 0
@@ -59,7 +62,10 @@ class FakeWorker(gpu_worker_pb2_grpc.GpuWorkerServicer):
         seen = Seen(request, context.time_remaining())
         self.seen.append(seen)
         if self.fail_first:
-            await context.abort(self.fail_first.pop(0), f"{self.name} refuses")
+            scope = () if self.fail_scope is None else ((FAILURE_SCOPE_KEY, self.fail_scope),)
+            await context.abort(
+                self.fail_first.pop(0), f"{self.name} refuses", trailing_metadata=scope
+            )
         self.open_streams += 1
         try:
             for i in range(self.tokens):

@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 from manylora.v1 import common_pb2, router_pb2_grpc
+from services.common.errors import REQUEST_FAILURE, WORKER_FAILURE
 from services.router.server import RouterServer
 from tests.router.fakes import FakeStore, serve_fake_store
 
@@ -220,6 +221,37 @@ async def test_worker_errors_about_the_request_pass_through_without_retry(
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "refuses" in (err.value.details() or "")
     assert len(a.seen) + len(b.seen) == 1
+
+
+async def test_a_request_scoped_failure_passes_through_and_the_worker_keeps_its_health(
+    start_fakes, start_router_for, channel_to
+):
+    a, b = await start_fakes(2)
+    a.resident = ["x"]  # routing tries a first
+    a.fail_first = [grpc.StatusCode.UNAVAILABLE]  # e.g. the store is down for this adapter
+    a.fail_scope = REQUEST_FAILURE
+    stub = channel_to(await start_router_for([a, b], health_interval_s=30))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await collect(stub, request("x"))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert err.value.details() == "a refuses"  # the worker's own reason, not "no healthy worker"
+    assert (len(a.seen), len(b.seen)) == (1, 0)  # not retried elsewhere
+    responses = await collect(stub, request("x"))  # a is still healthy: it gets the next one
+    assert responses[0].text == "a0 "
+
+
+async def test_a_worker_scoped_failure_counts_against_the_worker(
+    start_fakes, start_router_for, channel_to
+):
+    a, b = await start_fakes(2)
+    a.resident = ["x"]
+    a.fail_first = [grpc.StatusCode.INTERNAL]  # e.g. its forward pass raised
+    a.fail_scope = WORKER_FAILURE
+    stub = channel_to(await start_router_for([a, b], health_interval_s=30))
+    responses = await collect(stub, request("x"))
+    assert responses[0].text == "b0 "
+    await collect(stub, request("x"))
+    assert (len(a.seen), len(b.seen)) == (1, 2)
 
 
 async def test_failure_after_tokens_is_unavailable_with_a_clear_message(
