@@ -24,12 +24,12 @@ async def test_bad_folders_are_skipped_with_one_warning_each(
     make_peft_adapter(tmp_path / "other", seed=4)
     make_peft_adapter(tmp_path / "broken", seed=2)
     (tmp_path / "broken" / CONFIG_FILE).write_text("{not json")
-    make_peft_adapter(tmp_path / "mlp", seed=3, target_modules=["gate_proj"])
+    make_peft_adapter(tmp_path / "dora", seed=3, use_dora=True)
     missing = tmp_path / "missing"
     specs = [
         str(tmp_path / "good"),
         str(tmp_path / "broken"),
-        f"m={tmp_path / 'mlp'}",
+        f"m={tmp_path / 'dora'}",
         str(tmp_path / "other"),
     ]
     with caplog.at_level(logging.WARNING):
@@ -41,7 +41,7 @@ async def test_bad_folders_are_skipped_with_one_warning_each(
     assert len(warnings) == 3, [r.getMessage() for r in warnings]
     for record, (folder, why) in zip(
         warnings,
-        [("broken", "JSON"), ("mlp", "gate_proj"), ("missing", "missing")],
+        [("broken", "JSON"), ("dora", "use_dora"), ("missing", "missing")],
         strict=True,
     ):
         message = record.getMessage()
