@@ -7,6 +7,7 @@ not a multiple of its slot width (64), so its MLP rows lie over padded slots."""
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any
 
@@ -147,10 +148,13 @@ def test_bf16_cuda_graphs_all_linear_batch_matches_hf_peft(
 def test_llama7b_shapes_all_linear_under_cuda_graphs(tmp_path: Path):
     """Llama-7B widths, two layers: W = 4096, so each MLP row of 11008 lies over three slots,
     the last one padded. A bf16 engine with decode graphs against HF + PEFT in fp32 on the
-    GPU, teacher-forced on our tokens. At these widths bf16 rounding alone moves a logprob by
-    about the 0.05 of test_gpu_oracle (0.0502 was seen on the device), so the logprob bound is
-    the larger of that and twice the error of HF + PEFT itself run in bf16 on the same
-    tokens: no worse than the oracle's own bf16 arithmetic, by more than a factor of two."""
+    GPU, teacher-forced on our tokens. At these widths bf16 rounding alone moves logits and
+    logprobs by about test_gpu_oracle's 0.05 (0.0502 and 0.079 were seen on the H200), so the
+    bounds come from HF + PEFT itself run in bf16 on the same tokens: at each step its logit
+    error has a spread s (std over the vocabulary), and our token may lose to the argmax by
+    up to 4·√2·s (two tokens' independent errors, four standard deviations); our logprob
+    error may be up to twice HF's own bf16 logprob error. Neither bound goes below the
+    fixed 0.05."""
     hf_config = {**DUMMY_PRESETS["llama-7b"], "num_hidden_layers": 2}
     specs = (
         AdapterSpec("all-r8", 8, 2, "all-linear"),
@@ -204,9 +208,11 @@ def test_llama7b_shapes_all_linear_under_cuda_graphs(tmp_path: Path):
         ours_ids = torch.tensor(done.token_ids)[:, None]
         margin = steps.max(-1).values - steps.gather(1, ours_ids)[:, 0]
         oracle_lp = torch.log_softmax(steps, -1).gather(1, ours_ids)[:, 0]
-        hf_bf16_lp = torch.log_softmax(oracle_logits(peft_bf16, ids, name)[span], -1)
-        hf_bf16_err = (hf_bf16_lp.gather(1, ours_ids)[:, 0] - oracle_lp).abs()
+        hf_bf16 = oracle_logits(peft_bf16, ids, name)[span]
+        margin_bound = (4 * math.sqrt(2) * (hf_bf16 - steps).std(-1)).clamp(min=MARGIN_TOL)
+        hf_bf16_lp = torch.log_softmax(hf_bf16, -1).gather(1, ours_ids)[:, 0]
+        hf_bf16_err = (hf_bf16_lp - oracle_lp).abs()
         lp_err = (torch.tensor(done.logprobs) - oracle_lp).abs()
-        bound = max(LOGPROB_TOL, 2 * float(hf_bf16_err.max()))
-        assert float(margin.max()) < MARGIN_TOL, (name, margin.tolist())
-        assert float(lp_err.max()) < bound, (name, lp_err.tolist(), hf_bf16_err.tolist())
+        lp_bound = max(LOGPROB_TOL, 2 * float(hf_bf16_err.max()))
+        assert bool((margin < margin_bound).all()), (name, margin.tolist(), margin_bound.tolist())
+        assert float(lp_err.max()) < lp_bound, (name, lp_err.tolist(), hf_bf16_err.tolist())
