@@ -16,12 +16,28 @@ projections, so both can be captured in CUDA graphs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 BLOCK_T = 16  # rows of a request per program (tl.dot needs at least 16)
-BLOCK_R = 16  # rank columns per program
+
+
+@dataclass(frozen=True)
+class LoraLaunch:
+    """How the kernels tile their work; the result does not depend on it (beyond the order of
+    float32 sums). Benchmarks time variants side by side (benchmarks/lora_tune.py)."""
+
+    block_r: int = 16  # rank columns per program (shrink) or per loop step (expand)
+    block_k_cap: int = 128  # shrink: in_features per loop step, at most
+    max_k_splits: int = 8  # shrink: programs sharing one row of A, at most
+    block_n_cap: int = 128  # expand: out_features per program, at most
+    num_warps: int = 4
+
+
+DEFAULT_LAUNCH = LoraLaunch()
 
 
 def _block(width: int, cap: int) -> int:
@@ -153,6 +169,7 @@ def lora_shrink(
     projs: tuple[int, ...],
     max_rank: int,
     max_q_len: int,
+    launch: LoraLaunch = DEFAULT_LAUNCH,
 ) -> torch.Tensor:
     """y [T, len(projs), max_rank] (float32) with y[t, i, :r] = x[t] @ A_pᵢᵀ; see lora_ref.
 
@@ -163,23 +180,24 @@ def lora_shrink(
     batch; max_q_len bounds q_lens (grid size only: nothing is read back). Entries outside
     each request's rank for a projection and rows without an adapter are left unwritten."""
     width, in_features = pool.shape[1], x.shape[1]
-    block_k = _block(width, 128)
+    block_k = _block(width, launch.block_k_cap)
     # A program walks its slice of in_features; splitting the walk across programs keeps a
     # decode batch (few rows, long rows of A) from waiting on one long serial loop.
-    k_splits = max(1, min(8, triton.cdiv(in_features, block_k) // 4))
+    k_splits = max(1, min(launch.max_k_splits, triton.cdiv(in_features, block_k) // 4))
     k_per_split = triton.cdiv(triton.cdiv(in_features, k_splits), block_k) * block_k
     parts = torch.empty(
         k_splits, x.shape[0], len(projs), max_rank, dtype=torch.float32, device=x.device
     )
-    n_rblocks = triton.cdiv(max_rank, BLOCK_R)
+    n_rblocks = triton.cdiv(max_rank, launch.block_r)
     grid = (req_lora.shape[0], triton.cdiv(max_q_len, BLOCK_T) * k_splits,
             len(projs) * n_rblocks)  # fmt: skip
     _shrink_kernel[grid](
         x, parts, pool, lora_slots, lora_meta, req_lora, q_starts, q_lens,
         _proj_ids(projs, x.device), in_features, x.stride(0), lora_slots.stride(0),
         lora_meta.shape[1], max_rank, n_rblocks, k_per_split, parts[0].numel(),
-        W=width, BLOCK_T=BLOCK_T, BLOCK_R=BLOCK_R, BLOCK_K=block_k,
+        W=width, BLOCK_T=BLOCK_T, BLOCK_R=launch.block_r, BLOCK_K=block_k,
         NPROJ=len(projs), K_SPLITS=k_splits, IEEE=x.dtype == torch.float32,
+        num_warps=launch.num_warps,
     )  # fmt: skip
     # Summing the partial products in a fixed order keeps the result deterministic.
     return parts[0] if k_splits == 1 else parts.sum(0)
@@ -197,6 +215,7 @@ def lora_expand(
     q_lens: torch.Tensor,
     proj: int,
     max_q_len: int,
+    launch: LoraLaunch = DEFAULT_LAUNCH,
 ) -> torch.Tensor:
     """out [T, out_features] += y[:, y_index, :r] @ Bᵀ_proj in place; see lora_ref.
 
@@ -205,13 +224,13 @@ def lora_expand(
     `lora_shrink`. Rows without an adapter, or whose adapter leaves `proj` alone, keep their
     values bit for bit."""
     width = pool.shape[1]
-    block_n = _block(width, 128)
+    block_n = _block(width, launch.block_n_cap)
     grid = (req_lora.shape[0], triton.cdiv(max_q_len, BLOCK_T), triton.cdiv(out.shape[1], block_n))
     _expand_kernel[grid](
         y, out, pool, lora_slots, lora_meta, req_lora, q_starts, q_lens,
         proj, y_index, out.shape[1], out.stride(0), lora_slots.stride(0), lora_meta.shape[1],
         y.shape[2],
-        W=width, NPROJ=y.shape[1], BLOCK_T=BLOCK_T, BLOCK_R=BLOCK_R, BLOCK_N=block_n,
-        IEEE=out.dtype == torch.float32,
+        W=width, NPROJ=y.shape[1], BLOCK_T=BLOCK_T, BLOCK_R=launch.block_r, BLOCK_N=block_n,
+        IEEE=out.dtype == torch.float32, num_warps=launch.num_warps,
     )  # fmt: skip
     return out
