@@ -116,10 +116,14 @@ async def start_store_server(config: AdapterStoreConfig) -> StoreServer:
         config.max_rank,
         config.data_dir,
     )
-    metrics_server = None
+    server = StoreServer(store, running, None)
     if registry is not None:
         if cache is not None:
             up = Gauge(PREFIX + "store_redis_up", "1 while Redis is reachable.", registry=registry)
             up.set_function(lambda: float(cache.available))
-        metrics_server = start_metrics_server(metrics_port, registry, config.host)
-    return StoreServer(store, running, metrics_server)
+        try:  # a taken metrics port stops what already runs
+            server.metrics_server = start_metrics_server(metrics_port, registry, config.host)
+        except BaseException:
+            await server.stop(0)
+            raise
+    return server

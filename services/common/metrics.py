@@ -20,6 +20,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
 from manylora.v1 import common_pb2
+from services.common.config import ConfigError
 
 PREFIX = "manylora:"
 
@@ -48,7 +49,13 @@ class MetricsServer:
 
 
 def start_metrics_server(port: int, registry: CollectorRegistry, host: str) -> MetricsServer:
-    server, thread = start_http_server(port, addr=host, registry=registry)
+    """Serve /metrics; `ConfigError` naming --metrics-port when it cannot listen there."""
+    try:
+        server, thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise ConfigError(
+            "metrics_port", f"cannot listen on {host}:{port}: {exc.strerror}"
+        ) from None
     return MetricsServer(server, thread)
 
 

@@ -139,23 +139,30 @@ async def start_worker(config: WorkerConfig) -> Worker:
         config.port,
     )
     closers: list[Callable[[], Awaitable[None]]] = []
-    heartbeat = await start_heartbeat(config, server.port, servicer.stats)
-    if heartbeat is not None:
-        closers.append(heartbeat.stop)
-    if config.metrics_port:
-        metrics = servicer.metrics
-        closers.append(
-            await serve_worker_metrics(metrics, config.metrics_port, config.host, servicer.stats)
-        )
-    if isinstance(adapters, StoreAdapterSource):
-        if config.adapter_events_redis_url:
-            listener = AdapterEventListener(
-                adapters, config.adapter_events_redis_url, config.adapter_events_channel
+    worker = Worker(server, loop, closers)
+    try:  # a later start-up failure (a taken metrics port) stops what already runs
+        heartbeat = await start_heartbeat(config, server.port, servicer.stats)
+        if heartbeat is not None:
+            closers.append(heartbeat.stop)
+        if config.metrics_port:
+            metrics = servicer.metrics
+            closers.append(
+                await serve_worker_metrics(
+                    metrics, config.metrics_port, config.host, servicer.stats
+                )
             )
-            listener.start()
-            closers.append(listener.stop)
-        closers.append(adapters.close)
-    return Worker(server, loop, closers)
+        if isinstance(adapters, StoreAdapterSource):
+            if config.adapter_events_redis_url:
+                listener = AdapterEventListener(
+                    adapters, config.adapter_events_redis_url, config.adapter_events_channel
+                )
+                listener.start()
+                closers.append(listener.stop)
+            closers.append(adapters.close)
+    except BaseException:
+        await worker.stop()
+        raise
+    return worker
 
 
 async def serve(config: WorkerConfig) -> None:

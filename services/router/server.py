@@ -37,7 +37,7 @@ class RouterServer:
         self.pool = pool
         self.metrics = metrics
         self._catalog = catalog
-        self._metrics_server = metrics_server
+        self.metrics_server = metrics_server
 
     @property
     def port(self) -> int:
@@ -49,8 +49,8 @@ class RouterServer:
         await self.pool.stop()
         if self._catalog is not None:
             await self._catalog.close()
-        if self._metrics_server is not None:
-            await asyncio.to_thread(self._metrics_server.stop)
+        if self.metrics_server is not None:
+            await asyncio.to_thread(self.metrics_server.stop)
 
 
 def _check(config: RouterConfig) -> None:
@@ -110,11 +110,17 @@ async def start_router(config: RouterConfig) -> RouterServer:
         await running.health.set(SERVICE_NAME, status)
 
     pool.on_change = report_readiness
-    await pool.start()
-    metrics_server = None
-    if config.metrics_port:
-        metrics_server = start_metrics_server(config.metrics_port, metrics.registry, config.host)
-    return RouterServer(running, pool, catalog, metrics, metrics_server)
+    router = RouterServer(running, pool, catalog, metrics, None)
+    try:  # a later start-up failure (a taken metrics port) stops what already runs
+        await pool.start()
+        if config.metrics_port:
+            router.metrics_server = start_metrics_server(
+                config.metrics_port, metrics.registry, config.host
+            )
+    except BaseException:
+        await router.stop(0)
+        raise
+    return router
 
 
 async def serve(config: RouterConfig) -> None:

@@ -4,6 +4,7 @@ setting is one line naming its flag and variable, exit status 2, in every progra
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -129,6 +130,10 @@ def test_programs_refuse_bad_settings_in_one_line_without_traceback(tmp_path: Pa
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     (model_dir / "config.json").write_text("{}")
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    metrics_port = str(taken.getsockname()[1])
     results = _run_programs({
         "store bad flag value": (["services.adapter_store", "--port", "x"], {}),
         "store bad env value": (["services.adapter_store"], {"MANYLORA_MAX_RANK": "big"}),
@@ -141,8 +146,13 @@ def test_programs_refuse_bad_settings_in_one_line_without_traceback(tmp_path: Pa
         ),
         "worker without weights": (["services.gpu_worker", "--model", str(model_dir)], {}),
         "router bad env value": (["services.router"], {"MANYLORA_LOAD_BOUND": "most"}),
+        "router metrics port taken": (
+            ["services.router", "--port", "0", "--workers", "127.0.0.1:1",
+             "--metrics-port", metrics_port], {},
+        ),
         "router help": (["services.router", "--help"], {}),
     })  # fmt: skip
+    taken.close()
     expected = {
         "store bad flag value": ("services.adapter_store", "--port (MANYLORA_PORT)"),
         "store bad env value": ("services.adapter_store", "--max-rank (MANYLORA_MAX_RANK)"),
@@ -156,6 +166,12 @@ def test_programs_refuse_bad_settings_in_one_line_without_traceback(tmp_path: Pa
         assert code == 2, (name, err)
         assert err.count("\n") == 1, (name, err)
         assert err.startswith(f"python -m {module}: error: {setting}: "), (name, err)
+    # The metrics port is taken only once the gRPC server runs: its log line may come first.
+    code, out, err = results["router metrics port taken"]
+    assert code == 2 and "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith(
+        "python -m services.router: error: --metrics-port (MANYLORA_METRICS_PORT): "
+    ), err
     code, out, _ = results["router help"]
     assert code == 0 and out.startswith("usage: python -m services.router ")
     assert "(default: 1.25; env MANYLORA_LOAD_BOUND)" in " ".join(out.split())
