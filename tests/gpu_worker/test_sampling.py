@@ -90,19 +90,75 @@ def test_stop_token_id_ends_stream_with_stop_and_is_returned(model):
     assert cut.token_ids == full.token_ids[: first + 1]
 
 
-def test_eos_ends_stream_unless_ignored(model):
-    # Find a prompt whose greedy continuation is EOS by looking at where the model puts id 2:
-    # make EOS the argmax by asking for it as a stop of a model whose eos list includes it.
-    full = _run(model, [SamplingOptions(max_new_tokens=12, ignore_eos=True)])[0]
-    eos = full.token_ids[4]
+def _eos_engine(model, eos: int) -> Engine:
+    """An engine whose model config counts `eos` as its end-of-sequence token."""
     engine = Engine(model, pool_slots=2048)
     engine.config = type(engine.config)(**{**engine.config.__dict__, "eos_token_ids": (eos,)})
+    return engine
+
+
+def test_eos_ends_stream_unless_ignored(model):
+    # Make a token the greedy continuation is known to produce the model's EOS.
+    full = _run(model, [SamplingOptions(max_new_tokens=12, ignore_eos=True)])[0]
+    eos = full.token_ids[4]
     first = full.token_ids.index(eos)
     done = generate_offline(
-        engine, ByteTokenizer(), [PROMPT], [SamplingOptions(max_new_tokens=12)], [None]
+        _eos_engine(model, eos),
+        ByteTokenizer(),
+        [PROMPT],
+        [SamplingOptions(max_new_tokens=12)],
+        [None],
     )[0]
     assert done.finish_reason == FinishReason.EOS
     assert done.token_ids == full.token_ids[: first + 1]
+    # Ignored, the same EOS is just another token: the stream runs to max_new_tokens.
+    ignored = generate_offline(
+        _eos_engine(model, eos),
+        ByteTokenizer(),
+        [PROMPT],
+        [SamplingOptions(max_new_tokens=12, ignore_eos=True)],
+        [None],
+    )[0]
+    assert ignored.finish_reason == FinishReason.LENGTH
+    assert ignored.token_ids == full.token_ids
+
+
+def _never_matching_stop(text: str) -> str:
+    """A stop string whose beginning is the end of `text` but that `text` never contains:
+    the stream holds the end of `text` back as a possible stop until the stream ends."""
+    stop = text[-2:] + "\uffff\uffff"
+    assert len(text) >= 2 and stop not in text
+    return stop
+
+
+def test_text_held_back_as_a_possible_stop_is_released_at_a_length_end(model):
+    plain = _run(model, [SamplingOptions(max_new_tokens=9, ignore_eos=True)])[0]
+    expected = ByteTokenizer().decode(plain.token_ids)  # the oracle: decoding every token
+    assert plain.text == expected
+    stop = _never_matching_stop(expected)
+    held = _run(model, [SamplingOptions(max_new_tokens=9, ignore_eos=True, stop=(stop,))])[0]
+    assert held.finish_reason == FinishReason.LENGTH
+    assert held.token_ids == plain.token_ids
+    assert held.text == expected
+
+
+def test_text_held_back_as_a_possible_stop_is_released_at_an_eos_end(model):
+    full = _run(model, [SamplingOptions(max_new_tokens=12, ignore_eos=True)])[0]
+    eos = full.token_ids[9]
+    ids = full.token_ids[: full.token_ids.index(eos) + 1]
+    # The EOS here is an ordinary byte of ByteTokenizer, so its text is part of the output.
+    expected = ByteTokenizer().decode(ids)
+    stop = _never_matching_stop(expected)
+    done = generate_offline(
+        _eos_engine(model, eos),
+        ByteTokenizer(),
+        [PROMPT],
+        [SamplingOptions(max_new_tokens=12, stop=(stop,))],
+        [None],
+    )[0]
+    assert done.finish_reason == FinishReason.EOS
+    assert done.token_ids == ids
+    assert done.text == expected
 
 
 def test_max_new_tokens_ends_with_length_and_logprobs_are_log_probabilities(model):
