@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from services.common.errors import InvalidArgument
 from services.common.sampling_params import check_sampling_params
 from services.gpu_worker.engine import Engine
 from services.gpu_worker.offline import Completion, generate_offline
-from services.gpu_worker.sampling import SamplingOptions, filter_logits
+from services.gpu_worker.sampling import SamplingOptions, filter_logits, sample
 from services.gpu_worker.sequence import FinishReason
 from services.gpu_worker.tokenizer import ByteTokenizer
 from tests.oracle import TINY_MHA, build_pair
@@ -59,6 +61,36 @@ def test_top_k_one_is_greedy(model):
         ],
     )
     assert greedy.token_ids == top1.token_ids
+
+
+def _chi_square_p_value_4_dof(counts: list[int], probs: list[float]) -> float:
+    """Pearson's chi-square test of counts against probs, for 5 categories (4 degrees of
+    freedom), whose survival function has the closed form exp(-x/2) * (1 + x/2)."""
+    assert len(counts) == len(probs) == 5
+    n = sum(counts)
+    x = sum((c - n * p) ** 2 / (n * p) for c, p in zip(counts, probs, strict=True))
+    return math.exp(-x / 2) * (1 + x / 2)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.5])
+def test_samples_follow_the_softmax_of_the_logits_over_the_temperature(temperature):
+    logits = [2.0, 1.0, 0.5, 0.0, -1.0]
+    draws = 6000
+    gen = torch.Generator().manual_seed(20260)
+    opts = SamplingOptions(max_new_tokens=1, temperature=temperature)
+    batch = torch.tensor(logits).expand(draws, -1).contiguous()
+    tokens = sample(batch, [opts] * draws, [gen] * draws).token_ids
+    counts = [tokens.count(v) for v in range(len(logits))]
+
+    def softmax(t: float) -> list[float]:
+        weights = [math.exp(x / t) for x in logits]
+        return [w / sum(weights) for w in weights]
+
+    # Fixed seed, so this is one deterministic draw; the bound would pass a true sampler
+    # with probability 1 - 1e-4.
+    assert _chi_square_p_value_4_dof(counts, softmax(temperature)) > 1e-4
+    # At these sizes temperature 1 is far outside (chi-square in the hundreds at least).
+    assert _chi_square_p_value_4_dof(counts, softmax(1.0)) < 1e-12
 
 
 def test_filter_logits_keeps_top_k_and_nucleus():
