@@ -112,6 +112,7 @@ def summary_line(r: dict[str, Any]) -> str:
     return (
         f"[{r['mode']} {r['variant']}] n={r['num_adapters']}{on} R={r['rate']:g} "
         f"alpha={r['alpha']:g} cv={r['cv']:g}: {r['finished']}/{r['num_requests']} done, "
+        f"{r.get('distinct_adapters', '-')} adapters served, "
         f"{fmt(r['throughput_req_s'])} req/s, {fmt(r['throughput_tok_s'], '.0f')} tok/s, "
         f"latency avg {fmt(r['avg_latency_s'])} s p99 {fmt(r['p99_latency_s'])} s, "
         f"TTFT avg {fmt(r['avg_ttft_s'])} s p99 {fmt(r['p99_ttft_s'])} s, "

@@ -129,7 +129,9 @@ def summarize(
     misses: int | None = None,
 ) -> dict[str, Any]:
     """Throughput over `duration_s` (run start to end), latency and TTFT of finished
-    requests, SLO attainment over all requests (a failed one misses it), cache hit rate."""
+    requests, SLO attainment over all requests (a failed one misses it), cache hit rate, and
+    how many distinct adapters the finished requests were served with (a trace of n adapters
+    with a steep popularity asks for far fewer than n in a short run)."""
     done = [r for r in records if r.finished]
     ttfts = [r.first_token_s - r.arrival_s for r in records if r.first_token_s is not None]
     in_slo = sum(
@@ -143,6 +145,8 @@ def summarize(
         "finished": len(done),
         "failed": len(records) - len(done),
         "errors": sorted({r.error for r in records if r.error})[:5],
+        "distinct_adapters": len({r.adapter for r in done}),
+        "distinct_adapters_requested": len({r.adapter for r in records}),
         "duration_s": duration_s,
         "tokens": sum(r.tokens for r in records),
         "throughput_req_s": len(done) / duration_s if duration_s > 0 else 0.0,

@@ -36,6 +36,7 @@ COLUMNS = (
     ("p99_ttft_s", "p99 TTFT s", "{:.2f}"),
     ("slo_attainment", "SLO", "{:.1%}"),
     ("cache_hit_rate", "hits", "{:.1%}"),
+    ("distinct_adapters", "adapters served", "{}"),
 )
 
 

@@ -35,6 +35,19 @@ def test_summary_of_finished_and_failed_requests() -> None:
     assert s["cache_hit_rate"] == pytest.approx(0.75)
 
 
+def test_distinct_adapters_count_those_the_finished_requests_were_served_with() -> None:
+    records = [
+        RequestRecord(0, 3, 0.0, 2, 0.1, 0.2, 2),
+        RequestRecord(1, 3, 0.1, 2, 0.2, 0.3, 2),  # adapter 3 again: counted once
+        RequestRecord(2, 7, 0.2, 2, 0.3, 0.4, 2),
+        RequestRecord(3, 9, 0.3, 2, 0.4, None, 1, error="aborted"),  # asked for, not served
+        RequestRecord(4, 11, 0.4, 2, 0.5, 0.6, 2),
+    ]
+    s = summarize(records, duration_s=1.0, slo_s=6.0)
+    assert s["distinct_adapters"] == 3  # 3, 7 and 11
+    assert s["distinct_adapters_requested"] == 4  # and 9
+
+
 def test_empty_values_are_none() -> None:
     s = summarize([record(0.0, None, None, 0, error="x")], 1.0, 6.0)
     assert s["avg_latency_s"] is None and s["p99_ttft_s"] is None

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from benchmarks import serving_bench
 from benchmarks.serving import report
 
 
@@ -71,6 +72,10 @@ def test_failures_and_missing_runs_are_reported_as_such(tmp_path: Path) -> None:
     text = report.main([str(path)])
     assert "| S2 | inprocess | manylora | 4000 | 20 | 1 | 1 | 97 | 100 | 5.00 | 1300 |" in text
     assert "| – |" in text  # p99 TTFT missing
+    assert text.splitlines()[0].endswith("| hits | adapters served |")
+    assert "| 90.0% | – |" in text  # a row from before distinct_adapters was recorded
+    rows[0]["distinct_adapters"] = 1234
+    assert report.table(rows).splitlines()[2].endswith("| 90.0% | 1234 |")
 
 
 def test_repeated_runs_are_compared_by_their_mean() -> None:
@@ -92,3 +97,8 @@ def test_peft_is_compared_on_tokens_per_second() -> None:
     peft = {**row("hf-peft", 5, 0.0), "throughput_tok_s": 26.0}
     result, verdict = verdicts([row("manylora", 5, 5.0), peft])["≥ 30× HF PEFT (tokens/s)"]
     assert (result, verdict) == ("50.000× (n=5, R=20, 1 pair(s))", "met")
+
+
+def test_summary_line_says_how_many_adapters_were_served() -> None:
+    served = row("manylora", 2000, 9.6) | {"distinct_adapters": 812}
+    assert "100/100 done, 812 adapters served," in serving_bench.summary_line(served)

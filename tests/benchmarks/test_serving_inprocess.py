@@ -78,6 +78,7 @@ def test_cli_runs_each_engine_variant_with_consistent_metrics(tmp_path: Path, tr
         assert row["mode"] == "inprocess"
         assert row["num_requests"] == row["finished"] == len(trace.requests)
         assert row["failed"] == 0 and row["errors"] == []
+        assert row["distinct_adapters"] == len({r.adapter for r in trace.requests})
         assert row["tokens"] == wanted
         assert row["throughput_req_s"] == pytest.approx(row["finished"] / row["duration_s"])
         assert row["throughput_tok_s"] == pytest.approx(wanted / row["duration_s"])

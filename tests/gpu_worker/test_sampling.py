@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from services.common.errors import InvalidArgument
 from services.common.sampling_params import check_sampling_params
 from services.gpu_worker.engine import Engine
 from services.gpu_worker.offline import Completion, generate_offline
-from services.gpu_worker.sampling import SamplingOptions, filter_logits
+from services.gpu_worker.sampling import SamplingOptions, filter_logits, sample
 from services.gpu_worker.sequence import FinishReason
 from services.gpu_worker.tokenizer import ByteTokenizer
 from tests.oracle import TINY_MHA, build_pair
@@ -61,6 +63,36 @@ def test_top_k_one_is_greedy(model):
     assert greedy.token_ids == top1.token_ids
 
 
+def _chi_square_p_value_4_dof(counts: list[int], probs: list[float]) -> float:
+    """Pearson's chi-square test of counts against probs, for 5 categories (4 degrees of
+    freedom), whose survival function has the closed form exp(-x/2) * (1 + x/2)."""
+    assert len(counts) == len(probs) == 5
+    n = sum(counts)
+    x = sum((c - n * p) ** 2 / (n * p) for c, p in zip(counts, probs, strict=True))
+    return math.exp(-x / 2) * (1 + x / 2)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.5])
+def test_samples_follow_the_softmax_of_the_logits_over_the_temperature(temperature):
+    logits = [2.0, 1.0, 0.5, 0.0, -1.0]
+    draws = 6000
+    gen = torch.Generator().manual_seed(20260)
+    opts = SamplingOptions(max_new_tokens=1, temperature=temperature)
+    batch = torch.tensor(logits).expand(draws, -1).contiguous()
+    tokens = sample(batch, [opts] * draws, [gen] * draws).token_ids
+    counts = [tokens.count(v) for v in range(len(logits))]
+
+    def softmax(t: float) -> list[float]:
+        weights = [math.exp(x / t) for x in logits]
+        return [w / sum(weights) for w in weights]
+
+    # Fixed seed, so this is one deterministic draw; the bound would pass a true sampler
+    # with probability 1 - 1e-4.
+    assert _chi_square_p_value_4_dof(counts, softmax(temperature)) > 1e-4
+    # At these sizes temperature 1 is far outside (chi-square in the hundreds at least).
+    assert _chi_square_p_value_4_dof(counts, softmax(1.0)) < 1e-12
+
+
 def test_filter_logits_keeps_top_k_and_nucleus():
     logits = torch.tensor([0.0, 3.0, 1.0, 2.0, -1.0])
     kept = filter_logits(logits, top_k=2, top_p=1.0)
@@ -90,19 +122,78 @@ def test_stop_token_id_ends_stream_with_stop_and_is_returned(model):
     assert cut.token_ids == full.token_ids[: first + 1]
 
 
-def test_eos_ends_stream_unless_ignored(model):
-    # Find a prompt whose greedy continuation is EOS by looking at where the model puts id 2:
-    # make EOS the argmax by asking for it as a stop of a model whose eos list includes it.
-    full = _run(model, [SamplingOptions(max_new_tokens=12, ignore_eos=True)])[0]
-    eos = full.token_ids[4]
+def _eos_engine(model, eos: int) -> Engine:
+    """An engine whose model config counts `eos` as its end-of-sequence token."""
     engine = Engine(model, pool_slots=2048)
     engine.config = type(engine.config)(**{**engine.config.__dict__, "eos_token_ids": (eos,)})
+    return engine
+
+
+def test_eos_ends_stream_unless_ignored(model):
+    # Make a token the greedy continuation is known to produce the model's EOS.
+    full = _run(model, [SamplingOptions(max_new_tokens=12, ignore_eos=True)])[0]
+    eos = full.token_ids[4]
     first = full.token_ids.index(eos)
     done = generate_offline(
-        engine, ByteTokenizer(), [PROMPT], [SamplingOptions(max_new_tokens=12)], [None]
+        _eos_engine(model, eos),
+        ByteTokenizer(),
+        [PROMPT],
+        [SamplingOptions(max_new_tokens=12)],
+        [None],
     )[0]
     assert done.finish_reason == FinishReason.EOS
     assert done.token_ids == full.token_ids[: first + 1]
+    # Ignored, the same EOS is just another token: the stream runs to max_new_tokens.
+    ignored = generate_offline(
+        _eos_engine(model, eos),
+        ByteTokenizer(),
+        [PROMPT],
+        [SamplingOptions(max_new_tokens=12, ignore_eos=True)],
+        [None],
+    )[0]
+    assert ignored.finish_reason == FinishReason.LENGTH
+    assert ignored.token_ids == full.token_ids
+
+
+def _never_matching_stop(text: str) -> str:
+    """A stop string whose beginning is the end of `text` but that `text` never contains:
+    the stream holds the end of `text` back as a possible stop until the stream ends."""
+    stop = text[-2:] + "\uffff\uffff"
+    assert len(text) >= 2 and stop not in text
+    return stop
+
+
+def test_text_held_back_as_a_possible_stop_is_released_at_a_length_end(model):
+    plain = _run(model, [SamplingOptions(max_new_tokens=9, ignore_eos=True)])[0]
+    expected = ByteTokenizer().decode(plain.token_ids)  # the oracle: decoding every token
+    assert plain.text == expected
+    stop = _never_matching_stop(expected)
+    held = _run(model, [SamplingOptions(max_new_tokens=9, ignore_eos=True, stop=(stop,))])[0]
+    assert held.finish_reason == FinishReason.LENGTH
+    assert held.token_ids == plain.token_ids
+    assert held.text == expected
+
+
+def test_text_held_back_as_a_possible_stop_is_released_at_an_eos_end(model):
+    full = _run(model, [SamplingOptions(max_new_tokens=12, ignore_eos=True)])[0]
+    # The EOS here is an ordinary byte of ByteTokenizer, so its text is part of the output.
+    # The latest token of the stream as EOS (first seen where the stream then ends) that
+    # leaves text for a stop string to begin with.
+    ends = [full.token_ids[: full.token_ids.index(t) + 1] for t in reversed(full.token_ids)]
+    ids = next(ids for ids in ends if len(ByteTokenizer().decode(ids)) >= 2)
+    eos = ids[-1]
+    expected = ByteTokenizer().decode(ids)
+    stop = _never_matching_stop(expected)
+    done = generate_offline(
+        _eos_engine(model, eos),
+        ByteTokenizer(),
+        [PROMPT],
+        [SamplingOptions(max_new_tokens=12, stop=(stop,))],
+        [None],
+    )[0]
+    assert done.finish_reason == FinishReason.EOS
+    assert done.token_ids == ids
+    assert done.text == expected
 
 
 def test_max_new_tokens_ends_with_length_and_logprobs_are_log_probabilities(model):

@@ -61,3 +61,43 @@ def test_split_pool_keeps_kv_and_adapters_in_their_regions():
     pool.free_kv(kv)
     pool.free_adapter(adapters)
     assert pool.stats().free_slots == 100
+
+
+@pytest.mark.parametrize("unified", [True, False])
+def test_reserved_scratch_slots_leave_service_for_good(unified):
+    """reserve_scratch (CUDA graphs' padding rows write there) takes exactly n slots out of
+    the pool: the totals shrink by n and the allocator never hands those slots out again."""
+    total, adapter_region, scratch_n = 40, 10, 3
+    pool = UnifiedMemoryPool(
+        2,
+        total,
+        8,
+        torch.float32,
+        torch.device("cpu"),
+        unified=unified,
+        adapter_region_slots=0 if unified else adapter_region,
+    )
+    kv_before = total if unified else total - adapter_region
+    scratch = pool.reserve_scratch(scratch_n)
+    assert len(set(scratch)) == scratch_n
+    assert all(0 <= s < kv_before for s in scratch), "scratch comes from the KV slots"
+    stats = pool.stats()
+    assert stats.total_slots == pool.num_slots == total - scratch_n
+    assert stats.free_slots == total - scratch_n
+    assert pool.kv_capacity() == kv_before - scratch_n
+    assert pool.free_kv_slots() == kv_before - scratch_n
+    # The accounting identity the engine's admission relies on holds with scratch taken out.
+    assert stats.free_slots + stats.kv_slots + stats.adapter_slots == stats.total_slots
+
+    # Drain everything the pool will still give: never a scratch slot, and exactly the rest.
+    handed_out: list[int] = []
+    if not unified:
+        handed_out += pool.alloc_adapter(adapter_region).tolist()
+    handed_out += pool.alloc_kv(kv_before - scratch_n).tolist()
+    with pytest.raises(MemoryError):
+        pool.alloc_kv(1)
+    assert not set(handed_out) & set(scratch)
+    assert sorted(handed_out + scratch) == list(range(total))
+    stats = pool.stats()
+    assert stats.free_slots == 0
+    assert stats.free_slots + stats.kv_slots + stats.adapter_slots == stats.total_slots

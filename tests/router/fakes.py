@@ -34,7 +34,8 @@ class Seen:
 class FakeWorker(gpu_worker_pb2_grpc.GpuWorkerServicer):
     """Streams `tokens` one-token messages. `gate`, when set, holds every stream after its
     first message until it is opened. `fail_first` calls fail before any message with that
-    code; `fail_after` fails every call after that many messages."""
+    code; `fail_after` fails every call after that many messages. `waiting` is the queue its
+    stats report (requests of other routers waiting there)."""
 
     def __init__(self, name: str, tokens: int = 3, model: str = "tiny"):
         self.name = name
@@ -42,6 +43,7 @@ class FakeWorker(gpu_worker_pb2_grpc.GpuWorkerServicer):
         self.model = model
         self.resident: list[str] = []
         self.host_cached: list[str] = []
+        self.waiting = 0
         self.gate: asyncio.Event | None = None
         self.fail_first: list[grpc.StatusCode] = []
         # Failure scope the fail_first aborts carry (errors.FAILURE_SCOPE_KEY); None: none.
@@ -90,6 +92,7 @@ class FakeWorker(gpu_worker_pb2_grpc.GpuWorkerServicer):
     ) -> gpu_worker_pb2.GetStatsResponse:
         return gpu_worker_pb2.GetStatsResponse(
             running_requests=self.open_streams,
+            waiting_requests=self.waiting,
             resident_adapters=self.resident,
             host_cached_adapters=self.host_cached,
             model=self.model,

@@ -48,15 +48,28 @@ def test_resident_worker_takes_requests_until_its_load_bound():
         "c": Candidate("c", 0),
     }
     placed = _place("hot", workers, 30)
-    assert placed[0] == "a"
-    for n in range(1, 31):  # a never goes past the bound of the moment
-        assert placed[:n].count("a") <= load_bound(n - 1, 3, FACTOR)
-    # Another worker gets a request only once a has reached the bound.
-    k = next(i for i, w in enumerate(placed) if w != "a")
-    assert k == load_bound(k, 3, FACTOR)
+    # Worked out by hand, not with load_bound: request i (0-based) finds i requests placed,
+    # so a's bound is ceil(1.25 * (i + 1) / 3) (the request being placed counts), and a
+    # takes request i exactly when its load is under that bound.
+    assert [i for i, w in enumerate(placed) if w == "a"] == [
+        0, 2, 4, 7, 9, 12, 14, 16, 19, 21, 24, 26, 28
+    ]  # fmt: skip
     assert placed.count("a") <= math.ceil(FACTOR * 30 / 3)
     assert placed.count("a") > placed.count("b")
     assert {"b", "c"} <= set(placed)  # one popular adapter does not pin everything to a
+
+
+def test_load_bound_counts_the_request_being_placed():
+    # (total load, workers, factor, floor) -> bound, from ceil(factor * (total + 1) / workers)
+    cases = {
+        (8, 4, 1.0, 1): 3,  # 9 / 4 = 2.25
+        (2, 3, 1.25, 1): 2,  # 3.75 / 3 = 1.25
+        (11, 4, 1.0, 1): 3,  # 12 / 4 = 3 exactly
+        (0, 5, 1.0, 1): 1,  # never under one request
+        (3, 2, 1.0, 4): 4,  # 4 / 2 = 2, lifted to the floor
+        (9, 2, 1.5, 4): 8,  # 15 / 2 = 7.5, the floor does not cap
+    }
+    assert {args: load_bound(*args) for args in cases} == cases
 
 
 def test_under_the_floor_affinity_holds_even_against_the_average():

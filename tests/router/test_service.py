@@ -381,3 +381,19 @@ async def test_resident_adapter_goes_to_its_worker_until_the_load_bound(
         fake.gate.set()
     for call in calls:
         await drain(call)
+
+
+@pytest.mark.parametrize("backlog_on", ["a", "b"])
+async def test_requests_waiting_in_a_worker_queue_count_as_its_load(
+    start_fakes, start_router_for, channel_to, backlog_on
+):
+    a, b = await start_fakes(2)
+    a.resident = ["hot"]
+    # A queue of 6 that other routers left there: nothing runs, so only the waiting count
+    # shows it. The bound is ceil(1.25 * (6 + 1) / 2) = 5, which the backlog is over.
+    {"a": a, "b": b}[backlog_on].waiting = 6
+    router = await start_router_for([a, b], health_interval_s=30, load_bound=1.25, min_load_bound=1)
+    stub = channel_to(router)
+    responses = await collect(stub, request("hot", request_id="r0"))
+    # Affinity gives way to the backlog on a; a backlog on b leaves affinity as it was.
+    assert responses[0].text[0] == ("b" if backlog_on == "a" else "a")
