@@ -21,7 +21,8 @@ from services.common.errors import (
     ServiceError,
 )
 from services.common.logging import bind_request_id
-from services.common.peft_adapter import MAX_CONFIG_BYTES, WEIGHTS_FILE
+from services.common.peft_adapter import WEIGHTS_FILE
+from services.common.peft_config import MAX_CONFIG_BYTES
 
 logger = logging.getLogger(__name__)
 

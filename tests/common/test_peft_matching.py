@@ -19,11 +19,11 @@ from peft.utils.other import get_pattern_key
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from services.common.base_model import LINEAR_MODULES, BaseModelShape, module_block
-from services.common.peft_adapter import (
+from services.common.peft_config import (
     AdapterValidationError,
-    _parse_config,
-    _selected_modules,
+    parse_config,
     pattern_key_for,
+    selected_modules,
 )
 
 LAYERS = 12  # two-digit indices, so that layers.1 vs layers.11 shows
@@ -141,8 +141,8 @@ def _peft_targets(lora: dict[str, Any]) -> set[str]:
 
 @pytest.mark.parametrize("lora", TARGET_CASES.values(), ids=TARGET_CASES.keys())
 def test_selected_modules_are_the_ones_peft_wraps(lora: dict[str, Any]) -> None:
-    opts = _parse_config(json.dumps({"peft_type": "LORA", "r": 2, **lora}))
-    assert set(_selected_modules(opts, SHAPE)) == _peft_targets(lora)
+    opts = parse_config(json.dumps({"peft_type": "LORA", "r": 2, **lora}))
+    assert set(selected_modules(opts, SHAPE)) == _peft_targets(lora)
 
 
 @pytest.mark.parametrize(
@@ -157,9 +157,9 @@ def test_selected_modules_are_the_ones_peft_wraps(lora: dict[str, Any]) -> None:
 def test_selections_peft_would_refuse_or_we_do_not_serve_are_refused(
     lora: dict[str, Any], named: str
 ) -> None:
-    opts = _parse_config(json.dumps({"peft_type": "LORA", "r": 2, **lora}))
+    opts = parse_config(json.dumps({"peft_type": "LORA", "r": 2, **lora}))
     with pytest.raises(AdapterValidationError) as refused:
-        _selected_modules(opts, SHAPE)
+        selected_modules(opts, SHAPE)
     assert refused.value.key == "target_modules"
     assert named in refused.value.reason
 
@@ -177,5 +177,5 @@ def test_layer_options_peft_refuses_are_refused(lora: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         LoraConfig(r=2, **lora)  # PEFT's own refusal: the oracle
     with pytest.raises(AdapterValidationError) as refused:
-        _parse_config(json.dumps({"peft_type": "LORA", "r": 2, **lora}))
+        parse_config(json.dumps({"peft_type": "LORA", "r": 2, **lora}))
     assert refused.value.key in lora
