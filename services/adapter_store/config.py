@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from services.common.config import LOG_LEVELS, ConfigError, check_model_setting
+from services.common.config import (
+    ConfigError,
+    check_model_setting,
+    host_field,
+    log_level_field,
+    metrics_port_field,
+    port_field,
+)
 
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
@@ -13,19 +20,9 @@ _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 class AdapterStoreConfig:
     """manylora adapter store: upload, validate, store (disk + Redis) and serve LoRA adapters."""
 
-    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
-    port: int = field(
-        default=50052,
-        metadata={"help": "gRPC port (0 picks a free one)", "min": 0, "max": 65535},
-    )
-    metrics_port: int = field(
-        default=0,
-        metadata={
-            "help": "port of the Prometheus /metrics endpoint; 0 = off",
-            "min": 0,
-            "max": 65535,
-        },
-    )
+    host: str = host_field()
+    port: int = port_field(50052)
+    metrics_port: int = metrics_port_field()
     data_dir: str = field(
         default="./.run/adapters",
         metadata={"help": "folder holding one sub-folder per adapter and version"},
@@ -81,9 +78,7 @@ class AdapterStoreConfig:
             "min": 0.01,
         },
     )
-    log_level: str = field(
-        default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR", "choices": LOG_LEVELS}
-    )
+    log_level: str = log_level_field()
 
     def check(self) -> None:
         """Settings that cannot work together or point at nothing; `ConfigError` naming one."""

@@ -32,6 +32,38 @@ _FALSE = {"0", "false", "no", "off", ""}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
+def host_field() -> Any:
+    """`--host`, the same in every service."""
+    return dataclasses.field(default="127.0.0.1", metadata={"help": "address to bind"})
+
+
+def port_field(default: int) -> Any:
+    """`--port` of a gRPC server."""
+    return dataclasses.field(
+        default=default,
+        metadata={"help": "gRPC port (0 picks a free one)", "min": 0, "max": 65535},
+    )
+
+
+def metrics_port_field() -> Any:
+    """`--metrics-port`, the same in every service."""
+    return dataclasses.field(
+        default=0,
+        metadata={
+            "help": "port of the Prometheus /metrics endpoint; 0 = off",
+            "min": 0,
+            "max": 65535,
+        },
+    )
+
+
+def log_level_field() -> Any:
+    """`--log-level`, the same in every service."""
+    return dataclasses.field(
+        default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR", "choices": LOG_LEVELS}
+    )
+
+
 def env_name(field_name: str) -> str:
     return ENV_PREFIX + field_name.upper()
 

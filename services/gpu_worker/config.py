@@ -6,7 +6,14 @@ from dataclasses import dataclass, field
 
 from services.common.adapter_events import DEFAULT_CHANNEL
 from services.common.base_model import DUMMY_PRESETS
-from services.common.config import LOG_LEVELS, ConfigError, check_model_setting
+from services.common.config import (
+    ConfigError,
+    check_model_setting,
+    host_field,
+    log_level_field,
+    metrics_port_field,
+    port_field,
+)
 
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 
@@ -15,11 +22,8 @@ DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 class WorkerConfig:
     """Serve one base model and its LoRA adapters on one device."""
 
-    host: str = field(default="127.0.0.1", metadata={"help": "address to bind"})
-    port: int = field(
-        default=50051,
-        metadata={"help": "gRPC port (0 picks a free one)", "min": 0, "max": 65535},
-    )
+    host: str = host_field()
+    port: int = port_field(50051)
     model: str = field(
         default="tiny",
         metadata={
@@ -113,17 +117,8 @@ class WorkerConfig:
     max_model_len: int = field(
         default=0, metadata={"help": "context length cap; 0 = the model's own"}
     )
-    log_level: str = field(
-        default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR", "choices": LOG_LEVELS}
-    )
-    metrics_port: int = field(
-        default=0,
-        metadata={
-            "help": "port of the Prometheus /metrics endpoint; 0 = off",
-            "min": 0,
-            "max": 65535,
-        },
-    )
+    log_level: str = log_level_field()
+    metrics_port: int = metrics_port_field()
     registry_redis_url: str = field(
         default="",
         metadata={"help": "Redis where the worker registers itself for routers; empty = off"},

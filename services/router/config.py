@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from services.common.config import LOG_LEVELS, ConfigError
+from services.common.config import (
+    ConfigError,
+    host_field,
+    log_level_field,
+    metrics_port_field,
+    port_field,
+)
 from services.gpu_worker.heartbeat import REGISTRY_PREFIX
 
 
@@ -12,11 +18,8 @@ from services.gpu_worker.heartbeat import REGISTRY_PREFIX
 class RouterConfig:
     """manylora router: validates, queues and routes Generate calls to GPU workers."""
 
-    host: str = field(default="127.0.0.1", metadata={"help": "address to bind"})
-    port: int = field(
-        default=50050,
-        metadata={"help": "gRPC port (0 picks a free one)", "min": 0, "max": 65535},
-    )
+    host: str = host_field()
+    port: int = port_field(50050)
     workers: list[str] = field(
         default_factory=list, metadata={"help": "worker addresses host:port, comma-separated"}
     )
@@ -69,17 +72,8 @@ class RouterConfig:
     adapter_cache_ttl_s: float = field(
         default=5.0, metadata={"help": "seconds the store's answer about an adapter is reused"}
     )
-    metrics_port: int = field(
-        default=0,
-        metadata={
-            "help": "port of the Prometheus /metrics endpoint; 0 = off",
-            "min": 0,
-            "max": 65535,
-        },
-    )
-    log_level: str = field(
-        default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR", "choices": LOG_LEVELS}
-    )
+    metrics_port: int = metrics_port_field()
+    log_level: str = log_level_field()
 
     def check(self) -> None:
         """Settings that cannot work: `ConfigError` naming the first one."""
