@@ -109,13 +109,20 @@ def _ratio_check(
 
 
 def _many_adapters(rows: list[dict[str, Any]]) -> tuple[str, str, str]:
-    name = "2,000+ adapters in one run, no failed request"
-    big = [r for r in rows if r["variant"] == "manylora" and r["num_adapters"] >= 2000]
+    """Judged by the distinct adapters a run actually served, not by how many the trace could
+    draw from (a short trace over 2,000 adapters touches a few hundred of them). Records from
+    before `distinct_adapters` was counted cannot show it."""
+    name = "2,000+ distinct adapters served in one run, no failed request"
+    counted = [r for r in rows if r["variant"] == "manylora" and "distinct_adapters" in r]
+    big = [r for r in counted if r["distinct_adapters"] >= 2000]
     served = [r for r in big if r["failed"] == 0]
     if served:
-        return name, f"{max(r['num_adapters'] for r in served)} adapters", "met"
+        return name, f"{max(r['distinct_adapters'] for r in served)} adapters served", "met"
     if big:
         return name, f"{len(big)} run(s), each with failed requests", "missed"
+    if counted:
+        most = max(r["distinct_adapters"] for r in counted)
+        return name, f"at most {most} adapters served in one run", "missed"
     return name, "not measured", "–"
 
 
