@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import time
+import threading
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -61,14 +62,24 @@ async def test_fifty_concurrent_cold_fetches_cost_one_disk_read(
 ) -> None:
     server = await start_store(store_config(tmp_path / "data", fetch_chunk_bytes=8192))
     config_json, weights = read_adapter(qv_adapter)
-    reads = [0]
-    read_blob = server.store.disk.read_blob
+    reads, asked = [0], [0]
+    all_asked = threading.Event()
+    read_blob, store_fetch = server.store.disk.read_blob, server.store.fetch
+
+    async def counting_fetch(adapter_id: str, version: int = 0) -> tuple[Any, bytes]:
+        asked[0] += 1
+        if asked[0] == 50:
+            all_asked.set()
+        return await store_fetch(adapter_id, version)
 
     def slow_counting_read(adapter_id: str, version: int) -> bytes:
         reads[0] += 1
-        time.sleep(0.3)  # a slow disk, so that all fifty requests arrive while it reads
+        # A disk that answers only once all fifty requests have asked, however loaded the
+        # machine is: a second read can then only come from a second load.
+        all_asked.wait(timeout=30)
         return read_blob(adapter_id, version)
 
+    server.store.fetch = counting_fetch
     server.store.disk.read_blob = slow_counting_read
     async with aio_channel(server.port) as channel:
         stub = adapter_store_pb2_grpc.AdapterStoreStub(channel)
@@ -80,6 +91,7 @@ async def test_fifty_concurrent_cold_fetches_cost_one_disk_read(
 
         blobs = await asyncio.gather(*(fetch() for _ in range(50)))
 
+    assert asked[0] == 50
     assert reads[0] == 1
     assert len(set(blobs)) == 1
     assert hashlib.sha256(blobs[0]).hexdigest() == info.sha256
