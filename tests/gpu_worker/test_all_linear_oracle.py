@@ -24,7 +24,7 @@ from services.gpu_worker.offline import generate_offline
 from services.gpu_worker.sampling import SamplingOptions
 from services.gpu_worker.tokenizer import ByteTokenizer
 from services.gpu_worker.weights import build_dummy_model
-from tests.gpu_worker.test_engine_oracle import _mixed_requests
+from tests.gpu_worker.test_engine_oracle import _mixed_requests, check_engine_against_oracle
 from tests.gpu_worker.test_gpu_oracle import (
     LOGPROB_TOL,
     MARGIN_TOL,
@@ -75,22 +75,7 @@ def _run(hf_config: dict[str, Any], backend: str, new_tokens: int, folder: Path)
     requests = _mixed_requests(list(adapters), seed=2)
 
     engine = Engine(ours, pool_slots=8192, max_num_seqs=64, max_rank=64, lora_backend=backend)
-    completions = generate_offline(
-        engine,
-        ByteTokenizer(),
-        [prompt for prompt, _ in requests],
-        [SamplingOptions(max_new_tokens=new_tokens, ignore_eos=True, logprobs=True)]
-        * len(requests),
-        [adapters[name] if name else None for _, name in requests],
-    )
-    for (prompt, adapter), done in zip(requests, completions, strict=True):
-        expected, oracle_logits = greedy_oracle(peft_model, prompt, adapter, new_tokens)
-        assert done.token_ids == expected, f"adapter={adapter} prompt_len={len(prompt)}"
-        oracle_logprobs = torch.log_softmax(oracle_logits, -1)[torch.arange(new_tokens), expected]
-        torch.testing.assert_close(
-            torch.tensor(done.logprobs), oracle_logprobs, atol=1e-4, rtol=1e-4
-        )
-    assert engine.pool.kv_used == 0
+    check_engine_against_oracle(engine, peft_model, requests, adapters, new_tokens)
 
 
 @pytest.mark.parametrize("backend", ["kernels", "bmm"])

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 
+from services.common.lora_format import CanonicalAdapter
 from services.common.peft_adapter import load_peft_folder
 from services.gpu_worker.engine import Engine
 from services.gpu_worker.offline import generate_offline
@@ -37,6 +38,33 @@ def _mixed_requests(names: list[str], seed: int) -> list[tuple[list[int], str | 
     return requests
 
 
+def check_engine_against_oracle(
+    engine: Engine,
+    peft_model: Any,
+    requests: list[tuple[list[int], str | None]],
+    adapters: dict[str, CanonicalAdapter],
+    new_tokens: int,
+) -> None:
+    """Greedy tokens equal the HF+PEFT oracle's exactly, logprobs within 1e-4, and the pool's
+    KV is all given back afterwards."""
+    completions = generate_offline(
+        engine,
+        ByteTokenizer(),
+        [prompt for prompt, _ in requests],
+        [SamplingOptions(max_new_tokens=new_tokens, ignore_eos=True, logprobs=True)]
+        * len(requests),
+        [adapters[name] if name else None for _, name in requests],
+    )
+    for (prompt, adapter), done in zip(requests, completions, strict=True):
+        expected, oracle_logits = greedy_oracle(peft_model, prompt, adapter, new_tokens)
+        assert done.token_ids == expected, f"adapter={adapter} prompt_len={len(prompt)}"
+        oracle_logprobs = torch.log_softmax(oracle_logits, -1)[torch.arange(new_tokens), expected]
+        torch.testing.assert_close(
+            torch.tensor(done.logprobs), oracle_logprobs, atol=1e-4, rtol=1e-4
+        )
+    assert engine.pool.kv_used == 0
+
+
 @pytest.mark.parametrize("backend", ["kernels", "bmm"])
 @pytest.mark.parametrize("hf_config", [TINY_MHA, TINY_GQA], ids=["mha", "gqa"])
 def test_mixed_adapter_batch_matches_hf_peft_greedy(
@@ -51,23 +79,7 @@ def test_mixed_adapter_batch_matches_hf_peft_greedy(
     requests = _mixed_requests(list(adapters), seed=1)
 
     engine = Engine(ours, pool_slots=8192, max_num_seqs=64, lora_backend=backend)
-    completions = generate_offline(
-        engine,
-        ByteTokenizer(),
-        [prompt for prompt, _ in requests],
-        [SamplingOptions(max_new_tokens=NEW_TOKENS, ignore_eos=True, logprobs=True)]
-        * len(requests),
-        [adapters[name] if name else None for _, name in requests],
-    )
-
-    for (prompt, adapter), done in zip(requests, completions, strict=True):
-        expected, oracle_logits = greedy_oracle(peft_model, prompt, adapter, NEW_TOKENS)
-        assert done.token_ids == expected, f"adapter={adapter} prompt_len={len(prompt)}"
-        oracle_logprobs = torch.log_softmax(oracle_logits, -1)[torch.arange(NEW_TOKENS), expected]
-        torch.testing.assert_close(
-            torch.tensor(done.logprobs), oracle_logprobs, atol=1e-4, rtol=1e-4
-        )
-    assert engine.pool.kv_used == 0
+    check_engine_against_oracle(engine, peft_model, requests, adapters, NEW_TOKENS)
 
 
 def test_adapters_change_the_output(tmp_path: Path):
