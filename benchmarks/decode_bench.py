@@ -33,12 +33,12 @@ import torch
 from benchmarks.synthetic_adapters import TARGET_SETS, AdapterBank, random_canonical_adapter
 from services.common.base_model import DUMMY_PRESETS
 from services.common.lora_format import CanonicalAdapter
-from services.gpu_worker.engine import Engine
-from services.gpu_worker.model_config import ModelConfig
-from services.gpu_worker.sampling import SamplingOptions
-from services.gpu_worker.sequence import Sequence
-from services.gpu_worker.tokenizer import ByteTokenizer
-from services.gpu_worker.weights import build_dummy_model
+from services.gpu_worker.engine.engine import Engine
+from services.gpu_worker.engine.sampling import SamplingOptions
+from services.gpu_worker.engine.sequence import Sequence
+from services.gpu_worker.engine.tokenizer import ByteTokenizer
+from services.gpu_worker.model.model_config import ModelConfig
+from services.gpu_worker.model.weights import build_dummy_model
 
 RANKS = (8, 16, 32, 64)
 PROMPT_LEN = 128

@@ -27,9 +27,9 @@ from kernels.lora import DEFAULT_LAUNCH, LoraLaunch, lora_expand, lora_shrink
 from kernels.lora_ref import lora_expand_ref, lora_shrink_ref
 from services.common.base_model import DUMMY_PRESETS, LINEAR_MODULES, BaseModelShape
 from services.common.lora_format import CanonicalAdapter
-from services.gpu_worker.adapter_manager import AdapterManager
-from services.gpu_worker.adapter_tables import DOWN, GATE_UP, O_PROJ, QKV
-from services.gpu_worker.memory_pool import UnifiedMemoryPool
+from services.gpu_worker.memory.adapter_manager import AdapterManager
+from services.gpu_worker.memory.adapter_tables import DOWN, GATE_UP, O_PROJ, QKV
+from services.gpu_worker.memory.memory_pool import UnifiedMemoryPool
 
 RANKS = (8, 16, 32, 64)
 VARIANTS: dict[str, LoraLaunch] = {

@@ -12,13 +12,13 @@ import torch
 
 from benchmarks.decode_bench import DEVICE, PROMPT_LEN, RANKS, random_adapter
 from services.common.base_model import DUMMY_PRESETS
-from services.gpu_worker.engine import Engine
-from services.gpu_worker.fused_ops import set_fusion
-from services.gpu_worker.model_config import ModelConfig
-from services.gpu_worker.sampling import SamplingOptions, sample
-from services.gpu_worker.sequence import Sequence
-from services.gpu_worker.tokenizer import ByteTokenizer
-from services.gpu_worker.weights import build_dummy_model
+from services.gpu_worker.engine.engine import Engine
+from services.gpu_worker.engine.sampling import SamplingOptions, sample
+from services.gpu_worker.engine.sequence import Sequence
+from services.gpu_worker.engine.tokenizer import ByteTokenizer
+from services.gpu_worker.model.fused_ops import set_fusion
+from services.gpu_worker.model.model_config import ModelConfig
+from services.gpu_worker.model.weights import build_dummy_model
 
 
 def phases(engine: Engine) -> dict[str, float]:

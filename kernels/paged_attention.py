@@ -1,6 +1,6 @@
 """Attention over a paged KV cache that lives in the unified memory pool (Triton).
 
-Layout (fixed by the pool, services/gpu_worker/memory_pool.py): `pool [num_slots, W]` with
+Layout (fixed by the pool, services/gpu_worker/memory/memory_pool.py): `pool [num_slots, W]` with
 W = KVH * D holds one token's K (or V) of one layer per slot, as [KVH, D] flattened. Request
 rows of the int32 tables `k_table, v_table [max_rows, max_len]` map a token position to its
 slot. Slots are arbitrary, so

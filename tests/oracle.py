@@ -15,9 +15,9 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from services.gpu_worker.model import LlamaForCausalLM as OurLlama
-from services.gpu_worker.model_config import ModelConfig
-from services.gpu_worker.weights import build_dummy_model
+from services.gpu_worker.model.model import LlamaForCausalLM as OurLlama
+from services.gpu_worker.model.model_config import ModelConfig
+from services.gpu_worker.model.weights import build_dummy_model
 
 TINY_MHA: dict[str, Any] = {
     "model_type": "llama",

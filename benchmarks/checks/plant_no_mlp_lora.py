@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from services.gpu_worker import engine
-from services.gpu_worker.forward_batch import ForwardBatch
-from services.gpu_worker.sequence import Sequence
+from services.gpu_worker.engine import engine
+from services.gpu_worker.engine.forward_batch import ForwardBatch
+from services.gpu_worker.engine.sequence import Sequence
 
 TEST = (
     "tests/gpu_worker/test_all_linear_oracle.py::test_llama7b_shapes_all_linear_under_cuda_graphs"

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import torch
 
 from services.common.base_model import load_hf_config
-from services.gpu_worker.engine import Engine
-from services.gpu_worker.memory_pool import UnifiedMemoryPool
-from services.gpu_worker.model import LlamaForCausalLM
-from services.gpu_worker.model_config import ModelConfig
-from services.gpu_worker.weights import build_dummy_model
+from services.gpu_worker.engine.engine import Engine
+from services.gpu_worker.memory.memory_pool import UnifiedMemoryPool
+from services.gpu_worker.model.model import LlamaForCausalLM
+from services.gpu_worker.model.model_config import ModelConfig
+from services.gpu_worker.model.weights import build_dummy_model
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ from services.adapter_store.server import StoreServer, start_store_server
 from services.common.base_model import TARGET_MODULES, BaseModelShape, load_hf_config
 from services.common.grpc_server import SERVER_OPTIONS
 from services.common.peft_adapter import CONFIG_FILE, WEIGHTS_FILE
-from services.gpu_worker.config import WorkerConfig
-from services.gpu_worker.server import Worker, start_worker
+from services.gpu_worker.serving.config import WorkerConfig
+from services.gpu_worker.serving.server import Worker, start_worker
 from services.router.config import RouterConfig
 from services.router.server import start_router
 

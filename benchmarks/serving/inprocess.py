@@ -16,11 +16,11 @@ from benchmarks.serving.metrics import PoolTimeline, RequestRecord, StepLog
 from benchmarks.workload import Trace, TraceRequest, prompt_tokens
 from services.common.errors import ServiceError
 from services.common.lora_format import CanonicalAdapter
-from services.gpu_worker.engine import Engine
-from services.gpu_worker.offline import generate_offline
-from services.gpu_worker.sampling import SamplingOptions
-from services.gpu_worker.sequence import FinishReason, Sequence, StepOutput
-from services.gpu_worker.tokenizer import ByteTokenizer
+from services.gpu_worker.engine.engine import Engine
+from services.gpu_worker.engine.offline import generate_offline
+from services.gpu_worker.engine.sampling import SamplingOptions
+from services.gpu_worker.engine.sequence import FinishReason, Sequence, StepOutput
+from services.gpu_worker.engine.tokenizer import ByteTokenizer
 
 AdapterFor = Callable[[TraceRequest], CanonicalAdapter | None]
 

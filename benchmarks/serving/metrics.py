@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from services.gpu_worker.engine import StepInfo
-from services.gpu_worker.memory_pool import PoolStats
+from services.gpu_worker.engine.engine import StepInfo
+from services.gpu_worker.memory.memory_pool import PoolStats
 
 
 @dataclass

@@ -23,8 +23,8 @@ from benchmarks.synthetic_adapters import AdapterBank, targets_label
 from benchmarks.workload import Trace, TraceRequest
 from services.common.base_model import TARGET_MODULES
 from services.common.lora_format import CanonicalAdapter
-from services.gpu_worker.model import LlamaForCausalLM
-from services.gpu_worker.server import Worker
+from services.gpu_worker.model.model import LlamaForCausalLM
+from services.gpu_worker.serving.server import Worker
 
 
 @dataclass

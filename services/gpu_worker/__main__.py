@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from services.common.config import exit_on_startup_error, load_config
 from services.common.logging import setup_logging
-from services.gpu_worker.config import WorkerConfig
+from services.gpu_worker.serving.config import WorkerConfig
 
 PROG = "python -m services.gpu_worker"
 
@@ -18,7 +18,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         config.check()
         setup_logging(config.log_level)
         # Imported once the settings are checked: torch and the engine take seconds to load.
-        from services.gpu_worker.server import serve
+        from services.gpu_worker.serving.server import serve
 
         asyncio.run(serve(config))
 

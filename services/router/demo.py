@@ -32,8 +32,8 @@ from services.common.config import exit_on_startup_error
 from services.common.grpc_server import SERVER_OPTIONS
 from services.common.logging import setup_logging
 from services.common.random_adapters import save_random_peft_adapter
-from services.gpu_worker.config import WorkerConfig
-from services.gpu_worker.server import start_worker
+from services.gpu_worker.serving.config import WorkerConfig
+from services.gpu_worker.serving.server import start_worker
 from services.router.config import RouterConfig
 from services.router.server import start_router
 

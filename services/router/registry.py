@@ -1,4 +1,4 @@
-"""Reads the worker registrations that services/gpu_worker/heartbeat.py keeps alive in Redis."""
+"""Reads the worker registrations that the GPU workers' heartbeats keep alive in Redis."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import redis.asyncio
 
 from manylora.v1 import gpu_worker_pb2
-from services.gpu_worker.heartbeat import decode_record
+from services.gpu_worker.serving.heartbeat import decode_record
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import torch
 from manylora.v1 import adapter_store_pb2_grpc
 from services.common.base_model import BaseModelShape, load_hf_config
 from services.common.peft_adapter import canonicalize
-from services.gpu_worker.store_adapter_source import StoreAdapterSource
+from services.gpu_worker.adapters.store_adapter_source import StoreAdapterSource
 from tests.adapter_store.helpers import (
     aio_channel,
     as_stream,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.serving.metrics import PoolTimeline, RequestRecord, StepLog, summarize
-from services.gpu_worker.engine import StepInfo
-from services.gpu_worker.memory_pool import PoolStats
+from services.gpu_worker.engine.engine import StepInfo
+from services.gpu_worker.memory.memory_pool import PoolStats
 
 
 def record(

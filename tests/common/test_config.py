@@ -14,7 +14,7 @@ import torch
 
 from services.adapter_store.config import AdapterStoreConfig
 from services.common.config import ConfigError, UsageError, exit_on_startup_error, load_config
-from services.gpu_worker.config import WorkerConfig
+from services.gpu_worker.serving.config import WorkerConfig
 from services.router.config import RouterConfig
 
 REPO = Path(__file__).resolve().parents[2]

@@ -17,8 +17,8 @@ from manylora.v1 import (
 from services.adapter_store.server import StoreServer, start_store_server
 from services.common.grpc_server import free_port
 from services.common.peft_adapter import CONFIG_FILE, WEIGHTS_FILE
-from services.gpu_worker.config import WorkerConfig
-from services.gpu_worker.server import Worker, start_worker
+from services.gpu_worker.serving.config import WorkerConfig
+from services.gpu_worker.serving.server import Worker, start_worker
 from services.router.config import RouterConfig
 from services.router.server import RouterServer, start_router
 from tests.adapter_store.helpers import aio_channel, as_stream, store_config, upload_requests

@@ -21,7 +21,7 @@ import pytest
 from manylora.v1 import common_pb2, gpu_worker_pb2_grpc
 from services.client import AsyncManyloraClient, ManyloraError
 from services.common.base_model import DUMMY_PRESETS
-from services.gpu_worker.server import Worker
+from services.gpu_worker.serving.server import Worker
 from tests.adapter_store.helpers import RedisProcess, aio_channel
 from tests.e2e.stack import Stack, worker_stats
 from tests.e2e.test_oracle_streams import one_torch_thread

@@ -17,7 +17,7 @@ import yaml
 from manylora.v1 import adapter_store_pb2, gpu_worker_pb2, router_pb2
 from services.adapter_store.config import AdapterStoreConfig
 from services.common.config import load_config
-from services.gpu_worker.config import WorkerConfig
+from services.gpu_worker.serving.config import WorkerConfig
 from services.router.config import RouterConfig
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -19,12 +19,12 @@ import torch
 
 from services.common.lora_format import CanonicalAdapter
 from services.common.peft_adapter import load_peft_folder
-from services.gpu_worker.adapter_manager import AdapterManager
-from services.gpu_worker.engine import Engine
-from services.gpu_worker.memory_pool import UnifiedMemoryPool
-from services.gpu_worker.sampling import SamplingOptions
-from services.gpu_worker.sequence import Sequence, StepOutput
-from services.gpu_worker.tokenizer import ByteTokenizer
+from services.gpu_worker.engine.engine import Engine
+from services.gpu_worker.engine.sampling import SamplingOptions
+from services.gpu_worker.engine.sequence import Sequence, StepOutput
+from services.gpu_worker.engine.tokenizer import ByteTokenizer
+from services.gpu_worker.memory.adapter_manager import AdapterManager
+from services.gpu_worker.memory.memory_pool import UnifiedMemoryPool
 from tests.oracle import TINY_MHA, AdapterSpec, build_pair, greedy_oracle, make_peft_adapters
 
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")

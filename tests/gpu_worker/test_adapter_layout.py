@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from services.common.lora_format import CanonicalAdapter
-from services.gpu_worker.adapter_layout import adapter_slot_count, pack_adapter
-from services.gpu_worker.adapter_manager import AdapterManager
-from services.gpu_worker.adapter_tables import PROJ_INDEX, AdapterTables
-from services.gpu_worker.engine import Engine
-from services.gpu_worker.memory_pool import UnifiedMemoryPool
-from services.gpu_worker.offline import generate_offline
-from services.gpu_worker.sampling import SamplingOptions
-from services.gpu_worker.tokenizer import ByteTokenizer
+from services.gpu_worker.engine.engine import Engine
+from services.gpu_worker.engine.offline import generate_offline
+from services.gpu_worker.engine.sampling import SamplingOptions
+from services.gpu_worker.engine.tokenizer import ByteTokenizer
+from services.gpu_worker.memory.adapter_layout import adapter_slot_count, pack_adapter
+from services.gpu_worker.memory.adapter_manager import AdapterManager
+from services.gpu_worker.memory.adapter_tables import PROJ_INDEX, AdapterTables
+from services.gpu_worker.memory.memory_pool import UnifiedMemoryPool
 from tests.oracle import TINY_MHA, build_pair
 
 # TINY_MHA: hidden 64, 4 heads of 16, MLP 160; slot width W = 64 (4 kv heads x 16).

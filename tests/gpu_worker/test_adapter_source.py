@@ -11,7 +11,10 @@ import pytest
 from services.common.base_model import BaseModelShape, load_hf_config
 from services.common.errors import NotFound
 from services.common.peft_adapter import CONFIG_FILE
-from services.gpu_worker.adapter_source import LocalFolderAdapterSource, parse_adapter_paths
+from services.gpu_worker.adapters.adapter_source import (
+    LocalFolderAdapterSource,
+    parse_adapter_paths,
+)
 from tests.adapter_store.helpers import make_peft_adapter
 
 TINY = BaseModelShape.from_hf_config(load_hf_config("tiny"))

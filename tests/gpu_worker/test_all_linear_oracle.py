@@ -16,14 +16,14 @@ import torch
 
 from services.common.base_model import DUMMY_PRESETS
 from services.common.peft_adapter import load_peft_folder
-from services.gpu_worker import lora
-from services.gpu_worker.engine import Engine
-from services.gpu_worker.forward_batch import ForwardBatch
-from services.gpu_worker.model_config import ModelConfig
-from services.gpu_worker.offline import generate_offline
-from services.gpu_worker.sampling import SamplingOptions
-from services.gpu_worker.tokenizer import ByteTokenizer
-from services.gpu_worker.weights import build_dummy_model
+from services.gpu_worker.engine.engine import Engine
+from services.gpu_worker.engine.forward_batch import ForwardBatch
+from services.gpu_worker.engine.offline import generate_offline
+from services.gpu_worker.engine.sampling import SamplingOptions
+from services.gpu_worker.engine.tokenizer import ByteTokenizer
+from services.gpu_worker.model import lora
+from services.gpu_worker.model.model_config import ModelConfig
+from services.gpu_worker.model.weights import build_dummy_model
 from tests.gpu_worker.test_engine_oracle import _mixed_requests, check_engine_against_oracle
 from tests.gpu_worker.test_gpu_oracle import (
     LOGPROB_TOL,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from services.gpu_worker.decode_graphs import DecodeGraphs
-from services.gpu_worker.engine import Engine
-from services.gpu_worker.sampling import SamplingOptions
-from services.gpu_worker.sequence import Sequence
-from services.gpu_worker.tokenizer import ByteTokenizer
+from services.gpu_worker.engine.decode_graphs import DecodeGraphs
+from services.gpu_worker.engine.engine import Engine
+from services.gpu_worker.engine.sampling import SamplingOptions
+from services.gpu_worker.engine.sequence import Sequence
+from services.gpu_worker.engine.tokenizer import ByteTokenizer
 from tests.oracle import TINY_MHA, build_pair
 
 

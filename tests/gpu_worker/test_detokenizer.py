@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.gpu_worker.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from services.gpu_worker.tokenizer import ByteTokenizer
+from services.gpu_worker.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from services.gpu_worker.engine.tokenizer import ByteTokenizer
 
 
 def _stream(text: str) -> list[str]:

@@ -14,12 +14,12 @@ from services.common.errors import Internal, WorkerFault
 from services.common.lora_format import CanonicalAdapter
 from services.common.peft_adapter import load_peft_folder
 from services.common.random_adapters import save_random_peft_adapter
-from services.gpu_worker.engine import Engine
-from services.gpu_worker.model_config import ModelConfig
-from services.gpu_worker.sampling import SamplingOptions, make_generator, sample
-from services.gpu_worker.sequence import FinishReason, Sequence, StepOutput
-from services.gpu_worker.tokenizer import ByteTokenizer
-from services.gpu_worker.weights import build_dummy_model
+from services.gpu_worker.engine.engine import Engine
+from services.gpu_worker.engine.sampling import SamplingOptions, make_generator, sample
+from services.gpu_worker.engine.sequence import FinishReason, Sequence, StepOutput
+from services.gpu_worker.engine.tokenizer import ByteTokenizer
+from services.gpu_worker.model.model_config import ModelConfig
+from services.gpu_worker.model.weights import build_dummy_model
 from tests.oracle import TINY_GQA, TINY_MHA, build_pair
 
 PROMPT = list(range(40, 52))

@@ -11,10 +11,10 @@ import torch
 
 from services.common.lora_format import CanonicalAdapter
 from services.common.peft_adapter import load_peft_folder
-from services.gpu_worker.engine import Engine
-from services.gpu_worker.offline import generate_offline
-from services.gpu_worker.sampling import SamplingOptions
-from services.gpu_worker.tokenizer import ByteTokenizer
+from services.gpu_worker.engine.engine import Engine
+from services.gpu_worker.engine.offline import generate_offline
+from services.gpu_worker.engine.sampling import SamplingOptions
+from services.gpu_worker.engine.tokenizer import ByteTokenizer
 from tests.oracle import (
     MIXED_ADAPTERS,
     TINY_GQA,

@@ -13,12 +13,12 @@ import torch
 
 from services.common.peft_adapter import load_peft_folder
 from services.common.random_adapters import save_random_peft_adapter
-from services.gpu_worker.engine import Engine
-from services.gpu_worker.model_config import ModelConfig
-from services.gpu_worker.offline import generate_offline
-from services.gpu_worker.sampling import SamplingOptions
-from services.gpu_worker.tokenizer import ByteTokenizer
-from services.gpu_worker.weights import build_dummy_model
+from services.gpu_worker.engine.engine import Engine
+from services.gpu_worker.engine.offline import generate_offline
+from services.gpu_worker.engine.sampling import SamplingOptions
+from services.gpu_worker.engine.tokenizer import ByteTokenizer
+from services.gpu_worker.model.model_config import ModelConfig
+from services.gpu_worker.model.weights import build_dummy_model
 from tests.oracle import TINY_GQA
 
 NUM_ADAPTERS = 120

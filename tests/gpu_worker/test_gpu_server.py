@@ -11,8 +11,8 @@ import pytest
 from manylora.v1 import common_pb2, gpu_worker_pb2, gpu_worker_pb2_grpc
 from services.common.base_model import BaseModelShape, load_hf_config
 from services.common.random_adapters import save_random_peft_adapter
-from services.gpu_worker.config import WorkerConfig
-from services.gpu_worker.server import start_worker
+from services.gpu_worker.serving.config import WorkerConfig
+from services.gpu_worker.serving.server import start_worker
 
 
 @pytest.mark.gpu

@@ -11,10 +11,10 @@ from peft import PeftModel
 
 from services.common.peft_adapter import load_peft_folder
 from services.common.random_adapters import save_random_peft_adapter
-from services.gpu_worker.engine import Engine
-from services.gpu_worker.offline import generate_offline
-from services.gpu_worker.sampling import SamplingOptions
-from services.gpu_worker.tokenizer import ByteTokenizer
+from services.gpu_worker.engine.engine import Engine
+from services.gpu_worker.engine.offline import generate_offline
+from services.gpu_worker.engine.sampling import SamplingOptions
+from services.gpu_worker.engine.tokenizer import ByteTokenizer
 from tests.oracle import TINY_MHA, build_pair, greedy_oracle
 
 # The oracle loads and deletes one PEFT adapter at a time; PEFT warns on each delete.

@@ -10,10 +10,10 @@ import pytest
 from services.common.errors import DeadlineExceeded, InvalidArgument
 from services.common.peft_adapter import load_peft_folder
 from services.common.random_adapters import save_random_peft_adapter
-from services.gpu_worker.engine import Engine
-from services.gpu_worker.sampling import SamplingOptions
-from services.gpu_worker.sequence import FinishReason, Sequence, StepOutput
-from services.gpu_worker.tokenizer import ByteTokenizer
+from services.gpu_worker.engine.engine import Engine
+from services.gpu_worker.engine.sampling import SamplingOptions
+from services.gpu_worker.engine.sequence import FinishReason, Sequence, StepOutput
+from services.gpu_worker.engine.tokenizer import ByteTokenizer
 from tests.oracle import TINY_MHA, build_pair
 
 

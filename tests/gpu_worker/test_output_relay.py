@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from services.gpu_worker.output_relay import OutputRelay, merge_outputs
-from services.gpu_worker.sequence import FinishReason, StepOutput
-from services.gpu_worker.servicer import _next_outputs
+from services.gpu_worker.engine.sequence import FinishReason, StepOutput
+from services.gpu_worker.serving.output_relay import OutputRelay, merge_outputs
+from services.gpu_worker.serving.servicer import _next_outputs
 
 
 def out(request: str, token: int, finish: FinishReason | None = None) -> StepOutput:

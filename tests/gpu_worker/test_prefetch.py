@@ -9,12 +9,12 @@ import torch
 from services.common.lora_format import CanonicalAdapter
 from services.common.peft_adapter import load_peft_folder
 from services.common.random_adapters import save_random_peft_adapter
-from services.gpu_worker import scheduler as scheduler_module
-from services.gpu_worker.engine import Engine
-from services.gpu_worker.offline import Completion, generate_offline
-from services.gpu_worker.sampling import SamplingOptions
-from services.gpu_worker.sequence import SeqStatus, Sequence, StepOutput
-from services.gpu_worker.tokenizer import ByteTokenizer
+from services.gpu_worker.engine import scheduler as scheduler_module
+from services.gpu_worker.engine.engine import Engine
+from services.gpu_worker.engine.offline import Completion, generate_offline
+from services.gpu_worker.engine.sampling import SamplingOptions
+from services.gpu_worker.engine.sequence import SeqStatus, Sequence, StepOutput
+from services.gpu_worker.engine.tokenizer import ByteTokenizer
 from tests.oracle import TINY_MHA, build_pair
 
 NUM_ADAPTERS = 12

@@ -10,11 +10,11 @@ import torch
 from manylora.v1 import common_pb2
 from services.common.errors import InvalidArgument
 from services.common.sampling_params import check_sampling_params
-from services.gpu_worker.engine import Engine
-from services.gpu_worker.offline import Completion, generate_offline
-from services.gpu_worker.sampling import SamplingOptions, filter_logits, sample
-from services.gpu_worker.sequence import FinishReason
-from services.gpu_worker.tokenizer import ByteTokenizer
+from services.gpu_worker.engine.engine import Engine
+from services.gpu_worker.engine.offline import Completion, generate_offline
+from services.gpu_worker.engine.sampling import SamplingOptions, filter_logits, sample
+from services.gpu_worker.engine.sequence import FinishReason
+from services.gpu_worker.engine.tokenizer import ByteTokenizer
 from tests.oracle import TINY_MHA, build_pair
 
 PROMPT = list(range(40, 60))

@@ -6,12 +6,12 @@ from __future__ import annotations
 import torch
 
 from services.common.base_model import load_hf_config
-from services.gpu_worker.engine import Engine
-from services.gpu_worker.model_config import ModelConfig
-from services.gpu_worker.sampling import SamplingOptions
-from services.gpu_worker.sequence import Sequence
-from services.gpu_worker.tokenizer import ByteTokenizer
-from services.gpu_worker.weights import build_dummy_model
+from services.gpu_worker.engine.engine import Engine
+from services.gpu_worker.engine.sampling import SamplingOptions
+from services.gpu_worker.engine.sequence import Sequence
+from services.gpu_worker.engine.tokenizer import ByteTokenizer
+from services.gpu_worker.model.model_config import ModelConfig
+from services.gpu_worker.model.weights import build_dummy_model
 
 
 def test_each_cached_token_owns_distinct_k_and_v_slots() -> None:

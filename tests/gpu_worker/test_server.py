@@ -13,8 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from manylora.v1 import common_pb2, gpu_worker_pb2, gpu_worker_pb2_grpc
 from services.common.base_model import BaseModelShape, load_hf_config
 from services.common.random_adapters import save_random_peft_adapter
-from services.gpu_worker.config import WorkerConfig
-from services.gpu_worker.server import Worker, start_worker
+from services.gpu_worker.serving.config import WorkerConfig
+from services.gpu_worker.serving.server import Worker, start_worker
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ async def _collect(stub: gpu_worker_pb2_grpc.GpuWorkerStub, request: common_pb2.
 async def test_generate_streams_tokens_and_finishes_with_usage(stub):
     responses = await _collect(stub, _request("ad-a", ignore_eos=True))
     # One message per decode step, fewer when the stream fell behind the engine and the
-    # worker merged what it owed (services/gpu_worker/output_relay.py).
+    # worker merged what it owed (services/gpu_worker/serving/output_relay.py).
     assert 1 <= len(responses) <= 12
     assert all(r.request_id == responses[0].request_id != "" for r in responses)
     assert sum(len(r.token_ids) for r in responses) == 12

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.gpu_worker.memory_pool import UnifiedMemoryPool
-from services.gpu_worker.slot_allocator import SlotAllocator
+from services.gpu_worker.memory.memory_pool import UnifiedMemoryPool
+from services.gpu_worker.memory.slot_allocator import SlotAllocator
 
 CAPACITY = 64
 ops = st.lists(

@@ -19,8 +19,11 @@ from services.common.errors import NotFound, Unavailable
 from services.common.grpc_server import RunningServer, free_port, start_server
 from services.common.lora_format import AdapterKey, CanonicalAdapter
 from services.common.peft_adapter import load_peft_folder
-from services.gpu_worker.host_adapter_cache import HostAdapterCache, adapter_nbytes
-from services.gpu_worker.store_adapter_source import AdapterEventListener, StoreAdapterSource
+from services.gpu_worker.adapters.host_adapter_cache import HostAdapterCache, adapter_nbytes
+from services.gpu_worker.adapters.store_adapter_source import (
+    AdapterEventListener,
+    StoreAdapterSource,
+)
 from tests.adapter_store.helpers import (
     RedisProcess,
     aio_channel,

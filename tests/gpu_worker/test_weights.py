@@ -11,15 +11,15 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from services.common.base_model import load_hf_config
-from services.gpu_worker.config import WorkerConfig
-from services.gpu_worker.engine import Engine
-from services.gpu_worker.model import LlamaForCausalLM as OurLlama
-from services.gpu_worker.model_config import ModelConfig
-from services.gpu_worker.sampling import SamplingOptions
-from services.gpu_worker.sequence import Sequence
-from services.gpu_worker.server import build_engine
-from services.gpu_worker.tokenizer import ByteTokenizer, HFTokenizer
-from services.gpu_worker.weights import load_hf_model
+from services.gpu_worker.engine.engine import Engine
+from services.gpu_worker.engine.sampling import SamplingOptions
+from services.gpu_worker.engine.sequence import Sequence
+from services.gpu_worker.engine.tokenizer import ByteTokenizer, HFTokenizer
+from services.gpu_worker.model.model import LlamaForCausalLM as OurLlama
+from services.gpu_worker.model.model_config import ModelConfig
+from services.gpu_worker.model.weights import load_hf_model
+from services.gpu_worker.serving.config import WorkerConfig
+from services.gpu_worker.serving.server import build_engine
 from tests.oracle import TINY_GQA, TINY_MHA
 
 LLAMA3_ROPE = {

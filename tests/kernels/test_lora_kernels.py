@@ -17,7 +17,7 @@ import torch
 from kernels.lora import lora_expand, lora_shrink
 from kernels.lora_ref import lora_expand_ref, lora_shrink_ref
 
-# Projection index -> name, in the worker's meta order (services/gpu_worker/adapter_tables).
+# Projection index -> name, in the worker's meta order (gpu_worker/memory/adapter_tables.py).
 PROJS = ("q", "k", "v", "o", "gate", "up", "down")
 # Groups sharing one input, shrunk in one launch, as the model does.
 GROUPS = ((0, 1, 2), (3,), (4, 5), (6,))

@@ -12,9 +12,14 @@ import redis.asyncio
 
 from manylora.v1 import common_pb2, gpu_worker_pb2, router_pb2_grpc
 from services.common.grpc_server import free_port
-from services.gpu_worker.config import WorkerConfig
-from services.gpu_worker.heartbeat import REGISTRY_PREFIX, Heartbeat, decode_record, encode_record
-from services.gpu_worker.server import start_worker
+from services.gpu_worker.serving.config import WorkerConfig
+from services.gpu_worker.serving.heartbeat import (
+    REGISTRY_PREFIX,
+    Heartbeat,
+    decode_record,
+    encode_record,
+)
+from services.gpu_worker.serving.server import start_worker
 from tests.adapter_store.helpers import RedisProcess
 
 

@@ -19,8 +19,8 @@ import redis.asyncio
 from google.protobuf import json_format
 
 from manylora.v1 import gpu_worker_pb2
-from services.gpu_worker.config import WorkerConfig
-from services.gpu_worker.metrics import StatsSource, cancel_task
+from services.gpu_worker.serving.config import WorkerConfig
+from services.gpu_worker.serving.metrics import StatsSource, cancel_task
 
 logger = logging.getLogger(__name__)
 

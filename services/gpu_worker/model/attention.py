@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from services.gpu_worker.forward_batch import ForwardBatch
+from services.gpu_worker.engine.forward_batch import ForwardBatch
 
 
 def causal_attention(

@@ -7,7 +7,7 @@ stop string waits until it is known not to be one.
 
 from __future__ import annotations
 
-from services.gpu_worker.tokenizer import Tokenizer
+from services.gpu_worker.engine.tokenizer import Tokenizer
 
 _REPLACEMENT = "\ufffd"
 

@@ -14,8 +14,8 @@ from services.common.errors import (
     WorkerFault,
     status_details,
 )
-from services.gpu_worker.engine import Engine
-from services.gpu_worker.sequence import FinishReason, Sequence
+from services.gpu_worker.engine.engine import Engine
+from services.gpu_worker.engine.sequence import FinishReason, Sequence
 
 logger = logging.getLogger(__name__)
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 import torch
 
 from services.common.lora_format import CanonicalAdapter
-from services.gpu_worker.adapter_manager import ResidentAdapter
-from services.gpu_worker.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from services.gpu_worker.sampling import SamplingOptions
-from services.gpu_worker.tokenizer import Tokenizer
+from services.gpu_worker.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from services.gpu_worker.engine.sampling import SamplingOptions
+from services.gpu_worker.engine.tokenizer import Tokenizer
+from services.gpu_worker.memory.adapter_manager import ResidentAdapter
 
 
 class FinishReason(enum.Enum):

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from services.gpu_worker.model import LlamaForCausalLM
-from services.gpu_worker.model_config import ModelConfig
+from services.gpu_worker.model.model import LlamaForCausalLM
+from services.gpu_worker.model.model_config import ModelConfig
 
 logger = logging.getLogger(__name__)
 

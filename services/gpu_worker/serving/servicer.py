@@ -17,13 +17,13 @@ from services.common.errors import Internal, InvalidArgument, ServiceError, stat
 from services.common.logging import request_id_var
 from services.common.metrics import StreamTracker
 from services.common.validation import UndecodableRequest, check_generate_request
-from services.gpu_worker.adapter_source import AdapterSource
-from services.gpu_worker.engine_loop import EngineLoop
-from services.gpu_worker.metrics import WorkerMetrics
-from services.gpu_worker.output_relay import OutputRelay, merge_outputs
-from services.gpu_worker.sampling import SamplingOptions
-from services.gpu_worker.sequence import FinishReason, Sequence, StepOutput
-from services.gpu_worker.tokenizer import Tokenizer
+from services.gpu_worker.adapters.adapter_source import AdapterSource
+from services.gpu_worker.engine.engine_loop import EngineLoop
+from services.gpu_worker.engine.sampling import SamplingOptions
+from services.gpu_worker.engine.sequence import FinishReason, Sequence, StepOutput
+from services.gpu_worker.engine.tokenizer import Tokenizer
+from services.gpu_worker.serving.metrics import WorkerMetrics
+from services.gpu_worker.serving.output_relay import OutputRelay, merge_outputs
 
 logger = logging.getLogger(__name__)
 

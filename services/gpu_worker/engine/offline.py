@@ -6,10 +6,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from services.common.lora_format import CanonicalAdapter
-from services.gpu_worker.engine import Engine
-from services.gpu_worker.sampling import SamplingOptions
-from services.gpu_worker.sequence import FinishReason, Sequence, StepOutput
-from services.gpu_worker.tokenizer import Tokenizer
+from services.gpu_worker.engine.engine import Engine
+from services.gpu_worker.engine.sampling import SamplingOptions
+from services.gpu_worker.engine.sequence import FinishReason, Sequence, StepOutput
+from services.gpu_worker.engine.tokenizer import Tokenizer
 
 
 @dataclass

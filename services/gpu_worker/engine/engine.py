@@ -20,15 +20,15 @@ from services.common.errors import (
     WorkerFault,
     status_details,
 )
-from services.gpu_worker.adapter_manager import AdapterManager, ResidentAdapter
-from services.gpu_worker.adapter_tables import MLP_PROJS, max_adapter_slots
-from services.gpu_worker.decode_graphs import DecodeGraphs
-from services.gpu_worker.forward_batch import ForwardBatch, LoraGroup
-from services.gpu_worker.memory_pool import UnifiedMemoryPool
-from services.gpu_worker.model import LlamaForCausalLM
-from services.gpu_worker.sampling import make_generator, sample
-from services.gpu_worker.scheduler import PREFETCH_WINDOW, Scheduler
-from services.gpu_worker.sequence import FinishReason, Sequence
+from services.gpu_worker.engine.decode_graphs import DecodeGraphs
+from services.gpu_worker.engine.forward_batch import ForwardBatch, LoraGroup
+from services.gpu_worker.engine.sampling import make_generator, sample
+from services.gpu_worker.engine.scheduler import PREFETCH_WINDOW, Scheduler
+from services.gpu_worker.engine.sequence import FinishReason, Sequence
+from services.gpu_worker.memory.adapter_manager import AdapterManager, ResidentAdapter
+from services.gpu_worker.memory.adapter_tables import MLP_PROJS, max_adapter_slots
+from services.gpu_worker.memory.memory_pool import UnifiedMemoryPool
+from services.gpu_worker.model.model import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from services.common.grpc_server import SERVER_OPTIONS
 from services.common.logging import request_id_metadata
 from services.common.lora_format import AdapterKey, CanonicalAdapter
 from services.common.single_flight import SingleFlight
-from services.gpu_worker.host_adapter_cache import HostAdapterCache
+from services.gpu_worker.adapters.host_adapter_cache import HostAdapterCache
 
 logger = logging.getLogger(__name__)
 

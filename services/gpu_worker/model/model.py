@@ -13,10 +13,10 @@ import math
 import torch
 from torch import nn
 
-from services.gpu_worker import attention, fused_ops, lora
-from services.gpu_worker.adapter_tables import DOWN, GATE_UP, O_PROJ, QKV
-from services.gpu_worker.forward_batch import ForwardBatch
-from services.gpu_worker.model_config import ModelConfig
+from services.gpu_worker.engine.forward_batch import ForwardBatch
+from services.gpu_worker.memory.adapter_tables import DOWN, GATE_UP, O_PROJ, QKV
+from services.gpu_worker.model import attention, fused_ops, lora
+from services.gpu_worker.model.model_config import ModelConfig
 
 
 class RMSNorm(nn.Module):

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from services.gpu_worker.adapter_layout import slots_per_row
-from services.gpu_worker.adapter_manager import ResidentAdapter
-from services.gpu_worker.adapter_tables import PROJ_INDEX
-from services.gpu_worker.forward_batch import ForwardBatch
+from services.gpu_worker.engine.forward_batch import ForwardBatch
+from services.gpu_worker.memory.adapter_layout import slots_per_row
+from services.gpu_worker.memory.adapter_manager import ResidentAdapter
+from services.gpu_worker.memory.adapter_tables import PROJ_INDEX
 
 _PROJ_NAME = {i: name for name, i in PROJ_INDEX.items()}
 # Run the Triton kernels whatever the device: tests set it to check the engine's kernel path

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from services.gpu_worker.adapter_manager import ResidentAdapter
+from services.gpu_worker.memory.adapter_manager import ResidentAdapter
 
 
 @dataclass

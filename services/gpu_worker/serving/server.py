@@ -12,22 +12,25 @@ from manylora.v1 import gpu_worker_pb2_grpc
 from services.common.base_model import BaseModelShape, load_hf_config
 from services.common.grpc_server import RunningServer, start_server, wait_for_signal_then
 from services.common.validation import add_servicer_leniently
-from services.gpu_worker.adapter_source import (
+from services.gpu_worker.adapters.adapter_source import (
     AdapterSource,
     LocalFolderAdapterSource,
     parse_adapter_paths,
 )
-from services.gpu_worker.config import WorkerConfig
-from services.gpu_worker.engine import Engine
-from services.gpu_worker.engine_loop import EngineLoop
-from services.gpu_worker.heartbeat import start_heartbeat
-from services.gpu_worker.memory_pool import UnifiedMemoryPool
-from services.gpu_worker.metrics import serve_worker_metrics
-from services.gpu_worker.model_config import ModelConfig
-from services.gpu_worker.servicer import GpuWorkerServicer
-from services.gpu_worker.store_adapter_source import AdapterEventListener, StoreAdapterSource
-from services.gpu_worker.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
-from services.gpu_worker.weights import build_dummy_model, load_hf_model
+from services.gpu_worker.adapters.store_adapter_source import (
+    AdapterEventListener,
+    StoreAdapterSource,
+)
+from services.gpu_worker.engine.engine import Engine
+from services.gpu_worker.engine.engine_loop import EngineLoop
+from services.gpu_worker.engine.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from services.gpu_worker.memory.memory_pool import UnifiedMemoryPool
+from services.gpu_worker.model.model_config import ModelConfig
+from services.gpu_worker.model.weights import build_dummy_model, load_hf_model
+from services.gpu_worker.serving.config import WorkerConfig
+from services.gpu_worker.serving.heartbeat import start_heartbeat
+from services.gpu_worker.serving.metrics import serve_worker_metrics
+from services.gpu_worker.serving.servicer import GpuWorkerServicer
 
 logger = logging.getLogger(__name__)
 SERVICE_NAME = "manylora.v1.GpuWorker"

@@ -17,8 +17,8 @@ from dataclasses import replace
 
 import torch
 
-from services.gpu_worker.forward_batch import ForwardBatch
-from services.gpu_worker.model import LlamaForCausalLM
+from services.gpu_worker.engine.forward_batch import ForwardBatch
+from services.gpu_worker.model.model import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import torch
 
 from services.common.errors import ResourceExhausted
-from services.gpu_worker.adapter_manager import AdapterManager
-from services.gpu_worker.memory_pool import UnifiedMemoryPool
-from services.gpu_worker.sequence import SeqStatus, Sequence
+from services.gpu_worker.engine.sequence import SeqStatus, Sequence
+from services.gpu_worker.memory.adapter_manager import AdapterManager
+from services.gpu_worker.memory.memory_pool import UnifiedMemoryPool
 
 PREFETCH_WINDOW = 8  # waiting requests whose adapters may be loaded ahead of their turn
 

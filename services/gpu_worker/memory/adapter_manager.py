@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 
 from services.common.lora_format import AdapterKey, CanonicalAdapter
-from services.gpu_worker.adapter_layout import ProjSegment, adapter_slot_count, pack_adapter
-from services.gpu_worker.adapter_tables import AdapterTables
-from services.gpu_worker.memory_pool import UnifiedMemoryPool
+from services.gpu_worker.memory.adapter_layout import ProjSegment, adapter_slot_count, pack_adapter
+from services.gpu_worker.memory.adapter_tables import AdapterTables
+from services.gpu_worker.memory.memory_pool import UnifiedMemoryPool
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.gpu_worker.slot_allocator import SlotAllocator
+from services.gpu_worker.memory.slot_allocator import SlotAllocator
 
 CPU_DEFAULT_SLOTS = 32768  # a laptop-sized pool when no GPU memory can be measured
 

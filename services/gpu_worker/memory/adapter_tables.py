@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from services.common.base_model import LINEAR_MODULES, MLP_MODULES
-from services.gpu_worker.adapter_layout import ProjSegment, slots_per_row
-from services.gpu_worker.model_config import ModelConfig
+from services.gpu_worker.memory.adapter_layout import ProjSegment, slots_per_row
+from services.gpu_worker.model.model_config import ModelConfig
 
 # q, k, v, o, gate, up, down: a projection's index in the meta table.
 PROJ_INDEX = {proj: i for i, proj in enumerate(LINEAR_MODULES)}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from services.gpu_worker.sequence import StepOutput
+from services.gpu_worker.engine.sequence import StepOutput
 
 
 class OutputRelay:
