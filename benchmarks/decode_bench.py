@@ -106,12 +106,7 @@ def _sync(device: torch.device) -> None:
 
 
 def targets_table(
-    preset: str,
-    device: torch.device,
-    batches: tuple[int, ...],
-    steps: int,
-    distinct: int = 8,
-    overlaps: tuple[bool, ...] = (False,),
+    preset: str, device: torch.device, batches: tuple[int, ...], steps: int, distinct: int = 8
 ) -> list[dict[str, Any]]:
     """Median decode step (s) per batch size: base only, and every request on its own adapter
     (ranks cycling through RANKS) targeting the attention projections or all linear layers.
@@ -129,6 +124,8 @@ def targets_table(
         slots = 64 * 1024
     engine = Engine(model, pool_slots=slots, max_num_seqs=max(batches), max_prefill_tokens=8192,
                     max_rank=max(RANKS))  # fmt: skip
+    if on_gpu:
+        engine.capture_decode_graphs()
 
     def rank_of(index: int) -> int:
         return RANKS[index % len(RANKS)]
@@ -138,22 +135,18 @@ def targets_table(
         for name in ("attention", "all-linear")
     }
     rows = []
-    for overlap in overlaps:
-        model.overlap_lora(overlap)
-        if on_gpu:
-            engine.capture_decode_graphs()
-        for batch in batches:
-            row: dict[str, Any] = {"batch": batch, "lora_overlap": overlap}
-            row["base_step_s"] = time_decode(engine, batch, [None] * batch, steps)
-            for name, bank in banks.items():
-                adapters: list[CanonicalAdapter | None] = [
-                    bank.adapter(i, f"{name}-{i}") for i in range(batch)
-                ]
-                row[f"{name}_step_s"] = time_decode(engine, batch, adapters, steps)
-            rows.append(row)
-            print(f"engine batch {batch} overlap {overlap}: " + ", ".join(
-                f"{k[:-7]} {v * 1e3:.2f} ms" for k, v in row.items() if k.endswith("_step_s")
-            ), flush=True)  # fmt: skip
+    for batch in batches:
+        row: dict[str, Any] = {"batch": batch}
+        row["base_step_s"] = time_decode(engine, batch, [None] * batch, steps)
+        for name, bank in banks.items():
+            adapters: list[CanonicalAdapter | None] = [
+                bank.adapter(i, f"{name}-{i}") for i in range(batch)
+            ]
+            row[f"{name}_step_s"] = time_decode(engine, batch, adapters, steps)
+        rows.append(row)
+        print(f"engine batch {batch}: " + ", ".join(
+            f"{k[:-7]} {v * 1e3:.2f} ms" for k, v in row.items() if k.endswith("_step_s")
+        ), flush=True)  # fmt: skip
     del engine, model
     gc.collect()
     if on_gpu:
@@ -163,11 +156,11 @@ def targets_table(
 
 def print_targets_table(rows: list[dict[str, Any]]) -> None:
     print(f"decode step (ms), every request on its own adapter of rank {RANKS[0]}-{RANKS[-1]}:")
-    print("  batch overlap    base  attention  all-linear  all/attention  all/base")
+    print("  batch    base  attention  all-linear  all/attention  all/base")
     for r in rows:
         base, attn, every = r["base_step_s"], r["attention_step_s"], r["all-linear_step_s"]
-        print(f"  {r['batch']:>5} {r['lora_overlap']!s:>7} {base * 1e3:7.2f} {attn * 1e3:10.2f}"
-              f" {every * 1e3:11.2f} {every / attn:14.2f} {every / base:9.2f}")  # fmt: skip
+        print(f"  {r['batch']:>5} {base * 1e3:7.2f} {attn * 1e3:10.2f} {every * 1e3:11.2f}"
+              f" {every / attn:14.2f} {every / base:9.2f}")  # fmt: skip
 
 
 def engine_table(batches: tuple[int, ...], steps: int) -> tuple[list[dict[str, Any]], int]:
@@ -261,9 +254,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.targets_table:
-        rows = targets_table(
-            "llama-7b", DEVICE, (32, 128), 10 if args.quick else 30, overlaps=(False, True)
-        )
+        rows = targets_table("llama-7b", DEVICE, (32, 128), 10 if args.quick else 30)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "decode_targets.json").write_text(json.dumps(rows, indent=2))
         print_targets_table(rows)

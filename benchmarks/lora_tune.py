@@ -18,13 +18,12 @@ import argparse
 import dataclasses
 import json
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kernels.lora import DEFAULT_LAUNCH, LoraLaunch, lora_apply, lora_expand, lora_shrink
+from kernels.lora import DEFAULT_LAUNCH, LoraLaunch, lora_expand, lora_shrink
 from kernels.lora_ref import lora_expand_ref, lora_shrink_ref
 from services.common.base_model import DUMMY_PRESETS, LINEAR_MODULES, BaseModelShape
 from services.common.lora_format import CanonicalAdapter
@@ -33,16 +32,19 @@ from services.gpu_worker.memory.adapter_tables import DOWN, GATE_UP, O_PROJ, QKV
 from services.gpu_worker.memory.memory_pool import UnifiedMemoryPool
 
 RANKS = (8, 16, 32, 64)
-VARIANTS: dict[str, tuple[LoraLaunch, bool]] = {
-    "default": (DEFAULT_LAUNCH, False),
-    "grouped": (DEFAULT_LAUNCH, True),
-    "grouped_n256": (LoraLaunch(block_n_cap=256), True),
-    "grouped_split4": (LoraLaunch(max_k_splits=4), True),
-    "grouped_split16": (LoraLaunch(max_k_splits=16), True),
-    "grouped_w2": (LoraLaunch(num_warps=2), True),
-    "grouped_k64": (LoraLaunch(block_k_cap=64), True),
-    "n256": (LoraLaunch(block_n_cap=256), False),
-    "split16": (LoraLaunch(max_k_splits=16), False),
+VARIANTS: dict[str, LoraLaunch] = {
+    "default": DEFAULT_LAUNCH,
+    "r32": LoraLaunch(block_r=32),
+    "r64": LoraLaunch(block_r=64),
+    "n256": LoraLaunch(block_n_cap=256),
+    "n512": LoraLaunch(block_n_cap=512),
+    "k256": LoraLaunch(block_k_cap=256),
+    "split4": LoraLaunch(max_k_splits=4),
+    "split16": LoraLaunch(max_k_splits=16),
+    "w2": LoraLaunch(num_warps=2),
+    "w8": LoraLaunch(num_warps=8),
+    "r32_n256": LoraLaunch(block_r=32, block_n_cap=256),
+    "r32_n512_k256": LoraLaunch(block_r=32, block_n_cap=512, block_k_cap=256),
 }
 # (shrink projections, [(expand projection, index in the shrink's output, input/output)])
 GROUPS = ((QKV, "hidden", "hidden"), (O_PROJ, "hidden", "hidden"),
@@ -85,9 +87,7 @@ def _setup(batch: int, device: torch.device, dtype: torch.dtype = torch.bfloat16
     }
 
 
-def _op(
-    t: dict[str, Any], launch: LoraLaunch, ref: bool, grouped: bool = False
-) -> tuple[Callable[[], None], list]:
+def _op(t: dict[str, Any], launch: LoraLaunch, ref: bool) -> tuple[Callable[[], None], list]:
     """The layer's LoRA launches over fixed inputs and outputs (returned for checking)."""
     batch, device = t["req_lora"].shape[0], t["pool"].device
     gen = torch.Generator(device).manual_seed(1)
@@ -104,9 +104,6 @@ def _op(
 
     def run() -> None:
         for (projs, _, _), x, outs in zip(GROUPS, inputs, outputs, strict=True):
-            if grouped:
-                lora_apply(x, tuple(outs), *tables, projs, max_rank, 1, launch)
-                continue
             if ref:
                 y = lora_shrink_ref(x, *tables, projs, max_rank)
             else:
@@ -139,8 +136,8 @@ def run(batches: tuple[int, ...], device: torch.device) -> list[dict[str, Any]]:
         _, before = _op(t, DEFAULT_LAUNCH, ref=True)  # the outputs' values before any op
         ref_run()
         moved = _bytes(t)
-        for name, (launch, grouped) in VARIANTS.items():
-            fn, outs = _op(t, launch, ref=False, grouped=grouped)
+        for name, launch in VARIANTS.items():
+            fn, outs = _op(t, launch, ref=False)
             fn()
             err = max(  # of the LoRA delta alone, against the reference's delta
                 float((o.float() - r.float()).norm() / (r.float() - b.float()).norm())
@@ -157,51 +154,12 @@ def run(batches: tuple[int, ...], device: torch.device) -> list[dict[str, Any]]:
     return results
 
 
-def breakdown(batch: int, device: torch.device) -> list[dict[str, Any]]:
-    """Each launch of the default op timed alone in a CUDA graph, with the weight bytes it
-    reads: which of the eleven launches (and the split-K sums) the layer's time goes to."""
-    import triton.testing
-
-    t = _setup(batch, device)
-    shape: BaseModelShape = t["shape"]
-    tables = (t["pool"], t["slots"], t["meta"], t["req_lora"], t["q_starts"], t["q_lens"])
-    max_rank, rows = max(t["ranks"]), []
-    gen = torch.Generator(device).manual_seed(2)
-    names = dict(enumerate(LINEAR_MODULES))
-    for projs, src, dst in GROUPS:
-        x = torch.randn(batch, t["dims"][src], generator=gen, device=device).to(torch.bfloat16)
-        y = lora_shrink(x, *tables, projs, max_rank, 1)
-        label = "+".join(names[p] for p in projs)
-        a_bytes = sum(r * shape.proj_dims(names[p])[0] * 2 for r in t["ranks"] for p in projs)
-        launches: list[tuple[str, Callable[[], Any], int]] = [
-            (f"shrink {label}", partial(lora_shrink, x, *tables, projs, max_rank, 1), a_bytes)
-        ]
-        for i, p in enumerate(projs):
-            out = torch.zeros(batch, t["dims"][dst], dtype=torch.bfloat16, device=device)
-            b_bytes = sum(r * shape.proj_dims(names[p])[1] * 2 for r in t["ranks"])
-            expand = partial(lora_expand, y, i, out, *tables, p, 1)
-            launches.append((f"expand {names[p]}", expand, b_bytes))
-        for name, fn, moved in launches:
-            fn()
-            ms = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
-            rows.append({"batch": batch, "launch": name, "us": ms * 1000,
-                         "gbps": moved / (ms * 1e-3) / 1e9})  # fmt: skip
-            print(f"{batch:>5} {name:>18} {ms * 1000:>7.1f} us {rows[-1]['gbps']:>6.0f} GB/s")
-    return rows
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.lora_tune", description=__doc__)
     parser.add_argument("--batches", default="32,128")
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--breakdown", action="store_true", help="time each launch alone too")
     args = parser.parse_args()
     batches = tuple(int(b) for b in args.batches.split(","))
-    if args.breakdown:
-        parts = [row for b in batches for row in breakdown(b, torch.device("cuda"))]
-        if args.out is not None:
-            args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / "lora_breakdown.json").write_text(json.dumps(parts, indent=1))
     rows = run(batches, torch.device("cuda"))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)

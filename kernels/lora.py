@@ -146,77 +146,6 @@ def _expand_kernel(
     tl.store(out_ptrs, (current.to(tl.float32) + acc).to(current.dtype), mask=out_ok)
 
 
-@triton.jit
-def _expand_group_kernel(
-    parts_ptr, out0_ptr, out1_ptr, out2_ptr, pool_ptr, slots_ptr, meta_ptr, req_lora_ptr,
-    q_starts_ptr, q_lens_ptr, proj_ids_ptr, out0_features, out1_features, out2_features,
-    stride_out0, stride_out1, stride_out2, n_blocks0, n_blocks1, stride_slots, meta_stride,
-    max_rank, split_stride,
-    W: tl.constexpr, NPROJ: tl.constexpr, K_SPLITS: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-):  # fmt: skip
-    # Axis 2 walks the column blocks of every projection's output one after the other, so one
-    # launch expands q, k and v (or gate and up).
-    b = tl.program_id(0)
-    t0 = tl.program_id(1) * BLOCK_T
-    nb = tl.program_id(2)
-    p_local = 0
-    out_ptr = out0_ptr
-    out_features = out0_features
-    stride_out = stride_out0
-    if NPROJ > 1 and nb >= n_blocks0:
-        nb -= n_blocks0
-        p_local = 1
-        out_ptr = out1_ptr
-        out_features = out1_features
-        stride_out = stride_out1
-        if NPROJ > 2 and nb >= n_blocks1:
-            nb -= n_blocks1
-            p_local = 2
-            out_ptr = out2_ptr
-            out_features = out2_features
-            stride_out = stride_out2
-    n0 = nb * BLOCK_N
-    m = tl.load(req_lora_ptr + b)
-    q_len = tl.load(q_lens_ptr + b)
-    proj = tl.load(proj_ids_ptr + p_local)
-    rank = tl.load(meta_ptr + (m * meta_stride + proj) * 3, mask=m >= 0, other=0)
-    if m < 0 or t0 >= q_len or rank == 0:
-        return
-    b_start = tl.load(meta_ptr + (m * meta_stride + proj) * 3 + 2)
-    rows = t0 + tl.arange(0, BLOCK_T)
-    row_ok = rows < q_len
-    out_rows = tl.load(q_starts_ptr + b) + rows
-    cols = tl.arange(0, BLOCK_N)
-    col_ok = n0 + cols < out_features
-    slots_per_row = tl.cdiv(out_features, W)
-    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, rank, BLOCK_R):
-        ranks = r0 + tl.arange(0, BLOCK_R)
-        rank_ok = ranks < rank
-        y_off = (out_rows[:, None] * NPROJ + p_local) * max_rank + ranks[None, :]
-        y_ok = row_ok[:, None] & rank_ok[None, :]
-        # The shrink's split-K partial sums are added here, in a fixed order.
-        y = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-        for s in tl.static_range(K_SPLITS):
-            y += tl.load(parts_ptr + s * split_stride + y_off, mask=y_ok, other=0.0)
-        slot_idx = b_start + ranks * slots_per_row + n0 // W
-        slot = tl.load(slots_ptr + m * stride_slots + slot_idx, mask=rank_ok, other=0)
-        bt = tl.load(
-            pool_ptr + slot.to(tl.int64)[:, None] * W + (n0 % W) + cols[None, :],
-            mask=rank_ok[:, None] & col_ok[None, :],
-            other=0.0,
-        )
-        if IEEE:
-            acc += tl.dot(y.to(bt.dtype), bt, input_precision="ieee")
-        else:
-            acc += tl.dot(y.to(bt.dtype), bt)
-    out_ptrs = out_ptr + out_rows[:, None] * stride_out + n0 + cols[None, :]
-    out_ok = row_ok[:, None] & col_ok[None, :]
-    current = tl.load(out_ptrs, mask=out_ok)
-    tl.store(out_ptrs, (current.to(tl.float32) + acc).to(current.dtype), mask=out_ok)
-
-
 _PROJ_IDS: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
 
 
@@ -227,40 +156,6 @@ def _proj_ids(projs: tuple[int, ...], device: torch.device) -> torch.Tensor:
     if key not in _PROJ_IDS:
         _PROJ_IDS[key] = torch.tensor(projs, dtype=torch.int32, device=device)
     return _PROJ_IDS[key]
-
-
-def _shrink_partials(
-    x: torch.Tensor,
-    pool: torch.Tensor,
-    tables: tuple[torch.Tensor, ...],
-    projs: tuple[int, ...],
-    max_rank: int,
-    max_q_len: int,
-    launch: LoraLaunch,
-) -> torch.Tensor:
-    """The shrink's split-K partial products [K_SPLITS, T, len(projs), max_rank] (float32)."""
-    lora_slots, lora_meta, req_lora, q_starts, q_lens = tables
-    width, in_features = pool.shape[1], x.shape[1]
-    block_k = _block(width, launch.block_k_cap)
-    # A program walks its slice of in_features; splitting the walk across programs keeps a
-    # decode batch (few rows, long rows of A) from waiting on one long serial loop.
-    k_splits = max(1, min(launch.max_k_splits, triton.cdiv(in_features, block_k) // 4))
-    k_per_split = triton.cdiv(triton.cdiv(in_features, k_splits), block_k) * block_k
-    parts = torch.empty(
-        k_splits, x.shape[0], len(projs), max_rank, dtype=torch.float32, device=x.device
-    )
-    n_rblocks = triton.cdiv(max_rank, launch.block_r)
-    grid = (req_lora.shape[0], triton.cdiv(max_q_len, BLOCK_T) * k_splits,
-            len(projs) * n_rblocks)  # fmt: skip
-    _shrink_kernel[grid](
-        x, parts, pool, lora_slots, lora_meta, req_lora, q_starts, q_lens,
-        _proj_ids(projs, x.device), in_features, x.stride(0), lora_slots.stride(0),
-        lora_meta.shape[1], max_rank, n_rblocks, k_per_split, parts[0].numel(),
-        W=width, BLOCK_T=BLOCK_T, BLOCK_R=launch.block_r, BLOCK_K=block_k,
-        NPROJ=len(projs), K_SPLITS=k_splits, IEEE=x.dtype == torch.float32,
-        num_warps=launch.num_warps,
-    )  # fmt: skip
-    return parts
 
 
 def lora_shrink(
@@ -284,46 +179,28 @@ def lora_shrink(
     device. projs index lora_meta's second dimension; max_rank bounds every rank of the
     batch; max_q_len bounds q_lens (grid size only: nothing is read back). Entries outside
     each request's rank for a projection and rows without an adapter are left unwritten."""
-    tables = (lora_slots, lora_meta, req_lora, q_starts, q_lens)
-    parts = _shrink_partials(x, pool, tables, projs, max_rank, max_q_len, launch)
-    # Summing the partial products in a fixed order keeps the result deterministic.
-    return parts[0] if parts.shape[0] == 1 else parts.sum(0)
-
-
-def lora_apply(
-    x: torch.Tensor,
-    outs: tuple[torch.Tensor, ...],
-    pool: torch.Tensor,
-    lora_slots: torch.Tensor,
-    lora_meta: torch.Tensor,
-    req_lora: torch.Tensor,
-    q_starts: torch.Tensor,
-    q_lens: torch.Tensor,
-    projs: tuple[int, ...],
-    max_rank: int,
-    max_q_len: int,
-    launch: LoraLaunch = DEFAULT_LAUNCH,
-) -> None:
-    """outs[i] += (x @ A_pᵢᵀ) @ Bᵀ_pᵢ in place for 1 to 3 projections sharing x: one shrink
-    launch and one expand launch over every output (split-K partials added in the expand)."""
-    if not 1 <= len(projs) <= 3 or len(outs) != len(projs):
-        raise ValueError(f"lora_apply takes 1 to 3 projections, one output each: {projs}")
-    tables = (lora_slots, lora_meta, req_lora, q_starts, q_lens)
-    parts = _shrink_partials(x, pool, tables, projs, max_rank, max_q_len, launch)
-    width = pool.shape[1]
-    block_n = _block(width, launch.block_n_cap)
-    padded = (*outs, outs[0], outs[0])[:3]  # unused pointer arguments: never read
-    n_blocks = [triton.cdiv(o.shape[1], block_n) for o in padded]
-    grid = (req_lora.shape[0], triton.cdiv(max_q_len, BLOCK_T), sum(n_blocks[: len(outs)]))
-    _expand_group_kernel[grid](
-        parts, *padded, pool, lora_slots, lora_meta, req_lora, q_starts, q_lens,
-        _proj_ids(projs, x.device), *(o.shape[1] for o in padded),
-        *(o.stride(0) for o in padded), n_blocks[0], n_blocks[1], lora_slots.stride(0),
-        lora_meta.shape[1], max_rank, parts[0].numel(),
-        W=width, NPROJ=len(projs), K_SPLITS=parts.shape[0], BLOCK_T=BLOCK_T,
-        BLOCK_R=launch.block_r, BLOCK_N=block_n, IEEE=outs[0].dtype == torch.float32,
+    width, in_features = pool.shape[1], x.shape[1]
+    block_k = _block(width, launch.block_k_cap)
+    # A program walks its slice of in_features; splitting the walk across programs keeps a
+    # decode batch (few rows, long rows of A) from waiting on one long serial loop.
+    k_splits = max(1, min(launch.max_k_splits, triton.cdiv(in_features, block_k) // 4))
+    k_per_split = triton.cdiv(triton.cdiv(in_features, k_splits), block_k) * block_k
+    parts = torch.empty(
+        k_splits, x.shape[0], len(projs), max_rank, dtype=torch.float32, device=x.device
+    )
+    n_rblocks = triton.cdiv(max_rank, launch.block_r)
+    grid = (req_lora.shape[0], triton.cdiv(max_q_len, BLOCK_T) * k_splits,
+            len(projs) * n_rblocks)  # fmt: skip
+    _shrink_kernel[grid](
+        x, parts, pool, lora_slots, lora_meta, req_lora, q_starts, q_lens,
+        _proj_ids(projs, x.device), in_features, x.stride(0), lora_slots.stride(0),
+        lora_meta.shape[1], max_rank, n_rblocks, k_per_split, parts[0].numel(),
+        W=width, BLOCK_T=BLOCK_T, BLOCK_R=launch.block_r, BLOCK_K=block_k,
+        NPROJ=len(projs), K_SPLITS=k_splits, IEEE=x.dtype == torch.float32,
         num_warps=launch.num_warps,
     )  # fmt: skip
+    # Summing the partial products in a fixed order keeps the result deterministic.
+    return parts[0] if k_splits == 1 else parts.sum(0)
 
 
 def lora_expand(

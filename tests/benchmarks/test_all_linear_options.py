@@ -77,17 +77,14 @@ def test_decode_bench_has_the_targets_table_flag(
     """The one-command table: --targets-table runs only it, at batches 32 and 128."""
     called: dict[str, object] = {}
 
-    def fake(
-        preset: str, device: torch.device, batches: tuple[int, ...], steps: int,
-        overlaps: tuple[bool, ...],
-    ):  # fmt: skip
-        called.update(preset=preset, batches=batches, overlaps=overlaps)
-        return [{"batch": b, "lora_overlap": o, "base_step_s": 1.0, "attention_step_s": 1.1,
-                 "all-linear_step_s": 1.3} for b in batches for o in overlaps]  # fmt: skip
+    def fake(preset: str, device: torch.device, batches: tuple[int, ...], steps: int):
+        called.update(preset=preset, batches=batches)
+        return [{"batch": b, "base_step_s": 1.0, "attention_step_s": 1.1,
+                 "all-linear_step_s": 1.3} for b in batches]  # fmt: skip
 
     monkeypatch.setattr(decode_bench, "targets_table", fake)
     args = argparse.Namespace(out=str(tmp_path), quick=True, no_baselines=False, targets_table=True)
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", lambda self, *a: args)
     decode_bench.main()
-    assert called == {"preset": "llama-7b", "batches": (32, 128), "overlaps": (False, True)}
+    assert called == {"preset": "llama-7b", "batches": (32, 128)}
     assert (tmp_path / "decode_targets.json").is_file()

@@ -8,9 +8,7 @@ seven linear layers of a decoder layer (q, k, v, o, gate, up, down).
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -52,26 +50,7 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return torch.where(medium, blended, scaled)
 
 
-@contextlib.contextmanager
-def beside(side: torch.cuda.Stream | None) -> Iterator[None]:
-    """Run the block on `side` (when given), after all work queued so far on the current
-    stream: a LoRA shrink beside the base projection that reads the same input."""
-    if side is None:
-        yield
-        return
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        yield
-
-
-def join(side: torch.cuda.Stream | None) -> None:
-    if side is not None:
-        torch.cuda.current_stream().wait_stream(side)
-
-
 class Attention(nn.Module):
-    lora_stream: torch.cuda.Stream | None = None
-
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
@@ -87,32 +66,23 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch
     ) -> torch.Tensor:
-        tokens, layer, side = x.shape[0], self.layer, self.lora_stream
-        if batch.max_rank:
-            with beside(side):
-                y = lora.shrink(x, batch, layer, QKV)
+        tokens, layer = x.shape[0], self.layer
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if batch.max_rank:
-            join(side)
+            y = lora.shrink(x, batch, layer, QKV)
             for i, out in enumerate((q, k, v)):
                 lora.expand(out, y, i, batch, layer, proj=QKV[i])
         q = fused_ops.rotary(q.view(tokens, self.num_heads, self.head_dim), cos, sin)
         k = fused_ops.rotary(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         attn = attention.attend(layer, q, k, v, batch).reshape(tokens, -1)
-        if batch.max_rank:
-            with beside(side):
-                y = lora.shrink(attn, batch, layer, O_PROJ)
         out = self.o_proj(attn)
         if batch.max_rank:
-            join(side)
-            lora.expand(out, y, 0, batch, layer, O_PROJ[0])
+            lora.expand(out, lora.shrink(attn, batch, layer, O_PROJ), 0, batch, layer, O_PROJ[0])
         return out
 
 
 class MLP(nn.Module):
-    lora_stream: torch.cuda.Stream | None = None
-
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
@@ -121,23 +91,17 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        # Batches whose adapters all leave the MLP alone skip its LoRA launches altogether.
-        with_lora, side = batch.max_rank > 0 and batch.mlp_lora, self.lora_stream
-        if with_lora:
-            with beside(side):
-                y = lora.shrink(x, batch, self.layer, GATE_UP)
         gate, up = self.gate_proj(x), self.up_proj(x)
+        # Batches whose adapters all leave the MLP alone skip its LoRA launches altogether.
+        with_lora = batch.max_rank > 0 and batch.mlp_lora
         if with_lora:
-            join(side)
+            y = lora.shrink(x, batch, self.layer, GATE_UP)
             lora.expand(gate, y, 0, batch, self.layer, proj=GATE_UP[0])
             lora.expand(up, y, 1, batch, self.layer, proj=GATE_UP[1])
         hidden = fused_ops.silu_mul(gate, up)
-        if with_lora:
-            with beside(side):
-                y = lora.shrink(hidden, batch, self.layer, DOWN)
         out = self.down_proj(hidden)
         if with_lora:
-            join(side)
+            y = lora.shrink(hidden, batch, self.layer, DOWN)
             lora.expand(out, y, 0, batch, self.layer, proj=DOWN[0])
         return out
 
@@ -190,15 +154,6 @@ class LlamaForCausalLM(nn.Module):
         `to_empty`, which gives every parameter its own storage)."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-
-    def overlap_lora(self, enabled: bool) -> None:
-        """Run LoRA shrinks on a second CUDA stream beside the base projections; CUDA only."""
-        device = self.lm_head.weight.device
-        stream = torch.cuda.Stream(device) if enabled and device.type == "cuda" else None
-        for layer in self.model.layers:
-            assert isinstance(layer, DecoderLayer)
-            layer.self_attn.lora_stream = stream
-            layer.mlp.lora_stream = stream
 
     def reset_rope(self) -> None:
         """Recompute RoPE frequencies in float32 on the model's device. Needed after a dtype
