@@ -9,7 +9,7 @@ the torch reference (`kernels/lora_ref.py`) on the same inputs, then timed insid
 graph (median). Bandwidth counts the bytes the op must move: every request's A and Bᵀ of the
 seven projections, its inputs read and outputs read and written.
 
-    python -m benchmarks.lora_tune [--batches 32,128] [--out DIR]
+    python -m benchmarks.lora_tune [--batches 32,128] [--breakdown] [--out DIR]
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -154,12 +155,51 @@ def run(batches: tuple[int, ...], device: torch.device) -> list[dict[str, Any]]:
     return results
 
 
+def breakdown(batch: int, device: torch.device) -> list[dict[str, Any]]:
+    """Each launch of the default op timed alone in a CUDA graph, with the weight bytes it
+    reads: which of the eleven launches (and the split-K sums) the layer's time goes to."""
+    import triton.testing
+
+    t = _setup(batch, device)
+    shape: BaseModelShape = t["shape"]
+    tables = (t["pool"], t["slots"], t["meta"], t["req_lora"], t["q_starts"], t["q_lens"])
+    max_rank, rows = max(t["ranks"]), []
+    gen = torch.Generator(device).manual_seed(2)
+    names = dict(enumerate(LINEAR_MODULES))
+    for projs, src, dst in GROUPS:
+        x = torch.randn(batch, t["dims"][src], generator=gen, device=device).to(torch.bfloat16)
+        y = lora_shrink(x, *tables, projs, max_rank, 1)
+        label = "+".join(names[p] for p in projs)
+        a_bytes = sum(r * shape.proj_dims(names[p])[0] * 2 for r in t["ranks"] for p in projs)
+        launches: list[tuple[str, Callable[[], Any], int]] = [
+            (f"shrink {label}", partial(lora_shrink, x, *tables, projs, max_rank, 1), a_bytes)
+        ]
+        for i, p in enumerate(projs):
+            out = torch.zeros(batch, t["dims"][dst], dtype=torch.bfloat16, device=device)
+            b_bytes = sum(r * shape.proj_dims(names[p])[1] * 2 for r in t["ranks"])
+            expand = partial(lora_expand, y, i, out, *tables, p, 1)
+            launches.append((f"expand {names[p]}", expand, b_bytes))
+        for name, fn, moved in launches:
+            fn()
+            ms = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+            rows.append({"batch": batch, "launch": name, "us": ms * 1000,
+                         "gbps": moved / (ms * 1e-3) / 1e9})  # fmt: skip
+            print(f"{batch:>5} {name:>18} {ms * 1000:>7.1f} us {rows[-1]['gbps']:>6.0f} GB/s")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.lora_tune", description=__doc__)
     parser.add_argument("--batches", default="32,128")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--breakdown", action="store_true", help="time each launch alone too")
     args = parser.parse_args()
     batches = tuple(int(b) for b in args.batches.split(","))
+    if args.breakdown:
+        parts = [row for b in batches for row in breakdown(b, torch.device("cuda"))]
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "lora_breakdown.json").write_text(json.dumps(parts, indent=1))
     rows = run(batches, torch.device("cuda"))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
