@@ -13,7 +13,7 @@ from services.gpu_worker.engine import scheduler as scheduler_module
 from services.gpu_worker.engine.engine import Engine
 from services.gpu_worker.engine.offline import Completion, generate_offline
 from services.gpu_worker.engine.sampling import SamplingOptions
-from services.gpu_worker.engine.sequence import SeqStatus, Sequence, StepOutput
+from services.gpu_worker.engine.sequence import Sequence, StepOutput
 from services.gpu_worker.engine.tokenizer import ByteTokenizer
 from tests.oracle import TINY_MHA, build_pair
 
@@ -60,7 +60,7 @@ def test_adapters_of_waiting_requests_are_resident_before_their_admission(setup)
     manager = engine.adapters
     sequences = _submit(engine, prompts[:5], adapters[:5])
     engine.step()
-    waiting = [s for s in sequences if s.status == SeqStatus.WAITING]
+    waiting = [s for s in sequences if s in engine.scheduler.waiting]
     assert len(waiting) == 3  # two running, three behind them
     # Loaded ahead of their turn: all five adapters are in, two acquired by running requests.
     assert all(manager.is_resident(s.adapter) for s in waiting if s.adapter is not None)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from services.common.errors import ResourceExhausted
-from services.gpu_worker.engine.sequence import SeqStatus, Sequence
+from services.gpu_worker.engine.sequence import Sequence
 from services.gpu_worker.memory.adapter_manager import AdapterManager
 from services.gpu_worker.memory.memory_pool import UnifiedMemoryPool
 
@@ -107,7 +107,6 @@ class Scheduler:
         seq.table_row = self._free_rows.pop()
         if seq.adapter is not None:
             seq.resident = self.adapters.acquire(seq.adapter)
-        seq.status = SeqStatus.RUNNING
         seq.scheduled_at = time.monotonic()
         self.running.append(seq)
 
