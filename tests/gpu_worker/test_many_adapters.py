@@ -72,4 +72,4 @@ def test_two_hundred_adapters_through_a_pool_that_holds_ten(setup, unified: bool
     assert manager.loads >= NUM_ADAPTERS  # each adapter copied in at least once
     assert manager.evictions >= manager.loads - 12
     assert len(engine.adapters.resident_ids()) <= 12
-    assert engine.pool.kv_used == 0 and engine.scheduler.promised == 0
+    assert engine.pool.kv_used == 0 and engine.pool.promised == 0

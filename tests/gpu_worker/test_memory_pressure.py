@@ -62,7 +62,7 @@ def test_more_requests_than_fit_all_finish_and_the_pool_ends_free(model, tmp_pat
     finished = [o for o in outs if o.finish_reason is not None]
     assert len(finished) == 30 and all(o.finish_reason == FinishReason.LENGTH for o in finished)
     assert 1 < most_running < 30  # memory, not the request count, limited the batch
-    assert engine.pool.kv_used == 0 and engine.scheduler.promised == 0
+    assert engine.pool.kv_used == 0 and engine.pool.promised == 0
     assert engine.adapters.evictions > 0
 
 

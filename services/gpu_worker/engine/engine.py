@@ -124,16 +124,11 @@ class Engine:
             raise InvalidArgument(f"adapter rank {seq.adapter.rank} > max rank {self.max_rank}")
         total = min(prompt_len + seq.options.max_new_tokens, self.max_model_len)
         adapter_slots = self.adapters.slot_count(seq.adapter) if seq.adapter else 0
-        if self.pool.unified:
-            fits = 2 * total + adapter_slots <= self.pool.num_slots
-        else:
-            kv_ok = 2 * total <= self.pool.kv_capacity()
-            fits = kv_ok and adapter_slots <= self.pool.adapter_capacity()
-        if not fits:
+        if not self.pool.can_ever_fit(self.pool.kv_slots_for(total), adapter_slots):
             raise InvalidArgument(
                 f"prompt + max_new_tokens = {total} tokens (and the adapter's "
                 f"{adapter_slots} slots) can never fit the memory pool of "
-                f"{self.pool.num_slots} slots (2 per token)"
+                f"{self.pool.num_slots} slots ({self.pool.kv_slots_for(1)} per token)"
             )
 
     def add(self, seq: Sequence) -> None:

@@ -1,7 +1,7 @@
 """FCFS scheduler over the unified pool: admission by memory, early abort, bounded queue.
 
 A request is admitted when the pool can promise it every KV slot it may ever need (prompt +
-tokens to come, two slots a token) plus its adapter's slots, evicting unreferenced adapters
+tokens to come) plus its adapter's slots, evicting unreferenced adapters
 if that makes room. Promised slots are taken page by page as tokens arrive, and nothing else
 may take them, so a running request never runs out of memory: no preemption is ever needed
 and the engine cannot deadlock. A request that could never fit is refused at submission; one
@@ -59,7 +59,6 @@ class Scheduler:
         self.max_waiting = max_waiting
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.promised = 0  # KV slots promised to running requests and not yet taken
 
     def add(self, seq: Sequence) -> None:
         if len(self.waiting) >= self.max_waiting:
@@ -82,28 +81,18 @@ class Scheduler:
         self._allocate(step.prefill + step.decode)
         return step
 
-    def kv_headroom(self) -> int:
-        """KV slots free and not promised to anyone."""
-        return self.pool.free_kv_slots() - self.promised
-
     def _make_room(self, seq: Sequence) -> bool:
-        kv_need = 2 * seq.max_total_tokens
+        kv_need = self.pool.kv_slots_for(seq.max_total_tokens)
         ad_need = self.adapters.missing_slots(seq.adapter)
         evictable = self.adapters.evictable_slots(keep=seq.adapter)
-        if self.pool.unified:
-            if kv_need + ad_need > self.kv_headroom() + evictable:
-                return False
-            target = self.promised + kv_need + ad_need
-        else:
-            if kv_need > self.kv_headroom() or ad_need > self.pool.free_adapter_slots() + evictable:
-                return False
-            target = ad_need
+        if not self.pool.can_fit_now(kv_need, ad_need, evictable):
+            return False
+        target = self.pool.adapter_free_target(kv_need, ad_need)
         self.adapters.evict_until_free(target, keep=seq.adapter)
         return True
 
     def _admit(self, seq: Sequence) -> None:
-        seq.max_slots = 2 * seq.max_total_tokens
-        self.promised += seq.max_slots
+        self.pool.promise_kv(self.pool.kv_slots_for(seq.max_total_tokens))
         seq.table_row = self._free_rows.pop()
         if seq.adapter is not None:
             seq.resident = self.adapters.acquire(seq.adapter)
@@ -111,7 +100,7 @@ class Scheduler:
         self.running.append(seq)
 
     def _allocate(self, seqs: list[Sequence]) -> None:
-        """Take this step's slots (two per new token) out of the requests' promises at once.
+        """Take this step's slots out of the requests' promises at once.
 
         All requests' table entries are written by one indexed copy per table: per-request
         slice writes would be two device copies per request, over a hundred launches a step
@@ -120,8 +109,7 @@ class Scheduler:
         total = sum(counts)
         if total == 0:
             return
-        slots = self.pool.alloc_kv(2 * total).to(torch.int32)
-        self.promised -= 2 * total
+        slots = self.pool.alloc_promised_kv(self.pool.kv_slots_for(total)).to(torch.int32)
         rows: list[int] = []
         cols: list[int] = []
         for seq, n in zip(seqs, counts, strict=True):
@@ -133,7 +121,7 @@ class Scheduler:
         self.v_table[index[0], index[1]] = slots[total:]
 
     def _prefetch(self) -> None:
-        spare = self.kv_headroom() if self.pool.unified else self.pool.free_adapter_slots()
+        spare = self.pool.prefetch_room()
         for seq in list(self.waiting)[:PREFETCH_WINDOW]:
             need = self.adapters.missing_slots(seq.adapter)
             if need and need <= spare and seq.adapter is not None:
@@ -159,7 +147,7 @@ class Scheduler:
         if n:
             slots = torch.cat((self.k_table[row, :n], self.v_table[row, :n]))
             self.pool.free_kv(slots.to(torch.int64))
-        self.promised -= seq.max_slots - 2 * n
+        self.pool.drop_promise(self.pool.kv_slots_for(seq.max_total_tokens - n))
         self._free_rows.append(row)
         seq.table_row = -1
         if seq.resident is not None:

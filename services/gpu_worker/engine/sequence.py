@@ -59,7 +59,6 @@ class Sequence:
     # Row of the engine's slot tables that lists its tokens' K and V slots; -1 until admitted.
     table_row: int = -1
     num_allocated: int = 0  # tokens that have slots
-    max_slots: int = 0  # KV slots promised at admission (two per token of max_total_tokens)
     resident: ResidentAdapter | None = None  # the adapter's weights in the pool, while running
     deadline: float | None = None  # monotonic time after which the caller no longer waits
     generator: torch.Generator | None = None
