@@ -27,6 +27,7 @@ from services.gpu_worker.engine.scheduler import PREFETCH_WINDOW, Scheduler
 from services.gpu_worker.engine.sequence import FinishReason, Sequence
 from services.gpu_worker.memory.adapter_manager import AdapterManager, ResidentAdapter
 from services.gpu_worker.memory.adapter_tables import MLP_PROJS, max_adapter_slots
+from services.gpu_worker.memory.kv_slot_tables import KvSlotTables
 from services.gpu_worker.memory.memory_pool import UnifiedMemoryPool
 from services.gpu_worker.model.model import LlamaForCausalLM
 
@@ -81,13 +82,14 @@ class Engine:
         if lora_backend not in ("kernels", "bmm"):
             raise ValueError(f"lora_backend {lora_backend!r} is not kernels or bmm")
         self.lora_backend = lora_backend
+        self.kv_tables = KvSlotTables(max_num_seqs, self.max_model_len, self.device)
         self.scheduler = Scheduler(
             self.pool,
             self.adapters,
+            self.kv_tables,
             max_num_seqs,
             max_prefill_tokens,
             max_waiting,
-            self.max_model_len,
         )
         self.steps = 0
         self.last_step: StepInfo | None = None  # None after a step that ran nothing
@@ -229,7 +231,7 @@ class Engine:
             if seq.resident is not None:
                 max_rank = max(max_rank, seq.resident.rank)
                 mlp_lora = mlp_lora or not MLP_PROJS.isdisjoint(seq.resident.segments)
-        device, sched = self.device, self.scheduler
+        device, tables = self.device, self.kv_tables
         pos = torch.tensor(positions, dtype=torch.long, device=device)
         rows = torch.tensor(token_rows, dtype=torch.long, device=device)
 
@@ -239,8 +241,8 @@ class Engine:
         return ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=device),
             positions=pos,
-            new_k_slots=sched.k_table[rows, pos].long(),
-            new_v_slots=sched.v_table[rows, pos].long(),
+            new_k_slots=tables.k_table[rows, pos].long(),
+            new_v_slots=tables.v_table[rows, pos].long(),
             logits_rows=torch.tensor(
                 [s + n - 1 for s, n in zip(q_starts, q_lens, strict=True)], device=device
             ),
@@ -251,8 +253,8 @@ class Engine:
             seq_lens=ints([c + n for c, n in zip(ctx_lens, q_lens, strict=True)]),
             req_lora=ints(req_lora),
             pool=self.pool.buffer,
-            k_table=sched.k_table,
-            v_table=sched.v_table,
+            k_table=tables.k_table,
+            v_table=tables.v_table,
             lora_slots=self.adapters.tables.slots,
             lora_meta=self.adapters.tables.meta,
             max_rank=max_rank,

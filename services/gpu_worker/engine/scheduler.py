@@ -22,6 +22,7 @@ import torch
 from services.common.errors import ResourceExhausted
 from services.gpu_worker.engine.sequence import Sequence
 from services.gpu_worker.memory.adapter_manager import AdapterManager
+from services.gpu_worker.memory.kv_slot_tables import KvSlotTables
 from services.gpu_worker.memory.memory_pool import UnifiedMemoryPool
 
 PREFETCH_WINDOW = 8  # waiting requests whose adapters may be loaded ahead of their turn
@@ -43,17 +44,12 @@ class Scheduler:
         self,
         pool: UnifiedMemoryPool,
         adapters: AdapterManager,
+        kv_tables: KvSlotTables,
         max_num_seqs: int,
         max_prefill_tokens: int,
         max_waiting: int,
-        max_model_len: int,
     ):
-        self.pool, self.adapters = pool, adapters
-        device = pool.buffer.device
-        # Row r lists the K (and V) slots of the request holding row r, position by position.
-        self.k_table = torch.zeros(max_num_seqs, max_model_len, dtype=torch.int32, device=device)
-        self.v_table = torch.zeros(max_num_seqs, max_model_len, dtype=torch.int32, device=device)
-        self._free_rows = list(range(max_num_seqs - 1, -1, -1))
+        self.pool, self.adapters, self.kv_tables = pool, adapters, kv_tables
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
         self.max_waiting = max_waiting
@@ -93,32 +89,23 @@ class Scheduler:
 
     def _admit(self, seq: Sequence) -> None:
         self.pool.promise_kv(self.pool.kv_slots_for(seq.max_total_tokens))
-        seq.table_row = self._free_rows.pop()
+        seq.table_row = self.kv_tables.take_row()
         if seq.adapter is not None:
             seq.resident = self.adapters.acquire(seq.adapter)
         seq.scheduled_at = time.monotonic()
         self.running.append(seq)
 
     def _allocate(self, seqs: list[Sequence]) -> None:
-        """Take this step's slots out of the requests' promises at once.
-
-        All requests' table entries are written by one indexed copy per table: per-request
-        slice writes would be two device copies per request, over a hundred launches a step
-        at batch 64."""
+        """Take this step's slots out of the requests' promises, for all of them at once."""
         counts = [(len(s.prompt_ids) if s.num_cached == 0 else 1) for s in seqs]
         total = sum(counts)
         if total == 0:
             return
         slots = self.pool.alloc_promised_kv(self.pool.kv_slots_for(total)).to(torch.int32)
-        rows: list[int] = []
-        cols: list[int] = []
+        starts = [s.num_allocated for s in seqs]
+        self.kv_tables.write([s.table_row for s in seqs], starts, counts, slots)
         for seq, n in zip(seqs, counts, strict=True):
-            rows.extend([seq.table_row] * n)
-            cols.extend(range(seq.num_allocated, seq.num_allocated + n))
             seq.num_allocated += n
-        index = torch.tensor([rows, cols], dtype=torch.long).to(self.k_table.device)
-        self.k_table[index[0], index[1]] = slots[:total]
-        self.v_table[index[0], index[1]] = slots[total:]
 
     def _prefetch(self) -> None:
         spare = self.pool.prefetch_room()
@@ -143,12 +130,11 @@ class Scheduler:
         if seq not in self.running:
             return
         self.running.remove(seq)
-        n, row = seq.num_allocated, seq.table_row
+        n = seq.num_allocated
+        slots = self.kv_tables.release_row(seq.table_row, n)
         if n:
-            slots = torch.cat((self.k_table[row, :n], self.v_table[row, :n]))
-            self.pool.free_kv(slots.to(torch.int64))
+            self.pool.free_kv(slots)
         self.pool.drop_promise(self.pool.kv_slots_for(seq.max_total_tokens - n))
-        self._free_rows.append(row)
         seq.table_row = -1
         if seq.resident is not None:
             self.adapters.release(seq.resident)
