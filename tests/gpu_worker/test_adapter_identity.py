@@ -19,6 +19,7 @@ import torch
 
 from services.common.lora_format import CanonicalAdapter
 from services.common.peft_adapter import load_peft_folder
+from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.engine import Engine
 from services.gpu_worker.engine.sampling import SamplingOptions
 from services.gpu_worker.engine.sequence import Sequence, StepOutput
@@ -112,7 +113,7 @@ def test_refetched_adapters_run_on_their_own_weights(oracle):
     """Adapters fetched anew for each request, the previous objects freed as requests
     finish: every output must still be the oracle's."""
     ours, blobs, requests, expected = oracle
-    engine = Engine(ours, pool_slots=4096, max_num_seqs=MAX_NUM_SEQS)
+    engine = Engine(ours, EngineConfig(pool_slots=4096, max_num_seqs=MAX_NUM_SEQS))
     got = stream_through(engine, blobs, requests, refetch=True)
     wrong = [i for i in range(REQUESTS) if got[i] != expected[i]]
     assert not wrong, (
@@ -130,9 +131,12 @@ def test_refetched_adapters_on_the_gpu_match_long_lived_ones(oracle):
     ours, blobs, requests, _ = oracle
     model = copy.deepcopy(ours).to("cuda")
     reference = stream_through(
-        Engine(model, pool_slots=4096, max_num_seqs=MAX_NUM_SEQS), blobs, requests, refetch=False
+        Engine(model, EngineConfig(pool_slots=4096, max_num_seqs=MAX_NUM_SEQS)),
+        blobs,
+        requests,
+        refetch=False,
     )
-    engine = Engine(model, pool_slots=4096, max_num_seqs=MAX_NUM_SEQS)
+    engine = Engine(model, EngineConfig(pool_slots=4096, max_num_seqs=MAX_NUM_SEQS))
     assert stream_through(engine, blobs, requests, refetch=True) == reference
     assert engine.adapters.loads == len(SPECS)
 

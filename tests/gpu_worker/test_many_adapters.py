@@ -11,6 +11,7 @@ from peft import PeftModel
 
 from services.common.peft_adapter import load_peft_folder
 from services.common.random_adapters import save_random_peft_adapter
+from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.engine import Engine
 from services.gpu_worker.engine.offline import generate_offline
 from services.gpu_worker.engine.sampling import SamplingOptions
@@ -53,13 +54,13 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
 @pytest.mark.parametrize("unified", [True, False], ids=["unified", "split"])
 def test_two_hundred_adapters_through_a_pool_that_holds_ten(setup, unified: bool):
     ours, adapters, prompts, expected = setup
-    # rank 8 takes 64 slots, rank 16 128; 8 running requests take at most 8 * 2 * 14 slots.
+    # rank 8 takes 64 slots, rank 16 128; 8 running requests take at most 8 * 2 * 14 slots;
+    # split, adapters get 960 of the 1200.
     engine = Engine(
         ours,
-        pool_slots=1200,
-        max_num_seqs=8,
-        unified_pool=unified,
-        adapter_region_slots=0 if unified else 960,
+        EngineConfig(
+            pool_slots=1200, max_num_seqs=8, unified_pool=unified, adapter_region_fraction=0.8
+        ),
     )
     options = SamplingOptions(max_new_tokens=NEW_TOKENS, ignore_eos=True)
     done = generate_offline(engine, ByteTokenizer(), prompts, [options] * NUM_ADAPTERS, adapters)

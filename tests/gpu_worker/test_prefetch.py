@@ -10,6 +10,7 @@ from services.common.lora_format import CanonicalAdapter
 from services.common.peft_adapter import load_peft_folder
 from services.common.random_adapters import save_random_peft_adapter
 from services.gpu_worker.engine import scheduler as scheduler_module
+from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.engine import Engine
 from services.gpu_worker.engine.offline import Completion, generate_offline
 from services.gpu_worker.engine.sampling import SamplingOptions
@@ -56,7 +57,7 @@ def _submit(
 
 def test_adapters_of_waiting_requests_are_resident_before_their_admission(setup):
     ours, adapters, prompts = setup
-    engine = Engine(ours, pool_slots=8192, max_num_seqs=2)
+    engine = Engine(ours, EngineConfig(pool_slots=8192, max_num_seqs=2))
     manager = engine.adapters
     sequences = _submit(engine, prompts[:5], adapters[:5])
     engine.step()
@@ -90,10 +91,12 @@ def test_prefetch_changes_no_output_when_the_pool_evicts(setup, monkeypatch, uni
         # A rank-8 adapter takes 64 slots: room for about five of the twelve at once.
         return Engine(
             ours,
-            pool_slots=420,
-            max_num_seqs=2,
-            unified_pool=unified,
-            adapter_region_slots=0 if unified else 330,
+            EngineConfig(
+                pool_slots=420,
+                max_num_seqs=2,
+                unified_pool=unified,
+                adapter_region_fraction=330 / 420,
+            ),
         )
 
     with_prefetch = engine()

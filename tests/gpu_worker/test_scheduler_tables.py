@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from services.common.base_model import load_hf_config
+from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.engine import Engine
 from services.gpu_worker.engine.sampling import SamplingOptions
 from services.gpu_worker.engine.sequence import Sequence
@@ -18,7 +19,7 @@ from services.gpu_worker.model.weights import build_dummy_model
 def test_each_cached_token_owns_distinct_k_and_v_slots() -> None:
     config = ModelConfig.from_hf(load_hf_config("tiny"))
     model = build_dummy_model(config, 0, torch.float32, torch.device("cpu"))
-    engine = Engine(model, pool_slots=4096, max_num_seqs=8)
+    engine = Engine(model, EngineConfig(pool_slots=4096, max_num_seqs=8))
     options = SamplingOptions(max_new_tokens=6, ignore_eos=True)
     for i, length in enumerate((5, 17, 2)):
         prompt = list(range(3, 3 + length))

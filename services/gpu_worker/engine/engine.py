@@ -20,10 +20,11 @@ from services.common.errors import (
     WorkerFault,
     status_details,
 )
+from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.decode_graphs import DecodeGraphs
 from services.gpu_worker.engine.forward_batch import ForwardBatch, LoraGroup
 from services.gpu_worker.engine.sampling import make_generator, sample
-from services.gpu_worker.engine.scheduler import PREFETCH_WINDOW, Scheduler
+from services.gpu_worker.engine.scheduler import Scheduler
 from services.gpu_worker.engine.sequence import FinishReason, Sequence
 from services.gpu_worker.memory.adapter_manager import AdapterManager, ResidentAdapter
 from services.gpu_worker.memory.adapter_tables import MLP_PROJS, max_adapter_slots
@@ -45,55 +46,55 @@ class StepInfo:
 
 
 class Engine:
+    """Runs where `model` lies (`config.device` and `config.dtype` are for whoever builds
+    the model, see setup.py). `lora_backend` is kernels, or bmm: S-LoRA's padded-bmm
+    baseline, for benchmarks."""
+
     def __init__(
-        self,
-        model: LlamaForCausalLM,
-        pool_slots: int,
-        max_num_seqs: int = 64,
-        max_prefill_tokens: int = 4096,
-        max_waiting: int = 1024,
-        max_model_len: int | None = None,
-        unified_pool: bool = True,
-        adapter_region_slots: int = 0,
-        max_rank: int = 128,
-        max_loras: int = 512,
-        lora_backend: str = "kernels",
+        self, model: LlamaForCausalLM, config: EngineConfig, lora_backend: str = "kernels"
     ):
         self.model = model
-        self.config = model.config
+        self.config = config
+        self.model_config = model.config
         weight = model.lm_head.weight
         self.device, self.dtype = weight.device, weight.dtype
-        self.max_model_len = min(max_model_len or 1 << 30, self.config.max_position_embeddings)
-        self.pool = UnifiedMemoryPool(
-            self.config.num_layers,
-            pool_slots,
-            self.config.num_kv_heads * self.config.head_dim,
-            self.dtype,
-            self.device,
-            unified=unified_pool,
-            adapter_region_slots=adapter_region_slots,
+        self.max_model_len = min(
+            config.max_model_len or 1 << 30, self.model_config.max_position_embeddings
         )
-        if max_loras <= max_num_seqs + PREFETCH_WINDOW:
-            raise ValueError("max_loras must exceed max_num_seqs + the prefetch window")
+        self.pool = self._build_pool(config)
         self.adapters = AdapterManager(
-            self.pool, max_loras, max_adapter_slots(self.config, max_rank, self.pool.width)
+            self.pool,
+            config.max_loras,
+            max_adapter_slots(self.model_config, config.max_rank, self.pool.width),
         )
-        self.max_rank = max_rank
+        self.max_rank = config.max_rank
         if lora_backend not in ("kernels", "bmm"):
             raise ValueError(f"lora_backend {lora_backend!r} is not kernels or bmm")
         self.lora_backend = lora_backend
-        self.kv_tables = KvSlotTables(max_num_seqs, self.max_model_len, self.device)
-        self.scheduler = Scheduler(
-            self.pool,
-            self.adapters,
-            self.kv_tables,
-            max_num_seqs,
-            max_prefill_tokens,
-            max_waiting,
-        )
+        self.kv_tables = KvSlotTables(config.max_num_seqs, self.max_model_len, self.device)
+        self.scheduler = Scheduler(config, self.pool, self.adapters, self.kv_tables)
         self.steps = 0
         self.last_step: StepInfo | None = None  # None after a step that ran nothing
         self.graphs: DecodeGraphs | None = None
+
+    def _build_pool(self, config: EngineConfig) -> UnifiedMemoryPool:
+        """A pool of `config.pool_slots`, or of what `gpu_memory_fraction` of the device's
+        free memory holds now (a fixed count on the CPU)."""
+        model = self.model_config
+        layers, width = model.num_layers, model.num_kv_heads * model.head_dim
+        slots = config.pool_slots or UnifiedMemoryPool.default_slots(
+            layers, width, self.dtype, self.device, config.gpu_memory_fraction
+        )
+        region = 0 if config.unified_pool else int(slots * config.adapter_region_fraction)
+        return UnifiedMemoryPool(
+            layers,
+            slots,
+            width,
+            self.dtype,
+            self.device,
+            unified=config.unified_pool,
+            adapter_region_slots=region,
+        )
 
     def capture_decode_graphs(self) -> None:
         """Record the decode pass as CUDA graphs (see decode_graphs); CUDA only."""
@@ -102,7 +103,7 @@ class Engine:
         self.graphs = DecodeGraphs(
             self.model,
             template,
-            self.scheduler.max_num_seqs,
+            self.config.max_num_seqs,
             (scratch[0], scratch[1]),
             self.max_rank,
         )
@@ -113,10 +114,10 @@ class Engine:
         prompt_len = len(seq.prompt_ids)
         if prompt_len == 0:
             raise InvalidArgument("prompt is empty")
-        bad = [t for t in seq.prompt_ids if t >= self.config.vocab_size]
+        bad = [t for t in seq.prompt_ids if t >= self.model_config.vocab_size]
         if bad:
             raise InvalidArgument(
-                f"prompt token ids {bad[:5]} outside vocab of {self.config.vocab_size}"
+                f"prompt token ids {bad[:5]} outside vocab of {self.model_config.vocab_size}"
             )
         if prompt_len >= self.max_model_len:
             raise InvalidArgument(
@@ -302,7 +303,7 @@ class Engine:
 
     def _token_finish(self, seq: Sequence, token: int) -> FinishReason | None:
         opts = seq.options
-        if token in self.config.eos_token_ids and not opts.ignore_eos:
+        if token in self.model_config.eos_token_ids and not opts.ignore_eos:
             return FinishReason.EOS
         if token in opts.stop_token_ids:
             return FinishReason.STOP

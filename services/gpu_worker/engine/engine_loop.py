@@ -46,9 +46,9 @@ class EngineLoop:
         self.engine.check(seq)
         with self._lock:
             waiting = len(self.engine.scheduler.waiting) + self._pending
-            if waiting >= self.engine.scheduler.max_waiting:
+            if waiting >= self.engine.config.max_waiting:
                 raise ResourceExhausted(
-                    f"waiting queue full ({self.engine.scheduler.max_waiting}); retry later"
+                    f"waiting queue full ({self.engine.config.max_waiting}); retry later"
                 )
             self._pending += 1
         self._inbox.put(lambda: self._add(seq))

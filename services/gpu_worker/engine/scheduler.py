@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 import torch
 
 from services.common.errors import ResourceExhausted
+from services.gpu_worker.engine.config import PREFETCH_WINDOW, EngineConfig
 from services.gpu_worker.engine.sequence import Sequence
 from services.gpu_worker.memory.adapter_manager import AdapterManager
 from services.gpu_worker.memory.kv_slot_tables import KvSlotTables
 from services.gpu_worker.memory.memory_pool import UnifiedMemoryPool
-
-PREFETCH_WINDOW = 8  # waiting requests whose adapters may be loaded ahead of their turn
 
 
 @dataclass
@@ -42,29 +41,25 @@ class ScheduledStep:
 class Scheduler:
     def __init__(
         self,
+        config: EngineConfig,
         pool: UnifiedMemoryPool,
         adapters: AdapterManager,
         kv_tables: KvSlotTables,
-        max_num_seqs: int,
-        max_prefill_tokens: int,
-        max_waiting: int,
     ):
+        self.config = config
         self.pool, self.adapters, self.kv_tables = pool, adapters, kv_tables
-        self.max_num_seqs = max_num_seqs
-        self.max_prefill_tokens = max_prefill_tokens
-        self.max_waiting = max_waiting
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
-        if len(self.waiting) >= self.max_waiting:
-            raise ResourceExhausted(f"waiting queue full ({self.max_waiting}); retry later")
+        if len(self.waiting) >= self.config.max_waiting:
+            raise ResourceExhausted(f"waiting queue full ({self.config.max_waiting}); retry later")
         self.waiting.append(seq)
 
     def schedule(self) -> ScheduledStep:
         step = ScheduledStep(prefill=[], decode=list(self.running), expired=self._expire())
-        budget = self.max_prefill_tokens
-        while self.waiting and len(self.running) < self.max_num_seqs:
+        budget = self.config.max_prefill_tokens
+        while self.waiting and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             # The first prefill of a step may exceed the token budget, so no prompt starves.
             if (step.prefill and len(seq.prompt_ids) > budget) or not self._make_room(seq):
