@@ -179,23 +179,25 @@ async def run_grpc(
     async with grpc_stack.worker_and_router(store_target, model, variant, settings) as stack:
         warmup = [name for name, _ in grpc_stack.warmup_adapters(trace.params)]
         await grpc_replay.warm_up(stack.router_target, warmup, trace.params.prompt_range)
-        adapters = stack.worker.loop.engine.adapters
-        hits0, misses0 = adapters.hits, adapters.misses  # the warm-up's, left out
+        loop = stack.worker.loop
+        start = loop.stats  # the warm-up's counts, left out
         pool = PoolTimeline()
         probe = _pool_probe(stack.worker, pool)
         records, duration = await grpc_replay.replay(
             stack.router_target, trace, options.timeout_s, options.progress, probe
         )
-        hits, misses = adapters.hits - hits0, adapters.misses - misses0
+        end = loop.stats
+        hits = end.adapter_cache_hits - start.adapter_cache_hits
+        misses = end.adapter_cache_misses - start.adapter_cache_misses
     free_device_memory()
     info = describe("grpc", variant.label, trace, options)
     return result(info, records, duration, options, hits, misses, pool)
 
 
 def _pool_probe(worker: Worker, pool: PoolTimeline) -> Any:
-    # Reads the engine thread's counters from the event loop: plain ints, a sample may be one
-    # step stale, which a timeline does not mind.
-    return lambda now: pool.add(now, worker.loop.engine.pool.stats())
+    # The engine thread's last snapshot: a sample may be one step stale, which a timeline
+    # does not mind.
+    return lambda now: pool.add(now, worker.loop.stats.pool)
 
 
 async def run_remote(

@@ -22,6 +22,7 @@ from services.common.errors import (
 )
 from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.decode_graphs import DecodeGraphs
+from services.gpu_worker.engine.engine_stats import EngineStats
 from services.gpu_worker.engine.forward_batch import ForwardBatch, LoraGroup
 from services.gpu_worker.engine.sampling import make_generator, sample
 from services.gpu_worker.engine.scheduler import Scheduler
@@ -110,7 +111,8 @@ class Engine:
         self.graphs.capture()
 
     def check(self, seq: Sequence) -> None:
-        """Refuse what can never run (InvalidArgument); safe to call from any thread."""
+        """Refuse what can never run (InvalidArgument). Safe to call from any thread: it reads
+        only what is fixed once the engine is built (its model, its pool's size)."""
         prompt_len = len(seq.prompt_ids)
         if prompt_len == 0:
             raise InvalidArgument("prompt is empty")
@@ -135,7 +137,12 @@ class Engine:
             )
 
     def add(self, seq: Sequence) -> None:
+        """Check `seq`, then queue it."""
         self.check(seq)
+        self.enqueue(seq)
+
+    def enqueue(self, seq: Sequence) -> None:
+        """Queue a request that `check` has passed."""
         seq.max_total_tokens = min(
             len(seq.prompt_ids) + seq.options.max_new_tokens, self.max_model_len
         )
@@ -151,6 +158,19 @@ class Engine:
         seq.on_output(seq.output([], "", [], FinishReason.ABORTED))
         logger.info("aborted", extra={"request_id": seq.request_id})
         return True
+
+    def stats(self) -> EngineStats:
+        """A snapshot of the engine's numbers; on the engine thread only."""
+        sched, adapters = self.scheduler, self.adapters
+        return EngineStats(
+            running_requests=len(sched.running),
+            waiting_requests=len(sched.waiting),
+            pool=self.pool.stats(),
+            resident_adapters=adapters.resident_ids(),
+            adapter_cache_hits=adapters.hits,
+            adapter_cache_misses=adapters.misses,
+            adapter_evictions=adapters.evictions,
+        )
 
     def has_work(self) -> bool:
         return bool(self.scheduler.running or self.scheduler.waiting)

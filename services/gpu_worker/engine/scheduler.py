@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from services.common.errors import ResourceExhausted
 from services.gpu_worker.engine.config import PREFETCH_WINDOW, EngineConfig
 from services.gpu_worker.engine.sequence import Sequence
 from services.gpu_worker.memory.adapter_manager import AdapterManager
@@ -52,8 +51,6 @@ class Scheduler:
         self.running: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
-        if len(self.waiting) >= self.config.max_waiting:
-            raise ResourceExhausted(f"waiting queue full ({self.config.max_waiting}); retry later")
         self.waiting.append(seq)
 
     def schedule(self) -> ScheduledStep:
