@@ -57,8 +57,8 @@ class AdapterManager:
         self.reset_counters()
 
     def reset_counters(self) -> None:
-        """Zero the hit, miss, eviction and load counts (benchmarks exclude their warm-up)."""
-        self.hits = self.misses = self.evictions = self.loads = 0
+        """Zero the hit, miss and eviction counts (benchmarks exclude their warm-up)."""
+        self.hits = self.misses = self.evictions = 0
 
     def slot_count(self, adapter: CanonicalAdapter) -> int:
         return adapter_slot_count(adapter, self.pool.width)
@@ -118,7 +118,6 @@ class AdapterManager:
         self._resident[key] = resident
         self._copies_of[key.adapter_id] += 1
         self._ids = None
-        self.loads += 1
         logger.info(
             "adapter %s v%d resident in %d slots", key.adapter_id, key.version, slots.numel()
         )
