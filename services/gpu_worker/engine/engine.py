@@ -47,9 +47,9 @@ class StepInfo:
 
 
 class Engine:
-    """Runs where `model` lies (`config.device` and `config.dtype` are for whoever builds
-    the model, see setup.py). `lora_backend` is kernels, or bmm: S-LoRA's padded-bmm
-    baseline, for benchmarks."""
+    """Continuous batching over `model`, on its device and in its dtype (`config.device` and
+    `config.dtype` tell setup.py where to build the model). `lora_backend`: kernels, or bmm,
+    S-LoRA's padded-bmm baseline for benchmarks."""
 
     def __init__(
         self, model: LlamaForCausalLM, config: EngineConfig, lora_backend: str = "kernels"

@@ -1,14 +1,15 @@
-"""FCFS scheduler over the unified pool: admission by memory, early abort, bounded queue.
+"""FCFS scheduler over the unified pool: admission by memory, early abort.
 
 A request is admitted when the pool can promise it every KV slot it may ever need (prompt +
-tokens to come) plus its adapter's slots, evicting unreferenced adapters
-if that makes room. Promised slots are taken page by page as tokens arrive, and nothing else
-may take them, so a running request never runs out of memory: no preemption is ever needed
-and the engine cannot deadlock. A request that could never fit is refused at submission; one
-that does not fit now waits its turn (FCFS, so nothing behind it starves it). Waiting
-requests whose deadline has passed are dropped before they cost any compute (S-LoRA's early
-abort). Adapters of the requests next in line are loaded ahead of their turn when the pool
-has room to spare.
+tokens to come) plus its adapter's slots, evicting unreferenced adapters if that makes room
+(the pool answers what fits: memory_pool.py). Promised slots are taken as tokens arrive, and
+nothing else may take them, so a running request never runs out of memory: no preemption is
+ever needed and the engine cannot deadlock. A request that could never fit is refused at
+submission; one that does not fit now waits its turn (FCFS, so nothing behind it starves
+it); the waiting queue's bound is the engine loop's, at submission. Waiting requests whose
+deadline has passed are dropped before they cost any compute (S-LoRA's early abort).
+Adapters of the requests next in line are loaded ahead of their turn when the pool has room
+to spare.
 """
 
 from __future__ import annotations
