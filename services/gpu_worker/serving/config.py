@@ -19,8 +19,9 @@ from services.gpu_worker.engine.config import EngineConfig
 
 @dataclass(frozen=True)
 class WorkerConfig(EngineConfig):
-    """Serve one base model and its LoRA adapters on one device: the engine's settings
-    (EngineConfig's fields, first in --help), then the serving ones below."""
+    """Serve one base model and its LoRA adapters on one device."""
+
+    # EngineConfig's fields (the engine's settings, first in --help) come before these.
 
     host: str = host_field()
     port: int = port_field(50051)
