@@ -33,9 +33,11 @@ import torch
 from benchmarks.synthetic_adapters import TARGET_SETS, AdapterBank, random_canonical_adapter
 from services.common.base_model import DUMMY_PRESETS
 from services.common.lora_format import CanonicalAdapter
+from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.engine import Engine
 from services.gpu_worker.engine.sampling import SamplingOptions
 from services.gpu_worker.engine.sequence import Sequence
+from services.gpu_worker.engine.setup import build_engine
 from services.gpu_worker.engine.tokenizer import ByteTokenizer
 from services.gpu_worker.model.model_config import ModelConfig
 from services.gpu_worker.model.weights import build_dummy_model
@@ -116,16 +118,16 @@ def targets_table(
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
     model = build_dummy_model(config, 0, dtype, device, draw_on_device=on_gpu)
-    width = config.num_kv_heads * config.head_dim
-    if on_gpu:
-        free, _ = torch.cuda.mem_get_info()
-        slots = int(free * 0.6) // (config.num_layers * width * dtype.itemsize)
-    else:
-        slots = 64 * 1024
-    engine = Engine(model, pool_slots=slots, max_num_seqs=max(batches), max_prefill_tokens=8192,
-                    max_rank=max(RANKS))  # fmt: skip
-    if on_gpu:
-        engine.capture_decode_graphs()
+    engine = build_engine(
+        model,
+        EngineConfig(
+            pool_slots=0 if on_gpu else 64 * 1024,
+            gpu_memory_fraction=0.6,
+            max_num_seqs=max(batches),
+            max_prefill_tokens=8192,
+            max_rank=max(RANKS),
+        ),
+    )
 
     def rank_of(index: int) -> int:
         return RANKS[index % len(RANKS)]
@@ -167,10 +169,10 @@ def engine_table(batches: tuple[int, ...], steps: int) -> tuple[list[dict[str, A
     config = ModelConfig.from_hf(DUMMY_PRESETS["llama-7b"])
     model = build_dummy_model(config, 0, torch.bfloat16, DEVICE, draw_on_device=True)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    free, _ = torch.cuda.mem_get_info()
-    slots = int(free * 0.6) // (config.num_layers * config.hidden_size * 2)
-    engine = Engine(model, pool_slots=slots, max_num_seqs=max(batches), max_prefill_tokens=8192)
-    engine.capture_decode_graphs()
+    engine = build_engine(
+        model,
+        EngineConfig(gpu_memory_fraction=0.6, max_num_seqs=max(batches), max_prefill_tokens=8192),
+    )
     adapters: list[CanonicalAdapter | None] = [
         random_adapter(config, RANKS[i % len(RANKS)], i) for i in range(max(batches))
     ]

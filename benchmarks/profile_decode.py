@@ -12,9 +12,11 @@ import torch
 
 from benchmarks.decode_bench import DEVICE, PROMPT_LEN, RANKS, random_adapter
 from services.common.base_model import DUMMY_PRESETS
+from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.engine import Engine
 from services.gpu_worker.engine.sampling import SamplingOptions, sample
 from services.gpu_worker.engine.sequence import Sequence
+from services.gpu_worker.engine.setup import build_engine
 from services.gpu_worker.engine.tokenizer import ByteTokenizer
 from services.gpu_worker.model.fused_ops import set_fusion
 from services.gpu_worker.model.model_config import ModelConfig
@@ -55,10 +57,7 @@ def main() -> None:
     set_fusion(not args.no_fuse)
     config = ModelConfig.from_hf(DUMMY_PRESETS["llama-7b"])
     model = build_dummy_model(config, 0, torch.bfloat16, DEVICE, draw_on_device=True)
-    free, _ = torch.cuda.mem_get_info()
-    slots = int(free * 0.5) // (config.num_layers * config.hidden_size * 2)
-    engine = Engine(model, pool_slots=slots, max_num_seqs=args.batch)
-    engine.capture_decode_graphs()
+    engine = build_engine(model, EngineConfig(gpu_memory_fraction=0.5, max_num_seqs=args.batch))
     for i in range(args.batch):
         adapter = random_adapter(config, RANKS[i % 4], i) if args.lora else None
         opts = SamplingOptions(max_new_tokens=64, ignore_eos=True)

@@ -8,6 +8,7 @@ adapter cache, like a fresh in-process engine) and a router in front of it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import grpc
 from tqdm import tqdm
 
-from benchmarks.serving.engine_setup import EngineSettings, EngineVariant
+from benchmarks.serving.engine_setup import EngineVariant
 from benchmarks.synthetic_adapters import write_peft_bank
 from benchmarks.workload import WorkloadParams, adapter_id
 from manylora.v1 import adapter_store_pb2
@@ -25,6 +26,7 @@ from services.adapter_store.server import StoreServer, start_store_server
 from services.common.base_model import TARGET_MODULES, BaseModelShape, load_hf_config
 from services.common.grpc_server import SERVER_OPTIONS
 from services.common.peft_adapter import CONFIG_FILE, WEIGHTS_FILE
+from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.serving.config import WorkerConfig
 from services.gpu_worker.serving.server import Worker, start_worker
 from services.router.config import RouterConfig
@@ -114,23 +116,14 @@ class ServingStack:
 
 @contextlib.asynccontextmanager
 async def worker_and_router(
-    store_target: str, model: str, device: str, variant: EngineVariant, settings: EngineSettings
+    store_target: str, model: str, variant: EngineVariant, settings: EngineConfig
 ) -> AsyncIterator[ServingStack]:
     config = WorkerConfig(
+        **dataclasses.asdict(variant.apply(settings)),
         port=0,
         model=model,
-        device=device,
         adapter_store=store_target,
-        unified_pool=variant.unified_pool,
         lora_backend=variant.lora_backend,
-        max_num_seqs=settings.max_num_seqs,
-        max_loras=settings.max_loras,
-        max_rank=settings.max_rank,
-        pool_slots=settings.pool_slots,
-        gpu_memory_fraction=settings.gpu_memory_fraction,
-        adapter_region_fraction=settings.adapter_region_fraction,
-        cuda_graphs=settings.cuda_graphs,
-        max_waiting=ROUTER_BOUND,
         log_level="WARNING",
     )
     worker = await start_worker(config)

@@ -52,7 +52,7 @@ def _submit(
 ) -> None:
     """Add one request; a refusal ends it at once, as an error."""
     opts = SamplingOptions(max_new_tokens=req.output_len, ignore_eos=True)
-    tokenizer = ByteTokenizer(engine.config.vocab_size)
+    tokenizer = ByteTokenizer(engine.model_config.vocab_size)
     try:
         engine.add(Sequence(f"r{req.index}", prompt, opts, tokenizer, sink, adapter))
     except ServiceError as exc:
@@ -122,7 +122,7 @@ def warm_up(engine: Engine, adapters: list[CanonicalAdapter], prompt_lens: tuple
     prompts = [[3 + i % 256 for i in range(n)] for _ in adapters for n in prompt_lens]
     chosen: list[CanonicalAdapter | None] = [a for a in adapters for _ in prompt_lens]
     options = [SamplingOptions(max_new_tokens=4, ignore_eos=True)] * len(prompts)
-    tokenizer = ByteTokenizer(engine.config.vocab_size)
+    tokenizer = ByteTokenizer(engine.model_config.vocab_size)
     generate_offline(engine, tokenizer, prompts, options, chosen)
     manager = engine.adapters
     manager.evict_until_free(engine.pool.num_slots)  # more than can be free: evicts them all

@@ -8,9 +8,12 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from benchmarks import workload
-from benchmarks.serving.engine_setup import EngineSettings, EngineVariant, resolve_device
+from benchmarks.serving.engine_setup import EngineVariant
 from benchmarks.serving.runs import RunOptions
 from benchmarks.synthetic_adapters import parse_targets
+from services.common.config import flag_name
+from services.gpu_worker.engine.config import EngineConfig
+from services.gpu_worker.engine.setup import resolve_device
 
 ENGINE_VARIANTS = {
     "manylora": EngineVariant(),
@@ -18,6 +21,14 @@ ENGINE_VARIANTS = {
     "bmm": EngineVariant(lora_backend="bmm"),
 }
 MODES = ("inprocess", "grpc")
+# The worker's engine settings a run may change, with the worker's defaults and help.
+ENGINE_SETTINGS = (
+    "max_num_seqs",
+    "max_loras",
+    "pool_slots",
+    "gpu_memory_fraction",
+    "adapter_region_fraction",
+)
 T = TypeVar("T")
 
 
@@ -85,12 +96,12 @@ def _serving_args(p: argparse.ArgumentParser) -> None:
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine settings (as the worker's flags)")
-    g.add_argument("--max-num-seqs", type=int, default=64)
-    g.add_argument("--max-loras", type=int, default=512)
+    fields = {f.name: f for f in dataclasses.fields(EngineConfig)}
+    for name in ENGINE_SETTINGS:
+        default = fields[name].default
+        help_text = f"{fields[name].metadata['help']} (default: {default})".replace("%", "%%")
+        g.add_argument(flag_name(name), type=type(default), default=default, help=help_text)
     g.add_argument("--max-rank", type=int, default=0, help="0: the trace's largest rank")
-    g.add_argument("--pool-slots", type=int, default=0, help="0: sized from free memory")
-    g.add_argument("--gpu-memory-fraction", type=float, default=0.85)
-    g.add_argument("--adapter-region-fraction", type=float, default=0.25)
     g.add_argument("--no-cuda-graphs", action="store_true")
 
 
@@ -136,17 +147,11 @@ def engine_variants(args: argparse.Namespace) -> list[EngineVariant]:
 
 
 def run_options(args: argparse.Namespace) -> RunOptions:
-    settings = EngineSettings(
-        max_num_seqs=args.max_num_seqs,
-        max_loras=args.max_loras,
-        max_rank=args.max_rank,
-        pool_slots=args.pool_slots,
-        gpu_memory_fraction=args.gpu_memory_fraction,
-        adapter_region_fraction=args.adapter_region_fraction,
-        cuda_graphs=not args.no_cuda_graphs,
-    )
+    given = {name: getattr(args, name) for name in ENGINE_SETTINGS}
+    settings = EngineConfig(device=args.device, cuda_graphs=not args.no_cuda_graphs, **given)
+    device, _ = resolve_device(settings)
     return RunOptions(
-        resolve_device(args.device),
+        device,
         settings,
         args.slo,
         args.timeout,
@@ -154,4 +159,5 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         args.distinct_weights,
         args.peft_batch,
         args.target_modules,
+        max_rank=args.max_rank,
     )

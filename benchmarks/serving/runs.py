@@ -11,18 +11,18 @@ import torch
 
 from benchmarks.serving import grpc_replay, grpc_stack, hf_peft, inprocess
 from benchmarks.serving.engine_setup import (
-    EngineSettings,
     EngineVariant,
     build_engine,
     build_model,
     free_device_memory,
-    model_dtype,
 )
 from benchmarks.serving.metrics import PoolTimeline, RequestRecord, StepLog, summarize
 from benchmarks.synthetic_adapters import AdapterBank, targets_label
 from benchmarks.workload import Trace, TraceRequest
 from services.common.base_model import TARGET_MODULES
 from services.common.lora_format import CanonicalAdapter
+from services.gpu_worker.engine.config import EngineConfig
+from services.gpu_worker.engine.setup import auto_dtype
 from services.gpu_worker.model.model import LlamaForCausalLM
 from services.gpu_worker.serving.server import Worker
 
@@ -30,21 +30,21 @@ from services.gpu_worker.serving.server import Worker
 @dataclass
 class RunOptions:
     device: torch.device
-    settings: EngineSettings = field(default_factory=EngineSettings)
+    settings: EngineConfig = field(default_factory=EngineConfig)
     slo_s: float = 6.0
     timeout_s: float | None = None
     progress: bool = True
     distinct_weights: int = 8
     peft_batch: int = 8
     targets: tuple[str, ...] = TARGET_MODULES  # the projections every adapter targets
+    max_rank: int = 0  # the engine's; 0: each trace's largest
 
 
-def settings_for(options: RunOptions, trace: Trace) -> EngineSettings:
+def settings_for(options: RunOptions, trace: Trace) -> EngineConfig:
     """The engine's max rank is the trace's largest unless given: the bmm baseline pads to it
     inside CUDA graphs, so a larger one would tax it for ranks nobody uses."""
-    if options.settings.max_rank:
-        return options.settings
-    return dataclasses.replace(options.settings, max_rank=max(trace.params.ranks))
+    max_rank = options.max_rank or max(trace.params.ranks)
+    return dataclasses.replace(options.settings, max_rank=max_rank)
 
 
 def describe(mode: str, variant: str, trace: Trace, options: RunOptions) -> dict[str, Any]:
@@ -117,7 +117,7 @@ class InProcess:
             self._banks[key] = AdapterBank(
                 model.config.shape,
                 p.rank_of,
-                model_dtype(self.options.device),
+                auto_dtype(self.options.device),
                 self.options.device,
                 self.options.distinct_weights,
                 targets=self.options.targets,
@@ -174,31 +174,30 @@ async def run_grpc(
     trace: Trace, variant: EngineVariant, store_target: str, options: RunOptions
 ) -> dict[str, Any]:
     """A fresh worker and router on the store; the trace through the router."""
-    settings = settings_for(options, trace)
-    device = options.device.type
+    settings = dataclasses.replace(settings_for(options, trace), device=options.device.type)
     model = trace.params.model
-    async with grpc_stack.worker_and_router(
-        store_target, model, device, variant, settings
-    ) as stack:
+    async with grpc_stack.worker_and_router(store_target, model, variant, settings) as stack:
         warmup = [name for name, _ in grpc_stack.warmup_adapters(trace.params)]
         await grpc_replay.warm_up(stack.router_target, warmup, trace.params.prompt_range)
-        adapters = stack.worker.loop.engine.adapters
-        hits0, misses0 = adapters.hits, adapters.misses  # the warm-up's, left out
+        loop = stack.worker.loop
+        start = loop.stats  # the warm-up's counts, left out
         pool = PoolTimeline()
         probe = _pool_probe(stack.worker, pool)
         records, duration = await grpc_replay.replay(
             stack.router_target, trace, options.timeout_s, options.progress, probe
         )
-        hits, misses = adapters.hits - hits0, adapters.misses - misses0
+        end = loop.stats
+        hits = end.adapter_cache_hits - start.adapter_cache_hits
+        misses = end.adapter_cache_misses - start.adapter_cache_misses
     free_device_memory()
     info = describe("grpc", variant.label, trace, options)
     return result(info, records, duration, options, hits, misses, pool)
 
 
 def _pool_probe(worker: Worker, pool: PoolTimeline) -> Any:
-    # Reads the engine thread's counters from the event loop: plain ints, a sample may be one
-    # step stale, which a timeline does not mind.
-    return lambda now: pool.add(now, worker.loop.engine.pool.stats())
+    # The engine thread's last snapshot: a sample may be one step stale, which a timeline
+    # does not mind.
+    return lambda now: pool.add(now, worker.loop.stats.pool)
 
 
 async def run_remote(

@@ -12,11 +12,12 @@ import torch
 
 from benchmarks import serving_bench
 from benchmarks.serving import inprocess
-from benchmarks.serving.engine_setup import EngineSettings, EngineVariant, build_engine, build_model
+from benchmarks.serving.engine_setup import EngineVariant, build_engine, build_model
 from benchmarks.serving.metrics import StepLog
 from benchmarks.synthetic_adapters import AdapterBank
 from benchmarks.workload import PRESETS, Trace, TraceRequest, generate
 from services.common.lora_format import CanonicalAdapter
+from services.gpu_worker.engine.config import EngineConfig
 
 # About 20 requests over 1.4 s for 10 adapters of ranks 8 and 16; on the CPU also where a GPU
 # is present (the device runs the CPU suite too).
@@ -36,7 +37,7 @@ def trace() -> Trace:
 def test_replay_finishes_every_request_and_times_it(trace: Trace) -> None:
     device = torch.device("cpu")
     model = build_model("tiny", device)
-    engine = build_engine(model, EngineVariant(), EngineSettings(max_rank=16))
+    engine = build_engine(model, EngineVariant(), EngineConfig(max_rank=16))
     bank = AdapterBank(model.config.shape, trace.params.rank_of, torch.float32, device)
 
     def adapter_for(req: TraceRequest) -> CanonicalAdapter:
@@ -122,7 +123,7 @@ def test_a_refused_request_fails_and_the_others_still_finish() -> None:
     # The second prompt is longer than the tiny model's context of 1024 tokens.
     requests = [TraceRequest(i, 0.01 * i, i % 2, 8, n, 4) for i, n in enumerate((8, 2000, 9))]
     engine = build_engine(
-        build_model("tiny", torch.device("cpu")), EngineVariant(), EngineSettings(max_rank=8)
+        build_model("tiny", torch.device("cpu")), EngineVariant(), EngineConfig(max_rank=8)
     )
     records, _, _ = inprocess.replay(
         engine, Trace(params, requests), lambda r: None, progress=False

@@ -19,12 +19,14 @@ import torch
 
 from services.common.lora_format import CanonicalAdapter
 from services.common.peft_adapter import load_peft_folder
+from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.engine import Engine
 from services.gpu_worker.engine.sampling import SamplingOptions
 from services.gpu_worker.engine.sequence import Sequence, StepOutput
 from services.gpu_worker.engine.tokenizer import ByteTokenizer
 from services.gpu_worker.memory.adapter_manager import AdapterManager
 from services.gpu_worker.memory.memory_pool import UnifiedMemoryPool
+from tests.gpu_worker.adapter_copies import AdapterCopies
 from tests.oracle import TINY_MHA, AdapterSpec, build_pair, greedy_oracle, make_peft_adapters
 
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -108,33 +110,38 @@ def _adapter_of(blob: bytes) -> CanonicalAdapter:
     return adapter
 
 
-def test_refetched_adapters_run_on_their_own_weights(oracle):
+def test_refetched_adapters_run_on_their_own_weights(oracle, monkeypatch):
     """Adapters fetched anew for each request, the previous objects freed as requests
     finish: every output must still be the oracle's."""
     ours, blobs, requests, expected = oracle
-    engine = Engine(ours, pool_slots=4096, max_num_seqs=MAX_NUM_SEQS)
+    engine = Engine(ours, EngineConfig(pool_slots=4096, max_num_seqs=MAX_NUM_SEQS))
+    copies = AdapterCopies(engine.pool, monkeypatch)
     got = stream_through(engine, blobs, requests, refetch=True)
     wrong = [i for i in range(REQUESTS) if got[i] != expected[i]]
     assert not wrong, (
         f"requests {wrong} diverged from HF + PEFT (adapters {[requests[i][0] for i in wrong]})"
     )
     # One resident copy per adapter, however often each was fetched.
-    assert engine.adapters.loads == len(SPECS)
+    assert copies.count == len(SPECS)
     assert sorted(engine.adapters.resident_ids()) == sorted(s.name for s in SPECS)
 
 
 @pytest.mark.gpu
-def test_refetched_adapters_on_the_gpu_match_long_lived_ones(oracle):
+def test_refetched_adapters_on_the_gpu_match_long_lived_ones(oracle, monkeypatch):
     """The same on CUDA, where waiting requests' adapters are copied on a side stream: the
     refetched run must give exactly what a run with one live object per adapter gives."""
     ours, blobs, requests, _ = oracle
     model = copy.deepcopy(ours).to("cuda")
     reference = stream_through(
-        Engine(model, pool_slots=4096, max_num_seqs=MAX_NUM_SEQS), blobs, requests, refetch=False
+        Engine(model, EngineConfig(pool_slots=4096, max_num_seqs=MAX_NUM_SEQS)),
+        blobs,
+        requests,
+        refetch=False,
     )
-    engine = Engine(model, pool_slots=4096, max_num_seqs=MAX_NUM_SEQS)
+    engine = Engine(model, EngineConfig(pool_slots=4096, max_num_seqs=MAX_NUM_SEQS))
+    copies = AdapterCopies(engine.pool, monkeypatch)
     assert stream_through(engine, blobs, requests, refetch=True) == reference
-    assert engine.adapters.loads == len(SPECS)
+    assert copies.count == len(SPECS)
 
 
 # --- AdapterManager alone: identity decides residency --------------------------------------
@@ -156,7 +163,10 @@ def manager() -> AdapterManager:
     return AdapterManager(pool, max_loras=8, max_adapter_slots=64)
 
 
-def test_an_equal_adapter_fetched_again_is_a_hit_with_no_second_copy(manager: AdapterManager):
+def test_an_equal_adapter_fetched_again_is_a_hit_with_no_second_copy(
+    manager: AdapterManager, monkeypatch
+):
+    copies = AdapterCopies(manager.pool, monkeypatch)
     first = _tiny_adapter("a", seed=1, sha256="aa")
     again = CanonicalAdapter.from_bytes(first.to_bytes())  # another object, the same adapter
     again.version, again.sha256 = first.version, first.sha256
@@ -164,17 +174,18 @@ def test_an_equal_adapter_fetched_again_is_a_hit_with_no_second_copy(manager: Ad
     assert manager.is_resident(again)
     assert manager.missing_slots(again) == 0
     assert manager.acquire(again) is held
-    assert (manager.loads, manager.hits, manager.misses) == (1, 1, 1)
+    assert (copies.count, manager.hits, manager.misses) == (1, 1, 1)
     assert held.refs == 2
 
 
-def test_another_version_is_another_resident(manager: AdapterManager):
+def test_another_version_is_another_resident(manager: AdapterManager, monkeypatch):
+    copies = AdapterCopies(manager.pool, monkeypatch)
     v1 = _tiny_adapter("a", seed=1, version=1, sha256="aa")
     v2 = _tiny_adapter("a", seed=2, version=2, sha256="bb")
     r1 = manager.acquire(v1)
     assert not manager.is_resident(v2)
     r2 = manager.acquire(v2)  # v1 is still referenced: both stay
-    assert r1.row != r2.row and manager.loads == 2
+    assert r1.row != r2.row and copies.count == 2
     manager.release(r1)  # v1 unreferenced while a newer version is resident: it goes at once
     assert not manager.is_resident(v1) and manager.is_resident(v2)
     assert manager.evictions == 1

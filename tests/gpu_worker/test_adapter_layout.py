@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from services.common.lora_format import CanonicalAdapter
+from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.engine import Engine
 from services.gpu_worker.engine.offline import generate_offline
 from services.gpu_worker.engine.sampling import SamplingOptions
@@ -78,7 +79,7 @@ def test_meta_holds_each_projections_rank_and_zero_for_the_rest():
 
 def test_table_rows_fit_an_adapter_of_max_rank_on_every_projection():
     model, _ = build_pair(TINY_MHA)
-    engine = Engine(model, pool_slots=4096, max_num_seqs=4, max_loras=16, max_rank=16)
+    engine = Engine(model, EngineConfig(pool_slots=4096, max_num_seqs=4, max_loras=16, max_rank=16))
     full = _adapter(dict.fromkeys(DIMS, 16))
     options = SamplingOptions(max_new_tokens=2, ignore_eos=True)
     (done,) = generate_offline(engine, ByteTokenizer(), [[5, 6, 7]], [options], [full])

@@ -16,6 +16,7 @@ import torch
 
 from services.common.base_model import DUMMY_PRESETS
 from services.common.peft_adapter import load_peft_folder
+from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.engine import Engine
 from services.gpu_worker.engine.forward_batch import ForwardBatch
 from services.gpu_worker.engine.offline import generate_offline
@@ -74,7 +75,9 @@ def _run(hf_config: dict[str, Any], backend: str, new_tokens: int, folder: Path)
     assert adapters["all-mixed"].lora_a["down_proj"].shape[1] == 8
     requests = _mixed_requests(list(adapters), seed=2)
 
-    engine = Engine(ours, pool_slots=8192, max_num_seqs=64, max_rank=64, lora_backend=backend)
+    engine = Engine(
+        ours, EngineConfig(pool_slots=8192, max_num_seqs=64, max_rank=64), lora_backend=backend
+    )
     check_engine_against_oracle(engine, peft_model, requests, adapters, new_tokens)
 
 
@@ -157,7 +160,7 @@ def test_llama7b_shapes_all_linear_under_cuda_graphs(tmp_path: Path):
     names: list[str | None] = [*adapters, None, *adapters]
     gen = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, 32000, (5 + 9 * i,), generator=gen).tolist() for i in range(7)]
-    engine = Engine(ours, pool_slots=4096, max_num_seqs=8, max_rank=64)
+    engine = Engine(ours, EngineConfig(pool_slots=4096, max_num_seqs=8, max_rank=64))
     engine.capture_decode_graphs()
     graphs = engine.graphs
     assert graphs is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.decode_graphs import DecodeGraphs
 from services.gpu_worker.engine.engine import Engine
 from services.gpu_worker.engine.sampling import SamplingOptions
@@ -24,13 +25,13 @@ def _decode_batch(engine: Engine, count: int):
 
 def test_padding_rows_are_harmless_and_reset_after_a_larger_batch():
     model, _ = build_pair(TINY_MHA)
-    engine = Engine(model, pool_slots=2048, max_num_seqs=8)
+    engine = Engine(model, EngineConfig(pool_slots=2048, max_num_seqs=8))
     graphs = DecodeGraphs(model, engine.build_batch([]), 8, (1000, 1001), max_rank=64)
     assert graphs.buckets == [1, 2, 4, 8]
 
     big = _decode_batch(engine, 5)
     assert graphs.fill(big) == 8
-    small_engine = Engine(model, pool_slots=2048, max_num_seqs=8)
+    small_engine = Engine(model, EngineConfig(pool_slots=2048, max_num_seqs=8))
     small = _decode_batch(small_engine, 3)
     assert graphs.fill(small) == 4
     view = graphs._view(4, lora="all")

@@ -14,6 +14,7 @@ from services.common.errors import Internal, WorkerFault
 from services.common.lora_format import CanonicalAdapter
 from services.common.peft_adapter import load_peft_folder
 from services.common.random_adapters import save_random_peft_adapter
+from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.engine import Engine
 from services.gpu_worker.engine.sampling import SamplingOptions, make_generator, sample
 from services.gpu_worker.engine.sequence import FinishReason, Sequence, StepOutput
@@ -161,9 +162,9 @@ def test_nan_adapter_fails_its_request_alone(model, tmp_path: Path):
         ("b", _seeded(11), None),
         ("c", _greedy(), None),
     ]
-    alone = _run(Engine(model, pool_slots=8192), bystanders)
+    alone = _run(Engine(model, EngineConfig(pool_slots=8192)), bystanders)
     mixed = _run(
-        Engine(model, pool_slots=8192),
+        Engine(model, EngineConfig(pool_slots=8192)),
         [bystanders[0], ("victim", _seeded(4), poisoned), *bystanders[1:]],
     )
     victim = mixed[1]
@@ -175,8 +176,8 @@ def test_nan_adapter_fails_its_request_alone(model, tmp_path: Path):
 
 
 def test_a_failing_stop_matcher_fails_its_request_alone(model):
-    engine = Engine(model, pool_slots=8192)
-    alone = _run(Engine(model, pool_slots=8192), [("a", _greedy(), None)])[0]
+    engine = Engine(model, EngineConfig(pool_slots=8192))
+    alone = _run(Engine(model, EngineConfig(pool_slots=8192)), [("a", _greedy(), None)])[0]
     sinks = [Sink(), Sink()]
     seqs = [
         Sequence(rid, PROMPT, _greedy(), ByteTokenizer(), sink)
@@ -197,7 +198,7 @@ def test_a_failing_stop_matcher_fails_its_request_alone(model):
 
 
 def test_a_failing_forward_pass_is_a_worker_fault(model, monkeypatch):
-    engine = Engine(model, pool_slots=8192)
+    engine = Engine(model, EngineConfig(pool_slots=8192))
 
     def broken(batch: object) -> torch.Tensor:
         raise RuntimeError("device lost")
@@ -209,8 +210,8 @@ def test_a_failing_forward_pass_is_a_worker_fault(model, monkeypatch):
 
 
 def test_same_request_id_twice_abort_ends_only_the_one_aborted(model):
-    engine = Engine(model, pool_slots=8192)
-    alone = _run(Engine(model, pool_slots=8192), [("dup", _greedy(), None)])[0]
+    engine = Engine(model, EngineConfig(pool_slots=8192))
+    alone = _run(Engine(model, EngineConfig(pool_slots=8192)), [("dup", _greedy(), None)])[0]
     first, second = Sink(), Sink()
     seq1 = Sequence("dup", PROMPT, _greedy(), ByteTokenizer(), first)
     seq2 = Sequence("dup", PROMPT, _greedy(), ByteTokenizer(), second)
@@ -271,7 +272,7 @@ def test_a_nan_adapter_leaks_into_no_other_row(device: str, tmp_path: Path):
         b.fill_(float("nan"))
 
     def pass_logits(victim_adapter: CanonicalAdapter) -> list[torch.Tensor]:
-        engine = Engine(model, pool_slots=20_000)
+        engine = Engine(model, EngineConfig(pool_slots=20_000))
         adapters = [None, other, None, victim_adapter]
         seqs = [
             Sequence(f"r{i}", PROMPT[: 6 + i], _greedy(), ByteTokenizer(), Sink(), a)

@@ -11,6 +11,7 @@ import torch
 
 from services.common.lora_format import CanonicalAdapter
 from services.common.peft_adapter import load_peft_folder
+from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.engine import Engine
 from services.gpu_worker.engine.offline import generate_offline
 from services.gpu_worker.engine.sampling import SamplingOptions
@@ -78,7 +79,7 @@ def test_mixed_adapter_batch_matches_hf_peft_greedy(
     adapters = {name: load_peft_folder(path, shape, max_rank=64) for name, path in paths.items()}
     requests = _mixed_requests(list(adapters), seed=1)
 
-    engine = Engine(ours, pool_slots=8192, max_num_seqs=64, lora_backend=backend)
+    engine = Engine(ours, EngineConfig(pool_slots=8192, max_num_seqs=64), lora_backend=backend)
     check_engine_against_oracle(engine, peft_model, requests, adapters, NEW_TOKENS)
 
 

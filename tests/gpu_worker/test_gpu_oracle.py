@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from services.common.peft_adapter import load_peft_folder
+from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.engine import Engine
 from services.gpu_worker.engine.offline import generate_offline
 from services.gpu_worker.engine.sampling import SamplingOptions
@@ -81,7 +82,7 @@ def check_bf16_engine_against_oracle(
     ours = build_dummy_model(config, 0, dtype, torch.device(device))
     adapters = {n: load_peft_folder(p, config.shape, max_rank=64) for n, p in paths.items()}
     requests = _mixed_requests(list(adapters), seed=1)
-    engine = Engine(ours, pool_slots=8192, max_num_seqs=64, lora_backend=backend)
+    engine = Engine(ours, EngineConfig(pool_slots=8192, max_num_seqs=64), lora_backend=backend)
     if graphs:
         engine.capture_decode_graphs()
     options = SamplingOptions(max_new_tokens=new_tokens, ignore_eos=True, logprobs=True)

@@ -13,6 +13,7 @@ import torch
 
 from services.common.peft_adapter import load_peft_folder
 from services.common.random_adapters import save_random_peft_adapter
+from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.engine import Engine
 from services.gpu_worker.engine.offline import generate_offline
 from services.gpu_worker.engine.sampling import SamplingOptions
@@ -45,7 +46,7 @@ def test_eviction_and_prefetch_on_cuda_match_an_all_resident_pool(tmp_path: Path
     options = [SamplingOptions(max_new_tokens=6, ignore_eos=True)] * NUM_ADAPTERS
 
     def run(pool_slots: int) -> tuple[list[list[int]], Engine]:
-        engine = Engine(model, pool_slots=pool_slots, max_num_seqs=1)
+        engine = Engine(model, EngineConfig(pool_slots=pool_slots, max_num_seqs=1))
         done = generate_offline(engine, ByteTokenizer(), prompts, options, list(adapters))
         torch.cuda.synchronize()
         return [c.token_ids for c in done], engine

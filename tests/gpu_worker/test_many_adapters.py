@@ -11,10 +11,12 @@ from peft import PeftModel
 
 from services.common.peft_adapter import load_peft_folder
 from services.common.random_adapters import save_random_peft_adapter
+from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.engine import Engine
 from services.gpu_worker.engine.offline import generate_offline
 from services.gpu_worker.engine.sampling import SamplingOptions
 from services.gpu_worker.engine.tokenizer import ByteTokenizer
+from tests.gpu_worker.adapter_copies import AdapterCopies
 from tests.oracle import TINY_MHA, build_pair, greedy_oracle
 
 # The oracle loads and deletes one PEFT adapter at a time; PEFT warns on each delete.
@@ -51,16 +53,17 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.mark.parametrize("unified", [True, False], ids=["unified", "split"])
-def test_two_hundred_adapters_through_a_pool_that_holds_ten(setup, unified: bool):
+def test_two_hundred_adapters_through_a_pool_that_holds_ten(setup, monkeypatch, unified: bool):
     ours, adapters, prompts, expected = setup
-    # rank 8 takes 64 slots, rank 16 128; 8 running requests take at most 8 * 2 * 14 slots.
+    # rank 8 takes 64 slots, rank 16 128; 8 running requests take at most 8 * 2 * 14 slots;
+    # split, adapters get 960 of the 1200.
     engine = Engine(
         ours,
-        pool_slots=1200,
-        max_num_seqs=8,
-        unified_pool=unified,
-        adapter_region_slots=0 if unified else 960,
+        EngineConfig(
+            pool_slots=1200, max_num_seqs=8, unified_pool=unified, adapter_region_fraction=0.8
+        ),
     )
+    copies = AdapterCopies(engine.pool, monkeypatch)
     options = SamplingOptions(max_new_tokens=NEW_TOKENS, ignore_eos=True)
     done = generate_offline(engine, ByteTokenizer(), prompts, [options] * NUM_ADAPTERS, adapters)
     for i, completion in enumerate(done):
@@ -69,7 +72,7 @@ def test_two_hundred_adapters_through_a_pool_that_holds_ten(setup, unified: bool
         )
     manager = engine.adapters
     assert manager.hits + manager.misses == NUM_ADAPTERS  # one acquire per request
-    assert manager.loads >= NUM_ADAPTERS  # each adapter copied in at least once
-    assert manager.evictions >= manager.loads - 12
+    assert copies.count >= NUM_ADAPTERS  # each adapter copied in at least once
+    assert manager.evictions >= copies.count - 12
     assert len(engine.adapters.resident_ids()) <= 12
-    assert engine.pool.kv_used == 0 and engine.scheduler.promised == 0
+    assert engine.pool.kv_used == 0 and engine.pool.promised == 0

@@ -10,6 +10,7 @@ import pytest
 from services.common.errors import DeadlineExceeded, InvalidArgument
 from services.common.peft_adapter import load_peft_folder
 from services.common.random_adapters import save_random_peft_adapter
+from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.engine import Engine
 from services.gpu_worker.engine.sampling import SamplingOptions
 from services.gpu_worker.engine.sequence import FinishReason, Sequence, StepOutput
@@ -49,7 +50,7 @@ def test_more_requests_than_fit_all_finish_and_the_pool_ends_free(model, tmp_pat
         for i in range(3)
     ]
     # Each request promises 2 * 30 slots; a rank-16 adapter takes 128: about 3 fit at once.
-    engine = Engine(model, pool_slots=320, max_num_seqs=64)
+    engine = Engine(model, EngineConfig(pool_slots=320, max_num_seqs=64))
     outs: list[StepOutput] = []
     for i in range(30):
         engine.add(_seq(f"r{i}", outs, adapter=adapters[i % 3] if i % 4 else None))
@@ -62,18 +63,18 @@ def test_more_requests_than_fit_all_finish_and_the_pool_ends_free(model, tmp_pat
     finished = [o for o in outs if o.finish_reason is not None]
     assert len(finished) == 30 and all(o.finish_reason == FinishReason.LENGTH for o in finished)
     assert 1 < most_running < 30  # memory, not the request count, limited the batch
-    assert engine.pool.kv_used == 0 and engine.scheduler.promised == 0
+    assert engine.pool.kv_used == 0 and engine.pool.promised == 0
     assert engine.adapters.evictions > 0
 
 
 def test_request_that_can_never_fit_is_refused_at_once(model):
-    engine = Engine(model, pool_slots=100)
+    engine = Engine(model, EngineConfig(pool_slots=100))
     with pytest.raises(InvalidArgument, match="can never fit"):
         engine.add(_seq("big", [], max_new=60))
 
 
 def test_abort_frees_a_running_requests_slots_within_one_step(model):
-    engine = Engine(model, pool_slots=1000)
+    engine = Engine(model, EngineConfig(pool_slots=1000))
     outs: list[StepOutput] = []
     victim = _seq("victim", outs, max_new=200)
     engine.add(victim)
@@ -89,7 +90,7 @@ def test_abort_frees_a_running_requests_slots_within_one_step(model):
 
 
 def test_waiting_request_past_its_deadline_is_dropped_before_prefill(model):
-    engine = Engine(model, pool_slots=1000)
+    engine = Engine(model, EngineConfig(pool_slots=1000))
     outs: list[StepOutput] = []
     late = _seq("late", outs)
     late.deadline = time.monotonic() - 0.01

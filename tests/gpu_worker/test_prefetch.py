@@ -10,11 +10,13 @@ from services.common.lora_format import CanonicalAdapter
 from services.common.peft_adapter import load_peft_folder
 from services.common.random_adapters import save_random_peft_adapter
 from services.gpu_worker.engine import scheduler as scheduler_module
+from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.engine import Engine
 from services.gpu_worker.engine.offline import Completion, generate_offline
 from services.gpu_worker.engine.sampling import SamplingOptions
-from services.gpu_worker.engine.sequence import SeqStatus, Sequence, StepOutput
+from services.gpu_worker.engine.sequence import Sequence, StepOutput
 from services.gpu_worker.engine.tokenizer import ByteTokenizer
+from tests.gpu_worker.adapter_copies import AdapterCopies
 from tests.oracle import TINY_MHA, build_pair
 
 NUM_ADAPTERS = 12
@@ -54,22 +56,23 @@ def _submit(
     return sequences
 
 
-def test_adapters_of_waiting_requests_are_resident_before_their_admission(setup):
+def test_adapters_of_waiting_requests_are_resident_before_their_admission(setup, monkeypatch):
     ours, adapters, prompts = setup
-    engine = Engine(ours, pool_slots=8192, max_num_seqs=2)
+    engine = Engine(ours, EngineConfig(pool_slots=8192, max_num_seqs=2))
     manager = engine.adapters
+    copies = AdapterCopies(engine.pool, monkeypatch)
     sequences = _submit(engine, prompts[:5], adapters[:5])
     engine.step()
-    waiting = [s for s in sequences if s.status == SeqStatus.WAITING]
+    waiting = [s for s in sequences if s in engine.scheduler.waiting]
     assert len(waiting) == 3  # two running, three behind them
     # Loaded ahead of their turn: all five adapters are in, two acquired by running requests.
     assert all(manager.is_resident(s.adapter) for s in waiting if s.adapter is not None)
-    assert manager.loads == 5
+    assert copies.count == 5
     assert (manager.hits, manager.misses) == (0, 2)
     while engine.has_work():
         engine.step()
     # The three waiting requests found their adapters resident; nothing was loaded twice.
-    assert (manager.hits, manager.misses, manager.loads) == (3, 2, 5)
+    assert (manager.hits, manager.misses, copies.count) == (3, 2, 5)
 
 
 def _run(
@@ -90,10 +93,12 @@ def test_prefetch_changes_no_output_when_the_pool_evicts(setup, monkeypatch, uni
         # A rank-8 adapter takes 64 slots: room for about five of the twelve at once.
         return Engine(
             ours,
-            pool_slots=420,
-            max_num_seqs=2,
-            unified_pool=unified,
-            adapter_region_slots=0 if unified else 330,
+            EngineConfig(
+                pool_slots=420,
+                max_num_seqs=2,
+                unified_pool=unified,
+                adapter_region_fraction=330 / 420,
+            ),
         )
 
     with_prefetch = engine()

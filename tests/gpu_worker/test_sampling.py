@@ -10,6 +10,7 @@ import torch
 from manylora.v1 import common_pb2
 from services.common.errors import InvalidArgument
 from services.common.sampling_params import check_sampling_params
+from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.engine import Engine
 from services.gpu_worker.engine.offline import Completion, generate_offline
 from services.gpu_worker.engine.sampling import SamplingOptions, filter_logits, sample
@@ -27,7 +28,7 @@ def model():
 
 
 def _run(model, options: list[SamplingOptions], prompt: list[int] = PROMPT) -> list[Completion]:
-    engine = Engine(model, pool_slots=16384)
+    engine = Engine(model, EngineConfig(pool_slots=16384))
     return generate_offline(
         engine, ByteTokenizer(), [prompt] * len(options), options, [None] * len(options)
     )
@@ -124,8 +125,10 @@ def test_stop_token_id_ends_stream_with_stop_and_is_returned(model):
 
 def _eos_engine(model, eos: int) -> Engine:
     """An engine whose model config counts `eos` as its end-of-sequence token."""
-    engine = Engine(model, pool_slots=2048)
-    engine.config = type(engine.config)(**{**engine.config.__dict__, "eos_token_ids": (eos,)})
+    engine = Engine(model, EngineConfig(pool_slots=2048))
+    engine.model_config = type(engine.model_config)(
+        **{**engine.model_config.__dict__, "eos_token_ids": (eos,)}
+    )
     return engine
 
 

@@ -101,3 +101,39 @@ def test_reserved_scratch_slots_leave_service_for_good(unified):
     stats = pool.stats()
     assert stats.free_slots == 0
     assert stats.free_slots + stats.kv_slots + stats.adapter_slots == stats.total_slots
+
+
+def test_fit_questions_of_a_unified_pool_by_hand():
+    """100 slots shared by KV and adapters; numbers worked out by hand."""
+    pool = UnifiedMemoryPool(2, 100, 8, torch.float32, torch.device("cpu"))
+    assert pool.kv_slots_for(30) == 60  # a token's K and its V
+    assert pool.can_ever_fit(90, 10) and not pool.can_ever_fit(91, 10)
+    pool.promise_kv(30)
+    adapter = pool.alloc_adapter(20)  # 50 slots free and unpromised
+    assert pool.kv_headroom() == 50 and pool.prefetch_room() == 50
+    assert pool.can_fit_now(40, 10, evictable=0) and not pool.can_fit_now(41, 10, evictable=0)
+    assert pool.can_fit_now(41, 10, evictable=1)
+    # The adapter allocator (the same slots) must keep every promise and the new request.
+    assert pool.adapter_free_target(40, 10) == 30 + 40 + 10
+    taken = pool.alloc_promised_kv(12)
+    assert pool.promised == 18 and pool.kv_used == 12 and pool.kv_headroom() == 50
+    pool.drop_promise(18)
+    pool.free_kv(taken)
+    pool.free_adapter(adapter)
+    assert pool.promised == 0 and pool.kv_headroom() == 100
+
+
+def test_fit_questions_of_a_split_pool_by_hand():
+    """70 KV slots and 30 adapter slots: each side answers for itself."""
+    pool = UnifiedMemoryPool(
+        2, 100, 8, torch.float32, torch.device("cpu"), unified=False, adapter_region_slots=30
+    )
+    assert pool.can_ever_fit(70, 30)
+    assert not pool.can_ever_fit(71, 0) and not pool.can_ever_fit(0, 31)
+    pool.promise_kv(20)
+    adapter = pool.alloc_adapter(25)
+    assert pool.kv_headroom() == 50 and pool.prefetch_room() == 5
+    assert pool.can_fit_now(50, 5, evictable=0) and not pool.can_fit_now(51, 0, evictable=25)
+    assert not pool.can_fit_now(0, 6, evictable=0) and pool.can_fit_now(0, 30, evictable=25)
+    assert pool.adapter_free_target(50, 6) == 6  # KV promises live in the other region
+    pool.free_adapter(adapter)

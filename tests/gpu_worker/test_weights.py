@@ -11,6 +11,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from services.common.base_model import load_hf_config
+from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.engine import Engine
 from services.gpu_worker.engine.sampling import SamplingOptions
 from services.gpu_worker.engine.sequence import Sequence
@@ -19,7 +20,7 @@ from services.gpu_worker.model.model import LlamaForCausalLM as OurLlama
 from services.gpu_worker.model.model_config import ModelConfig
 from services.gpu_worker.model.weights import load_hf_model
 from services.gpu_worker.serving.config import WorkerConfig
-from services.gpu_worker.serving.server import build_engine
+from services.gpu_worker.serving.server import build_worker_engine
 from tests.oracle import TINY_GQA, TINY_MHA
 
 LLAMA3_ROPE = {
@@ -40,7 +41,7 @@ VARIANTS = {
 
 def _all_logits(model: OurLlama, ids: list[int]) -> torch.Tensor:
     """Our logits at every position of one prefill through the engine's paged batch."""
-    engine = Engine(model, pool_slots=4 * len(ids))
+    engine = Engine(model, EngineConfig(pool_slots=4 * len(ids)))
     engine.add(Sequence("all", ids, SamplingOptions(max_new_tokens=1), ByteTokenizer(), print))
     batch = engine.build_batch(engine.scheduler.schedule().prefill)
     batch.logits_rows = torch.arange(len(ids))
@@ -85,8 +86,10 @@ def test_worker_serves_a_local_folder_with_its_tokenizer(tmp_path: Path):
     tok.save(str(tmp_path / "tokenizer.json"))
     LlamaForCausalLM(LlamaConfig(**{**TINY_MHA, "vocab_size": 259})).save_pretrained(tmp_path)
 
-    engine, tokenizer = build_engine(WorkerConfig(model=str(tmp_path), dummy=False, device="cpu"))
+    engine, tokenizer = build_worker_engine(
+        WorkerConfig(model=str(tmp_path), dummy=False, device="cpu")
+    )
     assert isinstance(tokenizer, HFTokenizer)
     ids = tokenizer.encode("the lazy fox")
     assert tokenizer.decode(ids) == "the lazy fox"
-    assert engine.config.vocab_size == 259
+    assert engine.model_config.vocab_size == 259

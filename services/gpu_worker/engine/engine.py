@@ -20,13 +20,16 @@ from services.common.errors import (
     WorkerFault,
     status_details,
 )
+from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.decode_graphs import DecodeGraphs
+from services.gpu_worker.engine.engine_stats import EngineStats
 from services.gpu_worker.engine.forward_batch import ForwardBatch, LoraGroup
 from services.gpu_worker.engine.sampling import make_generator, sample
-from services.gpu_worker.engine.scheduler import PREFETCH_WINDOW, Scheduler
+from services.gpu_worker.engine.scheduler import Scheduler
 from services.gpu_worker.engine.sequence import FinishReason, Sequence
 from services.gpu_worker.memory.adapter_manager import AdapterManager, ResidentAdapter
 from services.gpu_worker.memory.adapter_tables import MLP_PROJS, max_adapter_slots
+from services.gpu_worker.memory.kv_slot_tables import KvSlotTables
 from services.gpu_worker.memory.memory_pool import UnifiedMemoryPool
 from services.gpu_worker.model.model import LlamaForCausalLM
 
@@ -44,54 +47,55 @@ class StepInfo:
 
 
 class Engine:
+    """Continuous batching over `model`, on its device and in its dtype (`config.device` and
+    `config.dtype` tell setup.py where to build the model). `lora_backend`: kernels, or bmm,
+    S-LoRA's padded-bmm baseline for benchmarks."""
+
     def __init__(
-        self,
-        model: LlamaForCausalLM,
-        pool_slots: int,
-        max_num_seqs: int = 64,
-        max_prefill_tokens: int = 4096,
-        max_waiting: int = 1024,
-        max_model_len: int | None = None,
-        unified_pool: bool = True,
-        adapter_region_slots: int = 0,
-        max_rank: int = 128,
-        max_loras: int = 512,
-        lora_backend: str = "kernels",
+        self, model: LlamaForCausalLM, config: EngineConfig, lora_backend: str = "kernels"
     ):
         self.model = model
-        self.config = model.config
+        self.config = config
+        self.model_config = model.config
         weight = model.lm_head.weight
         self.device, self.dtype = weight.device, weight.dtype
-        self.max_model_len = min(max_model_len or 1 << 30, self.config.max_position_embeddings)
-        self.pool = UnifiedMemoryPool(
-            self.config.num_layers,
-            pool_slots,
-            self.config.num_kv_heads * self.config.head_dim,
-            self.dtype,
-            self.device,
-            unified=unified_pool,
-            adapter_region_slots=adapter_region_slots,
+        self.max_model_len = min(
+            config.max_model_len or 1 << 30, self.model_config.max_position_embeddings
         )
-        if max_loras <= max_num_seqs + PREFETCH_WINDOW:
-            raise ValueError("max_loras must exceed max_num_seqs + the prefetch window")
+        self.pool = self._build_pool(config)
         self.adapters = AdapterManager(
-            self.pool, max_loras, max_adapter_slots(self.config, max_rank, self.pool.width)
+            self.pool,
+            config.max_loras,
+            max_adapter_slots(self.model_config, config.max_rank, self.pool.width),
         )
-        self.max_rank = max_rank
+        self.max_rank = config.max_rank
         if lora_backend not in ("kernels", "bmm"):
             raise ValueError(f"lora_backend {lora_backend!r} is not kernels or bmm")
         self.lora_backend = lora_backend
-        self.scheduler = Scheduler(
-            self.pool,
-            self.adapters,
-            max_num_seqs,
-            max_prefill_tokens,
-            max_waiting,
-            self.max_model_len,
-        )
+        self.kv_tables = KvSlotTables(config.max_num_seqs, self.max_model_len, self.device)
+        self.scheduler = Scheduler(config, self.pool, self.adapters, self.kv_tables)
         self.steps = 0
         self.last_step: StepInfo | None = None  # None after a step that ran nothing
         self.graphs: DecodeGraphs | None = None
+
+    def _build_pool(self, config: EngineConfig) -> UnifiedMemoryPool:
+        """A pool of `config.pool_slots`, or of what `gpu_memory_fraction` of the device's
+        free memory holds now (a fixed count on the CPU)."""
+        model = self.model_config
+        layers, width = model.num_layers, model.num_kv_heads * model.head_dim
+        slots = config.pool_slots or UnifiedMemoryPool.default_slots(
+            layers, width, self.dtype, self.device, config.gpu_memory_fraction
+        )
+        region = 0 if config.unified_pool else int(slots * config.adapter_region_fraction)
+        return UnifiedMemoryPool(
+            layers,
+            slots,
+            width,
+            self.dtype,
+            self.device,
+            unified=config.unified_pool,
+            adapter_region_slots=region,
+        )
 
     def capture_decode_graphs(self) -> None:
         """Record the decode pass as CUDA graphs (see decode_graphs); CUDA only."""
@@ -100,21 +104,22 @@ class Engine:
         self.graphs = DecodeGraphs(
             self.model,
             template,
-            self.scheduler.max_num_seqs,
+            self.config.max_num_seqs,
             (scratch[0], scratch[1]),
             self.max_rank,
         )
         self.graphs.capture()
 
     def check(self, seq: Sequence) -> None:
-        """Refuse what can never run (InvalidArgument); safe to call from any thread."""
+        """Refuse what can never run (InvalidArgument). Safe to call from any thread: it reads
+        only what is fixed once the engine is built (its model, its pool's size)."""
         prompt_len = len(seq.prompt_ids)
         if prompt_len == 0:
             raise InvalidArgument("prompt is empty")
-        bad = [t for t in seq.prompt_ids if t >= self.config.vocab_size]
+        bad = [t for t in seq.prompt_ids if t >= self.model_config.vocab_size]
         if bad:
             raise InvalidArgument(
-                f"prompt token ids {bad[:5]} outside vocab of {self.config.vocab_size}"
+                f"prompt token ids {bad[:5]} outside vocab of {self.model_config.vocab_size}"
             )
         if prompt_len >= self.max_model_len:
             raise InvalidArgument(
@@ -124,20 +129,20 @@ class Engine:
             raise InvalidArgument(f"adapter rank {seq.adapter.rank} > max rank {self.max_rank}")
         total = min(prompt_len + seq.options.max_new_tokens, self.max_model_len)
         adapter_slots = self.adapters.slot_count(seq.adapter) if seq.adapter else 0
-        if self.pool.unified:
-            fits = 2 * total + adapter_slots <= self.pool.num_slots
-        else:
-            kv_ok = 2 * total <= self.pool.kv_capacity()
-            fits = kv_ok and adapter_slots <= self.pool.adapter_capacity()
-        if not fits:
+        if not self.pool.can_ever_fit(self.pool.kv_slots_for(total), adapter_slots):
             raise InvalidArgument(
                 f"prompt + max_new_tokens = {total} tokens (and the adapter's "
                 f"{adapter_slots} slots) can never fit the memory pool of "
-                f"{self.pool.num_slots} slots (2 per token)"
+                f"{self.pool.num_slots} slots ({self.pool.kv_slots_for(1)} per token)"
             )
 
     def add(self, seq: Sequence) -> None:
+        """Check `seq`, then queue it."""
         self.check(seq)
+        self.enqueue(seq)
+
+    def enqueue(self, seq: Sequence) -> None:
+        """Queue a request that `check` has passed."""
         seq.max_total_tokens = min(
             len(seq.prompt_ids) + seq.options.max_new_tokens, self.max_model_len
         )
@@ -153,6 +158,19 @@ class Engine:
         seq.on_output(seq.output([], "", [], FinishReason.ABORTED))
         logger.info("aborted", extra={"request_id": seq.request_id})
         return True
+
+    def stats(self) -> EngineStats:
+        """A snapshot of the engine's numbers; on the engine thread only."""
+        sched, adapters = self.scheduler, self.adapters
+        return EngineStats(
+            running_requests=len(sched.running),
+            waiting_requests=len(sched.waiting),
+            pool=self.pool.stats(),
+            resident_adapters=adapters.resident_ids(),
+            adapter_cache_hits=adapters.hits,
+            adapter_cache_misses=adapters.misses,
+            adapter_evictions=adapters.evictions,
+        )
 
     def has_work(self) -> bool:
         return bool(self.scheduler.running or self.scheduler.waiting)
@@ -234,7 +252,7 @@ class Engine:
             if seq.resident is not None:
                 max_rank = max(max_rank, seq.resident.rank)
                 mlp_lora = mlp_lora or not MLP_PROJS.isdisjoint(seq.resident.segments)
-        device, sched = self.device, self.scheduler
+        device, tables = self.device, self.kv_tables
         pos = torch.tensor(positions, dtype=torch.long, device=device)
         rows = torch.tensor(token_rows, dtype=torch.long, device=device)
 
@@ -244,8 +262,8 @@ class Engine:
         return ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=device),
             positions=pos,
-            new_k_slots=sched.k_table[rows, pos].long(),
-            new_v_slots=sched.v_table[rows, pos].long(),
+            new_k_slots=tables.k_table[rows, pos].long(),
+            new_v_slots=tables.v_table[rows, pos].long(),
             logits_rows=torch.tensor(
                 [s + n - 1 for s, n in zip(q_starts, q_lens, strict=True)], device=device
             ),
@@ -256,8 +274,8 @@ class Engine:
             seq_lens=ints([c + n for c, n in zip(ctx_lens, q_lens, strict=True)]),
             req_lora=ints(req_lora),
             pool=self.pool.buffer,
-            k_table=sched.k_table,
-            v_table=sched.v_table,
+            k_table=tables.k_table,
+            v_table=tables.v_table,
             lora_slots=self.adapters.tables.slots,
             lora_meta=self.adapters.tables.meta,
             max_rank=max_rank,
@@ -305,7 +323,7 @@ class Engine:
 
     def _token_finish(self, seq: Sequence, token: int) -> FinishReason | None:
         opts = seq.options
-        if token in self.config.eos_token_ids and not opts.ignore_eos:
+        if token in self.model_config.eos_token_ids and not opts.ignore_eos:
             return FinishReason.EOS
         if token in opts.stop_token_ids:
             return FinishReason.STOP

@@ -1,4 +1,5 @@
-"""The engine thread: owns the device, takes requests and aborts through a thread-safe inbox."""
+"""The engine thread: owns the device, takes requests and aborts through a thread-safe inbox,
+and publishes the engine's stats (engine_stats.py) for other threads to read."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from services.common.errors import (
     status_details,
 )
 from services.gpu_worker.engine.engine import Engine
+from services.gpu_worker.engine.engine_stats import EngineStats
 from services.gpu_worker.engine.sequence import FinishReason, Sequence
 
 logger = logging.getLogger(__name__)
@@ -28,8 +30,11 @@ class EngineLoop:
     def __init__(self, engine: Engine):
         self.engine = engine
         self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
-        self._pending = 0  # submitted, not yet in the scheduler
         self._lock = threading.Lock()
+        # The engine thread has not started: this first snapshot may be made here.
+        self._stats = engine.stats()
+        self._unpublished = 0  # submitted and not yet counted by a published snapshot
+        self._added = 0  # added by the engine thread since its last snapshot
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
@@ -41,16 +46,22 @@ class EngineLoop:
         self._inbox.put(lambda: None)
         self._thread.join(timeout=10)
 
+    @property
+    def stats(self) -> EngineStats:
+        """The engine's numbers as of its last step (or idle moment); safe from any thread."""
+        return self._stats
+
     def submit(self, seq: Sequence) -> None:
-        """Queue a request; raises InvalidArgument or ResourceExhausted at once when refused."""
+        """Queue a request; raises InvalidArgument or ResourceExhausted at once when refused.
+
+        The waiting-queue bound counts the last snapshot's waiting requests and those
+        submitted since: never fewer than wait in truth, so it is never overrun."""
         self.engine.check(seq)
+        bound = self.engine.config.max_waiting
         with self._lock:
-            waiting = len(self.engine.scheduler.waiting) + self._pending
-            if waiting >= self.engine.scheduler.max_waiting:
-                raise ResourceExhausted(
-                    f"waiting queue full ({self.engine.scheduler.max_waiting}); retry later"
-                )
-            self._pending += 1
+            if self._stats.waiting_requests + self._unpublished >= bound:
+                raise ResourceExhausted(f"waiting queue full ({bound}); retry later")
+            self._unpublished += 1
         self._inbox.put(lambda: self._add(seq))
 
     def abort(self, seq: Sequence) -> None:
@@ -59,10 +70,9 @@ class EngineLoop:
         self._inbox.put(lambda: self._abort(seq_id))
 
     def _add(self, seq: Sequence) -> None:
-        with self._lock:
-            self._pending -= 1
+        self._added += 1
         try:
-            self.engine.add(seq)
+            self.engine.enqueue(seq)  # submit has checked it
         except Exception as exc:  # whatever it is, it must reach this request's caller
             if not isinstance(exc, ServiceError):
                 logger.exception("adding a request failed")
@@ -88,6 +98,19 @@ class EngineLoop:
                 logger.exception("engine command failed")
             if self.engine.has_work() and not self._stopping.is_set():
                 self._step()
+            self._publish()
+
+    def _publish(self) -> None:
+        """Make the engine's stats readable by other threads."""
+        try:
+            stats = self.engine.stats()
+        except Exception:  # a stale snapshot beats a dead engine thread
+            logger.exception("engine stats failed")
+            return
+        with self._lock:
+            self._stats = stats
+            self._unpublished -= self._added
+        self._added = 0
 
     def _step(self) -> None:
         """One engine step; if it raises outside the pass (which fails its own requests),

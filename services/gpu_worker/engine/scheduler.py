@@ -1,14 +1,15 @@
-"""FCFS scheduler over the unified pool: admission by memory, early abort, bounded queue.
+"""FCFS scheduler over the unified pool: admission by memory, early abort.
 
 A request is admitted when the pool can promise it every KV slot it may ever need (prompt +
-tokens to come, two slots a token) plus its adapter's slots, evicting unreferenced adapters
-if that makes room. Promised slots are taken page by page as tokens arrive, and nothing else
-may take them, so a running request never runs out of memory: no preemption is ever needed
-and the engine cannot deadlock. A request that could never fit is refused at submission; one
-that does not fit now waits its turn (FCFS, so nothing behind it starves it). Waiting
-requests whose deadline has passed are dropped before they cost any compute (S-LoRA's early
-abort). Adapters of the requests next in line are loaded ahead of their turn when the pool
-has room to spare.
+tokens to come) plus its adapter's slots, evicting unreferenced adapters if that makes room
+(the pool answers what fits: memory_pool.py). Promised slots are taken as tokens arrive, and
+nothing else may take them, so a running request never runs out of memory: no preemption is
+ever needed and the engine cannot deadlock. A request that could never fit is refused at
+submission; one that does not fit now waits its turn (FCFS, so nothing behind it starves
+it); the waiting queue's bound is the engine loop's, at submission. Waiting requests whose
+deadline has passed are dropped before they cost any compute (S-LoRA's early abort).
+Adapters of the requests next in line are loaded ahead of their turn when the pool has room
+to spare.
 """
 
 from __future__ import annotations
@@ -19,12 +20,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from services.common.errors import ResourceExhausted
-from services.gpu_worker.engine.sequence import SeqStatus, Sequence
+from services.gpu_worker.engine.config import PREFETCH_WINDOW, EngineConfig
+from services.gpu_worker.engine.sequence import Sequence
 from services.gpu_worker.memory.adapter_manager import AdapterManager
+from services.gpu_worker.memory.kv_slot_tables import KvSlotTables
 from services.gpu_worker.memory.memory_pool import UnifiedMemoryPool
-
-PREFETCH_WINDOW = 8  # waiting requests whose adapters may be loaded ahead of their turn
 
 
 @dataclass
@@ -41,35 +41,23 @@ class ScheduledStep:
 class Scheduler:
     def __init__(
         self,
+        config: EngineConfig,
         pool: UnifiedMemoryPool,
         adapters: AdapterManager,
-        max_num_seqs: int,
-        max_prefill_tokens: int,
-        max_waiting: int,
-        max_model_len: int,
+        kv_tables: KvSlotTables,
     ):
-        self.pool, self.adapters = pool, adapters
-        device = pool.buffer.device
-        # Row r lists the K (and V) slots of the request holding row r, position by position.
-        self.k_table = torch.zeros(max_num_seqs, max_model_len, dtype=torch.int32, device=device)
-        self.v_table = torch.zeros(max_num_seqs, max_model_len, dtype=torch.int32, device=device)
-        self._free_rows = list(range(max_num_seqs - 1, -1, -1))
-        self.max_num_seqs = max_num_seqs
-        self.max_prefill_tokens = max_prefill_tokens
-        self.max_waiting = max_waiting
+        self.config = config
+        self.pool, self.adapters, self.kv_tables = pool, adapters, kv_tables
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.promised = 0  # KV slots promised to running requests and not yet taken
 
     def add(self, seq: Sequence) -> None:
-        if len(self.waiting) >= self.max_waiting:
-            raise ResourceExhausted(f"waiting queue full ({self.max_waiting}); retry later")
         self.waiting.append(seq)
 
     def schedule(self) -> ScheduledStep:
         step = ScheduledStep(prefill=[], decode=list(self.running), expired=self._expire())
-        budget = self.max_prefill_tokens
-        while self.waiting and len(self.running) < self.max_num_seqs:
+        budget = self.config.max_prefill_tokens
+        while self.waiting and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             # The first prefill of a step may exceed the token budget, so no prompt starves.
             if (step.prefill and len(seq.prompt_ids) > budget) or not self._make_room(seq):
@@ -82,59 +70,38 @@ class Scheduler:
         self._allocate(step.prefill + step.decode)
         return step
 
-    def kv_headroom(self) -> int:
-        """KV slots free and not promised to anyone."""
-        return self.pool.free_kv_slots() - self.promised
-
     def _make_room(self, seq: Sequence) -> bool:
-        kv_need = 2 * seq.max_total_tokens
+        kv_need = self.pool.kv_slots_for(seq.max_total_tokens)
         ad_need = self.adapters.missing_slots(seq.adapter)
         evictable = self.adapters.evictable_slots(keep=seq.adapter)
-        if self.pool.unified:
-            if kv_need + ad_need > self.kv_headroom() + evictable:
-                return False
-            target = self.promised + kv_need + ad_need
-        else:
-            if kv_need > self.kv_headroom() or ad_need > self.pool.free_adapter_slots() + evictable:
-                return False
-            target = ad_need
+        if not self.pool.can_fit_now(kv_need, ad_need, evictable):
+            return False
+        target = self.pool.adapter_free_target(kv_need, ad_need)
         self.adapters.evict_until_free(target, keep=seq.adapter)
         return True
 
     def _admit(self, seq: Sequence) -> None:
-        seq.max_slots = 2 * seq.max_total_tokens
-        self.promised += seq.max_slots
-        seq.table_row = self._free_rows.pop()
+        self.pool.promise_kv(self.pool.kv_slots_for(seq.max_total_tokens))
+        seq.table_row = self.kv_tables.take_row()
         if seq.adapter is not None:
             seq.resident = self.adapters.acquire(seq.adapter)
-        seq.status = SeqStatus.RUNNING
         seq.scheduled_at = time.monotonic()
         self.running.append(seq)
 
     def _allocate(self, seqs: list[Sequence]) -> None:
-        """Take this step's slots (two per new token) out of the requests' promises at once.
-
-        All requests' table entries are written by one indexed copy per table: per-request
-        slice writes would be two device copies per request, over a hundred launches a step
-        at batch 64."""
+        """Take this step's slots out of the requests' promises, for all of them at once."""
         counts = [(len(s.prompt_ids) if s.num_cached == 0 else 1) for s in seqs]
         total = sum(counts)
         if total == 0:
             return
-        slots = self.pool.alloc_kv(2 * total).to(torch.int32)
-        self.promised -= 2 * total
-        rows: list[int] = []
-        cols: list[int] = []
+        slots = self.pool.alloc_promised_kv(self.pool.kv_slots_for(total)).to(torch.int32)
+        starts = [s.num_allocated for s in seqs]
+        self.kv_tables.write([s.table_row for s in seqs], starts, counts, slots)
         for seq, n in zip(seqs, counts, strict=True):
-            rows.extend([seq.table_row] * n)
-            cols.extend(range(seq.num_allocated, seq.num_allocated + n))
             seq.num_allocated += n
-        index = torch.tensor([rows, cols], dtype=torch.long).to(self.k_table.device)
-        self.k_table[index[0], index[1]] = slots[:total]
-        self.v_table[index[0], index[1]] = slots[total:]
 
     def _prefetch(self) -> None:
-        spare = self.kv_headroom() if self.pool.unified else self.pool.free_adapter_slots()
+        spare = self.pool.prefetch_room()
         for seq in list(self.waiting)[:PREFETCH_WINDOW]:
             need = self.adapters.missing_slots(seq.adapter)
             if need and need <= spare and seq.adapter is not None:
@@ -156,12 +123,11 @@ class Scheduler:
         if seq not in self.running:
             return
         self.running.remove(seq)
-        n, row = seq.num_allocated, seq.table_row
+        n = seq.num_allocated
+        slots = self.kv_tables.release_row(seq.table_row, n)
         if n:
-            slots = torch.cat((self.k_table[row, :n], self.v_table[row, :n]))
-            self.pool.free_kv(slots.to(torch.int64))
-        self.promised -= seq.max_slots - 2 * n
-        self._free_rows.append(row)
+            self.pool.free_kv(slots)
+        self.pool.drop_promise(self.pool.kv_slots_for(seq.max_total_tokens - n))
         seq.table_row = -1
         if seq.resident is not None:
             self.adapters.release(seq.resident)

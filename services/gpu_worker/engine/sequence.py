@@ -24,12 +24,6 @@ class FinishReason(enum.Enum):
     ABORTED = "ABORTED"
 
 
-class SeqStatus(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
-
-
 @dataclass
 class StepOutput:
     """New tokens of one request since its last output; the last one carries the finish."""
@@ -60,13 +54,11 @@ class Sequence:
     on_output: Callable[[StepOutput], None]
     adapter: CanonicalAdapter | None = None
     max_total_tokens: int = 0  # prompt + tokens to come, capped by the model's context
-    status: SeqStatus = SeqStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose K/V are in the pool
     # Row of the engine's slot tables that lists its tokens' K and V slots; -1 until admitted.
     table_row: int = -1
     num_allocated: int = 0  # tokens that have slots
-    max_slots: int = 0  # KV slots promised at admission (two per token of max_total_tokens)
     resident: ResidentAdapter | None = None  # the adapter's weights in the pool, while running
     deadline: float | None = None  # monotonic time after which the caller no longer waits
     generator: torch.Generator | None = None
@@ -86,11 +78,10 @@ class Sequence:
     def output(
         self, token_ids: list[int], text: str, logprobs: list[float], finish: FinishReason | None
     ) -> StepOutput:
-        """An output for the client; a finishing one carries usage and marks the request done."""
+        """An output for the client; a finishing one carries usage."""
         out = StepOutput(self.request_id, token_ids, text, logprobs, finish_reason=finish)
         if finish is None:
             return out
-        self.status = SeqStatus.FINISHED
         now = time.monotonic()
         out.prompt_tokens = len(self.prompt_ids)
         out.completion_tokens = len(self.output_ids)

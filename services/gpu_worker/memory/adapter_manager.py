@@ -52,12 +52,13 @@ class AdapterManager:
         self.device = pool.buffer.device
         self._resident: OrderedDict[AdapterKey, ResidentAdapter] = OrderedDict()  # LRU first
         self._copies_of: Counter[str] = Counter()  # resident versions per adapter id
+        self._ids: tuple[str, ...] | None = None  # resident_ids, until residency changes
         self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.reset_counters()
 
     def reset_counters(self) -> None:
-        """Zero the hit, miss, eviction and load counts (benchmarks exclude their warm-up)."""
-        self.hits = self.misses = self.evictions = self.loads = 0
+        """Zero the hit, miss and eviction counts (benchmarks exclude their warm-up)."""
+        self.hits = self.misses = self.evictions = 0
 
     def slot_count(self, adapter: CanonicalAdapter) -> int:
         return adapter_slot_count(adapter, self.pool.width)
@@ -116,7 +117,7 @@ class AdapterManager:
             self._copy_in(packed.data, slots)
         self._resident[key] = resident
         self._copies_of[key.adapter_id] += 1
-        self.loads += 1
+        self._ids = None
         logger.info(
             "adapter %s v%d resident in %d slots", key.adapter_id, key.version, slots.numel()
         )
@@ -170,6 +171,7 @@ class AdapterManager:
     def _evict(self, key: AdapterKey) -> None:
         resident = self._resident.pop(key)
         self._copies_of[key.adapter_id] -= 1
+        self._ids = None
         if not self._copies_of[key.adapter_id]:
             del self._copies_of[key.adapter_id]
         if resident.ready is not None:
@@ -183,5 +185,9 @@ class AdapterManager:
         """Identities of the resident adapters, least recently used first."""
         return list(self._resident)
 
-    def resident_ids(self) -> list[str]:
-        return sorted({r.adapter_id for r in self._resident.values()})
+    def resident_ids(self) -> tuple[str, ...]:
+        """Ids of the resident adapters, sorted; kept between loads and evictions, since the
+        engine asks after every step."""
+        if self._ids is None:
+            self._ids = tuple(sorted({r.adapter_id for r in self._resident.values()}))
+        return self._ids

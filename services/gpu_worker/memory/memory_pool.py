@@ -7,6 +7,10 @@ means the same slot in every layer, so one index table serves the whole model. N
 ever allocated contiguously, so nothing fragments, and KV cache and adapters compete for the
 same slots. With `unified=False` (the benchmark's "no-unified-pool" ablation) the slots are
 split into two fixed regions, one for KV and one for adapters.
+
+The pool also keeps the ledger of promised KV slots (taken by admitted requests as their
+tokens arrive, and by nothing else) and answers the fit questions the engine asks: can a
+request ever fit, does it fit now, how much adapter memory must be freed for it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from services.gpu_worker.memory.slot_allocator import SlotAllocator
 
 CPU_DEFAULT_SLOTS = 32768  # a laptop-sized pool when no GPU memory can be measured
+KV_SLOTS_PER_TOKEN = 2  # a token's K and its V
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,7 @@ class UnifiedMemoryPool:
             self._adapters = SlotAllocator(adapter_region_slots, device, start=kv_count)
         self.kv_used = 0
         self.adapter_used = 0
+        self.promised = 0  # KV slots promised to admitted requests and not yet allocated
         self._scratch = 0
 
     @classmethod
@@ -67,6 +73,53 @@ class UnifiedMemoryPool:
             return CPU_DEFAULT_SLOTS
         free, _ = torch.cuda.mem_get_info(device)
         return cls.slots_for_memory(num_layers, width, dtype, int(free * fraction))
+
+    @staticmethod
+    def kv_slots_for(tokens: int) -> int:
+        """KV slots `tokens` tokens take."""
+        return KV_SLOTS_PER_TOKEN * tokens
+
+    def can_ever_fit(self, kv_slots: int, adapter_slots: int) -> bool:
+        """Whether a request needing these slots fits the pool when nothing else is in it."""
+        if self.unified:
+            return kv_slots + adapter_slots <= self.num_slots
+        return kv_slots <= self.kv_capacity() and adapter_slots <= self.adapter_capacity()
+
+    def can_fit_now(self, kv_slots: int, adapter_slots: int, evictable: int) -> bool:
+        """Whether these slots can be promised and allocated now, without breaking any promise,
+        once the `evictable` adapter slots are evicted."""
+        if self.unified:
+            return kv_slots + adapter_slots <= self.kv_headroom() + evictable
+        fits_kv = kv_slots <= self.kv_headroom()
+        return fits_kv and adapter_slots <= self.free_adapter_slots() + evictable
+
+    def adapter_free_target(self, kv_slots: int, adapter_slots: int) -> int:
+        """Free slots the adapter allocator must have (evicting if need be) to take these
+        slots on top of every promise."""
+        if self.unified:
+            return self.promised + kv_slots + adapter_slots
+        return adapter_slots
+
+    def prefetch_room(self) -> int:
+        """Adapter slots a prefetch may fill now without touching any promise."""
+        return self.kv_headroom() if self.unified else self.free_adapter_slots()
+
+    def kv_headroom(self) -> int:
+        """KV slots free and not promised to anyone."""
+        return self.free_kv_slots() - self.promised
+
+    def promise_kv(self, n: int) -> None:
+        self.promised += n
+
+    def alloc_promised_kv(self, n: int) -> torch.Tensor:
+        """n of the promised KV slots, allocated now."""
+        slots = self.alloc_kv(n)
+        self.promised -= n
+        return slots
+
+    def drop_promise(self, n: int) -> None:
+        """Forget n promised slots (a request ended before it took them)."""
+        self.promised -= n
 
     def free_kv_slots(self) -> int:
         return self._kv.num_free

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from services.common.adapter_events import DEFAULT_CHANNEL
 from services.common.base_model import DUMMY_PRESETS
@@ -14,13 +14,14 @@ from services.common.config import (
     metrics_port_field,
     port_field,
 )
+from services.gpu_worker.engine.config import EngineConfig
 
-DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 
-
-@dataclass
-class WorkerConfig:
+@dataclass(frozen=True)
+class WorkerConfig(EngineConfig):
     """Serve one base model and its LoRA adapters on one device."""
+
+    # EngineConfig's fields (the engine's settings, first in --help) come before these.
 
     host: str = host_field()
     port: int = port_field(50051)
@@ -36,14 +37,6 @@ class WorkerConfig:
         metadata={"help": "random weights from the folder's config.json and --seed"},
     )
     seed: int = field(default=0, metadata={"help": "seed of the dummy weights"})
-    device: str = field(default="auto", metadata={"help": "cuda, cuda:N, cpu, or auto"})
-    dtype: str = field(
-        default="auto",
-        metadata={
-            "help": "bfloat16, float16, float32, or auto (bf16 on GPU)",
-            "choices": DTYPE_CHOICES,
-        },
-    )
     adapters: list[str] = field(
         default_factory=list,
         metadata={"help": "PEFT folders as id=path or path, or a folder of PEFT folders"},
@@ -73,30 +66,6 @@ class WorkerConfig:
     host_cache_bytes: int = field(
         default=4 << 30, metadata={"help": "host-memory adapter cache bound, in bytes"}
     )
-    max_rank: int = field(default=128, metadata={"help": "largest LoRA rank accepted"})
-    pool_slots: int = field(
-        default=0,
-        metadata={
-            "help": "slots of the unified memory pool (a token's K or V takes one); "
-            "0 = size from --gpu-memory-fraction on a GPU, 32768 on the CPU"
-        },
-    )
-    gpu_memory_fraction: float = field(
-        default=0.85, metadata={"help": "share of free GPU memory the pool takes (pool_slots=0)"}
-    )
-    unified_pool: bool = field(
-        default=True,
-        metadata={"help": "KV cache and adapters share one pool (off: S-LoRA's no-unify ablation)"},
-    )
-    adapter_region_fraction: float = field(
-        default=0.25, metadata={"help": "share of the pool kept for adapters when not unified"}
-    )
-    max_num_seqs: int = field(
-        default=64, metadata={"help": "most requests running at once", "min": 1}
-    )
-    max_loras: int = field(
-        default=512, metadata={"help": "most adapters resident in the pool at once"}
-    )
     lora_backend: str = field(
         default="kernels",
         metadata={
@@ -104,18 +73,6 @@ class WorkerConfig:
             "graphs it pads to --max-rank, the graphs' static shape)",
             "choices": ("kernels", "bmm"),
         },
-    )
-    cuda_graphs: bool = field(
-        default=True, metadata={"help": "replay decode steps as CUDA graphs (GPU only)"}
-    )
-    max_prefill_tokens: int = field(
-        default=4096, metadata={"help": "prompt tokens admitted per step"}
-    )
-    max_waiting: int = field(
-        default=1024, metadata={"help": "waiting-queue bound (RESOURCE_EXHAUSTED beyond it)"}
-    )
-    max_model_len: int = field(
-        default=0, metadata={"help": "context length cap; 0 = the model's own"}
     )
     log_level: str = log_level_field()
     metrics_port: int = metrics_port_field()
@@ -134,9 +91,14 @@ class WorkerConfig:
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         # A preset has no weights to load: it is random by nature, whatever --dummy says.
         if self.model in DUMMY_PRESETS:
-            self.dummy = True
+            object.__setattr__(self, "dummy", True)
+
+    def engine_config(self) -> EngineConfig:
+        """The engine's part of this config."""
+        return EngineConfig(**{f.name: getattr(self, f.name) for f in fields(EngineConfig)})
 
     def check(self) -> None:
         """What would fail later, deep in start-up: `ConfigError` naming the setting."""

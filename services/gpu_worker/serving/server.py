@@ -6,10 +6,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-import torch
-
 from manylora.v1 import gpu_worker_pb2_grpc
-from services.common.base_model import BaseModelShape, load_hf_config
+from services.common.base_model import BaseModelShape
 from services.common.grpc_server import RunningServer, start_server, wait_for_signal_then
 from services.common.validation import add_servicer_leniently
 from services.gpu_worker.adapters.adapter_source import (
@@ -23,10 +21,8 @@ from services.gpu_worker.adapters.store_adapter_source import (
 )
 from services.gpu_worker.engine.engine import Engine
 from services.gpu_worker.engine.engine_loop import EngineLoop
-from services.gpu_worker.engine.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
-from services.gpu_worker.memory.memory_pool import UnifiedMemoryPool
-from services.gpu_worker.model.model_config import ModelConfig
-from services.gpu_worker.model.weights import build_dummy_model, load_hf_model
+from services.gpu_worker.engine.setup import build_engine, build_model, resolve_device
+from services.gpu_worker.engine.tokenizer import Tokenizer
 from services.gpu_worker.serving.config import WorkerConfig
 from services.gpu_worker.serving.heartbeat import start_heartbeat
 from services.gpu_worker.serving.metrics import serve_worker_metrics
@@ -34,64 +30,13 @@ from services.gpu_worker.serving.servicer import GpuWorkerServicer
 
 logger = logging.getLogger(__name__)
 SERVICE_NAME = "manylora.v1.GpuWorker"
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def resolve_device(config: WorkerConfig) -> tuple[torch.device, torch.dtype]:
-    if config.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(config.device)
-    if config.dtype == "auto":
-        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
-    if config.dtype not in _DTYPES:
-        raise ValueError(f"dtype {config.dtype!r} not one of {', '.join(_DTYPES)}, auto")
-    return device, _DTYPES[config.dtype]
-
-
-def build_engine(config: WorkerConfig) -> tuple[Engine, Tokenizer]:
+def build_worker_engine(config: WorkerConfig) -> tuple[Engine, Tokenizer]:
+    """The engine and the tokenizer of `config.model`, where `config` puts them."""
     device, dtype = resolve_device(config)
-    model_config = ModelConfig.from_hf(load_hf_config(config.model))
-    if config.dummy:
-        model = build_dummy_model(
-            model_config, config.seed, dtype, device, draw_on_device=device.type == "cuda"
-        )
-        tokenizer: Tokenizer = ByteTokenizer(model_config.vocab_size)
-    else:
-        model = load_hf_model(config.model, model_config, dtype, device)
-        tokenizer = HFTokenizer(config.model)
-    logger.info("model %s on %s in %s (dummy=%s)", config.model, device, dtype, config.dummy)
-    slots = pool_slots(config, model_config, dtype, device)
-    engine = Engine(
-        model,
-        pool_slots=slots,
-        max_num_seqs=config.max_num_seqs,
-        max_prefill_tokens=config.max_prefill_tokens,
-        max_waiting=config.max_waiting,
-        max_model_len=config.max_model_len or None,
-        unified_pool=config.unified_pool,
-        max_rank=config.max_rank,
-        max_loras=config.max_loras,
-        lora_backend=config.lora_backend,
-        adapter_region_slots=0
-        if config.unified_pool
-        else int(slots * config.adapter_region_fraction),
-    )
-    logger.info("memory pool: %d slots (unified=%s)", slots, config.unified_pool)
-    if device.type == "cuda" and config.cuda_graphs:
-        engine.capture_decode_graphs()
-    return engine, tokenizer
-
-
-def pool_slots(
-    config: WorkerConfig, model_config: ModelConfig, dtype: torch.dtype, device: torch.device
-) -> int:
-    if config.pool_slots:
-        return config.pool_slots
-    width = model_config.num_kv_heads * model_config.head_dim
-    return UnifiedMemoryPool.default_slots(
-        model_config.num_layers, width, dtype, device, config.gpu_memory_fraction
-    )
+    model, tokenizer = build_model(config.model, config.dummy, config.seed, device, dtype)
+    return build_engine(model, config.engine_config(), config.lora_backend), tokenizer
 
 
 def build_adapter_source(config: WorkerConfig, shape: BaseModelShape) -> AdapterSource:
@@ -126,8 +71,8 @@ class Worker:
 
 
 async def start_worker(config: WorkerConfig) -> Worker:
-    engine, tokenizer = build_engine(config)
-    adapters = build_adapter_source(config, engine.config.shape)
+    engine, tokenizer = build_worker_engine(config)
+    adapters = build_adapter_source(config, engine.model_config.shape)
     loop = EngineLoop(engine)
     loop.start()
     servicer = GpuWorkerServicer(loop, tokenizer, adapters, config.model)

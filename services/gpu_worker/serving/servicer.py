@@ -194,20 +194,21 @@ class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
         return stats
 
     def stats(self) -> gpu_worker_pb2.GetStatsResponse:
-        """Load, memory and adapter numbers; read on the event loop, like every engine read."""
-        engine = self._loop.engine
-        pool = engine.pool.stats()
+        """Load, memory and adapter numbers: the engine thread's last snapshot (never its live
+        structures) and the host cache's adapters."""
+        engine = self._loop.stats
+        pool = engine.pool
         return gpu_worker_pb2.GetStatsResponse(
-            running_requests=len(engine.scheduler.running),
-            waiting_requests=len(engine.scheduler.waiting),
+            running_requests=engine.running_requests,
+            waiting_requests=engine.waiting_requests,
             free_slots=pool.free_slots,
             total_slots=pool.total_slots,
             kv_slots=pool.kv_slots,
             adapter_slots=pool.adapter_slots,
-            resident_adapters=engine.adapters.resident_ids(),
+            resident_adapters=engine.resident_adapters,
             host_cached_adapters=self._adapters.cached_ids(),
-            adapter_cache_hits=engine.adapters.hits,
-            adapter_cache_misses=engine.adapters.misses,
-            adapter_evictions=engine.adapters.evictions,
+            adapter_cache_hits=engine.adapter_cache_hits,
+            adapter_cache_misses=engine.adapter_cache_misses,
+            adapter_evictions=engine.adapter_evictions,
             model=self._model_name,
         )

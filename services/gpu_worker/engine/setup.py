@@ -1,0 +1,62 @@
+"""Building an engine from its config: the one set-up path of the worker and the benchmarks."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from services.common.base_model import load_hf_config
+from services.gpu_worker.engine.config import EngineConfig
+from services.gpu_worker.engine.engine import Engine
+from services.gpu_worker.engine.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from services.gpu_worker.model.model import LlamaForCausalLM
+from services.gpu_worker.model.model_config import ModelConfig
+from services.gpu_worker.model.weights import build_dummy_model, load_hf_model
+
+logger = logging.getLogger(__name__)
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_device(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype `config` asks for; auto: CUDA when there is one."""
+    if config.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(config.device)
+    if config.dtype == "auto":
+        return device, auto_dtype(device)
+    return device, _DTYPES[config.dtype]
+
+
+def auto_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on the GPU, fp32 on the CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def build_model(
+    model: str, dummy: bool, seed: int, device: torch.device, dtype: torch.dtype
+) -> tuple[LlamaForCausalLM, Tokenizer]:
+    """The model of a Hugging Face folder or dummy preset `model`, and its tokenizer; with
+    `dummy`, random weights drawn from `seed` and a byte-level tokenizer."""
+    model_config = ModelConfig.from_hf(load_hf_config(model))
+    if dummy:
+        on_gpu = device.type == "cuda"
+        built = build_dummy_model(model_config, seed, dtype, device, draw_on_device=on_gpu)
+        tokenizer: Tokenizer = ByteTokenizer(model_config.vocab_size)
+    else:
+        built = load_hf_model(model, model_config, dtype, device)
+        tokenizer = HFTokenizer(model)
+    logger.info("model %s on %s in %s (dummy=%s)", model, device, dtype, dummy)
+    return built, tokenizer
+
+
+def build_engine(
+    model: LlamaForCausalLM, config: EngineConfig, lora_backend: str = "kernels"
+) -> Engine:
+    """An engine over `model`, its decode graphs captured when on CUDA and asked for."""
+    engine = Engine(model, config, lora_backend)
+    logger.info("memory pool: %d slots (unified=%s)", engine.pool.num_slots, config.unified_pool)
+    if engine.device.type == "cuda" and config.cuda_graphs:
+        engine.capture_decode_graphs()
+    return engine

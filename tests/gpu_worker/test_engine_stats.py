@@ -1,0 +1,93 @@
+"""Stats are a snapshot the engine thread publishes: GetStats, the heartbeat and the metrics
+(all `GpuWorkerServicer.stats`) never read the scheduler, the pool or the adapter manager,
+which the engine thread changes meanwhile."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from services.common.peft_adapter import load_peft_folder
+from services.common.random_adapters import save_random_peft_adapter
+from services.gpu_worker.adapters.adapter_source import LocalFolderAdapterSource
+from services.gpu_worker.engine.config import EngineConfig
+from services.gpu_worker.engine.engine import Engine
+from services.gpu_worker.engine.engine_loop import EngineLoop
+from services.gpu_worker.engine.sampling import SamplingOptions
+from services.gpu_worker.engine.sequence import Sequence, StepOutput
+from services.gpu_worker.engine.tokenizer import ByteTokenizer
+from services.gpu_worker.serving.servicer import GpuWorkerServicer
+from tests.oracle import TINY_MHA, build_pair
+
+REQUESTS, NEW_TOKENS = 6, 120
+
+
+class EngineThreadOnly:
+    """Stands in for one of the engine's live objects: any read off the engine thread fails."""
+
+    def __init__(self, target: Any):
+        object.__setattr__(self, "_target", target)
+
+    def __getattr__(self, name: str) -> Any:
+        thread = threading.current_thread().name
+        if thread != "engine":
+            raise AssertionError(f"{name} read on thread {thread!r}, off the engine thread")
+        return getattr(object.__getattribute__(self, "_target"), name)
+
+
+@pytest.fixture
+def running(tmp_path):
+    model = build_pair(TINY_MHA)[0]
+    shape = model.config.shape
+    adapters = [
+        load_peft_folder(save_random_peft_adapter(tmp_path / f"a{i}", shape, 8, seed=i), shape, 64)
+        for i in range(2)
+    ]
+    loop = EngineLoop(Engine(model, EngineConfig(pool_slots=4096, max_num_seqs=4)))
+    loop.start()
+    servicer = GpuWorkerServicer(
+        loop, ByteTokenizer(), LocalFolderAdapterSource({}, shape, 64), "tiny"
+    )
+    yield loop, servicer, adapters
+    loop.stop()
+
+
+def test_stats_never_touch_the_engine_while_it_runs(running):
+    loop, servicer, adapters = running
+    finished = threading.Event()
+    done: list[StepOutput] = []
+
+    def sink(out: StepOutput) -> None:
+        assert out.error is None, out.error
+        if out.finish_reason is not None:
+            done.append(out)
+            if len(done) == REQUESTS:
+                finished.set()
+
+    options = SamplingOptions(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    for i in range(REQUESTS):
+        prompt = list(range(3, 13 + i))
+        loop.submit(Sequence(f"r{i}", prompt, options, ByteTokenizer(), sink, adapters[i % 2]))
+    engine = loop.engine
+    # From here on, only the engine thread may read these (submit's check has been done).
+    for name in ("scheduler", "pool", "adapters"):
+        setattr(engine, name, EngineThreadOnly(getattr(engine, name)))
+    seen_running = 0
+    while not finished.is_set():
+        stats = servicer.stats()
+        total = stats.free_slots + stats.kv_slots + stats.adapter_slots
+        assert total == stats.total_slots == 4096  # one moment's numbers, never a torn read
+        assert stats.running_requests + stats.waiting_requests <= REQUESTS
+        seen_running = max(seen_running, stats.running_requests)
+        time.sleep(0.001)
+    assert seen_running > 0, "the engine finished before stats were read while it ran"
+    deadline = time.monotonic() + 5
+    while servicer.stats().kv_slots and time.monotonic() < deadline:
+        time.sleep(0.01)  # the snapshot after the last step
+    stats = servicer.stats()
+    assert (stats.running_requests, stats.waiting_requests, stats.kv_slots) == (0, 0, 0)
+    assert list(stats.resident_adapters) == ["a0", "a1"]
+    assert stats.adapter_cache_misses == 2 and stats.adapter_cache_hits == REQUESTS - 2
