@@ -16,7 +16,7 @@ from services.gpu_worker.engine.engine import Engine
 from services.gpu_worker.engine.sampling import SamplingOptions, sample
 from services.gpu_worker.engine.sequence import Sequence
 from services.gpu_worker.engine.tokenizer import ByteTokenizer
-from services.gpu_worker.model.fused_ops import set_fusion
+from services.gpu_worker.model.backends import ModelBackends
 from services.gpu_worker.model.model_config import ModelConfig
 from services.gpu_worker.model.weights import build_dummy_model
 
@@ -52,9 +52,11 @@ def main() -> None:
     parser.add_argument("--lora", action="store_true")
     parser.add_argument("--no-fuse", action="store_true", help="elementwise ops unfused")
     args = parser.parse_args()
-    set_fusion(not args.no_fuse)
     config = ModelConfig.from_hf(DUMMY_PRESETS["llama-7b"])
-    model = build_dummy_model(config, 0, torch.bfloat16, DEVICE, draw_on_device=True)
+    backends = ModelBackends.for_device(DEVICE, fuse_elementwise=not args.no_fuse)
+    model = build_dummy_model(
+        config, 0, torch.bfloat16, DEVICE, draw_on_device=True, backends=backends
+    )
     free, _ = torch.cuda.mem_get_info()
     slots = int(free * 0.5) // (config.num_layers * config.hidden_size * 2)
     engine = Engine(model, pool_slots=slots, max_num_seqs=args.batch)

@@ -7,9 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
+from benchmarks.baselines.bmm_lora import BmmLoraBackend
 from services.common.base_model import load_hf_config
 from services.gpu_worker.engine.engine import Engine
 from services.gpu_worker.memory.memory_pool import UnifiedMemoryPool
+from services.gpu_worker.model.lora_backend import LoraBackend
 from services.gpu_worker.model.model import LlamaForCausalLM
 from services.gpu_worker.model.model_config import ModelConfig
 from services.gpu_worker.model.weights import build_dummy_model
@@ -20,7 +22,7 @@ class EngineVariant:
     """Engine settings that the ablations change."""
 
     unified_pool: bool = True
-    lora_backend: str = "kernels"
+    lora_backend: str = "kernels"  # or "bmm": S-LoRA's padded-bmm baseline
 
     @property
     def label(self) -> str:
@@ -28,6 +30,14 @@ class EngineVariant:
         if self.lora_backend != "kernels":
             parts.append(self.lora_backend)
         return "-".join(parts) or "manylora"
+
+    def make_lora_backend(self) -> LoraBackend | None:
+        """The engine's LoRA backend: the baseline's, or None for the device's own."""
+        if self.lora_backend == "bmm":
+            return BmmLoraBackend()
+        if self.lora_backend != "kernels":
+            raise ValueError(f"lora backend {self.lora_backend!r} is not kernels or bmm")
+        return None
 
 
 @dataclass(frozen=True)
@@ -83,7 +93,7 @@ def build_engine(
         adapter_region_slots=region,
         max_rank=settings.max_rank,
         max_loras=settings.max_loras,
-        lora_backend=variant.lora_backend,
+        lora_backend=variant.make_lora_backend(),
     )
     if model.lm_head.weight.is_cuda and settings.cuda_graphs:
         engine.capture_decode_graphs()

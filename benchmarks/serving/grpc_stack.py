@@ -122,7 +122,6 @@ async def worker_and_router(
         device=device,
         adapter_store=store_target,
         unified_pool=variant.unified_pool,
-        lora_backend=variant.lora_backend,
         max_num_seqs=settings.max_num_seqs,
         max_loras=settings.max_loras,
         max_rank=settings.max_rank,
@@ -133,7 +132,7 @@ async def worker_and_router(
         max_waiting=ROUTER_BOUND,
         log_level="WARNING",
     )
-    worker = await start_worker(config)
+    worker = await start_worker(config, variant.make_lora_backend())
     try:
         router = await start_router(
             RouterConfig(

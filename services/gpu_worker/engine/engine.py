@@ -21,13 +21,15 @@ from services.common.errors import (
     status_details,
 )
 from services.gpu_worker.engine.decode_graphs import DecodeGraphs
-from services.gpu_worker.engine.forward_batch import ForwardBatch, LoraGroup
+from services.gpu_worker.engine.forward_batch import ForwardBatch
 from services.gpu_worker.engine.sampling import make_generator, sample
 from services.gpu_worker.engine.scheduler import PREFETCH_WINDOW, Scheduler
 from services.gpu_worker.engine.sequence import FinishReason, Sequence
 from services.gpu_worker.memory.adapter_manager import AdapterManager, ResidentAdapter
 from services.gpu_worker.memory.adapter_tables import MLP_PROJS, max_adapter_slots
 from services.gpu_worker.memory.memory_pool import UnifiedMemoryPool
+from services.gpu_worker.model.backends import lora_backend_for
+from services.gpu_worker.model.lora_backend import LoraBackend
 from services.gpu_worker.model.model import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -56,8 +58,10 @@ class Engine:
         adapter_region_slots: int = 0,
         max_rank: int = 128,
         max_loras: int = 512,
-        lora_backend: str = "kernels",
+        lora_backend: LoraBackend | None = None,
     ):
+        """`lora_backend`: how LoRA runs; the Triton kernels on CUDA, the torch reference
+        elsewhere, unless given."""
         self.model = model
         self.config = model.config
         weight = model.lm_head.weight
@@ -78,9 +82,7 @@ class Engine:
             self.pool, max_loras, max_adapter_slots(self.config, max_rank, self.pool.width)
         )
         self.max_rank = max_rank
-        if lora_backend not in ("kernels", "bmm"):
-            raise ValueError(f"lora_backend {lora_backend!r} is not kernels or bmm")
-        self.lora_backend = lora_backend
+        self.lora_backend = lora_backend or lora_backend_for(self.device)
         self.scheduler = Scheduler(
             self.pool,
             self.adapters,
@@ -213,12 +215,10 @@ class Engine:
         ids: list[int] = []
         positions: list[int] = []
         token_rows: list[int] = []
-        token_req: list[int] = []
-        token_idx: list[int] = []
         q_starts: list[int] = []
         q_lens: list[int] = []
         ctx_lens: list[int] = []
-        req_lora: list[int] = []
+        residents: list[ResidentAdapter | None] = [seq.resident for seq in seqs]
         max_rank, mlp_lora = 0, False
         for seq in seqs:
             new = seq.prompt_ids if seq.num_cached == 0 else seq.output_ids[-1:]
@@ -228,9 +228,6 @@ class Engine:
             ids.extend(new)
             positions.extend(range(seq.num_cached, seq.num_cached + len(new)))
             token_rows.extend([seq.table_row] * len(new))
-            token_req.extend([len(q_lens) - 1] * len(new))
-            token_idx.extend(range(len(new)))
-            req_lora.append(seq.resident.row if seq.resident else -1)
             if seq.resident is not None:
                 max_rank = max(max_rank, seq.resident.rank)
                 mlp_lora = mlp_lora or not MLP_PROJS.isdisjoint(seq.resident.segments)
@@ -254,7 +251,7 @@ class Engine:
             q_lens=ints(q_lens),
             ctx_lens=ints(ctx_lens),
             seq_lens=ints([c + n for c, n in zip(ctx_lens, q_lens, strict=True)]),
-            req_lora=ints(req_lora),
+            req_lora=ints([r.row if r is not None else -1 for r in residents]),
             pool=self.pool.buffer,
             k_table=sched.k_table,
             v_table=sched.v_table,
@@ -264,28 +261,10 @@ class Engine:
             max_q_len=max(q_lens, default=1),
             host_q_lens=q_lens,
             host_ctx_lens=ctx_lens,
-            token_req=torch.tensor(token_req, dtype=torch.long, device=device),
-            token_idx=torch.tensor(token_idx, dtype=torch.long, device=device),
             lora_backend=self.lora_backend,
-            lora_groups=self._lora_groups(seqs, q_starts, q_lens),
+            lora_plan=self.lora_backend.prepare(residents, q_lens, device),
             mlp_lora=mlp_lora,
         )
-
-    def _lora_groups(
-        self, seqs: list[Sequence], q_starts: list[int], q_lens: list[int]
-    ) -> list[LoraGroup]:
-        """Each adapter's token rows, for the CPU LoRA path, the only one that reads them. On
-        CUDA the kernels (and the bmm baseline) read the adapter tables instead, and building
-        these would cost one host-to-device copy per distinct adapter per step: more of them
-        the more adapters a batch mixes."""
-        if self.device.type != "cpu" or self.lora_backend != "kernels":
-            return []
-        groups: dict[int, tuple[ResidentAdapter, list[int]]] = {}
-        for seq, start, n in zip(seqs, q_starts, q_lens, strict=True):
-            if seq.resident is not None:
-                rows = groups.setdefault(seq.resident.row, (seq.resident, []))[1]
-                rows.extend(range(start, start + n))
-        return [LoraGroup(resident, torch.tensor(rows)) for resident, rows in groups.values()]
 
     def _append(self, seq: Sequence, token: int, logprob: float | None) -> None:
         seq.first_token_at = seq.first_token_at or time.monotonic()

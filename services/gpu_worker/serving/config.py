@@ -97,14 +97,6 @@ class WorkerConfig:
     max_loras: int = field(
         default=512, metadata={"help": "most adapters resident in the pool at once"}
     )
-    lora_backend: str = field(
-        default="kernels",
-        metadata={
-            "help": "kernels, or bmm: S-LoRA's padded-bmm baseline for benchmarks (inside CUDA "
-            "graphs it pads to --max-rank, the graphs' static shape)",
-            "choices": ("kernels", "bmm"),
-        },
-    )
     cuda_graphs: bool = field(
         default=True, metadata={"help": "replay decode steps as CUDA graphs (GPU only)"}
     )

@@ -25,6 +25,7 @@ from services.gpu_worker.engine.engine import Engine
 from services.gpu_worker.engine.engine_loop import EngineLoop
 from services.gpu_worker.engine.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 from services.gpu_worker.memory.memory_pool import UnifiedMemoryPool
+from services.gpu_worker.model.lora_backend import LoraBackend
 from services.gpu_worker.model.model_config import ModelConfig
 from services.gpu_worker.model.weights import build_dummy_model, load_hf_model
 from services.gpu_worker.serving.config import WorkerConfig
@@ -49,7 +50,11 @@ def resolve_device(config: WorkerConfig) -> tuple[torch.device, torch.dtype]:
     return device, _DTYPES[config.dtype]
 
 
-def build_engine(config: WorkerConfig) -> tuple[Engine, Tokenizer]:
+def build_engine(
+    config: WorkerConfig, lora_backend: LoraBackend | None = None
+) -> tuple[Engine, Tokenizer]:
+    """The engine and tokenizer `config` describes; LoRA through `lora_backend` when given
+    (a benchmark's baseline), else the device's."""
     device, dtype = resolve_device(config)
     model_config = ModelConfig.from_hf(load_hf_config(config.model))
     if config.dummy:
@@ -72,7 +77,7 @@ def build_engine(config: WorkerConfig) -> tuple[Engine, Tokenizer]:
         unified_pool=config.unified_pool,
         max_rank=config.max_rank,
         max_loras=config.max_loras,
-        lora_backend=config.lora_backend,
+        lora_backend=lora_backend,
         adapter_region_slots=0
         if config.unified_pool
         else int(slots * config.adapter_region_fraction),
@@ -125,8 +130,8 @@ class Worker:
         self.loop.stop()
 
 
-async def start_worker(config: WorkerConfig) -> Worker:
-    engine, tokenizer = build_engine(config)
+async def start_worker(config: WorkerConfig, lora_backend: LoraBackend | None = None) -> Worker:
+    engine, tokenizer = build_engine(config, lora_backend)
     adapters = build_adapter_source(config, engine.config.shape)
     loop = EngineLoop(engine)
     loop.start()
