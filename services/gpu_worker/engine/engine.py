@@ -36,8 +36,8 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class StepInfo:
-    """What one engine step ran: for benchmarks that time steps by kind."""
+class StepResult:
+    """What one engine step ran through the model."""
 
     prefill_seqs: int  # requests whose prompt went through the model in this step
     decode_seqs: int  # requests that decoded one token
@@ -92,7 +92,6 @@ class Engine:
             self.max_model_len,
         )
         self.steps = 0
-        self.last_step: StepInfo | None = None  # None after a step that ran nothing
         self.graphs: DecodeGraphs | None = None
 
     def capture_decode_graphs(self) -> None:
@@ -159,15 +158,15 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.scheduler.running or self.scheduler.waiting)
 
-    def step(self) -> None:
-        self.last_step = None
+    def step(self) -> StepResult | None:
+        """One step; what it ran, or None when no pass ran (nothing to run, or it failed)."""
         scheduled = self.scheduler.schedule()
         for seq in scheduled.expired:
             out = seq.output([], "", [], FinishReason.ABORTED)
             out.error = DeadlineExceeded("deadline passed while waiting; dropped before prefill")
             seq.on_output(out)
         if scheduled.empty:
-            return
+            return None
         seqs = scheduled.prefill + scheduled.decode
         try:
             batch = self.build_batch(seqs)
@@ -180,10 +179,10 @@ class Engine:
             fault = WorkerFault(status_details(f"engine step failed: {type(exc).__name__}: {exc}"))
             for seq in seqs:
                 self._fail(seq, fault)
-            return
+            return None
         self.steps += 1
         prefill, decode = len(scheduled.prefill), len(scheduled.decode)
-        self.last_step = StepInfo(prefill, decode, sum(batch.host_q_lens), graphs is not None)
+        result = StepResult(prefill, decode, sum(batch.host_q_lens), graphs is not None)
         for seq, token, logprob, error in zip(
             seqs, sampled.token_ids, sampled.logprobs, sampled.errors, strict=True
         ):
@@ -196,6 +195,7 @@ class Engine:
             except Exception as exc:  # e.g. its detokenizer or stop strings: its failure alone
                 logger.exception("request failed", extra={"request_id": seq.request_id})
                 self._fail(seq, Internal(f"request failed after a token: {type(exc).__name__}"))
+        return result
 
     def _fail(self, seq: Sequence, error: Exception) -> None:
         """End one request with `error`, freeing what it holds."""

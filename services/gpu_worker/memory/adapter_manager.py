@@ -53,11 +53,7 @@ class AdapterManager:
         self._resident: OrderedDict[AdapterKey, ResidentAdapter] = OrderedDict()  # LRU first
         self._copies_of: Counter[str] = Counter()  # resident versions per adapter id
         self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self.reset_counters()
-
-    def reset_counters(self) -> None:
-        """Zero the hit, miss, eviction and load counts (benchmarks exclude their warm-up)."""
-        self.hits = self.misses = self.evictions = self.loads = 0
+        self.hits = self.misses = self.evictions = self.loads = 0  # since it was made
 
     def slot_count(self, adapter: CanonicalAdapter) -> int:
         return adapter_slot_count(adapter, self.pool.width)
