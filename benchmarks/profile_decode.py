@@ -18,7 +18,7 @@ from services.gpu_worker.engine.sampling import SamplingOptions, sample
 from services.gpu_worker.engine.sequence import Sequence
 from services.gpu_worker.engine.setup import build_engine
 from services.gpu_worker.engine.tokenizer import ByteTokenizer
-from services.gpu_worker.model.fused_ops import set_fusion
+from services.gpu_worker.model.backends import ModelBackends
 from services.gpu_worker.model.model_config import ModelConfig
 from services.gpu_worker.model.weights import build_dummy_model
 
@@ -54,9 +54,11 @@ def main() -> None:
     parser.add_argument("--lora", action="store_true")
     parser.add_argument("--no-fuse", action="store_true", help="elementwise ops unfused")
     args = parser.parse_args()
-    set_fusion(not args.no_fuse)
     config = ModelConfig.from_hf(DUMMY_PRESETS["llama-7b"])
-    model = build_dummy_model(config, 0, torch.bfloat16, DEVICE, draw_on_device=True)
+    backends = ModelBackends.for_device(DEVICE, fuse_elementwise=not args.no_fuse)
+    model = build_dummy_model(
+        config, 0, torch.bfloat16, DEVICE, draw_on_device=True, backends=backends
+    )
     engine = build_engine(model, EngineConfig(gpu_memory_fraction=0.5, max_num_seqs=args.batch))
     for i in range(args.batch):
         adapter = random_adapter(config, RANKS[i % 4], i) if args.lora else None

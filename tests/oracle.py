@@ -15,6 +15,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from services.gpu_worker.model.backends import ModelBackends
 from services.gpu_worker.model.model import LlamaForCausalLM as OurLlama
 from services.gpu_worker.model.model_config import ModelConfig
 from services.gpu_worker.model.weights import build_dummy_model
@@ -62,11 +63,15 @@ MIXED_ADAPTERS = (
 )
 
 
-def build_pair(hf_config: dict[str, Any], seed: int = 0) -> tuple[OurLlama, LlamaForCausalLM]:
-    """Our model with seeded random weights, and HF's LlamaForCausalLM holding the same."""
+def build_pair(
+    hf_config: dict[str, Any], seed: int = 0, backends: ModelBackends | None = None
+) -> tuple[OurLlama, LlamaForCausalLM]:
+    """Our model with seeded random weights (computing with `backends`, the CPU's unless
+    given), and HF's LlamaForCausalLM holding the same."""
     ours = build_dummy_model(
-        ModelConfig.from_hf(hf_config), seed, torch.float32, torch.device("cpu")
-    )
+        ModelConfig.from_hf(hf_config), seed, torch.float32, torch.device("cpu"),
+        backends=backends,
+    )  # fmt: skip
     hf = LlamaForCausalLM(LlamaConfig(**hf_config))
     hf.load_state_dict(ours.state_dict())
     return ours, hf.eval()

@@ -9,9 +9,11 @@ from dataclasses import dataclass
 
 import torch
 
+from benchmarks.baselines.bmm_lora import BmmLoraBackend
 from services.gpu_worker.engine import setup
 from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.engine import Engine
+from services.gpu_worker.model.lora_backend import LoraBackend
 from services.gpu_worker.model.model import LlamaForCausalLM
 
 # The worker's waiting bound would refuse requests a slow variant queues up; the benchmark
@@ -24,7 +26,7 @@ class EngineVariant:
     """Engine settings that the ablations change."""
 
     unified_pool: bool = True
-    lora_backend: str = "kernels"
+    lora_backend: str = "kernels"  # or "bmm": S-LoRA's padded-bmm baseline
 
     @property
     def label(self) -> str:
@@ -39,6 +41,14 @@ class EngineVariant:
             config, unified_pool=self.unified_pool, max_waiting=UNBOUNDED_WAITING
         )
 
+    def make_lora_backend(self) -> LoraBackend | None:
+        """The engine's LoRA backend: the baseline's, or None for the device's own."""
+        if self.lora_backend == "bmm":
+            return BmmLoraBackend()
+        if self.lora_backend != "kernels":
+            raise ValueError(f"lora backend {self.lora_backend!r} is not kernels or bmm")
+        return None
+
 
 def build_model(preset: str, device: torch.device, seed: int = 0) -> LlamaForCausalLM:
     """A dummy preset's model with random weights, in the worker's dtype for `device`."""
@@ -47,7 +57,7 @@ def build_model(preset: str, device: torch.device, seed: int = 0) -> LlamaForCau
 
 
 def build_engine(model: LlamaForCausalLM, variant: EngineVariant, config: EngineConfig) -> Engine:
-    return setup.build_engine(model, variant.apply(config), variant.lora_backend)
+    return setup.build_engine(model, variant.apply(config), variant.make_lora_backend())
 
 
 def free_device_memory() -> None:

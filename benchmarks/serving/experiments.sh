@@ -30,8 +30,9 @@ grpc_trace=(--preset S1 --num-adapters 20 --rate 20 --duration 20 --timeout 100)
 
 run_one() {
   case $1 in
-    gpu_tests)  # the GPU tests of the engine, the kernels and the worker (about 75 s)
+    gpu_tests)  # the GPU tests of the engine, the kernels, the worker and the bmm baseline
       python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/gpu_worker \
+        tests/benchmarks/test_bmm_baseline.py \
         2>&1 | tee "$out/gpu_tests.log" | tail -25 ;;
     s1_adapters)  # 2,000+ adapters, no failures; throughput at 2,000 ≥ 95% of that at 5
       bench "$1" --preset S1 --num-adapters 5,100,1000,2000,4000 --rate 20 --duration 20 \

@@ -123,10 +123,9 @@ async def worker_and_router(
         port=0,
         model=model,
         adapter_store=store_target,
-        lora_backend=variant.lora_backend,
         log_level="WARNING",
     )
-    worker = await start_worker(config)
+    worker = await start_worker(config, variant.make_lora_backend())
     try:
         router = await start_router(
             RouterConfig(

@@ -93,11 +93,11 @@ def replay(
             sent += 1
         if engine.has_work():
             began = clock()
-            engine.step()
+            ran = engine.step()
             ended = clock()
             timeline.add(ended, engine.pool.stats())
             if steps is not None:
-                steps.add(ended - began, engine.last_step)
+                steps.add(ended - began, ran)
         elif sent < len(requests):
             wake = min(requests[sent].arrival_s, timeout_s or float("inf"))
             time.sleep(max(0.0, wake - clock()))
@@ -117,13 +117,11 @@ def _cut_off(engine: Engine, records: list[RequestRecord], sent: int) -> None:
 
 def warm_up(engine: Engine, adapters: list[CanonicalAdapter], prompt_lens: tuple[int, ...]) -> None:
     """Serve a few requests (each adapter given, each prompt length) before the timed run, so
-    that kernel compilation and first-call costs stay out of it; then forget them: their
-    adapters leave the pool and the cache counters start from zero."""
+    that kernel compilation and first-call costs stay out of it; then their adapters leave the
+    pool (the caller subtracts their cache counts, see runs.InProcess)."""
     prompts = [[3 + i % 256 for i in range(n)] for _ in adapters for n in prompt_lens]
     chosen: list[CanonicalAdapter | None] = [a for a in adapters for _ in prompt_lens]
     options = [SamplingOptions(max_new_tokens=4, ignore_eos=True)] * len(prompts)
     tokenizer = ByteTokenizer(engine.model_config.vocab_size)
     generate_offline(engine, tokenizer, prompts, options, chosen)
-    manager = engine.adapters
-    manager.evict_until_free(engine.pool.num_slots)  # more than can be free: evicts them all
-    manager.reset_counters()
+    engine.adapters.evict_until_free(engine.pool.num_slots)  # more than can be free: all go

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from services.gpu_worker.engine.engine import StepInfo
+from services.gpu_worker.engine.engine import StepResult
 from services.gpu_worker.memory.memory_pool import PoolStats
 
 
@@ -78,9 +78,9 @@ class StepLog:
     sampled tokens on the host, so its wall time includes its device time."""
 
     seconds: list[float] = field(default_factory=list)
-    infos: list[StepInfo] = field(default_factory=list)
+    infos: list[StepResult] = field(default_factory=list)
 
-    def add(self, seconds: float, info: StepInfo | None) -> None:
+    def add(self, seconds: float, info: StepResult | None) -> None:
         if info is not None:  # a step that ran nothing
             self.seconds.append(seconds)
             self.infos.append(info)

@@ -139,10 +139,11 @@ class InProcess:
         steps = StepLog()
         try:
             inprocess.warm_up(engine, extra, p.prompt_range)
+            hits0, misses0 = engine.adapters.hits, engine.adapters.misses  # the warm-up's
             records, duration, pool = inprocess.replay(
                 engine, trace, adapter_for, self.options.timeout_s, self.options.progress, steps
             )
-            hits, misses = engine.adapters.hits, engine.adapters.misses
+            hits, misses = engine.adapters.hits - hits0, engine.adapters.misses - misses0
         finally:
             del engine
             free_device_memory()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.serving.metrics import PoolTimeline, RequestRecord, StepLog, summarize
-from services.gpu_worker.engine.engine import StepInfo
+from services.gpu_worker.engine.engine import StepResult
 from services.gpu_worker.memory.memory_pool import PoolStats
 
 
@@ -68,9 +68,9 @@ def test_pool_timeline_summary_keeps_at_most_max_points() -> None:
 
 def test_step_log_splits_decode_and_mixed_steps() -> None:
     log = StepLog()
-    log.add(0.010, StepInfo(0, 4, 4, graph=True))
-    log.add(0.030, StepInfo(0, 4, 4, graph=False))
-    log.add(0.060, StepInfo(1, 3, 103, graph=False))  # a 100-token prompt joins 3 decodes
+    log.add(0.010, StepResult(0, 4, 4, graph=True))
+    log.add(0.030, StepResult(0, 4, 4, graph=False))
+    log.add(0.060, StepResult(1, 3, 103, graph=False))  # a 100-token prompt joins 3 decodes
     log.add(0.005, None)  # a step that ran nothing is not a step
     s = log.summary()
     assert s["decode"]["steps"] == 2 and s["mixed"]["steps"] == 1

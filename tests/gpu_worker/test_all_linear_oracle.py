@@ -22,7 +22,7 @@ from services.gpu_worker.engine.forward_batch import ForwardBatch
 from services.gpu_worker.engine.offline import generate_offline
 from services.gpu_worker.engine.sampling import SamplingOptions
 from services.gpu_worker.engine.tokenizer import ByteTokenizer
-from services.gpu_worker.model import lora
+from services.gpu_worker.model.lora_backend import LoraBackend, TritonLoraBackend
 from services.gpu_worker.model.model_config import ModelConfig
 from services.gpu_worker.model.weights import build_dummy_model
 from tests.gpu_worker.test_engine_oracle import _mixed_requests, check_engine_against_oracle
@@ -66,7 +66,13 @@ ALL_LINEAR_ADAPTERS = (
 NEW_TOKENS = 16
 
 
-def _run(hf_config: dict[str, Any], backend: str, new_tokens: int, folder: Path) -> None:
+def run_all_linear_batch(
+    hf_config: dict[str, Any],
+    new_tokens: int,
+    folder: Path,
+    lora_backend: LoraBackend | None = None,
+) -> None:
+    """ALL_LINEAR_ADAPTERS' batch through an engine with `lora_backend` (None: the device's)."""
     ours, hf = build_pair(hf_config)
     peft_model, paths = make_peft_adapters(hf, ALL_LINEAR_ADAPTERS, folder)
     shape = ours.config.shape
@@ -75,29 +81,20 @@ def _run(hf_config: dict[str, Any], backend: str, new_tokens: int, folder: Path)
     assert adapters["all-mixed"].lora_a["down_proj"].shape[1] == 8
     requests = _mixed_requests(list(adapters), seed=2)
 
-    engine = Engine(
-        ours, EngineConfig(pool_slots=8192, max_num_seqs=64, max_rank=64), lora_backend=backend
-    )
+    engine = Engine(ours, EngineConfig(pool_slots=8192, max_num_seqs=64, max_rank=64), lora_backend)
     check_engine_against_oracle(engine, peft_model, requests, adapters, new_tokens)
 
 
-@pytest.mark.parametrize("backend", ["kernels", "bmm"])
 @pytest.mark.parametrize("hf_config", [TINY_MHA, TINY_GQA], ids=["mha", "gqa"])
-def test_all_linear_adapter_batch_matches_hf_peft_greedy(
-    hf_config: dict[str, Any], backend: str, tmp_path: Path
-):
-    """`kernels` is the engine's own LoRA path (its torch form on the CPU); `bmm` is S-LoRA's
-    padded baseline."""
-    _run(hf_config, backend, NEW_TOKENS, tmp_path)
+def test_all_linear_adapter_batch_matches_hf_peft_greedy(hf_config: dict[str, Any], tmp_path: Path):
+    """The engine's own LoRA path (on the CPU its torch reference)."""
+    run_all_linear_batch(hf_config, NEW_TOKENS, tmp_path)
 
 
-def test_all_linear_batch_through_the_triton_kernels(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-):
+def test_all_linear_batch_through_the_triton_kernels(tmp_path: Path):
     """The same batch through the engine's Triton kernels (under the interpreter on the CPU),
     on the MHA model whose MLP rows lie over padded slots: a few tokens."""
-    monkeypatch.setattr(lora, "KERNELS_ON_CPU", True)
-    _run(TINY_MHA, "kernels", 3, tmp_path)
+    run_all_linear_batch(TINY_MHA, 3, tmp_path, TritonLoraBackend())
 
 
 def test_mlp_adapters_change_the_output(tmp_path: Path):
@@ -122,14 +119,13 @@ def test_mlp_adapters_change_the_output(tmp_path: Path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["kernels", "bmm"])
 @pytest.mark.parametrize("hf_config", [TINY_MHA, TINY_GQA], ids=["mha", "gqa"])
 def test_bf16_cuda_graphs_all_linear_batch_matches_hf_peft(
-    hf_config: dict[str, Any], backend: str, tmp_path: Path
+    hf_config: dict[str, Any], tmp_path: Path
 ):
     """The all-linear batch in bf16 on CUDA with decode graphs, against the fp32 oracle with
     test_gpu_oracle's teacher-forced tolerance."""
-    check_bf16_engine_against_oracle(hf_config, ALL_LINEAR_ADAPTERS, True, backend, tmp_path)
+    check_bf16_engine_against_oracle(hf_config, ALL_LINEAR_ADAPTERS, True, tmp_path)
 
 
 @pytest.mark.gpu

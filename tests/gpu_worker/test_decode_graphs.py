@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from services.gpu_worker.engine.config import EngineConfig
@@ -10,6 +11,7 @@ from services.gpu_worker.engine.engine import Engine
 from services.gpu_worker.engine.sampling import SamplingOptions
 from services.gpu_worker.engine.sequence import Sequence
 from services.gpu_worker.engine.tokenizer import ByteTokenizer
+from services.gpu_worker.model.lora_backend import TritonLoraBackend
 from tests.oracle import TINY_MHA, build_pair
 
 
@@ -25,7 +27,8 @@ def _decode_batch(engine: Engine, count: int):
 
 def test_padding_rows_are_harmless_and_reset_after_a_larger_batch():
     model, _ = build_pair(TINY_MHA)
-    engine = Engine(model, EngineConfig(pool_slots=2048, max_num_seqs=8))
+    # The graphs' LoRA backend must be graph-safe (the CPU's default is not); no adapter runs.
+    engine = Engine(model, EngineConfig(pool_slots=2048, max_num_seqs=8), TritonLoraBackend())
     graphs = DecodeGraphs(model, engine.build_batch([]), 8, (1000, 1001), max_rank=64)
     assert graphs.buckets == [1, 2, 4, 8]
 
@@ -47,3 +50,12 @@ def test_padding_rows_are_harmless_and_reset_after_a_larger_batch():
     attention_only = graphs._view(4, lora="attention")
     assert attention_only.max_rank == 64 and not attention_only.mlp_lora
     assert graphs._view(4, lora="none").max_rank == 0
+
+
+def test_a_backend_that_plans_per_batch_is_refused():
+    """The torch reference finds each adapter's rows through a per-batch plan, which a graph
+    would freeze at capture time: replays would silently skip LoRA."""
+    model, _ = build_pair(TINY_MHA)
+    engine = Engine(model, EngineConfig(pool_slots=2048, max_num_seqs=8))
+    with pytest.raises(ValueError, match="TorchLoraBackend cannot run inside CUDA graphs"):
+        DecodeGraphs(model, engine.build_batch([]), 8, (1000, 1001), max_rank=64)

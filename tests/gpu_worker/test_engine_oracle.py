@@ -16,6 +16,7 @@ from services.gpu_worker.engine.engine import Engine
 from services.gpu_worker.engine.offline import generate_offline
 from services.gpu_worker.engine.sampling import SamplingOptions
 from services.gpu_worker.engine.tokenizer import ByteTokenizer
+from services.gpu_worker.model.lora_backend import LoraBackend
 from tests.oracle import (
     MIXED_ADAPTERS,
     TINY_GQA,
@@ -66,21 +67,24 @@ def check_engine_against_oracle(
     assert engine.pool.kv_used == 0
 
 
-@pytest.mark.parametrize("backend", ["kernels", "bmm"])
-@pytest.mark.parametrize("hf_config", [TINY_MHA, TINY_GQA], ids=["mha", "gqa"])
-def test_mixed_adapter_batch_matches_hf_peft_greedy(
-    hf_config: dict[str, Any], backend: str, tmp_path: Path
-):
-    """`kernels` is the engine's own LoRA path (its torch form on the CPU); `bmm` is S-LoRA's
-    padded baseline, which the benchmarks compare against and which must be right too."""
+def run_mixed_batch(
+    hf_config: dict[str, Any], folder: Path, lora_backend: LoraBackend | None = None
+) -> None:
+    """MIXED_ADAPTERS' batch through an engine with `lora_backend` (None: the device's)."""
     ours, hf = build_pair(hf_config)
-    peft_model, paths = make_peft_adapters(hf, MIXED_ADAPTERS, tmp_path)
+    peft_model, paths = make_peft_adapters(hf, MIXED_ADAPTERS, folder)
     shape = ours.config.shape
     adapters = {name: load_peft_folder(path, shape, max_rank=64) for name, path in paths.items()}
     requests = _mixed_requests(list(adapters), seed=1)
 
-    engine = Engine(ours, EngineConfig(pool_slots=8192, max_num_seqs=64), lora_backend=backend)
+    engine = Engine(ours, EngineConfig(pool_slots=8192, max_num_seqs=64), lora_backend)
     check_engine_against_oracle(engine, peft_model, requests, adapters, NEW_TOKENS)
+
+
+@pytest.mark.parametrize("hf_config", [TINY_MHA, TINY_GQA], ids=["mha", "gqa"])
+def test_mixed_adapter_batch_matches_hf_peft_greedy(hf_config: dict[str, Any], tmp_path: Path):
+    """The engine's own LoRA path (on the CPU its torch reference)."""
+    run_mixed_batch(hf_config, tmp_path)
 
 
 def test_adapters_change_the_output(tmp_path: Path):

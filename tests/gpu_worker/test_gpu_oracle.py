@@ -21,6 +21,7 @@ from services.gpu_worker.engine.engine import Engine
 from services.gpu_worker.engine.offline import generate_offline
 from services.gpu_worker.engine.sampling import SamplingOptions
 from services.gpu_worker.engine.tokenizer import ByteTokenizer
+from services.gpu_worker.model.lora_backend import LoraBackend
 from services.gpu_worker.model.model_config import ModelConfig
 from services.gpu_worker.model.weights import build_dummy_model
 from tests.gpu_worker.test_engine_oracle import NEW_TOKENS, _mixed_requests
@@ -50,39 +51,34 @@ def _teacher_forced_logits(peft_model: Any, ids: list[int], adapter: str | None)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(
-    ("graphs", "backend"),
-    [(False, "kernels"), (True, "kernels"), (True, "bmm")],
-    ids=["eager", "cuda-graphs", "bmm-cuda-graphs"],
-)
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda-graphs"])
 @pytest.mark.parametrize("hf_config", [TINY_MHA, TINY_GQA], ids=["mha", "gqa"])
 def test_bf16_cuda_engine_matches_hf_peft_oracle(
-    hf_config: dict[str, Any], graphs: bool, backend: str, tmp_path: Path
+    hf_config: dict[str, Any], graphs: bool, tmp_path: Path
 ):
-    """`bmm` is S-LoRA's padded baseline that the serving benchmark compares against; it must
-    be as right as the kernels on the GPU too."""
-    check_bf16_engine_against_oracle(hf_config, MIXED_ADAPTERS, graphs, backend, tmp_path)
+    check_bf16_engine_against_oracle(hf_config, MIXED_ADAPTERS, graphs, tmp_path)
 
 
 def check_bf16_engine_against_oracle(
     hf_config: dict[str, Any],
     specs: tuple[AdapterSpec, ...],
     graphs: bool,
-    backend: str,
     folder: Path,
+    lora_backend: LoraBackend | None = None,
     new_tokens: int = NEW_TOKENS,
     device: str = "cuda",
     dtype: torch.dtype = torch.bfloat16,
 ) -> None:
     """The mixed batch of `specs` (see _mixed_requests) through a bf16 CUDA engine, each token
-    checked against the fp32 HF + PEFT oracle on our prefix (see the module docstring)."""
+    checked against the fp32 HF + PEFT oracle on our prefix (see the module docstring).
+    LoRA through `lora_backend` (None: the device's)."""
     _, hf = build_pair(hf_config)
     peft_model, paths = make_peft_adapters(hf, specs, folder)
     config = ModelConfig.from_hf(hf_config)
     ours = build_dummy_model(config, 0, dtype, torch.device(device))
     adapters = {n: load_peft_folder(p, config.shape, max_rank=64) for n, p in paths.items()}
     requests = _mixed_requests(list(adapters), seed=1)
-    engine = Engine(ours, EngineConfig(pool_slots=8192, max_num_seqs=64), lora_backend=backend)
+    engine = Engine(ours, EngineConfig(pool_slots=8192, max_num_seqs=64), lora_backend)
     if graphs:
         engine.capture_decode_graphs()
     options = SamplingOptions(max_new_tokens=new_tokens, ignore_eos=True, logprobs=True)
@@ -116,7 +112,8 @@ def check_bf16_engine_against_oracle(
         worst_margin = max(worst_margin, float(margin.max()))
         worst_logprob = max(worst_logprob, float(lp_err.max()))
     print(
-        f"\n[{hf_config['num_key_value_heads']} kv heads, graphs={graphs}, {backend}] "
+        f"\n[{hf_config['num_key_value_heads']} kv heads, graphs={graphs}, "
+        f"{type(engine.lora_backend).__name__}] "
         f"{full_matches}/{len(requests)} requests "
         f"equal the oracle's greedy run; oracle argmax on {exact}/{total} tokens; "
         f"worst margin {worst_margin:.4f}; worst logprob error {worst_logprob:.4f}"

@@ -26,7 +26,7 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
 # Fields of a batch with one entry per request (= per token, in decode): sliced per bucket.
 _PER_ROW = (
     "input_ids", "positions", "new_k_slots", "new_v_slots", "logits_rows", "req_rows",
-    "q_starts", "q_lens", "ctx_lens", "seq_lens", "req_lora", "token_req", "token_idx",
+    "q_starts", "q_lens", "ctx_lens", "seq_lens", "req_lora",
 )  # fmt: skip
 # The ones that change from step to step (the rest are fixed: row b is request b, one token).
 _COPIED_PER_STEP = ("input_ids", "positions", "new_k_slots", "new_v_slots", "req_rows",
@@ -45,6 +45,10 @@ def _lora_kind(batch: ForwardBatch) -> str:
 class DecodeGraphs:
     def __init__(self, model: LlamaForCausalLM, template: ForwardBatch, max_batch: int,
                  scratch_slots: tuple[int, int], max_rank: int):  # fmt: skip
+        if not template.lora_backend.cuda_graph_safe:
+            raise ValueError(
+                f"{type(template.lora_backend).__name__} cannot run inside CUDA graphs"
+            )
         self.model = model
         self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
         self.max_rank = max_rank
@@ -67,12 +71,10 @@ class DecodeGraphs:
             ctx_lens=buffer(torch.int32),
             seq_lens=buffer(torch.int32),
             req_lora=buffer(torch.int32, -1),
-            token_req=arange.clone(),
-            token_idx=torch.zeros(n, dtype=torch.long, device=device),
             max_q_len=1,
             host_q_lens=[],
             host_ctx_lens=[],
-            lora_groups=[],
+            lora_plan=None,  # a graph-safe backend plans nothing for a decode batch
         )
         self._scratch = scratch_slots
         self._graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}

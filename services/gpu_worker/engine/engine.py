@@ -23,7 +23,7 @@ from services.common.errors import (
 from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.decode_graphs import DecodeGraphs
 from services.gpu_worker.engine.engine_stats import EngineStats
-from services.gpu_worker.engine.forward_batch import ForwardBatch, LoraGroup
+from services.gpu_worker.engine.forward_batch import ForwardBatch
 from services.gpu_worker.engine.sampling import make_generator, sample
 from services.gpu_worker.engine.scheduler import Scheduler
 from services.gpu_worker.engine.sequence import FinishReason, Sequence
@@ -31,14 +31,16 @@ from services.gpu_worker.memory.adapter_manager import AdapterManager, ResidentA
 from services.gpu_worker.memory.adapter_tables import MLP_PROJS, max_adapter_slots
 from services.gpu_worker.memory.kv_slot_tables import KvSlotTables
 from services.gpu_worker.memory.memory_pool import UnifiedMemoryPool
+from services.gpu_worker.model.backends import lora_backend_for
+from services.gpu_worker.model.lora_backend import LoraBackend
 from services.gpu_worker.model.model import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class StepInfo:
-    """What one engine step ran: for benchmarks that time steps by kind."""
+class StepResult:
+    """What one engine step ran through the model."""
 
     prefill_seqs: int  # requests whose prompt went through the model in this step
     decode_seqs: int  # requests that decoded one token
@@ -48,12 +50,16 @@ class StepInfo:
 
 class Engine:
     """Continuous batching over `model`, on its device and in its dtype (`config.device` and
-    `config.dtype` tell setup.py where to build the model). `lora_backend`: kernels, or bmm,
-    S-LoRA's padded-bmm baseline for benchmarks."""
+    `config.dtype` tell setup.py where to build the model)."""
 
     def __init__(
-        self, model: LlamaForCausalLM, config: EngineConfig, lora_backend: str = "kernels"
+        self,
+        model: LlamaForCausalLM,
+        config: EngineConfig,
+        lora_backend: LoraBackend | None = None,
     ):
+        """`lora_backend`: how LoRA runs; the Triton kernels on CUDA, the torch reference
+        elsewhere, unless given."""
         self.model = model
         self.config = config
         self.model_config = model.config
@@ -69,13 +75,10 @@ class Engine:
             max_adapter_slots(self.model_config, config.max_rank, self.pool.width),
         )
         self.max_rank = config.max_rank
-        if lora_backend not in ("kernels", "bmm"):
-            raise ValueError(f"lora_backend {lora_backend!r} is not kernels or bmm")
-        self.lora_backend = lora_backend
+        self.lora_backend = lora_backend or lora_backend_for(self.device)
         self.kv_tables = KvSlotTables(config.max_num_seqs, self.max_model_len, self.device)
         self.scheduler = Scheduler(config, self.pool, self.adapters, self.kv_tables)
         self.steps = 0
-        self.last_step: StepInfo | None = None  # None after a step that ran nothing
         self.graphs: DecodeGraphs | None = None
 
     def _build_pool(self, config: EngineConfig) -> UnifiedMemoryPool:
@@ -175,15 +178,15 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.scheduler.running or self.scheduler.waiting)
 
-    def step(self) -> None:
-        self.last_step = None
+    def step(self) -> StepResult | None:
+        """One step; what it ran, or None when no pass ran (nothing to run, or it failed)."""
         scheduled = self.scheduler.schedule()
         for seq in scheduled.expired:
             out = seq.output([], "", [], FinishReason.ABORTED)
             out.error = DeadlineExceeded("deadline passed while waiting; dropped before prefill")
             seq.on_output(out)
         if scheduled.empty:
-            return
+            return None
         seqs = scheduled.prefill + scheduled.decode
         try:
             batch = self.build_batch(seqs)
@@ -196,10 +199,10 @@ class Engine:
             fault = WorkerFault(status_details(f"engine step failed: {type(exc).__name__}: {exc}"))
             for seq in seqs:
                 self._fail(seq, fault)
-            return
+            return None
         self.steps += 1
         prefill, decode = len(scheduled.prefill), len(scheduled.decode)
-        self.last_step = StepInfo(prefill, decode, sum(batch.host_q_lens), graphs is not None)
+        result = StepResult(prefill, decode, sum(batch.host_q_lens), graphs is not None)
         for seq, token, logprob, error in zip(
             seqs, sampled.token_ids, sampled.logprobs, sampled.errors, strict=True
         ):
@@ -212,6 +215,7 @@ class Engine:
             except Exception as exc:  # e.g. its detokenizer or stop strings: its failure alone
                 logger.exception("request failed", extra={"request_id": seq.request_id})
                 self._fail(seq, Internal(f"request failed after a token: {type(exc).__name__}"))
+        return result
 
     def _fail(self, seq: Sequence, error: Exception) -> None:
         """End one request with `error`, freeing what it holds."""
@@ -231,12 +235,10 @@ class Engine:
         ids: list[int] = []
         positions: list[int] = []
         token_rows: list[int] = []
-        token_req: list[int] = []
-        token_idx: list[int] = []
         q_starts: list[int] = []
         q_lens: list[int] = []
         ctx_lens: list[int] = []
-        req_lora: list[int] = []
+        residents: list[ResidentAdapter | None] = [seq.resident for seq in seqs]
         max_rank, mlp_lora = 0, False
         for seq in seqs:
             new = seq.prompt_ids if seq.num_cached == 0 else seq.output_ids[-1:]
@@ -246,9 +248,6 @@ class Engine:
             ids.extend(new)
             positions.extend(range(seq.num_cached, seq.num_cached + len(new)))
             token_rows.extend([seq.table_row] * len(new))
-            token_req.extend([len(q_lens) - 1] * len(new))
-            token_idx.extend(range(len(new)))
-            req_lora.append(seq.resident.row if seq.resident else -1)
             if seq.resident is not None:
                 max_rank = max(max_rank, seq.resident.rank)
                 mlp_lora = mlp_lora or not MLP_PROJS.isdisjoint(seq.resident.segments)
@@ -272,7 +271,7 @@ class Engine:
             q_lens=ints(q_lens),
             ctx_lens=ints(ctx_lens),
             seq_lens=ints([c + n for c, n in zip(ctx_lens, q_lens, strict=True)]),
-            req_lora=ints(req_lora),
+            req_lora=ints([r.row if r is not None else -1 for r in residents]),
             pool=self.pool.buffer,
             k_table=tables.k_table,
             v_table=tables.v_table,
@@ -282,28 +281,10 @@ class Engine:
             max_q_len=max(q_lens, default=1),
             host_q_lens=q_lens,
             host_ctx_lens=ctx_lens,
-            token_req=torch.tensor(token_req, dtype=torch.long, device=device),
-            token_idx=torch.tensor(token_idx, dtype=torch.long, device=device),
             lora_backend=self.lora_backend,
-            lora_groups=self._lora_groups(seqs, q_starts, q_lens),
+            lora_plan=self.lora_backend.prepare(residents, q_lens, device),
             mlp_lora=mlp_lora,
         )
-
-    def _lora_groups(
-        self, seqs: list[Sequence], q_starts: list[int], q_lens: list[int]
-    ) -> list[LoraGroup]:
-        """Each adapter's token rows, for the CPU LoRA path, the only one that reads them. On
-        CUDA the kernels (and the bmm baseline) read the adapter tables instead, and building
-        these would cost one host-to-device copy per distinct adapter per step: more of them
-        the more adapters a batch mixes."""
-        if self.device.type != "cpu" or self.lora_backend != "kernels":
-            return []
-        groups: dict[int, tuple[ResidentAdapter, list[int]]] = {}
-        for seq, start, n in zip(seqs, q_starts, q_lens, strict=True):
-            if seq.resident is not None:
-                rows = groups.setdefault(seq.resident.row, (seq.resident, []))[1]
-                rows.extend(range(start, start + n))
-        return [LoraGroup(resident, torch.tensor(rows)) for resident, rows in groups.values()]
 
     def _append(self, seq: Sequence, token: int, logprob: float | None) -> None:
         seq.first_token_at = seq.first_token_at or time.monotonic()

@@ -5,23 +5,18 @@ Per request b (in batch order): its rows of the flat batch are q_starts[b] .. + 
 at positions ctx_lens[b] .. ctx_lens[b] + q_lens[b] - 1; its token slots are row req_rows[b]
 of k_table / v_table; it uses adapter-table row req_lora[b] (-1: the base model). Device
 tensors drive the kernels; the host lists drive the CPU reference path and grid sizes.
+LoRA runs through `lora_backend`, the engine's, with what it prepared for this batch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from services.gpu_worker.memory.adapter_manager import ResidentAdapter
-
-
-@dataclass
-class LoraGroup:
-    """Rows of the flat batch that use one resident adapter (for the CPU path)."""
-
-    adapter: ResidentAdapter
-    rows: torch.Tensor
+if TYPE_CHECKING:
+    from services.gpu_worker.model.lora_backend import LoraBackend
 
 
 @dataclass
@@ -46,10 +41,8 @@ class ForwardBatch:
     max_q_len: int
     host_q_lens: list[int]
     host_ctx_lens: list[int]
-    token_req: torch.Tensor  # [T] int64: the request (batch index) each row belongs to
-    token_idx: torch.Tensor  # [T] int64: its index among that request's new tokens
-    lora_groups: list[LoraGroup] = field(default_factory=list)
-    lora_backend: str = "kernels"  # or "bmm": S-LoRA's padded-bmm baseline
+    lora_backend: LoraBackend
+    lora_plan: object = None  # what lora_backend.prepare built for this batch
     # Some adapter of the batch targets an MLP projection (gate, up or down): without one,
     # the MLP's LoRA launches are skipped.
     mlp_lora: bool = True

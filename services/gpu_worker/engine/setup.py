@@ -10,6 +10,7 @@ from services.common.base_model import load_hf_config
 from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.engine import Engine
 from services.gpu_worker.engine.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from services.gpu_worker.model.lora_backend import LoraBackend
 from services.gpu_worker.model.model import LlamaForCausalLM
 from services.gpu_worker.model.model_config import ModelConfig
 from services.gpu_worker.model.weights import build_dummy_model, load_hf_model
@@ -52,9 +53,10 @@ def build_model(
 
 
 def build_engine(
-    model: LlamaForCausalLM, config: EngineConfig, lora_backend: str = "kernels"
+    model: LlamaForCausalLM, config: EngineConfig, lora_backend: LoraBackend | None = None
 ) -> Engine:
-    """An engine over `model`, its decode graphs captured when on CUDA and asked for."""
+    """An engine over `model`, its decode graphs captured when on CUDA and asked for; LoRA
+    through `lora_backend` when given (a benchmark's baseline), else the device's."""
     engine = Engine(model, config, lora_backend)
     logger.info("memory pool: %d slots (unified=%s)", engine.pool.num_slots, config.unified_pool)
     if engine.device.type == "cuda" and config.cuda_graphs:

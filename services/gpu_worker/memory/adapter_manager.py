@@ -54,11 +54,7 @@ class AdapterManager:
         self._copies_of: Counter[str] = Counter()  # resident versions per adapter id
         self._ids: tuple[str, ...] | None = None  # resident_ids, until residency changes
         self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self.reset_counters()
-
-    def reset_counters(self) -> None:
-        """Zero the hit, miss and eviction counts (benchmarks exclude their warm-up)."""
-        self.hits = self.misses = self.evictions = 0
+        self.hits = self.misses = self.evictions = 0  # since it was made
 
     def slot_count(self, adapter: CanonicalAdapter) -> int:
         return adapter_slot_count(adapter, self.pool.width)

@@ -1,5 +1,6 @@
-"""The elementwise parts of a decoder layer (RMSNorm, rotary embedding, SiLU-gate), each one
-kernel on CUDA through torch.compile, plain torch elsewhere.
+"""The elementwise parts of a decoder layer (RMSNorm, rotary embedding, SiLU-gate): plain
+torch, or each one kernel through torch.compile. Which one a model uses is chosen once, when
+it is built (`ElementwiseOps`; compiled on CUDA by default, see backends.ModelBackends).
 
 At decode time the matrix products are few and large while the elementwise steps between
 them are many and tiny; unfused, a Llama-7B step launches over a thousand kernels whose fixed
@@ -10,18 +11,11 @@ versions (normalize in float32, scale in the input dtype, rotate-half RoPE).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-_enabled = True
-
-
-def set_fusion(enabled: bool) -> None:
-    """Turn the compiled CUDA versions on or off (benchmarks compare both)."""
-    global _enabled
-    _enabled = enabled
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -41,20 +35,35 @@ def silu_mul_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def _on_cuda(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+Op = Callable[..., torch.Tensor]
+
+
+def _compiled(fn: Op) -> Op:
+    """`fn` through torch.compile, compiled at its first call (every model shares it)."""
     compiled: Callable[..., Any] | None = None
 
-    def call(x: torch.Tensor, *args: Any) -> torch.Tensor:
+    def call(*args: Any) -> torch.Tensor:
         nonlocal compiled
-        if not (_enabled and x.is_cuda):
-            return fn(x, *args)
         if compiled is None:
             compiled = torch.compile(fn, dynamic=True, fullgraph=True)
-        return compiled(x, *args)
+        return compiled(*args)
 
     return call
 
 
-rms_norm = _on_cuda(rms_norm_ref)
-rotary = _on_cuda(rotary_ref)
-silu_mul = _on_cuda(silu_mul_ref)
+_COMPILED = (_compiled(rms_norm_ref), _compiled(rotary_ref), _compiled(silu_mul_ref))
+
+
+@dataclass(frozen=True)
+class ElementwiseOps:
+    rms_norm: Op
+    rotary: Op
+    silu_mul: Op
+
+    @classmethod
+    def plain(cls) -> ElementwiseOps:
+        return cls(rms_norm_ref, rotary_ref, silu_mul_ref)
+
+    @classmethod
+    def compiled(cls) -> ElementwiseOps:
+        return cls(*_COMPILED)

@@ -1,9 +1,9 @@
 """Llama-architecture decoder (Llama 1/2/3, Mistral, Qwen2) over a flat batch of tokens.
 
 Parameter names follow Hugging Face's `LlamaForCausalLM`, so a checkpoint loads by name.
-Attention and LoRA go through `attention.attend` and `lora.shrink`/`lora.expand`, which pick
-the Triton kernels on CUDA and their torch references elsewhere. LoRA may target any of the
-seven linear layers of a decoder layer (q, k, v, o, gate, up, down).
+Attention and the elementwise ops go through the model's `ModelBackends` (chosen when it is
+built), LoRA through the batch's `lora_backend` (chosen by the engine). LoRA may target any of
+the seven linear layers of a decoder layer (q, k, v, o, gate, up, down).
 """
 
 from __future__ import annotations
@@ -15,19 +15,21 @@ from torch import nn
 
 from services.gpu_worker.engine.forward_batch import ForwardBatch
 from services.gpu_worker.memory.adapter_tables import DOWN, GATE_UP, O_PROJ, QKV
-from services.gpu_worker.model import attention, fused_ops, lora
+from services.gpu_worker.model.backends import ModelBackends
+from services.gpu_worker.model.fused_ops import ElementwiseOps
 from services.gpu_worker.model.model_config import ModelConfig
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, ops: ElementwiseOps):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalize in float32 and scale in the input dtype, as Hugging Face does.
-        return fused_ops.rms_norm(x, self.weight, self.eps)
+        return self.ops.rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -51,9 +53,10 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int):
+    def __init__(self, config: ModelConfig, layer: int, backends: ModelBackends):
         super().__init__()
         self.layer = layer
+        self.attention, self.ops = backends.attention, backends.elementwise
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dim = config.head_dim
         hidden, q_dim = config.hidden_size, config.num_heads * config.head_dim
@@ -68,14 +71,15 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         tokens, layer = x.shape[0], self.layer
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        lora = batch.lora_backend
         if batch.max_rank:
             y = lora.shrink(x, batch, layer, QKV)
             for i, out in enumerate((q, k, v)):
                 lora.expand(out, y, i, batch, layer, proj=QKV[i])
-        q = fused_ops.rotary(q.view(tokens, self.num_heads, self.head_dim), cos, sin)
-        k = fused_ops.rotary(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
+        q = self.ops.rotary(q.view(tokens, self.num_heads, self.head_dim), cos, sin)
+        k = self.ops.rotary(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
-        attn = attention.attend(layer, q, k, v, batch).reshape(tokens, -1)
+        attn = self.attention.attend(layer, q, k, v, batch).reshape(tokens, -1)
         out = self.o_proj(attn)
         if batch.max_rank:
             lora.expand(out, lora.shrink(attn, batch, layer, O_PROJ), 0, batch, layer, O_PROJ[0])
@@ -83,9 +87,10 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int):
+    def __init__(self, config: ModelConfig, layer: int, ops: ElementwiseOps):
         super().__init__()
         self.layer = layer
+        self.ops = ops
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
@@ -94,11 +99,12 @@ class MLP(nn.Module):
         gate, up = self.gate_proj(x), self.up_proj(x)
         # Batches whose adapters all leave the MLP alone skip its LoRA launches altogether.
         with_lora = batch.max_rank > 0 and batch.mlp_lora
+        lora = batch.lora_backend
         if with_lora:
             y = lora.shrink(x, batch, self.layer, GATE_UP)
             lora.expand(gate, y, 0, batch, self.layer, proj=GATE_UP[0])
             lora.expand(up, y, 1, batch, self.layer, proj=GATE_UP[1])
-        hidden = fused_ops.silu_mul(gate, up)
+        hidden = self.ops.silu_mul(gate, up)
         out = self.down_proj(hidden)
         if with_lora:
             y = lora.shrink(hidden, batch, self.layer, DOWN)
@@ -107,12 +113,13 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int):
+    def __init__(self, config: ModelConfig, layer: int, backends: ModelBackends):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config, layer)
+        ops = backends.elementwise
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+        self.self_attn = Attention(config, layer, backends)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+        self.mlp = MLP(config, layer, ops)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch
@@ -124,11 +131,13 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     inv_freq: torch.Tensor
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, backends: ModelBackends):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, backends) for i in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, backends.elementwise)
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
@@ -142,10 +151,13 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, backends: ModelBackends | None = None):
+        """`backends`: how attention and the elementwise ops run; the torch references unless
+        given (the builders in weights.py choose them for the model's device)."""
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        self.backends = backends or ModelBackends.reference()
+        self.model = LlamaModel(config, self.backends)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 

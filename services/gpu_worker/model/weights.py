@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from services.gpu_worker.model.backends import ModelBackends
 from services.gpu_worker.model.model import LlamaForCausalLM
 from services.gpu_worker.model.model_config import ModelConfig
 
@@ -30,11 +31,16 @@ def _checkpoint_files(folder: Path) -> list[Path]:
 
 
 def load_hf_model(
-    folder: str | Path, config: ModelConfig, dtype: torch.dtype, device: torch.device
+    folder: str | Path,
+    config: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    backends: ModelBackends | None = None,
 ) -> LlamaForCausalLM:
-    """Load (sharded or single-file) safetensors weights, tensor by tensor, onto `device`."""
+    """Load (sharded or single-file) safetensors weights, tensor by tensor, onto `device`.
+    `backends`: those of `device` unless given."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(config, backends or ModelBackends.for_device(device))
     model.to_empty(device=device)
     model.to(dtype)
     model.tie_weights()
@@ -72,15 +78,17 @@ def build_dummy_model(
     device: torch.device,
     std: float = 0.02,
     draw_on_device: bool = False,
+    backends: ModelBackends | None = None,
 ) -> LlamaForCausalLM:
     """Random weights from `seed` (S-LoRA's benchmark setting): the same seed, the same model.
 
     By default weights are drawn on the CPU in float32, so the model is the same on every
     device (tests compare against a CPU oracle). `draw_on_device` draws them on `device`
     instead: much faster for 7B-sized models, but only reproducible on that kind of device.
+    `backends`: those of `device` unless given.
     """
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(config, backends or ModelBackends.for_device(device))
     model.to_empty(device=device)
     model.to(dtype)
     model.tie_weights()

@@ -66,14 +66,6 @@ class WorkerConfig(EngineConfig):
     host_cache_bytes: int = field(
         default=4 << 30, metadata={"help": "host-memory adapter cache bound, in bytes"}
     )
-    lora_backend: str = field(
-        default="kernels",
-        metadata={
-            "help": "kernels, or bmm: S-LoRA's padded-bmm baseline for benchmarks (inside CUDA "
-            "graphs it pads to --max-rank, the graphs' static shape)",
-            "choices": ("kernels", "bmm"),
-        },
-    )
     log_level: str = log_level_field()
     metrics_port: int = metrics_port_field()
     registry_redis_url: str = field(

@@ -23,6 +23,7 @@ from services.gpu_worker.engine.engine import Engine
 from services.gpu_worker.engine.engine_loop import EngineLoop
 from services.gpu_worker.engine.setup import build_engine, build_model, resolve_device
 from services.gpu_worker.engine.tokenizer import Tokenizer
+from services.gpu_worker.model.lora_backend import LoraBackend
 from services.gpu_worker.serving.config import WorkerConfig
 from services.gpu_worker.serving.heartbeat import start_heartbeat
 from services.gpu_worker.serving.metrics import serve_worker_metrics
@@ -32,11 +33,14 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = "manylora.v1.GpuWorker"
 
 
-def build_worker_engine(config: WorkerConfig) -> tuple[Engine, Tokenizer]:
-    """The engine and the tokenizer of `config.model`, where `config` puts them."""
+def build_worker_engine(
+    config: WorkerConfig, lora_backend: LoraBackend | None = None
+) -> tuple[Engine, Tokenizer]:
+    """The engine and the tokenizer of `config.model`, where `config` puts them; LoRA through
+    `lora_backend` when given (a benchmark's baseline), else the device's."""
     device, dtype = resolve_device(config)
     model, tokenizer = build_model(config.model, config.dummy, config.seed, device, dtype)
-    return build_engine(model, config.engine_config(), config.lora_backend), tokenizer
+    return build_engine(model, config.engine_config(), lora_backend), tokenizer
 
 
 def build_adapter_source(config: WorkerConfig, shape: BaseModelShape) -> AdapterSource:
@@ -70,8 +74,8 @@ class Worker:
         self.loop.stop()
 
 
-async def start_worker(config: WorkerConfig) -> Worker:
-    engine, tokenizer = build_worker_engine(config)
+async def start_worker(config: WorkerConfig, lora_backend: LoraBackend | None = None) -> Worker:
+    engine, tokenizer = build_worker_engine(config, lora_backend)
     adapters = build_adapter_source(config, engine.model_config.shape)
     loop = EngineLoop(engine)
     loop.start()

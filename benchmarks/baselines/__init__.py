@@ -1,0 +1,1 @@
+"""Baselines the benchmarks compare manylora against, built on the engine's interfaces."""

@@ -1,0 +1,154 @@
+"""LoRA on a batch that mixes adapters of different ranks and rows with no adapter, as an
+object chosen once per engine (see `backends.lora_backend_for`).
+
+Both backends here read each adapter's A and Bᵀ from the unified pool, with no padding to the
+largest rank: `TritonLoraBackend` through the adapter tables (the kernels of kernels/lora.py),
+`TorchLoraBackend` through each adapter's slot list, one matrix product per adapter present
+(the plain-torch reference, the CPU's path). A backend may need per-batch data beyond the
+tables: `prepare` builds it once per batch, and the batch carries it as `lora_plan`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
+
+import torch
+
+from services.gpu_worker.memory.adapter_manager import ResidentAdapter
+from services.gpu_worker.memory.adapter_tables import PROJ_INDEX
+
+if TYPE_CHECKING:
+    from services.gpu_worker.engine.forward_batch import ForwardBatch
+
+_PROJ_NAME = {i: name for name, i in PROJ_INDEX.items()}
+
+
+class LoraBackend(ABC):
+    """shrink then expand: y = x @ Aᵀ, out += y @ Bᵀ, each row with its own adapter."""
+
+    # A CUDA graph can capture shrink and expand of a decode batch: they copy nothing to the
+    # device, read nothing back, and need no plan for it (`prepare` gives None), since the
+    # graphs' static batch carries none. The decode graphs refuse a backend that is not.
+    cuda_graph_safe: bool = True
+
+    def prepare(
+        self, residents: Sequence[ResidentAdapter | None], q_lens: Sequence[int],
+        device: torch.device,
+    ) -> object:  # fmt: skip
+        """What this backend needs of a batch beyond the adapter tables, given each request's
+        resident adapter (None: the base model) and its count of new tokens, in batch order."""
+        return None
+
+    @abstractmethod
+    def shrink(
+        self, x: torch.Tensor, batch: ForwardBatch, layer: int, projs: tuple[int, ...]
+    ) -> torch.Tensor:
+        """y [T, len(projs), max_rank] = x @ Aᵀ of each row's adapter, for the projections
+        given (q, k, v share x, and so do gate and up: each group shrinks at once)."""
+
+    @abstractmethod
+    def expand(
+        self, out: torch.Tensor, y: torch.Tensor, y_index: int, batch: ForwardBatch, layer: int,
+        proj: int,
+    ) -> torch.Tensor:  # fmt: skip
+        """out [T, out_features] += y[:, y_index] @ Bᵀ of each row's adapter, in place."""
+
+
+class TritonLoraBackend(LoraBackend):
+    """The Triton kernels, reading the adapter tables; CUDA-graph safe."""
+
+    def __init__(self) -> None:
+        # Imported here, not at module load: Triton reads TRITON_INTERPRET when a kernel is
+        # defined, and a CPU worker never needs it.
+        from kernels.lora import lora_expand, lora_shrink
+
+        self._shrink, self._expand = lora_shrink, lora_expand
+
+    def shrink(
+        self, x: torch.Tensor, batch: ForwardBatch, layer: int, projs: tuple[int, ...]
+    ) -> torch.Tensor:
+        return self._shrink(x, batch.pool[layer], batch.lora_slots, batch.lora_meta,
+                            batch.req_lora, batch.q_starts, batch.q_lens, projs, batch.max_rank,
+                            batch.max_q_len)  # fmt: skip
+
+    def expand(
+        self, out: torch.Tensor, y: torch.Tensor, y_index: int, batch: ForwardBatch, layer: int,
+        proj: int,
+    ) -> torch.Tensor:  # fmt: skip
+        return self._expand(y, y_index, out, batch.pool[layer], batch.lora_slots,
+                            batch.lora_meta, batch.req_lora, batch.q_starts, batch.q_lens, proj,
+                            batch.max_q_len)  # fmt: skip
+
+
+@dataclass
+class LoraGroup:
+    """Rows of the flat batch that use one resident adapter."""
+
+    adapter: ResidentAdapter
+    rows: torch.Tensor
+
+
+def _weight(pool: torch.Tensor, adapter: ResidentAdapter, proj: int, b_side: bool) -> torch.Tensor:
+    """A [rank, in] (or Bᵀ [rank, out]) of one adapter for one layer's pool [num_slots, W]."""
+    seg = adapter.segments[_PROJ_NAME[proj]]
+    start, length = (seg.b_start, seg.b_len) if b_side else (seg.a_start, seg.a_len)
+    dim = seg.out_features if b_side else seg.in_features
+    rows = pool.index_select(0, adapter.slots[start : start + length]).view(seg.rank, -1)
+    return rows[:, :dim]  # each row's last slot is padded when dim is not a multiple of W
+
+
+class TorchLoraBackend(LoraBackend):
+    """Plain torch, one matrix product per adapter present in the batch: the reference.
+
+    Its plan is each adapter's token rows, built per batch: on a GPU that would cost one
+    host-to-device copy per distinct adapter per step, and a CUDA graph cannot capture it."""
+
+    cuda_graph_safe = False
+
+    def prepare(
+        self, residents: Sequence[ResidentAdapter | None], q_lens: Sequence[int],
+        device: torch.device,
+    ) -> list[LoraGroup]:  # fmt: skip
+        groups: dict[int, tuple[ResidentAdapter, list[int]]] = {}
+        start = 0
+        for resident, n in zip(residents, q_lens, strict=True):
+            if resident is not None:
+                rows = groups.setdefault(resident.row, (resident, []))[1]
+                rows.extend(range(start, start + n))
+            start += n
+        return [
+            LoraGroup(resident, torch.tensor(rows, device=device))
+            for resident, rows in groups.values()
+        ]
+
+    def shrink(
+        self, x: torch.Tensor, batch: ForwardBatch, layer: int, projs: tuple[int, ...]
+    ) -> torch.Tensor:
+        pool = batch.pool[layer]
+        y = torch.zeros(x.shape[0], len(projs), batch.max_rank, dtype=x.dtype, device=x.device)
+        for group in _groups(batch):
+            rows = x.index_select(0, group.rows)
+            for i, proj in enumerate(projs):
+                if _PROJ_NAME[proj] in group.adapter.segments:
+                    a = _weight(pool, group.adapter, proj, b_side=False)
+                    y[group.rows, i, : a.shape[0]] = rows @ a.t()
+        return y
+
+    def expand(
+        self, out: torch.Tensor, y: torch.Tensor, y_index: int, batch: ForwardBatch, layer: int,
+        proj: int,
+    ) -> torch.Tensor:  # fmt: skip
+        pool = batch.pool[layer]
+        for group in _groups(batch):
+            if _PROJ_NAME[proj] in group.adapter.segments:
+                bt = _weight(pool, group.adapter, proj, b_side=True)
+                shrunk = y.index_select(0, group.rows)[:, y_index, : bt.shape[0]]
+                out.index_add_(0, group.rows, shrunk @ bt)
+        return out
+
+
+def _groups(batch: ForwardBatch) -> list[LoraGroup]:
+    return cast(list[LoraGroup], batch.lora_plan)
