@@ -18,7 +18,7 @@ from manylora.v1 import common_pb2, router_pb2_grpc
 from services.client import AsyncManyloraClient
 from services.common.base_model import BaseModelShape, load_hf_config
 from services.common.random_adapters import save_random_peft_adapter
-from tests.openai_front.conftest import ADAPTERS, BASE, Served
+from tests.openai_front.conftest import ADAPTERS, BASE, Served, openai_client, start_front
 
 PROMPT = "Once upon a time"
 TOKENS = 16
@@ -236,3 +236,13 @@ async def test_models_lists_the_base_and_every_adapter_with_pinned_versions(
     assert answers[0] != answers[1]
     with pytest.raises(NotFoundError, match="ad8@3"):
         await client.completions.create(model="ad8@3", prompt=PROMPT, max_tokens=2)
+
+
+async def test_a_router_without_a_store_lists_the_base_model_alone(served: Served):
+    router = await served.stack.start_router(adapter_store="")
+    front = await start_front(router.port)
+    try:
+        async with openai_client(front) as client:
+            assert [m.id for m in (await client.models.list()).data] == [BASE]
+    finally:
+        await front.stop()
