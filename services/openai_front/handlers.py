@@ -103,7 +103,7 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     data = await request.read()  # bounded by the app's client_max_size (413 beyond)
     try:
         body = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
         raise bad_request("the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")

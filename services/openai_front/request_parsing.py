@@ -13,6 +13,8 @@ one rule holds for every caller.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,23 +70,36 @@ class ParsedRequest:
 
 def parse_completion(body: Body, base_model: str) -> ParsedRequest:
     refuse_unsupported(body, COMPLETION_FIELDS, COMPLETION_DEFAULT_ONLY)
-    request = common_pb2.GenerateRequest()
-    _set_prompt(request, body.get("prompt"))
-    max_tokens = integer(body, "max_tokens", COMPLETIONS_DEFAULT_MAX_TOKENS, 1, MAX_UINT32)
-    logprobs = _completion_logprobs(body)
-    return _finish(body, request, base_model, max_tokens, logprobs)
+    with _unicode_checked():
+        request = common_pb2.GenerateRequest()
+        _set_prompt(request, body.get("prompt"))
+        max_tokens = integer(body, "max_tokens", COMPLETIONS_DEFAULT_MAX_TOKENS, 1, MAX_UINT32)
+        logprobs = _completion_logprobs(body)
+        return _finish(body, request, base_model, max_tokens, logprobs)
 
 
 def parse_chat(body: Body, base_model: str, default_max_tokens: int) -> ParsedRequest:
     refuse_unsupported(body, CHAT_FIELDS, CHAT_DEFAULT_ONLY)
-    request = common_pb2.GenerateRequest()
-    request.chat.messages.extend(_messages(body.get("messages")))
-    max_tokens = integer(body, "max_tokens", None, 1, MAX_UINT32)
-    max_completion = integer(body, "max_completion_tokens", None, 1, MAX_UINT32)
-    if max_tokens is not None and max_completion is not None and max_tokens != max_completion:
-        raise bad_request("max_tokens and max_completion_tokens differ; give one", "max_tokens")
-    chosen = max_completion or max_tokens or default_max_tokens or MAX_UINT32
-    return _finish(body, request, base_model, chosen, boolean(body, "logprobs"))
+    with _unicode_checked():
+        request = common_pb2.GenerateRequest()
+        request.chat.messages.extend(_messages(body.get("messages")))
+        max_tokens = integer(body, "max_tokens", None, 1, MAX_UINT32)
+        max_completion = integer(body, "max_completion_tokens", None, 1, MAX_UINT32)
+        if max_tokens is not None and max_completion is not None and max_tokens != max_completion:
+            raise bad_request("max_tokens and max_completion_tokens differ; give one", "max_tokens")
+        chosen = max_completion or max_tokens or default_max_tokens or MAX_UINT32
+        return _finish(body, request, base_model, chosen, boolean(body, "logprobs"))
+
+
+@contextlib.contextmanager
+def _unicode_checked() -> Iterator[None]:
+    """JSON may escape a lone surrogate (`"\\ud800"`), which protobuf strings refuse."""
+    try:
+        yield
+    except UnicodeEncodeError:
+        raise bad_request(
+            "a string of the body is not valid Unicode (it holds a lone surrogate escape)"
+        ) from None
 
 
 def _finish(

@@ -93,6 +93,15 @@ async def test_malformed_http_is_openai_json(served: Served):
         cases = [
             ("POST", "/completions", b"{not json", 400),
             ("POST", "/completions", b"[1, 2]", 400),
+            ("POST", "/completions", b"[" * 100_000 + b"]" * 100_000, 400),
+            ("POST", "/completions", b'{"model": "tiny", "prompt": "a\\ud800"}', 400),
+            (
+                "POST",
+                "/chat/completions",
+                b'{"model": "tiny", "messages": [{"role": "user", "content": "\\udfff"}]}',
+                400,
+            ),
+            ("POST", "/completions", b'{"model": "tiny", "prompt": "a", "stop": "\\ud800"}', 400),
             ("POST", "/engines/x/completions", b"{}", 404),
             ("GET", "/completions", b"", 405),
             ("POST", "/completions", b"{" + b" " * (9 << 20) + b"}", 413),
