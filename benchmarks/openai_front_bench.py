@@ -236,12 +236,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name, value in asdict(defaults).items():
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=value)
     parser.add_argument("--rounds", type=int, default=3, help="reported rounds of each path")
+    parser.add_argument(
+        "--worker-threads", type=int, default=1,
+        help="torch threads of the worker (0: one per core); 1 leaves a core to the relays",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, help="append the runs and the ratio as JSON lines")
     args = parser.parse_args(argv)
     workload = Workload(**{name: getattr(args, name) for name in asdict(defaults)})
-    with running_stack(MODEL) as stack:
+    with running_stack(MODEL, args.worker_threads) as stack:
         results = asyncio.run(compare(stack, workload, args.rounds))
-    summary = {"workload": asdict(workload), "rounds": args.rounds, **ratio(results)}
+    summary = {
+        "workload": asdict(workload),
+        "rounds": args.rounds,
+        "worker_threads": args.worker_threads,
+        **ratio(results),
+    }
     print(json.dumps(summary), flush=True)
     if args.out:
         with args.out.open("a") as out:

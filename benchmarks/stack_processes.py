@@ -44,8 +44,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _spawn(module: str, *args: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'protos'}"}
+def _spawn(
+    module: str, *args: str, env_extra: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'protos'}", **(env_extra or {})}
     command = [sys.executable, "-m", module, *args, "--log-level", "WARNING"]
     return subprocess.Popen(command, cwd=REPO, env=env)
 
@@ -82,9 +84,9 @@ def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
 
 
 @contextlib.contextmanager
-def running_stack(
-    model: str = "tiny", worker_args: tuple[str, ...] = ()
-) -> Iterator[StackAddresses]:
+def running_stack(model: str = "tiny", worker_threads: int = 0) -> Iterator[StackAddresses]:
+    """`worker_threads`: torch's intra-op threads in the worker (OMP_NUM_THREADS); 0 = its
+    default, one per core."""
     ports = {name: free_port() for name in ("store", "worker", "router", "front")}
     addresses = StackAddresses(
         store=f"127.0.0.1:{ports['store']}",
@@ -103,7 +105,7 @@ def running_stack(
             processes.append(_spawn(
                 "services.gpu_worker", "--port", str(ports["worker"]), "--model", model,
                 "--device", "cpu", "--adapter-store", addresses.store, "--max-waiting", BIG,
-                *worker_args,
+                env_extra={"OMP_NUM_THREADS": str(worker_threads)} if worker_threads else None,
             ))  # fmt: skip
             _wait_grpc(addresses.worker, "manylora.v1.GpuWorker")
             processes.append(_spawn(
