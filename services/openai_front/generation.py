@@ -39,9 +39,7 @@ def _finished(response: common_pb2.GenerateResponse) -> bool:
     return response.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
 
 
-async def answer_whole(
-    parsed: ParsedRequest, shape: Shape, responses: Responses, tracker: StreamTracker
-) -> web.Response:
+async def answer_whole(shape: Shape, responses: Responses, tracker: StreamTracker) -> web.Response:
     texts: list[str] = []
     token_ids: list[int] = []
     logprobs: list[float] = []

@@ -63,7 +63,7 @@ class Routes:
             async with tracked(tracker), contextlib.aclosing(responses):
                 if parsed.stream:
                     return await answer_stream(request, parsed, shape, responses, tracker)
-                return await answer_whole(parsed, shape, responses, tracker)
+                return await answer_whole(shape, responses, tracker)
         except ApiError as exc:
             if exc.status == 404:  # the store does not know the adapter the model names
                 exc.message = (

@@ -154,15 +154,14 @@ class ChatShape(Shape):
         finish: str | None,
         streaming: bool,
     ) -> dict[str, Any]:
-        key, value = ("delta", {"content": text}) if streaming else ("message", None)
-        if value is None:
-            value = {"role": "assistant", "content": text}
-        return {
-            "index": 0,
-            key: value,
-            "logprobs": self._logprobs(token_ids, logprobs),
-            "finish_reason": finish,
-        }
+        choice: dict[str, Any] = {"index": 0}
+        if streaming:
+            choice["delta"] = {"content": text}
+        else:
+            choice["message"] = {"role": "assistant", "content": text}
+        choice["logprobs"] = self._logprobs(token_ids, logprobs)
+        choice["finish_reason"] = finish
+        return choice
 
     def _logprobs(self, token_ids: Sequence[int], logprobs: Sequence[float]) -> Any:
         if not self.logprobs:
