@@ -198,6 +198,7 @@ async def test_stream_wire_format_ends_with_done(served: Served):
         "model": "ad8",
         "prompt": PROMPT,
         "max_tokens": 4,
+        "ignore_eos": True,  # sampled (temperature 1): an early EOS would end it sooner
         "stream": True,
         "stream_options": {"include_usage": True},
     }
