@@ -1,5 +1,6 @@
 # One image for every manylora service; the command picks the service:
 #   python -m services.router | services.gpu_worker | services.adapter_store
+#   python -m services.openai_front                            (the OpenAI HTTP API, port 8000)
 #   python -m services.client "prompt" --target HOST:PORT     (a client, for a quick try)
 #   python -m services.common.healthcheck HOST:PORT SERVICE   (container health checks)
 # The base is a CUDA build of PyTorch (the worker needs it; the store uses torch to validate
@@ -26,5 +27,5 @@ COPY kernels/ kernels/
 RUN pip install --no-deps . && python -c "import services.router, manylora.v1"
 
 # Each service reads MANYLORA_* variables (see each service's --help).
-EXPOSE 50050 50051 50052 9100 9101 9102
+EXPOSE 8000 50050 50051 50052 9100 9101 9102
 CMD ["python", "-m", "services.router", "--help"]

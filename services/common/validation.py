@@ -18,6 +18,7 @@ import grpc
 from google.protobuf import descriptor, descriptor_pb2, descriptor_pool, message, message_factory
 
 from manylora.v1 import common_pb2
+from services.common.chat_messages import check_chat
 from services.common.errors import InvalidArgument
 from services.common.ids import MAX_ADAPTER_ID_LENGTH, adapter_id_problem
 from services.common.sampling_params import check_sampling_params
@@ -66,11 +67,14 @@ def check_adapter_id(adapter_id: str) -> None:
 
 
 def check_input(request: common_pb2.GenerateRequest) -> None:
-    """The prompt is there, not empty and bounded (its length against the model is the
-    worker's check)."""
+    """The prompt (text, token ids or chat) is there, not empty and bounded (its length
+    against the model is the worker's check)."""
     kind = request.WhichOneof("input")
     if kind is None:
-        raise InvalidArgument("one of prompt or prompt_token_ids is required")
+        raise InvalidArgument("one of prompt, prompt_token_ids or chat is required")
+    if kind == "chat":
+        check_chat(request.chat)
+        return
     if kind == "prompt":
         size = len(request.prompt)
         limit, what = MAX_PROMPT_CHARS, "characters"

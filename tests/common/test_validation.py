@@ -27,6 +27,13 @@ def _params(**fields: object) -> common_pb2.SamplingParams:
     return common_pb2.SamplingParams(**{"max_new_tokens": 4, **fields})  # type: ignore[arg-type]
 
 
+def _chat(*messages: tuple[str, str]) -> common_pb2.GenerateRequest:
+    chat = common_pb2.ChatPrompt(
+        messages=[common_pb2.ChatMessage(role=r, content=c) for r, c in messages]
+    )
+    return common_pb2.GenerateRequest(chat=chat, params=_params())
+
+
 @pytest.mark.parametrize(
     ("request_", "needle"),
     [
@@ -55,6 +62,12 @@ def _params(**fields: object) -> common_pb2.SamplingParams:
         (_request(params=_params(top_p=float("nan"))), "top_p"),
         (_request(params=_params(top_p=1.5)), "top_p"),
         (_request(params=common_pb2.SamplingParams()), "max_new_tokens"),
+        (_chat(), "chat.messages is empty"),
+        (_chat(("user", "hi"), ("tool", "42")), r"chat.messages[1].role 'tool'"),
+        (_chat(("r" * 10_000, "hi")), "chat.messages[0].role"),
+        (_chat(*[("user", "hi")] * 1025), "1025 messages"),
+        (_chat(("system", "x" * (1 << 19)), ("user", "y" * ((1 << 19) + 1))), "characters"),
+        (common_pb2.GenerateRequest(params=_params()), "one of prompt"),
     ],
 )
 def test_bad_fields_are_refused_by_name_with_a_short_message(request_, needle):
@@ -70,6 +83,8 @@ def test_bad_fields_are_refused_by_name_with_a_short_message(request_, needle):
         _request(request_id="any printable ASCII: ~!@#$%^&*()", adapter_id="my.adapter-1_x"),
         _request(params=_params(temperature=1e-45, top_p=1e-45, top_k=2**32 - 1, seed=2**64 - 1)),
         _request(params=_params(max_new_tokens=2**32 - 1, stop=["", "x" * 128] + ["y"] * 14)),
+        _chat(("system", ""), ("user", "x" * (1 << 20))),
+        _chat(*[("user", "q"), ("assistant", "a")] * 512),
     ],
 )
 def test_extreme_but_valid_requests_pass(request_):
@@ -97,6 +112,7 @@ def _with_bad_utf8(request: common_pb2.GenerateRequest, marker: str) -> bytes:
         (_request(request_id="RID"), "RID", "request_id"),
         (_request(adapter_id="ADAPTER"), "ADAPTER", "adapter_id"),
         (_request(params=_params(stop=["ok", "STOP"])), "STOP", "params.stop[1]"),
+        (_chat(("user", "hi"), ("user", "CONTENT")), "CONTENT", "chat.messages.content"),
     ],
 )
 def test_invalid_utf8_is_named_by_field(request_, marker, field):

@@ -18,6 +18,7 @@ from manylora.v1 import adapter_store_pb2, gpu_worker_pb2, router_pb2
 from services.adapter_store.config import AdapterStoreConfig
 from services.common.config import load_config
 from services.gpu_worker.serving.config import WorkerConfig
+from services.openai_front.config import OpenAIFrontConfig
 from services.router.config import RouterConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,6 +32,7 @@ START_ORDER = {
     "adapter_store": {"redis"},
     "gpu_worker": {"adapter_store", "redis"},
     "router": {"gpu_worker", "adapter_store", "redis"},
+    "openai_front": {"router"},
 }
 _VARIABLE = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 
@@ -76,7 +78,7 @@ def test_compose_config_validates_where_compose_exists():
 
 
 def test_compose_structure(services: dict[str, Any]):
-    assert set(services) == {"redis", *OURS}
+    assert set(services) == {"redis", "openai_front", *OURS}
     for name, service in services.items():
         test = service["healthcheck"]["test"]
         assert test[0] in ("CMD", "CMD-SHELL") and len(test) > 1, name
@@ -113,6 +115,23 @@ def test_our_services_run_real_modules_with_real_settings(services: dict[str, An
     for key in ("MANYLORA_REDIS_URL", "MANYLORA_REGISTRY_REDIS_URL"):
         if key in env:
             assert env[key].startswith("redis://redis:6379/")
+
+
+def test_openai_front_serves_the_routers_model_over_http(services: dict[str, Any]):
+    service = services["openai_front"]
+    command = service["command"]
+    assert command[:2] == ["python", "-m"] and importlib.util.find_spec(command[2]), command
+    env = {key: defaults(str(value)) for key, value in service["environment"].items()}
+    config = load_config(OpenAIFrontConfig, argv=[], env=env)
+    config.check()
+    assert set(env) <= {f"MANYLORA_{field.upper()}" for field in vars(config)}
+    host, port = config.router.split(":")
+    assert host == "router" and int(port) == int(services["router"]["environment"]["MANYLORA_PORT"])
+    worker_model = defaults(services["gpu_worker"]["environment"]["MANYLORA_MODEL"])
+    assert config.model == worker_model
+    assert f"{config.port}:{config.port}" in service["ports"]
+    assert f"http://127.0.0.1:{config.port}/health" in " ".join(service["healthcheck"]["test"])
+    assert service["build"] == "."
 
 
 def test_routers_find_workers(services: dict[str, Any]):

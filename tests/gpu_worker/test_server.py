@@ -88,7 +88,7 @@ async def test_concurrent_streams_for_different_adapters_all_finish(stub):
         ),
         (
             common_pb2.GenerateRequest(params=common_pb2.SamplingParams(max_new_tokens=1)),
-            "prompt or prompt_token_ids is required",
+            "prompt, prompt_token_ids or chat is required",
         ),
         (
             common_pb2.GenerateRequest(

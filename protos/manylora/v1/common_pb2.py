@@ -24,29 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18manylora/v1/common.proto\x12\x0bmanylora.v1\"\xc3\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x42\x07\n\x05_seed\"\xd3\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\x37\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x1b.manylora.v1.PromptTokenIdsH\x00\x12+\n\x06params\x18\x05 \x01(\x0b\x32\x1b.manylora.v1.SamplingParams\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x06 \x01(\x04\x42\x07\n\x05input\"\x1d\n\x0ePromptTokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"p\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rqueue_time_ms\x18\x03 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x04 \x01(\x01\"\xc7\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.manylora.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.manylora.v1.Usage\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x07 \x01(\x04\"\xbf\x01\n\x0b\x41\x64\x61pterInfo\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\r\n\x05\x61lpha\x18\x04 \x01(\x02\x12\x0f\n\x07scaling\x18\x05 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x06 \x03(\t\x12\x12\n\nbase_model\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x12\n\nsize_bytes\x18\t \x01(\x04\x12\x0e\n\x06sha256\x18\n \x01(\t\"<\n\x13ListAdaptersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"[\n\x14ListAdaptersResponse\x12*\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x18.manylora.v1.AdapterInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*Y\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\n\n\x06LENGTH\x10\x01\x12\x08\n\x04STOP\x10\x02\x12\x07\n\x03\x45OS\x10\x03\x12\x0b\n\x07\x41\x42ORTED\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18manylora/v1/common.proto\x12\x0bmanylora.v1\"\xc3\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x42\x07\n\x05_seed\"\xfc\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\x37\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x1b.manylora.v1.PromptTokenIdsH\x00\x12\'\n\x04\x63hat\x18\x07 \x01(\x0b\x32\x17.manylora.v1.ChatPromptH\x00\x12+\n\x06params\x18\x05 \x01(\x0b\x32\x1b.manylora.v1.SamplingParams\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x06 \x01(\x04\x42\x07\n\x05input\"\x1d\n\x0ePromptTokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"8\n\nChatPrompt\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.manylora.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"p\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rqueue_time_ms\x18\x03 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x04 \x01(\x01\"\xc7\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.manylora.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.manylora.v1.Usage\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x07 \x01(\x04\"\xbf\x01\n\x0b\x41\x64\x61pterInfo\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\r\n\x05\x61lpha\x18\x04 \x01(\x02\x12\x0f\n\x07scaling\x18\x05 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x06 \x03(\t\x12\x12\n\nbase_model\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x12\n\nsize_bytes\x18\t \x01(\x04\x12\x0e\n\x06sha256\x18\n \x01(\t\"<\n\x13ListAdaptersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"[\n\x14ListAdaptersResponse\x12*\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x18.manylora.v1.AdapterInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*Y\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\n\n\x06LENGTH\x10\x01\x12\x08\n\x04STOP\x10\x02\x12\x07\n\x03\x45OS\x10\x03\x12\x0b\n\x07\x41\x42ORTED\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'manylora.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1149
-  _globals['_FINISHREASON']._serialized_end=1238
+  _globals['_FINISHREASON']._serialized_start=1294
+  _globals['_FINISHREASON']._serialized_end=1383
   _globals['_SAMPLINGPARAMS']._serialized_start=42
   _globals['_SAMPLINGPARAMS']._serialized_end=237
   _globals['_GENERATEREQUEST']._serialized_start=240
-  _globals['_GENERATEREQUEST']._serialized_end=451
-  _globals['_PROMPTTOKENIDS']._serialized_start=453
-  _globals['_PROMPTTOKENIDS']._serialized_end=482
-  _globals['_USAGE']._serialized_start=484
-  _globals['_USAGE']._serialized_end=596
-  _globals['_GENERATERESPONSE']._serialized_start=599
-  _globals['_GENERATERESPONSE']._serialized_end=798
-  _globals['_ADAPTERINFO']._serialized_start=801
-  _globals['_ADAPTERINFO']._serialized_end=992
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=994
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1054
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1056
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1147
+  _globals['_GENERATEREQUEST']._serialized_end=492
+  _globals['_PROMPTTOKENIDS']._serialized_start=494
+  _globals['_PROMPTTOKENIDS']._serialized_end=523
+  _globals['_CHATPROMPT']._serialized_start=525
+  _globals['_CHATPROMPT']._serialized_end=581
+  _globals['_CHATMESSAGE']._serialized_start=583
+  _globals['_CHATMESSAGE']._serialized_end=627
+  _globals['_USAGE']._serialized_start=629
+  _globals['_USAGE']._serialized_end=741
+  _globals['_GENERATERESPONSE']._serialized_start=744
+  _globals['_GENERATERESPONSE']._serialized_end=943
+  _globals['_ADAPTERINFO']._serialized_start=946
+  _globals['_ADAPTERINFO']._serialized_end=1137
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1139
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1199
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1201
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1292
 # @@protoc_insertion_point(module_scope)

@@ -12,7 +12,10 @@ from tokenizers import Tokenizer as HFTokenizerImpl
 class Tokenizer(Protocol):
     vocab_size: int
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Ids of `text`; without `add_special_tokens` no BOS is added (a chat template places
+        its own)."""
+        ...
 
     def decode(self, ids: list[int]) -> str:
         """Text of `ids`; special tokens decode to nothing, incomplete UTF-8 to U+FFFD."""
@@ -33,9 +36,9 @@ class ByteTokenizer:
         self.vocab_size = vocab_size
         self.add_bos = add_bos
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = [b + self.OFFSET for b in text.encode("utf-8")]
-        return [self.bos_token_id, *ids] if self.add_bos else ids
+        return [self.bos_token_id, *ids] if self.add_bos and add_special_tokens else ids
 
     def decode(self, ids: list[int]) -> str:
         data = bytes(i - self.OFFSET for i in ids if self.OFFSET <= i < self.OFFSET + 256)
@@ -46,7 +49,9 @@ class HFTokenizer:
     """A `tokenizer.json` read with the `tokenizers` library (no transformers needed)."""
 
     def __init__(self, folder: str | Path):
-        path = Path(folder) / "tokenizer.json"
+        # The chat template (engine/chat_template.py) is read from the same folder.
+        self.folder = Path(folder)
+        path = self.folder / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer.json in {folder}")
         self._tok = HFTokenizerImpl.from_file(str(path))
@@ -55,8 +60,9 @@ class HFTokenizer:
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         self._add_special = bool(config.get("add_bos_token", True))
 
-    def encode(self, text: str) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=self._add_special).ids)
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        add = self._add_special and add_special_tokens
+        return list(self._tok.encode(text, add_special_tokens=add).ids)
 
     def decode(self, ids: list[int]) -> str:
         return str(self._tok.decode(ids, skip_special_tokens=True))

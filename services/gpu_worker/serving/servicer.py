@@ -18,6 +18,7 @@ from services.common.logging import request_id_var
 from services.common.metrics import StreamTracker
 from services.common.validation import UndecodableRequest, check_generate_request
 from services.gpu_worker.adapters.adapter_source import AdapterSource
+from services.gpu_worker.engine.chat_template import chat_template_for
 from services.gpu_worker.engine.engine_loop import EngineLoop
 from services.gpu_worker.engine.sampling import SamplingOptions
 from services.gpu_worker.engine.sequence import FinishReason, Sequence, StepOutput
@@ -92,6 +93,7 @@ class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
         self.metrics = metrics or WorkerMetrics()
         self._loop = loop
         self._tokenizer = tokenizer
+        self._chat_template = chat_template_for(tokenizer)
         self._adapters = adapters
         self._model_name = model_name
         self._relay: OutputRelay | None = None
@@ -162,8 +164,11 @@ class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
         outputs: asyncio.Queue[StepOutput],
     ) -> Sequence:
         options = SamplingOptions.from_proto(request.params)
-        if request.WhichOneof("input") == "prompt_token_ids":
+        kind = request.WhichOneof("input")
+        if kind == "prompt_token_ids":
             prompt = list(request.prompt_token_ids.ids)
+        elif kind == "chat":
+            prompt = await self._encode_chat(request.chat)
         elif len(request.prompt) > LONG_PROMPT_CHARS:  # keep the event loop free meanwhile
             prompt = await asyncio.to_thread(self._tokenizer.encode, request.prompt)
         else:
@@ -185,6 +190,14 @@ class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
             on_output=deliver,
             adapter=adapter,
         )
+
+    async def _encode_chat(self, chat: common_pb2.ChatPrompt) -> list[int]:
+        """The conversation rendered with the model's chat template, then tokenized."""
+        chars = sum(len(m.content) for m in chat.messages)
+        encode = self._chat_template.encode
+        if chars > LONG_PROMPT_CHARS:  # keep the event loop free meanwhile
+            return await asyncio.to_thread(encode, self._tokenizer, chat.messages)
+        return encode(self._tokenizer, chat.messages)
 
     async def GetStats(
         self, request: gpu_worker_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
