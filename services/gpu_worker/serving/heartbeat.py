@@ -15,9 +15,10 @@ import socket
 
 import redis.asyncio
 
+from services.common.tasks import cancel_task
 from services.common.worker_record import REGISTRY_PREFIX, encode_record
 from services.gpu_worker.serving.config import WorkerConfig
-from services.gpu_worker.serving.metrics import StatsSource, cancel_task
+from services.gpu_worker.serving.metrics import StatsSource
 
 logger = logging.getLogger(__name__)
 
