@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from demo.artifacts import default_cache_dir, ensure_models
+from demo.artifacts import DemoModels, default_cache_dir, ensure_models
 from demo.show import Front, grpc_front, show_answers
 from demo.stack import running_stack
 from demo.training import TrainReport
@@ -41,7 +41,7 @@ def report_training(name: str, report: TrainReport) -> None:
     )
 
 
-async def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
     parser.add_argument("--serve", action="store_true", help="keep serving until Ctrl-C")
     parser.add_argument("--router-port", type=int, default=0, help="0 picks a free port")
@@ -51,37 +51,39 @@ async def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging("WARNING")
     print(f"models in {args.cache_dir} (trained on this CPU at the first run)")
-    models = await asyncio.to_thread(ensure_models, args.cache_dir, report_training)
+    # On this thread, outside the event loop, so that Ctrl-C stops training at once.
+    models = ensure_models(args.cache_dir, report_training)
     with tempfile.TemporaryDirectory(prefix="manylora-demo-") as tmp:
-        async with running_stack(models, Path(tmp), args.router_port) as stack:
+        return asyncio.run(serve(models, Path(tmp), args.router_port, args.serve))
+
+
+async def serve(models: DemoModels, tmp: Path, router_port: int, keep_serving: bool) -> int:
+    """Start the stack, show every model's answers, and stop (or keep serving); 1 when an
+    answer was not as trained."""
+    async with running_stack(models, tmp, router_port) as stack:
+        print(f"store on {stack.store}, worker (CPU) on {stack.worker}, router on {stack.router}")
+        for info in stack.uploaded:
             print(
-                f"store on {stack.store}, worker (CPU) on {stack.worker}, router on {stack.router}"
+                f"uploaded {info.adapter_id} v{info.version} (LoRA rank {info.rank} on "
+                f"{len(info.target_modules)} linear layers, sha256 {info.sha256[:12]}...)"
             )
-            for info in stack.uploaded:
+        async with AsyncManyloraClient(stack.router, timeout=120) as client:
+            # Each front answers every prompt; the OpenAI-compatible HTTP front
+            # (services/openai_front/) joins here once running_stack starts it.
+            fronts: dict[str, Front] = {"gRPC": grpc_front(client)}
+            answers = await show_answers(fronts)
+            wrong = [a for a in answers if not a.as_trained]
+            print(f"\n{len(answers) - len(wrong)} of {len(answers)} answers as trained")
+            if keep_serving:
                 print(
-                    f"uploaded {info.adapter_id} v{info.version} (LoRA rank {info.rank} on "
-                    f"{len(info.target_modules)} linear layers, sha256 {info.sha256[:12]}...)"
+                    f"\nserving; try: python -m services.client $'hello world\\n' "
+                    f"--adapter pirate --target {stack.router}\n(Ctrl-C stops)"
                 )
-            async with AsyncManyloraClient(stack.router, timeout=120) as client:
-                # Each front answers every prompt; the OpenAI-compatible HTTP front
-                # (services/openai_front/) joins here once running_stack starts it.
-                fronts: dict[str, Front] = {"gRPC": grpc_front(client)}
-                answers = await show_answers(fronts)
-                wrong = [a for a in answers if not a.as_trained]
-                print(f"\n{len(answers) - len(wrong)} of {len(answers)} answers as trained")
-                if args.serve:
-                    print(
-                        f"\nserving; try: python -m services.client $'hello world\\n' "
-                        f"--adapter pirate --target {stack.router}\n(Ctrl-C stops)"
-                    )
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await asyncio.Event().wait()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.Event().wait()
     return 1 if wrong else 0
 
 
 if __name__ == "__main__":
-    with exit_on_startup_error(PROG):
-        try:
-            sys.exit(asyncio.run(main()))
-        except KeyboardInterrupt:
-            sys.exit(130)
+    with contextlib.suppress(KeyboardInterrupt), exit_on_startup_error(PROG):
+        sys.exit(main())

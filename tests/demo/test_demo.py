@@ -19,8 +19,8 @@ from services.client import AsyncManyloraClient
 from services.gpu_worker.engine.tokenizer import ByteTokenizer
 
 
-async def test_the_demo_streams_every_answer_as_trained(demo_models: DemoModels, capsys):
-    status = await main(["--cache-dir", str(demo_models.model_dir.parent.parent)])
+def test_the_demo_streams_every_answer_as_trained(demo_models: DemoModels, capsys):
+    status = main(["--cache-dir", str(demo_models.model_dir.parent.parent)])
     out = capsys.readouterr().out
     assert status == 0, out
     for text in DEMO_PROMPTS:
