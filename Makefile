@@ -14,10 +14,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test,proto]'
 	touch $@
 
-# Start the whole stack on this machine (store on disk, one CPU worker with a small dummy
-# model, router), upload demo adapters, stream completions for two of them, stop.
+# Start the whole stack on this machine (store on disk, one CPU worker, router) with a tiny
+# model and three adapters trained on this CPU at the first run (cached in .demo/), stream
+# every model's answers to a few prompts, check them, stop. demo/__main__.py says more.
 run: $(VENV)/.installed
-	$(PY) -m services.router.demo
+	$(PY) -m demo
 
 # The whole CPU suite: lint, types, generated-code freshness, tests.
 test: $(VENV)/.installed lint typecheck
@@ -36,4 +37,4 @@ proto: $(VENV)/.installed
 		--grpc_python_out=protos protos/manylora/v1/*.proto
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .demo

@@ -14,8 +14,9 @@ Two kernels:
 - `paged_prefill_attention`: the flat new tokens of several requests of different lengths,
   causal over each request's cached context plus its own new tokens, in one launch.
 
-Both use an online softmax over key blocks with fp32 accumulators, in base 2 (exp2 is the
-native instruction; the scale is folded with log2(e)). References: `kernels.paged_attention_ref`.
+Both walk the keys in blocks with one shared step, `_attend_key_block`: an online softmax with
+fp32 accumulators, in base 2 (exp2 is the native instruction; the scale is folded with
+log2(e)). References: `kernels.paged_attention_ref`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,89 @@ _LOG2E = 1.4426950408889634
 
 # tl.dot needs at least 16 rows; smaller query-head groups are padded up to this.
 _MIN_DOT_ROWS = 16
+
+
+@triton.jit
+def _attend_key_block(
+    q,
+    acc,
+    m_i,
+    l_i,
+    start,
+    hi,
+    q_pos,
+    pool_ptr,
+    k_row_ptr,
+    v_row_ptr,
+    col,
+    stride_pool,
+    qk_scale,
+    BLOCK_N: tl.constexpr,
+    MASK_KEYS: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One step of the online softmax, shared by the decode and prefill kernels: the keys
+    start .. start+BLOCK_N-1 of one request, gathered through its table rows, folded into the
+    running (acc, m_i, l_i) of the query rows q.
+
+    q [R, D] (R query rows of one kv head); acc [R, D], m_i [R], l_i [R] fp32, in base 2 (the
+    scores are multiplied by qk_scale = softmax scale * log2(e)); col [D] is the kv head's
+    columns of a pool row. MASK_KEYS hides keys at or past `hi` (else every key of the block
+    must be valid, and nothing is masked: the cheaper form for blocks wholly inside the
+    context); CAUSAL also hides key n from a query at position q_pos[r] < n. The caller
+    guarantees every row sees at least one key of the block, so the new maximum is finite.
+    USE_DOT picks tl.dot (needs R >= 16) over a broadcast-multiply-and-sum.
+
+    Torch reference of one step (s masked to -inf where hidden):
+        s = (q @ k.T) * qk_scale;  m_new = max(m_i, s.max(1))
+        p = exp2(s - m_new[:, None]);  alpha = exp2(m_i - m_new)
+        l_i = l_i * alpha + p.sum(1);  acc = acc * alpha[:, None] + p @ v
+    Returns the new (acc, m_i, l_i).
+    """
+    offs_n = start + tl.arange(0, BLOCK_N)
+    if MASK_KEYS:
+        n_mask = offs_n < hi
+        k_slots = tl.load(k_row_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
+        k = tl.load(
+            pool_ptr + k_slots[:, None] * stride_pool + col[None, :],
+            mask=n_mask[:, None],
+            other=0.0,
+        )
+    else:
+        k_slots = tl.load(k_row_ptr + offs_n).to(tl.int64)
+        k = tl.load(pool_ptr + k_slots[:, None] * stride_pool + col[None, :])
+    if USE_DOT:
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    else:
+        s = tl.sum(q[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), axis=2)
+    s = s * qk_scale
+    if MASK_KEYS:
+        visible = n_mask[None, :]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= q_pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+
+    if MASK_KEYS:
+        v_slots = tl.load(v_row_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
+        v = tl.load(
+            pool_ptr + v_slots[:, None] * stride_pool + col[None, :],
+            mask=n_mask[:, None],
+            other=0.0,
+        )
+    else:
+        v_slots = tl.load(v_row_ptr + offs_n).to(tl.int64)
+        v = tl.load(pool_ptr + v_slots[:, None] * stride_pool + col[None, :])
+    if USE_DOT:
+        pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    else:
+        pv = tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), axis=1)
+    return acc * alpha[:, None] + pv, m_new, l_i
 
 
 @triton.jit
@@ -61,6 +145,15 @@ def _decode_kernel(
     USE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ) -> None:
+    """Grid (B, KVH, NUM_SPLITS): request b, kv head `kv_head`, its split `split` of the keys.
+
+    q [B, H, D] (strided), pool [num_slots, KVH * D], tables int32 [rows, max_len],
+    req_rows and seq_lens int32 [B]. The GROUP query heads of the kv head attend together
+    (padded to BLOCK_G rows). NUM_SPLITS == 1 writes out [B, H, D]; else each split writes
+    its normalised partial output part_out [B, H, NUM_SPLITS, D] and its base-2
+    log-sum-exp part_lse [B, H, NUM_SPLITS] (fp32) for `_decode_reduce_kernel`.
+    Reference: `kernels.paged_attention_ref.paged_decode_attention_ref`.
+    """
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -92,37 +185,27 @@ def _decode_kernel(
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
     for start in range(lo, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < hi
-        k_slots = tl.load(k_row_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
-        k = tl.load(
-            pool_ptr + k_slots[:, None] * stride_pool + col[None, :],
-            mask=n_mask[:, None],
-            other=0.0,
+        # Each block has at least one valid key, so every row's maximum stays finite.
+        acc, m_i, l_i = _attend_key_block(
+            q,
+            acc,
+            m_i,
+            l_i,
+            start,
+            hi,
+            0,
+            pool_ptr,
+            k_row_ptr,
+            v_row_ptr,
+            col,
+            stride_pool,
+            qk_scale,
+            BLOCK_N,
+            MASK_KEYS=True,
+            CAUSAL=False,
+            USE_DOT=USE_DOT,
+            DOT_PRECISION=DOT_PRECISION,
         )
-        if USE_DOT:
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        else:
-            s = tl.sum(q[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), axis=2)
-        s = tl.where(n_mask[None, :], s * qk_scale, float("-inf"))
-        # Each iteration has at least one valid key, so m_new is finite.
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-
-        v_slots = tl.load(v_row_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
-        v = tl.load(
-            pool_ptr + v_slots[:, None] * stride_pool + col[None, :],
-            mask=n_mask[:, None],
-            other=0.0,
-        )
-        if USE_DOT:
-            pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        else:
-            pv = tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), axis=1)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
 
     # l_i == 0 only for a padding row (seq_len 0) or an empty split: its output is zeros.
     has_keys = l_i > 0.0
@@ -154,6 +237,10 @@ def _decode_reduce_kernel(
     BLOCK_S: tl.constexpr,
     HEAD_DIM: tl.constexpr,
 ) -> None:
+    """Grid (B, H): merges the NUM_SPLITS partial outputs of one (request, head),
+    out[b, h] = sum_s w_s * part_out[b, h, s] / sum_s w_s with w_s = exp2(part_lse[b, h, s] -
+    max_s part_lse[b, h, s]); all splits empty (a padding row) gives zeros.
+    """
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
@@ -198,6 +285,13 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ) -> None:
+    """Grid (cdiv(max_q_len, BLOCK_M), B, H): BLOCK_M new tokens of request b, query head h.
+
+    q [T, H, D] and out [T, H, D] (strided, flat tokens); request b's rows start at
+    q_starts[b], q_lens[b] of them at positions ctx_lens[b] + i; pool and tables as in the
+    decode kernel. Causal: the query at position p sees keys 0..p of its own table row.
+    Reference: `kernels.paged_attention_ref.paged_prefill_attention_ref`.
+    """
     m_block = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
@@ -236,45 +330,49 @@ def _prefill_kernel(
     full_end = (first_pos // BLOCK_N) * BLOCK_N
     hi = tl.minimum(first_pos + BLOCK_M, ctx_len + q_len)
     for start in range(0, full_end, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        k_slots = tl.load(k_row_ptr + offs_n).to(tl.int64)
-        k = tl.load(pool_ptr + k_slots[:, None] * stride_pool + col[None, :])
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_slots = tl.load(v_row_ptr + offs_n).to(tl.int64)
-        v = tl.load(pool_ptr + v_slots[:, None] * stride_pool + col[None, :])
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
-
+        acc, m_i, l_i = _attend_key_block(
+            q,
+            acc,
+            m_i,
+            l_i,
+            start,
+            full_end,
+            q_pos,
+            pool_ptr,
+            k_row_ptr,
+            v_row_ptr,
+            col,
+            stride_pool,
+            qk_scale,
+            BLOCK_N,
+            MASK_KEYS=False,
+            CAUSAL=False,
+            USE_DOT=True,
+            DOT_PRECISION=DOT_PRECISION,
+        )
+    # Key 0 is visible to every row (also the out-of-range ones past q_len), so no row is
+    # all -inf and the maxima stay finite.
     for start in range(full_end, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < hi
-        k_slots = tl.load(k_row_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
-        k = tl.load(
-            pool_ptr + k_slots[:, None] * stride_pool + col[None, :],
-            mask=n_mask[:, None],
-            other=0.0,
+        acc, m_i, l_i = _attend_key_block(
+            q,
+            acc,
+            m_i,
+            l_i,
+            start,
+            hi,
+            q_pos,
+            pool_ptr,
+            k_row_ptr,
+            v_row_ptr,
+            col,
+            stride_pool,
+            qk_scale,
+            BLOCK_N,
+            MASK_KEYS=True,
+            CAUSAL=True,
+            USE_DOT=True,
+            DOT_PRECISION=DOT_PRECISION,
         )
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        # Key 0 is visible to every row (also the out-of-range ones past q_len), so no row is
-        # all -inf and m_new stays finite.
-        visible = n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_slots = tl.load(v_row_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
-        v = tl.load(
-            pool_ptr + v_slots[:, None] * stride_pool + col[None, :],
-            mask=n_mask[:, None],
-            other=0.0,
-        )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
 
     out = acc / l_i[:, None]
     tl.store(

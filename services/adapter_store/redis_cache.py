@@ -35,6 +35,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from services.common.adapter_events import CHANNEL_SUFFIX, AdapterEvent
+from services.common.tasks import cancel_task
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ class RedisCache:
 
     async def close(self) -> None:
         if self._probe_task is not None:
-            self._probe_task.cancel()
+            await cancel_task(self._probe_task)
         await self._client.aclose()
         await self._probe_client.aclose()
 

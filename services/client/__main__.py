@@ -15,13 +15,9 @@ from collections.abc import Sequence
 
 from services.client.messages import Chunk, ManyloraError
 from services.client.sync_client import ManyloraClient
+from services.client.terminal import printable
 
 DEFAULT_TARGET = os.environ.get("MANYLORA_ROUTER_TARGET", "127.0.0.1:50050")
-
-
-def printable(text: str) -> str:
-    """Control characters (dummy models emit any byte) would garble the terminal."""
-    return "".join(c if c.isprintable() or c in "\n\t" else "·" for c in text)
 
 
 def _parser() -> argparse.ArgumentParser:

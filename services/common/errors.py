@@ -57,6 +57,10 @@ class DeadlineExceeded(ServiceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class FailedPrecondition(ServiceError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class Internal(ServiceError):
     """Something went wrong with this request alone (e.g. its logits were not finite)."""
 
@@ -68,3 +72,28 @@ class WorkerFault(ServiceError):
 
     code = grpc.StatusCode.INTERNAL
     worker_fault = True
+
+
+_BY_CODE: dict[grpc.StatusCode, type[ServiceError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        ResourceExhausted,
+        Unavailable,
+        DeadlineExceeded,
+        FailedPrecondition,
+        Internal,
+    )
+}
+
+
+def error_for_status(code: grpc.StatusCode, message: str) -> ServiceError:
+    """The error to raise for a status another service returned, passed on as it came: the
+    class of that code where there is one, else a ServiceError carrying the code itself."""
+    cls = _BY_CODE.get(code)
+    if cls is not None:
+        return cls(message)
+    error = ServiceError(message)
+    error.code = code
+    return error

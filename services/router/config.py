@@ -11,7 +11,7 @@ from services.common.config import (
     metrics_port_field,
     port_field,
 )
-from services.gpu_worker.serving.heartbeat import REGISTRY_PREFIX
+from services.common.worker_record import REGISTRY_PREFIX
 
 
 @dataclass

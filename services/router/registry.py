@@ -7,7 +7,7 @@ import logging
 import redis.asyncio
 
 from manylora.v1 import gpu_worker_pb2
-from services.gpu_worker.serving.heartbeat import decode_record
+from services.common.worker_record import decode_record
 
 logger = logging.getLogger(__name__)
 

@@ -21,9 +21,13 @@ from services.common.errors import (
     FAILURE_SCOPE_KEY,
     REQUEST_FAILURE,
     WORKER_FAILURE,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
     InvalidArgument,
     ServiceError,
     Unavailable,
+    error_for_status,
     status_details,
 )
 from services.common.logging import request_id_var
@@ -43,21 +47,13 @@ MAX_ATTEMPTS = 2
 WORKER_FAILED = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN}
 
 
-class StatusError(ServiceError):
-    """An error with any status code, e.g. one passed on from a worker."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
-
-
 def time_left(context: grpc.aio.ServicerContext) -> float | None:
     """Seconds to the client's deadline (None: no deadline); passed on to the worker."""
     remaining = context.time_remaining()
     if remaining is None:
         return None
     if remaining <= 0:
-        raise StatusError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed at the router")
+        raise DeadlineExceeded("deadline passed at the router")
     return float(remaining)
 
 
@@ -111,7 +107,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         except Exception:
             logger.exception("failed")
             tracker.fail(grpc.StatusCode.INTERNAL)
-            await abort(context, StatusError(grpc.StatusCode.INTERNAL, "internal router error"))
+            await abort(context, Internal("internal router error"))
         finally:
             tracker.close()
 
@@ -152,9 +148,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             async with asyncio.timeout(time_left(context)):
                 waited = await self._admission.acquire()
         except TimeoutError:
-            raise StatusError(
-                grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while queued at the router"
-            ) from None
+            raise DeadlineExceeded("deadline passed while queued at the router") from None
         self._metrics.generation.queue_time.observe(waited)
 
     async def _relay(
@@ -228,7 +222,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             logger.warning("worker %s is full (%s); trying another", handle.address, details)
             return None
         if scope == REQUEST_FAILURE:  # this request failed, not the worker: pass it on
-            return StatusError(code, details or code.name)
+            return error_for_status(code, details or code.name)
         failed = scope == WORKER_FAILURE or code in WORKER_FAILED
         if failed:
             self._pool.mark_failed(handle, f"Generate failed: {code.name}: {details}")
@@ -245,7 +239,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             )
         if failed:
             return Unavailable(f"worker {handle.address} failed ({code.name}: {details})")
-        return StatusError(code, details or code.name)
+        return error_for_status(code, details or code.name)
 
     async def ListAdapters(
         self,
@@ -258,10 +252,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         if self._catalog is None:
             await abort(
                 context,
-                StatusError(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    "this router has no adapter store configured (--adapter-store)",
-                ),
+                FailedPrecondition("this router has no adapter store configured (--adapter-store)"),
             )
         try:
             return await self._catalog.list(request)

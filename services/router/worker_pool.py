@@ -5,7 +5,6 @@ registration is alive) receive work."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -14,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from manylora.v1 import gpu_worker_pb2, gpu_worker_pb2_grpc
 from services.common.grpc_server import SERVER_OPTIONS
+from services.common.tasks import cancel_task
 from services.router.registry import WorkerRegistry
 from services.router.routing import Candidate
 
@@ -122,9 +122,7 @@ class WorkerPool:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_task(self._task)
         for handle in self._workers.values():
             await handle.channel.close()
         if self._registry is not None:

@@ -12,13 +12,9 @@ import redis.asyncio
 
 from manylora.v1 import common_pb2, gpu_worker_pb2, router_pb2_grpc
 from services.common.grpc_server import free_port
+from services.common.worker_record import REGISTRY_PREFIX, decode_record, encode_record
 from services.gpu_worker.serving.config import WorkerConfig
-from services.gpu_worker.serving.heartbeat import (
-    REGISTRY_PREFIX,
-    Heartbeat,
-    decode_record,
-    encode_record,
-)
+from services.gpu_worker.serving.heartbeat import Heartbeat
 from services.gpu_worker.serving.server import start_worker
 from tests.adapter_store.helpers import RedisProcess
 

@@ -37,6 +37,7 @@ from services.common.grpc_server import SERVER_OPTIONS
 from services.common.logging import request_id_metadata
 from services.common.lora_format import AdapterKey, CanonicalAdapter
 from services.common.single_flight import SingleFlight
+from services.common.tasks import cancel_task
 from services.gpu_worker.adapters.host_adapter_cache import HostAdapterCache
 
 logger = logging.getLogger(__name__)
@@ -275,9 +276,7 @@ class AdapterEventListener:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_task(self._task)
             self._task = None
 
     async def _run(self) -> None:

@@ -1,30 +1,27 @@
 """Registration of a worker in Redis, for routers to find it.
 
-Every `interval_s` the worker writes `{prefix}{address}` = JSON {address, stats} (its
-`GetStats` answer) with a time to live of `ttl_s`. A worker that dies simply stops writing
-and its key expires; one that stops cleanly deletes its key. Routers scan the prefix
-(services/router/registry.py reads what this module writes).
+Every `interval_s` the worker writes its record (services/common/worker_record.py: its
+address and `GetStats` answer) with a time to live of `ttl_s`. A worker that dies simply stops
+writing and its key expires; one that stops cleanly deletes its key. Routers scan the prefix
+(services/router/registry.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import socket
-from typing import Any
 
 import redis.asyncio
-from google.protobuf import json_format
 
-from manylora.v1 import gpu_worker_pb2
+from services.common.tasks import cancel_task
+from services.common.worker_record import REGISTRY_PREFIX, encode_record
 from services.gpu_worker.serving.config import WorkerConfig
-from services.gpu_worker.serving.metrics import StatsSource, cancel_task
+from services.gpu_worker.serving.metrics import StatsSource
 
 logger = logging.getLogger(__name__)
 
-REGISTRY_PREFIX = "manylora:workers:"
 _WILDCARD_HOSTS = {"0.0.0.0", "::", "[::]", ""}
 
 
@@ -35,23 +32,6 @@ def advertised_address(advertise: str, host: str, port: int) -> str:
     if host in _WILDCARD_HOSTS:
         host = socket.gethostname()
     return f"{host}:{port}"
-
-
-def encode_record(address: str, stats: gpu_worker_pb2.GetStatsResponse) -> str:
-    return json.dumps({"address": address, "stats": json_format.MessageToDict(stats)})
-
-
-def decode_record(text: str | bytes) -> tuple[str, gpu_worker_pb2.GetStatsResponse]:
-    """(address, stats) of one registry entry; ValueError when it is not one."""
-    try:
-        data: Any = json.loads(text)
-        stats = json_format.ParseDict(data.get("stats", {}), gpu_worker_pb2.GetStatsResponse())
-        address = data["address"]
-    except (json.JSONDecodeError, json_format.ParseError, AttributeError, KeyError) as exc:
-        raise ValueError(f"not a worker registration: {exc}") from exc
-    if not isinstance(address, str) or not address:
-        raise ValueError("worker registration without an address")
-    return address, stats
 
 
 class Heartbeat:

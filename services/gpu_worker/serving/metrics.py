@@ -8,7 +8,6 @@ thread: a refresher task stores a snapshot that scrapes then read.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterator
 
@@ -23,6 +22,7 @@ from services.common.metrics import (
     StreamTracker,
     start_metrics_server,
 )
+from services.common.tasks import cancel_task
 
 logger = logging.getLogger(__name__)
 
@@ -94,12 +94,6 @@ class WorkerMetrics:
             except Exception:
                 logger.exception("reading stats for metrics failed")
             await asyncio.sleep(interval_s)
-
-
-async def cancel_task(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
 
 
 async def serve_worker_metrics(

@@ -1,0 +1,69 @@
+"""Ask every model every demo prompt, stream the answers to the terminal, and check each
+against the behaviour it was trained for (demo/behaviours.py)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+
+from demo.behaviours import ADAPTER_BEHAVIOURS, BASE_BEHAVIOUR, DEMO_PROMPTS, prompt_of
+from services.client import AsyncManyloraClient
+from services.client.terminal import printable
+
+MAX_NEW_TOKENS = 64
+ANSWER_COLUMN = 32  # where the check mark goes
+# A front streams the text of one greedy answer: (adapter id, "" for the base model; prompt).
+Front = Callable[[str, str], AsyncIterator[str]]
+
+
+def grpc_front(client: AsyncManyloraClient) -> Front:
+    """Answers through the router's gRPC stream (services/client)."""
+
+    async def answer(adapter: str, prompt: str) -> AsyncIterator[str]:
+        async for chunk in client.generate(
+            prompt, adapter=adapter, max_new_tokens=MAX_NEW_TOKENS, temperature=0.0
+        ):
+            yield chunk.text
+
+    return answer
+
+
+@dataclass(frozen=True)
+class Answer:
+    front: str
+    model: str  # "" for the base model
+    text: str
+    answer: str
+    expected: str
+
+    @property
+    def as_trained(self) -> bool:
+        return self.answer == self.expected
+
+
+async def show_answers(
+    fronts: dict[str, Front], texts: Sequence[str] = DEMO_PROMPTS
+) -> list[Answer]:
+    """Stream every model's answer to each text through each front, marking each one."""
+    behaviours = {"": BASE_BEHAVIOUR, **ADAPTER_BEHAVIOURS}
+    width = max(len("base model"), *map(len, ADAPTER_BEHAVIOURS))
+    print("\nEach model was trained to answer in its own way (✓: it did, greedy decoding):")
+    for model, behaviour in behaviours.items():
+        print(f"  {model or 'base model':<{width}}  {behaviour.__doc__}")
+    answers = []
+    for text in texts:
+        for front_name, front in fronts.items():
+            print(f"\n{text!r} via {front_name}:")
+            for model, behaviour in behaviours.items():
+                sys.stdout.write(f"  {model or 'base model':<{width}}  ")
+                pieces = []
+                async for piece in front(model, prompt_of(text)):
+                    pieces.append(piece)
+                    sys.stdout.write(printable(piece))
+                    sys.stdout.flush()
+                answer = Answer(front_name, model, text, "".join(pieces), behaviour(text))
+                sys.stdout.write(" " * max(1, ANSWER_COLUMN - len(answer.answer)))
+                print("✓" if answer.as_trained else f"✗ trained to say {answer.expected!r}")
+                answers.append(answer)
+    return answers

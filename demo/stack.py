@@ -1,0 +1,71 @@
+"""The whole stack on this machine, in this process: an adapter store on disk, one CPU worker
+serving the demo's model and fetching adapters from the store, and a router in front."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from demo.artifacts import DemoModels
+from manylora.v1 import common_pb2
+from manylora.v1.adapter_store_pb2_grpc import AdapterStoreStub
+from services.adapter_store.cli import upload
+from services.adapter_store.config import AdapterStoreConfig
+from services.adapter_store.server import start_store_server
+from services.common.grpc_server import SERVER_OPTIONS
+from services.gpu_worker.serving.config import WorkerConfig
+from services.gpu_worker.serving.server import start_worker
+from services.router.config import RouterConfig
+from services.router.server import start_router
+
+
+@dataclass(frozen=True)
+class Stack:
+    store: str  # host:port of each service
+    worker: str
+    router: str
+    uploaded: list[common_pb2.AdapterInfo]
+
+
+def upload_adapters(
+    store_target: str, adapter_dirs: dict[str, Path]
+) -> list[common_pb2.AdapterInfo]:
+    """Upload each PEFT folder through the store's API, as an operator would."""
+    with grpc.insecure_channel(store_target, options=SERVER_OPTIONS) as channel:
+        stub = AdapterStoreStub(channel)
+        return [upload(stub, folder, name) for name, folder in adapter_dirs.items()]
+
+
+@contextlib.asynccontextmanager
+async def running_stack(
+    models: DemoModels, tmp: Path, router_port: int = 0
+) -> AsyncIterator[Stack]:
+    """Store, worker and router on 127.0.0.1, stopped in reverse order on exit."""
+    model = str(models.model_dir)
+    store = await start_store_server(
+        AdapterStoreConfig(port=0, data_dir=str(tmp / "store"), base_model=model)
+    )
+    store_target = f"127.0.0.1:{store.port}"
+    try:
+        uploaded = await asyncio.to_thread(upload_adapters, store_target, models.adapter_dirs)
+        worker = await start_worker(
+            WorkerConfig(port=0, model=model, device="cpu", adapter_store=store_target)
+        )
+        try:
+            worker_target = f"127.0.0.1:{worker.port}"
+            router = await start_router(
+                RouterConfig(port=router_port, workers=[worker_target], adapter_store=store_target)
+            )
+            try:
+                yield Stack(store_target, worker_target, f"127.0.0.1:{router.port}", uploaded)
+            finally:
+                await router.stop()
+        finally:
+            await worker.stop()
+    finally:
+        await store.stop()
