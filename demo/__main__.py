@@ -6,10 +6,11 @@ world, matey!) and `leet` (h3ll0 w0rld). Training runs once, in about a minute o
 and is cached under `.demo/` (git-ignored; delete it to train again).
 
 Then an adapter store (in a temporary folder), one CPU worker serving that model and fetching
-adapters from the store, and a router start; the adapters, saved as PEFT folders, are uploaded
-through the store's API; and every model answers a few prompts, streamed through the router
-with greedy decoding, each answer checked against what its model was trained to say. The exit
-status is 1 when one was not.
+adapters from the store, a router and the OpenAI-compatible HTTP front start; the adapters,
+saved as PEFT folders, are uploaded through the store's API; and every model answers a few
+prompts with greedy decoding, streamed through the router's gRPC API and through the HTTP
+front alike, each answer checked against what its model was trained to say. The exit status
+is 1 when one was not.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import aiohttp
+
 from demo.artifacts import DemoModels, default_cache_dir, ensure_models
-from demo.show import Front, grpc_front, show_answers
+from demo.show import Front, grpc_front, http_front, show_answers
 from demo.stack import running_stack
 from demo.training import TrainReport
 from services.client import AsyncManyloraClient
@@ -61,23 +64,33 @@ async def serve(models: DemoModels, tmp: Path, router_port: int, keep_serving: b
     """Start the stack, show every model's answers, and stop (or keep serving); 1 when an
     answer was not as trained."""
     async with running_stack(models, tmp, router_port) as stack:
-        print(f"store on {stack.store}, worker (CPU) on {stack.worker}, router on {stack.router}")
+        print(
+            f"store on {stack.store}, worker (CPU) on {stack.worker}, router on {stack.router}, "
+            f"OpenAI-compatible API on {stack.openai_url}"
+        )
         for info in stack.uploaded:
             print(
                 f"uploaded {info.adapter_id} v{info.version} (LoRA rank {info.rank} on "
                 f"{len(info.target_modules)} linear layers, sha256 {info.sha256[:12]}...)"
             )
-        async with AsyncManyloraClient(stack.router, timeout=120) as client:
-            # Each front answers every prompt; the OpenAI-compatible HTTP front
-            # (services/openai_front/) joins here once running_stack starts it.
-            fronts: dict[str, Front] = {"gRPC": grpc_front(client)}
+        async with (
+            AsyncManyloraClient(stack.router, timeout=120) as client,
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session,
+        ):
+            fronts: dict[str, Front] = {
+                "gRPC": grpc_front(client),
+                "the OpenAI API": http_front(session, stack.openai_url, stack.base_model),
+            }
             answers = await show_answers(fronts)
             wrong = [a for a in answers if not a.as_trained]
             print(f"\n{len(answers) - len(wrong)} of {len(answers)} answers as trained")
             if keep_serving:
                 print(
                     f"\nserving; try: python -m services.client $'hello world\\n' "
-                    f"--adapter pirate --target {stack.router}\n(Ctrl-C stops)"
+                    f"--adapter pirate --target {stack.router}\n"
+                    f"or: curl {stack.openai_url}/completions -H 'content-type: application/json' "
+                    f"""-d '{{"model": "pirate", "prompt": "hello world\\n", "max_tokens": 32, """
+                    f""""temperature": 0}}'\n(Ctrl-C stops)"""
                 )
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.Event().wait()

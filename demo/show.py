@@ -3,9 +3,12 @@ against the behaviour it was trained for (demo/behaviours.py)."""
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+
+import aiohttp
 
 from demo.behaviours import ADAPTER_BEHAVIOURS, BASE_BEHAVIOUR, DEMO_PROMPTS, prompt_of
 from services.client import AsyncManyloraClient
@@ -25,6 +28,28 @@ def grpc_front(client: AsyncManyloraClient) -> Front:
             prompt, adapter=adapter, max_new_tokens=MAX_NEW_TOKENS, temperature=0.0
         ):
             yield chunk.text
+
+    return answer
+
+
+def http_front(session: aiohttp.ClientSession, base_url: str, base_model: str) -> Front:
+    """Answers through the OpenAI-compatible API (services/openai_front/), streamed as
+    server-sent events, the way any OpenAI client reads them."""
+
+    async def answer(adapter: str, prompt: str) -> AsyncIterator[str]:
+        body = {"model": adapter or base_model, "prompt": prompt, "stream": True,
+                "max_tokens": MAX_NEW_TOKENS, "temperature": 0.0}  # fmt: skip
+        async with session.post(f"{base_url}/completions", json=body) as response:
+            response.raise_for_status()
+            async for raw in response.content:
+                line = raw.strip()
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                    continue
+                event = json.loads(line[len(b"data: ") :])
+                if "error" in event:
+                    raise RuntimeError(f"HTTP front: {event['error'].get('message')}")
+                for choice in event["choices"]:
+                    yield choice["text"]
 
     return answer
 

@@ -1,5 +1,6 @@
 """The whole stack on this machine, in this process: an adapter store on disk, one CPU worker
-serving the demo's model and fetching adapters from the store, and a router in front."""
+serving the demo's model and fetching adapters from the store, a router in front, and the
+OpenAI-compatible HTTP front over the router."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from services.adapter_store.server import start_store_server
 from services.common.grpc_server import SERVER_OPTIONS
 from services.gpu_worker.serving.config import WorkerConfig
 from services.gpu_worker.serving.server import start_worker
+from services.openai_front.config import OpenAIFrontConfig
+from services.openai_front.server import start_openai_front
 from services.router.config import RouterConfig
 from services.router.server import start_router
 
@@ -29,6 +32,8 @@ class Stack:
     store: str  # host:port of each service
     worker: str
     router: str
+    openai_url: str  # base URL of the OpenAI-compatible API
+    base_model: str  # the base model's name in that API's `model`
     uploaded: list[common_pb2.AdapterInfo]
 
 
@@ -45,7 +50,7 @@ def upload_adapters(
 async def running_stack(
     models: DemoModels, tmp: Path, router_port: int = 0
 ) -> AsyncIterator[Stack]:
-    """Store, worker and router on 127.0.0.1, stopped in reverse order on exit."""
+    """Store, worker, router and HTTP front on 127.0.0.1, stopped in reverse order on exit."""
     model = str(models.model_dir)
     store = await start_store_server(
         AdapterStoreConfig(port=0, data_dir=str(tmp / "store"), base_model=model)
@@ -61,8 +66,17 @@ async def running_stack(
             router = await start_router(
                 RouterConfig(port=router_port, workers=[worker_target], adapter_store=store_target)
             )
+            router_target = f"127.0.0.1:{router.port}"
             try:
-                yield Stack(store_target, worker_target, f"127.0.0.1:{router.port}", uploaded)
+                front = await start_openai_front(
+                    OpenAIFrontConfig(host="127.0.0.1", port=0, router=router_target, model=model)
+                )
+                try:
+                    yield Stack(
+                        store_target, worker_target, router_target, front.url, model, uploaded
+                    )
+                finally:
+                    await front.stop()
             finally:
                 await router.stop()
         finally:

@@ -16,6 +16,7 @@ ALLOWED = {
     "gpu_worker": {"gpu_worker", "common"},
     "adapter_store": {"adapter_store", "common"},
     "client": {"client"},
+    "openai_front": {"openai_front", "common"},
     "common": {"common"},
 }
 

@@ -23,11 +23,17 @@ def test_the_demo_streams_every_answer_as_trained(demo_models: DemoModels, capsy
     status = main(["--cache-dir", str(demo_models.model_dir.parent.parent)])
     out = capsys.readouterr().out
     assert status == 0, out
+    lines = out.splitlines()
+    models = [("base model", BASE_BEHAVIOUR), *ADAPTER_BEHAVIOURS.items()]
+    fronts = ("gRPC", "the OpenAI API")
     for text in DEMO_PROMPTS:
-        assert f"{text!r} via gRPC:" in out
-        for model, behaviour in [("base model", BASE_BEHAVIOUR), *ADAPTER_BEHAVIOURS.items()]:
-            assert f"  {model:<10}  {behaviour(text)} " in out
-    count = len(DEMO_PROMPTS) * (1 + len(ADAPTER_BEHAVIOURS))
+        for front in fronts:  # each front's block: its header, then one line per model
+            start = lines.index(f"{text!r} via {front}:") + 1
+            block = lines[start : start + len(models)]
+            for line, (model, behaviour) in zip(block, models, strict=True):
+                assert line.startswith(f"  {model:<10}  {behaviour(text)} "), line
+                assert line.endswith("✓"), line
+    count = len(DEMO_PROMPTS) * len(models) * len(fronts)
     assert f"{count} of {count} answers as trained" in out
 
 
