@@ -7,15 +7,17 @@ from dataclasses import dataclass, field
 from services.common.config import (
     ConfigError,
     host_field,
+    log_format_field,
     log_level_field,
     metrics_port_field,
     port_field,
 )
+from services.common.security_config import CallerSecurityConfig
 from services.gpu_worker.serving.heartbeat import REGISTRY_PREFIX
 
 
 @dataclass
-class RouterConfig:
+class RouterConfig(CallerSecurityConfig):
     """manylora router: validates, queues and routes Generate calls to GPU workers."""
 
     host: str = host_field()
@@ -74,6 +76,7 @@ class RouterConfig:
     )
     metrics_port: int = metrics_port_field()
     log_level: str = log_level_field()
+    log_format: str = log_format_field()
 
     def check(self) -> None:
         """Settings that cannot work: `ConfigError` naming the first one."""
@@ -87,6 +90,7 @@ class RouterConfig:
             if address and not _is_host_port(address):
                 field_name = "adapter_store" if address == self.adapter_store else "workers"
                 raise ConfigError(field_name, f"{address!r} is not host:port")
+        self.check_security()
 
 
 def _is_host_port(address: str) -> bool:

@@ -10,16 +10,18 @@ from services.common.config import (
     ConfigError,
     check_model_setting,
     host_field,
+    log_format_field,
     log_level_field,
     metrics_port_field,
     port_field,
 )
+from services.common.security_config import CallerSecurityConfig
 
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 
 
 @dataclass
-class WorkerConfig:
+class WorkerConfig(CallerSecurityConfig):
     """Serve one base model and its LoRA adapters on one device."""
 
     host: str = host_field()
@@ -118,6 +120,7 @@ class WorkerConfig:
         default=0, metadata={"help": "context length cap; 0 = the model's own"}
     )
     log_level: str = log_level_field()
+    log_format: str = log_format_field()
     metrics_port: int = metrics_port_field()
     registry_redis_url: str = field(
         default="",
@@ -142,6 +145,7 @@ class WorkerConfig:
         """What would fail later, deep in start-up: `ConfigError` naming the setting."""
         check_model_setting("model", self.model, need_weights=not self.dummy)
         _check_device(self.device)
+        self.check_security()
         if self.adapter_store and self.adapters:
             raise ConfigError("adapters", "give --adapter-store or --adapters, not both")
 
