@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,8 @@ from services.common.peft_adapter import CONFIG_FILE, WEIGHTS_FILE
 from services.common.random_adapters import save_random_peft_adapter
 from services.common.tokens import ADAPTERS_WRITE, GENERATE, SERVICE, SigningKeys
 from tests.adapter_store.helpers import aio_channel, as_stream, upload_requests
-from tests.e2e.stack import Stack, stack_at
+from tests.e2e.conftest import stack
+from tests.e2e.stack import Stack
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,9 @@ class Tokens:
     service: str
     expired: str  # scope generate and adapters:write, expired an hour ago
     forged: str  # scope generate, signed with a key the services do not hold
+
+
+__all__ = ["stack"]  # the e2e stack fixture, stopped at the end of each test
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
@@ -70,11 +73,10 @@ def random_adapter(folder: Path, seed: int = 1) -> Path:
 
 
 @pytest.fixture
-async def secured(tmp_path: Path, key_file: Path, tokens: Tokens) -> AsyncIterator[Stack]:
+async def secured(stack: Stack, tmp_path: Path, key_file: Path, tokens: Tokens) -> Stack:
     """Store, one CPU worker and a router, all requiring tokens; adapter "ad" uploaded."""
-    async for stack in stack_at(tmp_path):
-        await stack.start_store(auth_key_file=str(key_file))
-        await upload_with(stack, tokens.write, "ad", random_adapter(tmp_path / "ad"))
-        await stack.start_worker(auth_key_file=str(key_file))
-        await stack.start_router(auth_key_file=str(key_file))
-        yield stack
+    await stack.start_store(auth_key_file=str(key_file))
+    await upload_with(stack, tokens.write, "ad", random_adapter(tmp_path / "ad"))
+    await stack.start_worker(auth_key_file=str(key_file))
+    await stack.start_router(auth_key_file=str(key_file))
+    return stack
