@@ -78,7 +78,9 @@ class ServerSecurityConfig:
         try:
             return SigningKeys.from_file(self.auth_key_file)
         except OSError as exc:
-            raise ConfigError("auth_key_file", f"cannot read {self.auth_key_file}: {exc}") from None
+            raise ConfigError(
+                "auth_key_file", f"cannot read {self.auth_key_file}: {exc.strerror or exc}"
+            ) from None
         except ValueError as exc:
             raise ConfigError("auth_key_file", f"{self.auth_key_file}: {exc}") from None
 
@@ -118,9 +120,13 @@ class CallerSecurityConfig(ServerSecurityConfig):
         if self.service_token_file:
             try:
                 return token_from_file(self.service_token_file)
-            except (OSError, ValueError) as exc:
+            except OSError as exc:
                 raise ConfigError(
-                    "service_token_file", f"cannot use {self.service_token_file}: {exc}"
+                    "service_token_file", f"cannot read {self.service_token_file}: {exc.strerror}"
+                ) from None
+            except ValueError as exc:
+                raise ConfigError(
+                    "service_token_file", f"{self.service_token_file}: {exc}"
                 ) from None
         keys = self.signing_keys()
         return None if keys is None else MintedServiceToken(keys, subject)

@@ -74,6 +74,10 @@ def random_adapter(folder: Path, seed: int = 1) -> Path:
 
 @pytest.fixture
 async def secured(stack: Stack, tmp_path: Path, key_file: Path, tokens: Tokens) -> Stack:
+    return await start_secured(stack, tmp_path, key_file, tokens)
+
+
+async def start_secured(stack: Stack, tmp_path: Path, key_file: Path, tokens: Tokens) -> Stack:
     """Store, one CPU worker and a router, all requiring tokens; adapter "ad" uploaded."""
     await stack.start_store(auth_key_file=str(key_file))
     await upload_with(stack, tokens.write, "ad", random_adapter(tmp_path / "ad"))
