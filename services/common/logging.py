@@ -81,7 +81,7 @@ def _text_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     text = str(value)
-    if text == "" or any(c in text for c in ' "=\\'):
+    if text == "" or not text.isprintable() or any(c in text for c in ' "=\\'):
         return json.dumps(text)
     return text
 

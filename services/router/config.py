@@ -75,6 +75,14 @@ class RouterConfig(CallerSecurityConfig):
         default=5.0, metadata={"help": "seconds the store's answer about an adapter is reused"}
     )
     metrics_port: int = metrics_port_field()
+    metrics_adapter_labels: int = field(
+        default=64,
+        metadata={
+            "help": "adapters with per-adapter metrics series of their own (the first that "
+            "succeed); the rest count as (other)",
+            "min": 0,
+        },
+    )
     log_level: str = log_level_field()
     log_format: str = log_format_field()
 

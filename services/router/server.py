@@ -89,7 +89,7 @@ async def start_router(config: RouterConfig) -> RouterServer:
         catalog = AdapterCatalog(
             config.adapter_store, config.adapter_cache_ttl_s, security=callee_security
         )
-    metrics = RouterMetrics(admission, pool)
+    metrics = RouterMetrics(admission, pool, config.metrics_adapter_labels)
     servicer = RouterServicer(
         pool, admission, catalog, metrics, config.load_bound, config.min_load_bound
     )
