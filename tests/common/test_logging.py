@@ -16,7 +16,15 @@ from services.common.logging import log_fields, request_id_var, setup_logging
 from services.gpu_worker.serving.config import WorkerConfig
 from services.router.config import RouterConfig
 
-FIELDS = {"adapter": "a b", "n": 3, "ms": 1.5, "none": None, "odd": 'x="y"\nz', "empty": ""}
+FIELDS = {
+    "adapter": "a b",
+    "n": 3,
+    "ms": 1.5,
+    "none": None,
+    "odd": 'x="y"',
+    "nl": "a\nb",
+    "empty": "",
+}
 
 
 @pytest.fixture
@@ -59,7 +67,8 @@ def test_text_fields_split_back_into_their_values(capsys, restore_root_logging):
     assert "[rid=rid-42] request summary " in line
     pairs = dict(part.split("=", 1) for part in shlex.split(line.split("request summary ", 1)[1]))
     assert pairs == {
-        "adapter": "a b", "n": "3", "ms": "1.5", "none": "None", "odd": 'x="y"\\nz', "empty": "",
+        "adapter": "a b", "n": "3", "ms": "1.5", "none": "None", "odd": 'x="y"', "nl": "a\\nb",
+        "empty": "",
     }  # fmt: skip
 
 
