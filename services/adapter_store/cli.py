@@ -4,6 +4,9 @@
     python -m services.adapter_store.cli import FOLDER --target HOST:PORT
     python -m services.adapter_store.cli list | info ID [--version N] | delete ID
 
+With a store that requires tokens: --token-file FILE (or MANYLORA_TOKEN), a token with scope
+adapters:write; with TLS: --tls-ca-file (and --tls-cert-file, --tls-key-file for mutual TLS).
+
 Exit status 0 on success, 1 when the store refused or failed (its message is printed).
 """
 
@@ -20,6 +23,12 @@ from tqdm import tqdm
 
 from manylora.v1 import adapter_store_pb2, common_pb2
 from manylora.v1.adapter_store_pb2_grpc import AdapterStoreStub
+from services.common.channels import sync_channel
+from services.common.client_flags import (
+    ClientFlagError,
+    add_security_flags,
+    security_from_args,
+)
 from services.common.grpc_server import SERVER_OPTIONS
 from services.common.ids import adapter_id_problem
 from services.common.peft_adapter import CONFIG_FILE, WEIGHTS_FILE
@@ -128,6 +137,7 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_TARGET,
         help="store address host:port (env MANYLORA_STORE_TARGET, default %(default)s)",
     )
+    add_security_flags(common)
     parser = argparse.ArgumentParser(prog="python -m services.adapter_store.cli")
     commands = parser.add_subparsers(dest="command", required=True)
     cmd = commands.add_parser("upload", parents=[common], help="upload one PEFT folder")
@@ -157,9 +167,14 @@ def _error_text(exc: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     run: Callable[[AdapterStoreStub, argparse.Namespace], int] = args.run
-    with grpc.insecure_channel(args.target, options=SERVER_OPTIONS) as channel:
+    try:
+        security = security_from_args(args)
+    except ClientFlagError as exc:
+        parser.error(str(exc))
+    with sync_channel(args.target, security, SERVER_OPTIONS) as channel:
         try:
             return run(AdapterStoreStub(channel), args)
         except (grpc.RpcError, CliError, OSError) as exc:

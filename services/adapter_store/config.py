@@ -8,16 +8,18 @@ from services.common.config import (
     ConfigError,
     check_model_setting,
     host_field,
+    log_format_field,
     log_level_field,
     metrics_port_field,
     port_field,
 )
+from services.common.security_config import ServerSecurityConfig
 
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
-@dataclass
-class AdapterStoreConfig:
+@dataclass(frozen=True)
+class AdapterStoreConfig(ServerSecurityConfig):
     """manylora adapter store: upload, validate, store (disk + Redis) and serve LoRA adapters."""
 
     host: str = host_field()
@@ -79,10 +81,12 @@ class AdapterStoreConfig:
         },
     )
     log_level: str = log_level_field()
+    log_format: str = log_format_field()
 
     def check(self) -> None:
         """Settings that cannot work together or point at nothing; `ConfigError` naming one."""
         check_model_setting("base_model", self.base_model)
+        self.check_security()
         if self.max_upload_bytes > self.max_upload_bytes_in_flight:
             raise ConfigError(
                 "max_upload_bytes",

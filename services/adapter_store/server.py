@@ -93,6 +93,7 @@ async def start_store_server(config: AdapterStoreConfig) -> StoreServer:
             [SERVICE_NAME],
             config.host,
             config.port,
+            config,
         )
     except BaseException:
         await store.close()

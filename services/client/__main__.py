@@ -2,6 +2,8 @@
 
     python -m services.client "Once upon a time" --adapter my-adapter --target 127.0.0.1:50050
 
+Where the router requires a token: --token-file FILE or MANYLORA_TOKEN (scope generate);
+with TLS: --tls-ca-file (and --tls-cert-file, --tls-key-file for mutual TLS).
 The text goes to stdout as it arrives; the finish reason and timings go to stderr. Exit
 status 0 on success, 1 when the call failed (its status code and message are printed).
 """
@@ -16,6 +18,11 @@ from collections.abc import Sequence
 from services.client.messages import Chunk, ManyloraError
 from services.client.sync_client import ManyloraClient
 from services.client.terminal import printable
+from services.common.client_flags import (
+    ClientFlagError,
+    add_security_flags,
+    security_from_args,
+)
 
 DEFAULT_TARGET = os.environ.get("MANYLORA_ROUTER_TARGET", "127.0.0.1:50050")
 
@@ -43,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--list-adapters", action="store_true", help="list the adapters instead of generating"
     )
+    add_security_flags(parser)
     return parser
 
 
@@ -85,7 +93,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.list_adapters and not args.prompt:
         parser.error("a prompt is required (or --list-adapters)")
-    with ManyloraClient(args.target, timeout=args.timeout) as client:
+    try:
+        security = security_from_args(args)
+    except ClientFlagError as exc:
+        parser.error(str(exc))
+    with ManyloraClient(
+        args.target, timeout=args.timeout, token=security.token, tls=security.tls
+    ) as client:
         try:
             if args.list_adapters:
                 for info in client.list_adapters():

@@ -18,6 +18,8 @@ from services.client.messages import (
     build_request,
     chunk_from_proto,
 )
+from services.common.channels import ChannelSecurity, StaticToken, TokenSource, aio_channel
+from services.common.tls import ClientTls
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -31,9 +33,15 @@ class AsyncManyloraClient:
         target: str,
         timeout: float | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        *,
+        token: str | TokenSource | None = None,
+        tls: ClientTls | None = None,
     ):
-        """`timeout`: default deadline in seconds of each call; None means no deadline."""
-        self._channel = grpc.aio.insecure_channel(target, options=list(options))
+        """`timeout`: default deadline in seconds of each call; None means no deadline.
+        `token`: a bearer token (or a function returning the current one) sent on every call;
+        `tls`: verify the router with TLS (and present a client certificate for mutual TLS)."""
+        source = StaticToken(token) if isinstance(token, str) else token
+        self._channel = aio_channel(target, ChannelSecurity(tls, source), options)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
         self._timeout = timeout
 

@@ -64,6 +64,17 @@ def log_level_field() -> Any:
     )
 
 
+def log_format_field() -> Any:
+    """`--log-format`, the same in every service."""
+    return dataclasses.field(
+        default="text",
+        metadata={
+            "help": "text (for people) or json (one object per line, for log pipelines)",
+            "choices": ("text", "json"),
+        },
+    )
+
+
 def env_name(field_name: str) -> str:
     return ENV_PREFIX + field_name.upper()
 

@@ -1,4 +1,6 @@
-"""Start and stop `grpc.aio` servers the same way in every service, health service included."""
+"""Start and stop `grpc.aio` servers the same way in every service: health checks, server
+reflection (so that `grpcurl` needs no .proto files), and, when configured, bearer-token
+authentication (services.common.auth) and TLS or mutual TLS (services.common.tls)."""
 
 from __future__ import annotations
 
@@ -11,8 +13,12 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
+from services.common.auth import AuthInterceptor
 from services.common.config import ConfigError
+from services.common.security_config import ServerSecurityConfig
+from services.common.tls import ServerTls
 
 logger = logging.getLogger(__name__)
 
@@ -60,28 +66,60 @@ async def start_server(
     service_names: Sequence[str],
     host: str,
     port: int,
+    security: ServerSecurityConfig | None = None,
 ) -> RunningServer:
-    """Bind on host:port (port 0 picks a free one), register health, start, mark SERVING."""
-    server = grpc.aio.server(options=[*SERVER_OPTIONS, *_BIND_OPTIONS])
+    """Bind on host:port (port 0 picks a free one), register health and reflection, start,
+    mark SERVING. `security` (a service's config) turns on authentication and TLS."""
+    if security is not None:
+        security.check_security()  # a bad file is one line naming its flag, not a traceback
+    keys = security.signing_keys() if security is not None else None
+    tls = security.server_tls() if security is not None else None
+    credentials = tls.credentials() if tls is not None else None
+    server = grpc.aio.server(
+        options=[*SERVER_OPTIONS, *_BIND_OPTIONS],
+        interceptors=[AuthInterceptor(keys)] if keys is not None else None,
+    )
     for add in add_servicers:
         add(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = _bind(server, host, port)
+    reflection.enable_server_reflection(
+        (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    bound = _bind(server, host, port, credentials)
     await server.start()
     running = RunningServer(server, bound, health_servicer)
     await running.set_serving(service_names, True)
-    logger.info("serving %s on %s:%d", ", ".join(service_names), host, bound)
+    logger.info(
+        "serving %s on %s:%d (%s, %s)",
+        ", ".join(service_names), host, bound, _tls_mode(tls),
+        "bearer tokens required" if keys is not None else "no authentication",
+    )  # fmt: skip
     return running
 
 
-def _bind(server: grpc.aio.Server, host: str, port: int) -> int:
+def _tls_mode(tls: ServerTls | None) -> str:
+    if tls is None:
+        return "plaintext"
+    return "mutual TLS" if tls.client_ca_file else "TLS"
+
+
+def _bind(
+    server: grpc.aio.Server,
+    host: str,
+    port: int,
+    credentials: grpc.ServerCredentials | None = None,
+) -> int:
     """The bound port; `ConfigError` naming --port (or --host) when the address is taken or
     not ours. grpc returns 0 or raises RuntimeError depending on its version: both count."""
     field, problem = _bind_problem(host, port)
     if problem is None:
+        address = f"{host}:{port}"
         try:
-            bound = int(server.add_insecure_port(f"{host}:{port}"))
+            if credentials is None:
+                bound = int(server.add_insecure_port(address))
+            else:
+                bound = int(server.add_secure_port(address, credentials))
         except RuntimeError:
             bound = 0
         if bound:

@@ -1,12 +1,20 @@
-"""Structured logs with the request id on every line, in every service."""
+"""Structured logs with the request id on every line, in every service: text for people
+(the default) or one JSON object per line for log pipelines (`--log-format json`).
+
+Fields given as `extra={"fields": {...}}` (see `log_fields`) become `key=value` pairs at the
+end of a text line and keys of the JSON object, e.g. the router's one summary per request.
+"""
 
 from __future__ import annotations
 
 import contextvars
+import json
 import logging
 import sys
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import grpc
 
@@ -42,9 +50,68 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
-def setup_logging(level: str = "INFO") -> None:
+LOG_FORMATS = ("text", "json")
+FIELDS_ATTR = "fields"
+
+
+def log_fields(logger: logging.Logger, level: int, message: str, fields: Mapping[str, Any]) -> None:
+    """Log `message` with named fields (numbers, strings, booleans, None)."""
+    logger.log(level, message, extra={FIELDS_ATTR: dict(fields)})
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    fields = getattr(record, FIELDS_ATTR, None)
+    return fields if isinstance(fields, dict) else {}
+
+
+class TextFormatter(logging.Formatter):
+    """LOG_FORMAT, with a record's fields appended as key=value (strings quoted when they
+    hold a space or a quote, so that a line splits back into its fields)."""
+
+    def __init__(self) -> None:
+        super().__init__(LOG_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
+        pairs = [f"{key}={_text_value(value)}" for key, value in _fields(record).items()]
+        return " ".join([line, *pairs])
+
+
+def _text_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    text = str(value)
+    if text == "" or not text.isprintable() or any(c in text for c in ' "=\\'):
+        return json.dumps(text)
+    return text
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, request_id, message, the record's
+    fields, and the traceback (as `exc_info`) when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "request_id": getattr(record, "request_id", request_id_var.get()),
+            "message": record.getMessage(),
+        }
+        for key, value in _fields(record).items():
+            entry.setdefault(key, value)
+        if record.exc_info:
+            entry["exc_info"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+def setup_logging(level: str = "INFO", log_format: str = "text") -> None:
+    log_format = log_format.lower()
+    if log_format not in LOG_FORMATS:
+        raise ValueError(f"log format {log_format!r} is not one of {', '.join(LOG_FORMATS)}")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -144,6 +144,33 @@ def _wrap_stream(
     return wrapped
 
 
+class BoundedLabels:
+    """Label values for per-adapter series, so that their number stays bounded whatever ids
+    clients send: the first `limit` adapters that finish a request successfully get a label
+    of their own (for good: a counter must not move to another series); every other adapter
+    counts under OTHER, and requests without an adapter under BASE. An id that only ever
+    fails (unknown, refused) never takes a label, so made-up ids cannot use them up.
+    Per-adapter numbers beyond the limit are in the request summaries of the logs."""
+
+    # Parentheses are not allowed in adapter ids (services.common.ids): no id can take these.
+    OTHER = "(other)"
+    BASE = "(base)"
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._own: set[str] = set()
+
+    def label(self, adapter_id: str, succeeded: bool) -> str:
+        if not adapter_id:
+            return self.BASE
+        if adapter_id in self._own:
+            return adapter_id
+        if succeeded and len(self._own) < self.limit:
+            self._own.add(adapter_id)
+            return adapter_id
+        return self.OTHER
+
+
 class GenerationMetrics:
     """Request outcomes, latencies and token counts of Generate streams."""
 

@@ -16,7 +16,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     with exit_on_startup_error(PROG):
         config = load_config(WorkerConfig, argv, prog=PROG)
         config.check()
-        setup_logging(config.log_level)
+        setup_logging(config.log_level, config.log_format)
         # Imported once the settings are checked: torch and the engine take seconds to load.
         from services.gpu_worker.serving.server import serve
 

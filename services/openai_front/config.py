@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from services.common.config import ConfigError, host_field, log_level_field, metrics_port_field
 
 
-@dataclass
+@dataclass(frozen=True)
 class OpenAIFrontConfig:
     """manylora OpenAI-compatible HTTP front: /v1/completions, /v1/chat/completions and
     /v1/models, served over a router's gRPC API."""

@@ -17,7 +17,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     with exit_on_startup_error(PROG):
         config = load_config(RouterConfig, argv, prog=PROG)
         config.check()
-        setup_logging(config.log_level)
+        setup_logging(config.log_level, config.log_format)
         asyncio.run(serve(config))
 
 

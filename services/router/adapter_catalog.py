@@ -12,6 +12,7 @@ import grpc
 from manylora.v1 import adapter_store_pb2, common_pb2
 from manylora.v1.adapter_store_pb2_grpc import AdapterStoreStub
 from services.common.adapter_ref import adapter_ref
+from services.common.channels import ChannelSecurity, aio_channel
 from services.common.errors import InvalidArgument, NotFound, ServiceError, Unavailable
 from services.common.grpc_server import SERVER_OPTIONS
 from services.common.logging import request_id_metadata
@@ -26,14 +27,20 @@ MAX_REMEMBERED = 10_000
 
 
 class AdapterCatalog:
-    def __init__(self, target: str, ttl_s: float, timeout_s: float = 2.0):
+    def __init__(
+        self,
+        target: str,
+        ttl_s: float,
+        timeout_s: float = 2.0,
+        security: ChannelSecurity | None = None,
+    ):
         self.target = target
         self._ttl_s = ttl_s
         self._timeout_s = timeout_s
         # (id, version; 0 = any) -> (expires at, exists)
         self._known: dict[tuple[str, int], tuple[float, bool]] = {}
         self._lookups: SingleFlight[bool] = SingleFlight()
-        self._channel = grpc.aio.insecure_channel(target, options=SERVER_OPTIONS)
+        self._channel = aio_channel(target, security, SERVER_OPTIONS)
         self._stub = AdapterStoreStub(self._channel)
 
     async def check(self, adapter_id: str, version: int = 0) -> None:

@@ -7,15 +7,17 @@ from dataclasses import dataclass, field
 from services.common.config import (
     ConfigError,
     host_field,
+    log_format_field,
     log_level_field,
     metrics_port_field,
     port_field,
 )
+from services.common.security_config import CallerSecurityConfig
 from services.common.worker_record import REGISTRY_PREFIX
 
 
-@dataclass
-class RouterConfig:
+@dataclass(frozen=True)
+class RouterConfig(CallerSecurityConfig):
     """manylora router: validates, queues and routes Generate calls to GPU workers."""
 
     host: str = host_field()
@@ -73,7 +75,16 @@ class RouterConfig:
         default=5.0, metadata={"help": "seconds the store's answer about an adapter is reused"}
     )
     metrics_port: int = metrics_port_field()
+    metrics_adapter_labels: int = field(
+        default=64,
+        metadata={
+            "help": "adapters with per-adapter metrics series of their own (the first that "
+            "succeed); the rest count as (other)",
+            "min": 0,
+        },
+    )
     log_level: str = log_level_field()
+    log_format: str = log_format_field()
 
     def check(self) -> None:
         """Settings that cannot work: `ConfigError` naming the first one."""
@@ -87,6 +98,7 @@ class RouterConfig:
             if address and not _is_host_port(address):
                 field_name = "adapter_store" if address == self.adapter_store else "workers"
                 raise ConfigError(field_name, f"{address!r} is not host:port")
+        self.check_security()
 
 
 def _is_host_port(address: str) -> bool:

@@ -67,6 +67,8 @@ def _check(config: RouterConfig) -> None:
 async def start_router(config: RouterConfig) -> RouterServer:
     """Start serving, then find and poll the workers once before returning."""
     _check(config)
+    config.check_security()  # before anything starts: a bad file is one line naming its flag
+    callee_security = config.channel_security("router")
     registry = None
     if config.registry_redis_url:
         registry = WorkerRegistry(
@@ -79,12 +81,15 @@ async def start_router(config: RouterConfig) -> RouterServer:
         config.health_interval_s,
         config.health_timeout_s,
         config.worker_liveness_timeout_s,
+        callee_security,
     )
     admission = Admission(config.max_running, config.max_queued)
     catalog = None
     if config.adapter_store:
-        catalog = AdapterCatalog(config.adapter_store, config.adapter_cache_ttl_s)
-    metrics = RouterMetrics(admission, pool)
+        catalog = AdapterCatalog(
+            config.adapter_store, config.adapter_cache_ttl_s, security=callee_security
+        )
+    metrics = RouterMetrics(admission, pool, config.metrics_adapter_labels)
     servicer = RouterServicer(
         pool, admission, catalog, metrics, config.load_bound, config.min_load_bound
     )
@@ -97,6 +102,7 @@ async def start_router(config: RouterConfig) -> RouterServer:
         [SERVICE_NAME],
         config.host,
         config.port,
+        config,
     )
 
     async def report_readiness(healthy_workers: int) -> None:

@@ -93,9 +93,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         request: common_pb2.GenerateRequest | UndecodableRequest,
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[common_pb2.GenerateResponse]:
-        tracker = self._metrics.generation.track()
+        tracker = self._metrics.track()
         try:
             forward = self._checked(request)
+            tracker.describe(forward)
             async with contextlib.aclosing(self._generate(forward, context)) as stream:
                 async for response in stream:
                     yield tracker.on_response(response)

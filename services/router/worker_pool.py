@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from manylora.v1 import gpu_worker_pb2, gpu_worker_pb2_grpc
+from services.common.channels import ChannelSecurity, aio_channel
 from services.common.grpc_server import SERVER_OPTIONS
 from services.common.tasks import cancel_task
 from services.router.registry import WorkerRegistry
@@ -53,7 +54,13 @@ def channel_options(liveness_timeout_s: float) -> list[tuple[str, int]]:
 class WorkerHandle:
     """One worker: its channel, its last known stats, and this router's streams on it."""
 
-    def __init__(self, address: str, static: bool, liveness_timeout_s: float = LIVENESS_TIMEOUT_S):
+    def __init__(
+        self,
+        address: str,
+        static: bool,
+        liveness_timeout_s: float = LIVENESS_TIMEOUT_S,
+        security: ChannelSecurity | None = None,
+    ):
         self.address = address
         self.static = static
         self.registered = static  # static workers need no registration
@@ -61,9 +68,7 @@ class WorkerHandle:
         self.in_flight = 0
         self.stats: gpu_worker_pb2.GetStatsResponse | None = None
         self._in_flight_at_stats = 0
-        self.channel = grpc.aio.insecure_channel(
-            address, options=channel_options(liveness_timeout_s)
-        )
+        self.channel = aio_channel(address, security, channel_options(liveness_timeout_s))
         self.stub = gpu_worker_pb2_grpc.GpuWorkerStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -102,11 +107,12 @@ class WorkerPool:
         interval_s: float,
         timeout_s: float,
         liveness_timeout_s: float = LIVENESS_TIMEOUT_S,
+        security: ChannelSecurity | None = None,
     ):
         self._liveness_timeout_s = liveness_timeout_s
+        self._security = security  # TLS and the token of calls to workers
         self._workers = {
-            address: WorkerHandle(address, static=True, liveness_timeout_s=liveness_timeout_s)
-            for address in static
+            address: WorkerHandle(address, True, liveness_timeout_s, security) for address in static
         }
         self._registry = registry
         self._model = model
@@ -165,7 +171,7 @@ class WorkerPool:
             handle = self._workers.get(address)
             if handle is None:
                 handle = self._workers[address] = WorkerHandle(
-                    address, static=False, liveness_timeout_s=self._liveness_timeout_s
+                    address, False, self._liveness_timeout_s, self._security
                 )
                 handle.update_stats(stats)
                 logger.info("worker %s registered (model %s)", address, stats.model)

@@ -37,8 +37,7 @@ class Stack:
         return f"127.0.0.1:{self.store.port}"
 
     async def start_store(self, metrics_port: int = 0, **overrides: Any) -> StoreServer:
-        config = store_config(self.tmp / "store", **overrides)
-        config.metrics_port = metrics_port
+        config = store_config(self.tmp / "store", metrics_port=metrics_port, **overrides)
         self.store = await start_store_server(config)
         return self.store
 

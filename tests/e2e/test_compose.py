@@ -8,6 +8,7 @@ import importlib.util
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -169,3 +170,49 @@ def test_docker_without_its_compose_plugin_skips_the_validation(monkeypatch, tmp
     monkeypatch.setenv("PATH", str(tmp_path))  # this docker only, and no docker-compose
     with pytest.raises(pytest.skip.Exception, match="docker is installed but `docker compose`"):
         test_compose_config_validates_where_compose_exists()
+
+
+def test_published_ports_listen_on_localhost_unless_told(services: dict[str, Any]):
+    published = [p for s in services.values() for p in s.get("ports", [])]
+    assert published, "nothing published: the check below would prove nothing"
+    for port in published:
+        assert str(port).startswith("${MANYLORA_BIND:-127.0.0.1}:"), port
+        assert defaults(str(port)).startswith("127.0.0.1:"), port
+
+
+def test_store_metrics_are_on_and_published(services: dict[str, Any]):
+    store = services["adapter_store"]
+    env = {key: defaults(str(value)) for key, value in store["environment"].items()}
+    config = load_config(AdapterStoreConfig, argv=[], env=env)
+    assert config.metrics_port == 9102
+    assert f"127.0.0.1:{config.metrics_port}:{config.metrics_port}" in map(defaults, store["ports"])
+
+
+def test_each_worker_is_pinned_to_its_own_gpu():
+    """`count: 1` gives every worker the first GPU; each worker names its one device, and the
+    commented example of a second worker, once uncommented, differs from the first only in it."""
+    text = COMPOSE.read_text()
+    example = re.search(r"^  # gpu_worker_1:\n((?:  #.*\n)+)", text, re.MULTILINE)
+    assert example is not None
+    uncommented = "  gpu_worker_1:\n" + re.sub(r"^  # ?", "  ", example.group(1), flags=re.M)
+    loaded = yaml.safe_load(text.replace(example.group(0), uncommented))["services"]
+    first, second = loaded["gpu_worker"], loaded["gpu_worker_1"]
+    devices = [s["deploy"]["resources"]["reservations"]["devices"] for s in (first, second)]
+    for (device,) in devices:
+        assert "count" not in device and len(device["device_ids"]) == 1
+    assert [defaults(d[0]["device_ids"][0]) for d in devices] == ["0", "1"]
+    assert {k: v for k, v in first.items() if k != "deploy"} == {
+        k: v for k, v in second.items() if k != "deploy"
+    }
+
+
+def test_image_installs_the_tested_torch_and_triton():
+    with open(ROOT / "pyproject.toml", "rb") as fh:
+        extras = tomllib.load(fh)["project"]["optional-dependencies"]
+    gpu = dict(pin.split("==") for pin in extras["gpu"])
+    # The same Triton as the CPU suite's kernel tests (its interpreter), and as the device's.
+    assert f"triton=={gpu['triton']}" in extras["test"]
+    torch_minor = ".".join(gpu["torch"].split(".")[:2])
+    measured = f"torch {torch_minor} + triton {gpu['triton']}"
+    assert measured in (ROOT / "BENCHMARKS.md").read_text()
+    assert "['optional-dependencies']['gpu']" in (ROOT / "Dockerfile").read_text()

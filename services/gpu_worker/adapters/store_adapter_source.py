@@ -32,6 +32,7 @@ from manylora.v1 import adapter_store_pb2, common_pb2
 from manylora.v1.adapter_store_pb2_grpc import AdapterStoreStub
 from services.common.adapter_events import DELETE, AdapterEvent
 from services.common.adapter_ref import adapter_ref
+from services.common.channels import ChannelSecurity, aio_channel
 from services.common.errors import InvalidArgument, NotFound, ServiceError, Unavailable
 from services.common.grpc_server import SERVER_OPTIONS
 from services.common.logging import request_id_metadata
@@ -76,8 +77,10 @@ class StoreAdapterSource:
         cache_max_bytes: int,
         timeout_s: float = 60.0,
         version_ttl_s: float = DEFAULT_VERSION_TTL_S,
+        security: ChannelSecurity | None = None,
     ):
         self.target = target
+        self._security = security  # TLS and the token of calls to the store
         self.cache = HostAdapterCache(cache_max_bytes)
         self.hits = 0
         self.misses = 0
@@ -214,7 +217,7 @@ class StoreAdapterSource:
 
     def _stub(self) -> AdapterStoreStub:
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self.target, options=SERVER_OPTIONS)
+            self._channel = aio_channel(self.target, self._security, SERVER_OPTIONS)
         return AdapterStoreStub(self._channel)
 
     async def _download(

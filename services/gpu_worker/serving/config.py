@@ -10,15 +10,17 @@ from services.common.config import (
     ConfigError,
     check_model_setting,
     host_field,
+    log_format_field,
     log_level_field,
     metrics_port_field,
     port_field,
 )
+from services.common.security_config import CallerSecurityConfig
 from services.gpu_worker.engine.config import EngineConfig
 
 
 @dataclass(frozen=True)
-class WorkerConfig(EngineConfig):
+class WorkerConfig(EngineConfig, CallerSecurityConfig):
     """Serve one base model and its LoRA adapters on one device."""
 
     # EngineConfig's fields (the engine's settings, first in --help) come before these.
@@ -67,6 +69,7 @@ class WorkerConfig(EngineConfig):
         default=4 << 30, metadata={"help": "host-memory adapter cache bound, in bytes"}
     )
     log_level: str = log_level_field()
+    log_format: str = log_format_field()
     metrics_port: int = metrics_port_field()
     registry_redis_url: str = field(
         default="",
@@ -96,6 +99,7 @@ class WorkerConfig(EngineConfig):
         """What would fail later, deep in start-up: `ConfigError` naming the setting."""
         check_model_setting("model", self.model, need_weights=not self.dummy)
         _check_device(self.device)
+        self.check_security()
         if self.adapter_store and self.adapters:
             raise ConfigError("adapters", "give --adapter-store or --adapters, not both")
 

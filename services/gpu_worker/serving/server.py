@@ -51,6 +51,7 @@ def build_adapter_source(config: WorkerConfig, shape: BaseModelShape) -> Adapter
             config.adapter_store,
             config.host_cache_bytes,
             version_ttl_s=config.adapter_version_ttl_s,
+            security=config.channel_security("gpu_worker"),
         )
     return LocalFolderAdapterSource(parse_adapter_paths(config.adapters), shape, config.max_rank)
 
@@ -89,6 +90,7 @@ async def start_worker(config: WorkerConfig, lora_backend: LoraBackend | None = 
         [SERVICE_NAME],
         config.host,
         config.port,
+        config,
     )
     closers: list[Callable[[], Awaitable[None]]] = []
     worker = Worker(server, loop, closers)
