@@ -1,0 +1,100 @@
+"""`python -m tools.mutation [NAME ...]`: mutate the modules of modules.toml (all, or those
+named) one at a time, write `.mutation/report.md`, print the score table.
+
+Exit status 1 when a module's run failed, when a module scores under --min-score, or when a
+survivor is not explained in equivalent.toml; 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import subprocess
+import sys
+import time
+from importlib.metadata import version
+
+from tools.mutation.config import Module, load_equivalents, load_modules
+from tools.mutation.report import render, score_table
+from tools.mutation.results import ModuleResult, Survivor, exit_codes, explain, status_of
+from tools.mutation.workdir import ROOT, WORK_ROOT, mutant_diff, prepare, run_mutmut
+
+
+def _parse_args(names: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tools.mutation", description=__doc__)
+    parser.add_argument("modules", nargs="*", metavar="NAME", help=f"one of {names}; all if none")
+    parser.add_argument(
+        "--max-children", type=int, default=1, help="mutants tested at once (default 1)"
+    )
+    parser.add_argument(
+        "--min-score", type=float, default=0.85, help="lowest passing score (default 0.85)"
+    )
+    return parser.parse_args()
+
+
+def _mutate(module: Module, max_children: int) -> ModuleResult:
+    result = ModuleResult(module)
+    work = prepare(module)
+    started = time.monotonic()
+    print(f"{module.name}: mutating {module.path} against {' '.join(module.tests)}", flush=True)
+    status = run_mutmut(work, max_children)
+    if status != 0:
+        result.error = f"mutmut failed (exit {status}; see {work / 'mutmut.log'})"
+        print(f"{module.name}: {result.error}", flush=True)
+        return result
+    equivalents = load_equivalents()
+    for mutant, code in exit_codes(work, module).items():
+        result.total += 1
+        state = status_of(code)
+        if state == "killed":
+            result.killed += 1
+        elif state == "timeout":
+            result.timeout += 1
+        else:
+            survivor = Survivor(mutant, state, mutant_diff(work, mutant))
+            explain(survivor, equivalents)
+            result.survivors.append(survivor)
+    print(
+        f"{module.name}: {result.caught}/{result.total} caught ({100 * result.score:.1f}%), "
+        f"{len(result.unexplained)} survivors not explained, "
+        f"{time.monotonic() - started:.0f} s",
+        flush=True,
+    )
+    return result
+
+
+def _header() -> str:
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return f"mutmut {version('mutmut')}, {datetime.date.today().isoformat()}, commit {commit}" + (
+        " with uncommitted changes" if dirty else ""
+    )
+
+
+def main() -> int:
+    modules = load_modules()
+    by_name = {m.name: m for m in modules}
+    args = _parse_args(list(by_name))
+    unknown = [n for n in args.modules if n not in by_name]
+    if unknown:
+        print(f"unknown module(s) {unknown}; known: {list(by_name)}", file=sys.stderr)
+        return 2
+    chosen = [by_name[n] for n in args.modules] if args.modules else modules
+    results = [_mutate(m, args.max_children) for m in chosen]
+    WORK_ROOT.mkdir(exist_ok=True)
+    report = WORK_ROOT / "report.md"
+    report.write_text(render(results, _header()))
+    print(f"\n{score_table(results)}\n\nsurvivors and their diffs: {report}")
+    failed = [r for r in results if r.error or r.score < args.min_score or r.unexplained]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
