@@ -101,3 +101,18 @@ def test_reserved_scratch_slots_leave_service_for_good(unified):
     stats = pool.stats()
     assert stats.free_slots == 0
     assert stats.free_slots + stats.kv_slots + stats.adapter_slots == stats.total_slots
+
+
+def test_slots_are_int64_on_the_pools_device():
+    # The meta device stands for a GPU here: a stack built anywhere else would hand out
+    # indices on the wrong device, and index_select/scatter in the kernels would refuse them.
+    allocator = SlotAllocator(8, torch.device("meta"), start=3)
+    slots = allocator.alloc(5)
+    assert (slots.device.type, slots.dtype, tuple(slots.shape)) == ("meta", torch.int64, (5,))
+
+
+def test_refusal_says_how_many_were_asked_and_how_many_are_free():
+    allocator = SlotAllocator(8, torch.device("cpu"))
+    allocator.alloc(5)
+    with pytest.raises(MemoryError, match=r"^6 slots asked, 3 free$"):
+        allocator.alloc(6)
