@@ -57,6 +57,9 @@ def run_mutmut(work: Path, max_children: int) -> int:
     env = dict(os.environ)
     # The tests must import the mutated copy under mutants/, never the repository's code.
     env.pop("PYTHONPATH", None)
+    # The tests' tensors are tiny: extra intra-op threads only spin, and mutmut's time limit
+    # (RLIMIT_CPU) counts every thread, which turned slow survivors into false "timeouts".
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     with (work / "mutmut.log").open("w") as log:
         done = subprocess.run(
             [str(MUTMUT), "run", "--max-children", str(max_children)],
