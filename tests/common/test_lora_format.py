@@ -133,7 +133,7 @@ def test_to_moves_and_casts_the_tensors_and_keeps_the_rest():
 
 
 def test_a_blob_shorter_than_the_length_field_is_refused():
-    with pytest.raises(ValueError, match="shorter than its 8-byte header length"):
+    with pytest.raises(ValueError, match=r"^not a safetensors blob: shorter than its 8-byte"):
         read_safetensors_header(b"\x02" + b"\x00" * 6)
     # Eight bytes are a length field (0) with an empty header: a JSON error, not "shorter".
     with pytest.raises(ValueError, match=r"^not a safetensors blob: header not valid JSON"):
@@ -142,8 +142,11 @@ def test_a_blob_shorter_than_the_length_field_is_refused():
 
 def test_a_header_may_fill_the_blob_but_not_run_past_it():
     assert read_safetensors_header(_blob(b"{}")) == {}
-    with pytest.raises(ValueError, match="header runs past the end"):
+    with pytest.raises(ValueError, match=r"^not a safetensors blob: header runs past the end$"):
         read_safetensors_header(_blob(b"{}")[:-1])
+    # The length is unsigned: 2^64 - 1 is past any end, not a negative length.
+    with pytest.raises(ValueError, match="header runs past the end"):
+        read_safetensors_header(b"\xff" * 8 + b"{}")
 
 
 def test_header_size_limit_is_inclusive():
@@ -155,9 +158,9 @@ def test_header_size_limit_is_inclusive():
 
 def test_metadata_must_be_an_object_when_present():
     assert read_safetensors_header(_blob(b'{"__metadata__": null}')) == {"__metadata__": None}
-    with pytest.raises(ValueError, match="__metadata__ is not a JSON object"):
+    with pytest.raises(ValueError, match=r"^not a safetensors blob: __metadata__ is not a JSON"):
         read_safetensors_header(_blob(b'{"__metadata__": "x"}'))
-    with pytest.raises(ValueError, match="header is not a JSON object"):
+    with pytest.raises(ValueError, match=r"^not a safetensors blob: header is not a JSON object$"):
         read_safetensors_header(_blob(b'"x"'))
 
 

@@ -121,6 +121,12 @@ def test_unseeded_requests_get_different_seeds():
 # ---- filter_logits ------------------------------------------------------------------------
 
 
+def test_top_k_keeps_exactly_the_k_largest():
+    logits = [0.5, -1.0, 2.0, 0.0, 1.5]  # ranked: 2, 4, 0, 3, 1
+    assert _kept(logits, 1, 1.0) == [False, False, True, False, False]
+    assert _kept(logits, 3, 1.0) == [True, False, True, False, True]
+
+
 def test_no_filter_when_top_k_is_off_or_covers_the_vocabulary():
     logits = [0.5, -1.0, 2.0, 0.0]
     for top_k in (0, 4, 7):
@@ -195,6 +201,42 @@ def test_a_tiny_temperature_is_greedy_without_nan():
         assert (sampled.token_ids, sampled.errors) == ([2], [None])
 
 
+def test_top_k_one_samples_the_argmax_at_any_temperature():
+    rows = torch.tensor([[0.0, 1.0, 3.0, 2.5]])
+    opts = SamplingOptions(max_new_tokens=1, temperature=10.0, top_k=1)
+    for seed in range(5):
+        sampled = sample(rows, [opts], [torch.Generator().manual_seed(seed)])
+        assert (sampled.token_ids, sampled.errors) == ([2], [None])
+
+
+def test_finite_logits_of_any_size_sample_without_overflow():
+    # Shifted by the row's max, the scaled logits are <= 0: 3e38 - (-3e38) would overflow.
+    rows = torch.tensor([[3e38, -3e38, 0.0], [-3e38, -3e38, 3e38]])
+    opts = SamplingOptions(max_new_tokens=1, temperature=1.0)
+    gens = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
+    sampled = sample(rows, [opts, opts], gens)
+    assert (sampled.token_ids, sampled.errors) == ([0, 2], [None, None])
+
+
+def test_one_option_and_one_generator_per_row():
+    rows = torch.zeros(3, 4)
+    opts = SamplingOptions(max_new_tokens=1, logprobs=True)
+    with pytest.raises(ValueError):
+        sample(rows, [opts] * 3, [None] * 2)
+    with pytest.raises(ValueError):
+        sample(rows, [opts] * 2, [None] * 2)
+
+
+@pytest.mark.gpu
+def test_a_request_on_the_gpu_samples_with_a_gpu_generator():
+    cuda = torch.device("cuda")
+    opts = SamplingOptions(max_new_tokens=1, temperature=1.0, seed=5)
+    gen = make_generator(opts, cuda)
+    assert gen is not None and gen.device.type == "cuda"
+    sampled = sample(torch.tensor([[0.0, 1.0, 0.5]], device=cuda), [opts], [gen])
+    assert sampled.errors == [None] and sampled.token_ids[0] in (0, 1, 2)
+
+
 def test_masked_tokens_are_never_sampled_and_are_no_error():
     # -inf marks tokens a caller masked out; a row with some finite logits is healthy.
     rows = torch.tensor([[float("-inf"), 0.0, float("-inf"), 0.0]]).expand(200, -1).contiguous()
@@ -225,7 +267,7 @@ def test_non_finite_rows_fail_alone():
     failed = [i for i, e in enumerate(sampled.errors) if e is not None]
     assert failed == [1, 2, 3, 4]
     for i in failed:
-        assert "non-finite logits" in str(sampled.errors[i])
+        assert str(sampled.errors[i]) == "the model produced non-finite logits for this request"
     assert sampled.token_ids[0] == 1
     alone = sample(rows[5:], [hot], [torch.Generator().manual_seed(3)])
     assert sampled.token_ids[5] == alone.token_ids[0]
@@ -252,6 +294,7 @@ def test_logprobs_are_of_the_raw_logits_and_only_where_asked():
     gens = [None, torch.Generator().manual_seed(1), None]
     sampled = sample(torch.tensor(rows), options, gens)
     assert sampled.token_ids == [1, 0, 1]  # top_k 1 is the argmax at any temperature
+    assert sampled.errors == [None] * 3
     expected = [_log_softmax(rows[0])[1], _log_softmax(rows[1])[0]]
     assert sampled.logprobs[:2] == pytest.approx(expected, abs=1e-6)
     assert sampled.logprobs[2] is None
