@@ -86,7 +86,7 @@ async def test_cancelled_just_after_being_handed_the_slot_gives_it_back():
 
 def test_limits_are_checked_at_construction():
     for max_running, max_queued in ((0, 5), (-1, 5), (1, -1), (0, -1)):
-        with pytest.raises(ValueError, match="max_running must be >= 1 and max_queued >= 0"):
+        with pytest.raises(ValueError, match=r"^max_running must be >= 1 and max_queued >= 0$"):
             Admission(max_running, max_queued)
     assert (Admission(1, 0).running, Admission(1, 0).queued) == (0, 0)
 
@@ -94,7 +94,10 @@ def test_limits_are_checked_at_construction():
 async def test_without_a_queue_a_full_router_refuses_at_once():
     admission = Admission(max_running=1, max_queued=0)
     assert await admission.acquire() == 0.0
-    with pytest.raises(ResourceExhausted, match="retry later"):
-        await admission.acquire()
+    # Bounded: a refusal that does not come is a wait, which must fail here, not hang.
+    with pytest.raises(
+        ResourceExhausted, match=r"^router queue full \(1 running, 0 queued\); retry later$"
+    ):
+        await asyncio.wait_for(admission.acquire(), 1)
     admission.release()
     assert await admission.acquire() == 0.0
