@@ -213,7 +213,10 @@ def test_finite_logits_of_any_size_sample_without_overflow():
     # Shifted by the row's max, the scaled logits are <= 0: 3e38 - (-3e38) would overflow.
     rows = torch.tensor([[3e38, -3e38, 0.0], [-3e38, -3e38, 3e38]])
     opts = SamplingOptions(max_new_tokens=1, temperature=1.0)
-    gens = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
+    gens: list[torch.Generator | None] = [
+        torch.Generator().manual_seed(0),
+        torch.Generator().manual_seed(1),
+    ]
     sampled = sample(rows, [opts, opts], gens)
     assert (sampled.token_ids, sampled.errors) == ([0, 2], [None, None])
 
