@@ -17,7 +17,14 @@ from importlib.metadata import version
 from tools.mutation.config import Module, load_equivalents, load_modules
 from tools.mutation.report import render, score_table
 from tools.mutation.results import ModuleResult, Survivor, exit_codes, explain, status_of
-from tools.mutation.workdir import ROOT, WORK_ROOT, mutant_diff, prepare, run_mutmut
+from tools.mutation.workdir import (
+    ROOT,
+    WORK_ROOT,
+    mutant_diff,
+    prepare,
+    run_mutmut,
+    work_dir,
+)
 
 
 def _parse_args(names: list[str]) -> argparse.Namespace:
@@ -29,15 +36,29 @@ def _parse_args(names: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--min-score", type=float, default=0.85, help="lowest passing score (default 0.85)"
     )
+    parser.add_argument(
+        "--survivors",
+        action="store_true",
+        help="test again only the mutants the module's last run did not kill, after tests "
+        "were added (the module's source unchanged); the other results stand",
+    )
     return parser.parse_args()
 
 
-def _mutate(module: Module, max_children: int) -> ModuleResult:
+def _mutate(module: Module, max_children: int, survivors_only: bool) -> ModuleResult:
     result = ModuleResult(module)
-    work = prepare(module)
+    again: list[str] | None = None
+    if survivors_only and (work_dir(module) / "mutants" / f"{module.path}.meta").is_file():
+        work = work_dir(module)
+        codes = exit_codes(work, module)
+        again = [m for m, code in codes.items() if status_of(code) not in ("killed", "timeout")]
+        if not again:
+            print(f"{module.name}: no survivors to test again", flush=True)
+    else:
+        work = prepare(module)
     started = time.monotonic()
     print(f"{module.name}: mutating {module.path} against {' '.join(module.tests)}", flush=True)
-    status = run_mutmut(work, max_children)
+    status = run_mutmut(work, max_children, again) if again != [] else 0
     if status != 0:
         result.error = f"mutmut failed (exit {status}; see {work / 'mutmut.log'})"
         print(f"{module.name}: {result.error}", flush=True)
@@ -87,7 +108,7 @@ def main() -> int:
         print(f"unknown module(s) {unknown}; known: {list(by_name)}", file=sys.stderr)
         return 2
     chosen = [by_name[n] for n in args.modules] if args.modules else modules
-    results = [_mutate(m, args.max_children) for m in chosen]
+    results = [_mutate(m, args.max_children, args.survivors) for m in chosen]
     WORK_ROOT.mkdir(exist_ok=True)
     report = WORK_ROOT / "report.md"
     report.write_text(render(results, _header()))

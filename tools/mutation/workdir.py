@@ -52,8 +52,9 @@ def prepare(module: Module) -> Path:
     return work
 
 
-def run_mutmut(work: Path, max_children: int) -> int:
-    """mutmut's exit status; its output (a progress spinner) goes to `mutmut.log`."""
+def run_mutmut(work: Path, max_children: int, mutants: list[str] | None = None) -> int:
+    """mutmut's exit status; its output (a progress spinner) goes to `mutmut.log`. With
+    `mutants`, only those are tested again and the other results stand."""
     env = dict(os.environ)
     # The tests must import the mutated copy under mutants/, never the repository's code.
     env.pop("PYTHONPATH", None)
@@ -62,7 +63,7 @@ def run_mutmut(work: Path, max_children: int) -> int:
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     with (work / "mutmut.log").open("w") as log:
         done = subprocess.run(
-            [str(MUTMUT), "run", "--max-children", str(max_children)],
+            [str(MUTMUT), "run", "--max-children", str(max_children), *(mutants or [])],
             cwd=work,
             env=env,
             stdout=log,
