@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from importlib.metadata import version
+from pathlib import Path
 
 from tools.mutation.config import Module, load_equivalents, load_modules
 from tools.mutation.report import render, score_table
@@ -42,29 +43,31 @@ def _parse_args(names: list[str]) -> argparse.Namespace:
         help="test again only the mutants the module's last run did not kill, after tests "
         "were added (the module's source unchanged); the other results stand",
     )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: the report of each module's last run (after editing equivalent.toml)",
+    )
     return parser.parse_args()
 
 
-def _mutate(module: Module, max_children: int, survivors_only: bool) -> ModuleResult:
-    result = ModuleResult(module)
-    again: list[str] | None = None
-    if survivors_only and (work_dir(module) / "mutants" / f"{module.path}.meta").is_file():
-        work = work_dir(module)
+def _work_and_mutants(module: Module, args: argparse.Namespace) -> tuple[Path, list[str] | None]:
+    """The module's working directory and which mutants to test: None for all (a fresh
+    directory), [] for none (--report-only, or no survivors left)."""
+    work = work_dir(module)
+    if not (work / "mutants" / f"{module.path}.meta").is_file():
+        return prepare(module), None
+    if args.report_only:
+        return work, []
+    if args.survivors:
         codes = exit_codes(work, module)
-        again = [m for m, code in codes.items() if status_of(code) not in ("killed", "timeout")]
-        if not again:
-            print(f"{module.name}: no survivors to test again", flush=True)
-    else:
-        work = prepare(module)
-    started = time.monotonic()
-    print(f"{module.name}: mutating {module.path} against {' '.join(module.tests)}", flush=True)
-    status = run_mutmut(work, max_children, again) if again != [] else 0
-    if status != 0:
-        result.error = f"mutmut failed (exit {status}; see {work / 'mutmut.log'})"
-        print(f"{module.name}: {result.error}", flush=True)
-        return result
+        return work, [m for m, c in codes.items() if status_of(c) not in ("killed", "timeout")]
+    return prepare(module), None
+
+
+def _tally(result: ModuleResult, work: Path) -> None:
     equivalents = load_equivalents()
-    for mutant, code in exit_codes(work, module).items():
+    for mutant, code in exit_codes(work, result.module).items():
         result.total += 1
         state = status_of(code)
         if state == "killed":
@@ -75,6 +78,23 @@ def _mutate(module: Module, max_children: int, survivors_only: bool) -> ModuleRe
             survivor = Survivor(mutant, state, mutant_diff(work, mutant))
             explain(survivor, equivalents)
             result.survivors.append(survivor)
+
+
+def _mutate(module: Module, args: argparse.Namespace) -> ModuleResult:
+    result = ModuleResult(module)
+    if args.report_only and not (work_dir(module) / "mutants").is_dir():
+        result.error = "never run"
+        return result
+    started = time.monotonic()
+    work, mutants = _work_and_mutants(module, args)
+    if mutants != []:
+        print(f"{module.name}: mutating {module.path} against {' '.join(module.tests)}", flush=True)
+        status = run_mutmut(work, args.max_children, mutants)
+        if status != 0:
+            result.error = f"mutmut failed (exit {status}; see {work / 'mutmut.log'})"
+            print(f"{module.name}: {result.error}", flush=True)
+            return result
+    _tally(result, work)
     print(
         f"{module.name}: {result.caught}/{result.total} caught ({100 * result.score:.1f}%), "
         f"{len(result.unexplained)} survivors not explained, "
@@ -108,7 +128,7 @@ def main() -> int:
         print(f"unknown module(s) {unknown}; known: {list(by_name)}", file=sys.stderr)
         return 2
     chosen = [by_name[n] for n in args.modules] if args.modules else modules
-    results = [_mutate(m, args.max_children, args.survivors) for m in chosen]
+    results = [_mutate(m, args) for m in chosen]
     WORK_ROOT.mkdir(exist_ok=True)
     report = WORK_ROOT / "report.md"
     report.write_text(render(results, _header()))
