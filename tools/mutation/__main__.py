@@ -20,6 +20,7 @@ from tools.mutation.report import render, score_table
 from tools.mutation.results import ModuleResult, Survivor, exit_codes, explain, status_of
 from tools.mutation.workdir import (
     ROOT,
+    RUNS_FILE,
     WORK_ROOT,
     mutant_diff,
     prepare,
@@ -89,12 +90,18 @@ def _mutate(module: Module, args: argparse.Namespace) -> ModuleResult:
     work, mutants = _work_and_mutants(module, args)
     if mutants != []:
         print(f"{module.name}: mutating {module.path} against {' '.join(module.tests)}", flush=True)
+        what = "all mutants" if mutants is None else f"{len(mutants)} survivors again"
+        with (work / RUNS_FILE).open("a") as runs:
+            runs.write(f"{what}, {_source_state()}\n")
         status = run_mutmut(work, args.max_children, mutants)
         if status != 0:
             result.error = f"mutmut failed (exit {status}; see {work / 'mutmut.log'})"
             print(f"{module.name}: {result.error}", flush=True)
             return result
     _tally(result, work)
+    result.runs = (
+        (work / RUNS_FILE).read_text().splitlines() if (work / RUNS_FILE).is_file() else []
+    )
     print(
         f"{module.name}: {result.caught}/{result.total} caught ({100 * result.score:.1f}%), "
         f"{len(result.unexplained)} survivors not explained, "
@@ -104,7 +111,8 @@ def _mutate(module: Module, args: argparse.Namespace) -> ModuleResult:
     return result
 
 
-def _header() -> str:
+def _source_state() -> str:
+    """The commit the code and tests were at, for the record of a run."""
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
@@ -114,8 +122,8 @@ def _header() -> str:
         capture_output=True,
         text=True,
     ).stdout.strip()
-    return f"mutmut {version('mutmut')}, {datetime.date.today().isoformat()}, commit {commit}" + (
-        " with uncommitted changes" if dirty else ""
+    return f"{datetime.date.today().isoformat()} at {commit}" + (
+        " (uncommitted changes)" if dirty else ""
     )
 
 
@@ -131,7 +139,7 @@ def main() -> int:
     results = [_mutate(m, args) for m in chosen]
     WORK_ROOT.mkdir(exist_ok=True)
     report = WORK_ROOT / "report.md"
-    report.write_text(render(results, _header()))
+    report.write_text(render(results, f"mutmut {version('mutmut')}"))
     print(f"\n{score_table(results)}\n\nsurvivors and their diffs: {report}")
     failed = [r for r in results if r.error or r.score < args.min_score or r.unexplained]
     return 1 if failed else 0

@@ -27,6 +27,11 @@ def score_table(results: list[ModuleResult]) -> str:
     return "\n".join(rows)
 
 
+def run_list(results: list[ModuleResult]) -> str:
+    """Which runs each module's results come from (the code and tests they saw)."""
+    return "\n".join(f"- {r.module.name}: {'; '.join(r.runs) or 'unknown'}" for r in results)
+
+
 def survivor_sections(results: list[ModuleResult]) -> str:
     parts: list[str] = []
     for r in results:
@@ -49,6 +54,7 @@ def render(results: list[ModuleResult], header: str) -> str:
             "# Mutation testing report",
             header,
             score_table(results),
+            "Runs:\n\n" + run_list(results),
             "Score: mutants killed (a test failed) or timed out, over all mutants. Every "
             "survivor is listed below, with the reason it is equivalent when "
             "tools/mutation/equivalent.toml gives one.",

@@ -45,6 +45,7 @@ class ModuleResult:
     timeout: int = 0
     survivors: list[Survivor] = field(default_factory=list)
     error: str = ""  # why the run gave no results, when it did not
+    runs: list[str] = field(default_factory=list)  # the runs these results come from
 
     @property
     def caught(self) -> int:

@@ -25,6 +25,9 @@ WORK_ROOT = ROOT / ".mutation"
 _LINKED = ("services", "kernels", "protos", "tests", "benchmarks", "pyproject.toml")
 _ALSO_COPY = ("kernels", "protos", "benchmarks")
 MUTMUT = Path(sys.executable).with_name("mutmut")
+RUNS_FILE = (
+    "runs.txt"  # one line per mutmut run in the directory: what it tested, when, at what commit
+)
 
 
 def work_dir(module: Module) -> Path:
