@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch where there is no GPU (these machines keep 2.13.0 on disk).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: run test lint typecheck proto proto-check clean
+.PHONY: run test lint typecheck proto proto-check mutation clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,10 +31,21 @@ lint: $(VENV)/.installed
 typecheck: $(VENV)/.installed
 	$(VENV)/bin/mypy
 
+# Mutation testing of the core modules (MUTATION.md), not part of `make test`: each module of
+# tools/mutation/modules.toml against its own unit tests. MUTATION_ARGS picks modules and
+# options, e.g. `make mutation MUTATION_ARGS="routing --max-children 2"`. Report:
+# .mutation/report.md.
+mutation: $(VENV)/.installed-dev
+	$(PY) -m tools.mutation $(MUTATION_ARGS)
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[test,proto,dev]'
+	touch $@
+
 # Regenerate the committed gRPC modules from protos/.
 proto: $(VENV)/.installed
 	$(PY) -m grpc_tools.protoc -I protos --python_out=protos --pyi_out=protos \
 		--grpc_python_out=protos protos/manylora/v1/*.proto
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .demo
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .demo .mutation

@@ -123,6 +123,16 @@ TARGET_CASES: dict[str, dict[str, Any]] = {
         "exclude_modules": "model.layers.1.self_attn.v_proj",
     },
     "unmatched-entry-ignored": {"target_modules": ["q_proj", "query_key_value"]},
+    # With layers_to_transform, a suffix entry selects only names with "<segment>.<index>.":
+    # not the modules outside the decoder layers, nor a decoder layer itself.
+    "layers-skip-modules-outside-layers": {
+        "target_modules": ["q_proj", "embed_tokens", "norm"],
+        "layers_to_transform": [0],
+    },
+    "layers-skip-the-decoder-layer-itself": {
+        "target_modules": ["q_proj", "layers.0"],
+        "layers_to_transform": [0],
+    },
 }
 
 
@@ -179,3 +189,22 @@ def test_layer_options_peft_refuses_are_refused(lora: dict[str, Any]) -> None:
     with pytest.raises(AdapterValidationError) as refused:
         parse_config(json.dumps({"peft_type": "LORA", "r": 2, **lora}))
     assert refused.value.key in lora
+
+
+@pytest.mark.parametrize(
+    "lora",
+    [
+        {"target_modules": ["q_proj"], "layers_to_transform": [0], "layers_pattern": "blocks"},
+        {"target_modules": ["q_proj", "mlp"], "layers_to_transform": [3]},
+    ],
+    ids=["layers-pattern-matching-nothing", "layer-index-on-a-block"],
+)
+def test_layer_selections_peft_cannot_load_are_refused(lora: dict[str, Any]) -> None:
+    # PEFT: "Target modules not found" for the first, "LlamaMLP is not supported" for the
+    # second. The oracle is its refusal; ours must name target_modules.
+    with pytest.raises(ValueError):
+        _peft_targets(lora)
+    opts = parse_config(json.dumps({"peft_type": "LORA", "r": 2, **lora}))
+    with pytest.raises(AdapterValidationError) as refused:
+        selected_modules(opts, SHAPE)
+    assert refused.value.key == "target_modules"

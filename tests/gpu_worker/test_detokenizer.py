@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from hypothesis import given
 from hypothesis import strategies as st
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from services.gpu_worker.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from services.gpu_worker.engine.tokenizer import ByteTokenizer
+from services.gpu_worker.engine.tokenizer import ByteTokenizer, HFTokenizer
 
 
 def _stream(text: str) -> list[str]:
@@ -64,3 +67,48 @@ def test_stop_matcher_output_is_text_before_first_stop(text: str, cuts: list[int
         assert out == text[: min(hits)]
     elif pos >= len(text):
         assert out == text
+
+
+def _metaspace_tokenizer(folder: Path) -> tuple[HFTokenizer, Tokenizer]:
+    """A Llama-style (SentencePiece) word tokenizer: "▁world" decodes to " world" after a
+    word and to "world" at the start of the text, and </s> decodes to nothing."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁Hello": 3, "▁world": 4, "▁again": 5}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.add_special_tokens(["<s>", "</s>"])
+    tok.save(str(folder / "tokenizer.json"))
+    return HFTokenizer(folder), tok
+
+
+def test_a_token_that_decodes_to_nothing_keeps_the_space_of_the_next_word(tmp_path: Path):
+    # An </s> mid-stream (ignore_eos) adds no text. The decode window must still reach back
+    # past it to a word, or "▁world" would decode as the start of a text, without its space.
+    tokenizer, oracle = _metaspace_tokenizer(tmp_path)
+    ids = [3, 2, 4, 2, 2, 5]
+    detok = IncrementalDetokenizer(tokenizer)
+    deltas = [detok.push(t) for t in ids]
+    text = "".join([*deltas, detok.flush()])
+    assert text == oracle.decode(ids, skip_special_tokens=True) == "Hello world again"
+
+
+def test_without_stop_strings_text_passes_through_and_never_stops():
+    for stops in ([], [""]):
+        matcher = StopStringMatcher(stops)
+        assert matcher.feed("abc") == ("abc", False)
+        assert matcher.flush() == ""
+
+
+def test_after_a_stop_the_rest_is_dropped_and_nothing_is_left_to_flush():
+    matcher = StopStringMatcher(["END"])
+    assert matcher.feed("aE") == ("a", False)
+    assert matcher.feed("NDtail") == ("", True)
+    assert matcher.flush() == ""
+
+
+def test_flush_releases_held_text_once():
+    matcher = StopStringMatcher(["END"])
+    assert matcher.feed("abEN") == ("ab", False)
+    assert matcher.flush() == "EN"
+    assert matcher.flush() == ""
+    assert matcher.feed("xy") == ("xy", False)

@@ -62,6 +62,29 @@ def test_merged_outputs_join_tokens_and_keep_the_last_finish() -> None:
     assert merge_outputs([single]) is single
 
 
+def test_merged_outputs_carry_the_last_ones_usage_and_error() -> None:
+    # Usage is set on a request's final output only (Sequence.output), so the last one's is
+    # the request's; the earlier outputs' zeros must not leak into the merged message.
+    last = StepOutput(
+        "r",
+        [9],
+        "x",
+        [-0.5],
+        FinishReason.ABORTED,
+        prompt_tokens=12,
+        completion_tokens=3,
+        queue_time_ms=1.5,
+        time_to_first_token_ms=2.5,
+        error=RuntimeError("boom"),
+    )
+    merged = merge_outputs([out("r", 1), out("r", 2), last])
+    assert (merged.request_id, merged.token_ids, merged.text) == ("r", [1, 2, 9], "\x01\x02x")
+    usage = (merged.prompt_tokens, merged.completion_tokens)
+    assert usage == (12, 3)
+    assert (merged.queue_time_ms, merged.time_to_first_token_ms) == (1.5, 2.5)
+    assert merged.error is last.error
+
+
 async def test_a_lagging_stream_takes_what_is_queued_up_to_its_last_output() -> None:
     queue: asyncio.Queue[StepOutput] = asyncio.Queue()
     for token in (1, 2):

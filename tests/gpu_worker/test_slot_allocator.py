@@ -137,3 +137,18 @@ def test_fit_questions_of_a_split_pool_by_hand():
     assert not pool.can_fit_now(0, 6, evictable=0) and pool.can_fit_now(0, 30, evictable=25)
     assert pool.adapter_free_target(50, 6) == 6  # KV promises live in the other region
     pool.free_adapter(adapter)
+
+
+def test_slots_are_int64_on_the_pools_device():
+    # The meta device stands for a GPU here: a stack built anywhere else would hand out
+    # indices on the wrong device, and index_select/scatter in the kernels would refuse them.
+    allocator = SlotAllocator(8, torch.device("meta"), start=3)
+    slots = allocator.alloc(5)
+    assert (slots.device.type, slots.dtype, tuple(slots.shape)) == ("meta", torch.int64, (5,))
+
+
+def test_refusal_says_how_many_were_asked_and_how_many_are_free():
+    allocator = SlotAllocator(8, torch.device("cpu"))
+    allocator.alloc(5)
+    with pytest.raises(MemoryError, match=r"^6 slots asked, 3 free$"):
+        allocator.alloc(6)

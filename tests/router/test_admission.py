@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -20,13 +21,16 @@ async def test_runs_up_to_the_limit_then_queues_then_refuses():
     admission = Admission(max_running=2, max_queued=1)
     assert await admission.acquire() == 0.0
     assert await admission.acquire() == 0.0
+    queued_at = time.monotonic()
     waiter = asyncio.create_task(admission.acquire())
     await _until(lambda: admission.queued == 1)
-    with pytest.raises(ResourceExhausted, match="queue full"):
+    with pytest.raises(ResourceExhausted, match=r"^router queue full \(2 running, 1 queued\); "):
         await admission.acquire()
+    await asyncio.sleep(0.05)
     admission.release()
     waited = await asyncio.wait_for(waiter, 1)
-    assert waited >= 0
+    # The seconds waited, as measured around the wait from outside.
+    assert 0.05 <= waited <= time.monotonic() - queued_at
     assert (admission.running, admission.queued) == (2, 0)
     admission.release()
     admission.release()
@@ -78,3 +82,22 @@ async def test_cancelled_just_after_being_handed_the_slot_gives_it_back():
     with pytest.raises(asyncio.CancelledError):
         await waiter
     assert admission.running == 0
+
+
+def test_limits_are_checked_at_construction():
+    for max_running, max_queued in ((0, 5), (-1, 5), (1, -1), (0, -1)):
+        with pytest.raises(ValueError, match=r"^max_running must be >= 1 and max_queued >= 0$"):
+            Admission(max_running, max_queued)
+    assert (Admission(1, 0).running, Admission(1, 0).queued) == (0, 0)
+
+
+async def test_without_a_queue_a_full_router_refuses_at_once():
+    admission = Admission(max_running=1, max_queued=0)
+    assert await admission.acquire() == 0.0
+    # Bounded: a refusal that does not come is a wait, which must fail here, not hang.
+    with pytest.raises(
+        ResourceExhausted, match=r"^router queue full \(1 running, 0 queued\); retry later$"
+    ):
+        await asyncio.wait_for(admission.acquire(), 1)
+    admission.release()
+    assert await admission.acquire() == 0.0

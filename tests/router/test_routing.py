@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+
+from hypothesis import given
+from hypothesis import strategies as st
 
 from services.router.routing import Candidate, choose, load_bound
 
@@ -108,3 +112,61 @@ def test_stale_loads_over_every_bound_still_place_on_the_least_loaded():
     choice = choose("x", "r", workers, 1.0)
     assert choice is not None
     assert choice.address == "b"
+
+
+@given(st.lists(st.integers(0, 1000), min_size=1, max_size=8), st.floats(1.0, 4.0))
+def test_with_a_factor_of_one_or_more_the_least_loaded_is_always_under_the_bound(loads, factor):
+    # min(loads) <= L / n < (L + 1) / n <= factor * (L + 1) / n <= bound: the router's config
+    # (--load-bound >= 1) never leaves an adapter request without a worker under the bound.
+    assert min(loads) < load_bound(sum(loads), len(loads), factor)
+
+
+def test_when_every_worker_is_over_the_bound_the_least_loaded_says_where_it_holds_the_adapter():
+    # Only a factor under 1 can put every worker over the bound: here ceil(0.5 * (L + 1) / 2)
+    # is 8 (L = 30) or 5 (L = 19), under both loads.
+    def pick(b: Candidate) -> tuple[str, str] | None:
+        choice = choose("x", "r", [Candidate("a", 12, on_gpu=frozenset({"x"})), b], 0.5)
+        return None if choice is None else (choice.address, choice.affinity)
+
+    assert pick(Candidate("b", 18, on_gpu=frozenset({"x"}))) == ("a", "gpu")
+    assert pick(Candidate("b", 7, on_gpu=frozenset({"x"}))) == ("b", "gpu")
+    assert pick(Candidate("b", 7, in_host=frozenset({"x"}))) == ("b", "host")
+    assert pick(Candidate("b", 7, on_gpu=frozenset({"y"}), in_host=frozenset({"y"}))) == (
+        "b",
+        "none",
+    )
+
+
+def test_base_model_requests_have_no_affinity():
+    # Even a report listing "" (the base model's id) as resident gives it no affinity.
+    workers = [
+        Candidate("a", 3, on_gpu=frozenset({""})),
+        Candidate("b", 1, in_host=frozenset({""})),
+    ]
+    choice = choose("", "r", workers, FACTOR)
+    assert choice is not None and (choice.address, choice.affinity) == ("b", "none")
+
+
+def test_default_floor_is_one_request():
+    assert load_bound(0, 4, 1.0) == 1  # ceil(1 * 1 / 4) = 1, and the floor (1) adds nothing
+    # a holds the adapter, but its load 1 is already the bound max(1, ceil(1.0 * 2 / 2)) = 1.
+    workers = [Candidate("a", 1, on_gpu=frozenset({"x"})), Candidate("b", 0)]
+    choice = choose("x", "r", workers, 1.0)
+    assert choice is not None and (choice.address, choice.affinity) == ("b", "none")
+
+
+def _documented_score(key: str, address: str) -> int:
+    """services/router/README.md: the first 8 bytes of BLAKE2b("<key>\\0<address>"), read as
+    a big-endian integer; the highest score ranks first."""
+    digest = hashlib.blake2b(f"{key}\0{address}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def test_cold_adapter_goes_to_the_top_of_the_documented_rendezvous_order():
+    # Routers of different versions (a rolling upgrade) must rank alike: the order is the
+    # documented hash, not any hash.
+    names = [f"w{i}:1" for i in range(5)]
+    for adapter in (f"ad-{i}" for i in range(20)):
+        choice = choose(adapter, "r", [Candidate(n, 0) for n in names], FACTOR)
+        expected = max(names, key=lambda n: _documented_score(adapter, n))
+        assert choice is not None and choice.address == expected

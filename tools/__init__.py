@@ -1,0 +1,1 @@
+"""Developer tools that are neither services nor tests (mutation testing)."""
