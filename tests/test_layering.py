@@ -1,4 +1,4 @@
-"""Each service imports only itself and services.common (the client only itself), so that
+"""Each service (and the client library) imports only itself and services.common, so that
 the router, the store and the workers can be deployed, read and changed apart. What they share
 (record formats, errors, helpers) lives in services/common; the whole stack is assembled only
 outside services/, in demo/."""
@@ -15,7 +15,7 @@ ALLOWED = {
     "router": {"router", "common"},
     "gpu_worker": {"gpu_worker", "common"},
     "adapter_store": {"adapter_store", "common"},
-    "client": {"client"},
+    "client": {"client", "common"},
     "openai_front": {"openai_front", "common"},
     "common": {"common"},
 }

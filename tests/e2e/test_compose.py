@@ -130,7 +130,7 @@ def test_openai_front_serves_the_routers_model_over_http(services: dict[str, Any
     assert host == "router" and int(port) == int(services["router"]["environment"]["MANYLORA_PORT"])
     worker_model = defaults(services["gpu_worker"]["environment"]["MANYLORA_MODEL"])
     assert config.model == worker_model
-    assert f"{config.port}:{config.port}" in service["ports"]
+    assert f"${{MANYLORA_BIND:-127.0.0.1}}:{config.port}:{config.port}" in service["ports"]
     assert f"http://127.0.0.1:{config.port}/health" in " ".join(service["healthcheck"]["test"])
     assert service["build"] == "."
 
