@@ -57,7 +57,11 @@ class Routes:
     ) -> web.StreamResponse:
         parsed.generate.request_id = request_id_var.get()
         tracker = self._metrics.generation.track()
-        responses = self._router.generate(parsed.generate, self._config.request_timeout_s)
+        responses = self._router.generate(
+            parsed.generate,
+            self._config.request_timeout_s,
+            request.headers.get("Authorization", ""),
+        )
         self._metrics.running.inc()
         try:
             async with tracked(tracker), contextlib.aclosing(responses):
@@ -77,7 +81,9 @@ class Routes:
     async def models(self, request: web.Request) -> web.Response:
         base = self._config.model
         listed: list[dict[str, Any]] = [_model_json(base, None, None)]
-        for info in await self._router.list_adapters() or ():
+        for info in (
+            await self._router.list_adapters(request.headers.get("Authorization", "")) or ()
+        ):
             listed.append(_model_json(info.adapter_id, base, info.version))
         return web.json_response({"object": "list", "data": listed})
 

@@ -42,19 +42,42 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 SMALLEST_TOP_P = 1e-9
 
 _COMMON = frozenset(
-    {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream",
-     "stream_options", "logprobs", "ignore_eos", "user", "metadata", "store", "service_tier"}
-)  # fmt: skip
+    {
+        "model",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "stop",
+        "seed",
+        "stream",
+        "stream_options",
+        "logprobs",
+        "ignore_eos",
+        "user",
+        "metadata",
+        "store",
+        "service_tier",
+    }
+)
 _DEFAULT_ONLY: dict[str, Any] = {
-    "n": 1, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {},
-}  # fmt: skip
+    "n": 1,
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+    "logit_bias": {},
+}
 COMPLETION_FIELDS = _COMMON | {"prompt"}
 COMPLETION_DEFAULT_ONLY = {**_DEFAULT_ONLY, "best_of": 1, "echo": False, "suffix": ""}
 CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "parallel_tool_calls"}
 CHAT_DEFAULT_ONLY = {
-    **_DEFAULT_ONLY, "top_logprobs": 0, "tools": [], "tool_choice": "none", "functions": [],
-    "function_call": "none", "response_format": {"type": "text"},
-}  # fmt: skip
+    **_DEFAULT_ONLY,
+    "top_logprobs": 0,
+    "tools": [],
+    "tool_choice": "none",
+    "functions": [],
+    "function_call": "none",
+    "response_format": {"type": "text"},
+}
 
 
 @dataclass

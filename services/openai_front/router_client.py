@@ -1,6 +1,10 @@
 """The front's one connection to the router: Generate streams and the adapter list, with gRPC
 errors turned into OpenAI's (errors.from_rpc_error). A stream left early (the HTTP client went
-away, its task was cancelled) cancels its call, and the router cancels the worker's request."""
+away, its task was cancelled) cancels its call, and the router cancels the worker's request.
+
+The HTTP client's own `Authorization` header travels to the router as the call's
+`authorization` metadata: the front holds no token of its own, so a router that checks tokens
+(README, "Security and operations") sees, and scopes, each client as if it called directly."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from collections.abc import AsyncGenerator
 import grpc
 
 from manylora.v1 import common_pb2, router_pb2_grpc
+from services.common.auth import AUTHORIZATION_KEY
 from services.common.grpc_server import SERVER_OPTIONS
 from services.common.logging import REQUEST_ID_KEY
 from services.openai_front.errors import ApiError, from_rpc_error
@@ -25,11 +30,10 @@ class RouterClient:
         self._stub = router_pb2_grpc.RouterStub(self._channel)
 
     async def generate(
-        self, request: common_pb2.GenerateRequest, timeout_s: float
+        self, request: common_pb2.GenerateRequest, timeout_s: float, authorization: str = ""
     ) -> AsyncGenerator[common_pb2.GenerateResponse, None]:
-        call = self._stub.Generate(
-            request, timeout=timeout_s, metadata=((REQUEST_ID_KEY, request.request_id),)
-        )
+        metadata = ((REQUEST_ID_KEY, request.request_id), *_auth(authorization))
+        call = self._stub.Generate(request, timeout=timeout_s, metadata=metadata)
         try:
             async for response in call:
                 yield response
@@ -38,7 +42,7 @@ class RouterClient:
         finally:
             call.cancel()  # a no-op once the call has ended
 
-    async def list_adapters(self) -> list[common_pb2.AdapterInfo] | None:
+    async def list_adapters(self, authorization: str = "") -> list[common_pb2.AdapterInfo] | None:
         """Every adapter of the router's store (the newest version of each); None when the
         router has no store (FAILED_PRECONDITION)."""
         adapters: list[common_pb2.AdapterInfo] = []
@@ -46,7 +50,9 @@ class RouterClient:
         for _ in range(MAX_LISTED_PAGES):
             request = common_pb2.ListAdaptersRequest(page_token=token)
             try:
-                page = await self._stub.ListAdapters(request, timeout=LIST_TIMEOUT_S)
+                page = await self._stub.ListAdapters(
+                    request, timeout=LIST_TIMEOUT_S, metadata=_auth(authorization)
+                )
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
                     return None
@@ -59,3 +65,7 @@ class RouterClient:
 
     async def close(self) -> None:
         await self._channel.close()
+
+
+def _auth(authorization: str) -> tuple[tuple[str, str], ...]:
+    return ((AUTHORIZATION_KEY, authorization),) if authorization else ()

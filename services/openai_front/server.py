@@ -97,8 +97,11 @@ async def start_openai_front(config: OpenAIFrontConfig) -> OpenAIFront:
         raise
     logger.info(
         "serving the OpenAI API on http://%s:%d/v1 for the router at %s (base model %r)",
-        config.host, port, config.router, config.model,
-    )  # fmt: skip
+        config.host,
+        port,
+        config.router,
+        config.model,
+    )
     return front
 
 

@@ -46,8 +46,8 @@ async def start_front(router_port: int, **overrides: Any) -> OpenAIFront:
 
 def openai_client(front: OpenAIFront, **overrides: Any) -> AsyncOpenAI:
     """No retries: a test sees each error as the front sent it."""
-    fields: dict[str, Any] = {"max_retries": 0, "timeout": 60.0, **overrides}
-    return AsyncOpenAI(base_url=front.url, api_key="unused", **fields)
+    fields: dict[str, Any] = {"max_retries": 0, "timeout": 60.0, "api_key": "unused", **overrides}
+    return AsyncOpenAI(base_url=front.url, **fields)
 
 
 async def serve(stack: Stack, tmp: Path, **router_overrides: Any) -> Served:
