@@ -146,9 +146,13 @@ def targets_table(
             ]
             row[f"{name}_step_s"] = time_decode(engine, batch, adapters, steps)
         rows.append(row)
-        print(f"engine batch {batch}: " + ", ".join(
-            f"{k[:-7]} {v * 1e3:.2f} ms" for k, v in row.items() if k.endswith("_step_s")
-        ), flush=True)  # fmt: skip
+        print(
+            f"engine batch {batch}: "
+            + ", ".join(
+                f"{k[:-7]} {v * 1e3:.2f} ms" for k, v in row.items() if k.endswith("_step_s")
+            ),
+            flush=True,
+        )
     del engine, model
     gc.collect()
     if on_gpu:
@@ -161,8 +165,10 @@ def print_targets_table(rows: list[dict[str, Any]]) -> None:
     print("  batch    base  attention  all-linear  all/attention  all/base")
     for r in rows:
         base, attn, every = r["base_step_s"], r["attention_step_s"], r["all-linear_step_s"]
-        print(f"  {r['batch']:>5} {base * 1e3:7.2f} {attn * 1e3:10.2f} {every * 1e3:11.2f}"
-              f" {every / attn:14.2f} {every / base:9.2f}")  # fmt: skip
+        print(
+            f"  {r['batch']:>5} {base * 1e3:7.2f} {attn * 1e3:10.2f} {every * 1e3:11.2f}"
+            f" {every / attn:14.2f} {every / base:9.2f}"
+        )
 
 
 def engine_table(batches: tuple[int, ...], steps: int) -> tuple[list[dict[str, Any]], int]:
@@ -180,8 +186,15 @@ def engine_table(batches: tuple[int, ...], steps: int) -> tuple[list[dict[str, A
     for batch in batches:
         base = time_decode(engine, batch, [None] * batch, steps)
         mixed = time_decode(engine, batch, adapters[:batch], steps)
-        rows.append({"batch": batch, "base_step_s": base, "mixed_step_s": mixed,
-                     "base_tok_s": batch / base, "mixed_tok_s": batch / mixed})  # fmt: skip
+        rows.append(
+            {
+                "batch": batch,
+                "base_step_s": base,
+                "mixed_step_s": mixed,
+                "base_tok_s": batch / base,
+                "mixed_tok_s": batch / mixed,
+            }
+        )
         print(
             f"engine batch {batch}: base {base * 1e3:.2f} ms, mixed {mixed * 1e3:.2f} ms",
             flush=True,
@@ -227,8 +240,12 @@ def hf_table(
     names = [f"a{i}" for i in range(max(peft_batches))]
     peft_model = None
     for i, name in enumerate(names):
-        cfg = LoraConfig(r=RANKS[i % 4], lora_alpha=2 * RANKS[i % 4], target_modules=targets,
-                         init_lora_weights=False)  # fmt: skip
+        cfg = LoraConfig(
+            r=RANKS[i % 4],
+            lora_alpha=2 * RANKS[i % 4],
+            target_modules=targets,
+            init_lora_weights=False,
+        )
         if peft_model is None:
             peft_model = get_peft_model(hf, cfg, adapter_name=name)
         else:
@@ -283,14 +300,18 @@ def main() -> None:
 
 def print_summary(r: dict[str, Any]) -> None:
     c = r["ceilings"]
-    print(f"\n{r['device']}  copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s  "
-          f"bf16 {c['bf16_flops'] / 1e12:.0f} TFLOP/s  "
-          f"floor {r['floor_s'] * 1e3:.2f} ms")  # fmt: skip
+    print(
+        f"\n{r['device']}  copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s  "
+        f"bf16 {c['bf16_flops'] / 1e12:.0f} TFLOP/s  "
+        f"floor {r['floor_s'] * 1e3:.2f} ms"
+    )
     print("LoRA qkv op (us): batch ours GB/s bmm_padded bmm_gather gather_ref")
     for k in r["lora_kernels"]:
-        print(f"  {k['batch']:>4} {k['ours_us']:7.1f} {k['ours_gbps']:6.0f}"
-              f" {k['bmm_padded_us']:8.1f} {k['bmm_gather_us']:9.1f}"
-              f" {k['gather_ref_us']:9.1f}")  # fmt: skip
+        print(
+            f"  {k['batch']:>4} {k['ours_us']:7.1f} {k['ours_gbps']:6.0f}"
+            f" {k['bmm_padded_us']:8.1f} {k['bmm_gather_us']:9.1f}"
+            f" {k['gather_ref_us']:9.1f}"
+        )
     hf = {h["batch"]: h for h in r["hf"]}
     print(
         "decode step (ms): batch base mixed mixed/base base/floor | HF base | PEFT mixed | x PEFT"
@@ -299,10 +320,12 @@ def print_summary(r: dict[str, Any]) -> None:
         h = hf.get(e["batch"], {})
         peft = h.get("peft_mixed_step_s")
         speedup = f"{(e['batch'] / e['mixed_step_s']) / (e['batch'] / peft):.1f}" if peft else "-"
-        print(f"  {e['batch']:>4} {e['base_step_s'] * 1e3:6.2f} {e['mixed_step_s'] * 1e3:6.2f}"
-              f" {e['mixed_step_s'] / e['base_step_s']:5.2f} {e['base_step_s'] / r['floor_s']:5.2f}"
-              f" | {h.get('hf_base_step_s', float('nan')) * 1e3:7.2f}"
-              f" | {(peft or float('nan')) * 1e3:8.2f} | {speedup}")  # fmt: skip
+        print(
+            f"  {e['batch']:>4} {e['base_step_s'] * 1e3:6.2f} {e['mixed_step_s'] * 1e3:6.2f}"
+            f" {e['mixed_step_s'] / e['base_step_s']:5.2f} {e['base_step_s'] / r['floor_s']:5.2f}"
+            f" | {h.get('hf_base_step_s', float('nan')) * 1e3:7.2f}"
+            f" | {(peft or float('nan')) * 1e3:8.2f} | {speedup}"
+        )
 
 
 if __name__ == "__main__":

@@ -37,10 +37,14 @@ def _tables(batch: int, device: torch.device, dtype: torch.dtype) -> dict[str, A
             meta[i, p] = torch.tensor([rank, 2 * rank * p, 2 * rank * p + rank])
     arange = torch.arange(batch, device=device, dtype=torch.int32)
     return {
-        "pool": pool, "slots": slots, "meta": meta.to(device), "ranks": ranks,
-        "req_lora": arange, "q_starts": arange,
+        "pool": pool,
+        "slots": slots,
+        "meta": meta.to(device),
+        "ranks": ranks,
+        "req_lora": arange,
+        "q_starts": arange,
         "q_lens": torch.ones(batch, device=device, dtype=torch.int32),
-    }  # fmt: skip
+    }
 
 
 def _padded(t: dict[str, Any], proj: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,8 +97,12 @@ def _time_case(batch: int, device: torch.device) -> dict[str, Any]:
     weight_bytes = sum(3 * 2 * r * HIDDEN * 2 for r in t["ranks"])
     moved = weight_bytes + batch * HIDDEN * 2 * (1 + 3 * 2)
     row: dict[str, Any] = {"batch": batch, "bytes": moved}
-    variants = (("ours", ours), ("bmm_padded", bmm_prepadded),
-                ("bmm_gather", bmm_gather_each_step), ("gather_ref", gather_reference))  # fmt: skip
+    variants = (
+        ("ours", ours),
+        ("bmm_padded", bmm_prepadded),
+        ("bmm_gather", bmm_gather_each_step),
+        ("gather_ref", gather_reference),
+    )
     for name, fn in variants:
         if name in ("bmm_gather", "gather_ref") and batch > 32:
             row[name + "_us"] = float("nan")  # host loops: slow to time, nothing to learn
@@ -120,9 +128,11 @@ def main() -> None:
     rows = run()
     print(f"{'batch':>5} {'ours us':>8} {'GB/s':>7} {'bmm pad':>8} {'bmm gather':>10} {'ref':>8}")
     for r in rows:
-        print(f"{r['batch']:>5} {r['ours_us']:>8.1f} {r['ours_gbps']:>7.0f}"
-              f" {r['bmm_padded_us']:>8.1f} {r['bmm_gather_us']:>10.1f}"
-              f" {r['gather_ref_us']:>8.1f}")  # fmt: skip
+        print(
+            f"{r['batch']:>5} {r['ours_us']:>8.1f} {r['ours_gbps']:>7.0f}"
+            f" {r['bmm_padded_us']:>8.1f} {r['bmm_gather_us']:>10.1f}"
+            f" {r['gather_ref_us']:>8.1f}"
+        )
 
 
 if __name__ == "__main__":

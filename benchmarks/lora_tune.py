@@ -48,8 +48,12 @@ VARIANTS: dict[str, LoraLaunch] = {
     "r32_n512_k256": LoraLaunch(block_r=32, block_n_cap=512, block_k_cap=256),
 }
 # (shrink projections, [(expand projection, index in the shrink's output, input/output)])
-GROUPS = ((QKV, "hidden", "hidden"), (O_PROJ, "hidden", "hidden"),
-          (GATE_UP, "hidden", "inter"), (DOWN, "inter", "hidden"))  # fmt: skip
+GROUPS = (
+    (QKV, "hidden", "hidden"),
+    (O_PROJ, "hidden", "hidden"),
+    (GATE_UP, "hidden", "inter"),
+    (DOWN, "inter", "hidden"),
+)
 
 
 def _setup(batch: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
@@ -97,8 +101,10 @@ def _op(t: dict[str, Any], launch: LoraLaunch, ref: bool) -> tuple[Callable[[], 
     for projs, src, dst in GROUPS:
         dtype = t["pool"].dtype
         x = torch.randn(batch, t["dims"][src], generator=gen, device=device).to(dtype)
-        outs = [torch.randn(batch, t["dims"][dst], generator=gen, device=device).to(dtype)
-                for _ in projs]  # fmt: skip
+        outs = [
+            torch.randn(batch, t["dims"][dst], generator=gen, device=device).to(dtype)
+            for _ in projs
+        ]
         inputs.append(x)
         outputs.append(outs)
     max_rank = max(t["ranks"])
@@ -146,12 +152,21 @@ def run(batches: tuple[int, ...], device: torch.device) -> list[dict[str, Any]]:
                 for o, r, b in zip(group, ref_group, start, strict=True)
             )
             ms = triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")
-            row = {"batch": batch, "variant": name, "launch": dataclasses.asdict(launch),
-                   "us": ms * 1000, "gbps": moved / (ms * 1e-3) / 1e9, "rel_err": err,
-                   "bytes": moved}  # fmt: skip
+            row = {
+                "batch": batch,
+                "variant": name,
+                "launch": dataclasses.asdict(launch),
+                "us": ms * 1000,
+                "gbps": moved / (ms * 1e-3) / 1e9,
+                "rel_err": err,
+                "bytes": moved,
+            }
             results.append(row)
-            print(f"{batch:>5} {name:>14} {row['us']:>8.1f} us {row['gbps']:>7.0f} GB/s"
-                  f" err {err:.1e}", flush=True)  # fmt: skip
+            print(
+                f"{batch:>5} {name:>14} {row['us']:>8.1f} us {row['gbps']:>7.0f} GB/s"
+                f" err {err:.1e}",
+                flush=True,
+            )
     return results
 
 
@@ -182,8 +197,9 @@ def breakdown(batch: int, device: torch.device) -> list[dict[str, Any]]:
         for name, fn, moved in launches:
             fn()
             ms = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
-            rows.append({"batch": batch, "launch": name, "us": ms * 1000,
-                         "gbps": moved / (ms * 1e-3) / 1e9})  # fmt: skip
+            rows.append(
+                {"batch": batch, "launch": name, "us": ms * 1000, "gbps": moved / (ms * 1e-3) / 1e9}
+            )
             print(f"{batch:>5} {name:>18} {ms * 1000:>7.1f} us {rows[-1]['gbps']:>6.0f} GB/s")
     return rows
 
@@ -207,8 +223,10 @@ def main() -> None:
     for batch in batches:
         mine = sorted((r for r in rows if r["batch"] == batch), key=lambda r: r["us"])
         base = next(r for r in mine if r["variant"] == "default")
-        print(f"batch {batch}: " + ", ".join(
-            f"{r['variant']} {base['us'] / r['us']:.2f}x" for r in mine[:5]))  # fmt: skip
+        print(
+            f"batch {batch}: "
+            + ", ".join(f"{r['variant']} {base['us'] / r['us']:.2f}x" for r in mine[:5])
+        )
 
 
 if __name__ == "__main__":

@@ -179,9 +179,12 @@ async def compare(stack: StackAddresses, workload: Workload, rounds: int) -> lis
     requests = make_requests(workload)
     with tempfile.TemporaryDirectory() as tmp:
         await upload_adapters(
-            stack.store, MODEL, [(n, 8) for n in adapter_names(workload)[1:]], Path(tmp),
+            stack.store,
+            MODEL,
+            [(n, 8) for n in adapter_names(workload)[1:]],
+            Path(tmp),
             progress=False,
-        )  # fmt: skip
+        )
     # One connection pool wide enough for every client: no request waits for a socket.
     connector = aiohttp.TCPConnector(limit=workload.concurrency)
     timeout = aiohttp.ClientTimeout(total=600)
@@ -237,9 +240,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=value)
     parser.add_argument("--rounds", type=int, default=3, help="reported rounds of each path")
     parser.add_argument(
-        "--worker-threads", type=int, default=1,
+        "--worker-threads",
+        type=int,
+        default=1,
         help="torch threads of the worker (0: one per core); 1 leaves a core to the relays",
-    )  # fmt: skip
+    )
     parser.add_argument("--out", type=Path, help="append the runs and the ratio as JSON lines")
     args = parser.parse_args(argv)
     workload = Workload(**{name: getattr(args, name) for name in asdict(defaults)})

@@ -63,8 +63,16 @@ def main() -> None:
     for i in range(args.batch):
         adapter = random_adapter(config, RANKS[i % 4], i) if args.lora else None
         opts = SamplingOptions(max_new_tokens=64, ignore_eos=True)
-        engine.add(Sequence(f"p{i}", list(range(3, 3 + PROMPT_LEN)), opts, ByteTokenizer(),
-                            lambda _: None, adapter))  # fmt: skip
+        engine.add(
+            Sequence(
+                f"p{i}",
+                list(range(3, 3 + PROMPT_LEN)),
+                opts,
+                ByteTokenizer(),
+                lambda _: None,
+                adapter,
+            )
+        )
     while any(s.num_cached == 0 for s in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()
     for _ in range(3):

@@ -97,26 +97,62 @@ def running_stack(model: str = "tiny", worker_threads: int = 0) -> Iterator[Stac
     processes: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory(prefix="manylora-bench-") as data:
         try:
-            processes.append(_spawn(
-                "services.adapter_store", "--port", str(ports["store"]), "--data-dir", data,
-                "--base-model", model,
-            ))  # fmt: skip
+            processes.append(
+                _spawn(
+                    "services.adapter_store",
+                    "--port",
+                    str(ports["store"]),
+                    "--data-dir",
+                    data,
+                    "--base-model",
+                    model,
+                )
+            )
             _wait_grpc(addresses.store, "manylora.v1.AdapterStore")
-            processes.append(_spawn(
-                "services.gpu_worker", "--port", str(ports["worker"]), "--model", model,
-                "--device", "cpu", "--adapter-store", addresses.store, "--max-waiting", BIG,
-                env_extra={"OMP_NUM_THREADS": str(worker_threads)} if worker_threads else None,
-            ))  # fmt: skip
+            processes.append(
+                _spawn(
+                    "services.gpu_worker",
+                    "--port",
+                    str(ports["worker"]),
+                    "--model",
+                    model,
+                    "--device",
+                    "cpu",
+                    "--adapter-store",
+                    addresses.store,
+                    "--max-waiting",
+                    BIG,
+                    env_extra={"OMP_NUM_THREADS": str(worker_threads)} if worker_threads else None,
+                )
+            )
             _wait_grpc(addresses.worker, "manylora.v1.GpuWorker")
-            processes.append(_spawn(
-                "services.router", "--port", str(ports["router"]), "--workers", addresses.worker,
-                "--adapter-store", addresses.store, "--max-running", BIG, "--max-queued", BIG,
-            ))  # fmt: skip
+            processes.append(
+                _spawn(
+                    "services.router",
+                    "--port",
+                    str(ports["router"]),
+                    "--workers",
+                    addresses.worker,
+                    "--adapter-store",
+                    addresses.store,
+                    "--max-running",
+                    BIG,
+                    "--max-queued",
+                    BIG,
+                )
+            )
             _wait_grpc(addresses.router, "manylora.v1.Router")
-            processes.append(_spawn(
-                "services.openai_front", "--port", str(ports["front"]), "--router",
-                addresses.router, "--model", model,
-            ))  # fmt: skip
+            processes.append(
+                _spawn(
+                    "services.openai_front",
+                    "--port",
+                    str(ports["front"]),
+                    "--router",
+                    addresses.router,
+                    "--model",
+                    model,
+                )
+            )
             _wait_http(addresses.front_url.removesuffix("/v1") + "/health")
             names = ("store", "worker", "router", "front")
             addresses.pids = {n: p.pid for n, p in zip(names, processes, strict=True)}

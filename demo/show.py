@@ -37,8 +37,13 @@ def http_front(session: aiohttp.ClientSession, base_url: str, base_model: str) -
     server-sent events, the way any OpenAI client reads them."""
 
     async def answer(adapter: str, prompt: str) -> AsyncIterator[str]:
-        body = {"model": adapter or base_model, "prompt": prompt, "stream": True,
-                "max_tokens": MAX_NEW_TOKENS, "temperature": 0.0}  # fmt: skip
+        body = {
+            "model": adapter or base_model,
+            "prompt": prompt,
+            "stream": True,
+            "max_tokens": MAX_NEW_TOKENS,
+            "temperature": 0.0,
+        }
         async with session.post(f"{base_url}/completions", json=body) as response:
             response.raise_for_status()
             async for raw in response.content:

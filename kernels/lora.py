@@ -52,12 +52,31 @@ def _block(width: int, cap: int) -> int:
 
 @triton.jit
 def _shrink_kernel(
-    x_ptr, y_ptr, pool_ptr, slots_ptr, meta_ptr, req_lora_ptr, q_starts_ptr, q_lens_ptr,
-    proj_ids_ptr, in_features, stride_x, stride_slots, meta_stride, max_rank, n_rblocks,
-    k_per_split, split_stride,
-    W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    NPROJ: tl.constexpr, K_SPLITS: tl.constexpr, IEEE: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    y_ptr,
+    pool_ptr,
+    slots_ptr,
+    meta_ptr,
+    req_lora_ptr,
+    q_starts_ptr,
+    q_lens_ptr,
+    proj_ids_ptr,
+    in_features,
+    stride_x,
+    stride_slots,
+    meta_stride,
+    max_rank,
+    n_rblocks,
+    k_per_split,
+    split_stride,
+    W: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    NPROJ: tl.constexpr,
+    K_SPLITS: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     b = tl.program_id(0)
     t0 = (tl.program_id(1) // K_SPLITS) * BLOCK_T
     split = tl.program_id(1) % K_SPLITS
@@ -103,11 +122,28 @@ def _shrink_kernel(
 
 @triton.jit
 def _expand_kernel(
-    y_ptr, out_ptr, pool_ptr, slots_ptr, meta_ptr, req_lora_ptr, q_starts_ptr, q_lens_ptr,
-    proj, y_index, out_features, stride_out, stride_slots, meta_stride, max_rank,
-    W: tl.constexpr, NPROJ: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-):  # fmt: skip
+    y_ptr,
+    out_ptr,
+    pool_ptr,
+    slots_ptr,
+    meta_ptr,
+    req_lora_ptr,
+    q_starts_ptr,
+    q_lens_ptr,
+    proj,
+    y_index,
+    out_features,
+    stride_out,
+    stride_slots,
+    meta_stride,
+    max_rank,
+    W: tl.constexpr,
+    NPROJ: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     b = tl.program_id(0)
     t0 = tl.program_id(1) * BLOCK_T
     n0 = tl.program_id(2) * BLOCK_N
@@ -189,16 +225,34 @@ def lora_shrink(
         k_splits, x.shape[0], len(projs), max_rank, dtype=torch.float32, device=x.device
     )
     n_rblocks = triton.cdiv(max_rank, launch.block_r)
-    grid = (req_lora.shape[0], triton.cdiv(max_q_len, BLOCK_T) * k_splits,
-            len(projs) * n_rblocks)  # fmt: skip
+    grid = (req_lora.shape[0], triton.cdiv(max_q_len, BLOCK_T) * k_splits, len(projs) * n_rblocks)
     _shrink_kernel[grid](
-        x, parts, pool, lora_slots, lora_meta, req_lora, q_starts, q_lens,
-        _proj_ids(projs, x.device), in_features, x.stride(0), lora_slots.stride(0),
-        lora_meta.shape[1], max_rank, n_rblocks, k_per_split, parts[0].numel(),
-        W=width, BLOCK_T=BLOCK_T, BLOCK_R=launch.block_r, BLOCK_K=block_k,
-        NPROJ=len(projs), K_SPLITS=k_splits, IEEE=x.dtype == torch.float32,
+        x,
+        parts,
+        pool,
+        lora_slots,
+        lora_meta,
+        req_lora,
+        q_starts,
+        q_lens,
+        _proj_ids(projs, x.device),
+        in_features,
+        x.stride(0),
+        lora_slots.stride(0),
+        lora_meta.shape[1],
+        max_rank,
+        n_rblocks,
+        k_per_split,
+        parts[0].numel(),
+        W=width,
+        BLOCK_T=BLOCK_T,
+        BLOCK_R=launch.block_r,
+        BLOCK_K=block_k,
+        NPROJ=len(projs),
+        K_SPLITS=k_splits,
+        IEEE=x.dtype == torch.float32,
         num_warps=launch.num_warps,
-    )  # fmt: skip
+    )
     # Summing the partial products in a fixed order keeps the result deterministic.
     return parts[0] if k_splits == 1 else parts.sum(0)
 
@@ -227,10 +281,27 @@ def lora_expand(
     block_n = _block(width, launch.block_n_cap)
     grid = (req_lora.shape[0], triton.cdiv(max_q_len, BLOCK_T), triton.cdiv(out.shape[1], block_n))
     _expand_kernel[grid](
-        y, out, pool, lora_slots, lora_meta, req_lora, q_starts, q_lens,
-        proj, y_index, out.shape[1], out.stride(0), lora_slots.stride(0), lora_meta.shape[1],
+        y,
+        out,
+        pool,
+        lora_slots,
+        lora_meta,
+        req_lora,
+        q_starts,
+        q_lens,
+        proj,
+        y_index,
+        out.shape[1],
+        out.stride(0),
+        lora_slots.stride(0),
+        lora_meta.shape[1],
         y.shape[2],
-        W=width, NPROJ=y.shape[1], BLOCK_T=BLOCK_T, BLOCK_R=launch.block_r, BLOCK_N=block_n,
-        IEEE=out.dtype == torch.float32, num_warps=launch.num_warps,
-    )  # fmt: skip
+        W=width,
+        NPROJ=y.shape[1],
+        BLOCK_T=BLOCK_T,
+        BLOCK_R=launch.block_r,
+        BLOCK_N=block_n,
+        IEEE=out.dtype == torch.float32,
+        num_warps=launch.num_warps,
+    )
     return out

@@ -69,9 +69,12 @@ def build_pair(
     """Our model with seeded random weights (computing with `backends`, the CPU's unless
     given), and HF's LlamaForCausalLM holding the same."""
     ours = build_dummy_model(
-        ModelConfig.from_hf(hf_config), seed, torch.float32, torch.device("cpu"),
+        ModelConfig.from_hf(hf_config),
+        seed,
+        torch.float32,
+        torch.device("cpu"),
         backends=backends,
-    )  # fmt: skip
+    )
     hf = LlamaForCausalLM(LlamaConfig(**hf_config))
     hf.load_state_dict(ours.state_dict())
     return ours, hf.eval()

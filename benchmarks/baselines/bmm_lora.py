@@ -30,9 +30,11 @@ class TokenLayout:
 
 class BmmLoraBackend(LoraBackend):
     def prepare(
-        self, residents: Sequence[ResidentAdapter | None], q_lens: Sequence[int],
+        self,
+        residents: Sequence[ResidentAdapter | None],
+        q_lens: Sequence[int],
         device: torch.device,
-    ) -> TokenLayout | None:  # fmt: skip
+    ) -> TokenLayout | None:
         """The token layout of a batch with a prefill; None for a decode batch, whose row b
         is request b (so the decode graphs need no layout)."""
         if max(q_lens, default=1) == 1:
@@ -58,9 +60,14 @@ class BmmLoraBackend(LoraBackend):
         return y
 
     def expand(
-        self, out: torch.Tensor, y: torch.Tensor, y_index: int, batch: ForwardBatch, layer: int,
+        self,
+        out: torch.Tensor,
+        y: torch.Tensor,
+        y_index: int,
+        batch: ForwardBatch,
+        layer: int,
         proj: int,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         bt = _padded(batch.pool[layer], batch, proj, b_side=True, dim=out.shape[1])
         y_pad = _by_request(y[:, y_index].to(out.dtype), batch)
         out += _by_row(torch.bmm(y_pad, bt), batch)

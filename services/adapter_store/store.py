@@ -72,9 +72,13 @@ class AdapterStore:
             await self.cache.publish(AdapterEvent(UPLOAD, adapter_id, info.version))
         logger.info(
             "stored %s v%d: rank %d, %s, %d bytes, sha256 %s",
-            adapter_id, info.version, info.rank, ",".join(info.target_modules),
-            info.size_bytes, info.sha256[:12],
-        )  # fmt: skip
+            adapter_id,
+            info.version,
+            info.rank,
+            ",".join(info.target_modules),
+            info.size_bytes,
+            info.sha256[:12],
+        )
         return info
 
     async def info(self, adapter_id: str, version: int = 0) -> AdapterInfo:

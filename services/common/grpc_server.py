@@ -92,9 +92,12 @@ async def start_server(
     await running.set_serving(service_names, True)
     logger.info(
         "serving %s on %s:%d (%s, %s)",
-        ", ".join(service_names), host, bound, _tls_mode(tls),
+        ", ".join(service_names),
+        host,
+        bound,
+        _tls_mode(tls),
         "bearer tokens required" if keys is not None else "no authentication",
-    )  # fmt: skip
+    )
     return running
 
 

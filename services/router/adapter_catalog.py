@@ -71,8 +71,10 @@ class AdapterCatalog:
             else:
                 logger.warning(
                     "cannot check adapter %r at the store %s (%s); letting the worker decide",
-                    adapter_id, self.target, exc.code().name,
-                )  # fmt: skip
+                    adapter_id,
+                    self.target,
+                    exc.code().name,
+                )
                 return True
         now = time.monotonic()
         if len(self._known) >= MAX_REMEMBERED:

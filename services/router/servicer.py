@@ -188,8 +188,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self._metrics.routed.labels(choice.affinity if request.adapter_id else "base").inc()
         logger.info(
             "routed to %s (adapter %r, affinity %s)",
-            choice.address, request.adapter_id, choice.affinity,
-        )  # fmt: skip
+            choice.address,
+            request.adapter_id,
+            choice.affinity,
+        )
         return handles[choice.address]
 
     async def _call(
@@ -230,8 +232,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         if sent == 0 and can_retry and failed:
             logger.warning(
                 "worker %s: %s before the first token (%s); trying another",
-                handle.address, code.name, details,
-            )  # fmt: skip
+                handle.address,
+                code.name,
+                details,
+            )
             return None
         if failed and sent:
             return Unavailable(

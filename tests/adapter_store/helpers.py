@@ -96,11 +96,22 @@ class RedisProcess:
         if os.environ.get("MANYLORA_NO_REDIS_SERVER") == "1":  # .ci/device: the device has none
             pytest.skip("needs redis-server, which this machine lacks (MANYLORA_NO_REDIS_SERVER)")
         self.process = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
+            [
+                REDIS_SERVER,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:

@@ -41,8 +41,10 @@ async def test_cli_upload_import_list_info_delete(
     assert imported[0] == 0 and "imported 2 of 2 adapters" in imported[1]
     assert listed[0] == 0
     assert [line.split(":")[0] for line in listed[1].splitlines()] == [
-        "cli-a v1", "imp-1 v1", "imp-2 v1"
-    ]  # fmt: skip
+        "cli-a v1",
+        "imp-1 v1",
+        "imp-2 v1",
+    ]
     assert info[0] == 0 and info[1].startswith("imp-2 v1: rank 8, alpha 16, q_proj,v_proj")
     assert deleted == (0, "deleted cli-a (1 version)\n", "")
     assert after_delete[0] == 1 and "NOT_FOUND" in after_delete[2] and "cli-a" in after_delete[2]

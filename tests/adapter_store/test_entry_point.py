@@ -38,10 +38,21 @@ def test_module_serves_until_sigterm_then_exits_cleanly(tmp_path: Path) -> None:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'protos'}"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "services.adapter_store", "--port", str(port),
-         "--data-dir", str(tmp_path / "data"), "--log-level", "WARNING"],
-        cwd=REPO, env=env, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "services.adapter_store",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--log-level",
+            "WARNING",
+        ],
+        cwd=REPO,
+        env=env,
+        stderr=subprocess.PIPE,
+    )
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             grpc.channel_ready_future(channel).result(timeout=30)

@@ -18,10 +18,27 @@ def test_valid_ids(adapter_id: str) -> None:
 @pytest.mark.parametrize(
     "adapter_id",
     [
-        "a\n", "a\r", "\na", "a\x00", "a b", "é", "\u0430", "\uff41", "a\u200b", "",
-        "x" * (MAX_ADAPTER_ID_LENGTH + 1), ".", "..", ".x", "../x", "a/b", "a\\b", "a:b", "a*",
+        "a\n",
+        "a\r",
+        "\na",
+        "a\x00",
+        "a b",
+        "é",
+        "\u0430",
+        "\uff41",
+        "a\u200b",
+        "",
+        "x" * (MAX_ADAPTER_ID_LENGTH + 1),
+        ".",
+        "..",
+        ".x",
+        "../x",
+        "a/b",
+        "a\\b",
+        "a:b",
+        "a*",
     ],
-)  # fmt: skip
+)
 def test_invalid_ids(adapter_id: str) -> None:
     assert not is_valid_adapter_id(adapter_id)
     problem = adapter_id_problem(adapter_id)

@@ -58,11 +58,15 @@ async def test_uploaded_adapter_fetched_by_worker_equals_canonicalize_and_peft_d
     # Not the sha256: safetensors writes its metadata map in no fixed order.
     assert info.size_bytes == len(expected.to_bytes())
     assert (info.rank, info.version, list(info.target_modules)) == (
-        8, 1, sorted(lora["target_modules"])
-    )  # fmt: skip
+        8,
+        1,
+        sorted(lora["target_modules"]),
+    )
     assert (fetched.rank, fetched.alpha, fetched.scaling) == (
-        expected.rank, expected.alpha, expected.scaling
-    )  # fmt: skip
+        expected.rank,
+        expected.alpha,
+        expected.scaling,
+    )
     assert fetched.target_modules == expected.target_modules
     for proj in expected.target_modules:
         assert torch.equal(fetched.lora_a[proj], expected.lora_a[proj])

@@ -110,8 +110,9 @@ async def test_adapter_larger_than_a_grpc_message_passes_both_ways(
     weights = bytes(st_save(tensors))
     config_json = '{"peft_type": "LORA", "r": 8, "lora_alpha": 8, "target_modules": ["q_proj"]}'
     assert len(weights) > 2 * 4 * 1024 * 1024
-    server = await start_store(store_config(tmp_path / "data", base_model="llama-7b",
-                                            fetch_chunk_bytes=2 << 20))  # fmt: skip
+    server = await start_store(
+        store_config(tmp_path / "data", base_model="llama-7b", fetch_chunk_bytes=2 << 20)
+    )
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = adapter_store_pb2_grpc.AdapterStoreStub(channel)
         requests = upload_requests("big", config_json, weights, chunk=1 << 20)

@@ -34,8 +34,14 @@ def test_target_sets_parse_and_bad_names_are_refused() -> None:
 
 def test_all_linear_bank_adapters_carry_the_mlp_projections() -> None:
     shape = BaseModelShape.from_hf_config(DUMMY_PRESETS["tiny"])
-    bank = AdapterBank(shape, lambda i: 8, torch.float32, torch.device("cpu"), 1,
-                       targets=parse_targets("all-linear"))  # fmt: skip
+    bank = AdapterBank(
+        shape,
+        lambda i: 8,
+        torch.float32,
+        torch.device("cpu"),
+        1,
+        targets=parse_targets("all-linear"),
+    )
     adapter = bank.adapter(0, "a")
     assert set(adapter.lora_a) >= set(MLP)
     assert adapter.lora_a["down_proj"].shape == (shape.num_layers, 8, shape.intermediate_size)
@@ -79,8 +85,10 @@ def test_decode_bench_has_the_targets_table_flag(
 
     def fake(preset: str, device: torch.device, batches: tuple[int, ...], steps: int):
         called.update(preset=preset, batches=batches)
-        return [{"batch": b, "base_step_s": 1.0, "attention_step_s": 1.1,
-                 "all-linear_step_s": 1.3} for b in batches]  # fmt: skip
+        return [
+            {"batch": b, "base_step_s": 1.0, "attention_step_s": 1.1, "all-linear_step_s": 1.3}
+            for b in batches
+        ]
 
     monkeypatch.setattr(decode_bench, "targets_table", fake)
     args = argparse.Namespace(out=str(tmp_path), quick=True, no_baselines=False, targets_table=True)

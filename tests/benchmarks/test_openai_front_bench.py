@@ -37,9 +37,11 @@ def test_ratios_are_http_over_grpc():
         return RunResult(path, round_, seconds, tokens, 1, 0, cpu_s={"worker": cpu, "x": 1.0})
 
     results = [
-        run("grpc", 1, 10.0, 1000, 9.0), run("http", 1, 12.5, 1000, 11.5),
-        run("grpc", 2, 10.0, 1000, 9.0), run("http", 2, 10.0, 1000, 9.0),
-    ]  # fmt: skip
+        run("grpc", 1, 10.0, 1000, 9.0),
+        run("http", 1, 12.5, 1000, 11.5),
+        run("grpc", 2, 10.0, 1000, 9.0),
+        run("http", 2, 10.0, 1000, 9.0),
+    ]
     got = ratio(results)
     assert got["grpc_tokens_per_s"] == 100.0
     assert got["http_tokens_per_s"] == pytest.approx(2000 / 22.5, abs=0.1)

@@ -89,8 +89,9 @@ def test_cli_writes_the_trace_of_its_parameters(tmp_path: Path) -> None:
     args = "--preset S2 --num-adapters 50 --rate 3 --cv 2 --alpha 0.5 --duration 20 --seed 4"
     workload.main([*args.split(), "--out", str(out)])
     loaded = load(out)
-    expected = dataclasses.replace(PRESETS["S2"], num_adapters=50, rate=3.0, cv=2.0, alpha=0.5,
-                                   duration_s=20.0, seed=4)  # fmt: skip
+    expected = dataclasses.replace(
+        PRESETS["S2"], num_adapters=50, rate=3.0, cv=2.0, alpha=0.5, duration_s=20.0, seed=4
+    )
     assert loaded.params == expected
     assert loaded == generate(expected)
 

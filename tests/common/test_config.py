@@ -134,24 +134,35 @@ def test_programs_refuse_bad_settings_in_one_line_without_traceback(tmp_path: Pa
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     metrics_port = str(taken.getsockname()[1])
-    results = _run_programs({
-        "store bad flag value": (["services.adapter_store", "--port", "x"], {}),
-        "store bad env value": (["services.adapter_store"], {"MANYLORA_MAX_RANK": "big"}),
-        "store bad Redis URL": (
-            ["services.adapter_store", "--port", "0", "--data-dir", str(tmp_path / "data")],
-            {"MANYLORA_REDIS_URL": "redis://host:notaport/0"},
-        ),
-        "worker without CUDA": (
-            ["services.gpu_worker", "--device", "cuda"], {"CUDA_VISIBLE_DEVICES": ""}
-        ),
-        "worker without weights": (["services.gpu_worker", "--model", str(model_dir)], {}),
-        "router bad env value": (["services.router"], {"MANYLORA_LOAD_BOUND": "most"}),
-        "router metrics port taken": (
-            ["services.router", "--port", "0", "--workers", "127.0.0.1:1",
-             "--metrics-port", metrics_port], {},
-        ),
-        "router help": (["services.router", "--help"], {}),
-    })  # fmt: skip
+    results = _run_programs(
+        {
+            "store bad flag value": (["services.adapter_store", "--port", "x"], {}),
+            "store bad env value": (["services.adapter_store"], {"MANYLORA_MAX_RANK": "big"}),
+            "store bad Redis URL": (
+                ["services.adapter_store", "--port", "0", "--data-dir", str(tmp_path / "data")],
+                {"MANYLORA_REDIS_URL": "redis://host:notaport/0"},
+            ),
+            "worker without CUDA": (
+                ["services.gpu_worker", "--device", "cuda"],
+                {"CUDA_VISIBLE_DEVICES": ""},
+            ),
+            "worker without weights": (["services.gpu_worker", "--model", str(model_dir)], {}),
+            "router bad env value": (["services.router"], {"MANYLORA_LOAD_BOUND": "most"}),
+            "router metrics port taken": (
+                [
+                    "services.router",
+                    "--port",
+                    "0",
+                    "--workers",
+                    "127.0.0.1:1",
+                    "--metrics-port",
+                    metrics_port,
+                ],
+                {},
+            ),
+            "router help": (["services.router", "--help"], {}),
+        }
+    )
     taken.close()
     expected = {
         "store bad flag value": ("services.adapter_store", "--port (MANYLORA_PORT)"),

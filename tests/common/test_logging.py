@@ -67,9 +67,14 @@ def test_text_fields_split_back_into_their_values(capsys, restore_root_logging):
     assert "[rid=rid-42] request summary " in line
     pairs = dict(part.split("=", 1) for part in shlex.split(line.split("request summary ", 1)[1]))
     assert pairs == {
-        "adapter": "a b", "n": "3", "ms": "1.5", "none": "None", "odd": 'x="y"', "nl": "a\\nb",
+        "adapter": "a b",
+        "n": "3",
+        "ms": "1.5",
+        "none": "None",
+        "odd": 'x="y"',
+        "nl": "a\\nb",
         "empty": "",
-    }  # fmt: skip
+    }
 
 
 @pytest.mark.parametrize("config_cls", [RouterConfig, WorkerConfig, AdapterStoreConfig])

@@ -177,9 +177,17 @@ def test_the_good_config_is_accepted(qkvo: tuple[dict[str, Any], bytes]) -> None
     config, weights = qkvo
     adapter = canonicalize("x", json.dumps(config), weights, TINY, max_rank=16)
     assert adapter.target_modules == tuple(sorted(QKVO))
-    inert = {"lora_dropout": 0.1, "task_type": "CAUSAL_LM", "init_lora_weights": "gaussian",
-             "modules_to_save": None, "use_dora": False, "megatron_core": "megatron.core",
-             "layers_pattern": None, "exclude_modules": None, "loftq_config": {}}  # fmt: skip
+    inert = {
+        "lora_dropout": 0.1,
+        "task_type": "CAUSAL_LM",
+        "init_lora_weights": "gaussian",
+        "modules_to_save": None,
+        "use_dora": False,
+        "megatron_core": "megatron.core",
+        "layers_pattern": None,
+        "exclude_modules": None,
+        "loftq_config": {},
+    }
     again = canonicalize("x", json.dumps({**config, **inert}), weights, TINY, max_rank=16)
     assert all(torch.equal(adapter.lora_b[p], again.lora_b[p]) for p in QKVO)
 

@@ -105,8 +105,12 @@ def test_our_services_run_real_modules_with_real_settings(services: dict[str, An
     full_name = pb2.DESCRIPTOR.services_by_name[service_name].full_name
     healthcheck = service["healthcheck"]["test"]
     assert healthcheck[1:] == [
-        "python", "-m", "services.common.healthcheck", f"127.0.0.1:{config.port}", full_name
-    ]  # fmt: skip
+        "python",
+        "-m",
+        "services.common.healthcheck",
+        f"127.0.0.1:{config.port}",
+        full_name,
+    ]
     for address in (env.get("MANYLORA_ADAPTER_STORE"), *env.get("MANYLORA_WORKERS", "").split(",")):
         if address:
             host, port = address.split(":")

@@ -91,5 +91,9 @@ async def test_router_worker_and_store_metrics(stack: Stack, tmp_path: Path):
     assert calls("FetchAdapter", "OK") == 1  # the worker keeps it in host memory afterwards
     assert calls("GetAdapterInfo", "OK") == 1  # the router caches the answer
     assert calls("GetAdapterInfo", "NOT_FOUND") == 1
-    assert value(s, "manylora:rpc_duration_seconds_count", service="AdapterStore",
-                 method="UploadAdapter") == 1  # fmt: skip
+    assert (
+        value(
+            s, "manylora:rpc_duration_seconds_count", service="AdapterStore", method="UploadAdapter"
+        )
+        == 1
+    )

@@ -61,9 +61,14 @@ async def test_summary_lines_and_per_adapter_counters(
 
     lines = [fields(r) for r in summaries(caplog)]
     assert [(f["adapter"], f["status"]) for f in lines] == [
-        ("zz", "NOT_FOUND"), ("a", "OK"), ("b", "OK"), ("c", "OK"), ("a", "OK"), ("", "OK"),
+        ("zz", "NOT_FOUND"),
+        ("a", "OK"),
+        ("b", "OK"),
+        ("c", "OK"),
+        ("a", "OK"),
+        ("", "OK"),
         ("a", "CANCELLED"),
-    ]  # fmt: skip
+    ]
     for line, (adapter, completion) in zip(lines[1:6], done.items(), strict=True):
         assert line["adapter_version"] == (1 if adapter else 0)
         assert line["generated_tokens"] == len(completion.token_ids)

@@ -24,10 +24,14 @@ from tests.oracle import TINY_MHA, build_pair
 # TINY_MHA: hidden 64, 4 heads of 16, MLP 160; slot width W = 64 (4 kv heads x 16).
 HIDDEN, INTER, WIDTH, LAYERS = 64, 160, 64, 2
 DIMS = {
-    "q_proj": (HIDDEN, HIDDEN), "k_proj": (HIDDEN, HIDDEN), "v_proj": (HIDDEN, HIDDEN),
-    "o_proj": (HIDDEN, HIDDEN), "gate_proj": (HIDDEN, INTER), "up_proj": (HIDDEN, INTER),
+    "q_proj": (HIDDEN, HIDDEN),
+    "k_proj": (HIDDEN, HIDDEN),
+    "v_proj": (HIDDEN, HIDDEN),
+    "o_proj": (HIDDEN, HIDDEN),
+    "gate_proj": (HIDDEN, INTER),
+    "up_proj": (HIDDEN, INTER),
     "down_proj": (INTER, HIDDEN),
-}  # fmt: skip
+}
 
 
 def _adapter(ranks: dict[str, int], seed: int = 0) -> CanonicalAdapter:
@@ -52,8 +56,10 @@ def test_each_row_takes_ceil_len_over_width_slots_and_pads_with_zeros():
     for proj, rank in ranks.items():
         seg = packed.segments[proj]
         assert seg.rank == rank  # its own rank, not the adapter's largest (16)
-        for start, matrix in ((seg.a_start, adapter.lora_a[proj]),
-                              (seg.b_start, adapter.lora_b[proj].transpose(1, 2))):  # fmt: skip
+        for start, matrix in (
+            (seg.a_start, adapter.lora_a[proj]),
+            (seg.b_start, adapter.lora_b[proj].transpose(1, 2)),
+        ):
             features = matrix.shape[2]
             per_row = math.ceil(features / WIDTH)
             for row in range(rank):
@@ -73,8 +79,10 @@ def test_meta_holds_each_projections_rank_and_zero_for_the_rest():
         rank, a_start, b_start = tables.meta[row, index].tolist()
         assert rank == ranks.get(proj, 0)
         if proj in ranks:
-            assert (a_start, b_start) == (packed.segments[proj].a_start,
-                                          packed.segments[proj].b_start)  # fmt: skip
+            assert (a_start, b_start) == (
+                packed.segments[proj].a_start,
+                packed.segments[proj].b_start,
+            )
 
 
 def test_table_rows_fit_an_adapter_of_max_rank_on_every_projection():

@@ -171,9 +171,12 @@ def test_llama7b_shapes_all_linear_under_cuda_graphs(tmp_path: Path):
     new_tokens = 6
     options = SamplingOptions(max_new_tokens=new_tokens, ignore_eos=True, logprobs=True)
     completions = generate_offline(
-        engine, ByteTokenizer(), prompts, [options] * len(prompts),
+        engine,
+        ByteTokenizer(),
+        prompts,
+        [options] * len(prompts),
         [adapters[n] if n else None for n in names],
-    )  # fmt: skip
+    )
     assert len(replays) >= new_tokens - 1  # the decode steps went through the graphs
     peft_bf16 = copy.deepcopy(peft_model).to(torch.bfloat16)
 

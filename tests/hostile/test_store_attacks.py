@@ -58,13 +58,28 @@ class StoreProcess:
 
     def argv(self) -> list[str]:
         return [
-            sys.executable, "-m", "services.adapter_store", "--port", str(self.port),
-            "--data-dir", str(self.data_dir), "--redis-url", self.redis_url,
-            "--redis-retry-s", str(PROBE_S), "--max-upload-bytes", str(MAX_UPLOAD),
-            "--max-upload-bytes-in-flight", str(IN_FLIGHT),
-            "--upload-idle-timeout-s", str(IDLE_TIMEOUT_S), "--fetch-chunk-bytes", str(MIB),
-            "--log-level", "WARNING",
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "services.adapter_store",
+            "--port",
+            str(self.port),
+            "--data-dir",
+            str(self.data_dir),
+            "--redis-url",
+            self.redis_url,
+            "--redis-retry-s",
+            str(PROBE_S),
+            "--max-upload-bytes",
+            str(MAX_UPLOAD),
+            "--max-upload-bytes-in-flight",
+            str(IN_FLIGHT),
+            "--upload-idle-timeout-s",
+            str(IDLE_TIMEOUT_S),
+            "--fetch-chunk-bytes",
+            str(MIB),
+            "--log-level",
+            "WARNING",
+        ]
 
     def start(self) -> None:
         env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'protos'}"}
@@ -230,9 +245,25 @@ async def wait_for_health(target: str, service: str, status: int, within_s: floa
 
 
 BAD_IDS = [
-    "a\n", "a\r\n", "\na", "a\x00b", "a\x00", "adapter\u00e9", "\u0430dapter", "a b", "",
-    "x" * 10_000, "x" * 129, "../evil", "..", ".", ".hidden", "a/b", "a\\b", "/abs",
-]  # fmt: skip
+    "a\n",
+    "a\r\n",
+    "\na",
+    "a\x00b",
+    "a\x00",
+    "adapter\u00e9",
+    "\u0430dapter",
+    "a b",
+    "",
+    "x" * 10_000,
+    "x" * 129,
+    "../evil",
+    "..",
+    ".",
+    ".hidden",
+    "a/b",
+    "a\\b",
+    "/abs",
+]
 
 
 async def test_hostile_ids_are_refused_everywhere_and_touch_nothing(
@@ -282,14 +313,16 @@ async def test_malformed_streams_are_refused_and_leave_nothing(
         "chunk before header": [*chunks(weights), header("mal-1", config_json)],
         "two headers": [header("mal-2", config_json), header("mal-2", config_json)],
         "header again mid-stream": [
-            header("mal-3", config_json, size), *chunks(weights[:100]), header("mal-3"),
+            header("mal-3", config_json, size),
+            *chunks(weights[:100]),
+            header("mal-3"),
         ],
         "total_size bigger than sent": [header("mal-4", config_json, size + 1), *chunks(weights)],
         "total_size smaller than sent": [header("mal-5", config_json, size - 1), *chunks(weights)],
         "header alone": [header("mal-6", config_json)],
         "config of 2 MiB": [header("mal-7", "{" + " " * (2 * MIB) + "}"), *chunks(weights)],
         "garbage weights": [header("mal-8", config_json), Request(chunk=os.urandom(4096))],
-    }  # fmt: skip
+    }
     results = {name: await upload_code(sync_stub, messages) for name, messages in attacks.items()}
     listed = await stub.ListAdapters(common_pb2.ListAdaptersRequest(page_size=1000))
 

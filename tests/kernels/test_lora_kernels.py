@@ -48,9 +48,14 @@ def module_ranks(adapter: int, rank: int) -> list[int]:
 
 
 def make_case(
-    shapes: Shapes, ranks: list[int], q_lens: list[int], with_adapter: list[int],
-    dtype: torch.dtype, device: str, seed: int,
-):  # fmt: skip
+    shapes: Shapes,
+    ranks: list[int],
+    q_lens: list[int],
+    with_adapter: list[int],
+    dtype: torch.dtype,
+    device: str,
+    seed: int,
+):
     """A pool holding len(ranks) adapters over all seven projections, and a batch using them."""
     gen = torch.Generator().manual_seed(seed)
     width = shapes.kv_dim
@@ -64,11 +69,14 @@ def make_case(
             in_f, out_f = shapes.dims(p)
             a_per_row, b_per_row = math.ceil(in_f / width), math.ceil(out_f / width)
             meta.append((r, offset, offset + r * a_per_row))
-            for per_row, start, dim in ((a_per_row, offset, in_f),
-                                        (b_per_row, offset + r * a_per_row, out_f)):  # fmt: skip
+            for per_row, start, dim in (
+                (a_per_row, offset, in_f),
+                (b_per_row, offset + r * a_per_row, out_f),
+            ):
                 if dim % width:
-                    pads += [(i, start + row * per_row + per_row - 1, dim % width)
-                             for row in range(r)]  # fmt: skip
+                    pads += [
+                        (i, start + row * per_row + per_row - 1, dim % width) for row in range(r)
+                    ]
             offset += r * (a_per_row + b_per_row)
         sizes.append(offset)
         metas.append(meta)
@@ -84,10 +92,13 @@ def make_case(
         pool[lora_slots[adapter, index], first_bad:] = float("nan")
     starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()[:-1]], dtype=torch.int32)
     tensors = {
-        "pool": pool, "lora_slots": lora_slots, "lora_meta": torch.tensor(metas, dtype=torch.int32),
+        "pool": pool,
+        "lora_slots": lora_slots,
+        "lora_meta": torch.tensor(metas, dtype=torch.int32),
         "req_lora": torch.tensor(with_adapter, dtype=torch.int32),
-        "q_starts": starts, "q_lens": torch.tensor(q_lens, dtype=torch.int32),
-    }  # fmt: skip
+        "q_starts": starts,
+        "q_lens": torch.tensor(q_lens, dtype=torch.int32),
+    }
     return {k: v.to(device) for k, v in tensors.items()}
 
 
@@ -135,8 +146,9 @@ def check_all_projections(t, shapes: Shapes, max_rank: int, tol: float, seed: in
             base, base_wide = _strided(total, out_dim, dtype, device, gen)
             before = base_wide.clone()
             got = lora_expand(y, i, base, t["pool"], *tables, proj, max_q)
-            want = lora_expand_ref(y_ref, i, before[:, :out_dim].float().clone(), pool_ref,
-                                   *tables, proj)  # fmt: skip
+            want = lora_expand_ref(
+                y_ref, i, before[:, :out_dim].float().clone(), pool_ref, *tables, proj
+            )
             delta = got.float() - before[:, :out_dim].float()
             want_delta = want - before[:, :out_dim].float()
             used = [m for m in t["req_lora"].tolist() if m >= 0]
@@ -217,8 +229,9 @@ def test_kernels_in_a_cuda_graph_follow_new_inputs(shapes):
     def step() -> None:
         y = lora_shrink(x, t["pool"], *tables, (4, 5), 64, 1)
         lora_expand(y, 0, gate, t["pool"], *tables, 4, 1)
-        lora_expand(lora_shrink(hidden, t["pool"], *tables, (6,), 64, 1), 0, down,
-                    t["pool"], *tables, 6, 1)  # fmt: skip
+        lora_expand(
+            lora_shrink(hidden, t["pool"], *tables, (6,), 64, 1), 0, down, t["pool"], *tables, 6, 1
+        )
 
     step()  # compile and make the cached projection lists before capture
     torch.cuda.synchronize()
@@ -235,10 +248,12 @@ def test_kernels_in_a_cuda_graph_follow_new_inputs(shapes):
         graph.replay()
         pool_ref = t["pool"].float()
         y_gu = lora_shrink_ref(x.float(), pool_ref, *tables, (4, 5), 64)
-        want_gate = lora_expand_ref(y_gu, 0, torch.zeros_like(gate, dtype=torch.float32),
-                                    pool_ref, *tables, 4)  # fmt: skip
+        want_gate = lora_expand_ref(
+            y_gu, 0, torch.zeros_like(gate, dtype=torch.float32), pool_ref, *tables, 4
+        )
         y_d = lora_shrink_ref(hidden.float(), pool_ref, *tables, (6,), 64)
-        want_down = lora_expand_ref(y_d, 0, torch.zeros_like(down, dtype=torch.float32),
-                                    pool_ref, *tables, 6)  # fmt: skip
+        want_down = lora_expand_ref(
+            y_d, 0, torch.zeros_like(down, dtype=torch.float32), pool_ref, *tables, 6
+        )
         assert _rel_err(gate.float(), want_gate) < 1e-2
         assert _rel_err(down.float(), want_down) < 1e-2

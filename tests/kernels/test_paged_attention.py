@@ -98,9 +98,16 @@ class DecodeCase:
     def run(self, out: Tensor | None = None, num_splits: int | None = None) -> Tensor:
         kv = self.kv
         return pa.paged_decode_attention(
-            self.q, kv.pool, kv.k_table, kv.v_table, kv.req_rows, self.seq_lens, self.scale,
-            out=out, num_splits=num_splits,
-        )  # fmt: skip
+            self.q,
+            kv.pool,
+            kv.k_table,
+            kv.v_table,
+            kv.req_rows,
+            self.seq_lens,
+            self.scale,
+            out=out,
+            num_splits=num_splits,
+        )
 
     def ref(self, seq_lens: Tensor | None = None) -> Tensor:
         """The reference in fp32 on upcast inputs (optionally with other lengths)."""
@@ -147,16 +154,32 @@ class PrefillCase:
     def run(self, out: Tensor | None = None) -> Tensor:
         kv = self.kv
         return pa.paged_prefill_attention(
-            self.q, kv.pool, kv.k_table, kv.v_table, kv.req_rows, self.q_starts, self.q_lens,
-            self.ctx_lens, self.scale, self.max_q_len, out=out,
-        )  # fmt: skip
+            self.q,
+            kv.pool,
+            kv.k_table,
+            kv.v_table,
+            kv.req_rows,
+            self.q_starts,
+            self.q_lens,
+            self.ctx_lens,
+            self.scale,
+            self.max_q_len,
+            out=out,
+        )
 
     def ref(self, ctx_lens: Tensor | None = None) -> Tensor:
         kv = self.kv
         return paged_prefill_attention_ref(
-            self.q.float(), kv.pool.float(), kv.k_table, kv.v_table, kv.req_rows, self.q_starts,
-            self.q_lens, self.ctx_lens if ctx_lens is None else ctx_lens, self.scale,
-        )  # fmt: skip
+            self.q.float(),
+            kv.pool.float(),
+            kv.k_table,
+            kv.v_table,
+            kv.req_rows,
+            self.q_starts,
+            self.q_lens,
+            self.ctx_lens if ctx_lens is None else ctx_lens,
+            self.scale,
+        )
 
 
 def make_prefill(
@@ -320,9 +343,14 @@ def prefill_by_decode_ref(case: PrefillCase, causal: bool) -> Tensor:
         seen = [ctx + i + 1 for i in range(n)] if causal else [ctx + n] * n
         rows = kv.req_rows[b].repeat(n)
         out[start : start + n] = paged_decode_attention_ref(
-            case.q[start : start + n], kv.pool, kv.k_table, kv.v_table, rows, i32(seen, "cpu"),
+            case.q[start : start + n],
+            kv.pool,
+            kv.k_table,
+            kv.v_table,
+            rows,
+            i32(seen, "cpu"),
             case.scale,
-        )  # fmt: skip
+        )
     return out
 
 

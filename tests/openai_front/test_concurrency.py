@@ -19,9 +19,13 @@ STREAMS = [(BASE, "first story"), ("ad8", "second story"), ("ad16", "third story
 
 async def stream_text(client: AsyncOpenAI, model: str, prompt: str) -> str:
     stream = await client.completions.create(
-        model=model, prompt=prompt, max_tokens=TOKENS, temperature=0, stream=True,
+        model=model,
+        prompt=prompt,
+        max_tokens=TOKENS,
+        temperature=0,
+        stream=True,
         extra_body={"ignore_eos": True},
-    )  # fmt: skip
+    )
     parts = []
     async for chunk in stream:
         parts.append(chunk.choices[0].text)

@@ -28,9 +28,12 @@ async def test_client_leaving_mid_stream_frees_the_worker(served: Served, client
     streams = []
     for model in (BASE, "ad8"):
         stream = await client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": "a long story"}],
-            max_tokens=LONG, stream=True, extra_body={"ignore_eos": True},
-        )  # fmt: skip
+            model=model,
+            messages=[{"role": "user", "content": "a long story"}],
+            max_tokens=LONG,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
         await anext(aiter(stream))
         streams.append(stream)
     worker = served.stack.workers[0]
@@ -48,9 +51,11 @@ async def test_client_timing_out_on_a_whole_answer_frees_the_worker(served: Serv
         async with openai_client(front, timeout=1.0) as client:
             with pytest.raises(openai.APITimeoutError):
                 await client.completions.create(
-                    model="ad16", prompt="a long story", max_tokens=LONG,
+                    model="ad16",
+                    prompt="a long story",
+                    max_tokens=LONG,
                     extra_body={"ignore_eos": True},
-                )  # fmt: skip
+                )
         await poll_stats(served.stack.workers[0], all_free, timeout_s=FREED_WITHIN_S)
         samples = await asyncio.to_thread(scrape, metrics_port)
         assert value(samples, "manylora:request_failure_total", code="CANCELLED") == 1

@@ -56,8 +56,10 @@ async def test_module_serves_a_router_until_sigterm(served: Served):
     port = free_port()
     process = subprocess.Popen(
         [*PROG, "--port", str(port), "--router", served.router_target, "--log-level", "WARNING"],
-        cwd=REPO, env=ENV, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        cwd=REPO,
+        env=ENV,
+        stderr=subprocess.PIPE,
+    )
     try:
         await asyncio.to_thread(wait_for_health, port)
         async with AsyncOpenAI(

@@ -128,9 +128,12 @@ async def test_full_router_queue_is_429_with_retry_after(served: Served):
     try:
         async with openai_client(front) as client:
             holder = await client.completions.create(
-                model=BASE, prompt="hi", max_tokens=LONG, stream=True,
+                model=BASE,
+                prompt="hi",
+                max_tokens=LONG,
+                stream=True,
                 extra_body={"ignore_eos": True},
-            )  # fmt: skip
+            )
             await anext(aiter(holder))  # the one running slot is taken
             for chat in (False, True):
                 error = await refused(client, chat=chat, model="ad8", max_tokens=4)
@@ -184,9 +187,12 @@ async def test_deadline_mid_generation_ends_it_and_frees_the_worker(served: Serv
             assert whole.status_code == 504 and whole.code == "deadline_exceeded"
             # Streamed, the 200 went out with the first token: the deadline is the last event.
             stream = await client.completions.create(
-                model="ad8", prompt="hi", max_tokens=LONG, stream=True,
+                model="ad8",
+                prompt="hi",
+                max_tokens=LONG,
+                stream=True,
                 extra_body={"ignore_eos": True},
-            )  # fmt: skip
+            )
             with pytest.raises(openai.APIError, match="Deadline") as err:
                 async for _ in stream:
                     pass

@@ -94,13 +94,25 @@ async def test_token_id_prompt_and_sampling_params_reach_the_worker(
 ):
     prompt = [1, 72, 105, 33]
     expected = await grpc_client.complete(
-        prompt, adapter="ad8", max_new_tokens=TOKENS, ignore_eos=True, logprobs=True,
-        temperature=0.9, top_p=0.8, seed=1234,
-    )  # fmt: skip
+        prompt,
+        adapter="ad8",
+        max_new_tokens=TOKENS,
+        ignore_eos=True,
+        logprobs=True,
+        temperature=0.9,
+        top_p=0.8,
+        seed=1234,
+    )
     got = await client.completions.create(
-        model="ad8", prompt=prompt, max_tokens=TOKENS, logprobs=0, extra_body={"ignore_eos": True},
-        temperature=0.9, top_p=0.8, seed=1234,
-    )  # fmt: skip
+        model="ad8",
+        prompt=prompt,
+        max_tokens=TOKENS,
+        logprobs=0,
+        extra_body={"ignore_eos": True},
+        temperature=0.9,
+        top_p=0.8,
+        seed=1234,
+    )
     logprobs = got.choices[0].logprobs
     assert logprobs is not None
     assert ids_of(logprobs.tokens) == expected.token_ids
@@ -115,9 +127,13 @@ async def test_temperature_defaults_to_openais_one(
         PROMPT, max_new_tokens=TOKENS, ignore_eos=True, temperature=1.0, seed=5
     )
     got = await client.completions.create(
-        model=BASE, prompt=PROMPT, max_tokens=TOKENS, seed=5, logprobs=0,
+        model=BASE,
+        prompt=PROMPT,
+        max_tokens=TOKENS,
+        seed=5,
+        logprobs=0,
         extra_body={"ignore_eos": True},
-    )  # fmt: skip
+    )
     assert got.choices[0].logprobs is not None
     assert ids_of(got.choices[0].logprobs.tokens) == expected.token_ids
 
@@ -131,9 +147,13 @@ async def test_stop_string_ends_the_completion_as_on_grpc(
         PROMPT, max_new_tokens=24, temperature=0, ignore_eos=True, stop=[stop]
     )
     got = await client.completions.create(
-        model=BASE, prompt=PROMPT, max_tokens=24, temperature=0, stop=stop,
+        model=BASE,
+        prompt=PROMPT,
+        max_tokens=24,
+        temperature=0,
+        stop=stop,
         extra_body={"ignore_eos": True},
-    )  # fmt: skip
+    )
     assert expected.finish_reason == "stop"
     assert got.choices[0].finish_reason == "stop"
     assert got.choices[0].text == expected.text == greedy.text[: greedy.text.index(stop)]
@@ -145,9 +165,13 @@ async def test_greedy_chat_is_the_grpc_paths(client: AsyncOpenAI, served: Served
     request = chat_request(adapter, max_new_tokens=TOKENS, ignore_eos=True, logprobs=True)
     expected = await grpc_generate(served.router_target, request)
     got = await client.chat.completions.create(
-        model=model, messages=MESSAGES, max_tokens=TOKENS, temperature=0, logprobs=True,
+        model=model,
+        messages=MESSAGES,
+        max_tokens=TOKENS,
+        temperature=0,
+        logprobs=True,
         extra_body={"ignore_eos": True},
-    )  # fmt: skip
+    )
     choice = got.choices[0]
     assert choice.message.role == "assistant"
     assert choice.message.content == "".join(r.text for r in expected)
@@ -164,8 +188,11 @@ async def test_greedy_chat_is_the_grpc_paths(client: AsyncOpenAI, served: Served
 
 async def test_streamed_chat_with_usage_matches_the_whole_answer(client: AsyncOpenAI):
     params: dict[str, Any] = {
-        "model": "ad8", "messages": MESSAGES, "max_tokens": TOKENS, "temperature": 0
-    }  # fmt: skip
+        "model": "ad8",
+        "messages": MESSAGES,
+        "max_tokens": TOKENS,
+        "temperature": 0,
+    }
     whole = await client.chat.completions.create(**params)
     stream = await client.chat.completions.create(
         **params, stream=True, stream_options={"include_usage": True}
@@ -184,8 +211,11 @@ async def test_streamed_chat_with_usage_matches_the_whole_answer(client: AsyncOp
 
 async def test_streamed_completion_without_usage(client: AsyncOpenAI):
     params: dict[str, Any] = {
-        "model": "ad16", "prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0
-    }  # fmt: skip
+        "model": "ad16",
+        "prompt": PROMPT,
+        "max_tokens": TOKENS,
+        "temperature": 0,
+    }
     whole = await client.completions.create(**params)
     chunks = [c async for c in await client.completions.create(**params, stream=True)]
     assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text

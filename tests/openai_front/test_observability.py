@@ -61,9 +61,12 @@ async def test_front_metrics_count_requests_tokens_and_errors(served: Served):
                 model="ad8", prompt="hi", max_tokens=5, extra_body={"ignore_eos": True}
             )
             stream = await client.chat.completions.create(
-                model="ad16", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
-                stream=True, extra_body={"ignore_eos": True},
-            )  # fmt: skip
+                model="ad16",
+                messages=[{"role": "user", "content": "hi"}],
+                max_tokens=4,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
             async for _ in stream:
                 pass
             with pytest.raises(Exception, match="404"):

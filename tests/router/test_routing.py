@@ -56,8 +56,20 @@ def test_resident_worker_takes_requests_until_its_load_bound():
     # so a's bound is ceil(1.25 * (i + 1) / 3) (the request being placed counts), and a
     # takes request i exactly when its load is under that bound.
     assert [i for i, w in enumerate(placed) if w == "a"] == [
-        0, 2, 4, 7, 9, 12, 14, 16, 19, 21, 24, 26, 28
-    ]  # fmt: skip
+        0,
+        2,
+        4,
+        7,
+        9,
+        12,
+        14,
+        16,
+        19,
+        21,
+        24,
+        26,
+        28,
+    ]
     assert placed.count("a") <= math.ceil(FACTOR * 30 / 3)
     assert placed.count("a") > placed.count("b")
     assert {"b", "c"} <= set(placed)  # one popular adapter does not pin everything to a

@@ -177,14 +177,20 @@ class StoreAdapterSource:
                 evicted = self.cache.put(adapter.key, adapter)
                 self._remember(adapter_id, requested, adapter.key, generation)
                 logger.info(
-                    "fetched adapter %s v%d (%d bytes)%s", adapter_id, info.version, len(blob),
+                    "fetched adapter %s v%d (%d bytes)%s",
+                    adapter_id,
+                    info.version,
+                    len(blob),
                     f", evicted {', '.join(map(_name, evicted))}" if evicted else "",
-                )  # fmt: skip
+                )
                 return adapter
             logger.warning(
                 "adapter %s v%d failed its sha256 check (attempt %d of %d)",
-                adapter_id, info.version, attempt, FETCH_ATTEMPTS,
-            )  # fmt: skip
+                adapter_id,
+                info.version,
+                attempt,
+                FETCH_ATTEMPTS,
+            )
         raise Unavailable(
             f"adapter {adapter_id!r} from the store at {self.target} failed its sha256 check "
             f"{FETCH_ATTEMPTS} times"
@@ -291,8 +297,10 @@ class AdapterEventListener:
                     logger.warning(
                         "adapter notices from Redis at %s unavailable (%s); adapter versions "
                         "are re-checked every %.1f s until it is back",
-                        self._url, exc, self._source.version_ttl_s,
-                    )  # fmt: skip
+                        self._url,
+                        exc,
+                        self._source.version_ttl_s,
+                    )
                     self._warned = True
             self.subscribed.clear()
             await asyncio.sleep(self._retry_s)

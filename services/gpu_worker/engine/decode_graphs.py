@@ -25,12 +25,29 @@ logger = logging.getLogger(__name__)
 BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
 # Fields of a batch with one entry per request (= per token, in decode): sliced per bucket.
 _PER_ROW = (
-    "input_ids", "positions", "new_k_slots", "new_v_slots", "logits_rows", "req_rows",
-    "q_starts", "q_lens", "ctx_lens", "seq_lens", "req_lora",
-)  # fmt: skip
+    "input_ids",
+    "positions",
+    "new_k_slots",
+    "new_v_slots",
+    "logits_rows",
+    "req_rows",
+    "q_starts",
+    "q_lens",
+    "ctx_lens",
+    "seq_lens",
+    "req_lora",
+)
 # The ones that change from step to step (the rest are fixed: row b is request b, one token).
-_COPIED_PER_STEP = ("input_ids", "positions", "new_k_slots", "new_v_slots", "req_rows",
-                    "ctx_lens", "seq_lens", "req_lora")  # fmt: skip
+_COPIED_PER_STEP = (
+    "input_ids",
+    "positions",
+    "new_k_slots",
+    "new_v_slots",
+    "req_rows",
+    "ctx_lens",
+    "seq_lens",
+    "req_lora",
+)
 
 # Which LoRA a graph runs: on every projection, on attention only, or none.
 _LORA_KINDS = ("all", "attention", "none")
@@ -43,8 +60,14 @@ def _lora_kind(batch: ForwardBatch) -> str:
 
 
 class DecodeGraphs:
-    def __init__(self, model: LlamaForCausalLM, template: ForwardBatch, max_batch: int,
-                 scratch_slots: tuple[int, int], max_rank: int):  # fmt: skip
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        template: ForwardBatch,
+        max_batch: int,
+        scratch_slots: tuple[int, int],
+        max_rank: int,
+    ):
         if not template.lora_backend.cuda_graph_safe:
             raise ValueError(
                 f"{type(template.lora_backend).__name__} cannot run inside CUDA graphs"

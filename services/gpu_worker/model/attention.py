@@ -50,9 +50,13 @@ class PagedAttention(ABC):
 
     @abstractmethod
     def over_pool(
-        self, q: torch.Tensor, pool: torch.Tensor, batch: ForwardBatch, kv_heads: int,
+        self,
+        q: torch.Tensor,
+        pool: torch.Tensor,
+        batch: ForwardBatch,
+        kv_heads: int,
         head_dim: int,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         """q [T, H, D] over each request's K/V in one layer's pool [num_slots, KVH * D]."""
 
 
@@ -60,9 +64,13 @@ class TorchPagedAttention(PagedAttention):
     """One request at a time, its K/V gathered from the pool (reads the host lengths)."""
 
     def over_pool(
-        self, q: torch.Tensor, pool: torch.Tensor, batch: ForwardBatch, kv_heads: int,
+        self,
+        q: torch.Tensor,
+        pool: torch.Tensor,
+        batch: ForwardBatch,
+        kv_heads: int,
         head_dim: int,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         out = torch.empty_like(q)
         start = 0
         for b, (n, ctx) in enumerate(zip(batch.host_q_lens, batch.host_ctx_lens, strict=True)):
@@ -90,9 +98,13 @@ class TritonPagedAttention(PagedAttention):
         self._decode, self._prefill = paged_decode_attention, paged_prefill_attention
 
     def over_pool(
-        self, q: torch.Tensor, pool: torch.Tensor, batch: ForwardBatch, kv_heads: int,
+        self,
+        q: torch.Tensor,
+        pool: torch.Tensor,
+        batch: ForwardBatch,
+        kv_heads: int,
         head_dim: int,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         scale = 1.0 / math.sqrt(head_dim)
         tables = (pool, batch.k_table, batch.v_table, batch.req_rows)
         if batch.is_decode:

@@ -35,9 +35,11 @@ class LoraBackend(ABC):
     cuda_graph_safe: bool = True
 
     def prepare(
-        self, residents: Sequence[ResidentAdapter | None], q_lens: Sequence[int],
+        self,
+        residents: Sequence[ResidentAdapter | None],
+        q_lens: Sequence[int],
         device: torch.device,
-    ) -> object:  # fmt: skip
+    ) -> object:
         """What this backend needs of a batch beyond the adapter tables, given each request's
         resident adapter (None: the base model) and its count of new tokens, in batch order."""
         return None
@@ -51,9 +53,14 @@ class LoraBackend(ABC):
 
     @abstractmethod
     def expand(
-        self, out: torch.Tensor, y: torch.Tensor, y_index: int, batch: ForwardBatch, layer: int,
+        self,
+        out: torch.Tensor,
+        y: torch.Tensor,
+        y_index: int,
+        batch: ForwardBatch,
+        layer: int,
         proj: int,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         """out [T, out_features] += y[:, y_index] @ Bᵀ of each row's adapter, in place."""
 
 
@@ -70,17 +77,41 @@ class TritonLoraBackend(LoraBackend):
     def shrink(
         self, x: torch.Tensor, batch: ForwardBatch, layer: int, projs: tuple[int, ...]
     ) -> torch.Tensor:
-        return self._shrink(x, batch.pool[layer], batch.lora_slots, batch.lora_meta,
-                            batch.req_lora, batch.q_starts, batch.q_lens, projs, batch.max_rank,
-                            batch.max_q_len)  # fmt: skip
+        return self._shrink(
+            x,
+            batch.pool[layer],
+            batch.lora_slots,
+            batch.lora_meta,
+            batch.req_lora,
+            batch.q_starts,
+            batch.q_lens,
+            projs,
+            batch.max_rank,
+            batch.max_q_len,
+        )
 
     def expand(
-        self, out: torch.Tensor, y: torch.Tensor, y_index: int, batch: ForwardBatch, layer: int,
+        self,
+        out: torch.Tensor,
+        y: torch.Tensor,
+        y_index: int,
+        batch: ForwardBatch,
+        layer: int,
         proj: int,
-    ) -> torch.Tensor:  # fmt: skip
-        return self._expand(y, y_index, out, batch.pool[layer], batch.lora_slots,
-                            batch.lora_meta, batch.req_lora, batch.q_starts, batch.q_lens, proj,
-                            batch.max_q_len)  # fmt: skip
+    ) -> torch.Tensor:
+        return self._expand(
+            y,
+            y_index,
+            out,
+            batch.pool[layer],
+            batch.lora_slots,
+            batch.lora_meta,
+            batch.req_lora,
+            batch.q_starts,
+            batch.q_lens,
+            proj,
+            batch.max_q_len,
+        )
 
 
 @dataclass
@@ -109,9 +140,11 @@ class TorchLoraBackend(LoraBackend):
     cuda_graph_safe = False
 
     def prepare(
-        self, residents: Sequence[ResidentAdapter | None], q_lens: Sequence[int],
+        self,
+        residents: Sequence[ResidentAdapter | None],
+        q_lens: Sequence[int],
         device: torch.device,
-    ) -> list[LoraGroup]:  # fmt: skip
+    ) -> list[LoraGroup]:
         groups: dict[int, tuple[ResidentAdapter, list[int]]] = {}
         start = 0
         for resident, n in zip(residents, q_lens, strict=True):
@@ -138,9 +171,14 @@ class TorchLoraBackend(LoraBackend):
         return y
 
     def expand(
-        self, out: torch.Tensor, y: torch.Tensor, y_index: int, batch: ForwardBatch, layer: int,
+        self,
+        out: torch.Tensor,
+        y: torch.Tensor,
+        y_index: int,
+        batch: ForwardBatch,
+        layer: int,
         proj: int,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         pool = batch.pool[layer]
         for group in _groups(batch):
             if _PROJ_NAME[proj] in group.adapter.segments:
