@@ -3,6 +3,7 @@ of the pool, and no slot is owned twice."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from services.common.base_model import load_hf_config
@@ -55,3 +56,21 @@ def test_kv_slot_tables_write_new_tokens_and_give_rows_back() -> None:
     assert freed.dtype == torch.int64 and freed.tolist() == [10, 11, 13, 20, 21, 23]
     assert tables.free_rows == 2
     assert {tables.take_row(), tables.take_row()} == {first, 3 - first - second}
+
+
+def test_kv_slot_tables_live_on_the_pools_device() -> None:
+    # The meta device stands for a GPU: the attention kernels read these tables there.
+    meta = torch.device("meta")
+    tables = KvSlotTables(max_rows=2, max_len=4, device=meta)
+    assert tables.k_table.device == meta and tables.v_table.device == meta
+    assert tables.k_table.dtype == tables.v_table.dtype == torch.int32
+
+
+def test_kv_slot_tables_refuse_lists_of_different_lengths() -> None:
+    # A missing start or count must fail, not write fewer tokens than the slots given.
+    tables = KvSlotTables(max_rows=2, max_len=4, device=torch.device("cpu"))
+    slots = torch.tensor([1, 2, 3, 4], dtype=torch.int32)
+    with pytest.raises(ValueError):
+        tables.write([0, 1], [0], [1, 1], slots)
+    with pytest.raises(ValueError):
+        tables.write([0], [0, 0], [2], slots)
