@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from services.common.config import ConfigError, host_field, log_level_field, metrics_port_field
+from services.common.tls import ClientTls, TlsFileError, check_ca, check_cert_and_key
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,18 @@ class OpenAIFrontConfig:
     router: str = field(
         default="127.0.0.1:50050", metadata={"help": "host:port of the router to call"}
     )
+    tls_ca_file: str = field(
+        default="",
+        metadata={
+            "help": "PEM CA that signs the router's certificate; given = the front calls the "
+            "router over TLS; empty = plaintext"
+        },
+    )
+    tls_cert_file: str = field(
+        default="",
+        metadata={"help": "certificate the front presents to a router that asks (mutual TLS)"},
+    )
+    tls_key_file: str = field(default="", metadata={"help": "private key of --tls-cert-file"})
     model: str = field(
         default="tiny",
         metadata={
@@ -57,3 +70,24 @@ class OpenAIFrontConfig:
             raise ConfigError("router", f"{self.router!r} is not host:port")
         if not self.model:
             raise ConfigError("model", "give the base model's name")
+        if (self.tls_cert_file or self.tls_key_file) and not self.tls_ca_file:
+            raise ConfigError("tls_ca_file", "a client certificate needs TLS: give --tls-ca-file")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            missing = "tls_key_file" if self.tls_cert_file else "tls_cert_file"
+            raise ConfigError(missing, "give --tls-cert-file and --tls-key-file together")
+        try:
+            if self.tls_ca_file:
+                check_ca(self.tls_ca_file)
+        except TlsFileError as exc:
+            raise ConfigError("tls_ca_file", str(exc)) from None
+        try:
+            if self.tls_cert_file:
+                check_cert_and_key(self.tls_cert_file, self.tls_key_file)
+        except TlsFileError as exc:
+            raise ConfigError("tls_cert_file", str(exc)) from None
+
+    def router_tls(self) -> ClientTls | None:
+        """How the front reaches the router: TLS when --tls-ca-file is given."""
+        if not self.tls_ca_file:
+            return None
+        return ClientTls(self.tls_ca_file, self.tls_cert_file, self.tls_key_file)

@@ -14,8 +14,10 @@ import grpc
 
 from manylora.v1 import common_pb2, router_pb2_grpc
 from services.common.auth import AUTHORIZATION_KEY
+from services.common.channels import ChannelSecurity, aio_channel
 from services.common.grpc_server import SERVER_OPTIONS
 from services.common.logging import REQUEST_ID_KEY
+from services.common.tls import ClientTls
 from services.openai_front.errors import ApiError, from_rpc_error
 
 # Far beyond any adapter count served; bounds a store that keeps returning pages.
@@ -24,9 +26,9 @@ LIST_TIMEOUT_S = 10.0
 
 
 class RouterClient:
-    def __init__(self, target: str):
+    def __init__(self, target: str, tls: ClientTls | None = None):
         self.target = target
-        self._channel = grpc.aio.insecure_channel(target, options=SERVER_OPTIONS)
+        self._channel = aio_channel(target, ChannelSecurity(tls, None), SERVER_OPTIONS)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
 
     async def generate(

@@ -68,7 +68,7 @@ async def start_openai_front(config: OpenAIFrontConfig) -> OpenAIFront:
     """Listen on config.host:config.port (0 picks a free port); the router is dialled lazily,
     so the front starts whether or not the router is up (calls meanwhile get 503)."""
     config.check()
-    router = RouterClient(config.router)
+    router = RouterClient(config.router, config.router_tls())
     metrics = FrontMetrics()
     # handler_cancellation: a client that disconnects cancels its handler, and with it the
     # router call, even while no token is being written (queued, or in a long prefill).

@@ -10,15 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import openai
 import pytest
 
 from manylora.v1 import adapter_store_pb2, adapter_store_pb2_grpc
 from services.client import AsyncManyloraClient, ClientTls, ManyloraClient, ManyloraError
 from services.common.channels import ChannelSecurity, aio_channel
+from services.common.config import ConfigError
 from services.common.healthcheck import check
 from services.common.tokens import SigningKeys
+from services.openai_front.config import OpenAIFrontConfig
 from tests.adapter_store.helpers import as_stream, upload_requests
 from tests.e2e.stack import Stack
+from tests.openai_front.conftest import openai_client, start_front
 from tests.security.certs import Authority
 from tests.security.conftest import random_adapter
 
@@ -127,3 +131,42 @@ async def test_mutual_tls_with_tokens_refuses_clients_without_a_certificate(
                 adapter_store_pb2.GetAdapterInfoRequest(adapter_id="ad"), timeout=10
             )
         assert caught.value.code() == HANDSHAKE_REFUSED
+
+
+async def test_openai_front_reaches_a_mutual_tls_router(stack: Stack, tmp_path: Path):
+    """The front calls the router over mutual TLS when given the CA and its own certificate;
+    without TLS, or without a certificate the router trusts, its calls fail (503), and nothing
+    reaches the router."""
+    ca, rogue = Authority.create(tmp_path, "test"), Authority.create(tmp_path, "rogue")
+    await start_tls_stack(stack, ca, tmp_path, mutual=True)
+    router_port = stack.routers[0].port
+    front_pair, rogue_pair = ca.issue("front"), rogue.issue("front")
+    good = {
+        "tls_ca_file": ca.cert_file,
+        "tls_cert_file": front_pair.cert_file,
+        "tls_key_file": front_pair.key_file,
+    }
+    bad_fronts = [
+        {},  # plaintext to a TLS router
+        {"tls_ca_file": ca.cert_file},  # TLS, but no client certificate under mutual TLS
+        {**good, "tls_cert_file": rogue_pair.cert_file, "tls_key_file": rogue_pair.key_file},
+    ]
+    for settings in [good, *bad_fronts]:
+        front = await start_front(router_port, **settings)
+        try:
+            client = openai_client(front)
+            if settings is good:
+                answer = await client.completions.create(
+                    model="ad", prompt="hi", max_tokens=3, extra_body={"ignore_eos": True}
+                )
+                assert answer.usage is not None and answer.usage.completion_tokens == 3
+            else:
+                with pytest.raises(openai.InternalServerError) as caught:
+                    await client.completions.create(model="ad", prompt="hi", max_tokens=3)
+                assert caught.value.status_code == 503
+        finally:
+            await front.stop()
+    with pytest.raises(ConfigError, match="--tls-ca-file"):
+        OpenAIFrontConfig(tls_ca_file=str(tmp_path / "missing.pem")).check()
+    with pytest.raises(ConfigError, match="--tls-key-file"):
+        OpenAIFrontConfig(tls_ca_file=ca.cert_file, tls_cert_file=front_pair.cert_file).check()
