@@ -59,17 +59,13 @@ class ServerSecurityConfig:
     def check_security(self) -> None:
         """Files that are missing, unreadable or do not go together: `ConfigError` naming
         the flag."""
-        if bool(self.tls_cert_file) != bool(self.tls_key_file):
-            missing = "tls_key_file" if self.tls_cert_file else "tls_cert_file"
-            raise ConfigError(missing, "TLS needs both --tls-cert-file and --tls-key-file")
+        check_tls_pair(self.tls_cert_file, self.tls_key_file)
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise ConfigError(
                 "tls_client_ca_file", "mutual TLS needs --tls-cert-file and --tls-key-file too"
             )
-        if self.tls_cert_file:
-            _check_pair(self.tls_cert_file, self.tls_key_file)
         if self.tls_client_ca_file:
-            _checked("tls_client_ca_file", lambda: check_ca(self.tls_client_ca_file))
+            check_tls_setting("tls_client_ca_file", lambda: check_ca(self.tls_client_ca_file))
         self.signing_keys()
 
     def signing_keys(self) -> SigningKeys | None:
@@ -113,7 +109,7 @@ class CallerSecurityConfig(ServerSecurityConfig):
     def check_security(self) -> None:
         super().check_security()
         if self.tls_ca_file:
-            _checked("tls_ca_file", lambda: check_ca(self.tls_ca_file))
+            check_tls_setting("tls_ca_file", lambda: check_ca(self.tls_ca_file))
         self.outbound_token("check")
 
     def outbound_token(self, subject: str) -> TokenSource | None:
@@ -139,13 +135,21 @@ class CallerSecurityConfig(ServerSecurityConfig):
         return ChannelSecurity(tls, self.outbound_token(subject))
 
 
-def _check_pair(cert_file: str, key_file: str) -> None:
-    _checked("tls_cert_file", lambda: read_file(cert_file, "certificate"))
-    _checked("tls_key_file", lambda: read_file(key_file, "private key"))
-    _checked("tls_key_file", lambda: check_cert_and_key(cert_file, key_file))
+def check_tls_pair(cert_file: str, key_file: str) -> None:
+    """--tls-cert-file and --tls-key-file: both or neither, readable PEM, and a key that
+    matches its certificate; `ConfigError` naming the flag."""
+    if bool(cert_file) != bool(key_file):
+        missing = "tls_key_file" if cert_file else "tls_cert_file"
+        raise ConfigError(missing, "TLS needs both --tls-cert-file and --tls-key-file")
+    if not cert_file:
+        return
+    check_tls_setting("tls_cert_file", lambda: read_file(cert_file, "certificate"))
+    check_tls_setting("tls_key_file", lambda: read_file(key_file, "private key"))
+    check_tls_setting("tls_key_file", lambda: check_cert_and_key(cert_file, key_file))
 
 
-def _checked(field_name: str, check: Callable[[], object]) -> None:
+def check_tls_setting(field_name: str, check: Callable[[], object]) -> None:
+    """Run `check`; a `TlsFileError` becomes a `ConfigError` naming `field_name`'s flag."""
     try:
         check()
     except TlsFileError as exc:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from services.common.config import ConfigError, host_field, log_level_field, metrics_port_field
-from services.common.tls import ClientTls, TlsFileError, check_ca, check_cert_and_key
+from services.common.security_config import check_tls_pair, check_tls_setting
+from services.common.tls import ClientTls, check_ca
 
 
 @dataclass(frozen=True)
@@ -72,19 +73,9 @@ class OpenAIFrontConfig:
             raise ConfigError("model", "give the base model's name")
         if (self.tls_cert_file or self.tls_key_file) and not self.tls_ca_file:
             raise ConfigError("tls_ca_file", "a client certificate needs TLS: give --tls-ca-file")
-        if bool(self.tls_cert_file) != bool(self.tls_key_file):
-            missing = "tls_key_file" if self.tls_cert_file else "tls_cert_file"
-            raise ConfigError(missing, "give --tls-cert-file and --tls-key-file together")
-        try:
-            if self.tls_ca_file:
-                check_ca(self.tls_ca_file)
-        except TlsFileError as exc:
-            raise ConfigError("tls_ca_file", str(exc)) from None
-        try:
-            if self.tls_cert_file:
-                check_cert_and_key(self.tls_cert_file, self.tls_key_file)
-        except TlsFileError as exc:
-            raise ConfigError("tls_cert_file", str(exc)) from None
+        check_tls_pair(self.tls_cert_file, self.tls_key_file)
+        if self.tls_ca_file:
+            check_tls_setting("tls_ca_file", lambda: check_ca(self.tls_ca_file))
 
     def router_tls(self) -> ClientTls | None:
         """How the front reaches the router: TLS when --tls-ca-file is given."""
