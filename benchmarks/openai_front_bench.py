@@ -35,6 +35,7 @@ import numpy as np
 from benchmarks.serving.grpc_stack import upload_adapters
 from benchmarks.stack_processes import StackAddresses, cpu_seconds, running_stack
 from services.client import AsyncManyloraClient
+from services.openai_front.sse import read_sse_events
 
 MODEL = "tiny"
 
@@ -160,12 +161,9 @@ def http_one(session: aiohttp.ClientSession, url: str, max_tokens: int) -> OneRe
         async with session.post(f"{url}/completions", json=body) as reply:
             if reply.status != 200:
                 raise RuntimeError(f"HTTP {reply.status}: {await reply.text()}")
-            async for line in reply.content:
-                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
-                    continue
+            async for event in read_sse_events(reply.content):
                 if not ttft:
                     ttft = time.perf_counter() - start
-                event = json.loads(line[6:])
                 usage = event.get("usage") or usage
         tokens = int(usage["completion_tokens"]) if usage else 0
         if tokens != max_tokens:

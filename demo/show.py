@@ -3,7 +3,6 @@ against the behaviour it was trained for (demo/behaviours.py)."""
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ import aiohttp
 from demo.behaviours import ADAPTER_BEHAVIOURS, BASE_BEHAVIOUR, DEMO_PROMPTS, prompt_of
 from services.client import AsyncManyloraClient
 from services.client.terminal import printable
+from services.openai_front.sse import read_sse_events
 
 MAX_NEW_TOKENS = 64
 ANSWER_COLUMN = 32  # where the check mark goes
@@ -46,11 +46,7 @@ def http_front(session: aiohttp.ClientSession, base_url: str, base_model: str) -
         }
         async with session.post(f"{base_url}/completions", json=body) as response:
             response.raise_for_status()
-            async for raw in response.content:
-                line = raw.strip()
-                if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                    continue
-                event = json.loads(line[len(b"data: ") :])
+            async for event in read_sse_events(response.content):
                 if "error" in event:
                     raise RuntimeError(f"HTTP front: {event['error'].get('message')}")
                 for choice in event["choices"]:

@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncGenerator
-from typing import Any
 
 from aiohttp import web
 
@@ -23,16 +22,11 @@ from services.common.metrics import StreamTracker
 from services.openai_front.errors import ApiError
 from services.openai_front.request_parsing import ParsedRequest
 from services.openai_front.response_shapes import Shape, finish_reason
+from services.openai_front.sse import DONE, SSE_HEADERS, sse_event
 
 logger = logging.getLogger(__name__)
 
 Responses = AsyncGenerator[common_pb2.GenerateResponse, None]
-DONE = b"data: [DONE]\n\n"
-SSE_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache"}
-
-
-def sse_event(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
 def _finished(response: common_pb2.GenerateResponse) -> bool:
