@@ -52,34 +52,25 @@ async def running_stack(
 ) -> AsyncIterator[Stack]:
     """Store, worker, router and HTTP front on 127.0.0.1, stopped in reverse order on exit."""
     model = str(models.model_dir)
-    store = await start_store_server(
-        AdapterStoreConfig(port=0, data_dir=str(tmp / "store"), base_model=model)
-    )
-    store_target = f"127.0.0.1:{store.port}"
-    try:
+    async with contextlib.AsyncExitStack() as started:
+        store = await start_store_server(
+            AdapterStoreConfig(port=0, data_dir=str(tmp / "store"), base_model=model)
+        )
+        started.push_async_callback(store.stop)
+        store_target = f"127.0.0.1:{store.port}"
         uploaded = await asyncio.to_thread(upload_adapters, store_target, models.adapter_dirs)
         worker = await start_worker(
             WorkerConfig(port=0, model=model, device="cpu", adapter_store=store_target)
         )
-        try:
-            worker_target = f"127.0.0.1:{worker.port}"
-            router = await start_router(
-                RouterConfig(port=router_port, workers=[worker_target], adapter_store=store_target)
-            )
-            router_target = f"127.0.0.1:{router.port}"
-            try:
-                front = await start_openai_front(
-                    OpenAIFrontConfig(host="127.0.0.1", port=0, router=router_target, model=model)
-                )
-                try:
-                    yield Stack(
-                        store_target, worker_target, router_target, front.url, model, uploaded
-                    )
-                finally:
-                    await front.stop()
-            finally:
-                await router.stop()
-        finally:
-            await worker.stop()
-    finally:
-        await store.stop()
+        started.push_async_callback(worker.stop)
+        worker_target = f"127.0.0.1:{worker.port}"
+        router = await start_router(
+            RouterConfig(port=router_port, workers=[worker_target], adapter_store=store_target)
+        )
+        started.push_async_callback(router.stop)
+        router_target = f"127.0.0.1:{router.port}"
+        front = await start_openai_front(
+            OpenAIFrontConfig(host="127.0.0.1", port=0, router=router_target, model=model)
+        )
+        started.push_async_callback(front.stop)
+        yield Stack(store_target, worker_target, router_target, front.url, model, uploaded)
