@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -17,7 +18,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from manylora.v1 import adapter_store_pb2
+from manylora.v1 import adapter_store_pb2, adapter_store_pb2_grpc
 from services.adapter_store.config import AdapterStoreConfig
 from services.common.base_model import DUMMY_PRESETS
 from services.common.grpc_server import SERVER_OPTIONS, free_port
@@ -128,3 +129,22 @@ class RedisProcess:
             self.process.kill()
             self.process.wait()
             self.process = None
+
+
+async def upload_code(
+    sync_stub: adapter_store_pb2_grpc.AdapterStoreStub,
+    messages: list[adapter_store_pb2.UploadAdapterRequest],
+    metadata: tuple[tuple[str, str], ...] = (),
+) -> tuple[grpc.StatusCode, str]:
+    """The status code of an upload (OK included) and its message. Sent with the sync API in
+    a thread: when a server refuses a stream the client is still writing, the asyncio API
+    may report INTERNAL instead of the server's status (grpc/grpc#36066)."""
+
+    def call() -> tuple[grpc.StatusCode, str]:
+        try:
+            sync_stub.UploadAdapter(iter(messages), metadata=metadata, timeout=30)
+        except grpc.RpcError as exc:
+            return exc.code(), exc.details() or ""
+        return grpc.StatusCode.OK, ""
+
+    return await asyncio.to_thread(call)

@@ -27,7 +27,7 @@ from services.common.base_model import BaseModelShape, load_hf_config
 from services.common.grpc_server import SERVER_OPTIONS, free_port
 from services.common.lora_format import CanonicalAdapter
 from services.common.random_adapters import save_random_peft_adapter
-from tests.adapter_store.helpers import RedisProcess, read_adapter
+from tests.adapter_store.helpers import RedisProcess, read_adapter, upload_code
 
 REPO = Path(__file__).resolve().parents[2]
 MIB = 1 << 20
@@ -174,23 +174,6 @@ def chunks(data: bytes, size: int = MIB) -> list[Request]:
 async def stream(messages: list[Request]) -> AsyncIterator[Request]:
     for message in messages:
         yield message
-
-
-async def upload_code(
-    sync_stub: adapter_store_pb2_grpc.AdapterStoreStub, messages: list[Request]
-) -> tuple[grpc.StatusCode, str]:
-    """The status code of an upload (OK included) and its message. Sent with the sync API in
-    a thread: when a server refuses a stream the client is still writing, the asyncio API
-    may report INTERNAL instead of the server's status (grpc/grpc#36066)."""
-
-    def call() -> tuple[grpc.StatusCode, str]:
-        try:
-            sync_stub.UploadAdapter(iter(messages), timeout=30)
-        except grpc.RpcError as exc:
-            return exc.code(), exc.details() or ""
-        return grpc.StatusCode.OK, ""
-
-    return await asyncio.to_thread(call)
 
 
 async def upload_real(stub, adapter_id: str, files: tuple[str, bytes]) -> common_pb2.AdapterInfo:

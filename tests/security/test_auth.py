@@ -4,7 +4,6 @@ call, and clients with good tokens streaming meanwhile."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import grpc
@@ -22,7 +21,7 @@ from manylora.v1 import (
 from services.client import AsyncManyloraClient, ManyloraError
 from services.common.auth import METHOD_SCOPES, AuthInterceptor
 from services.common.tokens import SigningKeys
-from tests.adapter_store.helpers import aio_channel, upload_requests
+from tests.adapter_store.helpers import aio_channel, upload_code, upload_requests
 from tests.e2e.stack import Stack
 from tests.security.conftest import Tokens, bearer, random_adapter, upload_with
 
@@ -60,25 +59,6 @@ async def stream_code(call) -> grpc.StatusCode:
     except grpc.aio.AioRpcError as exc:
         return exc.code()
     return grpc.StatusCode.OK
-
-
-async def sync_upload_code(
-    port: int, requests: list[adapter_store_pb2.UploadAdapterRequest], metadata: tuple
-) -> grpc.StatusCode:
-    """An upload's status, sent with the sync API in a thread: when a server refuses a stream
-    the client is still writing, the asyncio API may report INTERNAL instead of the server's
-    status (grpc/grpc#36066), which made this test flaky."""
-
-    def call() -> grpc.StatusCode:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = adapter_store_pb2_grpc.AdapterStoreStub(channel)
-            try:
-                stub.UploadAdapter(iter(requests), metadata=metadata, timeout=30)
-            except grpc.RpcError as exc:
-                return exc.code()
-        return grpc.StatusCode.OK
-
-    return await asyncio.to_thread(call)
 
 
 async def unary_code(awaitable) -> grpc.StatusCode:
@@ -133,50 +113,53 @@ async def test_refused_uploads_and_deletes_change_nothing(
         (folder / "adapter_config.json").read_text(),
         (folder / "adapter_model.safetensors").read_bytes(),
     )
-    async with aio_channel(secured.store.port) as channel:
-        store = adapter_store_pb2_grpc.AdapterStoreStub(channel)
-        for metadata, code in refusals(tokens, tokens.write, tokens.generate):
-            for adapter_id in ("ad", "new-one"):  # a new version, and a new id
-                requests = upload_requests(adapter_id, config_json, weights)
-                got = await sync_upload_code(secured.store.port, requests, metadata)
-                assert got == code, metadata
-            delete = store.DeleteAdapter(
-                adapter_store_pb2.DeleteAdapterRequest(adapter_id="ad"), metadata=metadata
+    with grpc.insecure_channel(f"127.0.0.1:{secured.store.port}") as sync_channel:
+        sync_store = adapter_store_pb2_grpc.AdapterStoreStub(sync_channel)
+        async with aio_channel(secured.store.port) as channel:
+            store = adapter_store_pb2_grpc.AdapterStoreStub(channel)
+            for metadata, code in refusals(tokens, tokens.write, tokens.generate):
+                for adapter_id in ("ad", "new-one"):  # a new version, and a new id
+                    requests = upload_requests(adapter_id, config_json, weights)
+                    got, _ = await upload_code(sync_store, requests, metadata)
+                    assert got == code, metadata
+                delete = store.DeleteAdapter(
+                    adapter_store_pb2.DeleteAdapterRequest(adapter_id="ad"), metadata=metadata
+                )
+                assert await unary_code(delete) == code, metadata
+            # Adapter weights are for services and operators, not for clients that generate.
+            fetch = store.FetchAdapter(
+                adapter_store_pb2.FetchAdapterRequest(adapter_id="ad"),
+                metadata=bearer(tokens.generate),
             )
-            assert await unary_code(delete) == code, metadata
-        # Adapter weights are for services and operators, not for clients that generate.
-        fetch = store.FetchAdapter(
-            adapter_store_pb2.FetchAdapterRequest(adapter_id="ad"), metadata=bearer(tokens.generate)
-        )
-        assert await stream_code(fetch) == DENIED
-        assert sorted(p.relative_to(data_dir) for p in data_dir.rglob("*")) == before
-        info = await store.GetAdapterInfo(
-            adapter_store_pb2.GetAdapterInfoRequest(adapter_id="ad"),
-            metadata=bearer(tokens.generate),
-        )
-        assert info.version == 1
-        listed = await store.ListAdapters(
-            common_pb2.ListAdaptersRequest(), metadata=bearer(tokens.write)
-        )
-        assert [a.adapter_id for a in listed.adapters] == ["ad"]
-
-        router = f"127.0.0.1:{secured.routers[0].port}"
-        async with AsyncManyloraClient(router, timeout=60, token=tokens.generate) as client:
-            done = await client.complete("hi", adapter="ad", max_new_tokens=3, ignore_eos=True)
-            assert done.adapter_version == 1 and len(done.token_ids) == 3
-
-            # The right scope is let through: the checks refuse by scope, not everything.
-            await upload_with(secured, tokens.write, "ad", folder)
+            assert await stream_code(fetch) == DENIED
+            assert sorted(p.relative_to(data_dir) for p in data_dir.rglob("*")) == before
             info = await store.GetAdapterInfo(
                 adapter_store_pb2.GetAdapterInfoRequest(adapter_id="ad"),
-                metadata=bearer(tokens.service),
+                metadata=bearer(tokens.generate),
             )
-            assert info.version == 2
-            reply = await store.DeleteAdapter(
-                adapter_store_pb2.DeleteAdapterRequest(adapter_id="ad"),
-                metadata=bearer(tokens.write),
+            assert info.version == 1
+            listed = await store.ListAdapters(
+                common_pb2.ListAdaptersRequest(), metadata=bearer(tokens.write)
             )
-            assert reply.deleted_versions == 2
+            assert [a.adapter_id for a in listed.adapters] == ["ad"]
+
+            router = f"127.0.0.1:{secured.routers[0].port}"
+            async with AsyncManyloraClient(router, timeout=60, token=tokens.generate) as client:
+                done = await client.complete("hi", adapter="ad", max_new_tokens=3, ignore_eos=True)
+                assert done.adapter_version == 1 and len(done.token_ids) == 3
+
+                # The right scope is let through: the checks refuse by scope, not everything.
+                await upload_with(secured, tokens.write, "ad", folder)
+                info = await store.GetAdapterInfo(
+                    adapter_store_pb2.GetAdapterInfoRequest(adapter_id="ad"),
+                    metadata=bearer(tokens.service),
+                )
+                assert info.version == 2
+                reply = await store.DeleteAdapter(
+                    adapter_store_pb2.DeleteAdapterRequest(adapter_id="ad"),
+                    metadata=bearer(tokens.write),
+                )
+                assert reply.deleted_versions == 2
 
 
 async def test_workers_serve_only_the_service_scope_and_health_is_open(
