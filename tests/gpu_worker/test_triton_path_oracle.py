@@ -59,7 +59,7 @@ def _requests() -> list[tuple[list[int], str | None]]:
 
 @pytest.mark.parametrize("hf_config", [TINY_MHA, GQA], ids=["mha", "gqa"])
 def test_engine_on_the_triton_kernels_matches_hf_peft(hf_config: dict[str, Any], tmp_path: Path):
-    backends = ModelBackends(TritonPagedAttention(), ElementwiseOps.plain())
+    backends = ModelBackends(TritonPagedAttention(), ElementwiseOps.kernels())
     ours, hf = build_pair(hf_config, backends=backends)
     peft_model, paths = make_peft_adapters(hf, ADAPTERS, tmp_path)
     adapters = {n: load_peft_folder(p, ours.config.shape, max_rank=32) for n, p in paths.items()}

@@ -11,6 +11,7 @@ LoRA runs through `lora_backend`, the engine's, with what it prepared for this b
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
@@ -50,3 +51,13 @@ class ForwardBatch:
     @property
     def is_decode(self) -> bool:
         return self.max_q_len == 1
+
+    @cached_property
+    def decode_tail(self) -> int:
+        """How many requests at the end of the batch bring one new token each."""
+        count = 0
+        for q_len in reversed(self.host_q_lens):
+            if q_len != 1:
+                break
+            count += 1
+        return count

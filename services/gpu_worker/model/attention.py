@@ -109,6 +109,28 @@ class TritonPagedAttention(PagedAttention):
         tables = (pool, batch.k_table, batch.v_table, batch.req_rows)
         if batch.is_decode:
             return self._decode(q, *tables, batch.seq_lens, scale)
-        return self._prefill(
-            q, *tables, batch.q_starts, batch.q_lens, batch.ctx_lens, scale, batch.max_q_len
+        # Requests that bring one token take the decode kernel even in a mixed step: in the
+        # prefill kernel each would fill a whole tile of query rows for one real row.
+        tail = batch.decode_tail
+        if tail == 0:
+            return self._prefill(
+                q, *tables, batch.q_starts, batch.q_lens, batch.ctx_lens, scale, batch.max_q_len
+            )
+        heads, rows = len(batch.host_q_lens) - tail, q.shape[0] - tail
+        out = torch.empty_like(q)
+        self._prefill(
+            q[:rows],
+            pool,
+            batch.k_table,
+            batch.v_table,
+            batch.req_rows[:heads],
+            batch.q_starts[:heads],
+            batch.q_lens[:heads],
+            batch.ctx_lens[:heads],
+            scale,
+            batch.max_q_len,
+            out=out[:rows],
         )
+        decode_tables = (pool, batch.k_table, batch.v_table, batch.req_rows[heads:])
+        self._decode(q[rows:], *decode_tables, batch.seq_lens[heads:], scale, out=out[rows:])
+        return out

@@ -30,11 +30,11 @@ class ModelBackends:
 
     @classmethod
     def for_device(cls, device: torch.device, fuse_elementwise: bool = True) -> ModelBackends:
-        """Kernels on CUDA (the elementwise ops compiled unless `fuse_elementwise` is off:
+        """Kernels on CUDA (the elementwise ops too, unless `fuse_elementwise` is off:
         benchmarks compare both); the references elsewhere."""
         if device.type != "cuda":
             return cls.reference()
-        fused = ElementwiseOps.compiled() if fuse_elementwise else ElementwiseOps.plain()
+        fused = ElementwiseOps.kernels() if fuse_elementwise else ElementwiseOps.plain()
         return cls(TritonPagedAttention(), fused)
 
 

@@ -1,6 +1,7 @@
 """The elementwise parts of a decoder layer (RMSNorm, rotary embedding, SiLU-gate): plain
-torch, or each one kernel through torch.compile. Which one a model uses is chosen once, when
-it is built (`ElementwiseOps`; compiled on CUDA by default, see backends.ModelBackends).
+torch, each one Triton kernel (kernels/elementwise.py), or each one kernel through
+torch.compile. Which one a model uses is chosen once, when it is built (`ElementwiseOps`; the
+Triton kernels on CUDA by default, see backends.ModelBackends).
 
 At decode time the matrix products are few and large while the elementwise steps between
 them are many and tiny; unfused, a Llama-7B step launches over a thousand kernels whose fixed
@@ -67,3 +68,12 @@ class ElementwiseOps:
     @classmethod
     def compiled(cls) -> ElementwiseOps:
         return cls(*_COMPILED)
+
+    @classmethod
+    def kernels(cls) -> ElementwiseOps:
+        """The Triton kernels: in an eager (mixed) step each launch costs the host a fraction
+        of a compiled function's call, and a CUDA graph captures them like any kernel."""
+        # Imported here: Triton reads TRITON_INTERPRET when a kernel is defined.
+        from kernels.elementwise import rms_norm, rotary, silu_mul
+
+        return cls(rms_norm, rotary, silu_mul)

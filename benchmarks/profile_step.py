@@ -1,0 +1,250 @@
+"""Where an engine step's time goes, at Llama-7B shapes (dummy bf16): wall time per step and
+GPU time per kernel family, for decode steps and for mixed steps (prompts joining a running
+decode batch), base only and with every request on its own adapter.
+
+    python -m benchmarks.profile_step [--out DIR] [--quick]
+
+Each case is timed over several steps (median wall time, device synced), then profiled over
+three more with the torch profiler; kernels are grouped by name into families (GEMM, LoRA
+shrink/expand, attention, sampling, other). `host` is what the median wall time has beyond
+the GPU's busy time: Python, launches, and waits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.synthetic_adapters import TARGET_SETS, AdapterBank
+from services.common.base_model import DUMMY_PRESETS
+from services.common.lora_format import CanonicalAdapter
+from services.gpu_worker.engine.config import EngineConfig
+from services.gpu_worker.engine.engine import Engine, StepResult
+from services.gpu_worker.engine.sampling import SamplingOptions
+from services.gpu_worker.engine.sequence import Sequence
+from services.gpu_worker.engine.setup import build_engine
+from services.gpu_worker.engine.tokenizer import ByteTokenizer
+from services.gpu_worker.model.attention import TritonPagedAttention
+from services.gpu_worker.model.backends import ModelBackends
+from services.gpu_worker.model.fused_ops import ElementwiseOps
+from services.gpu_worker.model.model_config import ModelConfig
+from services.gpu_worker.model.weights import build_dummy_model
+
+DEVICE = torch.device("cuda")
+RANKS = (8, 16, 32, 64)
+CONTEXT = 128  # prompt tokens of the running requests
+# Enough for every timed step; small enough that 192 requests and their adapters all fit the
+# pool at once (else some would wait, and the timed steps would run fewer).
+NEW_TOKENS = 200
+
+# Kernel-name fragments of each family, matched in this order.
+FAMILIES = (
+    ("lora_shrink", ("_shrink_kernel", "shrink")),
+    ("lora_expand", ("_expand_kernel", "expand")),
+    ("attention", ("_decode_kernel", "_decode_reduce", "_prefill_kernel", "attention")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "sm90", "cublas")),
+    ("sampling", ("argmax", "softmax", "topk", "sort", "multinomial", "cumsum")),
+)
+
+
+def family(name: str) -> str:
+    lowered = name.lower()
+    for fam, fragments in FAMILIES:
+        if any(f in lowered for f in fragments):
+            return fam
+    return "other"
+
+
+def add_requests(
+    engine: Engine, count: int, prompt_len: int, adapters: list[CanonicalAdapter | None], tag: str
+) -> list[Sequence]:
+    gen = torch.Generator().manual_seed(count * 1000 + prompt_len)
+    seqs = []
+    for i in range(count):
+        prompt = torch.randint(3, 259, (prompt_len,), generator=gen).tolist()
+        opts = SamplingOptions(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        seq = Sequence(f"{tag}{i}", prompt, opts, ByteTokenizer(), lambda _: None, adapters[i])
+        engine.add(seq)
+        seqs.append(seq)
+    return seqs
+
+
+def settle(engine: Engine) -> None:
+    """Step until every running request has its whole prompt in the cache."""
+    while engine.scheduler.waiting or any(
+        s.num_cached < len(s.prompt_ids) for s in engine.scheduler.running
+    ):
+        engine.step()
+
+
+def timed(
+    step: Callable[[], object], reps: int, host_profile: bool
+) -> tuple[float, dict[str, float], list[tuple[str, float]]]:
+    """Median wall ms of `step`, then GPU ms per kernel family and of the top kernels (mean
+    over three profiled steps); with `host_profile`, cProfile's top functions are printed."""
+    walls = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        walls.append((time.perf_counter() - start) * 1e3)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    gpu: dict[str, float] = defaultdict(float)
+    kernels = []
+    for event in prof.key_averages():
+        us = getattr(event, "device_time_total", 0.0) or getattr(event, "cuda_time_total", 0.0)
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            gpu[family(event.key)] += us / 1e3 / 3
+            kernels.append((event.key[:70], us / 1e3 / 3))
+    if host_profile:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
+    top = sorted(kernels, key=lambda k: -k[1])[:12]
+    return sorted(walls)[len(walls) // 2], dict(gpu), top
+
+
+def run_case(
+    engine: Engine,
+    name: str,
+    decode: int,
+    prompts: int,
+    prompt_len: int,
+    adapters: Any,
+    reps: int,
+    host_profile: bool = False,
+) -> dict[str, Any]:
+    running = add_requests(engine, decode, CONTEXT, adapters(0, decode), "d")
+    settle(engine)
+    results: list[StepResult | None] = []
+    if prompts == 0:
+        wall, gpu, top = timed(lambda: results.append(engine.step()), reps, False)
+    else:
+        joining: list[Sequence] = []
+
+        def mixed_step() -> None:
+            # Aborting last step's newcomers keeps the batch the same size every time.
+            for seq in joining:
+                engine.abort(seq.seq_id)
+            joining[:] = add_requests(engine, prompts, prompt_len, adapters(decode, prompts), "p")
+            results.append(engine.step())
+
+        wall, gpu, top = timed(mixed_step, reps, host_profile)
+        for seq in joining:
+            engine.abort(seq.seq_id)
+    for seq in running:
+        engine.abort(seq.seq_id)
+    busy = sum(gpu.values())
+    last = results[-1]
+    if last is None or last.decode_seqs != decode:
+        raise RuntimeError(f"{name}: the timed steps did not run {decode} decodes: {last}")
+    row: dict[str, Any] = {"case": name, "decode": decode, "prompt_tokens": prompts * prompt_len}
+    row["last_step"] = None if last is None else last.__dict__
+    row["top_kernels"] = top
+    row |= {"wall_ms": wall, "gpu_ms": busy, "host_ms": max(wall - busy, 0.0)}
+    row |= {f"{k}_ms": v for k, v in sorted(gpu.items())}
+    print(
+        f"{name:<34} wall {wall:7.2f} ms  gpu {busy:7.2f}  "
+        + "  ".join(f"{k} {v:.2f}" for k, v in sorted(gpu.items()))
+        + f"  last step {row['last_step']}",
+        flush=True,
+    )
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--quick", action="store_true", help="fewer cases and steps")
+    parser.add_argument("--host-profile", action="store_true", help="cProfile the mixed steps")
+    parser.add_argument(
+        "--elementwise",
+        choices=("kernels", "compiled"),
+        default="kernels",
+        help="RMSNorm, rotary and SiLU-gate as Triton kernels or through torch.compile",
+    )
+    args = parser.parse_args()
+    config = ModelConfig.from_hf(DUMMY_PRESETS["llama-7b"])
+    ops = ElementwiseOps.kernels() if args.elementwise == "kernels" else ElementwiseOps.compiled()
+    backends = ModelBackends(TritonPagedAttention(), ops)
+    model = build_dummy_model(
+        config, 0, torch.bfloat16, DEVICE, draw_on_device=True, backends=backends
+    )
+    engine = build_engine(
+        model,
+        EngineConfig(
+            gpu_memory_fraction=0.8,
+            max_num_seqs=256,
+            max_loras=520,
+            max_prefill_tokens=8192,
+            max_rank=max(RANKS),
+        ),
+    )
+
+    def rank_of(index: int) -> int:
+        return RANKS[index % len(RANKS)]
+
+    banks = {
+        name: AdapterBank(config.shape, rank_of, torch.bfloat16, DEVICE, 8, targets=t)
+        for name, t in TARGET_SETS.items()
+    }
+
+    def adapters_of(kind: str) -> Callable[[int, int], list[CanonicalAdapter | None]]:
+        def pick(first: int, count: int) -> list[CanonicalAdapter | None]:
+            if kind == "base":
+                return [None] * count
+            return [banks[kind].adapter(first + i, f"{kind}-{first + i}") for i in range(count)]
+
+        return pick
+
+    reps = 5 if args.quick else 15
+    cases = [(32, 0, 0), (128, 0, 0), (192, 4, 115)]
+    if args.quick:
+        cases = [(32, 0, 0), (192, 4, 115)]
+    rows = []
+    for decode, prompts, prompt_len in cases:
+        for kind in ("base", "attention", "all-linear"):
+            label = f"decode {decode}" + (f" + {prompts}x{prompt_len} prompt" if prompts else "")
+            rows.append(
+                run_case(
+                    engine,
+                    f"{label} {kind}",
+                    decode,
+                    prompts,
+                    prompt_len,
+                    adapters_of(kind),
+                    reps,
+                    args.host_profile and kind == "attention",
+                )
+            )
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "profile_step.json").write_text(json.dumps(rows, indent=2))
+    print("\ncase                               wall_ms  gpu_ms  host_ms  gemm  lora  attn")
+    for r in rows:
+        lora = r.get("lora_shrink_ms", 0.0) + r.get("lora_expand_ms", 0.0)
+        print(
+            f"{r['case']:<34} {r['wall_ms']:7.2f} {r['gpu_ms']:7.2f} {r['host_ms']:7.2f}"
+            f" {r.get('gemm_ms', 0.0):5.2f} {lora:5.2f} {r.get('attention_ms', 0.0):5.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
