@@ -35,15 +35,17 @@ from services.gpu_worker.memory.memory_pool import UnifiedMemoryPool
 RANKS = (8, 16, 32, 64)
 VARIANTS: dict[str, LoraLaunch] = {
     "default": DEFAULT_LAUNCH,
-    # the launch before the hoisted slots and the whole-rank expand tile
-    "per_step_loads": LoraLaunch(expand_block_r=16, hoist_slots=False),
-    "expand_r16": LoraLaunch(expand_block_r=16),
-    "no_hoist": LoraLaunch(hoist_slots=False),
-    "expand_r32": LoraLaunch(expand_block_r=32),
+    "r32": LoraLaunch(block_r=32),
+    "r64": LoraLaunch(block_r=64),
     "n256": LoraLaunch(block_n_cap=256),
+    "n512": LoraLaunch(block_n_cap=512),
+    "k256": LoraLaunch(block_k_cap=256),
     "split4": LoraLaunch(max_k_splits=4),
     "split16": LoraLaunch(max_k_splits=16),
     "w2": LoraLaunch(num_warps=2),
+    "w8": LoraLaunch(num_warps=8),
+    "r32_n256": LoraLaunch(block_r=32, block_n_cap=256),
+    "r32_n512_k256": LoraLaunch(block_r=32, block_n_cap=512, block_k_cap=256),
 }
 # (shrink projections, [(expand projection, index in the shrink's output, input/output)])
 GROUPS = (

@@ -30,17 +30,11 @@ class LoraLaunch:
     """How the kernels tile their work; the result does not depend on it (beyond the order of
     float32 sums). Benchmarks time variants side by side (benchmarks/lora_tune.py)."""
 
-    block_r: int = 16  # shrink: rank columns per program
+    block_r: int = 16  # rank columns per program (shrink) or per loop step (expand)
     block_k_cap: int = 128  # shrink: in_features per loop step, at most
     max_k_splits: int = 8  # shrink: programs sharing one row of A, at most
     block_n_cap: int = 128  # expand: out_features per program, at most
     num_warps: int = 4
-    # expand: rank columns per loop step; 0 = the batch's whole max rank (up to 64) in one
-    # step, so a decode program makes one dependent slot-then-weights load, not one per step.
-    expand_block_r: int = 0
-    # shrink: when a row of A fits one slot, load its slot once before the in_features walk
-    # instead of once per step (each such load is a round trip the next load waits for).
-    hoist_slots: bool = True
 
 
 DEFAULT_LAUNCH = LoraLaunch()
@@ -81,7 +75,6 @@ def _shrink_kernel(
     BLOCK_K: tl.constexpr,
     NPROJ: tl.constexpr,
     K_SPLITS: tl.constexpr,
-    ONE_SLOT: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -104,8 +97,6 @@ def _shrink_kernel(
     x_rows = tl.load(q_starts_ptr + b) + rows
     slots_per_row = tl.cdiv(in_features, W)  # a row's last slot is padded past in_features
     acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-    if ONE_SLOT:  # every row of A lies in one slot: its slot is the same at every step
-        slot = tl.load(slots_ptr + m * stride_slots + a_start + ranks, mask=rank_ok, other=0)
     for k0 in range(k_begin, tl.minimum(k_begin + k_per_split, in_features), BLOCK_K):
         cols = tl.arange(0, BLOCK_K)
         col_ok = k0 + cols < in_features
@@ -114,9 +105,8 @@ def _shrink_kernel(
             mask=row_ok[:, None] & col_ok[None, :],
             other=0.0,
         )
-        if not ONE_SLOT:
-            slot_idx = a_start + ranks * slots_per_row + k0 // W
-            slot = tl.load(slots_ptr + m * stride_slots + slot_idx, mask=rank_ok, other=0)
+        slot_idx = a_start + ranks * slots_per_row + k0 // W
+        slot = tl.load(slots_ptr + m * stride_slots + slot_idx, mask=rank_ok, other=0)
         a = tl.load(
             pool_ptr + slot.to(tl.int64)[:, None] * W + (k0 % W) + cols[None, :],
             mask=rank_ok[:, None] & col_ok[None, :],
@@ -260,7 +250,6 @@ def lora_shrink(
         BLOCK_K=block_k,
         NPROJ=len(projs),
         K_SPLITS=k_splits,
-        ONE_SLOT=launch.hoist_slots and in_features <= width,
         IEEE=x.dtype == torch.float32,
         num_warps=launch.num_warps,
     )
@@ -290,7 +279,6 @@ def lora_expand(
     values bit for bit."""
     width = pool.shape[1]
     block_n = _block(width, launch.block_n_cap)
-    block_r = launch.expand_block_r or max(16, min(64, triton.next_power_of_2(y.shape[2])))
     grid = (req_lora.shape[0], triton.cdiv(max_q_len, BLOCK_T), triton.cdiv(out.shape[1], block_n))
     _expand_kernel[grid](
         y,
@@ -311,7 +299,7 @@ def lora_expand(
         W=width,
         NPROJ=y.shape[1],
         BLOCK_T=BLOCK_T,
-        BLOCK_R=block_r,
+        BLOCK_R=launch.block_r,
         BLOCK_N=block_n,
         IEEE=out.dtype == torch.float32,
         num_warps=launch.num_warps,

@@ -166,15 +166,9 @@ def check_all_projections(t, shapes: Shapes, max_rank: int, tol: float, seed: in
 
 # hidden 64 over 32-wide slots, MLP width 80 = 2.5 slots (padded); one program walks all of
 # in_features. hidden 512 / MLP 720 over 64-wide slots (11.25): the shrink splits in_features.
-# MHA as Llama-7B has it: the slot width is the hidden size, so a row of A of q/k/v/o/gate/up
-# lies in one slot (the shrink loads those slots once) while down's spans two. Rank 96 takes
-# the expand two rank steps.
 SMALL = Shapes(64, 32, 80)
 SPLIT = Shapes(512, 64, 720)
-MHA = Shapes(64, 64, 80)
 CPU_CASES = {
-    "decode-one-slot-rows": (MHA, [8, 16, 96, 64], [1] * 6, [3, 0, -1, 2, 1, 0]),
-    "prefill-one-slot-rows": (MHA, [16, 8], [19, 1, 4], [1, -1, 0]),
     "decode-mixed-ranks": (SMALL, [8, 16, 32, 64], [1] * 7, [0, 1, -1, 2, 3, 1, -1]),
     "prefill-ragged": (SMALL, [8, 16, 32], [17, 3, 1, 33, 9], [2, -1, 0, 1, 2]),
     "decode-split-k": (SPLIT, [8, 32, 16], [1, 1, 1, 1], [0, 1, 2, -1]),
