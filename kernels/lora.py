@@ -61,6 +61,7 @@ def _shrink_kernel(
     q_starts_ptr,
     q_lens_ptr,
     proj_ids_ptr,
+    tiles_ptr,
     in_features,
     stride_x,
     stride_slots,
@@ -75,11 +76,17 @@ def _shrink_kernel(
     BLOCK_K: tl.constexpr,
     NPROJ: tl.constexpr,
     K_SPLITS: tl.constexpr,
+    TILED: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    t0 = (tl.program_id(1) // K_SPLITS) * BLOCK_T
-    split = tl.program_id(1) % K_SPLITS
+    if TILED:  # program 0-axis i runs tile i: rows t0.. of request b
+        b = tl.load(tiles_ptr + 2 * tl.program_id(0))
+        t0 = tl.load(tiles_ptr + 2 * tl.program_id(0) + 1)
+        split = tl.program_id(1)
+    else:
+        b = tl.program_id(0)
+        t0 = (tl.program_id(1) // K_SPLITS) * BLOCK_T
+        split = tl.program_id(1) % K_SPLITS
     k_begin = split * k_per_split
     p_local = tl.program_id(2) // n_rblocks
     r0 = (tl.program_id(2) % n_rblocks) * BLOCK_R
@@ -130,6 +137,7 @@ def _expand_kernel(
     req_lora_ptr,
     q_starts_ptr,
     q_lens_ptr,
+    tiles_ptr,
     proj,
     y_index,
     out_features,
@@ -142,10 +150,15 @@ def _expand_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    TILED: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    t0 = tl.program_id(1) * BLOCK_T
+    if TILED:
+        b = tl.load(tiles_ptr + 2 * tl.program_id(0))
+        t0 = tl.load(tiles_ptr + 2 * tl.program_id(0) + 1)
+    else:
+        b = tl.program_id(0)
+        t0 = tl.program_id(1) * BLOCK_T
     n0 = tl.program_id(2) * BLOCK_N
     m = tl.load(req_lora_ptr + b)
     q_len = tl.load(q_lens_ptr + b)
@@ -206,6 +219,7 @@ def lora_shrink(
     max_rank: int,
     max_q_len: int,
     launch: LoraLaunch = DEFAULT_LAUNCH,
+    tiles: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y [T, len(projs), max_rank] (float32) with y[t, i, :r] = x[t] @ A_pᵢᵀ; see lora_ref.
 
@@ -214,7 +228,10 @@ def lora_shrink(
     [M, P, 3] (P projections: the meta stride), req_lora/q_starts/q_lens [B]: int32 on x's
     device. projs index lora_meta's second dimension; max_rank bounds every rank of the
     batch; max_q_len bounds q_lens (grid size only: nothing is read back). Entries outside
-    each request's rank for a projection and rows without an adapter are left unwritten."""
+    each request's rank for a projection and rows without an adapter are left unwritten.
+    `tiles` (see `lora_tiles`): the programs to run, instead of max_q_len's grid of every
+    request; a batch whose requests have a few rows and one has many then launches only
+    programs with work, not one per request for each of the longest request's tiles."""
     width, in_features = pool.shape[1], x.shape[1]
     block_k = _block(width, launch.block_k_cap)
     # A program walks its slice of in_features; splitting the walk across programs keeps a
@@ -225,8 +242,13 @@ def lora_shrink(
         k_splits, x.shape[0], len(projs), max_rank, dtype=torch.float32, device=x.device
     )
     n_rblocks = triton.cdiv(max_rank, launch.block_r)
-    grid = (req_lora.shape[0], triton.cdiv(max_q_len, BLOCK_T) * k_splits, len(projs) * n_rblocks)
-    _shrink_kernel[grid](
+    if tiles is None:
+        grid = (req_lora.shape[0], triton.cdiv(max_q_len, BLOCK_T) * k_splits)
+    else:
+        grid = (tiles.shape[0], k_splits)
+    if grid[0] == 0:
+        return parts[0]
+    _shrink_kernel[(*grid, len(projs) * n_rblocks)](
         x,
         parts,
         pool,
@@ -236,6 +258,7 @@ def lora_shrink(
         q_starts,
         q_lens,
         _proj_ids(projs, x.device),
+        req_lora if tiles is None else tiles,
         in_features,
         x.stride(0),
         lora_slots.stride(0),
@@ -250,6 +273,7 @@ def lora_shrink(
         BLOCK_K=block_k,
         NPROJ=len(projs),
         K_SPLITS=k_splits,
+        TILED=tiles is not None,
         IEEE=x.dtype == torch.float32,
         num_warps=launch.num_warps,
     )
@@ -270,16 +294,23 @@ def lora_expand(
     proj: int,
     max_q_len: int,
     launch: LoraLaunch = DEFAULT_LAUNCH,
+    tiles: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out [T, out_features] += y[:, y_index, :r] @ Bᵀ_proj in place; see lora_ref.
 
     y [T, n, max_rank] float32 from `lora_shrink`; out [T, out_features] with unit column
     stride (out_features: any width, e.g. 11008 or 14336 for gate/up); the tables as in
-    `lora_shrink`. Rows without an adapter, or whose adapter leaves `proj` alone, keep their
-    values bit for bit."""
+    `lora_shrink` (`tiles` too). Rows without an adapter, or whose adapter leaves `proj`
+    alone, keep their values bit for bit."""
     width = pool.shape[1]
     block_n = _block(width, launch.block_n_cap)
-    grid = (req_lora.shape[0], triton.cdiv(max_q_len, BLOCK_T), triton.cdiv(out.shape[1], block_n))
+    n_blocks = triton.cdiv(out.shape[1], block_n)
+    if tiles is None:
+        grid = (req_lora.shape[0], triton.cdiv(max_q_len, BLOCK_T), n_blocks)
+    else:
+        grid = (tiles.shape[0], 1, n_blocks)
+    if grid[0] == 0:
+        return out
     _expand_kernel[grid](
         y,
         out,
@@ -289,6 +320,7 @@ def lora_expand(
         req_lora,
         q_starts,
         q_lens,
+        req_lora if tiles is None else tiles,
         proj,
         y_index,
         out.shape[1],
@@ -301,7 +333,21 @@ def lora_expand(
         BLOCK_T=BLOCK_T,
         BLOCK_R=launch.block_r,
         BLOCK_N=block_n,
+        TILED=tiles is not None,
         IEEE=out.dtype == torch.float32,
         num_warps=launch.num_warps,
     )
     return out
+
+
+def lora_tiles(has_adapter: list[bool], q_lens: list[int], device: torch.device) -> torch.Tensor:
+    """int32 [n, 2]: (request, first row) of each BLOCK_T-row tile of the requests that have
+    an adapter, for the kernels' `tiles`. Built per batch on the host: one small copy to the
+    device, so not for a batch a CUDA graph replays."""
+    tiles = [
+        (b, t0)
+        for b, (used, n) in enumerate(zip(has_adapter, q_lens, strict=True))
+        if used
+        for t0 in range(0, n, BLOCK_T)
+    ]
+    return torch.tensor(tiles, dtype=torch.int32, device=device).view(-1, 2)

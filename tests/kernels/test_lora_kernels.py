@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from kernels.lora import lora_expand, lora_shrink
+from kernels.lora import lora_expand, lora_shrink, lora_tiles
 from kernels.lora_ref import lora_expand_ref, lora_shrink_ref
 
 # Projection index -> name, in the worker's meta order (gpu_worker/memory/adapter_tables.py).
@@ -125,17 +125,25 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).norm() / want.norm())
 
 
-def check_all_projections(t, shapes: Shapes, max_rank: int, tol: float, seed: int) -> None:
+def check_all_projections(
+    t, shapes: Shapes, max_rank: int, tol: float, seed: int, tiled: bool = False
+) -> None:
+    """Every projection group through both kernels against the references; with `tiled`,
+    through the tile list of the requests that have an adapter (the mixed-step launch)."""
     gen = torch.Generator().manual_seed(seed)
     device, dtype = t["pool"].device.type, t["pool"].dtype
     total = int(t["q_lens"].sum())
     max_q = int(t["q_lens"].max())
+    tiles = None
+    if tiled:
+        used = [m >= 0 for m in t["req_lora"].tolist()]
+        tiles = lora_tiles(used, t["q_lens"].tolist(), t["pool"].device)
     pool_ref = t["pool"].float()
     tables = (t["lora_slots"], t["lora_meta"], t["req_lora"], t["q_starts"], t["q_lens"])
     for group in GROUPS:
         in_f = shapes.dims(group[0])[0]
         x, _ = _strided(total, in_f, dtype, device, gen)  # row stride != in_features
-        y = lora_shrink(x, t["pool"], *tables, group, max_rank, max_q)
+        y = lora_shrink(x, t["pool"], *tables, group, max_rank, max_q, tiles=tiles)
         y_ref = lora_shrink_ref(x.float(), pool_ref, *tables, group, max_rank)
         written = _written_mask(t, group, max_rank, total)
         assert bool(written.any())
@@ -145,7 +153,7 @@ def check_all_projections(t, shapes: Shapes, max_rank: int, tol: float, seed: in
             out_dim = shapes.dims(proj)[1]
             base, base_wide = _strided(total, out_dim, dtype, device, gen)
             before = base_wide.clone()
-            got = lora_expand(y, i, base, t["pool"], *tables, proj, max_q)
+            got = lora_expand(y, i, base, t["pool"], *tables, proj, max_q, tiles=tiles)
             want = lora_expand_ref(
                 y_ref, i, before[:, :out_dim].float().clone(), pool_ref, *tables, proj
             )
@@ -166,9 +174,13 @@ def check_all_projections(t, shapes: Shapes, max_rank: int, tol: float, seed: in
 
 # hidden 64 over 32-wide slots, MLP width 80 = 2.5 slots (padded); one program walks all of
 # in_features. hidden 512 / MLP 720 over 64-wide slots (11.25): the shrink splits in_features.
+# MHA as Llama-7B has it: the slot width is the hidden size (rows of A of q/k/v/o/gate/up lie
+# in one slot, down's span two). A mixed step: one long prompt among decodes.
 SMALL = Shapes(64, 32, 80)
 SPLIT = Shapes(512, 64, 720)
+MHA = Shapes(64, 64, 80)
 CPU_CASES = {
+    "mixed-one-slot-rows": (MHA, [8, 16, 32, 64], [21, 1, 1, 1, 1], [3, 0, -1, 2, 1]),
     "decode-mixed-ranks": (SMALL, [8, 16, 32, 64], [1] * 7, [0, 1, -1, 2, 3, 1, -1]),
     "prefill-ragged": (SMALL, [8, 16, 32], [17, 3, 1, 33, 9], [2, -1, 0, 1, 2]),
     "decode-split-k": (SPLIT, [8, 32, 16], [1, 1, 1, 1], [0, 1, 2, -1]),
@@ -182,6 +194,21 @@ def test_kernels_match_reference_fp32(name):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     case = make_case(shapes, ranks, q_lens, adapters, torch.float32, device, seed=len(name))
     check_all_projections(case, shapes, max(ranks), tol=1e-5, seed=len(name))
+
+
+@pytest.mark.parametrize("name", ["prefill-ragged", "prefill-split-k", "mixed-one-slot-rows"])
+def test_tiled_launch_matches_reference_fp32(name):
+    """A mixed step's launch: programs only for the tiles of requests with an adapter."""
+    shapes, ranks, q_lens, adapters = CPU_CASES[name]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    case = make_case(shapes, ranks, q_lens, adapters, torch.float32, device, seed=7)
+    check_all_projections(case, shapes, max(ranks), tol=1e-5, seed=7, tiled=True)
+
+
+def test_tiles_cover_the_rows_of_requests_with_adapters_only():
+    tiles = lora_tiles([True, False, True, True], [33, 5, 1, 16], torch.device("cpu"))
+    assert tiles.tolist() == [[0, 0], [0, 16], [0, 32], [2, 0], [3, 0]]
+    assert lora_tiles([False], [3], torch.device("cpu")).shape == (0, 2)
 
 
 def test_meta_stride_is_the_number_of_projections():

@@ -65,14 +65,27 @@ class LoraBackend(ABC):
 
 
 class TritonLoraBackend(LoraBackend):
-    """The Triton kernels, reading the adapter tables; CUDA-graph safe."""
+    """The Triton kernels, reading the adapter tables; CUDA-graph safe. A batch where some
+    request brings several tokens gets a tile list as its plan (`kernels.lora.lora_tiles`),
+    so the kernels launch programs only for rows that have an adapter; a decode batch gets
+    none, and its launch is the same whatever the batch holds (what a graph captures)."""
 
     def __init__(self) -> None:
         # Imported here, not at module load: Triton reads TRITON_INTERPRET when a kernel is
         # defined, and a CPU worker never needs it.
-        from kernels.lora import lora_expand, lora_shrink
+        from kernels.lora import lora_expand, lora_shrink, lora_tiles
 
-        self._shrink, self._expand = lora_shrink, lora_expand
+        self._shrink, self._expand, self._tiles = lora_shrink, lora_expand, lora_tiles
+
+    def prepare(
+        self,
+        residents: Sequence[ResidentAdapter | None],
+        q_lens: Sequence[int],
+        device: torch.device,
+    ) -> torch.Tensor | None:
+        if all(n == 1 for n in q_lens):
+            return None
+        return self._tiles([r is not None for r in residents], list(q_lens), device)
 
     def shrink(
         self, x: torch.Tensor, batch: ForwardBatch, layer: int, projs: tuple[int, ...]
@@ -88,6 +101,7 @@ class TritonLoraBackend(LoraBackend):
             projs,
             batch.max_rank,
             batch.max_q_len,
+            tiles=cast(torch.Tensor | None, batch.lora_plan),
         )
 
     def expand(
@@ -111,6 +125,7 @@ class TritonLoraBackend(LoraBackend):
             batch.q_lens,
             proj,
             batch.max_q_len,
+            tiles=cast(torch.Tensor | None, batch.lora_plan),
         )
 
 
