@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import helm_python
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,8 +28,6 @@ WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 
 def render(values: dict[str, Any]) -> list[dict[str, Any]]:
     """Every object the chart makes with these values (over the chart's defaults)."""
-    import helm_python
-
     chart = helm_python.Chart.load(str(CHART))
     files = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
     objects: list[dict[str, Any]] = []

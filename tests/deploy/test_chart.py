@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import helm_python
 import pytest
 from prometheus_client import generate_latest
 
@@ -24,8 +25,6 @@ from tests.deploy.chart import (
     render,
     workloads,
 )
-
-pytest.importorskip("helm_python")
 
 # The gRPC service each server marks SERVING once ready, from the protos (grpc.health.v1
 # knows a service by its full name).
@@ -196,8 +195,14 @@ def test_the_chart_makes_the_auth_secret_only_without_an_existing_one() -> None:
     router = only_container(workloads(given)["router"])
     assert env_of(router)["MANYLORA_AUTH_KEY_FILE"] == "/etc/manylora/auth/auth.key"
     volumes = workloads(given)["router"]["spec"]["template"]["spec"]["volumes"]
-    assert {"name": "auth", "secret": {"secretName": "mine", "defaultMode": 0o400, "items": [
-        {"key": "auth.key", "path": "auth.key"}]}} in volumes
+    assert {
+        "name": "auth",
+        "secret": {
+            "secretName": "mine",
+            "defaultMode": 0o400,
+            "items": [{"key": "auth.key", "path": "auth.key"}],
+        },
+    } in volumes
 
 
 @pytest.mark.parametrize(
@@ -210,8 +215,6 @@ def test_the_chart_makes_the_auth_secret_only_without_an_existing_one() -> None:
     ],
 )
 def test_values_that_cannot_work_fail_naming_the_value(values: dict[str, Any], named: str) -> None:
-    import helm_python
-
     with pytest.raises(helm_python.HelmError, match=named.replace(".", r"\.")):
         render(values)
 

@@ -18,8 +18,6 @@ from services.openai_front.config import OpenAIFrontConfig
 from services.router.config import RouterConfig
 from tests.deploy.chart import VALUE_SETS, containers, render, workloads
 
-pytest.importorskip("helm_python")
-
 CONFIGS: dict[str, type[Any]] = {
     "router": RouterConfig,
     "gpu-worker": WorkerConfig,

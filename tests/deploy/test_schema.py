@@ -7,13 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import helm_python
+import kubernetes_validate
 import pytest
 import yaml
 
 from tests.deploy.chart import CHART, VALUE_SETS, render
-
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
-helm_python = pytest.importorskip("helm_python")
 
 OLDEST = "1.27.0"  # native gRPC probes are GA from 1.27 (Chart.yaml's kubeVersion)
 NEWEST = kubernetes_validate.utils.latest_version()
