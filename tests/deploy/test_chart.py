@@ -5,6 +5,7 @@ store on a volume, and one-line refusals of values that cannot work."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import helm_python
@@ -211,11 +212,14 @@ def test_the_chart_makes_the_auth_secret_only_without_an_existing_one() -> None:
         ({"tls": {"enabled": True}}, "tls.existingSecret"),
         ({"auth": {"enabled": True}}, "auth.signingKey"),
         ({"redis": {"enabled": False}}, "redis.url"),
-        ({"router": {"autoscaling": {"enabled": True, "metric": "gpu"}}}, "router.autoscaling"),
+        # values.schema.json: a value out of its choices, a misspelt key, a variable name
+        ({"router": {"autoscaling": {"enabled": True, "metric": "gpu"}}}, "/router/autoscaling"),
+        ({"gpuWorkers": {"replicas": 4}}, "'gpuWorkers' not allowed"),
+        ({"gpuWorker": {"extraEnv": {"max_num_seqs": 8}}}, "'max_num_seqs' does not match"),
     ],
 )
 def test_values_that_cannot_work_fail_naming_the_value(values: dict[str, Any], named: str) -> None:
-    with pytest.raises(helm_python.HelmError, match=named.replace(".", r"\.")):
+    with pytest.raises(helm_python.HelmError, match=re.escape(named)):
         render(values)
 
 
