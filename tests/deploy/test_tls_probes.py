@@ -104,7 +104,7 @@ async def run_probes(folder: Path, key_file: Path) -> dict[tuple[str, str], int]
         tls_client_ca_file=str(folder / "ca.crt"),
     )
     server = await start_server([], list(GRPC_SERVERS.values()), "127.0.0.1", 0, security)
-    results = {}
+    results: dict[tuple[str, str], int] = {}
     try:
         found = workloads(render(PRODUCTION))
         for name in GRPC_SERVERS:
