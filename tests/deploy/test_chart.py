@@ -223,6 +223,13 @@ def test_values_that_cannot_work_fail_naming_the_value(values: dict[str, Any], n
         render(values)
 
 
+def test_no_service_link_variables(objects: list[dict[str, Any]]) -> None:
+    """Kubernetes would give each pod MANYLORA_ROUTER_PORT and the like for a release named
+    manylora: variables of the settings' prefix that no one set."""
+    for name, workload in workloads(objects).items():
+        assert workload["spec"]["template"]["spec"]["enableServiceLinks"] is False, name
+
+
 def test_only_workload_kinds_hold_pods(objects: list[dict[str, Any]]) -> None:
     kinds = {o["kind"] for o in objects}
     assert not kinds & {"Pod", "ReplicaSet", "DaemonSet"}
