@@ -13,6 +13,8 @@ from typing import Any
 import helm_python
 import yaml
 
+from manylora.v1 import adapter_store_pb2, gpu_worker_pb2, router_pb2
+
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "manylora"
 RELEASE = "ml"
@@ -24,6 +26,13 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "production": yaml.safe_load((CHART / "ci" / "production-values.yaml").read_text()),
 }
 WORKLOAD_KINDS = ("Deployment", "StatefulSet")
+# The gRPC service each server marks SERVING once ready, from the protos (grpc.health.v1
+# knows a service by its full name).
+GRPC_SERVERS = {
+    "router": router_pb2.DESCRIPTOR.services_by_name["Router"].full_name,
+    "gpu-worker": gpu_worker_pb2.DESCRIPTOR.services_by_name["GpuWorker"].full_name,
+    "adapter-store": adapter_store_pb2.DESCRIPTOR.services_by_name["AdapterStore"].full_name,
+}
 
 
 def render(values: dict[str, Any]) -> list[dict[str, Any]]:

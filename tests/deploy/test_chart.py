@@ -12,10 +12,10 @@ import helm_python
 import pytest
 from prometheus_client import generate_latest
 
-from manylora.v1 import adapter_store_pb2, gpu_worker_pb2, router_pb2
 from services.router.admission import Admission
 from services.router.metrics import RouterMetrics
 from tests.deploy.chart import (
+    GRPC_SERVERS,
     VALUE_SETS,
     WORKLOAD_KINDS,
     component,
@@ -27,13 +27,6 @@ from tests.deploy.chart import (
     workloads,
 )
 
-# The gRPC service each server marks SERVING once ready, from the protos (grpc.health.v1
-# knows a service by its full name).
-GRPC_SERVERS = {
-    "router": router_pb2.DESCRIPTOR.services_by_name["Router"].full_name,
-    "gpu-worker": gpu_worker_pb2.DESCRIPTOR.services_by_name["GpuWorker"].full_name,
-    "adapter-store": adapter_store_pb2.DESCRIPTOR.services_by_name["AdapterStore"].full_name,
-}
 TLS = {"tls": {"enabled": True, "existingSecret": "certs"}}
 
 

@@ -28,6 +28,7 @@ from services.common.security_config import ServerSecurityConfig
 from services.common.tls import ClientTls
 from tests.deploy.chart import (
     CHART,
+    GRPC_SERVERS,
     NAMESPACE,
     RELEASE,
     VALUE_SETS,
@@ -36,7 +37,6 @@ from tests.deploy.chart import (
     render,
     workloads,
 )
-from tests.deploy.test_chart import GRPC_SERVERS
 from tests.security.certs import Authority
 
 MOUNT = "/etc/manylora/tls/"
