@@ -169,6 +169,37 @@ def run_case(
     return row
 
 
+def launch_costs(hidden: int, tokens: int, reps: int = 200) -> dict[str, float]:
+    """Host microseconds per call of the ops an eager step issues most, on small inputs, with
+    no sync inside the loop: what each costs the CPU, whatever the GPU does."""
+    from kernels import elementwise
+
+    x = torch.randn(tokens, hidden, device=DEVICE, dtype=torch.bfloat16)
+    w = torch.ones(hidden, device=DEVICE, dtype=torch.bfloat16)
+    linear = torch.nn.Linear(hidden, hidden, bias=False, device=DEVICE, dtype=torch.bfloat16)
+    compiled = ElementwiseOps.compiled()
+    ops: dict[str, Callable[[], object]] = {
+        "rms_norm triton": lambda: elementwise.rms_norm(x, w, 1e-5),
+        "rms_norm compiled": lambda: compiled.rms_norm(x, w, 1e-5),
+        "silu_mul triton": lambda: elementwise.silu_mul(x, x),
+        "silu_mul compiled": lambda: compiled.silu_mul(x, x),
+        "linear": lambda: linear(x),
+        "torch.add": lambda: x + x,
+    }
+    costs = {}
+    for name, op in ops.items():
+        for _ in range(10):
+            op()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(reps):
+            op()
+        costs[name] = (time.perf_counter() - start) / reps * 1e6
+        torch.cuda.synchronize()
+    print("host us per call: " + ", ".join(f"{k} {v:.1f}" for k, v in costs.items()), flush=True)
+    return costs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=None)
@@ -218,7 +249,7 @@ def main() -> None:
     cases = [(32, 0, 0), (128, 0, 0), (192, 4, 115)]
     if args.quick:
         cases = [(32, 0, 0), (192, 4, 115)]
-    rows = []
+    rows: list[dict[str, Any]] = [{"launch_costs_us": launch_costs(config.hidden_size, 8)}]
     for decode, prompts, prompt_len in cases:
         for kind in ("base", "attention", "all-linear"):
             label = f"decode {decode}" + (f" + {prompts}x{prompt_len} prompt" if prompts else "")
@@ -238,7 +269,7 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "profile_step.json").write_text(json.dumps(rows, indent=2))
     print("\ncase                               wall_ms  gpu_ms  host_ms  gemm  lora  attn")
-    for r in rows:
+    for r in rows[1:]:
         lora = r.get("lora_shrink_ms", 0.0) + r.get("lora_expand_ms", 0.0)
         print(
             f"{r['case']:<34} {r['wall_ms']:7.2f} {r['gpu_ms']:7.2f} {r['host_ms']:7.2f}"

@@ -1,6 +1,7 @@
-"""The engine on its Triton path against HF transformers + PEFT: the LoRA kernels and the
-paged attention kernels, fed the slot and adapter tables the engine builds, run on the CPU
-under Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py).
+"""The engine on its Triton path against HF transformers + PEFT: the LoRA kernels, the paged
+attention kernels and the elementwise kernels, fed the slot and adapter tables the engine
+builds, run on the CPU under Triton's interpreter (TRITON_INTERPRET=1, set by
+tests/conftest.py).
 
 One batch mixes an all-linear adapter whose modules have different ranks (4 to 32, so some
 span two rank tiles of the kernels), an MLP-only rsLoRA adapter with a layer-specific rank,
