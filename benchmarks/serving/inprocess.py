@@ -7,6 +7,7 @@ arrival when there is none.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 
@@ -48,10 +49,12 @@ def _submit(
     prompt: list[int],
     adapter: CanonicalAdapter | None,
     sink: Callable[[StepOutput], None],
-    now: float,
+    sampled: bool,
 ) -> None:
     """Add one request; a refusal ends it at once, as an error."""
     opts = SamplingOptions(max_new_tokens=req.output_len, ignore_eos=True)
+    if sampled:  # what real traffic asks for; seeded, so a rerun draws the same tokens
+        opts = dataclasses.replace(opts, temperature=0.8, top_p=0.9, top_k=50, seed=req.index)
     tokenizer = ByteTokenizer(engine.model_config.vocab_size)
     try:
         engine.add(Sequence(f"r{req.index}", prompt, opts, tokenizer, sink, adapter))
@@ -67,6 +70,7 @@ def replay(
     timeout_s: float | None = None,
     progress: bool = True,
     steps: StepLog | None = None,
+    sampled: bool = False,
 ) -> tuple[list[RequestRecord], float, PoolTimeline]:
     """Run the trace; returns the per-request records, the run's duration (start to the last
     finish, or to the timeout) and the pool occupancy after every step. `steps`, when given,
@@ -89,7 +93,7 @@ def replay(
             break
         while sent < len(requests) and requests[sent].arrival_s <= now:
             sink = _sink(records[sent], clock, bar)
-            _submit(engine, requests[sent], prompts[sent], adapters[sent], sink, now)
+            _submit(engine, requests[sent], prompts[sent], adapters[sent], sink, sampled)
             sent += 1
         if engine.has_work():
             began = clock()

@@ -103,6 +103,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         g.add_argument(flag_name(name), type=type(default), default=default, help=help_text)
     g.add_argument("--max-rank", type=int, default=0, help="0: the trace's largest rank")
     g.add_argument("--no-cuda-graphs", action="store_true")
+    g.add_argument(
+        "--sampled",
+        action="store_true",
+        help="every request samples (temperature 0.8, top-p 0.9, top-k 50, seeded by its "
+        "index) instead of greedy decoding (in-process runs)",
+    )
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
@@ -160,4 +166,5 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         args.peft_batch,
         args.target_modules,
         max_rank=args.max_rank,
+        sampled=args.sampled,
     )

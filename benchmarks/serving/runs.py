@@ -38,6 +38,7 @@ class RunOptions:
     peft_batch: int = 8
     targets: tuple[str, ...] = TARGET_MODULES  # the projections every adapter targets
     max_rank: int = 0  # the engine's; 0: each trace's largest
+    sampled: bool = False  # requests sample (inprocess.SAMPLED) instead of decoding greedily
 
 
 def settings_for(options: RunOptions, trace: Trace) -> EngineConfig:
@@ -67,6 +68,7 @@ def describe(mode: str, variant: str, trace: Trace, options: RunOptions) -> dict
         "seed": p.seed,
         "max_num_seqs": options.settings.max_num_seqs,
         "target_modules": targets_label(options.targets),
+        "sampling": "temperature 0.8, top-p 0.9, top-k 50" if options.sampled else "greedy",
     }
 
 
@@ -141,7 +143,13 @@ class InProcess:
             inprocess.warm_up(engine, extra, p.prompt_range)
             hits0, misses0 = engine.adapters.hits, engine.adapters.misses  # the warm-up's
             records, duration, pool = inprocess.replay(
-                engine, trace, adapter_for, self.options.timeout_s, self.options.progress, steps
+                engine,
+                trace,
+                adapter_for,
+                self.options.timeout_s,
+                self.options.progress,
+                steps,
+                sampled=self.options.sampled,
             )
             hits, misses = engine.adapters.hits - hits0, engine.adapters.misses - misses0
         finally:
