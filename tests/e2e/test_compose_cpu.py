@@ -142,3 +142,35 @@ def test_base_image_is_a_build_argument():
 def test_ci_runs_the_compose_test_after_the_suite():
     lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert lines.index("make test") < lines.index("make compose-test")
+
+
+def test_compose_test_skips_only_saying_why_where_containers_cannot_run(tmp_path: Path):
+    """A podman that is installed but cannot work here (a sandbox without the kernel features):
+    `make compose-test` reports a skip and why, and exits 0, before building anything."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    podman = fake / "podman"
+    podman.write_text(
+        '#!/bin/sh\n[ "$1" = --version ] && { echo "podman version 9.9"; exit 0; }\n'
+        'echo "Error: cannot set up namespaces: operation not permitted" >&2\nexit 125\n'
+    )
+    compose = fake / "podman-compose"
+    compose.write_text("#!/bin/sh\necho podman-compose version 9.9\n")
+    docker = fake / "docker"  # installed, with no engine to answer
+    docker.write_text("#!/bin/sh\necho 'Cannot connect to the Docker daemon' >&2\nexit 1\n")
+    for tool in (podman, compose, docker):
+        tool.chmod(0o755)
+    result = subprocess.run(
+        ["bash", str(ROOT / "tools" / "compose" / "compose_test.sh")],
+        env={
+            "PATH": f"{fake}:/usr/bin:/bin",
+            "PODMAN_COMPOSE": str(compose),
+            "COMPOSE_TEST_DIR": str(tmp_path / "work"),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "compose-test: SKIPPED: podman is installed but does not work here" in result.stdout
+    assert "operation not permitted" in result.stdout
