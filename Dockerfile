@@ -40,8 +40,8 @@ RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /app
-# Dependencies first, so that code changes do not reinstall them.
-COPY pyproject.toml README.md ./
+# Dependencies first, so that code (and README) changes do not reinstall them.
+COPY pyproject.toml ./
 COPY tools/compose/wheels/ /tmp/wheels/
 RUN python -c "import os, tomllib; d = tomllib.load(open('pyproject.toml', 'rb')); \
 gpu = d['project']['optional-dependencies']['gpu']; torch = os.environ['TORCH_SPEC']; \
@@ -51,6 +51,7 @@ print('\n'.join(pins + d['project']['dependencies']))" \
     && pip install --find-links /tmp/wheels \
         ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -r /tmp/requirements.txt \
     && rm -rf /tmp/wheels
+COPY README.md ./
 COPY protos/ protos/
 COPY services/ services/
 COPY kernels/ kernels/
