@@ -18,9 +18,10 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from openai import OpenAI, OpenAIError  # the test extra's: an independent HTTP and SSE client
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.client import ManyloraClient
+from services.client import ManyloraClient, ManyloraError
 from services.common.base_model import BaseModelShape, load_hf_config
 from services.common.random_adapters import save_random_peft_adapter
 
@@ -79,8 +80,6 @@ def serve() -> None:
         raise CheckFailed(f"{ADAPTER} v1 was uploaded, yet versions {served_by} served it")
     if last.finish_reason == "length" and last.usage.completion_tokens != NEW_TOKENS:
         raise CheckFailed(f"{last.usage.completion_tokens} tokens, {NEW_TOKENS} asked for")
-
-    from openai import OpenAI  # the test extra's: an independent HTTP and SSE client
 
     front = OpenAI(base_url=FRONT, api_key="unused", timeout=TIMEOUT_S, max_retries=0)
     events = list(
@@ -157,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             serve()
         else:
             metrics(args.worker_file)
-    except CheckFailed as exc:
+    except (CheckFailed, ManyloraError, OpenAIError, OSError) as exc:  # OSError: urllib's
         print(f"compose check {args.step}: FAILED: {exc}", file=sys.stderr)
         return 1
     return 0
