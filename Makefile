@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch where there is no GPU (these machines keep 2.13.0 on disk).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: run test lint typecheck proto proto-check mutation clean
+.PHONY: run test lint typecheck proto proto-check mutation compose-test clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,18 @@ mutation: $(VENV)/.installed-dev
 
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[test,proto,dev]'
+	touch $@
+
+# The compose stack built and run for real, on the CPU (docker-compose.yml under
+# docker-compose.cpu.yml), with `docker compose` or podman and podman-compose, installed when
+# missing: health, an adapter uploaded, completions streamed, metrics, a container restarted,
+# everything torn down. Not part of `make test` (minutes of image building); .ci/run runs it.
+# tools/compose/compose_test.sh says more.
+compose-test: $(VENV)/.installed-compose
+	PY=$(PY) PODMAN_COMPOSE=$(VENV)/bin/podman-compose tools/compose/compose_test.sh
+
+$(VENV)/.installed-compose: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[test,proto,compose]'
 	touch $@
 
 # Regenerate the committed gRPC modules from protos/.
