@@ -299,7 +299,8 @@ def lora_expand(
     """out [T, out_features] += y[:, y_index, :r] @ Bᵀ_proj in place; see lora_ref.
 
     y [T, n, max_rank] float32 from `lora_shrink`; out [T, out_features] with unit column
-    stride (out_features: any width, e.g. 11008 or 14336 for gate/up); the tables as in
+    stride and any row stride (out_features: any width, e.g. 11008 or 14336 for gate/up; out
+    may be a column slice of a fused output, e.g. k of the model's q|k|v); the tables as in
     `lora_shrink` (`tiles` too). Rows without an adapter, or whose adapter leaves `proj`
     alone, keep their values bit for bit."""
     width = pool.shape[1]

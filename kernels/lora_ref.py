@@ -67,7 +67,8 @@ def lora_expand_ref(
     q_lens: torch.Tensor,
     proj: int,
 ) -> torch.Tensor:
-    """out[t] += y[t, y_index, :r] @ Bᵀ_proj for rows with an adapter; returns out."""
+    """out[t] += y[t, y_index, :r] @ Bᵀ_proj for rows with an adapter, in place (out may be a
+    column view of a wider tensor); returns out."""
     for b in range(req_lora.shape[0]):
         m = int(req_lora[b])
         if m < 0 or int(lora_meta[m, proj, 0]) == 0:

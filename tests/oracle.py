@@ -18,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from services.gpu_worker.model.backends import ModelBackends
 from services.gpu_worker.model.model import LlamaForCausalLM as OurLlama
 from services.gpu_worker.model.model_config import ModelConfig
-from services.gpu_worker.model.weights import build_dummy_model
+from services.gpu_worker.model.weights import build_dummy_model, hf_state_dict
 
 TINY_MHA: dict[str, Any] = {
     "model_type": "llama",
@@ -76,7 +76,7 @@ def build_pair(
         backends=backends,
     )
     hf = LlamaForCausalLM(LlamaConfig(**hf_config))
-    hf.load_state_dict(ours.state_dict())
+    hf.load_state_dict(hf_state_dict(ours))
     return ours, hf.eval()
 
 

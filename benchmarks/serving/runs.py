@@ -66,7 +66,7 @@ def describe(mode: str, variant: str, trace: Trace, options: RunOptions) -> dict
         "prompt_range": list(p.prompt_range),
         "output_range": list(p.output_range),
         "seed": p.seed,
-        "max_num_seqs": options.settings.max_num_seqs,
+        "max_num_seqs": options.settings.max_num_seqs,  # 0: auto (the worker sizes it)
         "target_modules": targets_label(options.targets),
         "sampling": "temperature 0.8, top-p 0.9, top-k 50" if options.sampled else "greedy",
     }
@@ -139,6 +139,7 @@ class InProcess:
         # Adapters past the trace's indices: one of each rank, never requested by the trace.
         extra = [bank.adapter(p.num_adapters + k, f"warmup-{k}") for k in range(len(p.ranks))]
         steps = StepLog()
+        max_num_seqs = engine.config.max_num_seqs  # resolved when the setting is 0 (auto)
         try:
             inprocess.warm_up(engine, extra, p.prompt_range)
             hits0, misses0 = engine.adapters.hits, engine.adapters.misses  # the warm-up's
@@ -155,7 +156,10 @@ class InProcess:
         finally:
             del engine
             free_device_memory()
-        info = describe("inprocess", variant.label, trace, self.options)
+        info = {
+            **describe("inprocess", variant.label, trace, self.options),
+            "max_num_seqs": max_num_seqs,
+        }
         return result(info, records, duration, self.options, hits, misses, pool, steps)
 
     def release(self) -> None:

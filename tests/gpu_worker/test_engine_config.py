@@ -17,8 +17,12 @@ from tests.oracle import TINY_MHA, build_pair
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"max_loras": 72}, r"^--max-loras \(MANYLORA_MAX_LORAS\): 72 must exceed --max-num"),
-        ({"max_num_seqs": 0}, r"^--max-num-seqs \(MANYLORA_MAX_NUM_SEQS\): 0 is below"),
+        (
+            {"max_loras": 72, "max_num_seqs": 64},
+            r"^--max-loras \(MANYLORA_MAX_LORAS\): 72 must exceed --max-num",
+        ),
+        ({"max_loras": 9}, r"^--max-loras \(MANYLORA_MAX_LORAS\): 9 must exceed --max-num"),
+        ({"max_num_seqs": -1}, r"^--max-num-seqs \(MANYLORA_MAX_NUM_SEQS\): -1 is below"),
         ({"max_waiting": 0}, r"^--max-waiting \(MANYLORA_MAX_WAITING\): 0 is below"),
         ({"pool_slots": -1}, r"^--pool-slots \(MANYLORA_POOL_SLOTS\): -1 is below"),
         ({"gpu_memory_fraction": 0.0}, r"^--gpu-memory-fraction \(.*\): 0.0 is not in"),

@@ -220,6 +220,33 @@ def test_meta_stride_is_the_number_of_projections():
     check_all_projections(case, SMALL, 16, tol=1e-5, seed=3)
 
 
+@pytest.mark.parametrize("proj", [0, 1, 2, 4, 5])
+def test_expand_into_a_column_slice_of_a_fused_output(proj):
+    """The model's fused GEMMs give q, k, v (and gate, up) as column views of one output
+    [T, q + 2 kv] (or [T, 2 inter]): expand must add into its slice only, at the fused row
+    stride, leaving the columns before and after it as they were."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t = make_case(SMALL, [8, 16, 32], [3, 1, 17, 2], [1, -1, 0, 2], torch.float32, device, seed=9)
+    tables = (t["lora_slots"], t["lora_meta"], t["req_lora"], t["q_starts"], t["q_lens"])
+    gen = torch.Generator().manual_seed(9)
+    total, group = int(t["q_lens"].sum()), (0, 1, 2) if proj < 4 else (4, 5)
+    x = torch.randn(total, SMALL.hidden, generator=gen).to(device)
+    y = lora_shrink(x, t["pool"], *tables, group, 32, 17)
+    widths = [SMALL.dims(p)[1] for p in group]
+    fused = torch.randn(total, sum(widths), generator=gen).to(device)
+    before = fused.clone()
+    i = group.index(proj)
+    start, width = sum(widths[:i]), widths[i]
+    out = fused[:, start : start + width]
+    assert out.stride(0) == fused.shape[1] and (start > 0 or width < fused.shape[1])
+    lora_expand(y, i, out, t["pool"], *tables, proj, 17)
+    want = lora_expand_ref(y, i, before[:, start : start + width].clone(), t["pool"], *tables, proj)
+    assert not torch.equal(want, before[:, start : start + width])  # some row has the delta
+    torch.testing.assert_close(fused[:, start : start + width], want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(fused[:, :start], before[:, :start])
+    assert torch.equal(fused[:, start + width :], before[:, start + width :])
+
+
 # Llama-7B (MHA: W = 4096, MLP 11008 = 2.69 slots) and Llama-3-8B / Mistral (GQA: W = 1024,
 # MLP 14336 = 14 slots).
 LLAMA_7B = Shapes(4096, 4096, 11008)

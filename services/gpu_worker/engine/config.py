@@ -43,7 +43,13 @@ class EngineConfig:
     adapter_region_fraction: float = field(
         default=0.25, metadata={"help": "share of the pool kept for adapters when not unified"}
     )
-    max_num_seqs: int = field(default=64, metadata={"help": "most requests running at once"})
+    max_num_seqs: int = field(
+        default=0,
+        metadata={
+            "help": "most requests running at once; 0 = auto: min(256, pool tokens / 512) on a "
+            "GPU, 64 on the CPU"
+        },
+    )
     max_loras: int = field(
         default=512, metadata={"help": "most adapters resident in the pool at once"}
     )
@@ -63,9 +69,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CHOICES:
             raise ConfigError("dtype", f"{self.dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
-        for name in ("max_rank", "max_num_seqs", "max_prefill_tokens", "max_waiting"):
+        for name in ("max_rank", "max_prefill_tokens", "max_waiting"):
             _at_least(name, getattr(self, name), 1)
-        for name in ("pool_slots", "max_model_len"):
+        for name in ("pool_slots", "max_model_len", "max_num_seqs"):
             _at_least(name, getattr(self, name), 0)
         if not 0 < self.gpu_memory_fraction <= 1:
             raise ConfigError("gpu_memory_fraction", f"{self.gpu_memory_fraction} is not in (0, 1]")
@@ -73,11 +79,12 @@ class EngineConfig:
             raise ConfigError(
                 "adapter_region_fraction", f"{self.adapter_region_fraction} is not in (0, 1)"
             )
-        # Table rows for every running request's adapter, every prefetched one, and more.
-        if self.max_loras <= self.max_num_seqs + PREFETCH_WINDOW:
+        # Table rows for every running request's adapter, every prefetched one, and more
+        # (an auto limit is sized below max_loras - PREFETCH_WINDOW, but at least 1).
+        if self.max_loras <= max(self.max_num_seqs, 1) + PREFETCH_WINDOW:
             raise ConfigError(
                 "max_loras",
-                f"{self.max_loras} must exceed --max-num-seqs ({self.max_num_seqs}) + "
+                f"{self.max_loras} must exceed --max-num-seqs ({self.max_num_seqs or 'auto: 1'}) + "
                 f"{PREFETCH_WINDOW} (the prefetch window)",
             )
 

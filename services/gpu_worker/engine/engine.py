@@ -24,6 +24,7 @@ from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.decode_graphs import DecodeGraphs
 from services.gpu_worker.engine.engine_stats import EngineStats
 from services.gpu_worker.engine.forward_batch import ForwardBatch
+from services.gpu_worker.engine.running_limit import resolve_max_num_seqs
 from services.gpu_worker.engine.sampling import make_generator, sample
 from services.gpu_worker.engine.scheduler import Scheduler
 from services.gpu_worker.engine.sequence import FinishReason, Sequence
@@ -69,6 +70,7 @@ class Engine:
             config.max_model_len or 1 << 30, self.model_config.max_position_embeddings
         )
         self.pool = self._build_pool(config)
+        config = self.config = resolve_max_num_seqs(config, self.pool, self.max_model_len)
         self.adapters = AdapterManager(
             self.pool,
             config.max_loras,

@@ -61,7 +61,8 @@ class LoraBackend(ABC):
         layer: int,
         proj: int,
     ) -> torch.Tensor:
-        """out [T, out_features] += y[:, y_index] @ Bᵀ of each row's adapter, in place."""
+        """out [T, out_features] += y[:, y_index] @ Bᵀ of each row's adapter, in place; `out`
+        may be a column view of a fused output (q, k, v of `qkv_proj`), its row stride wider."""
 
 
 class TritonLoraBackend(LoraBackend):

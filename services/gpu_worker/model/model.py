@@ -1,14 +1,19 @@
 """Llama-architecture decoder (Llama 1/2/3, Mistral, Qwen2) over a flat batch of tokens.
 
-Parameter names follow Hugging Face's `LlamaForCausalLM`, so a checkpoint loads by name.
-Attention and the elementwise ops go through the model's `ModelBackends` (chosen when it is
-built), LoRA through the batch's `lora_backend` (chosen by the engine). LoRA may target any of
-the seven linear layers of a decoder layer (q, k, v, o, gate, up, down).
+Parameter names follow Hugging Face's `LlamaForCausalLM`, except that the projections of one
+input run as one GEMM: q, k and v as `qkv_proj`, gate and up as `gate_up_proj` (`FusedLinear`,
+its rows the parts' rows in that order; LoRA adds into each part's column view of the fused
+output). `FusedLinear.hf_tensors` names each part's rows as HF does, so a checkpoint still
+loads by name (weights.py: `hf_parameters`). Attention and the elementwise ops go through the
+model's `ModelBackends` (chosen when it is built), LoRA through the batch's `lora_backend`
+(chosen by the engine). LoRA may target any of the seven linear layers of a decoder layer (q,
+k, v, o, gate, up, down).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -30,6 +35,30 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalize in float32 and scale in the input dtype, as Hugging Face does.
         return self.ops.rms_norm(x, self.weight, self.eps)
+
+
+class FusedLinear(nn.Linear):
+    """Several projections of one input as one GEMM: their weights stacked by rows in the
+    order of `parts` ((Hugging Face name, out_features) each). `split` gives each part's
+    output as a column view of the fused output (row stride: the fused width)."""
+
+    def __init__(self, in_features: int, parts: tuple[tuple[str, int], ...], bias: bool):
+        super().__init__(in_features, sum(size for _, size in parts), bias=bias)
+        self.parts = parts
+        self.sizes = [size for _, size in parts]
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self(x).split(self.sizes, dim=-1)
+
+    def hf_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(`"<part>.weight"` or `"<part>.bias"`, the part's rows as a view sharing storage) in
+        Hugging Face's order: each part's weight, then its bias."""
+        start = 0
+        for name, size in self.parts:
+            yield f"{name}.weight", self.weight.detach()[start : start + size]
+            if self.bias is not None:
+                yield f"{name}.bias", self.bias.detach()[start : start + size]
+            start += size
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -61,19 +90,19 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         hidden, q_dim = config.hidden_size, config.num_heads * config.head_dim
         kv_dim = config.num_kv_heads * config.head_dim
-        self.q_proj = nn.Linear(hidden, q_dim, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(hidden, kv_dim, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(hidden, kv_dim, bias=config.qkv_bias)
+        parts = (("q_proj", q_dim), ("k_proj", kv_dim), ("v_proj", kv_dim))
+        self.qkv_proj = FusedLinear(hidden, parts, bias=config.qkv_bias)
         self.o_proj = nn.Linear(q_dim, hidden, bias=config.o_bias)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch
     ) -> torch.Tensor:
         tokens, layer = x.shape[0], self.layer
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.qkv_proj.split(x)
         lora = batch.lora_backend
         if batch.max_rank:
             y = lora.shrink(x, batch, layer, QKV)
+            # In place into the fused output, through each part's column view.
             for i, out in enumerate((q, k, v)):
                 lora.expand(out, y, i, batch, layer, proj=QKV[i])
         q = self.ops.rotary(q.view(tokens, self.num_heads, self.head_dim), cos, sin)
@@ -91,12 +120,12 @@ class MLP(nn.Module):
         super().__init__()
         self.layer = layer
         self.ops = ops
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        parts = (("gate_proj", config.intermediate_size), ("up_proj", config.intermediate_size))
+        self.gate_up_proj = FusedLinear(config.hidden_size, parts, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = self.gate_up_proj.split(x)
         # Batches whose adapters all leave the MLP alone skip its LoRA launches altogether.
         with_lora = batch.max_rank > 0 and batch.mlp_lora
         lora = batch.lora_backend

@@ -4,19 +4,45 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from services.gpu_worker.model.backends import ModelBackends
-from services.gpu_worker.model.model import LlamaForCausalLM
+from services.gpu_worker.model.model import FusedLinear, LlamaForCausalLM
 from services.gpu_worker.model.model_config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
 # Checkpoint tensors that carry no weights of ours (recomputed buffers).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def hf_parameters(
+    model: LlamaForCausalLM, remove_duplicate: bool = True
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every parameter of `model` under its Hugging Face name, in HF's order, as a tensor that
+    shares its storage (writing into it writes the model): a fused projection's parameter is
+    given as each part's rows (`model.layers.0.self_attn.k_proj.weight`). With
+    `remove_duplicate`, a tied output head appears once, as the embedding."""
+    fused = {name: m for name, m in model.named_modules() if isinstance(m, FusedLinear)}
+    for name, param in model.named_parameters(remove_duplicate=remove_duplicate):
+        owner, _, kind = name.rpartition(".")
+        module = fused.get(owner)
+        if module is None:
+            yield name, param.detach()
+        elif kind == "weight":  # its parts' weights and biases; the fused bias is skipped
+            parent = owner.rpartition(".")[0]
+            for suffix, part in module.hf_tensors():
+                yield f"{parent}.{suffix}", part
+
+
+def hf_state_dict(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
+    """The state dict Hugging Face's `LlamaForCausalLM` loads (`load_state_dict`): the same
+    weights under HF's names, views into `model`'s storage."""
+    return dict(hf_parameters(model, remove_duplicate=False))
 
 
 def _checkpoint_files(folder: Path) -> list[Path]:
@@ -44,7 +70,7 @@ def load_hf_model(
     model.to_empty(device=device)
     model.to(dtype)
     model.tie_weights()
-    params = dict(model.named_parameters())
+    params = dict(hf_parameters(model))
     loaded: set[str] = set()
     for path in _checkpoint_files(Path(folder)):
         with safe_open(str(path), framework="pt", device="cpu") as shard:
@@ -95,7 +121,9 @@ def build_dummy_model(
     gen_device = device if draw_on_device else torch.device("cpu")
     generator = torch.Generator(gen_device).manual_seed(seed)
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        # By HF names, one draw per HF tensor: a fused projection gets the draws its parts
+        # would get unfused.
+        for name, param in hf_parameters(model):
             noise = torch.randn(param.shape, generator=generator, device=gen_device)
             if name.endswith("norm.weight"):
                 param.copy_(1.0 + 0.1 * noise)
