@@ -39,7 +39,9 @@ def phases(engine: Engine) -> dict[str, float]:
     assert engine.graphs is not None
     logits = engine.graphs.run(batch)
     mark()
-    sampled = sample(logits, [s.options for s in seqs], [s.generator for s in seqs])
+    sampled = sample(
+        logits, [s.options for s in seqs], [s.seed for s in seqs], [len(s.output_ids) for s in seqs]
+    )
     mark()
     for seq, token, logprob in zip(seqs, sampled.token_ids, sampled.logprobs, strict=True):
         engine._append(seq, token, logprob)

@@ -14,9 +14,10 @@ from services.common.errors import Internal, WorkerFault
 from services.common.lora_format import CanonicalAdapter
 from services.common.peft_adapter import load_peft_folder
 from services.common.random_adapters import save_random_peft_adapter
+from services.gpu_worker.engine import sampling
 from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.engine import Engine
-from services.gpu_worker.engine.sampling import SamplingOptions, make_generator, sample
+from services.gpu_worker.engine.sampling import SamplingOptions, request_seed, sample
 from services.gpu_worker.engine.sequence import FinishReason, Sequence, StepOutput
 from services.gpu_worker.engine.tokenizer import ByteTokenizer
 from services.gpu_worker.model.model_config import ModelConfig
@@ -92,11 +93,9 @@ def test_non_finite_rows_fail_alone_and_the_others_sample_as_without_them():
     bad[4] = float("-inf")
     options = [_greedy(), _seeded(5), _seeded(6), _greedy(), _seeded(8), _seeded(9)]
 
-    def generators() -> list[torch.Generator | None]:
-        return [make_generator(o, torch.device("cpu")) for o in options]
-
-    clean = sample(logits, options, generators())
-    attacked = sample(bad, options, generators())
+    seeds = [request_seed(o) for o in options]
+    clean = sample(logits, options, seeds, [0] * 6)
+    attacked = sample(bad, options, seeds, [0] * 6)
     assert [e is None for e in attacked.errors] == [True, False, True, False, False, True]
     assert all(isinstance(attacked.errors[i], Internal) for i in (1, 3, 4))
     for row in (0, 2, 5):
@@ -107,19 +106,20 @@ def test_non_finite_rows_fail_alone_and_the_others_sample_as_without_them():
 def test_sampling_error_of_one_row_is_that_rows_alone(monkeypatch):
     logits = _logits(3)
     options = [_seeded(1), _seeded(2), _greedy()]
-    real_multinomial = torch.multinomial
-    calls = {"n": 0}
+    seeds = [request_seed(o) for o in options]
+    clean = sample(logits, options, seeds, [4] * 3)
+    real_uniforms = sampling.uniforms
 
-    def flaky(probs: torch.Tensor, n: int, **kw: object) -> torch.Tensor:
-        calls["n"] += 1
-        if calls["n"] == 1:
+    def flaky(seeds: list[int], token_indices: list[int]) -> object:
+        # Fails any pass that holds the first request: the batch, then that row alone.
+        if 1 in seeds:
             raise RuntimeError("boom")
-        return real_multinomial(probs, n, **kw)  # type: ignore[arg-type]
+        return real_uniforms(seeds, token_indices)
 
-    monkeypatch.setattr(torch, "multinomial", flaky)
-    gens = [make_generator(o, torch.device("cpu")) for o in options]
-    out = sample(logits, options, gens)
+    monkeypatch.setattr(sampling, "uniforms", flaky)
+    out = sample(logits, options, seeds, [4] * 3)
     assert isinstance(out.errors[0], Internal) and out.errors[1] is None and out.errors[2] is None
+    assert out.token_ids[1:] == clean.token_ids[1:]
     assert out.token_ids[2] == int(torch.argmax(logits[2]))
 
 
@@ -131,8 +131,7 @@ def test_tiny_temperature_samples_the_argmax(temperature, scale):
     clamped = SamplingOptions.from_proto(params)
     raw = SamplingOptions(max_new_tokens=1, temperature=temperature, seed=3)  # not clamped
     for opts in (clamped, raw):
-        gens = [make_generator(opts, torch.device("cpu")) for _ in range(4)]
-        out = sample(logits, [opts] * 4, gens)
+        out = sample(logits, [opts] * 4, [request_seed(opts)] * 4, [0, 1, 2, 3])
         assert out.errors == [None] * 4
         assert out.token_ids == torch.argmax(logits, dim=-1).tolist()
 
@@ -142,7 +141,7 @@ def test_huge_temperature_and_filters_stay_finite():
     opts = SamplingOptions(
         max_new_tokens=1, temperature=3e38, top_p=1e-45, top_k=2**32 - 1, seed=2**64 - 1
     )
-    out = sample(logits, [opts, opts], [make_generator(opts, torch.device("cpu"))] * 2)
+    out = sample(logits, [opts, opts], [request_seed(opts)] * 2, [0, 0])
     assert out.errors == [None, None]
     # top_p that small keeps only the most likely token.
     assert out.token_ids == torch.argmax(logits, dim=-1).tolist()
@@ -230,8 +229,9 @@ def test_same_request_id_twice_abort_ends_only_the_one_aborted(model):
 
 @pytest.mark.gpu
 def test_non_finite_rows_on_cuda_fail_alone_without_a_device_assert():
-    """On CUDA, multinomial of NaN probabilities is a device-side assert that ends the
-    process's CUDA context: the sampler must never hand it a non-finite row."""
+    """On CUDA, an out-of-range index (from a NaN turned into an integer weight, say) is a
+    device-side assert that ends the process's CUDA context: a non-finite row must fail
+    alone and leave the device working."""
     cuda = torch.device("cuda")
     logits = _logits(4).to(cuda)
     bad = logits.clone()
@@ -239,11 +239,9 @@ def test_non_finite_rows_on_cuda_fail_alone_without_a_device_assert():
     bad[2, 5] = float("inf")
     options = [_seeded(1), _seeded(2), _seeded(3), _greedy(temperature=1e-45)]
 
-    def generators() -> list[torch.Generator | None]:
-        return [make_generator(o, cuda) for o in options]
-
-    clean = sample(logits, options, generators())
-    attacked = sample(bad, options, generators())
+    seeds = [request_seed(o) for o in options]
+    clean = sample(logits, options, seeds, [0] * 4)
+    attacked = sample(bad, options, seeds, [0] * 4)
     torch.cuda.synchronize()
     assert [e is None for e in attacked.errors] == [True, False, False, True]
     assert attacked.token_ids[0] == clean.token_ids[0]

@@ -1,4 +1,4 @@
-"""The sampler on its own: options from the proto, generators, filters, and `sample` over a
+"""The sampler on its own: options from the proto, seeds, filters, and `sample` over a
 batch of logits. Expected values come from the proto's documented contract and from plain
 arithmetic on the logits, never from the sampler itself. (tests/gpu_worker/test_sampling.py
 runs the sampler through the engine.)"""
@@ -14,7 +14,7 @@ from manylora.v1 import common_pb2
 from services.gpu_worker.engine.sampling import (
     SamplingOptions,
     filter_logits,
-    make_generator,
+    request_seed,
     sample,
 )
 
@@ -93,29 +93,21 @@ def test_any_positive_temperature_samples():
     assert not SamplingOptions(max_new_tokens=1, temperature=1e-4).greedy
 
 
-# ---- make_generator -----------------------------------------------------------------------
+# ---- request_seed ---------------------------------------------------------------------------
 
 
-def test_greedy_requests_get_no_generator():
-    assert make_generator(SamplingOptions(max_new_tokens=1, seed=5), CPU) is None
-
-
-def test_a_seeded_request_draws_what_torch_draws_from_that_seed():
+def test_a_seeded_request_samples_with_its_seed_as_a_uint64():
     seed = 2**64 - 1  # the proto's seed is a uint64
-    gen = make_generator(SamplingOptions(max_new_tokens=1, temperature=1.0, seed=seed), CPU)
-    assert gen is not None and gen.initial_seed() == seed
-    reference = torch.Generator().manual_seed(seed)
-    assert torch.equal(torch.rand(8, generator=gen), torch.rand(8, generator=reference))
+    assert request_seed(SamplingOptions(max_new_tokens=1, temperature=1.0, seed=seed)) == seed
+    assert request_seed(SamplingOptions(max_new_tokens=1, seed=0)) == 0
+    assert request_seed(SamplingOptions(max_new_tokens=1, seed=-1)) == 2**64 - 1
 
 
 def test_unseeded_requests_get_different_seeds():
     options = SamplingOptions(max_new_tokens=1, temperature=1.0)
-    seeds = set()
-    for _ in range(4):
-        gen = make_generator(options, CPU)
-        assert gen is not None
-        seeds.add(gen.initial_seed())
-    assert len(seeds) == 4  # 63 random bits each: a collision has odds about 2^-60
+    seeds = {request_seed(options) for _ in range(4)}
+    assert len(seeds) == 4  # 64 random bits each: a collision has odds about 2^-60
+    assert all(0 <= s < 2**64 for s in seeds)
 
 
 # ---- filter_logits ------------------------------------------------------------------------
@@ -159,35 +151,35 @@ def test_nucleus_is_taken_over_the_top_k_renormalized():
 def test_greedy_rows_take_the_argmax_and_need_no_generator():
     rows = [[0.1, 2.0, -1.0, 1.9], [5.0, 4.0, 3.0, 6.0], [-3.0, -2.0, -2.5, -4.0]]
     options = [SamplingOptions(max_new_tokens=1)] * 3
-    sampled = sample(torch.tensor(rows), options, [None] * 3)
+    sampled = sample(torch.tensor(rows), options, [0] * 3, [0] * 3)
     assert sampled.token_ids == [_argmax(r) for r in rows]
     assert sampled.errors == [None] * 3
     assert sampled.logprobs == [None] * 3
 
 
-def test_each_row_samples_with_its_own_generator():
+def test_each_row_samples_with_its_own_seed_and_token_index():
     rows = torch.tensor([[0.0, 0.3, 0.1, 0.2, 0.4]] * 2)
     opts = SamplingOptions(max_new_tokens=1, temperature=1.0)
 
     def draws(seed_a: int, seed_b: int) -> list[tuple[int, int]]:
-        gens = [torch.Generator().manual_seed(seed_a), torch.Generator().manual_seed(seed_b)]
         out = []
-        for _ in range(40):
-            a, b = sample(rows, [opts, opts], list(gens)).token_ids
+        for index in range(40):
+            a, b = sample(rows, [opts, opts], [seed_a, seed_b], [index, index]).token_ids
             out.append((a, b))
         return out
 
     together = draws(1, 2)
-    # Row 0 draws the same whatever row 1's generator is, and the two rows differ.
+    # Row 0 draws the same whatever row 1's seed is, and the two rows differ.
     assert [a for a, _ in together] == [a for a, _ in draws(1, 99)]
     assert [a for a, _ in together] != [b for _, b in together]
+    # The token index moves the draw: one seed's 40 tokens are not all the same.
+    assert len({a for a, _ in together}) > 1
 
 
 def test_top_k_limits_samples_to_the_k_best_tokens():
     logits = torch.tensor([[1.0, 0.0, 3.0, 2.9, -1.0]]).expand(2000, -1).contiguous()
-    gen = torch.Generator().manual_seed(7)
     opts = SamplingOptions(max_new_tokens=1, temperature=5.0, top_k=2)
-    tokens = sample(logits, [opts] * 2000, [gen] * 2000).token_ids
+    tokens = sample(logits, [opts] * 2000, list(range(2000)), [0] * 2000).token_ids
     # Both kept tokens have probability about 1/2: each appears (odds of missing 2^-2000).
     assert set(tokens) == {2, 3}
 
@@ -197,7 +189,7 @@ def test_a_tiny_temperature_is_greedy_without_nan():
     rows = torch.tensor([[0.0, 50.0, 100.0, 99.9]])
     opts = SamplingOptions(max_new_tokens=1, temperature=1e-30)
     for seed in range(5):
-        sampled = sample(rows, [opts], [torch.Generator().manual_seed(seed)])
+        sampled = sample(rows, [opts], [seed], [0])
         assert (sampled.token_ids, sampled.errors) == ([2], [None])
 
 
@@ -205,7 +197,7 @@ def test_top_k_one_samples_the_argmax_at_any_temperature():
     rows = torch.tensor([[0.0, 1.0, 3.0, 2.5]])
     opts = SamplingOptions(max_new_tokens=1, temperature=10.0, top_k=1)
     for seed in range(5):
-        sampled = sample(rows, [opts], [torch.Generator().manual_seed(seed)])
+        sampled = sample(rows, [opts], [seed], [seed])
         assert (sampled.token_ids, sampled.errors) == ([2], [None])
 
 
@@ -213,39 +205,34 @@ def test_finite_logits_of_any_size_sample_without_overflow():
     # Shifted by the row's max, the scaled logits are <= 0: 3e38 - (-3e38) would overflow.
     rows = torch.tensor([[3e38, -3e38, 0.0], [-3e38, -3e38, 3e38]])
     opts = SamplingOptions(max_new_tokens=1, temperature=1.0)
-    gens: list[torch.Generator | None] = [
-        torch.Generator().manual_seed(0),
-        torch.Generator().manual_seed(1),
-    ]
-    sampled = sample(rows, [opts, opts], gens)
+    sampled = sample(rows, [opts, opts], [0, 1], [0, 0])
     assert (sampled.token_ids, sampled.errors) == ([0, 2], [None, None])
 
 
-def test_one_option_and_one_generator_per_row():
+def test_one_option_one_seed_and_one_token_index_per_row():
     rows = torch.zeros(3, 4)
     opts = SamplingOptions(max_new_tokens=1, logprobs=True)
     with pytest.raises(ValueError):
-        sample(rows, [opts] * 3, [None] * 2)
+        sample(rows, [opts] * 3, [0] * 2, [0] * 3)
     with pytest.raises(ValueError):
-        sample(rows, [opts] * 2, [None] * 2)
+        sample(rows, [opts] * 3, [0] * 3, [0] * 2)
+    with pytest.raises(ValueError):
+        sample(rows, [opts] * 2, [0] * 2, [0] * 2)
 
 
 @pytest.mark.gpu
-def test_a_request_on_the_gpu_samples_with_a_gpu_generator():
+def test_a_request_on_the_gpu_samples_there():
     cuda = torch.device("cuda")
     opts = SamplingOptions(max_new_tokens=1, temperature=1.0, seed=5)
-    gen = make_generator(opts, cuda)
-    assert gen is not None and gen.device.type == "cuda"
-    sampled = sample(torch.tensor([[0.0, 1.0, 0.5]], device=cuda), [opts], [gen])
+    sampled = sample(torch.tensor([[0.0, 1.0, 0.5]], device=cuda), [opts], [5], [0])
     assert sampled.errors == [None] and sampled.token_ids[0] in (0, 1, 2)
 
 
 def test_masked_tokens_are_never_sampled_and_are_no_error():
     # -inf marks tokens a caller masked out; a row with some finite logits is healthy.
     rows = torch.tensor([[float("-inf"), 0.0, float("-inf"), 0.0]]).expand(200, -1).contiguous()
-    gen = torch.Generator().manual_seed(11)
     opts = SamplingOptions(max_new_tokens=1, temperature=1.0)
-    sampled = sample(rows, [opts] * 200, [gen] * 200)
+    sampled = sample(rows, [opts] * 200, [11] * 200, list(range(200)))
     assert set(sampled.token_ids) == {1, 3}
     assert sampled.errors == [None] * 200
 
@@ -265,25 +252,41 @@ def test_non_finite_rows_fail_alone():
     greedy = SamplingOptions(max_new_tokens=1)
     hot = SamplingOptions(max_new_tokens=1, temperature=1.0)
     options = [greedy, hot, greedy, hot, hot, hot]
-    gens = [None if o.greedy else torch.Generator().manual_seed(3) for o in options]
-    sampled = sample(rows, options, gens)
+    sampled = sample(rows, options, [3] * 6, [0] * 6)
     failed = [i for i, e in enumerate(sampled.errors) if e is not None]
     assert failed == [1, 2, 3, 4]
     for i in failed:
         assert str(sampled.errors[i]) == "the model produced non-finite logits for this request"
     assert sampled.token_ids[0] == 1
-    alone = sample(rows[5:], [hot], [torch.Generator().manual_seed(3)])
+    alone = sample(rows[5:], [hot], [3], [0])
     assert sampled.token_ids[5] == alone.token_ids[0]
 
 
-def test_a_row_whose_sampling_raises_fails_alone():
-    # top_p -1 (not reachable through from_proto) leaves no token: multinomial raises.
-    rows = torch.tensor([[0.0, 1.0, 0.5], [0.0, 1.0, 0.5]])
-    broken = SamplingOptions(max_new_tokens=1, temperature=1.0, top_p=-1.0)
-    options = [broken, SamplingOptions(max_new_tokens=1)]
-    sampled = sample(rows, options, [torch.Generator().manual_seed(0), None])
-    assert str(sampled.errors[0]) == "sampling failed: RuntimeError"
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        # None of these is reachable through from_proto: options built by hand.
+        (SamplingOptions(max_new_tokens=1, temperature=1.0, top_p=-1.0), "top_p must be > 0"),
+        (SamplingOptions(max_new_tokens=1, temperature=1.0, top_p=0.0), "top_p must be > 0"),
+        (SamplingOptions(max_new_tokens=1, temperature=1.0, top_k=-3), "top_k must be >= 0"),
+        (
+            SamplingOptions(max_new_tokens=1, temperature=float("nan")),
+            "temperature must be finite, >= 0",
+        ),
+        (SamplingOptions(max_new_tokens=1, temperature=-1.0), "temperature must be finite, >= 0"),
+    ],
+)
+def test_a_row_whose_options_cannot_be_sampled_fails_alone(options, message):
+    rows = torch.tensor([[0.0, 1.0, 0.5], [0.0, 1.0, 0.5], [0.3, 0.1, 0.2]])
+    hot = SamplingOptions(max_new_tokens=1, temperature=1.0, top_k=2)
+    batch = [options, SamplingOptions(max_new_tokens=1), hot]
+    sampled = sample(rows, batch, [0, 0, 9], [0, 0, 4])
+    assert str(sampled.errors[0]) == f"sampling failed: {message}"
     assert (sampled.errors[1], sampled.token_ids[1]) == (None, 1)
+    assert (sampled.errors[2], sampled.token_ids[2]) == (
+        None,
+        *sample(rows[2:], [hot], [9], [4]).token_ids,
+    )
 
 
 def test_logprobs_are_of_the_raw_logits_and_only_where_asked():
@@ -294,8 +297,7 @@ def test_logprobs_are_of_the_raw_logits_and_only_where_asked():
         SamplingOptions(max_new_tokens=1, temperature=3.0, top_k=1, logprobs=True),
         SamplingOptions(max_new_tokens=1),
     ]
-    gens = [None, torch.Generator().manual_seed(1), None]
-    sampled = sample(torch.tensor(rows), options, gens)
+    sampled = sample(torch.tensor(rows), options, [0, 1, 0], [0, 0, 0])
     assert sampled.token_ids == [1, 0, 1]  # top_k 1 is the argmax at any temperature
     assert sampled.errors == [None] * 3
     expected = [_log_softmax(rows[0])[1], _log_softmax(rows[1])[0]]

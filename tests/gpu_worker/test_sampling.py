@@ -77,10 +77,10 @@ def _chi_square_p_value_4_dof(counts: list[int], probs: list[float]) -> float:
 def test_samples_follow_the_softmax_of_the_logits_over_the_temperature(temperature):
     logits = [2.0, 1.0, 0.5, 0.0, -1.0]
     draws = 6000
-    gen = torch.Generator().manual_seed(20260)
     opts = SamplingOptions(max_new_tokens=1, temperature=temperature)
     batch = torch.tensor(logits).expand(draws, -1).contiguous()
-    tokens = sample(batch, [opts] * draws, [gen] * draws).token_ids
+    # One request's first `draws` tokens: one seed, token indices 0, 1, ...
+    tokens = sample(batch, [opts] * draws, [20260] * draws, list(range(draws))).token_ids
     counts = [tokens.count(v) for v in range(len(logits))]
 
     def softmax(t: float) -> list[float]:

@@ -25,7 +25,7 @@ from services.gpu_worker.engine.decode_graphs import DecodeGraphs
 from services.gpu_worker.engine.engine_stats import EngineStats
 from services.gpu_worker.engine.forward_batch import ForwardBatch
 from services.gpu_worker.engine.running_limit import resolve_max_num_seqs
-from services.gpu_worker.engine.sampling import make_generator, sample
+from services.gpu_worker.engine.sampling import request_seed, sample
 from services.gpu_worker.engine.scheduler import Scheduler
 from services.gpu_worker.engine.sequence import FinishReason, Sequence
 from services.gpu_worker.memory.adapter_manager import AdapterManager, ResidentAdapter
@@ -151,7 +151,7 @@ class Engine:
         seq.max_total_tokens = min(
             len(seq.prompt_ids) + seq.options.max_new_tokens, self.max_model_len
         )
-        seq.generator = make_generator(seq.options, self.device)
+        seq.seed = request_seed(seq.options)
         self.scheduler.add(seq)
 
     def abort(self, seq_id: int) -> bool:
@@ -194,7 +194,12 @@ class Engine:
             batch = self.build_batch(seqs)
             graphs = self._graphs_for(batch, len(seqs))
             logits = graphs.run(batch) if graphs is not None else self.model(batch)
-            sampled = sample(logits, [s.options for s in seqs], [s.generator for s in seqs])
+            sampled = sample(
+                logits,
+                [s.options for s in seqs],
+                [s.seed for s in seqs],
+                [len(s.output_ids) for s in seqs],
+            )
         except Exception as exc:
             # The pass itself failed: no request is to blame, the worker is.
             logger.exception("engine step failed; failing its %d requests", len(seqs))

@@ -1,23 +1,67 @@
 """Sampling options (from a validated proto) and the sampler over a batch of logits.
 
-The sampler fails rows, not batches: a row whose logits are not finite, or whose sampling
-raises, is reported as that row's error and the other rows get their tokens as if it had
-not been there (each request samples with its own generator).
+`sample` draws every row of a batch at once: a fixed number of tensor operations whatever
+the batch size, and no loop over rows (greedy rows take the argmax; sampled rows go through
+one pass for the rows with a top-k or top-p filter and one for the rows without).
+
+Reproducibility. A request's draw for its n-th token comes from one uniform u in [0, 1), a
+counter-based hash of (its seed, n) (`uniforms`), so it depends on its seed, n and its own
+logits, never on its row or on what else is in the batch. Unseeded requests get 64 random
+bits as their seed when they are queued (`request_seed`). To make "the same" exact rather
+than close, everything after the temperature is integer arithmetic: a token's weight is
+floor(exp((logit - max) / T) * 2**shift), an int64 (the argmax weighs 2**shift, and shift
+is as large as keeps a row's total under 2**53, so u * total is exact in float64). Sums,
+prefix sums and the nucleus's cut are then exact whatever the width or order a reduction
+runs in. A token whose weight rounds to 0 (below 2**-shift of the argmax's, under 1e-10 of
+it for vocabularies up to 2**18) is never drawn.
+
+The filters keep a prefix of the row's canonical order: logits descending, ties by token id.
+top-k keeps its first k tokens (0 = off); top-p then keeps the shortest prefix of those
+whose weights reach top_p of their total (a token stays while the weights before it are
+under top_p * total; the first always stays; 1 = off). Top-p sees the temperature, top-k
+does not. A filtered row draws the token at the first position of that prefix whose running
+sum of weights exceeds floor(u * sum); a row without filters does the same over token ids,
+which needs no sort.
+
+Logprobs are log_softmax of the raw logits (before temperature and filters), as
+common.proto documents, at the chosen token.
+
+The sampler fails rows, not batches: a row whose logits are not finite, or whose options are
+outside the contract, is reported as that row's error and the other rows get their tokens as
+if it had not been there. If the batched pass itself raises, each row is sampled alone, so
+only the rows that still fail get an error (the same tokens either way, since no row's draw
+depends on its neighbours).
 """
 
 from __future__ import annotations
 
+import logging
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from manylora.v1 import common_pb2
 from services.common.errors import Internal
 
+logger = logging.getLogger(__name__)
+
 # Colder than this is greedy up to exact ties; clamping keeps (logit - max) / temperature
 # finite whatever the caller sends (1e-45 would overflow float32 to -inf - -inf = NaN).
 MIN_TEMPERATURE = 1e-4
+# Hotter than this is uniform over the kept tokens anyway; the cap keeps it a float32.
+MAX_TEMPERATURE = 3e38
+# A top-p row without top-k first looks for its nucleus among this many best tokens; only
+# when the nucleus is longer is its whole row sorted.
+NUCLEUS_WIDTH = 1024
+
+_U64 = (1 << 64) - 1
+# SplitMix64's increment and mixer constants (Steele, Lea and Flood, 2014).
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
 
 
 @dataclass(frozen=True)
@@ -53,26 +97,29 @@ class SamplingOptions:
         )
 
 
-def make_generator(options: SamplingOptions, device: torch.device) -> torch.Generator | None:
-    """A request's own generator, so its samples do not depend on what shares the batch."""
-    if options.greedy:
-        return None
-    seed = options.seed if options.seed is not None else secrets.randbits(63)
-    return torch.Generator(device=device).manual_seed(seed)
+def request_seed(options: SamplingOptions) -> int:
+    """The seed a request samples with, fixed when it is queued: its own (as a uint64), or
+    64 random bits."""
+    if options.seed is not None:
+        return options.seed & _U64
+    return secrets.randbits(64)
 
 
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """logits [V] with everything outside top-k and the top-p nucleus set to -inf."""
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # Drop a token when the tokens before it already reach top_p; the first always stays.
-        drop = (torch.cumsum(probs, dim=-1) - probs) >= top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    return logits
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's output mixer, a bijection of uint64 (numpy's uint64 arrays wrap)."""
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+def uniforms(seeds: Sequence[int], token_indices: Sequence[int]) -> np.ndarray:
+    """u in [0, 1) with 53 random bits for each (seed, token index): output number
+    index + 1 of a SplitMix64 stream whose state starts at mix64(seed). Counter-based, so a
+    draw is a function of its own seed and index alone."""
+    state = _mix64(np.array([s & _U64 for s in seeds], dtype=np.uint64))
+    steps = np.array([i & _U64 for i in token_indices], dtype=np.uint64) + np.uint64(1)
+    bits = _mix64(state + steps * _GAMMA)
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
 @dataclass
@@ -87,48 +134,311 @@ class Sampled:
 
 def sample(
     logits: torch.Tensor,
-    options: list[SamplingOptions],
-    generators: list[torch.Generator | None],
+    options: Sequence[SamplingOptions],
+    seeds: Sequence[int],
+    token_indices: Sequence[int],
 ) -> Sampled:
-    """Next token of each row of logits [B, V] (float32), and its logprob when asked."""
-    # max propagates NaN, so one reduction finds rows with a NaN, a +inf or no finite logit.
-    row_max = logits.amax(dim=-1)
-    finite = torch.isfinite(row_max)
-    chosen = torch.argmax(logits, dim=-1)
-    errors: list[Exception | None] = [None] * len(options)
-    for row, (opts, gen) in enumerate(zip(options, generators, strict=True)):
-        if opts.greedy:
-            continue
-        try:
-            chosen[row] = _sample_row(logits[row], row_max[row], finite[row], opts, gen)
-        except Exception as exc:  # whatever it is, it is this row's alone
-            errors[row] = Internal(f"sampling failed: {type(exc).__name__}")
-    # One transfer for the tokens and the finiteness flags.
-    token_ids, finite_flags = torch.stack((chosen, finite.to(chosen.dtype))).tolist()
-    for row, ok in enumerate(finite_flags):
-        if not ok and errors[row] is None:
-            errors[row] = Internal("the model produced non-finite logits for this request")
-    logprobs: list[float | None] = [None] * len(options)
-    if any(o.logprobs for o in options):
-        picked = torch.log_softmax(logits, dim=-1).gather(1, chosen[:, None])[:, 0].tolist()
-        logprobs = [lp if o.logprobs else None for lp, o in zip(picked, options, strict=True)]
-    return Sampled(token_ids, logprobs, errors)
+    """Next token of each row of logits [B, V] (float32), and its logprob when asked.
+
+    Row i samples with options[i] and the uniform of (seeds[i], token_indices[i]), where
+    token_indices[i] is the number of tokens its request has generated so far."""
+    if not len(options) == len(seeds) == len(token_indices) == logits.shape[0]:
+        raise ValueError(
+            f"{logits.shape[0]} rows of logits need as many options, seeds and token indices "
+            f"(got {len(options)}, {len(seeds)}, {len(token_indices)})"
+        )
+    try:
+        return _sample_batch(logits, options, seeds, token_indices)
+    except Exception as exc:
+        if logits.shape[0] == 1:
+            return Sampled([0], [None], [Internal(f"sampling failed: {type(exc).__name__}")])
+        logger.exception("batched sampling failed; sampling each row alone")
+    rows = [
+        sample(logits[i : i + 1], options[i : i + 1], seeds[i : i + 1], token_indices[i : i + 1])
+        for i in range(logits.shape[0])
+    ]
+    return Sampled(
+        [r.token_ids[0] for r in rows], [r.logprobs[0] for r in rows], [r.errors[0] for r in rows]
+    )
 
 
-def _sample_row(
+@dataclass
+class _Plan:
+    """Per-row options as arrays, and which rows go which way (host side, no device work)."""
+
+    temperature: np.ndarray  # float64, clamped to [MIN_TEMPERATURE, MAX_TEMPERATURE]
+    top_k: np.ndarray  # int64 in [1, V]; V = off
+    top_p: np.ndarray  # float64 in (0, 1]; 1 = off
+    filtered: np.ndarray  # row indices: sampled with top-k or top-p
+    unfiltered: np.ndarray  # row indices: sampled without filters
+    invalid: dict[int, str]  # row -> why its options cannot be sampled
+
+
+def _plan(options: Sequence[SamplingOptions], vocab: int) -> _Plan:
+    temperature = np.array([o.temperature for o in options], dtype=np.float64)
+    # Clipped in Python first: options built without from_proto may hold any int.
+    top_k = np.array([max(min(o.top_k, vocab), -1) for o in options], dtype=np.int64)
+    top_p = np.array([o.top_p for o in options], dtype=np.float64)
+    sampled = temperature != 0.0  # NaN too: it is refused below, not greedy
+    with np.errstate(invalid="ignore"):
+        checks = (
+            (~np.isfinite(temperature) | (temperature < 0), "temperature must be finite, >= 0"),
+            (top_k < 0, "top_k must be >= 0"),
+            (~(top_p > 0), "top_p must be > 0"),  # NaN included
+        )
+    invalid: dict[int, str] = {}
+    for bad, why in checks:
+        for row in np.flatnonzero(sampled & bad).tolist():
+            invalid.setdefault(row, why)
+    good = sampled.copy()
+    good[list(invalid)] = False
+    top_k = np.where((top_k <= 0) | (top_k >= vocab), vocab, top_k)
+    top_p = np.where(top_p >= 1.0, 1.0, top_p)
+    has_filter = (top_k < vocab) | (top_p < 1.0)
+    return _Plan(
+        temperature=np.clip(np.nan_to_num(temperature), MIN_TEMPERATURE, MAX_TEMPERATURE),
+        top_k=top_k,
+        top_p=top_p,
+        filtered=np.flatnonzero(good & has_filter),
+        unfiltered=np.flatnonzero(good & ~has_filter),
+        invalid=invalid,
+    )
+
+
+def _weight_shift(vocab: int) -> int:
+    """Bits of a token's integer weight: the argmax weighs 2**shift, and a row's total
+    (at most vocab * 2**shift) stays under 2**53, where float64 holds every integer."""
+    return 53 - vocab.bit_length()
+
+
+def _weights(
+    x: torch.Tensor, row_max: torch.Tensor, temp: torch.Tensor, shift: int
+) -> torch.Tensor:
+    """Integer weights floor(exp((x - max) / T) * 2**shift) of x [S, W] (int64). The scaled
+    logits are <= 0 with a 0 at the max, so exp is in [0, 1] at any temperature."""
+    scaled = (x - row_max[:, None]) / temp[:, None]
+    return torch.exp(scaled).mul_(float(2**shift)).to(torch.int64)
+
+
+@dataclass
+class _Rows:
+    """One pass's rows on the device: finite logits and their options."""
+
+    logits: torch.Tensor  # [S, V] float32; rows with non-finite logits replaced by zeros
+    row_max: torch.Tensor  # [S] float32
+    temp: torch.Tensor  # [S] float32
+    top_k: torch.Tensor  # [S] int64
+    top_p: torch.Tensor  # [S] float64
+    u: torch.Tensor  # [S] float64
+
+
+@dataclass
+class _Prefix:
+    """A row's best tokens in canonical order and the running sums of their weights."""
+
+    values: torch.Tensor  # [S, W] the W largest logits, descending
+    sums: torch.Tensor  # [S, W] int64 inclusive running sums of weights, over the top k only
+    kept: torch.Tensor  # [S] int64 in [1, min(k, W)]: tokens that top-k and top-p keep
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """What the host knows of a filtered pass's rows, which sizes its tensors."""
+
+    top_k_max: int  # the largest top-k under V among the rows (1 if none)
+    top_p: bool  # some row has top-p
+    nucleus: bool  # some row has top-p without top-k
+    shift: int  # see _weight_shift
+
+
+def _prefix(rows: _Rows, shape: _Shape) -> _Prefix:
+    """The kept prefix of each filtered row."""
+    vocab = rows.logits.shape[1]
+    width = min(vocab, max(shape.top_k_max, NUCLEUS_WIDTH if shape.nucleus else 1))
+    while True:
+        if width < vocab:
+            values = torch.topk(rows.logits, width, dim=-1).values
+        else:
+            values = torch.sort(rows.logits, dim=-1, descending=True).values
+        in_top_k = torch.arange(width, device=values.device)[None, :] < rows.top_k[:, None]
+        weights = _weights(values, rows.row_max, rows.temp, shape.shift)
+        weights.masked_fill_(~in_top_k, 0)
+        sums = torch.cumsum(weights, dim=-1)
+        kept = torch.clamp(rows.top_k, max=width)
+        if not shape.top_p:
+            return _Prefix(values, sums, kept)
+        # The total that top-p takes its share of: the top k's weights. A row whose top k
+        # is longer than the width needs its whole row's.
+        total = sums[:, -1]
+        if shape.nucleus and width < vocab:
+            whole = _weights(rows.logits, rows.row_max, rows.temp, shape.shift).sum(dim=-1)
+            total = torch.where(rows.top_k > width, whole, total)
+        before = (sums - weights).to(torch.float64)
+        in_nucleus = in_top_k & (before < (rows.top_p * total.to(torch.float64))[:, None])
+        nucleus = in_nucleus.sum(dim=-1).clamp_(min=1)
+        kept = torch.where(rows.top_p < 1.0, nucleus, kept)
+        if width == vocab or not shape.nucleus:
+            return _Prefix(values, sums, kept)
+        # A nucleus that fills the width may go on past it: sort the whole rows (exact
+        # either way, so the rows that did fit get the same answer).
+        if not bool(((rows.top_k > width) & (rows.top_p < 1.0) & (nucleus >= width)).any()):
+            return _Prefix(values, sums, kept)
+        width = vocab
+
+
+def _draw_filtered(rows: _Rows, shape: _Shape) -> torch.Tensor:
+    """Tokens [S] of rows with top-k or top-p, by inverse CDF over their kept prefix."""
+    prefix = _prefix(rows, shape)
+    width = prefix.values.shape[1]
+    total = prefix.sums.gather(1, (prefix.kept - 1)[:, None])  # [S, 1], >= 2**shift
+    target = torch.minimum(torch.floor(rows.u[:, None] * total.to(torch.float64)).long(), total - 1)
+    # First position whose running sum exceeds the target: a position inside the prefix.
+    position = torch.searchsorted(prefix.sums, target, right=True).clamp_(max=width - 1)
+    value = prefix.values.gather(1, position)  # [S, 1]
+    # The drawn position is tie number `rank` (0-based) among the tokens with its logit,
+    # which the canonical order takes by token id; every larger logit is among the W.
+    rank = position[:, 0] - (prefix.values > value).sum(dim=-1)
+    ties = torch.cumsum(rows.logits == value, dim=-1, dtype=torch.int32)
+    token = torch.searchsorted(ties, (rank + 1).to(torch.int32)[:, None])
+    return token[:, 0].clamp_(max=rows.logits.shape[1] - 1)
+
+
+def _draw_unfiltered(rows: _Rows, shift: int) -> torch.Tensor:
+    """Tokens [S] of rows without filters, by inverse CDF over the token ids."""
+    sums = torch.cumsum(_weights(rows.logits, rows.row_max, rows.temp, shift), dim=-1)
+    total = sums[:, -1:]
+    target = torch.minimum(torch.floor(rows.u[:, None] * total.to(torch.float64)).long(), total - 1)
+    token = torch.searchsorted(sums, target, right=True)
+    return token[:, 0].clamp_(max=rows.logits.shape[1] - 1)
+
+
+def _shape(plan: _Plan, group: np.ndarray, vocab: int) -> _Shape:
+    top_k, top_p = plan.top_k[group], plan.top_p[group]
+    limited = top_k[top_k < vocab]
+    return _Shape(
+        top_k_max=int(limited.max()) if limited.size else 1,
+        top_p=bool((top_p < 1.0).any()),
+        nucleus=bool(((top_p < 1.0) & (top_k >= vocab)).any()),
+        shift=_weight_shift(vocab),
+    )
+
+
+def _rows(
     logits: torch.Tensor,
     row_max: torch.Tensor,
     finite: torch.Tensor,
-    opts: SamplingOptions,
-    gen: torch.Generator | None,
+    plan: _Plan,
+    group: np.ndarray,
+    u: np.ndarray,
+) -> tuple[_Rows, torch.Tensor]:
+    """The rows `group` (ascending) of the batch on the device, and their indices there."""
+    # One copy to the device for the group's options, uniforms and row indices (all exact
+    # in float64: top-k and row indices are far under 2**53).
+    table = np.stack(
+        [plan.temperature[group], plan.top_k[group], plan.top_p[group], u, group], axis=1
+    )
+    host = torch.from_numpy(table)
+    options = host.to(logits.device, non_blocking=host.is_pinned())
+    index = options[:, 4].long()
+    if group.size == logits.shape[0]:  # the whole batch, in order: no gather
+        x, x_max, ok = logits, row_max, finite
+    else:
+        x, x_max, ok = (t.index_select(0, index) for t in (logits, row_max, finite))
+    # A non-finite row samples zeros instead (its result is discarded): its own NaN must not
+    # reach the integer weights or the indices.
+    rows = _Rows(
+        logits=torch.where(ok[:, None], x, 0.0),
+        row_max=torch.where(ok, x_max, 0.0),
+        temp=options[:, 0].float(),
+        top_k=options[:, 1].long(),
+        top_p=options[:, 2],
+        u=options[:, 3],
+    )
+    return rows, index
+
+
+def _sample_batch(
+    logits: torch.Tensor,
+    options: Sequence[SamplingOptions],
+    seeds: Sequence[int],
+    token_indices: Sequence[int],
+) -> Sampled:
+    batch, vocab = logits.shape
+    if batch == 0:
+        return Sampled([], [], [])
+    logits = logits.float()
+    # max propagates NaN, so one reduction finds rows with a NaN, a +inf or no finite logit.
+    row_max = logits.amax(dim=-1)
+    finite = torch.isfinite(row_max)
+    chosen = torch.argmax(logits, dim=-1)  # the greedy rows' tokens; sampled rows overwrite
+    plan = _plan(options, vocab)
+    for group in (plan.filtered, plan.unfiltered):
+        if not group.size:
+            continue
+        picked = group.tolist()
+        u = uniforms([seeds[i] for i in picked], [token_indices[i] for i in picked])
+        rows, index = _rows(logits, row_max, finite, plan, group, u)
+        if group is plan.filtered:
+            tokens = _draw_filtered(rows, _shape(plan, group, vocab))
+        else:
+            tokens = _draw_unfiltered(rows, _weight_shift(vocab))
+        chosen.index_copy_(0, index, tokens)
+    # One transfer for the tokens, the finiteness flags and the logprobs (float64 holds
+    # every token id exactly).
+    columns = [chosen.to(torch.float64), finite.to(torch.float64)]
+    want_logprobs = [o.logprobs for o in options]
+    if any(want_logprobs):
+        picked_lp = torch.log_softmax(logits, dim=-1).gather(1, chosen[:, None])[:, 0]
+        columns.append(picked_lp.to(torch.float64))
+    host = torch.stack(columns).tolist()
+    errors: list[Exception | None] = [None] * batch
+    for row, why in plan.invalid.items():
+        errors[row] = Internal(f"sampling failed: {why}")
+    for row, ok in enumerate(host[1]):
+        if not ok and errors[row] is None:
+            errors[row] = Internal("the model produced non-finite logits for this request")
+    logprobs: list[float | None] = [None] * batch
+    if any(want_logprobs):
+        logprobs = [lp if w else None for lp, w in zip(host[2], want_logprobs, strict=True)]
+    return Sampled([int(t) for t in host[0]], logprobs, errors)
+
+
+def keep_mask(
+    logits: torch.Tensor,
+    temperature: Sequence[float],
+    top_k: Sequence[int],
+    top_p: Sequence[float],
 ) -> torch.Tensor:
-    """One request's token. Shifted by the row's max first, the scaled logits are <= 0 with
-    a 0 at the max, so for finite input the softmax has no inf and no NaN at any
-    temperature. A non-finite row samples zeros instead (its result is discarded): on CUDA,
-    multinomial of NaN probabilities is a device-side assert that would end the worker."""
-    # Clamped here too: options built without from_proto must not divide by a subnormal,
-    # which a device that flushes denormals reads as 0 (0 / 0 = NaN at the max).
-    scaled = (logits - row_max) / max(opts.temperature, MIN_TEMPERATURE)
-    scaled = torch.where(finite, scaled, torch.zeros_like(scaled))
-    probs = torch.softmax(filter_logits(scaled, opts.top_k, opts.top_p), dim=-1)
-    return torch.multinomial(probs, 1, generator=gen)[0]
+    """[B, V] bool: the tokens each row of finite logits [B, V] may draw at its positive
+    temperature, top-k and top-p — the set `sample` draws from."""
+    batch, vocab = logits.shape
+    options = [
+        SamplingOptions(max_new_tokens=1, temperature=t, top_k=k, top_p=p)
+        for t, k, p in zip(temperature, top_k, top_p, strict=True)
+    ]
+    plan = _plan(options, vocab)
+    if plan.invalid or plan.filtered.size + plan.unfiltered.size != batch:
+        raise ValueError("keep_mask takes positive temperatures, top_k >= 0 and top_p > 0")
+    logits = logits.float()
+    mask = torch.ones(batch, vocab, dtype=torch.bool, device=logits.device)
+    group = plan.filtered
+    if group.size:
+        finite = torch.ones(batch, dtype=torch.bool, device=logits.device)
+        rows, index = _rows(logits, logits.amax(dim=-1), finite, plan, group, np.zeros(group.size))
+        prefix = _prefix(rows, _shape(plan, group, vocab))
+        last = prefix.values.gather(1, (prefix.kept - 1)[:, None])  # the last kept logit
+        above = rows.logits > last
+        ties = rows.logits == last
+        room = prefix.kept[:, None] - above.sum(dim=-1, keepdim=True)  # ties that stay
+        keep = above | (ties & (torch.cumsum(ties, dim=-1) <= room))
+        mask.index_copy_(0, index, keep)
+    return mask
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """logits [..., V] with everything outside top-k and the top-p nucleus (at temperature
+    1) set to -inf."""
+    rows = logits.reshape(-1, logits.shape[-1])
+    n = rows.shape[0]
+    keep = keep_mask(rows, [1.0] * n, [top_k] * n, [top_p] * n)
+    return rows.masked_fill(~keep, float("-inf")).reshape(logits.shape)

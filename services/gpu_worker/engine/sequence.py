@@ -8,8 +8,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
 from services.common.lora_format import CanonicalAdapter
 from services.gpu_worker.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from services.gpu_worker.engine.sampling import SamplingOptions
@@ -61,7 +59,7 @@ class Sequence:
     num_allocated: int = 0  # tokens that have slots
     resident: ResidentAdapter | None = None  # the adapter's weights in the pool, while running
     deadline: float | None = None  # monotonic time after which the caller no longer waits
-    generator: torch.Generator | None = None
+    seed: int = 0  # the sampler's, set when queued (sampling.request_seed)
     arrival: float = field(default_factory=time.monotonic)
     scheduled_at: float | None = None
     first_token_at: float | None = None
