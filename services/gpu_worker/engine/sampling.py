@@ -112,12 +112,20 @@ def _mix64(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
+def _uint64s(values: Sequence[int]) -> np.ndarray:
+    """values as uint64s, modulo 2**64 (the slow way only when some are outside)."""
+    try:
+        return np.array(values, dtype=np.uint64)
+    except OverflowError:
+        return np.array([v & _U64 for v in values], dtype=np.uint64)
+
+
 def uniforms(seeds: Sequence[int], token_indices: Sequence[int]) -> np.ndarray:
     """u in [0, 1) with 53 random bits for each (seed, token index): output number
     index + 1 of a SplitMix64 stream whose state starts at mix64(seed). Counter-based, so a
     draw is a function of its own seed and index alone."""
-    state = _mix64(np.array([s & _U64 for s in seeds], dtype=np.uint64))
-    steps = np.array([i & _U64 for i in token_indices], dtype=np.uint64) + np.uint64(1)
+    state = _mix64(_uint64s(seeds))
+    steps = _uint64s(token_indices) + np.uint64(1)
     bits = _mix64(state + steps * _GAMMA)
     return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
@@ -175,10 +183,13 @@ class _Plan:
 
 
 def _plan(options: Sequence[SamplingOptions], vocab: int) -> _Plan:
-    temperature = np.array([o.temperature for o in options], dtype=np.float64)
-    # Clipped in Python first: options built without from_proto may hold any int.
-    top_k = np.array([max(min(o.top_k, vocab), -1) for o in options], dtype=np.int64)
-    top_p = np.array([o.top_p for o in options], dtype=np.float64)
+    count = len(options)
+    temperature = np.fromiter([o.temperature for o in options], np.float64, count)
+    top_p = np.fromiter([o.top_p for o in options], np.float64, count)
+    try:
+        top_k = np.fromiter([o.top_k for o in options], np.int64, count)
+    except OverflowError:  # options built without from_proto may hold any int
+        top_k = np.fromiter([max(min(o.top_k, vocab), -1) for o in options], np.int64, count)
     sampled = temperature != 0.0  # NaN too: it is refused below, not greedy
     with np.errstate(invalid="ignore"):
         checks = (
@@ -338,7 +349,11 @@ def _rows(
         [plan.temperature[group], plan.top_k[group], plan.top_p[group], u, group], axis=1
     )
     host = torch.from_numpy(table)
-    options = host.to(logits.device, non_blocking=host.is_pinned())
+    if logits.device.type == "cuda":
+        # From pageable memory the copy would wait for the device to finish the forward
+        # pass; pinned (torch caches the buffers), it is queued like the kernels.
+        host = host.pin_memory()
+    options = host.to(logits.device, non_blocking=True)
     index = options[:, 4].long()
     if group.size == logits.shape[0]:  # the whole batch, in order: no gather
         x, x_max, ok = logits, row_max, finite
