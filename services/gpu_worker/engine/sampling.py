@@ -12,8 +12,9 @@ than close, everything after the temperature is integer arithmetic: a token's we
 floor(exp((logit - max) / T) * 2**shift), an int64 (the argmax weighs 2**shift, and shift
 is as large as keeps a row's total under 2**53, so u * total is exact in float64). Sums,
 prefix sums and the nucleus's cut are then exact whatever the width or order a reduction
-runs in. A token whose weight rounds to 0 (below 2**-shift of the argmax's, under 1e-10 of
-it for vocabularies up to 2**18) is never drawn.
+runs in; only exp itself may differ in its last bit between devices, so "the same" holds
+on one device. A token whose weight rounds to 0 (below 2**-shift of the argmax's, under
+1e-10 of it for vocabularies up to 2**18) is never drawn.
 
 The filters keep a prefix of the row's canonical order: logits descending, ties by token id.
 top-k keeps its first k tokens (0 = off); top-p then keeps the shortest prefix of those
