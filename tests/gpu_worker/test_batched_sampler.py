@@ -15,6 +15,7 @@ from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.engine import Engine
 from services.gpu_worker.engine.sampling import (
     NUCLEUS_WIDTH,
+    Sampled,
     SamplingOptions,
     keep_mask,
     sample,
@@ -432,3 +433,34 @@ def test_cuda_draws_what_the_cpu_draws():
     cuda = sample(logits.cuda(), options, seeds, indices).token_ids
     agree = sum(a == b for a, b in zip(cpu, cuda, strict=True))
     assert agree >= 297
+
+
+def test_the_engine_draws_each_token_with_its_requests_seed_and_index(monkeypatch):
+    """The engine hands the sampler, for each row, the request's seed and the number of
+    tokens it has generated so far: 0, 1, 2, ... for each request, whatever the step."""
+    from services.gpu_worker.engine import engine as engine_module
+
+    seen: dict[int, list[int]] = {}
+    real_sample = engine_module.sample
+
+    def spy(
+        logits: torch.Tensor,
+        options: list[SamplingOptions],
+        seeds: list[int],
+        token_indices: list[int],
+    ) -> Sampled:
+        for seed, index in zip(seeds, token_indices, strict=True):
+            seen.setdefault(seed, []).append(index)
+        return real_sample(logits, options, seeds, token_indices)
+
+    monkeypatch.setattr(engine_module, "sample", spy)
+    model = build_pair(TINY_MHA)[0]
+    engine = Engine(model, EngineConfig(pool_slots=16384))
+    prompt = list(range(40, 50))
+    for i, new in enumerate((6, 9)):
+        opts = SamplingOptions(max_new_tokens=new, temperature=1.0, seed=500 + i, ignore_eos=True)
+        engine.add(Sequence(f"r{i}", prompt, opts, ByteTokenizer(), _Collect()))
+        engine.step()  # the second joins one step late
+    while engine.has_work():
+        engine.step()
+    assert seen == {500: list(range(6)), 501: list(range(9))}
