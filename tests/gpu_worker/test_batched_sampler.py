@@ -313,7 +313,13 @@ def _pool(vocab: int) -> tuple[torch.Tensor, list[SamplingOptions], list[int], l
     return logits, options, seeds, indices
 
 
-def _alone(logits, options, seeds, indices, row: int) -> tuple[int, object]:
+def _alone(
+    logits: torch.Tensor,
+    options: list[SamplingOptions],
+    seeds: list[int],
+    indices: list[int],
+    row: int,
+) -> tuple[int, bool]:
     out = sample(
         logits[row : row + 1], options[row : row + 1], seeds[row : row + 1], indices[row : row + 1]
     )
