@@ -52,7 +52,7 @@ FAMILIES = (
     ("lora_expand", ("_expand_kernel", "expand")),
     ("attention", ("_decode_kernel", "_decode_reduce", "_prefill_kernel", "attention")),
     ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "sm90", "cublas")),
-    ("sampling", ("argmax", "softmax", "topk", "sort", "multinomial", "cumsum")),
+    ("sampling", ("argmax", "softmax", "topk", "sort", "multinomial", "cumsum", "searchsorted")),
 )
 
 
