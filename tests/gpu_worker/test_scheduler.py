@@ -67,25 +67,53 @@ def _add(sched: Scheduler, *seqs: Sequence) -> None:
         sched.add(seq)
 
 
-def test_the_prefill_budget_admits_in_order_and_stops_at_the_first_that_overflows():
+def _advance(step: ScheduledStep) -> None:
+    """What the engine's pass does to the requests' state: each chunk's K/V are cached, and
+    a decode caches the token before the one it samples."""
+    for seq, n in zip(step.prefill, step.chunks, strict=True):
+        seq.num_cached += n
+    for seq in step.decode:
+        seq.num_cached += 1
+
+
+def test_the_prefill_budget_admits_in_order_and_chunks_the_prompt_that_overflows():
     sched = _scheduler(budget=10)
     a, b, c, d = _seq(5), _seq(5), _seq(1), _seq(1)
     _add(sched, a, b, c, d)
     step = sched.schedule()
-    assert step.prefill == [a, b] and step.decode == []  # 5 + 5 fills the budget exactly
+    assert step.prefill == [a, b] and step.chunks == [5, 5] and step.decode == []
     assert list(sched.waiting) == [c, d] and sched.running == [a, b]
     sched2 = _scheduler(budget=10)
-    big, small = _seq(4), _seq(7)
-    _add(sched2, big, small, _seq(1))
-    assert sched2.schedule().prefill == [big]  # 7 > 6 left: it and everything behind it wait
+    small, big, last = _seq(4), _seq(7), _seq(1)
+    _add(sched2, small, big, last)
+    first = sched2.schedule()
+    # 7 > 6 left: its first 6 tokens run now; nothing behind it is admitted.
+    assert first.prefill == [small, big] and first.chunks == [4, 6]
+    assert list(sched2.waiting) == [last] and (big.num_allocated, big.num_cached) == (6, 0)
+    _advance(first)
+    second = sched2.schedule()
+    # The part-done prompt goes first, then the next in line; `small` decodes.
+    assert second.prefill == [big, last] and second.chunks == [1, 1]
+    assert second.decode == [small] and second.q_lens == [1, 1, 1]
+    assert second.seqs == [big, last, small]
 
 
-def test_the_first_prompt_of_a_step_may_exceed_the_budget():
-    sched = _scheduler(budget=10)
-    long, short = _seq(12), _seq(1)
+def test_a_prompt_longer_than_the_budget_runs_in_chunks_over_several_steps():
+    sched = _scheduler(budget=4)
+    long, short = _seq(11, max_total=14), _seq(1)
     _add(sched, long, short)
-    assert sched.schedule().prefill == [long]
-    assert sched.schedule().prefill == [short]  # the next step, over an empty budget again
+    chunks = []
+    while long.prefilling:
+        step = sched.schedule()
+        assert step.prefill[0] is long and sum(step.chunks) <= 4
+        chunks.append(step.chunks[0])
+        # Slots for a chunk are taken when it runs, out of the promise made at admission.
+        assert long.num_allocated == long.num_cached + step.chunks[0]
+        promised = 2 * sum(s.max_total_tokens for s in sched.running)
+        assert sched.pool.promised + sched.pool.kv_used == promised
+        _advance(step)
+    assert chunks == [4, 4, 3]
+    assert step.prefill == [long, short] and step.chunks == [3, 1]  # the last chunk's leftover
 
 
 def test_running_requests_decode_and_max_num_seqs_bounds_admission():
