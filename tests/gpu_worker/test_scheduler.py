@@ -7,8 +7,10 @@ Numbers are worked out by hand: a token takes 2 KV slots (K and V); each adapter
 
 from __future__ import annotations
 
+import random
 import time
 
+import pytest
 import torch
 
 from services.common.lora_format import CanonicalAdapter
@@ -332,3 +334,91 @@ def test_making_room_spares_the_requests_own_adapter_even_when_it_is_the_oldest(
     assert sched.adapters.resident_keys() == [own.key]
     # Two misses to cache them, then a hit at admission: `own` was never reloaded.
     assert (sched.adapters.hits, sched.adapters.misses, sched.adapters.evictions) == (1, 2, 1)
+
+
+def test_aborting_a_request_part_way_through_its_prompt_gives_everything_back():
+    sched = _scheduler(pool_slots=100, budget=4)
+    adapter = _adapter("a")
+    seq = _seq(10, max_total=12, adapter=adapter)
+    sched.add(seq)
+    _advance(sched.schedule())
+    sched.schedule()  # its second chunk has slots, and has not run
+    assert seq.prefilling and seq.num_allocated == 8 and sched.pool.kv_used == 16
+    resident = seq.resident
+    assert resident is not None
+    sched.remove(seq)
+    assert (sched.pool.kv_used, sched.pool.promised, sched.kv_tables.free_rows) == (0, 0, 4)
+    assert sched.pool.free_kv_slots() == 100 - ADAPTER_SLOTS and resident.refs == 0
+    assert sched.running == [] and sched.schedule().empty
+
+
+def test_deadlines_drop_waiting_requests_but_never_one_part_way_through_its_prompt():
+    sched = _scheduler(budget=4)
+    started, queued = _seq(10), _seq(2)
+    _add(sched, started, queued)
+    _advance(sched.schedule())
+    past = time.monotonic() - 1
+    started.deadline = queued.deadline = past
+    step = sched.schedule()
+    assert step.expired == [queued] and step.prefill == [started] and step.chunks == [4]
+
+
+def _check_step(sched: Scheduler, step: ScheduledStep, budget: int, partial: list[Sequence]):
+    """The step's rules, given the requests part-way through their prompt before it."""
+    assert sum(step.chunks) <= budget and all(n >= 1 for n in step.chunks)
+    # Every request past its prompt decodes, every step; the part-done prompt goes first.
+    assert step.decode == [s for s in sched.running if not s.prefilling]
+    assert step.prefill[: len(partial)] == partial and len(partial) <= 1
+    # Only the last chunk of a step may stop short of its prompt's end.
+    for seq, n in list(zip(step.prefill, step.chunks, strict=True))[:-1]:
+        assert seq.num_cached + n == len(seq.prompt_ids)
+    # Each running request holds slots for what has run and what runs now, and the promise
+    # covers the rest of its prompt + max_new_tokens.
+    for seq, n in zip(step.seqs, step.q_lens, strict=True):
+        assert seq.num_allocated == seq.num_cached + n
+    assert sched.pool.kv_used == 2 * sum(s.num_allocated for s in sched.running)
+    promised = 2 * sum(s.max_total_tokens for s in sched.running)
+    assert sched.pool.kv_used + sched.pool.promised == promised
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_traffic_keeps_the_budget_order_and_memory(seed: int):
+    """Requests arrive at random, with random prompt lengths, and some are aborted while
+    waiting, part-way through their prompt or decoding: every step keeps the budget rule,
+    FCFS admission and the pool's accounting; everyone else finishes; the pool ends empty."""
+    rng = random.Random(seed)
+    budget = rng.choice([1, 3, 7, 16])
+    pool_slots = rng.choice([60, 150, 1000])
+    sched = _scheduler(pool_slots=pool_slots, max_num_seqs=3, budget=budget)
+    arrivals = []
+    for _ in range(20):
+        prompt = rng.randint(1, 20)
+        arrivals.append(_seq(prompt, max_total=prompt + rng.randint(1, 5)))
+    pending, admitted, finished, aborted = list(arrivals), [], [], []
+    for _ in range(1000):
+        for _ in range(min(rng.randint(0, 2), len(pending))):
+            sched.add(pending.pop(0))
+        if rng.random() < 0.1 and (sched.running or sched.waiting):
+            victim = rng.choice([*sched.running, *sched.waiting])
+            sched.remove(victim)
+            aborted.append(victim)
+        partial = [s for s in sched.running if s.prefilling and s.num_cached > 0]
+        before = list(sched.running)
+        step = sched.schedule()
+        admitted += [s for s in sched.running if s not in before]
+        _check_step(sched, step, budget, partial)
+        if sched.waiting and not step.prefill:  # only memory or max_num_seqs holds it back
+            held = 2 * sum(s.max_total_tokens for s in sched.running)
+            need = 2 * sched.waiting[0].max_total_tokens
+            assert len(sched.running) == 3 or need > pool_slots - held
+        _advance(step)
+        for seq in step.seqs:
+            if not seq.prefilling and seq.num_cached + 1 >= seq.max_total_tokens:
+                sched.remove(seq)
+                finished.append(seq)
+        if not pending and not sched.running and not sched.waiting:
+            break
+    assert not pending and not sched.running and not sched.waiting  # nobody starved
+    assert admitted == [s for s in arrivals if s in admitted]  # FCFS
+    assert sorted(map(id, finished + aborted)) == sorted(map(id, arrivals))
+    assert (sched.pool.kv_used, sched.pool.promised, sched.kv_tables.free_rows) == (0, 0, 3)

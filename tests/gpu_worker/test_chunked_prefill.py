@@ -1,0 +1,155 @@
+"""Chunked prefill in the engine: prompts longer than the per-step budget run over several
+steps, beside decodes, and give the same greedy tokens as HF transformers + PEFT (the oracle)
+and as an engine that prefills each prompt at once; non-final chunks produce no token and no
+output; aborting a request part-way through its prompt gives the pool back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from services.common.lora_format import CanonicalAdapter
+from services.common.peft_adapter import load_peft_folder
+from services.gpu_worker.engine.config import EngineConfig
+from services.gpu_worker.engine.engine import Engine
+from services.gpu_worker.engine.offline import generate_offline
+from services.gpu_worker.engine.sampling import SamplingOptions
+from services.gpu_worker.engine.sequence import FinishReason, Sequence, StepOutput
+from services.gpu_worker.engine.tokenizer import ByteTokenizer
+from services.gpu_worker.model.model import LlamaForCausalLM
+from tests.gpu_worker.test_engine_oracle import _mixed_requests, check_engine_against_oracle
+from tests.oracle import MIXED_ADAPTERS, TINY_GQA, TINY_MHA, build_pair, make_peft_adapters
+
+NEW_TOKENS = 8
+
+
+def _setup(
+    hf_config: dict[str, Any], folder: Path
+) -> tuple[LlamaForCausalLM, Any, dict[str, CanonicalAdapter]]:
+    ours, hf = build_pair(hf_config)
+    peft_model, paths = make_peft_adapters(hf, MIXED_ADAPTERS, folder)
+    shape = ours.config.shape
+    adapters = {name: load_peft_folder(path, shape, max_rank=64) for name, path in paths.items()}
+    return ours, peft_model, adapters
+
+
+def _engine(model: LlamaForCausalLM, budget: int, max_num_seqs: int = 64) -> Engine:
+    config = EngineConfig(pool_slots=8192, max_num_seqs=max_num_seqs, max_prefill_tokens=budget)
+    return Engine(model, config)
+
+
+# Budgets far below the prompts (3..40 tokens), so nearly every prompt runs in chunks, most
+# of them beside other requests' decodes; max_num_seqs 4 makes requests join while others
+# decode or are part-way through their prompt.
+CASES = [
+    pytest.param(TINY_MHA, 3, 64, id="mha-budget3"),
+    pytest.param(TINY_MHA, 7, 4, id="mha-budget7-4seqs"),
+    pytest.param(TINY_GQA, 7, 64, id="gqa-budget7"),
+]
+
+
+@pytest.mark.parametrize(("hf_config", "budget", "max_num_seqs"), CASES)
+def test_chunked_prefill_matches_hf_peft_and_the_unchunked_engine(
+    hf_config: dict[str, Any], budget: int, max_num_seqs: int, tmp_path: Path
+):
+    ours, peft_model, adapters = _setup(hf_config, tmp_path)
+    requests = _mixed_requests(list(adapters), seed=2)
+    assert max(len(p) for p, _ in requests) > 5 * budget
+    chunked = _engine(ours, budget, max_num_seqs)
+    check_engine_against_oracle(chunked, peft_model, requests, adapters, NEW_TOKENS)
+    assert chunked.steps > len(requests)
+
+    def run(engine: Engine) -> list[Any]:
+        return generate_offline(
+            engine,
+            ByteTokenizer(),
+            [prompt for prompt, _ in requests],
+            [SamplingOptions(max_new_tokens=NEW_TOKENS, ignore_eos=True, logprobs=True)]
+            * len(requests),
+            [adapters[name] if name else None for _, name in requests],
+        )
+
+    whole, parts = run(_engine(ours, 4096)), run(_engine(ours, budget, max_num_seqs))
+    for a, b in zip(whole, parts, strict=True):
+        assert a.token_ids == b.token_ids
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs))
+
+
+class Outputs:
+    def __init__(self) -> None:
+        self.outputs: list[StepOutput] = []
+
+    def __call__(self, out: StepOutput) -> None:
+        self.outputs.append(out)
+
+
+def _request(prompt_len: int, sink: Outputs, new_tokens: int = 3) -> Sequence:
+    prompt = [3 + (i * 37) % 250 for i in range(prompt_len)]
+    options = SamplingOptions(max_new_tokens=new_tokens, ignore_eos=True)
+    return Sequence(f"p{prompt_len}", prompt, options, ByteTokenizer(), sink)
+
+
+def test_only_the_chunk_that_ends_a_prompt_gives_a_token(tmp_path: Path):
+    ours, _ = build_pair(TINY_MHA)
+    engine = _engine(ours, budget=4)
+    sink = Outputs()
+    seq = _request(10, sink)
+    engine.add(seq)
+    infos = []
+    while seq.prefilling:
+        cached = seq.num_cached
+        info = engine.step()
+        assert info is not None
+        infos.append(info)
+        if seq.prefilling:  # a chunk short of the prompt's end: no token, nothing streamed
+            assert seq.num_cached == cached + 4 and seq.output_ids == []
+            assert sink.outputs == [] and seq.first_token_at is None
+    assert [(i.prefill_seqs, i.decode_seqs, i.tokens) for i in infos] == [(1, 0, 4)] * 2 + [
+        (1, 0, 2)
+    ]
+    # The last chunk sampled the first token, timed at that step.
+    assert len(sink.outputs) == 1 and len(seq.output_ids) == 1
+    assert seq.first_token_at is not None and seq.num_cached == 10
+    while engine.has_work():
+        engine.step()
+    assert [len(o.token_ids) for o in sink.outputs] == [1, 1, 1]
+    assert sink.outputs[-1].finish_reason is FinishReason.LENGTH
+    assert sink.outputs[-1].time_to_first_token_ms > 0 and engine.pool.kv_used == 0
+
+
+def test_a_chunk_rides_beside_running_decodes_within_the_budget():
+    ours, _ = build_pair(TINY_MHA)
+    engine = _engine(ours, budget=5)
+    first, second = Outputs(), Outputs()
+    short, long = _request(3, first, new_tokens=8), _request(9, second)
+    engine.add(short)
+    engine.add(long)
+    shapes = []
+    while long.prefilling:
+        info = engine.step()
+        assert info is not None
+        shapes.append((info.prefill_seqs, info.decode_seqs, info.tokens))
+    # 3 + 2 prompt tokens, then `short` decodes beside `long`'s next chunks (5, then 2).
+    assert shapes == [(2, 0, 5), (1, 1, 6), (1, 1, 3)]
+    assert len(first.outputs) == 3 and len(second.outputs) == 1
+
+
+def test_aborting_part_way_through_a_prompt_frees_everything():
+    ours, _ = build_pair(TINY_GQA)
+    engine = _engine(ours, budget=4)
+    sink, other = Outputs(), Outputs()
+    seq, bystander = _request(11, sink), _request(2, other)
+    engine.add(bystander)
+    engine.add(seq)
+    engine.step()
+    engine.step()  # `bystander` decodes beside `seq`'s second chunk
+    assert seq.prefilling and seq.num_cached == 6 and len(other.outputs) == 2
+    assert engine.abort(seq.seq_id)
+    assert [o.finish_reason for o in sink.outputs] == [FinishReason.ABORTED]
+    while engine.has_work():
+        engine.step()
+    assert other.outputs[-1].finish_reason is FinishReason.LENGTH
+    assert (engine.pool.kv_used, engine.pool.promised, engine.kv_tables.free_rows) == (0, 0, 64)
