@@ -66,6 +66,7 @@ def describe(mode: str, variant: str, trace: Trace, options: RunOptions) -> dict
         "output_range": list(p.output_range),
         "seed": p.seed,
         "max_num_seqs": options.settings.max_num_seqs,
+        "max_prefill_tokens": options.settings.max_prefill_tokens,
         "target_modules": targets_label(options.targets),
     }
 
