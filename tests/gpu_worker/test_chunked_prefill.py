@@ -153,3 +153,66 @@ def test_aborting_part_way_through_a_prompt_frees_everything():
         engine.step()
     assert other.outputs[-1].finish_reason is FinishReason.LENGTH
     assert (engine.pool.kv_used, engine.pool.promised, engine.kv_tables.free_rows) == (0, 0, 64)
+
+
+def _check_batch(engine: Engine, batch: Any, seqs: list[Sequence], q_lens: list[int]) -> None:
+    """The batch against a token-by-token listing of what each request brings."""
+    ids: list[int] = []
+    positions, k_slots, v_slots, logits_rows, starts = [], [], [], [], []
+    k_table, v_table = engine.kv_tables.k_table, engine.kv_tables.v_table
+    for seq, n in zip(seqs, q_lens, strict=True):
+        ctx = seq.num_cached
+        starts.append(len(ids))
+        if ctx < len(seq.prompt_ids):
+            ids += seq.prompt_ids[ctx : ctx + n]
+        else:
+            assert n == 1
+            ids.append(seq.output_ids[-1])
+        for pos in range(ctx, ctx + n):
+            positions.append(pos)
+            k_slots.append(int(k_table[seq.table_row, pos]))
+            v_slots.append(int(v_table[seq.table_row, pos]))
+        if ctx + n >= len(seq.prompt_ids):
+            logits_rows.append(len(ids) - 1)
+    assert batch.input_ids.tolist() == ids
+    assert batch.positions.tolist() == positions
+    assert batch.new_k_slots.tolist() == k_slots and batch.new_v_slots.tolist() == v_slots
+    assert batch.logits_rows.tolist() == logits_rows
+    assert batch.q_starts.tolist() == starts and batch.q_lens.tolist() == q_lens
+    ctx_lens = [s.num_cached for s in seqs]
+    assert batch.ctx_lens.tolist() == ctx_lens == batch.host_ctx_lens
+    assert batch.seq_lens.tolist() == [c + n for c, n in zip(ctx_lens, q_lens, strict=True)]
+    assert batch.req_rows.tolist() == [s.table_row for s in seqs]
+    assert batch.req_lora.tolist() == [s.resident.row if s.resident else -1 for s in seqs]
+    assert batch.max_q_len == max(q_lens, default=1)
+    for name in ("req_rows", "q_starts", "q_lens", "ctx_lens", "seq_lens", "req_lora"):
+        tensor = getattr(batch, name)
+        assert tensor.dtype == torch.int32 and tensor.is_contiguous(), name
+
+
+def test_every_batch_lists_each_tokens_id_position_and_slots(tmp_path: Path):
+    """Every step of a run with chunks, decodes and adapters, checked token by token."""
+    ours, _, adapters = _setup(TINY_MHA, tmp_path)
+    engine = _engine(ours, budget=9, max_num_seqs=8)
+    build = engine.build_batch
+    shapes = set()
+
+    def checked(seqs: list[Sequence], q_lens: list[int] | None = None) -> Any:
+        batch = build(seqs, q_lens)
+        assert q_lens is not None
+        _check_batch(engine, batch, seqs, q_lens)
+        kinds = {(s.num_cached > 0, n > 1) for s, n in zip(seqs, q_lens, strict=True)}
+        shapes.add(tuple(sorted(kinds)))
+        return batch
+
+    engine.build_batch = checked  # type: ignore[method-assign]
+    choices: list[CanonicalAdapter | None] = [None, *adapters.values()]
+    for length, adapter in zip((4, 12, 3, 10, 15), choices, strict=True):
+        seq = _request(length, Outputs(), new_tokens=6)
+        seq.adapter = adapter
+        engine.add(seq)
+    while engine.has_work():
+        engine.step()
+    # Chunks after earlier chunks (ctx > 0, several tokens) ran beside decodes.
+    assert any((True, True) in s and (True, False) in s for s in shapes)
+    assert engine.pool.kv_used == 0

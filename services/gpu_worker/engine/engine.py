@@ -274,7 +274,11 @@ class Engine:
         ]
         # One host-to-device copy for everything the host knows; the rest is derived there.
         host = torch.cat(
-            (ids, torch.tensor(logits_rows, dtype=torch.long), torch.tensor(per_request).view(-1))
+            (
+                ids,
+                torch.tensor(logits_rows, dtype=torch.long),
+                torch.tensor(per_request, dtype=torch.long).view(-1),
+            )
         )
         on_device = host.to(self.device)
         meta = on_device[tokens + len(logits_rows) :].view(4, len(seqs)).to(torch.int32)
