@@ -239,10 +239,9 @@ class Engine:
         """The captured decode graphs when they can run this batch: one token per request,
         every request sampled (a graph returns every row's logits), and a bucket as large
         as the batch."""
-        sampled_all = batch.logits_rows.shape[0] == num_seqs
-        if self.graphs is not None and batch.is_decode and sampled_all:
-            return self.graphs if self.graphs.fits(num_seqs) else None
-        return None
+        if self.graphs is None or not batch.is_decode or not self.graphs.fits(num_seqs):
+            return None
+        return self.graphs if batch.logits_rows.shape[0] == num_seqs else None
 
     def build_batch(self, seqs: list[Sequence], q_lens: list[int] | None = None) -> ForwardBatch:
         """The pass over `seqs`: request b brings its next `q_lens[b]` tokens (by default the
