@@ -215,3 +215,41 @@ def test_every_batch_lists_each_tokens_id_position_and_slots(tmp_path: Path):
     # Chunks after earlier chunks (ctx > 0, several tokens) ran beside decodes.
     assert any((True, True) in s and (True, False) in s for s in shapes)
     assert engine.pool.kv_used == 0
+
+
+class GraphLike:
+    """Stands in for DecodeGraphs on the CPU: like a captured graph, it returns the logits of
+    every row of the batch, whatever the batch's logits_rows."""
+
+    def __init__(self, model: LlamaForCausalLM) -> None:
+        self.model, self.runs = model, 0
+
+    def fits(self, batch_size: int) -> bool:
+        return True
+
+    def run(self, batch: Any) -> torch.Tensor:
+        self.runs += 1
+        batch.logits_rows = torch.arange(batch.input_ids.shape[0])
+        return self.model(batch)
+
+
+def test_decode_graphs_never_run_a_one_token_chunk_that_does_not_end_its_prompt():
+    """With a budget of 1, every prompt runs one token a step: those batches have one token
+    per request, like decode, but a chunk short of its prompt's end must not be sampled."""
+    ours, _ = build_pair(TINY_MHA)
+
+    def run(graphs: bool) -> tuple[list[list[int]], int]:
+        engine = _engine(ours, budget=1)
+        stub = GraphLike(ours)
+        if graphs:
+            engine.graphs = stub  # type: ignore[assignment]
+        sinks = [Outputs(), Outputs()]
+        for length, sink in zip((4, 6), sinks, strict=True):
+            engine.add(_request(length, sink, new_tokens=5))
+        while engine.has_work():
+            engine.step()
+        return [[t for o in s.outputs for t in o.token_ids] for s in sinks], stub.runs
+
+    (with_graphs, runs), (without, _) = run(True), run(False)
+    assert with_graphs == without and all(len(t) == 5 for t in without)
+    assert runs > 0
