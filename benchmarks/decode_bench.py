@@ -88,7 +88,7 @@ def time_decode(
         prompt = torch.randint(3, 259, (PROMPT_LEN,), generator=gen).tolist()
         opts = SamplingOptions(max_new_tokens=steps + 8, ignore_eos=True)
         engine.add(Sequence(f"b{i}", prompt, opts, ByteTokenizer(), lambda _: None, adapters[i]))
-    while engine.scheduler.waiting or any(s.num_cached == 0 for s in engine.scheduler.running):
+    while engine.scheduler.waiting or any(s.prefilling for s in engine.scheduler.running):
         engine.step()  # prefill everyone first
     times = []
     for _ in range(steps):

@@ -75,7 +75,7 @@ def main() -> None:
                 adapter,
             )
         )
-    while any(s.num_cached == 0 for s in engine.scheduler.running) or engine.scheduler.waiting:
+    while any(s.prefilling for s in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()
     for _ in range(3):
         phases(engine)

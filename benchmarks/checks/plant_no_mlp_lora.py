@@ -22,8 +22,10 @@ TEST = (
 def main() -> int:
     build = engine.Engine.build_batch
 
-    def without_mlp_lora(self: engine.Engine, seqs: list[Sequence]) -> ForwardBatch:
-        batch = build(self, seqs)
+    def without_mlp_lora(
+        self: engine.Engine, seqs: list[Sequence], q_lens: list[int] | None = None
+    ) -> ForwardBatch:
+        batch = build(self, seqs, q_lens)
         batch.mlp_lora = False
         return batch
 

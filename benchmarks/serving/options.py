@@ -24,6 +24,7 @@ MODES = ("inprocess", "grpc")
 # The worker's engine settings a run may change, with the worker's defaults and help.
 ENGINE_SETTINGS = (
     "max_num_seqs",
+    "max_prefill_tokens",
     "max_loras",
     "pool_slots",
     "gpu_memory_fraction",

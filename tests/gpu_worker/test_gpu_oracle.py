@@ -59,6 +59,19 @@ def test_bf16_cuda_engine_matches_hf_peft_oracle(
     check_bf16_engine_against_oracle(hf_config, MIXED_ADAPTERS, graphs, tmp_path)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("budget", [3, 7])
+@pytest.mark.parametrize("hf_config", [TINY_MHA, TINY_GQA], ids=["mha", "gqa"])
+def test_bf16_cuda_engine_with_chunked_prefill_matches_hf_peft_oracle(
+    hf_config: dict[str, Any], budget: int, tmp_path: Path
+):
+    """Prompts of 3..40 tokens in chunks of at most `budget` tokens a step, beside decodes
+    replayed from CUDA graphs: the paged prefill kernel over earlier chunks' K/V."""
+    check_bf16_engine_against_oracle(
+        hf_config, MIXED_ADAPTERS, True, tmp_path, max_prefill_tokens=budget
+    )
+
+
 def check_bf16_engine_against_oracle(
     hf_config: dict[str, Any],
     specs: tuple[AdapterSpec, ...],
@@ -68,6 +81,7 @@ def check_bf16_engine_against_oracle(
     new_tokens: int = NEW_TOKENS,
     device: str = "cuda",
     dtype: torch.dtype = torch.bfloat16,
+    max_prefill_tokens: int = 4096,
 ) -> None:
     """The mixed batch of `specs` (see _mixed_requests) through a bf16 CUDA engine, each token
     checked against the fp32 HF + PEFT oracle on our prefix (see the module docstring).
@@ -78,7 +92,8 @@ def check_bf16_engine_against_oracle(
     ours = build_dummy_model(config, 0, dtype, torch.device(device))
     adapters = {n: load_peft_folder(p, config.shape, max_rank=64) for n, p in paths.items()}
     requests = _mixed_requests(list(adapters), seed=1)
-    engine = Engine(ours, EngineConfig(pool_slots=8192, max_num_seqs=64), lora_backend)
+    settings = EngineConfig(pool_slots=8192, max_num_seqs=64, max_prefill_tokens=max_prefill_tokens)
+    engine = Engine(ours, settings, lora_backend)
     if graphs:
         engine.capture_decode_graphs()
     options = SamplingOptions(max_new_tokens=new_tokens, ignore_eos=True, logprobs=True)
@@ -113,6 +128,7 @@ def check_bf16_engine_against_oracle(
         worst_logprob = max(worst_logprob, float(lp_err.max()))
     print(
         f"\n[{hf_config['num_key_value_heads']} kv heads, graphs={graphs}, "
+        f"budget {max_prefill_tokens}, "
         f"{type(engine.lora_backend).__name__}] "
         f"{full_matches}/{len(requests)} requests "
         f"equal the oracle's greedy run; oracle argmax on {exact}/{total} tokens; "

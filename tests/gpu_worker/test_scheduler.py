@@ -7,8 +7,10 @@ Numbers are worked out by hand: a token takes 2 KV slots (K and V); each adapter
 
 from __future__ import annotations
 
+import random
 import time
 
+import pytest
 import torch
 
 from services.common.lora_format import CanonicalAdapter
@@ -67,25 +69,53 @@ def _add(sched: Scheduler, *seqs: Sequence) -> None:
         sched.add(seq)
 
 
-def test_the_prefill_budget_admits_in_order_and_stops_at_the_first_that_overflows():
+def _advance(step: ScheduledStep) -> None:
+    """What the engine's pass does to the requests' state: each chunk's K/V are cached, and
+    a decode caches the token before the one it samples."""
+    for seq, n in zip(step.prefill, step.chunks, strict=True):
+        seq.num_cached += n
+    for seq in step.decode:
+        seq.num_cached += 1
+
+
+def test_the_prefill_budget_admits_in_order_and_chunks_the_prompt_that_overflows():
     sched = _scheduler(budget=10)
     a, b, c, d = _seq(5), _seq(5), _seq(1), _seq(1)
     _add(sched, a, b, c, d)
     step = sched.schedule()
-    assert step.prefill == [a, b] and step.decode == []  # 5 + 5 fills the budget exactly
+    assert step.prefill == [a, b] and step.chunks == [5, 5] and step.decode == []
     assert list(sched.waiting) == [c, d] and sched.running == [a, b]
     sched2 = _scheduler(budget=10)
-    big, small = _seq(4), _seq(7)
-    _add(sched2, big, small, _seq(1))
-    assert sched2.schedule().prefill == [big]  # 7 > 6 left: it and everything behind it wait
+    small, big, last = _seq(4), _seq(7), _seq(1)
+    _add(sched2, small, big, last)
+    first = sched2.schedule()
+    # 7 > 6 left: its first 6 tokens run now; nothing behind it is admitted.
+    assert first.prefill == [small, big] and first.chunks == [4, 6]
+    assert list(sched2.waiting) == [last] and (big.num_allocated, big.num_cached) == (6, 0)
+    _advance(first)
+    second = sched2.schedule()
+    # The part-done prompt goes first, then the next in line; `small` decodes.
+    assert second.prefill == [big, last] and second.chunks == [1, 1]
+    assert second.decode == [small] and second.q_lens == [1, 1, 1]
+    assert second.seqs == [big, last, small]
 
 
-def test_the_first_prompt_of_a_step_may_exceed_the_budget():
-    sched = _scheduler(budget=10)
-    long, short = _seq(12), _seq(1)
+def test_a_prompt_longer_than_the_budget_runs_in_chunks_over_several_steps():
+    sched = _scheduler(budget=4)
+    long, short = _seq(11, max_total=14), _seq(1)
     _add(sched, long, short)
-    assert sched.schedule().prefill == [long]
-    assert sched.schedule().prefill == [short]  # the next step, over an empty budget again
+    chunks = []
+    while long.prefilling:
+        step = sched.schedule()
+        assert step.prefill[0] is long and sum(step.chunks) <= 4
+        chunks.append(step.chunks[0])
+        # Slots for a chunk are taken when it runs, out of the promise made at admission.
+        assert long.num_allocated == long.num_cached + step.chunks[0]
+        promised = 2 * sum(s.max_total_tokens for s in sched.running)
+        assert sched.pool.promised + sched.pool.kv_used == promised
+        _advance(step)
+    assert chunks == [4, 4, 3]
+    assert step.prefill == [long, short] and step.chunks == [3, 1]  # the last chunk's leftover
 
 
 def test_running_requests_decode_and_max_num_seqs_bounds_admission():
@@ -304,3 +334,91 @@ def test_making_room_spares_the_requests_own_adapter_even_when_it_is_the_oldest(
     assert sched.adapters.resident_keys() == [own.key]
     # Two misses to cache them, then a hit at admission: `own` was never reloaded.
     assert (sched.adapters.hits, sched.adapters.misses, sched.adapters.evictions) == (1, 2, 1)
+
+
+def test_aborting_a_request_part_way_through_its_prompt_gives_everything_back():
+    sched = _scheduler(pool_slots=100, budget=4)
+    adapter = _adapter("a")
+    seq = _seq(10, max_total=12, adapter=adapter)
+    sched.add(seq)
+    _advance(sched.schedule())
+    sched.schedule()  # its second chunk has slots, and has not run
+    assert seq.prefilling and seq.num_allocated == 8 and sched.pool.kv_used == 16
+    resident = seq.resident
+    assert resident is not None
+    sched.remove(seq)
+    assert (sched.pool.kv_used, sched.pool.promised, sched.kv_tables.free_rows) == (0, 0, 4)
+    assert sched.pool.free_kv_slots() == 100 - ADAPTER_SLOTS and resident.refs == 0
+    assert sched.running == [] and sched.schedule().empty
+
+
+def test_deadlines_drop_waiting_requests_but_never_one_part_way_through_its_prompt():
+    sched = _scheduler(budget=4)
+    started, queued = _seq(10), _seq(2)
+    _add(sched, started, queued)
+    _advance(sched.schedule())
+    past = time.monotonic() - 1
+    started.deadline = queued.deadline = past
+    step = sched.schedule()
+    assert step.expired == [queued] and step.prefill == [started] and step.chunks == [4]
+
+
+def _check_step(sched: Scheduler, step: ScheduledStep, budget: int, partial: list[Sequence]):
+    """The step's rules, given the requests part-way through their prompt before it."""
+    assert sum(step.chunks) <= budget and all(n >= 1 for n in step.chunks)
+    # Every request past its prompt decodes, every step; the part-done prompt goes first.
+    assert step.decode == [s for s in sched.running if not s.prefilling]
+    assert step.prefill[: len(partial)] == partial and len(partial) <= 1
+    # Only the last chunk of a step may stop short of its prompt's end.
+    for seq, n in list(zip(step.prefill, step.chunks, strict=True))[:-1]:
+        assert seq.num_cached + n == len(seq.prompt_ids)
+    # Each running request holds slots for what has run and what runs now, and the promise
+    # covers the rest of its prompt + max_new_tokens.
+    for seq, n in zip(step.seqs, step.q_lens, strict=True):
+        assert seq.num_allocated == seq.num_cached + n
+    assert sched.pool.kv_used == 2 * sum(s.num_allocated for s in sched.running)
+    promised = 2 * sum(s.max_total_tokens for s in sched.running)
+    assert sched.pool.kv_used + sched.pool.promised == promised
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_traffic_keeps_the_budget_order_and_memory(seed: int):
+    """Requests arrive at random, with random prompt lengths, and some are aborted while
+    waiting, part-way through their prompt or decoding: every step keeps the budget rule,
+    FCFS admission and the pool's accounting; everyone else finishes; the pool ends empty."""
+    rng = random.Random(seed)
+    budget = rng.choice([1, 3, 7, 16])
+    pool_slots = rng.choice([60, 150, 1000])
+    sched = _scheduler(pool_slots=pool_slots, max_num_seqs=3, budget=budget)
+    arrivals = []
+    for _ in range(20):
+        prompt = rng.randint(1, 20)
+        arrivals.append(_seq(prompt, max_total=prompt + rng.randint(1, 5)))
+    pending, admitted, finished, aborted = list(arrivals), [], [], []
+    for _ in range(1000):
+        for _ in range(min(rng.randint(0, 2), len(pending))):
+            sched.add(pending.pop(0))
+        if rng.random() < 0.1 and (sched.running or sched.waiting):
+            victim = rng.choice([*sched.running, *sched.waiting])
+            sched.remove(victim)
+            aborted.append(victim)
+        partial = [s for s in sched.running if s.prefilling and s.num_cached > 0]
+        before = list(sched.running)
+        step = sched.schedule()
+        admitted += [s for s in sched.running if s not in before]
+        _check_step(sched, step, budget, partial)
+        if sched.waiting and not step.prefill:  # only memory or max_num_seqs holds it back
+            held = 2 * sum(s.max_total_tokens for s in sched.running)
+            need = 2 * sched.waiting[0].max_total_tokens
+            assert len(sched.running) == 3 or need > pool_slots - held
+        _advance(step)
+        for seq in step.seqs:
+            if not seq.prefilling and seq.num_cached + 1 >= seq.max_total_tokens:
+                sched.remove(seq)
+                finished.append(seq)
+        if not pending and not sched.running and not sched.waiting:
+            break
+    assert not pending and not sched.running and not sched.waiting  # nobody starved
+    assert admitted == [s for s in arrivals if s in admitted]  # FCFS
+    assert sorted(map(id, finished + aborted)) == sorted(map(id, arrivals))
+    assert (sched.pool.kv_used, sched.pool.promised, sched.kv_tables.free_rows) == (0, 0, 3)

@@ -6,8 +6,10 @@ tests/conftest.py).
 One batch mixes an all-linear adapter whose modules have different ranks (4 to 32, so some
 span two rank tiles of the kernels), an MLP-only rsLoRA adapter with a layer-specific rank,
 an attention-only adapter and base-model rows. A prefill budget of 16 tokens admits the
-requests over three steps, so prefill rows share passes with decode rows before the last
-steps decode alone. The interpreter is slow: tiny models, short prompts, three tokens."""
+requests over three steps, some prompts in chunks, so prefill rows share passes with decode
+rows before the last steps decode alone; a budget of 4 runs most prompts in chunks, each
+attending over its earlier chunks' K/V through the paged prefill kernel (q_len > 1 and
+ctx_len > 0). The interpreter is slow: tiny models, short prompts, three tokens."""
 
 from __future__ import annotations
 
@@ -58,12 +60,18 @@ def _requests() -> list[tuple[list[int], str | None]]:
     return [(torch.randint(3, 259, (n,), generator=gen).tolist(), name) for name, n in plan]
 
 
-@pytest.mark.parametrize("hf_config", [TINY_MHA, GQA], ids=["mha", "gqa"])
-def test_engine_on_the_triton_kernels_matches_hf_peft(hf_config: dict[str, Any], tmp_path: Path):
+@pytest.mark.parametrize(
+    ("hf_config", "budget"),
+    [(TINY_MHA, 16), (GQA, 16), (GQA, 4)],
+    ids=["mha", "gqa", "gqa-chunks-of-4"],
+)
+def test_engine_on_the_triton_kernels_matches_hf_peft(
+    hf_config: dict[str, Any], budget: int, tmp_path: Path
+):
     backends = ModelBackends(TritonPagedAttention(), ElementwiseOps.kernels())
     ours, hf = build_pair(hf_config, backends=backends)
     peft_model, paths = make_peft_adapters(hf, ADAPTERS, tmp_path)
     adapters = {n: load_peft_folder(p, ours.config.shape, max_rank=32) for n, p in paths.items()}
-    config = EngineConfig(pool_slots=4096, max_num_seqs=8, max_prefill_tokens=16, max_rank=32)
+    config = EngineConfig(pool_slots=4096, max_num_seqs=8, max_prefill_tokens=budget, max_rank=32)
     engine = Engine(ours, config, TritonLoraBackend())
     check_engine_against_oracle(engine, peft_model, _requests(), adapters, NEW_TOKENS)

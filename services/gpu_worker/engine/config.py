@@ -57,7 +57,11 @@ class EngineConfig:
         default=True, metadata={"help": "replay decode steps as CUDA graphs (GPU only)"}
     )
     max_prefill_tokens: int = field(
-        default=4096, metadata={"help": "prompt tokens admitted per step"}
+        default=4096,
+        metadata={
+            "help": "prompt tokens per step; a longer prompt runs in chunks over several "
+            "steps, and the running requests' decode tokens come on top"
+        },
     )
     max_waiting: int = field(
         default=1024, metadata={"help": "waiting-queue bound (RESOURCE_EXHAUSTED beyond it)"}

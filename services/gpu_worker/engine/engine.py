@@ -1,12 +1,14 @@
 """The engine: continuous batching over one model on one device.
 
-Each `step` admits what fits, runs one mixed pass (prefill of the newly admitted requests and
-one decode token for each running one), samples, streams outputs and frees finished requests.
-Everything here runs on the single engine thread that owns the device.
+Each `step` admits what fits, runs one mixed pass (prompt chunks within the step's token
+budget, see scheduler.py, and one decode token for each running request that is past its
+prompt), samples a token for every request whose prompt is done, streams outputs and frees
+finished requests. Everything here runs on the single engine thread that owns the device.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -43,7 +45,7 @@ logger = logging.getLogger(__name__)
 class StepResult:
     """What one engine step ran through the model."""
 
-    prefill_seqs: int  # requests whose prompt went through the model in this step
+    prefill_seqs: int  # requests with a prompt chunk (maybe the whole prompt) in this step
     decode_seqs: int  # requests that decoded one token
     tokens: int  # tokens through the model
     graph: bool  # a CUDA graph replayed the step (pure decode that fits a bucket)
@@ -189,27 +191,36 @@ class Engine:
             seq.on_output(out)
         if scheduled.empty:
             return None
-        seqs = scheduled.prefill + scheduled.decode
+        ran, q_lens = scheduled.seqs, scheduled.q_lens
+        # Those that sample a token: every decode, and each prompt chunk that ends its prompt.
+        seqs = [s for s, n in zip(ran, q_lens, strict=True) if _completes_prompt(s, n)]
         try:
-            batch = self.build_batch(seqs)
-            graphs = self._graphs_for(batch, len(seqs))
+            batch = self.build_batch(ran, q_lens)
+            graphs = self._graphs_for(batch, len(ran))
             logits = graphs.run(batch) if graphs is not None else self.model(batch)
-            sampled = sample(
-                logits,
-                [s.options for s in seqs],
-                [s.seed for s in seqs],
-                [len(s.output_ids) for s in seqs],
-            )
+            sampled = None
+            if seqs:  # else the pass ran prompt chunks only, none the last of its prompt
+                sampled = sample(
+                    logits,
+                    [s.options for s in seqs],
+                    [s.seed for s in seqs],
+                    [len(s.output_ids) for s in seqs],
+                )
         except Exception as exc:
             # The pass itself failed: no request is to blame, the worker is.
-            logger.exception("engine step failed; failing its %d requests", len(seqs))
+            logger.exception("engine step failed; failing its %d requests", len(ran))
             fault = WorkerFault(status_details(f"engine step failed: {type(exc).__name__}: {exc}"))
-            for seq in seqs:
+            for seq in ran:
                 self._fail(seq, fault)
             return None
         self.steps += 1
+        for seq, n in zip(scheduled.prefill, scheduled.chunks, strict=True):
+            if not _completes_prompt(seq, n):  # a chunk's K/V are in the pool; no token yet
+                seq.num_cached += n
         prefill, decode = len(scheduled.prefill), len(scheduled.decode)
-        result = StepResult(prefill, decode, sum(batch.host_q_lens), graphs is not None)
+        result = StepResult(prefill, decode, sum(q_lens), graphs is not None)
+        if sampled is None:
+            return result
         for seq, token, logprob, error in zip(
             seqs, sampled.token_ids, sampled.logprobs, sampled.errors, strict=True
         ):
@@ -232,64 +243,87 @@ class Engine:
         seq.on_output(out)
 
     def _graphs_for(self, batch: ForwardBatch, num_seqs: int) -> DecodeGraphs | None:
-        """The captured decode graphs when they can run this batch: decode only, and a
-        bucket as large as the batch."""
-        if self.graphs is not None and batch.is_decode and self.graphs.fits(num_seqs):
-            return self.graphs
-        return None
+        """The captured decode graphs when they can run this batch: one token per request,
+        every request sampled (a graph returns every row's logits), and a bucket as large
+        as the batch."""
+        if self.graphs is None or not batch.is_decode or not self.graphs.fits(num_seqs):
+            return None
+        return self.graphs if batch.logits_rows.shape[0] == num_seqs else None
 
-    def build_batch(self, seqs: list[Sequence]) -> ForwardBatch:
-        ids: list[int] = []
-        positions: list[int] = []
-        token_rows: list[int] = []
-        q_starts: list[int] = []
-        q_lens: list[int] = []
-        ctx_lens: list[int] = []
+    def build_batch(self, seqs: list[Sequence], q_lens: list[int] | None = None) -> ForwardBatch:
+        """The pass over `seqs`: request b brings its next `q_lens[b]` tokens (by default the
+        rest of its prompt while it prefills, else its last token), and gets a logits row
+        only when they reach the end of its prompt. Python work here is per request; the
+        per-token tensors come from torch ops over the requests' starts and lengths."""
+        if q_lens is None:
+            q_lens = [len(s.prompt_ids) - s.num_cached if s.prefilling else 1 for s in seqs]
+        ctx_lens = [s.num_cached for s in seqs]
         residents: list[ResidentAdapter | None] = [seq.resident for seq in seqs]
         max_rank, mlp_lora = 0, False
-        for seq in seqs:
-            new = seq.prompt_ids if seq.num_cached == 0 else seq.output_ids[-1:]
-            q_starts.append(len(ids))
-            q_lens.append(len(new))
-            ctx_lens.append(seq.num_cached)
-            ids.extend(new)
-            positions.extend(range(seq.num_cached, seq.num_cached + len(new)))
-            token_rows.extend([seq.table_row] * len(new))
-            if seq.resident is not None:
-                max_rank = max(max_rank, seq.resident.rank)
-                mlp_lora = mlp_lora or not MLP_PROJS.isdisjoint(seq.resident.segments)
-        device, tables = self.device, self.kv_tables
-        pos = torch.tensor(positions, dtype=torch.long, device=device)
-        rows = torch.tensor(token_rows, dtype=torch.long, device=device)
-
-        def ints(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int32, device=device)
-
+        for resident in residents:
+            if resident is not None:
+                max_rank = max(max_rank, resident.rank)
+                mlp_lora = mlp_lora or not MLP_PROJS.isdisjoint(resident.segments)
+        ids = _new_tokens(seqs, q_lens)
+        tokens = ids.shape[0]
+        ends = list(itertools.accumulate(q_lens))
+        logits_rows = [
+            end - 1
+            for seq, n, end in zip(seqs, q_lens, ends, strict=True)
+            if _completes_prompt(seq, n)
+        ]
+        per_request = [
+            [s.table_row for s in seqs],
+            q_lens,
+            ctx_lens,
+            [r.row if r is not None else -1 for r in residents],
+        ]
+        # One host-to-device copy for everything the host knows; the rest is derived there.
+        host = torch.cat(
+            (
+                ids,
+                torch.tensor(logits_rows, dtype=torch.long),
+                torch.tensor(per_request, dtype=torch.long).view(-1),
+            )
+        )
+        on_device = host.to(self.device)
+        meta = on_device[tokens + len(logits_rows) :].view(4, len(seqs)).to(torch.int32)
+        req_rows, q_lens_t, ctx_lens_t, req_lora = meta.unbind(0)
+        q_starts = torch.cumsum(q_lens_t, 0, dtype=torch.int32) - q_lens_t
+        max_q_len = max(q_lens, default=1)
+        if max_q_len == 1:  # one token each: row b is request b, at position ctx_lens[b]
+            rows, positions = req_rows.long(), ctx_lens_t.long()
+        else:
+            rows = torch.repeat_interleave(req_rows.long(), q_lens_t, output_size=tokens)
+            # Token t of request b sits at position ctx_lens[b] + t - q_starts[b].
+            shift = torch.repeat_interleave(
+                (q_starts - ctx_lens_t).long(), q_lens_t, output_size=tokens
+            )
+            positions = torch.arange(tokens, device=self.device) - shift
+        tables = self.kv_tables
         return ForwardBatch(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=device),
-            positions=pos,
-            new_k_slots=tables.k_table[rows, pos].long(),
-            new_v_slots=tables.v_table[rows, pos].long(),
-            logits_rows=torch.tensor(
-                [s + n - 1 for s, n in zip(q_starts, q_lens, strict=True)], device=device
-            ),
-            req_rows=ints([s.table_row for s in seqs]),
-            q_starts=ints(q_starts),
-            q_lens=ints(q_lens),
-            ctx_lens=ints(ctx_lens),
-            seq_lens=ints([c + n for c, n in zip(ctx_lens, q_lens, strict=True)]),
-            req_lora=ints([r.row if r is not None else -1 for r in residents]),
+            input_ids=on_device[:tokens],
+            positions=positions,
+            new_k_slots=tables.k_table[rows, positions].long(),
+            new_v_slots=tables.v_table[rows, positions].long(),
+            logits_rows=on_device[tokens : tokens + len(logits_rows)],
+            req_rows=req_rows,
+            q_starts=q_starts,
+            q_lens=q_lens_t,
+            ctx_lens=ctx_lens_t,
+            seq_lens=ctx_lens_t + q_lens_t,
+            req_lora=req_lora,
             pool=self.pool.buffer,
             k_table=tables.k_table,
             v_table=tables.v_table,
             lora_slots=self.adapters.tables.slots,
             lora_meta=self.adapters.tables.meta,
             max_rank=max_rank,
-            max_q_len=max(q_lens, default=1),
+            max_q_len=max_q_len,
             host_q_lens=q_lens,
             host_ctx_lens=ctx_lens,
             lora_backend=self.lora_backend,
-            lora_plan=self.lora_backend.prepare(residents, q_lens, device),
+            lora_plan=self.lora_backend.prepare(residents, q_lens, self.device),
             mlp_lora=mlp_lora,
         )
 
@@ -318,3 +352,27 @@ class Engine:
         if len(seq.output_ids) >= opts.max_new_tokens or seq.num_cached + 1 >= seq.max_total_tokens:
             return FinishReason.LENGTH
         return None
+
+
+def _completes_prompt(seq: Sequence, n: int) -> bool:
+    """Whether `n` new tokens of `seq` reach the end of its prompt (always, when decoding):
+    only then do its logits matter and a token is sampled."""
+    return seq.num_cached + n >= len(seq.prompt_ids)
+
+
+def _new_tokens(seqs: list[Sequence], q_lens: list[int]) -> torch.Tensor:
+    """The batch's input ids (int64, on the CPU): each prefilling request's next prompt chunk
+    (a slice of its prompt tensor) and each decoding request's last token, in batch order."""
+    parts: list[torch.Tensor] = []
+    last: list[int] = []  # a run of decoding requests' tokens, turned into one tensor
+    for seq, n in zip(seqs, q_lens, strict=True):
+        if seq.prefilling:
+            if last:
+                parts.append(torch.tensor(last, dtype=torch.long))
+                last = []
+            parts.append(seq.prompt_tokens(seq.num_cached, n))
+        else:
+            last.append(seq.output_ids[-1])
+    if last or not parts:
+        parts.append(torch.tensor(last, dtype=torch.long))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -1,15 +1,28 @@
-"""FCFS scheduler over the unified pool: admission by memory, early abort.
+"""FCFS scheduler over the unified pool: admission by memory, chunked prefill under a per-step
+token budget, early abort.
 
 A request is admitted when the pool can promise it every KV slot it may ever need (prompt +
 tokens to come) plus its adapter's slots, evicting unreferenced adapters if that makes room
-(the pool answers what fits: memory_pool.py). Promised slots are taken as tokens arrive, and
+(the pool answers what fits: memory_pool.py). Promised slots are taken as tokens run, and
 nothing else may take them, so a running request never runs out of memory: no preemption is
 ever needed and the engine cannot deadlock. A request that could never fit is refused at
 submission; one that does not fit now waits its turn (FCFS, so nothing behind it starves
-it); the waiting queue's bound is the engine loop's, at submission. Waiting requests whose
-deadline has passed are dropped before they cost any compute (S-LoRA's early abort).
-Adapters of the requests next in line are loaded ahead of their turn when the pool has room
-to spare.
+it); the waiting queue's bound is the engine loop's, at submission.
+
+Each step carries every running request that has finished its prompt (one decode token
+each) and prompt tokens up to `max_prefill_tokens`: the rule is that a step's prompt tokens
+never exceed the budget, and only the decode batch (at most `max_num_seqs` tokens) comes on
+top. A prompt longer than what is left of the budget runs as a chunk now and the rest in
+later steps, its earlier chunks' K/V already in the pool. Prompts are served in admission
+order: a partially prefilled request continues before any new one is admitted, so at most
+one request is ever part-way through its prompt, and every step with a prompt to run makes
+progress on the oldest one (no starvation). Only the chunk that ends a prompt samples a token.
+
+Waiting requests whose deadline has passed are dropped before they cost any compute (S-LoRA's
+early abort); an admitted request, even part-way through its prompt, is never dropped so: it
+has taken compute and memory already, and finishing its prompt is the shortest way to give
+them back. Adapters of the requests next in line are loaded ahead of their turn when the pool
+has room to spare.
 """
 
 from __future__ import annotations
@@ -29,13 +42,27 @@ from services.gpu_worker.memory.memory_pool import UnifiedMemoryPool
 
 @dataclass
 class ScheduledStep:
+    """One step's work: prompt chunks (`prefill[i]` runs its next `chunks[i]` prompt tokens),
+    then one decode token for each request in `decode`."""
+
     prefill: list[Sequence]
     decode: list[Sequence]
     expired: list[Sequence] = field(default_factory=list)
+    chunks: list[int] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
         return not self.prefill and not self.decode
+
+    @property
+    def seqs(self) -> list[Sequence]:
+        """The requests of the pass, in batch order."""
+        return self.prefill + self.decode
+
+    @property
+    def q_lens(self) -> list[int]:
+        """Each request's new tokens in this pass, in batch order."""
+        return self.chunks + [1] * len(self.decode)
 
 
 class Scheduler:
@@ -55,20 +82,31 @@ class Scheduler:
         self.waiting.append(seq)
 
     def schedule(self) -> ScheduledStep:
-        step = ScheduledStep(prefill=[], decode=list(self.running), expired=self._expire())
+        step = ScheduledStep(prefill=[], decode=[], expired=self._expire())
         budget = self.config.max_prefill_tokens
-        while self.waiting and len(self.running) < self.config.max_num_seqs:
+        for seq in self.running:  # admission order: a part-done prompt goes first
+            if not seq.prefilling:
+                step.decode.append(seq)
+            elif budget > 0:
+                budget -= self._chunk(step, seq, budget)
+        while budget > 0 and self.waiting and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            # The first prefill of a step may exceed the token budget, so no prompt starves.
-            if (step.prefill and len(seq.prompt_ids) > budget) or not self._make_room(seq):
+            if not self._make_room(seq):
                 break
             self.waiting.popleft()
             self._admit(seq)
-            step.prefill.append(seq)
-            budget -= len(seq.prompt_ids)
+            budget -= self._chunk(step, seq, budget)
         self._prefetch()
-        self._allocate(step.prefill + step.decode)
+        self._allocate(step.seqs, step.q_lens)
         return step
+
+    @staticmethod
+    def _chunk(step: ScheduledStep, seq: Sequence, budget: int) -> int:
+        """Put as much of `seq`'s remaining prompt as `budget` allows into `step`."""
+        n = min(len(seq.prompt_ids) - seq.num_cached, budget)
+        step.prefill.append(seq)
+        step.chunks.append(n)
+        return n
 
     def _make_room(self, seq: Sequence) -> bool:
         kv_need = self.pool.kv_slots_for(seq.max_total_tokens)
@@ -88,9 +126,9 @@ class Scheduler:
         seq.scheduled_at = time.monotonic()
         self.running.append(seq)
 
-    def _allocate(self, seqs: list[Sequence]) -> None:
-        """Take this step's slots out of the requests' promises, for all of them at once."""
-        counts = [(len(s.prompt_ids) if s.num_cached == 0 else 1) for s in seqs]
+    def _allocate(self, seqs: list[Sequence], counts: list[int]) -> None:
+        """Take the slots of this step's tokens (`counts[i]` for `seqs[i]`) out of the
+        requests' promises, for all of them at once."""
         total = sum(counts)
         if total == 0:
             return

@@ -53,7 +53,7 @@ class Sequence:
     adapter: CanonicalAdapter | None = None
     max_total_tokens: int = 0  # prompt + tokens to come, capped by the model's context
     output_ids: list[int] = field(default_factory=list)
-    num_cached: int = 0  # tokens whose K/V are in the pool
+    num_cached: int = 0  # tokens whose K/V are in the pool (< the prompt's: prefilling)
     # Row of the engine's slot tables that lists its tokens' K and V slots; -1 until admitted.
     table_row: int = -1
     num_allocated: int = 0  # tokens that have slots
@@ -68,6 +68,20 @@ class Sequence:
     def __post_init__(self) -> None:
         self.detokenizer = IncrementalDetokenizer(self.tokenizer)
         self.stops = StopStringMatcher(list(self.options.stop))
+        self._prompt_tensor: torch.Tensor | None = None
+
+    @property
+    def prefilling(self) -> bool:
+        """Some of its prompt has not been through the model yet (none of it, before the
+        first chunk runs)."""
+        return self.num_cached < len(self.prompt_ids)
+
+    def prompt_tokens(self, start: int, n: int) -> torch.Tensor:
+        """Prompt tokens start .. start + n - 1 as an int64 CPU tensor (the prompt is
+        converted once, so a chunk costs a slice, not a Python loop over its tokens)."""
+        if self._prompt_tensor is None:
+            self._prompt_tensor = torch.tensor(self.prompt_ids, dtype=torch.long)
+        return self._prompt_tensor[start : start + n]
 
     @property
     def adapter_id(self) -> str:
