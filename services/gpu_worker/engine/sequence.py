@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from services.common.lora_format import CanonicalAdapter
 from services.gpu_worker.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from services.gpu_worker.engine.sampling import SamplingOptions
