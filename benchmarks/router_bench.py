@@ -208,8 +208,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.out:
         with args.out.open("a") as out:
             for result in results:
-                out.write(json.dumps({"bench": "router", **result.summary()}) + "\n")
-            out.write(json.dumps({"bench": "router", "workload": asdict(w)}) + "\n")
+                line = {"bench": "router", "workload": asdict(w), **result.summary()}
+                out.write(json.dumps(line) + "\n")
 
 
 if __name__ == "__main__":
