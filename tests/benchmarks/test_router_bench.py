@@ -12,6 +12,7 @@ import pytest
 from benchmarks.fake_worker import FakeWorker
 from benchmarks.router_bench import StreamError, Workload, one_stream
 from benchmarks.router_hop_bench import DIRECT, Samples, summary
+from benchmarks.stream_interval_bench import table
 from manylora.v1 import common_pb2
 
 
@@ -87,3 +88,14 @@ def test_the_hop_is_each_path_minus_the_direct_one():
     assert rows["router"]["hop_ttft_ms"]["p50"] == 1.0
     assert rows["router"]["hop_ttft_ms"]["p99"] == pytest.approx(11.0 + 0.01 * 19.0 - 10.0)
     assert rows["router"]["hop_delivery_ms"] == {"p50": 0.25, "p99": 0.25}
+
+
+def test_the_stream_interval_table_weighs_rounds_by_their_tokens():
+    rows = [
+        {"stream_interval": 1, "tokens": 100, "seconds": 1.0, "errors": 0,
+         "worker_cpu_us_per_token": 300.0, "router_cpu_us_per_token": 90.0},
+        {"stream_interval": 1, "tokens": 300, "seconds": 1.0, "errors": 1,
+         "worker_cpu_us_per_token": 100.0, "router_cpu_us_per_token": 10.0},
+    ]  # fmt: skip
+    # (100 * 300 + 300 * 100) / 400 = 150 µs; (100 * 90 + 300 * 10) / 400 = 30 µs; 400 / 2 s.
+    assert table(rows).splitlines()[-1] == "| 1 | 2 | 200 | 150 | 30 | 1 |"
