@@ -126,7 +126,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                             raise error from None
                     finally:
                         handle.in_flight -= 1
-                        if not call.done():
+                        if not call.done():  # our client went away: the worker's request goes too
                             call.cancel()
                     self._metrics.retries.inc()
             finally:
