@@ -64,6 +64,25 @@ run_one() {
       bench "$1" "${grpc_trace[@]}"
       WORKER_ARGS="--max-rank 8" bash benchmarks/serving/separate_processes.sh llama-7b cuda \
         "${grpc_trace[@]}" --no-progress --out "$out/$1.jsonl" 2>&1 | tee -a "$out/$1.log" ;;
+    stack_r40|stack_r2)  # issue #20: three processes >= 95% of in-process at R = 40, same trace
+      trace=(--preset S1 --num-adapters 50 --alpha 0 --rate "${1#stack_r}" --duration 25
+        --timeout 110)
+      bench "$1" "${trace[@]}" --max-rank 8 --max-num-seqs 256
+      WORKER_ARGS="--max-rank 8 --max-num-seqs 256" bash benchmarks/serving/separate_processes.sh \
+        llama-7b cuda "${trace[@]}" --no-progress --out "$out/$1.jsonl" 2>&1 | tee -a "$out/$1.log" ;;
+    stack_r40_si4)  # stack_r40's three processes with the worker's --stream-interval 4
+      trace=(--preset S1 --num-adapters 50 --alpha 0 --rate 40 --duration 25 --timeout 110)
+      WORKER_ARGS="--max-rank 8 --max-num-seqs 256 --stream-interval 4" \
+        bash benchmarks/serving/separate_processes.sh llama-7b cuda "${trace[@]}" \
+        --no-progress --out "$out/$1.jsonl" 2>&1 | tee -a "$out/$1.log" ;;
+    router_cpu)  # issue #20 on the host's CPU: one router's relay rate, the latency of a hop
+      for k in 1 3; do  # (results in router_cpu.json: not the serving report's format)
+        python3 -m benchmarks.router_bench --rounds 3 --requests 1024 --tokens 256 \
+          --tokens-per-message "$k" --out "$out/router_cpu.json" 2>&1 | tee -a "$out/$1.log" |
+          tail -3
+      done
+      python3 -m benchmarks.router_hop_bench --rounds 3 --requests 100 \
+        --out "$out/router_cpu.json" 2>&1 | tee -a "$out/$1.log" | tail -4 ;;
     grpc_inproc)  # the stack in the benchmark's own process: a lower bound
       bench "$1" "${grpc_trace[@]}" --mode inprocess,grpc ;;
     *)

@@ -48,9 +48,11 @@ class RequestSummary:
         self._request = request
 
     def on_response(self, response: common_pb2.GenerateResponse) -> common_pb2.GenerateResponse:
-        if response.token_ids and self._first_token_at is None:
-            self._first_token_at = time.monotonic()
-        self._generated += len(response.token_ids)
+        count = len(response.token_ids)
+        if count:
+            if self._first_token_at is None:
+                self._first_token_at = time.monotonic()
+            self._generated += count
         if response.adapter_version:
             self._version = response.adapter_version
         if response.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:

@@ -7,10 +7,9 @@ router's load are all released when the stream ends, whichever way it ends.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from typing import NoReturn
 
 import grpc
@@ -93,24 +92,56 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         request: common_pb2.GenerateRequest | UndecodableRequest,
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[common_pb2.GenerateResponse]:
-        tracker = self._metrics.track()
+        # One flat loop per message: each async generator layer between the worker's
+        # stream and the client's would cost every relayed message a resumption.
+        summary = self._metrics.track()
         try:
             forward = self._checked(request)
-            tracker.describe(forward)
-            async with contextlib.aclosing(self._generate(forward, context)) as stream:
-                async for response in stream:
-                    yield tracker.on_response(response)
+            summary.describe(forward)
+            await self._admit(forward, context)
+            try:
+                tried: list[str] = []
+                while True:
+                    handle = self._pick(forward, tried)
+                    tried.append(handle.address)
+                    sent = 0
+                    call = handle.stub.Generate(forward, timeout=time_left(context))
+                    handle.in_flight += 1
+                    try:
+                        finished = False
+                        while (response := await call.read()) is not grpc.aio.EOF:
+                            finished = (
+                                response.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+                            )
+                            sent += 1
+                            yield summary.on_response(response)
+                        if not finished:
+                            raise Unavailable(
+                                f"worker {handle.address} ended the stream before its last message"
+                            )
+                        break
+                    except grpc.aio.AioRpcError as exc:
+                        error = self._failure(handle, exc, sent, len(tried) < MAX_ATTEMPTS)
+                        if error is not None:
+                            raise error from None
+                    finally:
+                        handle.in_flight -= 1
+                        if not call.done():  # our client went away: the worker's request goes too
+                            call.cancel()
+                    self._metrics.retries.inc()
+            finally:
+                self._admission.release()
             logger.info("finished")
         except ServiceError as exc:
             logger.info("ended with %s: %s", exc.code.name, exc)
-            tracker.fail(exc.code)
+            summary.fail(exc.code)
             await abort(context, exc)
         except Exception:
             logger.exception("failed")
-            tracker.fail(grpc.StatusCode.INTERNAL)
+            summary.fail(grpc.StatusCode.INTERNAL)
             await abort(context, Internal("internal router error"))
         finally:
-            tracker.close()
+            summary.close()
 
     @staticmethod
     def _checked(
@@ -127,50 +158,23 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         request_id_var.set(forward.request_id)
         return forward
 
-    async def _generate(
+    async def _admit(
         self, request: common_pb2.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncGenerator[common_pb2.GenerateResponse, None]:
+    ) -> None:
+        """Check the adapter with the store, then wait for a running slot (pair with
+        `self._admission.release()`)."""
         # Sent on as a bare id and a version, so that routing sees the id's affinity.
         request.adapter_id, request.adapter_version = parse_adapter_ref(
             request.adapter_id, request.adapter_version
         )
         if request.adapter_id and self._catalog is not None:
             await self._catalog.check(request.adapter_id, request.adapter_version)
-        await self._admit(context)
-        try:
-            async with contextlib.aclosing(self._relay(request, context)) as stream:
-                async for response in stream:
-                    yield response
-        finally:
-            self._admission.release()
-
-    async def _admit(self, context: grpc.aio.ServicerContext) -> None:
         try:
             async with asyncio.timeout(time_left(context)):
                 waited = await self._admission.acquire()
         except TimeoutError:
             raise DeadlineExceeded("deadline passed while queued at the router") from None
         self._metrics.generation.queue_time.observe(waited)
-
-    async def _relay(
-        self, request: common_pb2.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncGenerator[common_pb2.GenerateResponse, None]:
-        tried: list[str] = []
-        while True:
-            handle = self._pick(request, tried)
-            tried.append(handle.address)
-            sent = 0
-            try:
-                async with contextlib.aclosing(self._call(handle, request, context)) as stream:
-                    async for response in stream:
-                        sent += 1
-                        yield response
-                return
-            except grpc.aio.AioRpcError as exc:
-                error = self._failure(handle, exc, sent, can_retry=len(tried) < MAX_ATTEMPTS)
-                if error is not None:
-                    raise error from None
-            self._metrics.retries.inc()
 
     def _pick(self, request: common_pb2.GenerateRequest, tried: list[str]) -> WorkerHandle:
         handles = {h.address: h for h in self._pool.eligible() if h.address not in tried}
@@ -193,27 +197,6 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             choice.affinity,
         )
         return handles[choice.address]
-
-    async def _call(
-        self,
-        handle: WorkerHandle,
-        request: common_pb2.GenerateRequest,
-        context: grpc.aio.ServicerContext,
-    ) -> AsyncGenerator[common_pb2.GenerateResponse, None]:
-        timeout = time_left(context)
-        handle.in_flight += 1
-        call = handle.stub.Generate(request, timeout=timeout)
-        finished = False
-        try:
-            async for response in call:
-                finished = response.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
-                yield response
-        finally:
-            handle.in_flight -= 1
-            if not call.done():  # our client went away: the worker's request goes too
-                call.cancel()
-        if not finished:
-            raise Unavailable(f"worker {handle.address} ended the stream before its last message")
 
     def _failure(
         self, handle: WorkerHandle, exc: grpc.aio.AioRpcError, sent: int, can_retry: bool

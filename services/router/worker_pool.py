@@ -68,6 +68,9 @@ class WorkerHandle:
         self.in_flight = 0
         self.stats: gpu_worker_pb2.GetStatsResponse | None = None
         self._in_flight_at_stats = 0
+        # The stats' adapter lists as sets, made once per report, not once per request.
+        self._on_gpu: frozenset[str] = frozenset()
+        self._in_host: frozenset[str] = frozenset()
         self.channel = aio_channel(address, security, channel_options(liveness_timeout_s))
         self.stub = gpu_worker_pb2_grpc.GpuWorkerStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
@@ -79,6 +82,8 @@ class WorkerHandle:
     def update_stats(self, stats: gpu_worker_pb2.GetStatsResponse) -> None:
         self.stats = stats
         self._in_flight_at_stats = self.in_flight
+        self._on_gpu = frozenset(stats.resident_adapters)
+        self._in_host = frozenset(stats.host_cached_adapters)
 
     def load(self) -> int:
         """The worker's reported load (all routers' requests), moved by this router's own
@@ -89,13 +94,7 @@ class WorkerHandle:
         return max(self.in_flight, reported + self.in_flight - self._in_flight_at_stats)
 
     def candidate(self) -> Candidate:
-        stats = self.stats or gpu_worker_pb2.GetStatsResponse()
-        return Candidate(
-            self.address,
-            self.load(),
-            frozenset(stats.resident_adapters),
-            frozenset(stats.host_cached_adapters),
-        )
+        return Candidate(self.address, self.load(), self._on_gpu, self._in_host)
 
 
 class WorkerPool:

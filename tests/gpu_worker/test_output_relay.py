@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from services.gpu_worker.engine.sequence import FinishReason, StepOutput
-from services.gpu_worker.serving.output_relay import OutputRelay, merge_outputs
+from services.gpu_worker.serving.output_relay import HeldOutputs, OutputRelay, merge_outputs
 from services.gpu_worker.serving.servicer import _next_outputs
 
 
@@ -96,3 +96,52 @@ async def test_a_lagging_stream_takes_what_is_queued_up_to_its_last_output() -> 
     queue.put_nowait(failed)  # never follows a last output in practice; must not be merged
     assert [o.token_ids for o in await _next_outputs(queue)] == [[3]]
     assert (await _next_outputs(queue))[0].error is not None
+
+
+class Recording:
+    """Stands in for OutputRelay: records what a HeldOutputs hands on, and when."""
+
+    def __init__(self) -> None:
+        self.handed: list[list[int]] = []
+        self.finishes: list[FinishReason | None] = []
+        self.errors: list[BaseException | None] = []
+
+    def deliver(self, queue: Any, output: StepOutput) -> None:
+        self.handed.append(output.token_ids)
+        self.finishes.append(output.finish_reason)
+        self.errors.append(output.error)
+
+
+def test_held_outputs_go_on_every_interval_tokens_first_token_and_end_at_once() -> None:
+    relay = Recording()
+    held = HeldOutputs(relay, asyncio.Queue(), interval=4)  # type: ignore[arg-type]
+    steps = []
+    for token in range(1, 11):
+        held.deliver(out("r", token, FinishReason.LENGTH if token == 10 else None))
+        steps.append(list(relay.handed))
+    assert steps[0] == [[1]]  # the first token at once
+    assert steps[3] == [[1]]  # tokens 2, 3, 4 held
+    assert steps[4] == [[1], [2, 3, 4, 5]]  # 4 held tokens: on, as one output, in order
+    assert steps[8] == [[1], [2, 3, 4, 5], [6, 7, 8, 9]]
+    assert relay.handed == [[1], [2, 3, 4, 5], [6, 7, 8, 9], [10]]  # the last at once
+    assert relay.finishes == [None, None, None, FinishReason.LENGTH]
+
+
+def test_held_outputs_hand_on_a_failure_at_once_and_hold_nothing_at_interval_one() -> None:
+    relay = Recording()
+    held = HeldOutputs(relay, asyncio.Queue(), interval=8)  # type: ignore[arg-type]
+    held.deliver(StepOutput("r", [], "", []))  # no token yet (a prompt chunk): not held
+    held.deliver(out("r", 1))
+    held.deliver(out("r", 2))
+    held.deliver(out("r", 3))
+    failed = StepOutput("r", [], "", [], FinishReason.ABORTED, error=RuntimeError("boom"))
+    held.deliver(failed)
+    # What was held goes on at once, before the failure, which stays an output of its own
+    # (the handler sends the tokens, then fails the call).
+    assert relay.handed == [[], [1], [2, 3], []]
+    assert relay.errors == [None, None, None, failed.error]
+    every = Recording()
+    one = HeldOutputs(every, asyncio.Queue(), interval=1)  # type: ignore[arg-type]
+    for token in range(1, 4):
+        one.deliver(out("r", token))
+        assert every.handed[-1] == [token]

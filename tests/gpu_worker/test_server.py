@@ -161,3 +161,21 @@ async def test_stats_and_health(stub, worker: Worker):
         health = health_pb2_grpc.HealthStub(channel)
         reply = await health.Check(health_pb2.HealthCheckRequest(service="manylora.v1.GpuWorker"))
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_a_stream_interval_sends_fewer_messages_of_the_same_tokens(stub):
+    # The oracle: the same greedy request on a worker that sends every step's token at once.
+    request = _request(ignore_eos=True, max_new_tokens=13)
+    expected = [t for r in await _collect(stub, request) for t in r.token_ids]
+    config = WorkerConfig(port=0, device="cpu", pool_slots=1024, stream_interval=4)
+    running = await start_worker(config)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            responses = await _collect(gpu_worker_pb2_grpc.GpuWorkerStub(channel), request)
+    finally:
+        await running.stop()
+    assert [t for r in responses for t in r.token_ids] == expected
+    # The first token alone, then every 4 (the handler may merge further if it lags).
+    assert 2 <= len(responses) <= 4
+    assert responses[-1].finish_reason == common_pb2.LENGTH
+    assert responses[-1].usage.completion_tokens == 13

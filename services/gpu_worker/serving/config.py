@@ -68,6 +68,15 @@ class WorkerConfig(EngineConfig, CallerSecurityConfig):
     host_cache_bytes: int = field(
         default=4 << 30, metadata={"help": "host-memory adapter cache bound, in bytes"}
     )
+    stream_interval: int = field(
+        default=1,
+        metadata={
+            "help": "tokens a stream's message waits for (its first token and its end go at "
+            "once); 1 = each step's token at once. Larger: fewer messages for the worker's "
+            "event loop, the router and the client per token, in coarser pieces",
+            "min": 1,
+        },
+    )
     log_level: str = log_level_field()
     log_format: str = log_format_field()
     metrics_port: int = metrics_port_field()

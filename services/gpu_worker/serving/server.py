@@ -80,7 +80,9 @@ async def start_worker(config: WorkerConfig, lora_backend: LoraBackend | None = 
     adapters = build_adapter_source(config, engine.model_config.shape)
     loop = EngineLoop(engine)
     loop.start()
-    servicer = GpuWorkerServicer(loop, tokenizer, adapters, config.model)
+    servicer = GpuWorkerServicer(
+        loop, tokenizer, adapters, config.model, stream_interval=config.stream_interval
+    )
     server = await start_server(
         [
             lambda s: add_servicer_leniently(

@@ -24,7 +24,7 @@ from services.gpu_worker.engine.sampling import SamplingOptions
 from services.gpu_worker.engine.sequence import FinishReason, Sequence, StepOutput
 from services.gpu_worker.engine.tokenizer import Tokenizer
 from services.gpu_worker.serving.metrics import WorkerMetrics
-from services.gpu_worker.serving.output_relay import OutputRelay, merge_outputs
+from services.gpu_worker.serving.output_relay import HeldOutputs, OutputRelay, merge_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +89,12 @@ class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
         adapters: AdapterSource,
         model_name: str,
         metrics: WorkerMetrics | None = None,
+        stream_interval: int = 1,
     ):
+        """`stream_interval`: tokens a stream's message waits for (services.gpu_worker
+        .serving.output_relay.HeldOutputs); 1 sends each step's tokens at once."""
         self.metrics = metrics or WorkerMetrics()
+        self._stream_interval = stream_interval
         self._loop = loop
         self._tokenizer = tokenizer
         self._chat_template = chat_template_for(tokenizer)
@@ -177,17 +181,13 @@ class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
         adapter = await self._adapters.get(adapter_id, version) if adapter_id else None
         if self._relay is None:  # the first call: now the servicer knows its event loop
             self._relay = OutputRelay(asyncio.get_running_loop())
-        relay = self._relay
-
-        def deliver(out: StepOutput) -> None:  # called on the engine thread
-            relay.deliver(outputs, out)
-
+        held = HeldOutputs(self._relay, outputs, self._stream_interval)
         return Sequence(
             request_id=request_id,
             prompt_ids=prompt,
             options=options,
             tokenizer=self._tokenizer,
-            on_output=deliver,
+            on_output=held.deliver,  # called on the engine thread
             adapter=adapter,
         )
 
