@@ -65,6 +65,8 @@ _REQUEST_ATTRIBUTES = {
 _tracer_var: ContextVar[Tracer | None] = ContextVar("manylora_tracer", default=None)
 # Whether any service of this process traces: only then do client channels get interceptors.
 _started = False
+# Client spans being ended (asyncio keeps only weak references to tasks).
+_ending: set[asyncio.Task[None]] = set()
 
 
 def otel_endpoint_field() -> Any:
@@ -356,8 +358,14 @@ class _ClientSpans:
         except BaseException:
             span.end()
             raise
-        call.add_done_callback(lambda done: asyncio.ensure_future(_end_client_span(span, done)))
+        call.add_done_callback(lambda done: _end_later(span, done))
         return call
+
+
+def _end_later(span: Span, call: Any) -> None:
+    task = asyncio.ensure_future(_end_client_span(span, call))
+    _ending.add(task)
+    task.add_done_callback(_ending.discard)
 
 
 async def _end_client_span(span: Span, call: Any) -> None:
