@@ -40,7 +40,7 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
 # of its requests and about six adapters (56 slots each), its host cache four. Routed by
 # affinity, each adapter goes to one worker, which keeps it (hits nearly always); routed
 # without regard to it, every worker sees every adapter and evicts them in turn, and about
-# half the requests find theirs (measured near 0.5 with affinity planted out).
+# half the requests find theirs (measured: 0.88 to 0.95; 0.60 with affinity planted out).
 SPECS = tuple(AdapterSpec(f"so-{i}", 8, 16, ("q_proj", "v_proj")) for i in range(12))
 MIN_HIT_RATE = 0.8
 POOL_SLOTS = 600
