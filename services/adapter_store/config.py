@@ -14,6 +14,7 @@ from services.common.config import (
     port_field,
 )
 from services.common.security_config import ServerSecurityConfig
+from services.common.tracing import check_tracing, otel_endpoint_field
 
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
@@ -82,11 +83,13 @@ class AdapterStoreConfig(ServerSecurityConfig):
     )
     log_level: str = log_level_field()
     log_format: str = log_format_field()
+    otel_endpoint: str = otel_endpoint_field()
 
     def check(self) -> None:
         """Settings that cannot work together or point at nothing; `ConfigError` naming one."""
         check_model_setting("base_model", self.base_model)
         self.check_security()
+        check_tracing(self.otel_endpoint)
         if self.max_upload_bytes > self.max_upload_bytes_in_flight:
             raise ConfigError(
                 "max_upload_bytes",

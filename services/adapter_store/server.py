@@ -19,6 +19,7 @@ from services.common.base_model import BaseModelShape, load_hf_config
 from services.common.config import ConfigError
 from services.common.grpc_server import RunningServer, start_server
 from services.common.metrics import PREFIX, MetricsServer, rpc_registry, start_metrics_server
+from services.common.tracing import Tracing, start_tracing
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +35,10 @@ class StoreServer:
         store: AdapterStore,
         running: RunningServer,
         metrics_server: MetricsServer | None = None,
+        tracing: Tracing | None = None,
     ):
         self.store = store
+        self.tracing = tracing
         self.running = running
         self.metrics_server = metrics_server
 
@@ -48,6 +51,8 @@ class StoreServer:
         await self.store.close()
         if self.metrics_server is not None:
             await asyncio.to_thread(self.metrics_server.stop)
+        if self.tracing is not None:
+            await self.tracing.stop()
 
 
 def build_store(config: AdapterStoreConfig) -> AdapterStore:
@@ -87,16 +92,15 @@ async def start_store_server(config: AdapterStoreConfig) -> StoreServer:
     def add_service(server: grpc.aio.Server) -> None:
         adapter_store_pb2_grpc.add_AdapterStoreServicer_to_server(service, server)
 
+    tracing = start_tracing(config.otel_endpoint, "manylora-adapter-store")
     try:
         running = await start_server(
-            [add_service],
-            [SERVICE_NAME],
-            config.host,
-            config.port,
-            config,
+            [add_service], [SERVICE_NAME], config.host, config.port, config, tracing
         )
     except BaseException:
         await store.close()
+        if tracing is not None:
+            await tracing.stop()
         raise
     cache = store.cache
     if cache is not None:
@@ -117,7 +121,7 @@ async def start_store_server(config: AdapterStoreConfig) -> StoreServer:
         config.max_rank,
         config.data_dir,
     )
-    server = StoreServer(store, running, None)
+    server = StoreServer(store, running, None, tracing)
     if registry is not None:
         if cache is not None:
             up = Gauge(PREFIX + "store_redis_up", "1 while Redis is reachable.", registry=registry)

@@ -18,6 +18,7 @@ import grpc
 from services.common.auth import AUTHORIZATION_KEY
 from services.common.tls import ClientTls
 from services.common.tokens import SERVICE, SigningKeys
+from services.common.tracing import client_interceptors
 
 # Minted service tokens live this long and are renewed at half their life.
 SERVICE_TOKEN_TTL_S = 3600.0
@@ -88,11 +89,15 @@ def aio_channel(
     target: str, security: ChannelSecurity | None, options: Sequence[tuple[str, Any]] = ()
 ) -> grpc.aio.Channel:
     security = security or PLAINTEXT
-    interceptors = _aio_interceptors(security.token) if security.token is not None else None
+    interceptors = _aio_interceptors(security.token) if security.token is not None else []
+    # Only when a service of this process traces (services.common.tracing): else none.
+    interceptors += client_interceptors(target)
     if security.tls is None:
-        return grpc.aio.insecure_channel(target, options=list(options), interceptors=interceptors)
+        return grpc.aio.insecure_channel(
+            target, options=list(options), interceptors=interceptors or None
+        )
     return grpc.aio.secure_channel(
-        target, security.tls.credentials(), options=list(options), interceptors=interceptors
+        target, security.tls.credentials(), options=list(options), interceptors=interceptors or None
     )
 
 

@@ -19,6 +19,7 @@ from services.common.auth import AuthInterceptor
 from services.common.config import ConfigError
 from services.common.security_config import ServerSecurityConfig
 from services.common.tls import ServerTls
+from services.common.tracing import Tracing
 
 logger = logging.getLogger(__name__)
 
@@ -67,17 +68,23 @@ async def start_server(
     host: str,
     port: int,
     security: ServerSecurityConfig | None = None,
+    tracing: Tracing | None = None,
 ) -> RunningServer:
     """Bind on host:port (port 0 picks a free one), register health and reflection, start,
-    mark SERVING. `security` (a service's config) turns on authentication and TLS."""
+    mark SERVING. `security` (a service's config) turns on authentication and TLS; `tracing`
+    a server span around every call (outermost, so that refused calls are traced too)."""
     if security is not None:
         security.check_security()  # a bad file is one line naming its flag, not a traceback
     keys = security.signing_keys() if security is not None else None
     tls = security.server_tls() if security is not None else None
     credentials = tls.credentials() if tls is not None else None
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if tracing is not None:
+        interceptors.append(tracing.server_interceptor())
+    if keys is not None:
+        interceptors.append(AuthInterceptor(keys))
     server = grpc.aio.server(
-        options=[*SERVER_OPTIONS, *_BIND_OPTIONS],
-        interceptors=[AuthInterceptor(keys)] if keys is not None else None,
+        options=[*SERVER_OPTIONS, *_BIND_OPTIONS], interceptors=interceptors or None
     )
     for add in add_servicers:
         add(server)

@@ -13,6 +13,7 @@ from services.common.config import (
     port_field,
 )
 from services.common.security_config import CallerSecurityConfig
+from services.common.tracing import check_tracing, otel_endpoint_field
 from services.common.worker_record import REGISTRY_PREFIX
 
 
@@ -85,6 +86,7 @@ class RouterConfig(CallerSecurityConfig):
     )
     log_level: str = log_level_field()
     log_format: str = log_format_field()
+    otel_endpoint: str = otel_endpoint_field()
 
     def check(self) -> None:
         """Settings that cannot work: `ConfigError` naming the first one."""
@@ -99,6 +101,7 @@ class RouterConfig(CallerSecurityConfig):
                 field_name = "adapter_store" if address == self.adapter_store else "workers"
                 raise ConfigError(field_name, f"{address!r} is not host:port")
         self.check_security()
+        check_tracing(self.otel_endpoint)
 
 
 def _is_host_port(address: str) -> bool:

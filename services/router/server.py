@@ -10,6 +10,7 @@ from grpc_health.v1 import health_pb2
 from manylora.v1 import router_pb2, router_pb2_grpc
 from services.common.grpc_server import RunningServer, start_server, wait_for_signal_then
 from services.common.metrics import MetricsServer, start_metrics_server
+from services.common.tracing import Tracing, start_tracing
 from services.common.validation import add_servicer_leniently
 from services.router.adapter_catalog import AdapterCatalog
 from services.router.admission import Admission
@@ -32,8 +33,10 @@ class RouterServer:
         catalog: AdapterCatalog | None,
         metrics: RouterMetrics,
         metrics_server: MetricsServer | None,
+        tracing: Tracing | None = None,
     ):
         self.running = running
+        self.tracing = tracing
         self.pool = pool
         self.metrics = metrics
         self._catalog = catalog
@@ -51,6 +54,8 @@ class RouterServer:
             await self._catalog.close()
         if self.metrics_server is not None:
             await asyncio.to_thread(self.metrics_server.stop)
+        if self.tracing is not None:
+            await self.tracing.stop()
 
 
 def _check(config: RouterConfig) -> None:
@@ -68,6 +73,7 @@ async def start_router(config: RouterConfig) -> RouterServer:
     """Start serving, then find and poll the workers once before returning."""
     _check(config)
     config.check_security()  # before anything starts: a bad file is one line naming its flag
+    tracing = start_tracing(config.otel_endpoint, "manylora-router")  # before any channel
     callee_security = config.channel_security("router")
     registry = None
     if config.registry_redis_url:
@@ -103,6 +109,7 @@ async def start_router(config: RouterConfig) -> RouterServer:
         config.host,
         config.port,
         config,
+        tracing,
     )
 
     async def report_readiness(healthy_workers: int) -> None:
@@ -116,7 +123,7 @@ async def start_router(config: RouterConfig) -> RouterServer:
         await running.health.set(SERVICE_NAME, status)
 
     pool.on_change = report_readiness
-    router = RouterServer(running, pool, catalog, metrics, None)
+    router = RouterServer(running, pool, catalog, metrics, None, tracing)
     try:  # a later start-up failure (a taken metrics port) stops what already runs
         await pool.start()
         if config.metrics_port:

@@ -30,6 +30,7 @@ from services.common.errors import (
     status_details,
 )
 from services.common.logging import request_id_var
+from services.common.tracing import add_event
 from services.common.validation import UndecodableRequest, check_generate_request
 from services.router.adapter_catalog import AdapterCatalog
 from services.router.admission import Admission
@@ -175,6 +176,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         except TimeoutError:
             raise DeadlineExceeded("deadline passed while queued at the router") from None
         self._metrics.generation.queue_time.observe(waited)
+        add_event("admitted", queue_wait_s=waited)
 
     def _pick(self, request: common_pb2.GenerateRequest, tried: list[str]) -> WorkerHandle:
         handles = {h.address: h for h in self._pool.eligible() if h.address not in tried}
@@ -190,6 +192,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             where = "left to retry on" if tried else "available"
             raise Unavailable(f"no healthy worker {where}; retry later")
         self._metrics.routed.labels(choice.affinity if request.adapter_id else "base").inc()
+        add_event("routed", worker=choice.address, affinity=choice.affinity)
         logger.info(
             "routed to %s (adapter %r, affinity %s)",
             choice.address,

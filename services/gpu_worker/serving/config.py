@@ -16,6 +16,7 @@ from services.common.config import (
     port_field,
 )
 from services.common.security_config import CallerSecurityConfig
+from services.common.tracing import check_tracing, otel_endpoint_field
 from services.gpu_worker.engine.config import EngineConfig
 
 
@@ -79,6 +80,7 @@ class WorkerConfig(EngineConfig, CallerSecurityConfig):
     )
     log_level: str = log_level_field()
     log_format: str = log_format_field()
+    otel_endpoint: str = otel_endpoint_field()
     metrics_port: int = metrics_port_field()
     registry_redis_url: str = field(
         default="",
@@ -109,6 +111,7 @@ class WorkerConfig(EngineConfig, CallerSecurityConfig):
         check_model_setting("model", self.model, need_weights=not self.dummy)
         _check_device(self.device)
         self.check_security()
+        check_tracing(self.otel_endpoint)
         if self.adapter_store and self.adapters:
             raise ConfigError("adapters", "give --adapter-store or --adapters, not both")
 

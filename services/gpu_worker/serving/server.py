@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from manylora.v1 import gpu_worker_pb2_grpc
 from services.common.base_model import BaseModelShape
 from services.common.grpc_server import RunningServer, start_server, wait_for_signal_then
+from services.common.tracing import Tracing, start_tracing
 from services.common.validation import add_servicer_leniently
 from services.gpu_worker.adapters.adapter_source import (
     AdapterSource,
@@ -62,6 +63,7 @@ class Worker:
     loop: EngineLoop
     # Heartbeat and metrics endpoint, stopped first: routers stop sending work before we go.
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    tracing: Tracing | None = None  # stopped last: the spans of drained streams go out too
 
     @property
     def port(self) -> int:
@@ -73,9 +75,12 @@ class Worker:
         await self.server.set_serving([SERVICE_NAME], False)
         await self.server.stop()
         self.loop.stop()
+        if self.tracing is not None:
+            await self.tracing.stop()
 
 
 async def start_worker(config: WorkerConfig, lora_backend: LoraBackend | None = None) -> Worker:
+    tracing = start_tracing(config.otel_endpoint, "manylora-gpu-worker")  # before any channel
     engine, tokenizer = build_worker_engine(config, lora_backend)
     adapters = build_adapter_source(config, engine.model_config.shape)
     loop = EngineLoop(engine)
@@ -93,9 +98,10 @@ async def start_worker(config: WorkerConfig, lora_backend: LoraBackend | None = 
         config.host,
         config.port,
         config,
+        tracing,
     )
     closers: list[Callable[[], Awaitable[None]]] = []
-    worker = Worker(server, loop, closers)
+    worker = Worker(server, loop, closers, tracing)
     try:  # a later start-up failure (a taken metrics port) stops what already runs
         heartbeat = await start_heartbeat(config, server.port, servicer.stats)
         if heartbeat is not None:

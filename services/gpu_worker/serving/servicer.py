@@ -16,6 +16,7 @@ from services.common.adapter_ref import parse_adapter_ref
 from services.common.errors import Internal, InvalidArgument, ServiceError, status_details
 from services.common.logging import request_id_var
 from services.common.metrics import StreamTracker
+from services.common.tracing import record_engine_phases
 from services.common.validation import UndecodableRequest, check_generate_request
 from services.gpu_worker.adapters.adapter_source import AdapterSource
 from services.gpu_worker.engine.chat_template import chat_template_for
@@ -133,6 +134,7 @@ class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
             logger.info("finished")
         finally:
             tracker.close()
+            record_engine_phases(seq.arrival, seq.scheduled_at, seq.first_token_at)
             if not finished:  # the client went away or the call was cancelled
                 logger.info("cancelled by client; aborting")
                 self._loop.abort(seq)
