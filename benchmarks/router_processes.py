@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.stack_processes import stop_processes, wait_healthy
 from services.common.grpc_server import free_port
-from services.common.healthcheck import check
 
 REPO = Path(__file__).resolve().parents[1]
-STARTUP_S = 60.0
 BIG = str(1 << 20)  # queue bounds that refuse nothing: the benchmark measures, not sheds
 
 
@@ -38,24 +35,6 @@ def _env(tree: Path) -> dict[str, str]:
     """The tree's code first; then this process's path (optional packages installed aside)."""
     paths = [str(tree), str(tree / "protos"), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
-
-
-def wait_healthy(target: str, service: str) -> None:
-    deadline = time.monotonic() + STARTUP_S
-    while not check(target, service, timeout_s=1.0)[0]:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{target} ({service or 'server'}) never became healthy")
-        time.sleep(0.2)
-
-
-def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
-    for process in reversed(processes):
-        process.send_signal(signal.SIGTERM)
-    for process in processes:
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 @contextlib.contextmanager
@@ -84,7 +63,7 @@ def running_fakes(
             wait_healthy(address, "manylora.v1.GpuWorker")
         yield addresses, process.pid
     finally:
-        _stop([process])
+        stop_processes([process])
 
 
 @contextlib.contextmanager
@@ -123,4 +102,4 @@ def running_routers(
             wait_healthy(router.address, "manylora.v1.Router")
         yield routers
     finally:
-        _stop(processes)
+        stop_processes(processes)

@@ -52,7 +52,8 @@ def _spawn(
     return subprocess.Popen(command, cwd=REPO, env=env)
 
 
-def _wait_grpc(target: str, service: str) -> None:
+def wait_healthy(target: str, service: str) -> None:
+    """Wait until `service` at `target` answers SERVING (RuntimeError after STARTUP_S)."""
     deadline = time.monotonic() + STARTUP_S
     while not check(target, service, timeout_s=1.0)[0]:
         if time.monotonic() > deadline:
@@ -73,7 +74,8 @@ def _wait_http(url: str) -> None:
         time.sleep(0.2)
 
 
-def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
+def stop_processes(processes: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM each, newest first; then wait for each, killing what has not exited in 15 s."""
     for process in reversed(processes):
         process.send_signal(signal.SIGTERM)
     for process in processes:
@@ -108,7 +110,7 @@ def running_stack(model: str = "tiny", worker_threads: int = 0) -> Iterator[Stac
                     model,
                 )
             )
-            _wait_grpc(addresses.store, "manylora.v1.AdapterStore")
+            wait_healthy(addresses.store, "manylora.v1.AdapterStore")
             processes.append(
                 _spawn(
                     "services.gpu_worker",
@@ -125,7 +127,7 @@ def running_stack(model: str = "tiny", worker_threads: int = 0) -> Iterator[Stac
                     env_extra={"OMP_NUM_THREADS": str(worker_threads)} if worker_threads else None,
                 )
             )
-            _wait_grpc(addresses.worker, "manylora.v1.GpuWorker")
+            wait_healthy(addresses.worker, "manylora.v1.GpuWorker")
             processes.append(
                 _spawn(
                     "services.router",
@@ -141,7 +143,7 @@ def running_stack(model: str = "tiny", worker_threads: int = 0) -> Iterator[Stac
                     BIG,
                 )
             )
-            _wait_grpc(addresses.router, "manylora.v1.Router")
+            wait_healthy(addresses.router, "manylora.v1.Router")
             processes.append(
                 _spawn(
                     "services.openai_front",
@@ -158,4 +160,4 @@ def running_stack(model: str = "tiny", worker_threads: int = 0) -> Iterator[Stac
             addresses.pids = {n: p.pid for n, p in zip(names, processes, strict=True)}
             yield addresses
         finally:
-            _stop(processes)
+            stop_processes(processes)
