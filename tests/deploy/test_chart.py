@@ -227,3 +227,14 @@ def test_only_workload_kinds_hold_pods(objects: list[dict[str, Any]]) -> None:
     kinds = {o["kind"] for o in objects}
     assert not kinds & {"Pod", "ReplicaSet", "DaemonSet"}
     assert set(WORKLOAD_KINDS) <= kinds
+
+
+@pytest.mark.parametrize("grace", [30, 120, 3])
+def test_workers_drain_within_their_grace_period(grace: int) -> None:
+    """Running streams get the pod's grace less 5 s: the kubelet's SIGKILL must not land
+    while the worker is still draining (and never a negative drain)."""
+    pod = workloads(render({"gpuWorker": {"terminationGracePeriodSeconds": grace}}))["gpu-worker"]
+    spec = pod["spec"]["template"]["spec"]
+    assert spec["terminationGracePeriodSeconds"] == grace
+    drain = {e["name"]: e.get("value") for e in only_container(pod)["env"]}
+    assert float(drain["MANYLORA_DRAIN_TIMEOUT_S"]) == max(0, grace - 5)

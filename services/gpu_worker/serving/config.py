@@ -78,6 +78,15 @@ class WorkerConfig(EngineConfig, CallerSecurityConfig):
             "min": 1,
         },
     )
+    drain_timeout_s: float = field(
+        default=25.0,
+        metadata={
+            "help": "on SIGTERM, seconds the streams already running get to finish (new ones "
+            "are refused at once) before they are cut; keep it under the orchestrator's "
+            "grace period (compose's stop_grace_period, Kubernetes' terminationGracePeriodSeconds)",
+            "min": 0,
+        },
+    )
     log_level: str = log_level_field()
     log_format: str = log_format_field()
     otel_endpoint: str = otel_endpoint_field()

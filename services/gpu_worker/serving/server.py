@@ -64,6 +64,7 @@ class Worker:
     # Heartbeat and metrics endpoint, stopped first: routers stop sending work before we go.
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     tracing: Tracing | None = None  # stopped last: the spans of drained streams go out too
+    drain_timeout_s: float = 2.0  # what running streams get to finish when it stops
 
     @property
     def port(self) -> int:
@@ -73,7 +74,7 @@ class Worker:
         for close in self.closers:
             await close()
         await self.server.set_serving([SERVICE_NAME], False)
-        await self.server.stop()
+        await self.server.stop(self.drain_timeout_s)
         self.loop.stop()
         if self.tracing is not None:
             await self.tracing.stop()
@@ -101,7 +102,7 @@ async def start_worker(config: WorkerConfig, lora_backend: LoraBackend | None = 
         tracing,
     )
     closers: list[Callable[[], Awaitable[None]]] = []
-    worker = Worker(server, loop, closers, tracing)
+    worker = Worker(server, loop, closers, tracing, config.drain_timeout_s)
     try:  # a later start-up failure (a taken metrics port) stops what already runs
         heartbeat = await start_heartbeat(config, server.port, servicer.stats)
         if heartbeat is not None:
