@@ -100,7 +100,7 @@ def test_help_shows_the_program_and_every_default(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert exited.value.code == 0
     assert text.startswith("usage: python -m services.gpu_worker ")
-    assert "(default: 64; env MANYLORA_MAX_NUM_SEQS)" in text
+    assert "(default: 0; env MANYLORA_MAX_NUM_SEQS)" in text
     assert "(default: off; env MANYLORA_DUMMY)" in text
     assert "(default: none; env MANYLORA_ADAPTERS)" in text
 
