@@ -34,6 +34,7 @@ import numpy as np
 
 from benchmarks.serving.grpc_stack import upload_adapters
 from benchmarks.stack_processes import StackAddresses, cpu_seconds, running_stack
+from benchmarks.workload_args import add_workload_args, workload_from_args
 from services.client import AsyncManyloraClient
 from services.openai_front.sse import read_sse_events
 
@@ -234,8 +235,7 @@ def ratio(results: Sequence[RunResult]) -> dict[str, float]:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     defaults = Workload()
-    for name, value in asdict(defaults).items():
-        parser.add_argument("--" + name.replace("_", "-"), type=int, default=value)
+    add_workload_args(parser, defaults)
     parser.add_argument("--rounds", type=int, default=3, help="reported rounds of each path")
     parser.add_argument(
         "--worker-threads",
@@ -245,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--out", type=Path, help="append the runs and the ratio as JSON lines")
     args = parser.parse_args(argv)
-    workload = Workload(**{name: getattr(args, name) for name in asdict(defaults)})
+    workload = workload_from_args(args, defaults)
     with running_stack(MODEL, args.worker_threads) as stack:
         results = asyncio.run(compare(stack, workload, args.rounds))
     summary = {

@@ -31,6 +31,7 @@ import grpc
 
 from benchmarks.router_processes import REPO, Router, running_fakes, running_routers
 from benchmarks.stack_processes import cpu_seconds
+from benchmarks.workload_args import add_workload_args, workload_from_args
 from manylora.v1 import common_pb2, router_pb2_grpc
 
 
@@ -173,8 +174,7 @@ def table(results: Sequence[Round]) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     defaults = Workload()
-    for name, value in asdict(defaults).items():
-        parser.add_argument("--" + name.replace("_", "-"), type=int, default=value)
+    add_workload_args(parser, defaults)
     parser.add_argument("--rounds", type=int, default=3, help="kept rounds of each router")
     parser.add_argument(
         "--compare",
@@ -194,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--out", type=Path, help="append the rounds and the table as JSON lines")
     args = parser.parse_args(argv)
-    w = Workload(**{name: getattr(args, name) for name in asdict(defaults)})
+    w = workload_from_args(args, defaults)
     trees = [REPO, *args.compare]
     with (
         running_fakes(w.workers, w.tokens_per_message, step_ms=w.step_us / 1000) as (

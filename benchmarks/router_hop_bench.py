@@ -27,6 +27,7 @@ import grpc
 import numpy as np
 
 from benchmarks.router_processes import REPO, running_fakes, running_routers
+from benchmarks.workload_args import add_workload_args, workload_from_args
 from manylora.v1 import common_pb2, gpu_worker_pb2_grpc, router_pb2_grpc
 
 DIRECT = "direct"
@@ -148,8 +149,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     defaults = Workload()
-    for name, value in asdict(defaults).items():
-        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+    add_workload_args(parser, defaults)
     parser.add_argument("--rounds", type=int, default=4, help="kept rounds of each path")
     parser.add_argument(
         "--compare",
@@ -160,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--out", type=Path, help="append the summary rows as JSON lines")
     args = parser.parse_args(argv)
-    w = Workload(**{name: getattr(args, name) for name in asdict(defaults)})
+    w = workload_from_args(args, defaults)
     with (
         running_fakes(1, interval_ms=w.interval_ms) as (workers, _),
         running_routers(workers, [REPO, *args.compare]) as routers,

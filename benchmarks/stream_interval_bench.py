@@ -31,6 +31,7 @@ from benchmarks.openai_front_bench import (
 )
 from benchmarks.serving.grpc_stack import upload_adapters
 from benchmarks.stack_processes import StackAddresses, cpu_seconds, running_stack
+from benchmarks.workload_args import add_workload_args, workload_from_args
 from services.client import AsyncManyloraClient
 
 
@@ -95,15 +96,14 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     defaults = Workload(concurrency=32, requests=128)
-    for name, value in asdict(defaults).items():
-        parser.add_argument("--" + name.replace("_", "-"), type=int, default=value)
+    add_workload_args(parser, defaults)
     parser.add_argument("--intervals", default="1,4", help="comma-separated stream intervals")
     parser.add_argument("--repeats", type=int, default=2, help="stacks started per interval")
     parser.add_argument("--rounds", type=int, default=3, help="kept rounds of each stack")
     parser.add_argument("--worker-threads", type=int, default=1, help="torch threads")
     parser.add_argument("--out", type=Path, help="append the rounds as JSON lines")
     args = parser.parse_args(argv)
-    w = Workload(**{name: getattr(args, name) for name in asdict(defaults)})
+    w = workload_from_args(args, defaults)
     rows = []
     for _ in range(args.repeats):
         for interval in (int(i) for i in args.intervals.split(",")):
