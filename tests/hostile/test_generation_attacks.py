@@ -20,7 +20,7 @@ from services.common.base_model import BaseModelShape, load_hf_config
 from services.common.errors import MAX_STATUS_DETAILS_BYTES
 from services.common.random_adapters import save_random_peft_adapter
 from tests.e2e.stack import Stack, poll_stats, worker_stats
-from tests.hostile.conftest import WorkerProcess
+from tests.processes import ServiceProcess
 
 OK = "ok"
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -289,7 +289,7 @@ async def test_store_down_fails_only_the_uncached_adapters_requests(hostile_stac
 
 @pytest.mark.parametrize("fault", [signal.SIGSTOP, signal.SIGKILL], ids=["frozen", "killed"])
 async def test_a_frozen_or_killed_worker_ends_its_streams_and_the_other_serves(
-    hostile_stack: Stack, worker_process: Callable[[list[str]], WorkerProcess], fault
+    hostile_stack: Stack, worker_process: Callable[[list[str]], ServiceProcess], fault
 ):
     stack = hostile_stack
     await stack.start_store()

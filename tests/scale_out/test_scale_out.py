@@ -16,7 +16,7 @@ import itertools
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,8 +28,9 @@ from manylora.v1 import common_pb2, router_pb2_grpc
 from services.common.base_model import DUMMY_PRESETS
 from tests.adapter_store.helpers import RedisProcess
 from tests.e2e.stack import Stack
+from tests.e2e.stack import stack_at as e2e_stack_at
 from tests.oracle import AdapterSpec, build_pair, greedy_oracle, make_peft_adapters
-from tests.scale_out.processes import ServiceProcess
+from tests.processes import ServiceProcess
 
 NEW_TOKENS = 8
 CLIENTS = 8
@@ -174,13 +175,8 @@ def processes() -> Iterator[list[ServiceProcess]]:
             process.stop()
 
 
-@contextlib.asynccontextmanager
-async def stack_at(tmp: Path) -> AsyncIterator[Stack]:
-    stack = Stack(tmp)
-    try:
-        yield stack
-    finally:
-        await stack.stop()
+# The e2e fixtures' stack (an async generator), as a context manager.
+stack_at = contextlib.asynccontextmanager(e2e_stack_at)
 
 
 async def test_two_routers_four_workers_kill_drain_and_add_lose_nothing(

@@ -1,5 +1,5 @@
 """Services in their own processes (`python -m services.<name>`), for faults a test cannot
-inflict on itself: SIGKILL, and SIGTERM's drain. Their output goes to a log file beside the
+inflict on itself: SIGKILL, SIGSTOP, and SIGTERM's drain. Their output goes to a log file beside the
 test's data, which a failing assertion can point at."""
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class ServiceProcess:
                 command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT
             )
 
-    async def wait_serving(self, timeout_s: float) -> None:
+    async def wait_serving(self, timeout_s: float = 90.0) -> None:
         request = health_pb2.HealthCheckRequest(service="")
         async with asyncio.timeout(timeout_s):
             async with grpc.aio.insecure_channel(self.address) as channel:
