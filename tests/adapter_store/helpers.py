@@ -7,8 +7,9 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -148,3 +149,29 @@ async def upload_code(
         return grpc.StatusCode.OK, ""
 
     return await asyncio.to_thread(call)
+
+
+async def cancelled_upload(
+    sync_stub: adapter_store_pb2_grpc.AdapterStoreStub,
+    messages: list[adapter_store_pb2.UploadAdapterRequest],
+) -> None:
+    """Send `messages` as an upload that never ends, then cancel it, through the sync API in
+    a thread (grpc/grpc#36066, as in `upload_code`): the asyncio API's writes may fail with
+    INTERNAL when a cancel races them."""
+
+    def call() -> None:
+        sent, release = threading.Event(), threading.Event()
+
+        def stream() -> Iterator[adapter_store_pb2.UploadAdapterRequest]:
+            yield from messages
+            sent.set()
+            release.wait(30)  # the stream stays open, unfinished, until cancelled
+
+        future = sync_stub.UploadAdapter.future(stream(), timeout=60)
+        try:
+            assert sent.wait(30), "the upload's messages were never all taken"
+            future.cancel()
+        finally:
+            release.set()
+
+    await asyncio.to_thread(call)

@@ -27,7 +27,12 @@ from services.common.base_model import BaseModelShape, load_hf_config
 from services.common.grpc_server import SERVER_OPTIONS, free_port
 from services.common.lora_format import CanonicalAdapter
 from services.common.random_adapters import save_random_peft_adapter
-from tests.adapter_store.helpers import RedisProcess, read_adapter, upload_code
+from tests.adapter_store.helpers import (
+    RedisProcess,
+    cancelled_upload,
+    read_adapter,
+    upload_code,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 MIB = 1 << 20
@@ -445,11 +450,8 @@ async def test_memory_returns_to_baseline_after_refused_and_cancelled_uploads(
         assert refused[0] == grpc.StatusCode.INVALID_ARGUMENT
         too_big = await upload_code(sync_stub, [header("mem-b", "{}"), *chunks(over_cap)])
         assert too_big[0] == grpc.StatusCode.INVALID_ARGUMENT
-        call = stub.UploadAdapter()
-        await call.write(header("mem-c", "{}", len(garbage)))
-        for message in chunks(garbage)[: len(garbage) // MIB - 2]:
-            await call.write(message)
-        call.cancel()
+        partial = chunks(garbage)[: len(garbage) // MIB - 2]
+        await cancelled_upload(sync_stub, [header("mem-c", "{}", len(garbage)), *partial])
         assert await wait_until_no_spool(store) == []
 
     for _ in range(3):  # warm up: gRPC buffers, thread pool, allocator arenas
