@@ -23,17 +23,23 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 class ServiceProcess:
-    def __init__(self, module: str, args: list[str], log_dir: Path, metrics: bool = False):
+    def __init__(
+        self,
+        module: str,
+        args: list[str],
+        log_dir: Path,
+        metrics: bool = False,
+        one_thread: bool = True,
+    ):
+        """`one_thread`: torch's intra-op threads at one (OMP_NUM_THREADS), so that several
+        torch processes share two cores one thread each, not two apiece."""
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.metrics_port = free_port() if metrics else 0
         self.log = log_dir / f"{module.rpartition('.')[2]}-{self.port}.log"
-        env = {
-            **os.environ,
-            "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'protos'}",
-            # Several torch processes share two cores: one thread each, not two apiece.
-            "OMP_NUM_THREADS": "1",
-        }
+        env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'protos'}"}
+        if one_thread:
+            env["OMP_NUM_THREADS"] = "1"
         command = [sys.executable, "-m", module, "--port", str(self.port), *args]
         if metrics:
             command += ["--metrics-port", str(self.metrics_port)]

@@ -30,7 +30,7 @@ def worker_process(tmp_path: Path) -> Iterator[Callable[[list[str]], ServiceProc
 
     def start(args: list[str]) -> ServiceProcess:
         flags = ["--device", "cpu", "--model", "tiny", "--log-level", "WARNING", *args]
-        worker = ServiceProcess("services.gpu_worker", flags, tmp_path)
+        worker = ServiceProcess("services.gpu_worker", flags, tmp_path, one_thread=False)
         started.append(worker)
         return worker
 

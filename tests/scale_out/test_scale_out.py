@@ -51,6 +51,9 @@ WORKER_FLAGS += ["--pool-slots", str(POOL_SLOTS), "--host-cache-bytes", str(HOST
 # A SIGKILLed worker is noticed by the routers' failed calls and polls at once; its
 # registration then expires. A TTL of a few beats keeps a busy box's late beats harmless.
 WORKER_FLAGS += ["--heartbeat-interval-s", "0.5", "--heartbeat-ttl-s", "3"]
+# The drain the test was written for: short streams finish well within it, and the drained
+# worker exits well within the test's 30 s wait even on two loaded cores.
+WORKER_FLAGS += ["--drain-timeout-s", "5"]
 # Start-up of six Python processes (torch in five) on two cores that other jobs share.
 START_TIMEOUT_S = 240
 ROUTER_FLAGS = ["--health-interval-s", "0.2", "--health-timeout-s", "2", "--log-level", "WARNING"]
