@@ -40,7 +40,6 @@ from services.gpu_worker.model.model_config import ModelConfig
 from services.gpu_worker.model.weights import build_dummy_model
 
 DEVICE = torch.device("cuda")
-RANKS = (8, 16, 32, 64)
 CONTEXT = 128  # prompt tokens of the running requests
 # Enough for every timed step; small enough that 192 requests and their adapters all fit the
 # pool at once (else some would wait, and the timed steps would run fewer).
@@ -130,12 +129,13 @@ def run_case(
     adapters: Any,
     reps: int,
     host_profile: bool = False,
+    context: int = CONTEXT,
 ) -> dict[str, Any]:
-    running = add_requests(engine, decode, CONTEXT, adapters(0, decode), "d")
+    running = add_requests(engine, decode, context, adapters(0, decode), "d")
     settle(engine)
     results: list[StepResult | None] = []
     if prompts == 0:
-        wall, gpu, top = timed(lambda: results.append(engine.step()), reps, False)
+        wall, gpu, top = timed(lambda: results.append(engine.step()), reps, host_profile)
     else:
         joining: list[Sequence] = []
 
@@ -156,6 +156,7 @@ def run_case(
     if last is None or last.decode_seqs != decode:
         raise RuntimeError(f"{name}: the timed steps did not run {decode} decodes: {last}")
     row: dict[str, Any] = {"case": name, "decode": decode, "prompt_tokens": prompts * prompt_len}
+    row["context"] = context
     row["last_step"] = None if last is None else last.__dict__
     row["top_kernels"] = top
     row |= {"wall_ms": wall, "gpu_ms": busy, "host_ms": max(wall - busy, 0.0)}
@@ -206,12 +207,24 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer cases and steps")
     parser.add_argument("--host-profile", action="store_true", help="cProfile the mixed steps")
     parser.add_argument(
+        "--cases",
+        default="",
+        help="comma list of DECODExPROMPTSxPROMPT_LEN (e.g. 256x0x0,240x2x270); "
+        "default: the standard cases",
+    )
+    parser.add_argument("--context", type=int, default=CONTEXT, help="running requests' prompts")
+    parser.add_argument("--ranks", default="8,16,32,64", help="adapter ranks, cycled")
+    parser.add_argument(
+        "--kinds", default="base,attention,all-linear", help="comma list of adapter kinds"
+    )
+    parser.add_argument(
         "--elementwise",
         choices=("kernels", "compiled"),
         default="kernels",
         help="RMSNorm, rotary and SiLU-gate as Triton kernels or through torch.compile",
     )
     args = parser.parse_args()
+    ranks = tuple(int(r) for r in args.ranks.split(","))
     config = ModelConfig.from_hf(DUMMY_PRESETS["llama-7b"])
     ops = ElementwiseOps.kernels() if args.elementwise == "kernels" else ElementwiseOps.compiled()
     backends = ModelBackends(TritonPagedAttention(), ops)
@@ -225,12 +238,12 @@ def main() -> None:
             max_num_seqs=256,
             max_loras=520,
             max_prefill_tokens=8192,
-            max_rank=max(RANKS),
+            max_rank=max(ranks),
         ),
     )
 
     def rank_of(index: int) -> int:
-        return RANKS[index % len(RANKS)]
+        return ranks[index % len(ranks)]
 
     banks = {
         name: AdapterBank(config.shape, rank_of, torch.bfloat16, DEVICE, 8, targets=t)
@@ -249,9 +262,11 @@ def main() -> None:
     cases = [(32, 0, 0), (128, 0, 0), (192, 4, 115)]
     if args.quick:
         cases = [(32, 0, 0), (192, 4, 115)]
+    if args.cases:
+        cases = [tuple(int(n) for n in c.split("x")) for c in args.cases.split(",")]  # type: ignore[misc]
     rows: list[dict[str, Any]] = [{"launch_costs_us": launch_costs(config.hidden_size, 8)}]
     for decode, prompts, prompt_len in cases:
-        for kind in ("base", "attention", "all-linear"):
+        for kind in args.kinds.split(","):
             label = f"decode {decode}" + (f" + {prompts}x{prompt_len} prompt" if prompts else "")
             rows.append(
                 run_case(
@@ -263,6 +278,7 @@ def main() -> None:
                     adapters_of(kind),
                     reps,
                     args.host_profile and kind == "attention",
+                    args.context,
                 )
             )
     if args.out:
