@@ -77,7 +77,7 @@ def run(
             seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
             q = torch.randn(batch, num_heads, head_dim, dtype=dtype, device=device, generator=gen)
             out = torch.empty_like(q)
-            splits = decode_num_splits(batch, num_heads, num_kv_heads, ctx, device)
+            splits = decode_num_splits(batch, num_kv_heads, ctx, device)
 
             args = (q, pool, k_table, v_table, req_rows, seq_lens, scale)
             auto = functools.partial(paged_decode_attention, *args, out=out)

@@ -52,7 +52,6 @@ def _attend_key_block(
     BLOCK_N: tl.constexpr,
     MASK_KEYS: tl.constexpr,
     CAUSAL: tl.constexpr,
-    USE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """One step of the online softmax, shared by the decode and prefill kernels: the keys
@@ -65,7 +64,7 @@ def _attend_key_block(
     must be valid, and nothing is masked: the cheaper form for blocks wholly inside the
     context); CAUSAL also hides key n from a query at position q_pos[r] < n. The caller
     guarantees every row sees at least one key of the block, so the new maximum is finite.
-    USE_DOT picks tl.dot (needs R >= 16) over a broadcast-multiply-and-sum.
+    Both products go through tl.dot, which needs R >= 16 (callers pad the rows).
 
     Torch reference of one step (s masked to -inf where hidden):
         s = (q @ k.T) * qk_scale;  m_new = max(m_i, s.max(1))
@@ -85,10 +84,7 @@ def _attend_key_block(
     else:
         k_slots = tl.load(k_row_ptr + offs_n).to(tl.int64)
         k = tl.load(pool_ptr + k_slots[:, None] * stride_pool + col[None, :])
-    if USE_DOT:
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    else:
-        s = tl.sum(q[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), axis=2)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     s = s * qk_scale
     if MASK_KEYS:
         visible = n_mask[None, :]
@@ -110,10 +106,7 @@ def _attend_key_block(
     else:
         v_slots = tl.load(v_row_ptr + offs_n).to(tl.int64)
         v = tl.load(pool_ptr + v_slots[:, None] * stride_pool + col[None, :])
-    if USE_DOT:
-        pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    else:
-        pv = tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), axis=1)
+    pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc * alpha[:, None] + pv, m_new, l_i
 
 
@@ -142,7 +135,6 @@ def _decode_kernel(
     BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    USE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ) -> None:
     """Grid (B, KVH, NUM_SPLITS): request b, kv head `kv_head`, its split `split` of the keys.
@@ -203,7 +195,6 @@ def _decode_kernel(
             BLOCK_N,
             MASK_KEYS=True,
             CAUSAL=False,
-            USE_DOT=USE_DOT,
             DOT_PRECISION=DOT_PRECISION,
         )
 
@@ -347,7 +338,6 @@ def _prefill_kernel(
             BLOCK_N,
             MASK_KEYS=False,
             CAUSAL=False,
-            USE_DOT=True,
             DOT_PRECISION=DOT_PRECISION,
         )
     # Key 0 is visible to every row (also the out-of-range ones past q_len), so no row is
@@ -370,7 +360,6 @@ def _prefill_kernel(
             BLOCK_N,
             MASK_KEYS=True,
             CAUSAL=True,
-            USE_DOT=True,
             DOT_PRECISION=DOT_PRECISION,
         )
 
@@ -424,27 +413,23 @@ def _num_sms(device: torch.device) -> int:
     return 1
 
 
-def decode_num_splits(
-    batch: int, num_heads: int, num_kv_heads: int, max_len: int, device: torch.device
-) -> int:
+def decode_num_splits(batch: int, num_kv_heads: int, max_len: int, device: torch.device) -> int:
     """How many programs share one request's keys in `paged_decode_attention`.
 
-    A (request, kv head) program walks its keys one dependent gather after another, so it is
-    latency-bound and the GPU needs many of them in flight. Measured on an H100 (Llama-7B
-    shapes, bf16): a GQA program (tl.dot over the head group) saturates memory bandwidth at
-    about 4 programs per SM and splitting more only adds merge work, while the MHA form keeps
-    gaining from splits up to ~64 programs per SM (+4% at batch 128, 2-6x at batch 1).
-    Chosen from static shapes only (max_len = the tables' width), so that a CUDA graph captures
-    a fixed launch.
+    With a few thousand (request, kv head) programs the pipelined gathers keep memory busy on
+    their own and splitting only adds merge work: measured on an H200 (Llama-7B shapes, bf16,
+    `benchmarks/attention_variants.py`), one split is fastest from 1,024 programs up (32
+    requests of 140 tokens: 36 us against 38-41 us with 2-4 splits; 160 of ~400: 245 against
+    265-282 us). Below ~2 programs per SM the keys are split until there are ~4 per SM
+    (measured 2-6x faster at batch 1 on an H100). MHA and GQA take the same rule, both
+    running as tl.dot. Chosen from static shapes only (max_len = the tables' width), so that
+    a CUDA graph captures a fixed launch.
     """
     pairs = batch * num_kv_heads
     sms = _num_sms(device)
-    if num_heads > num_kv_heads:
-        if pairs >= 2 * sms:
-            return 1
-        target = 4 * sms
-    else:
-        target = 64 * sms
+    if pairs >= 2 * sms:
+        return 1
+    target = 4 * sms
     # Splits of fewer than ~32 keys would only add merge work.
     return max(1, min(16, triton.cdiv(target, pairs), max_len // 32))
 
@@ -478,17 +463,18 @@ def paged_decode_attention(
         return out
     group = num_heads // num_kv_heads
     if num_splits is None:
-        num_splits = decode_num_splits(batch, num_heads, num_kv_heads, k_table.shape[1], q.device)
+        num_splits = decode_num_splits(batch, num_kv_heads, k_table.shape[1], q.device)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
 
-    # MHA: a 1-row group would waste 15/16 of a padded tl.dot; a broadcast-multiply and sum is
-    # just as bandwidth-bound and needs no padding.
-    use_dot = group > 1
-    block_g = max(_MIN_DOT_ROWS, triton.next_power_of_2(group)) if use_dot else 1
-    # Tuned on an H100 (Llama-7B shapes): MHA rows are cheap to combine, so short blocks keep
-    # more gathers in flight; the GQA tl.dot form prefers longer ones.
-    block_n = 64 if use_dot or head_dim <= 64 else 32
+    # Even MHA's one query row per head goes through tl.dot, padded to 16 rows: the wasted
+    # tensor-core work is free, while the broadcast-multiply-and-sum form spent its time in
+    # cross-thread reductions and reached half the bandwidth (H200, Llama-7B shapes: 2.1 TB/s
+    # against 3.9-4.1 TB/s at 160-256 requests of ~400 tokens; attention_variants.py).
+    block_g = max(_MIN_DOT_ROWS, triton.next_power_of_2(group))
+    # 128-key blocks measured best for MHA in bf16 (3 pipeline stages of K and V tiles fit in
+    # shared memory); fp32 and wider heads take shorter ones to fit.
+    block_n = 128 if group == 1 and q.element_size() <= 2 and head_dim <= 128 else 64
     if num_splits > 1:
         part_out = torch.empty(
             batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device
@@ -520,7 +506,6 @@ def paged_decode_attention(
         BLOCK_G=block_g,
         HEAD_DIM=head_dim,
         BLOCK_N=block_n,
-        USE_DOT=use_dot,
         DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=4,
     )

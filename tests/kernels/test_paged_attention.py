@@ -444,15 +444,17 @@ def test_gpu_decode_fp32_and_fp16(
 
 
 def test_decode_split_heuristic(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The split-K choices measured best on an H100 (132 SMs)."""
+    """The split-K choices measured best (H100 and H200, both 132 SMs): splits only while
+    there are fewer than ~2 (request, kv head) programs per SM, MHA and GQA alike."""
     monkeypatch.setattr(pa, "_num_sms", lambda device: 132)
     device = torch.device("cpu")
-    assert pa.decode_num_splits(1, 32, 32, 2048, device) == 16
-    assert pa.decode_num_splits(1, 32, 8, 2048, device) == 16
-    assert pa.decode_num_splits(128, 32, 32, 2048, device) > 1
+    assert pa.decode_num_splits(1, 32, 2048, device) == 16
+    assert pa.decode_num_splits(1, 8, 2048, device) == 16
+    assert pa.decode_num_splits(4, 32, 2048, device) == 5
+    assert pa.decode_num_splits(32, 32, 2048, device) == 1
     # GQA at batch 64: the (request, kv head) programs alone fill an H100.
-    assert pa.decode_num_splits(64, 32, 8, 2048, device) == 1
-    assert pa.decode_num_splits(1, 32, 32, 20, device) == 1
+    assert pa.decode_num_splits(64, 8, 2048, device) == 1
+    assert pa.decode_num_splits(1, 32, 20, device) == 1
 
 
 @pytest.mark.gpu
