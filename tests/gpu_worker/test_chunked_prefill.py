@@ -14,7 +14,7 @@ import torch
 from services.common.lora_format import CanonicalAdapter
 from services.common.peft_adapter import load_peft_folder
 from services.gpu_worker.engine.config import EngineConfig
-from services.gpu_worker.engine.engine import Engine
+from services.gpu_worker.engine.engine import Engine, StepResult
 from services.gpu_worker.engine.offline import generate_offline
 from services.gpu_worker.engine.sampling import SamplingOptions
 from services.gpu_worker.engine.sequence import FinishReason, Sequence, StepOutput
@@ -253,3 +253,27 @@ def test_decode_graphs_never_run_a_one_token_chunk_that_does_not_end_its_prompt(
     (with_graphs, runs), (without, _) = run(True), run(False)
     assert with_graphs == without and all(len(t) == 5 for t in without)
     assert runs > 0
+
+
+@pytest.mark.parametrize("hf_config", [TINY_MHA, TINY_GQA], ids=["mha", "gqa"])
+def test_mixed_steps_split_into_a_graphed_decode_pass_match_hf_peft(
+    hf_config: dict[str, Any], tmp_path: Path
+):
+    """With decode graphs, a mixed step runs its decodes through the graph and its prompt
+    chunks in a second, eager pass (engine._forward); the logits must come back in batch
+    order, so every request still gets the oracle's tokens, adapters mixed in both passes."""
+    ours, peft_model, adapters = _setup(hf_config, tmp_path)
+    requests = _mixed_requests(list(adapters), seed=3)
+    engine = _engine(ours, budget=5, max_num_seqs=6)
+    engine.graphs = GraphLike(ours)  # type: ignore[assignment]
+    results: list[StepResult | None] = []
+    step = engine.step
+
+    def recorded_step() -> StepResult | None:
+        results.append(step())
+        return results[-1]
+
+    engine.step = recorded_step  # type: ignore[method-assign]
+    check_engine_against_oracle(engine, peft_model, requests, adapters, NEW_TOKENS)
+    split = [r for r in results if r is not None and r.prefill_seqs and r.decode_seqs]
+    assert split and all(r.graph for r in split)
