@@ -25,6 +25,7 @@ MODES = ("inprocess", "grpc")
 ENGINE_SETTINGS = (
     "max_num_seqs",
     "max_prefill_tokens",
+    "admission_batch",
     "max_loras",
     "pool_slots",
     "gpu_memory_fraction",

@@ -28,9 +28,14 @@ CPU = torch.device("cpu")
 ADAPTER_SLOTS = 8
 
 
-def _scheduler(pool_slots: int = 1000, max_num_seqs: int = 4, budget: int = 4096) -> Scheduler:
+def _scheduler(
+    pool_slots: int = 1000, max_num_seqs: int = 4, budget: int = 4096, admission_batch: int = 1
+) -> Scheduler:
     config = EngineConfig(
-        max_num_seqs=max_num_seqs, max_prefill_tokens=budget, max_loras=max_num_seqs + 20
+        max_num_seqs=max_num_seqs,
+        max_prefill_tokens=budget,
+        max_loras=max_num_seqs + 20,
+        admission_batch=admission_batch,
     )
     pool = UnifiedMemoryPool(1, pool_slots, 64, torch.float32, CPU)
     adapters = AdapterManager(pool, config.max_loras, max_adapter_slots=64)
@@ -422,3 +427,51 @@ def test_random_traffic_keeps_the_budget_order_and_memory(seed: int):
     assert admitted == [s for s in arrivals if s in admitted]  # FCFS
     assert sorted(map(id, finished + aborted)) == sorted(map(id, arrivals))
     assert (sched.pool.kv_used, sched.pool.promised, sched.kv_tables.free_rows) == (0, 0, 3)
+
+
+def _full_decoding(max_num_seqs: int, admission_batch: int) -> Scheduler:
+    """A scheduler whose every running place holds a request past its prompt."""
+    sched = _scheduler(4000, max_num_seqs, admission_batch=admission_batch)
+    _add(sched, *(_seq(4) for _ in range(max_num_seqs)))
+    _advance(sched.schedule())  # nothing decodes yet: all join at once
+    assert len(sched.running) == max_num_seqs
+    return sched
+
+
+def test_with_an_admission_batch_prompts_join_only_when_that_many_places_are_free():
+    """max_num_seqs 32, batch 4: while 10 wait, finishing requests free places one by one,
+    and no prompt joins until 4 can join in one step."""
+    sched = _full_decoding(32, admission_batch=4)
+    _add(sched, *(_seq(4) for _ in range(10)))
+    for freed in range(1, 4):
+        sched.remove(sched.running[0])
+        step = sched.schedule()
+        _advance(step)
+        assert step.prefill == [] and len(step.decode) == 32 - freed
+    sched.remove(sched.running[0])
+    step = sched.schedule()
+    assert len(step.prefill) == 4 and len(step.decode) == 28 and len(sched.waiting) == 6
+
+
+def test_an_admission_batch_never_holds_back_fewer_waiting_requests_than_it():
+    """One request waiting and one place free: it joins at once (low load never waits)."""
+    sched = _full_decoding(32, admission_batch=4)
+    _add(sched, _seq(4))
+    sched.remove(sched.running[0])
+    assert len(sched.schedule().prefill) == 1
+
+
+def test_the_admission_batch_is_capped_at_an_eighth_of_max_num_seqs():
+    """max_num_seqs 16 caps a batch of 8 at 2: the running batch never drains to refill."""
+    sched = _full_decoding(16, admission_batch=8)
+    _add(sched, *(_seq(4) for _ in range(8)))
+    sched.remove(sched.running[0])
+    _advance(step := sched.schedule())
+    assert step.prefill == []
+    sched.remove(sched.running[0])
+    assert len(sched.schedule().prefill) == 2
+
+
+def test_the_admission_batch_must_be_positive():
+    with pytest.raises(ValueError, match="--admission-batch"):
+        EngineConfig(admission_batch=0)

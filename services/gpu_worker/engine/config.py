@@ -63,6 +63,15 @@ class EngineConfig:
             "steps, and the running requests' decode tokens come on top"
         },
     )
+    admission_batch: int = field(
+        default=1,
+        metadata={
+            "help": "while requests decode and more wait than can join, new prompts join only "
+            "when this many can join at once (at most --max-num-seqs / 8): each step with "
+            "prompts costs a fixed eager pass on a GPU, so fewer, larger ones serve more; "
+            "1 = each as soon as it fits"
+        },
+    )
     max_waiting: int = field(
         default=1024, metadata={"help": "waiting-queue bound (RESOURCE_EXHAUSTED beyond it)"}
     )
@@ -73,7 +82,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CHOICES:
             raise ConfigError("dtype", f"{self.dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
-        for name in ("max_rank", "max_prefill_tokens", "max_waiting"):
+        for name in ("max_rank", "max_prefill_tokens", "max_waiting", "admission_batch"):
             _at_least(name, getattr(self, name), 1)
         for name in ("pool_slots", "max_model_len", "max_num_seqs"):
             _at_least(name, getattr(self, name), 0)

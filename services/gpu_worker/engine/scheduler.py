@@ -89,7 +89,13 @@ class Scheduler:
                 step.decode.append(seq)
             elif budget > 0:
                 budget -= self._chunk(step, seq, budget)
-        while budget > 0 and self.waiting and len(self.running) < self.config.max_num_seqs:
+        admitting = self._admission_open(len(step.decode))
+        while (
+            admitting
+            and budget > 0
+            and self.waiting
+            and len(self.running) < self.config.max_num_seqs
+        ):
             seq = self.waiting[0]
             if not self._make_room(seq):
                 break
@@ -99,6 +105,15 @@ class Scheduler:
         self._prefetch()
         self._allocate(step.seqs, step.q_lens)
         return step
+
+    def _admission_open(self, decoding: int) -> bool:
+        """Whether waiting requests may join this step. With requests decoding, they join only
+        when `admission_batch` of them (fewer if fewer wait; at most an eighth of
+        max_num_seqs, so the batch never drains to refill) have running places: on a GPU a
+        step with prompts pays a fixed eager pass however few it brings."""
+        limit = self.config.max_num_seqs
+        want = min(self.config.admission_batch, len(self.waiting), max(1, limit // 8))
+        return decoding == 0 or limit - len(self.running) >= want
 
     @staticmethod
     def _chunk(step: ScheduledStep, seq: Sequence, budget: int) -> int:
