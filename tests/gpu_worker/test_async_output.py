@@ -125,9 +125,13 @@ def add(engine: Engine, rid: str, max_new: int = 12, **opts: object) -> Sink:
     return sink
 
 
-def run(engine: Engine) -> None:
-    while engine.has_work():
+def run(engine: Engine, max_steps: int = 100) -> None:
+    """Step while there is work (a bounded number of times: work that never ends fails)."""
+    for _ in range(max_steps):
+        if not engine.has_work():
+            return
         engine.step()
+    raise AssertionError(f"still working after {max_steps} steps")
 
 
 def assert_all_given_back(engine: Engine) -> None:
