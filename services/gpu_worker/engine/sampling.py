@@ -32,6 +32,9 @@ outside the contract, is reported as that row's error and the other rows get the
 if it had not been there. If the batched pass itself raises, each row is sampled alone, so
 only the rows that still fail get an error (the same tokens either way, since no row's draw
 depends on its neighbours).
+
+`sample_async` only queues the draw on the device; its `result()` reads the tokens back, the
+one wait for the device, so the engine can do other host work in between.
 """
 
 from __future__ import annotations
