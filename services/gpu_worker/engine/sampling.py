@@ -426,6 +426,9 @@ class _Launched:
     host: torch.Tensor | None  # [2 or 3, B] float64 on the device: tokens, finite, logprobs
     plan: _Plan | None
     want_logprobs: list[bool]
+    # On CUDA, recorded after the draw: waiting on it releases the GIL (reading `host` back
+    # may not), so the worker's event loop streams outputs while the engine thread waits.
+    done: torch.cuda.Event | None = None
 
 
 def _launch_batch(
@@ -463,13 +466,20 @@ def _launch_batch(
     if any(want_logprobs):
         picked_lp = torch.log_softmax(logits, dim=-1).gather(1, chosen[:, None])[:, 0]
         columns.append(picked_lp.to(torch.float64))
-    return _Launched(torch.stack(columns), plan, want_logprobs)
+    host = torch.stack(columns)
+    done = None
+    if host.device.type == "cuda":
+        done = torch.cuda.Event()
+        done.record()
+    return _Launched(host, plan, want_logprobs, done)
 
 
 def _collect(launched: _Launched) -> Sampled:
     """Read a launched draw back: the one transfer, which waits for the device."""
     if launched.host is None or launched.plan is None:
         return Sampled([], [], [])
+    if launched.done is not None:
+        launched.done.synchronize()
     host = launched.host.tolist()
     batch = len(host[0])
     errors: list[Exception | None] = [None] * batch
