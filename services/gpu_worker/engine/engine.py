@@ -201,7 +201,7 @@ class Engine:
 
     def flush(self) -> None:
         """Deliver every output still waiting (async output processing), in order."""
-        for item in self._pending.take_all():
+        while (item := self._pending.take_oldest()) is not None:
             self._deliver(item)
 
     def step(self) -> StepResult | None:

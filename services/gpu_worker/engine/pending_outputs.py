@@ -58,8 +58,9 @@ class PendingTokens:
         """The request's pending token, no longer pending; None when it has none."""
         return self._items.pop(seq_id, None)
 
-    def take_all(self) -> list[PendingToken]:
-        """Every pending token, in order; none is pending afterwards."""
-        items = list(self._items.values())
-        self._items.clear()
-        return items
+    def take_oldest(self) -> PendingToken | None:
+        """The token pending longest, no longer pending; None when none is. (One at a time:
+        if delivering one raises, the others stay pending, for the next flush.)"""
+        for seq_id in self._items:
+            return self._items.pop(seq_id)
+        return None
