@@ -437,8 +437,9 @@ def _launch_batch(
     seeds: Sequence[int],
     token_indices: Sequence[int],
 ) -> _Launched:
-    """Queue the draw of every row; nothing here waits for the device (the options reach it
-    through pinned memory, see `_rows`)."""
+    """Queue the draw of every row. Nothing here waits for the device (the options reach it
+    through pinned memory, see `_rows`), but for a top-p row without top-k whose nucleus
+    may be wider than NUCLEUS_WIDTH (`_prefix` asks the device whether to sort it whole)."""
     batch, vocab = logits.shape
     if batch == 0:
         return _Launched(None, None, [])
