@@ -27,7 +27,6 @@ from tests.oracle import TINY_MHA, build_pair
 
 PROMPT = list(range(40, 50))
 EOS = 2  # the tiny model's
-MODES = [True, False]  # async_output on, off
 
 
 @pytest.fixture(scope="module")
