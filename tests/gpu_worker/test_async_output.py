@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from services.common.errors import Internal, WorkerFault
+from services.gpu_worker.engine import sampling
 from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.engine import Engine
 from services.gpu_worker.engine.engine_loop import EngineLoop
@@ -44,10 +45,13 @@ class Sink:
     def __init__(self) -> None:
         self.outs: list[StepOutput] = []
         self.lock = threading.Lock()
+        self.on_output: Callable[[StepOutput], None] | None = None  # told of each output
 
     def __call__(self, out: StepOutput) -> None:
         with self.lock:
             self.outs.append(out)
+        if self.on_output is not None:
+            self.on_output(out)
 
     def record(self) -> list[tuple[object, ...]]:
         return [
@@ -87,6 +91,7 @@ class Steered:
     fail_at: int = 0
     calls: int = 0
     launched: list[list[tuple[str, int]]] = field(default_factory=list)
+    on_launch: Callable[[], None] | None = None  # told of each pass
 
     def __call__(self, batch: ForwardBatch) -> torch.Tensor:
         assert self.engine is not None
@@ -97,6 +102,8 @@ class Steered:
         seqs = [by_row[r] for r, e in zip(rows, ends, strict=True) if e in sampled]
         self.launched.append([(s.request_id, len(s.output_ids)) for s in seqs])
         self.calls += 1
+        if self.on_launch is not None:
+            self.on_launch()
         if self.calls == self.fail_at:
             raise RuntimeError("device lost")
         logits = self.model(batch).clone()  # an inference tensor cannot be written
@@ -349,3 +356,37 @@ def wait_for_ends(loop: EngineLoop, sinks: dict[str, Sink], timeout_s: float = 2
         time.sleep(0.05)  # anything streamed after an end would show up now
     finally:
         loop.stop()
+
+
+def test_a_steps_outputs_are_built_while_the_next_step_runs(model, monkeypatch):
+    """The overlap itself: with deferral, step k's outputs go out after step k+1's pass and
+    draw are launched and before its tokens are read back (the sync); without, before
+    step k+1 is launched. The last step's go out in a step with nothing to run."""
+    events: list[str] = []
+    real_result = sampling.PendingSample.result
+
+    def result(self: sampling.PendingSample) -> sampling.Sampled:
+        events.append("sync")
+        return real_result(self)
+
+    monkeypatch.setattr(sampling.PendingSample, "result", result)
+
+    def scenario(async_output: bool) -> list[str]:
+        events.clear()
+        engine = engine_for(model, async_output)
+        steered = engine.model
+        assert isinstance(steered, Steered)
+        steered.on_launch = lambda: events.append("launch")
+        for rid in ("a", "b"):
+            sink = add(engine, rid, max_new=3)
+            sink.on_output = lambda out, rid=rid: events.append(f"{rid}{len(out.token_ids)}")
+        run(engine)
+        return list(events)
+
+    assert scenario(True) == [
+        *("launch", "sync"),
+        *("launch", "a1", "b1", "sync"),
+        *("launch", "a1", "b1", "sync"),
+        *("a1", "b1"),
+    ]
+    assert scenario(False) == [*("launch", "sync", "a1", "b1")] * 3
