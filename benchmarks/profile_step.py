@@ -8,6 +8,10 @@ Each case is timed over several steps (median wall time, device synced), then pr
 three more with the torch profiler; kernels are grouped by name into families (GEMM, LoRA
 shrink/expand, attention, sampling, other). `host` is what the median wall time has beyond
 the GPU's busy time: Python, launches, and waits.
+
+Each case runs with each of `--outputs` (default both): `async` builds a step's outputs
+(detokenization, stop strings, callbacks) while the next step runs on the device, `sync`
+builds them before the next step starts (`EngineConfig.async_output` on and off).
 """
 
 from __future__ import annotations
@@ -130,7 +134,9 @@ def run_case(
     reps: int,
     host_profile: bool = False,
     context: int = CONTEXT,
+    async_output: bool = True,
 ) -> dict[str, Any]:
+    engine.async_output = async_output
     running = add_requests(engine, decode, context, adapters(0, decode), "d")
     settle(engine)
     results: list[StepResult | None] = []
@@ -151,18 +157,20 @@ def run_case(
             engine.abort(seq.seq_id)
     for seq in running:
         engine.abort(seq.seq_id)
+    engine.flush()
     busy = sum(gpu.values())
     last = results[-1]
     if last is None or last.decode_seqs != decode:
         raise RuntimeError(f"{name}: the timed steps did not run {decode} decodes: {last}")
     row: dict[str, Any] = {"case": name, "decode": decode, "prompt_tokens": prompts * prompt_len}
     row["context"] = context
+    row["outputs"] = "async" if async_output else "sync"
     row["last_step"] = None if last is None else last.__dict__
     row["top_kernels"] = top
     row |= {"wall_ms": wall, "gpu_ms": busy, "host_ms": max(wall - busy, 0.0)}
     row |= {f"{k}_ms": v for k, v in sorted(gpu.items())}
     print(
-        f"{name:<34} wall {wall:7.2f} ms  gpu {busy:7.2f}  "
+        f"{name:<40} wall {wall:7.2f} ms  gpu {busy:7.2f}  "
         + "  ".join(f"{k} {v:.2f}" for k, v in sorted(gpu.items()))
         + f"  last step {row['last_step']}",
         flush=True,
@@ -218,6 +226,11 @@ def main() -> None:
         "--kinds", default="base,attention,all-linear", help="comma list of adapter kinds"
     )
     parser.add_argument(
+        "--outputs",
+        default="async,sync",
+        help="comma list of async (a step's outputs built while the next runs) and sync",
+    )
+    parser.add_argument(
         "--elementwise",
         choices=("kernels", "compiled"),
         default="kernels",
@@ -267,28 +280,30 @@ def main() -> None:
     rows: list[dict[str, Any]] = [{"launch_costs_us": launch_costs(config.hidden_size, 8)}]
     for decode, prompts, prompt_len in cases:
         for kind in args.kinds.split(","):
-            label = f"decode {decode}" + (f" + {prompts}x{prompt_len} prompt" if prompts else "")
-            rows.append(
-                run_case(
-                    engine,
-                    f"{label} {kind}",
-                    decode,
-                    prompts,
-                    prompt_len,
-                    adapters_of(kind),
-                    reps,
-                    args.host_profile and kind == "attention",
-                    args.context,
+            for outputs in args.outputs.split(","):
+                label = f"decode {decode}" + (f" + {prompts}x{prompt_len}" if prompts else "")
+                rows.append(
+                    run_case(
+                        engine,
+                        f"{label} {kind} {outputs}",
+                        decode,
+                        prompts,
+                        prompt_len,
+                        adapters_of(kind),
+                        reps,
+                        args.host_profile and kind == "attention",
+                        args.context,
+                        async_output=outputs == "async",
+                    )
                 )
-            )
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "profile_step.json").write_text(json.dumps(rows, indent=2))
-    print("\ncase                               wall_ms  gpu_ms  host_ms  gemm  lora  attn")
+    print("\ncase                                     wall_ms  gpu_ms  host_ms  gemm  lora  attn")
     for r in rows[1:]:
         lora = r.get("lora_shrink_ms", 0.0) + r.get("lora_expand_ms", 0.0)
         print(
-            f"{r['case']:<34} {r['wall_ms']:7.2f} {r['gpu_ms']:7.2f} {r['host_ms']:7.2f}"
+            f"{r['case']:<40} {r['wall_ms']:7.2f} {r['gpu_ms']:7.2f} {r['host_ms']:7.2f}"
             f" {r.get('gemm_ms', 0.0):5.2f} {lora:5.2f} {r.get('attention_ms', 0.0):5.2f}"
         )
 

@@ -113,6 +113,7 @@ def replay(
 
 def _cut_off(engine: Engine, records: list[RequestRecord], sent: int) -> None:
     """After a timeout: abort what still runs or waits, and mark what was never sent."""
+    engine.flush()  # outputs of the last step (async output processing) come first
     for seq in [*engine.scheduler.running, *engine.scheduler.waiting]:
         engine.abort(seq.seq_id)
     for record in records[sent:]:

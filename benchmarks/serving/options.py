@@ -106,6 +106,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-rank", type=int, default=0, help="0: the trace's largest rank")
     g.add_argument("--no-cuda-graphs", action="store_true")
     g.add_argument(
+        "--no-async-output",
+        action="store_true",
+        help="build each step's outputs before the next step starts, not while it runs",
+    )
+    g.add_argument(
         "--sampled",
         action="store_true",
         help="every request samples (temperature 0.8, top-p 0.9, top-k 50, seeded by its "
@@ -156,7 +161,12 @@ def engine_variants(args: argparse.Namespace) -> list[EngineVariant]:
 
 def run_options(args: argparse.Namespace) -> RunOptions:
     given = {name: getattr(args, name) for name in ENGINE_SETTINGS}
-    settings = EngineConfig(device=args.device, cuda_graphs=not args.no_cuda_graphs, **given)
+    settings = EngineConfig(
+        device=args.device,
+        cuda_graphs=not args.no_cuda_graphs,
+        async_output=not args.no_async_output,
+        **given,
+    )
     device, _ = resolve_device(settings)
     return RunOptions(
         device,

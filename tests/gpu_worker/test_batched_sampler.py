@@ -15,7 +15,7 @@ from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.engine import Engine
 from services.gpu_worker.engine.sampling import (
     NUCLEUS_WIDTH,
-    Sampled,
+    PendingSample,
     SamplingOptions,
     keep_mask,
     sample,
@@ -447,19 +447,19 @@ def test_the_engine_draws_each_token_with_its_requests_seed_and_index(monkeypatc
     from services.gpu_worker.engine import engine as engine_module
 
     seen: dict[int, list[int]] = {}
-    real_sample = engine_module.sample
+    real_sample = engine_module.sample_async
 
     def spy(
         logits: torch.Tensor,
         options: list[SamplingOptions],
         seeds: list[int],
         token_indices: list[int],
-    ) -> Sampled:
+    ) -> PendingSample:
         for seed, index in zip(seeds, token_indices, strict=True):
             seen.setdefault(seed, []).append(index)
         return real_sample(logits, options, seeds, token_indices)
 
-    monkeypatch.setattr(engine_module, "sample", spy)
+    monkeypatch.setattr(engine_module, "sample_async", spy)
     model = build_pair(TINY_MHA)[0]
     engine = Engine(model, EngineConfig(pool_slots=16384))
     prompt = list(range(40, 50))

@@ -109,7 +109,10 @@ def test_only_the_chunk_that_ends_a_prompt_gives_a_token(tmp_path: Path):
     assert [(i.prefill_seqs, i.decode_seqs, i.tokens) for i in infos] == [(1, 0, 4)] * 2 + [
         (1, 0, 2)
     ]
-    # The last chunk sampled the first token, timed at that step.
+    # The last chunk sampled the first token, timed at that step; its output waits for the
+    # next step (async output processing) or a flush.
+    assert sink.outputs == []
+    engine.flush()
     assert len(sink.outputs) == 1 and len(seq.output_ids) == 1
     assert seq.first_token_at is not None and seq.num_cached == 10
     while engine.has_work():
@@ -133,6 +136,7 @@ def test_a_chunk_rides_beside_running_decodes_within_the_budget():
         shapes.append((info.prefill_seqs, info.decode_seqs, info.tokens))
     # 3 + 2 prompt tokens, then `short` decodes beside `long`'s next chunks (5, then 2).
     assert shapes == [(2, 0, 5), (1, 1, 6), (1, 1, 3)]
+    engine.flush()  # the last step's outputs
     assert len(first.outputs) == 3 and len(second.outputs) == 1
 
 
@@ -145,6 +149,7 @@ def test_aborting_part_way_through_a_prompt_frees_everything():
     engine.add(seq)
     engine.step()
     engine.step()  # `bystander` decodes beside `seq`'s second chunk
+    engine.flush()  # the last step's outputs
     assert seq.prefilling and seq.num_cached == 6 and len(other.outputs) == 2
     assert engine.abort(seq.seq_id)
     assert [o.finish_reason for o in sink.outputs] == [FinishReason.ABORTED]

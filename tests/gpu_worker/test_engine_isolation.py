@@ -285,6 +285,7 @@ def test_a_nan_adapter_leaks_into_no_other_row(device: str, tmp_path: Path):
             logits.append(engine.model(engine.build_batch(seqs)).float().cpu())
             for seq in seqs:
                 engine._append(seq, 65, None)  # the same next token for every request
+            engine.flush()  # their outputs, as the next step would
         return logits
 
     clean, attacked = pass_logits(victim), pass_logits(poisoned)

@@ -56,6 +56,13 @@ class EngineConfig:
     cuda_graphs: bool = field(
         default=True, metadata={"help": "replay decode steps as CUDA graphs (GPU only)"}
     )
+    async_output: bool = field(
+        default=True,
+        metadata={
+            "help": "build a step's outputs (detokenize, stop strings, stream) while the "
+            "next step runs on the device; off builds them before the next step starts"
+        },
+    )
     max_prefill_tokens: int = field(
         default=4096,
         metadata={

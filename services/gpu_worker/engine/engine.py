@@ -4,6 +4,17 @@ Each `step` admits what fits, runs one mixed pass (prompt chunks within the step
 budget, see scheduler.py, and one decode token for each running request that is past its
 prompt), samples a token for every request whose prompt is done, streams outputs and frees
 finished requests. Everything here runs on the single engine thread that owns the device.
+
+Async output processing (`EngineConfig.async_output`, on by default): when step N's tokens
+reach the host, each is appended to its request and what the token alone decides (EOS, a
+stop token id, the length) ends its request at once, so that step N+1 is scheduled without
+it. The rest of step N's per-token work (detokenizing, stop strings, the `StepOutput`, the
+callback: pending_outputs.py) waits for the next `step`, which launches step N+1's pass and
+sampling first and does that work while the device runs them, and only then waits for
+step N+1's tokens. A stop string found there ends a request that step N+1 holds: its token
+of step N+1 is discarded (`Sequence.finished`). A token's output is therefore streamed one
+launch later than its step ends; `has_work` stays true while outputs wait, and a step with
+nothing to run (or `flush`) delivers them.
 """
 
 from __future__ import annotations
@@ -26,8 +37,9 @@ from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.decode_graphs import DecodeGraphs
 from services.gpu_worker.engine.engine_stats import EngineStats
 from services.gpu_worker.engine.forward_batch import ForwardBatch
+from services.gpu_worker.engine.pending_outputs import PendingToken, PendingTokens, token_output
 from services.gpu_worker.engine.running_limit import resolve_max_num_seqs
-from services.gpu_worker.engine.sampling import request_seed, sample
+from services.gpu_worker.engine.sampling import PendingSample, Sampled, request_seed, sample_async
 from services.gpu_worker.engine.scheduler import ScheduledStep, Scheduler
 from services.gpu_worker.engine.sequence import FinishReason, Sequence
 from services.gpu_worker.memory.adapter_manager import AdapterManager, ResidentAdapter
@@ -84,6 +96,9 @@ class Engine:
         self.scheduler = Scheduler(config, self.pool, self.adapters, self.kv_tables)
         self.steps = 0
         self.graphs: DecodeGraphs | None = None
+        # Whether a step's outputs wait for the next step's launch (benchmarks flip it).
+        self.async_output = config.async_output
+        self._pending = PendingTokens()  # the last step's tokens whose outputs wait
 
     def _build_pool(self, config: EngineConfig) -> UnifiedMemoryPool:
         """A pool of `config.pool_slots`, or of what `gpu_memory_fraction` of the device's
@@ -158,10 +173,11 @@ class Engine:
 
     def abort(self, seq_id: int) -> bool:
         """End the request with this internal id (`Sequence.seq_id`); False if not here."""
+        self._deliver_pending(seq_id)  # its last token's output first, as if never deferred
         seq = self.scheduler.find(seq_id)
         if seq is None:
             return False
-        self.scheduler.remove(seq)
+        self._end(seq)
         seq.on_output(seq.output([], "", [], FinishReason.ABORTED))
         logger.info("aborted", extra={"request_id": seq.request_id})
         return True
@@ -180,36 +196,39 @@ class Engine:
         )
 
     def has_work(self) -> bool:
-        return bool(self.scheduler.running or self.scheduler.waiting)
+        """Whether `step` has something to do: requests to run, or outputs to deliver."""
+        return bool(self.scheduler.running or self.scheduler.waiting or len(self._pending))
+
+    def flush(self) -> None:
+        """Deliver every output still waiting (async output processing), in order."""
+        while (item := self._pending.take_oldest()) is not None:
+            self._deliver(item)
 
     def step(self) -> StepResult | None:
-        """One step; what it ran, or None when no pass ran (nothing to run, or it failed)."""
+        """One step; what it ran, or None when no pass ran (nothing to run, or it failed).
+        The previous step's outputs are delivered during it (module docstring)."""
         scheduled = self.scheduler.schedule()
         for seq in scheduled.expired:
             out = seq.output([], "", [], FinishReason.ABORTED)
             out.error = DeadlineExceeded("deadline passed while waiting; dropped before prefill")
             seq.on_output(out)
         if scheduled.empty:
+            self.flush()  # no pass to overlap with
             return None
         ran, q_lens = scheduled.seqs, scheduled.q_lens
         # Those that sample a token: every decode, and each prompt chunk that ends its prompt.
         seqs = [s for s, n in zip(ran, q_lens, strict=True) if _completes_prompt(s, n)]
         try:
-            logits, graphed = self._forward(scheduled)
-            sampled = None
-            if seqs:  # else the pass ran prompt chunks only, none the last of its prompt
-                sampled = sample(
-                    logits,
-                    [s.options for s in seqs],
-                    [s.seed for s in seqs],
-                    [len(s.output_ids) for s in seqs],
-                )
+            graphed, pending = self._launch(scheduled, seqs)
         except Exception as exc:
-            # The pass itself failed: no request is to blame, the worker is.
-            logger.exception("engine step failed; failing its %d requests", len(ran))
-            fault = WorkerFault(status_details(f"engine step failed: {type(exc).__name__}: {exc}"))
-            for seq in ran:
-                self._fail(seq, fault)
+            self.flush()  # the previous step's outputs come before this step's failure
+            self._pass_failed(ran, exc)
+            return None
+        self.flush()  # the previous step's text work, while the device runs this pass
+        try:
+            sampled = pending.result() if pending is not None else None  # waits for it
+        except Exception as exc:
+            self._pass_failed(ran, exc)
             return None
         self.steps += 1
         for seq, n in zip(scheduled.prefill, scheduled.chunks, strict=True):
@@ -217,25 +236,69 @@ class Engine:
                 seq.num_cached += n
         prefill, decode = len(scheduled.prefill), len(scheduled.decode)
         result = StepResult(prefill, decode, sum(q_lens), graphed)
-        if sampled is None:
-            return result
+        if sampled is not None:
+            self._take_tokens(seqs, sampled)
+        if not self.async_output:
+            self.flush()
+        return result
+
+    def _launch(
+        self, scheduled: ScheduledStep, seqs: list[Sequence]
+    ) -> tuple[bool, PendingSample | None]:
+        """Queue the step's pass and the draw of `seqs`' tokens (asynchronous on CUDA);
+        whether a CUDA graph ran, and the draw to wait for (None: no prompt ended)."""
+        logits, graphed = self._forward(scheduled)
+        if not seqs:  # the pass ran prompt chunks only, none the last of its prompt
+            return graphed, None
+        pending = sample_async(
+            logits,
+            [s.options for s in seqs],
+            [s.seed for s in seqs],
+            [len(s.output_ids) for s in seqs],
+        )
+        return graphed, pending
+
+    def _pass_failed(self, ran: list[Sequence], exc: Exception) -> None:
+        """The pass itself failed: no request is to blame, the worker is. Its requests fail,
+        but those that ended meanwhile (a stop string in the previous step's text)."""
+        logger.exception("engine step failed; failing its %d requests", len(ran), exc_info=exc)
+        fault = WorkerFault(status_details(f"engine step failed: {type(exc).__name__}: {exc}"))
+        for seq in ran:
+            if not seq.finished:
+                self._fail(seq, fault)
+
+    def _take_tokens(self, seqs: list[Sequence], sampled: Sampled) -> None:
+        """Append each request's new token (or fail it alone); their outputs wait."""
         for seq, token, logprob, error in zip(
             seqs, sampled.token_ids, sampled.logprobs, sampled.errors, strict=True
         ):
+            if seq.finished:  # ended while this pass ran: the token was never its
+                continue
             if error is not None:
                 logger.warning("request failed: %s", error, extra={"request_id": seq.request_id})
                 self._fail(seq, error)
                 continue
             try:
                 self._append(seq, token, logprob)
-            except Exception as exc:  # e.g. its detokenizer or stop strings: its failure alone
+            except Exception as exc:
                 logger.exception("request failed", extra={"request_id": seq.request_id})
                 self._fail(seq, Internal(f"request failed after a token: {type(exc).__name__}"))
-        return result
+
+    def _end(self, seq: Sequence) -> None:
+        """Take `seq` out for good and give back its memory, once (the scheduler forgets
+        it). When a stop string ends it during the next step (`flush` in `step`), that
+        step, still running on the device, holds it and writes its K/V into slots given back
+        here. That is safe: the free slot list, the KV tables and the adapter tables live on
+        the device and are changed only by work queued on the engine's stream, after that
+        step's kernels; and no other request can take these slots, table row or adapter
+        slots before the next `schedule`, which runs on this thread after this step's sync
+        (`PendingSample.result`), when the device is done with them."""
+        seq.finished = True
+        self.scheduler.remove(seq)
 
     def _fail(self, seq: Sequence, error: Exception) -> None:
         """End one request with `error`, freeing what it holds."""
-        self.scheduler.remove(seq)
+        self._end(seq)
         out = seq.output([], "", [], FinishReason.ABORTED)
         out.error = error
         seq.on_output(out)
@@ -346,20 +409,34 @@ class Engine:
         )
 
     def _append(self, seq: Sequence, token: int, logprob: float | None) -> None:
+        """Append `token` to `seq` and end it now if the token alone ends it, so the next
+        step is scheduled without it; its output waits in `_pending` (or is built at once
+        when outputs are not deferred)."""
         seq.first_token_at = seq.first_token_at or time.monotonic()
         seq.output_ids.append(token)
         seq.num_cached = len(seq.prompt_ids) + len(seq.output_ids) - 1
         finish = self._token_finish(seq, token)
-        text, stopped = seq.stops.feed(seq.detokenizer.push(token))
-        if stopped:
-            finish = FinishReason.STOP
-        elif finish is not None:
-            tail, stopped = seq.stops.feed(seq.detokenizer.flush())
-            text += tail if stopped else tail + seq.stops.flush()
-        out = seq.output([token], text, [logprob] if logprob is not None else [], finish)
         if finish is not None:
-            self.scheduler.remove(seq)
-        seq.on_output(out)
+            self._end(seq)
+        self._pending.add(PendingToken(seq, token, logprob, finish))
+
+    def _deliver_pending(self, seq_id: int) -> None:
+        item = self._pending.take(seq_id)
+        if item is not None:
+            self._deliver(item)
+
+    def _deliver(self, item: PendingToken) -> None:
+        """Build and hand over a token's output; a stop string in its text ends its request
+        (see `_end` for why its memory can go back while the device runs the next step)."""
+        seq = item.seq
+        try:
+            out = token_output(item)
+            if out.finish_reason is not None:
+                self._end(seq)
+            seq.on_output(out)
+        except Exception as exc:  # e.g. its detokenizer or stop strings: its failure alone
+            logger.exception("request failed", extra={"request_id": seq.request_id})
+            self._fail(seq, Internal(f"request failed after a token: {type(exc).__name__}"))
 
     def _token_finish(self, seq: Sequence, token: int) -> FinishReason | None:
         opts = seq.options

@@ -120,6 +120,10 @@ class EngineLoop:
         except Exception as exc:
             logger.exception("engine step failed outside the forward pass")
             fault = WorkerFault(status_details(f"engine failed: {type(exc).__name__}: {exc}"))
+            try:  # the last step's outputs, still waiting, go out before the failures
+                self.engine.flush()
+            except Exception:
+                logger.exception("delivering the last step's outputs failed")
             scheduler = self.engine.scheduler
             for seq in (*scheduler.running, *scheduler.waiting):
                 scheduler.remove(seq)

@@ -32,6 +32,9 @@ outside the contract, is reported as that row's error and the other rows get the
 if it had not been there. If the batched pass itself raises, each row is sampled alone, so
 only the rows that still fail get an error (the same tokens either way, since no row's draw
 depends on its neighbours).
+
+`sample_async` only queues the draw on the device; its `result()` reads the tokens back, the
+one wait for the device, so the engine can do other host work in between.
 """
 
 from __future__ import annotations
@@ -151,24 +154,67 @@ def sample(
 
     Row i samples with options[i] and the uniform of (seeds[i], token_indices[i]), where
     token_indices[i] is the number of tokens its request has generated so far."""
+    return sample_async(logits, options, seeds, token_indices).result()
+
+
+def sample_async(
+    logits: torch.Tensor,
+    options: Sequence[SamplingOptions],
+    seeds: Sequence[int],
+    token_indices: Sequence[int],
+) -> PendingSample:
+    """`sample`, queued on the device: the host is free until `result()`, which waits for
+    the draw (on CUDA, the step's one sync). The same tokens as `sample`."""
     if not len(options) == len(seeds) == len(token_indices) == logits.shape[0]:
         raise ValueError(
             f"{logits.shape[0]} rows of logits need as many options, seeds and token indices "
             f"(got {len(options)}, {len(seeds)}, {len(token_indices)})"
         )
+    pending = PendingSample(logits, options, seeds, token_indices)
     try:
-        return _sample_batch(logits, options, seeds, token_indices)
+        pending.launched = _launch_batch(logits, options, seeds, token_indices)
     except Exception as exc:
-        if logits.shape[0] == 1:
-            return Sampled([0], [None], [Internal(f"sampling failed: {type(exc).__name__}")])
-        logger.exception("batched sampling failed; sampling each row alone")
-    rows = [
-        sample(logits[i : i + 1], options[i : i + 1], seeds[i : i + 1], token_indices[i : i + 1])
-        for i in range(logits.shape[0])
-    ]
-    return Sampled(
-        [r.token_ids[0] for r in rows], [r.logprobs[0] for r in rows], [r.errors[0] for r in rows]
-    )
+        pending.failure = exc
+    return pending
+
+
+@dataclass
+class PendingSample:
+    """A batch's draw on its way: `launched` when its kernels are queued, else `failure`."""
+
+    logits: torch.Tensor
+    options: Sequence[SamplingOptions]
+    seeds: Sequence[int]
+    token_indices: Sequence[int]
+    launched: _Launched | None = None
+    failure: Exception | None = None
+
+    def result(self) -> Sampled:
+        """The tokens (waiting for the device). If the batched pass failed, launching or
+        here, each row is sampled alone, so only the rows that still fail get an error."""
+        if self.launched is not None:
+            try:
+                return _collect(self.launched)
+            except Exception as exc:
+                self.failure = exc
+        if self.logits.shape[0] == 1:
+            why = type(self.failure).__name__
+            return Sampled([0], [None], [Internal(f"sampling failed: {why}")])
+        logger.error("batched sampling failed; sampling each row alone", exc_info=self.failure)
+        rows = [
+            sample(
+                self.logits[i : i + 1],
+                self.options[i : i + 1],
+                self.seeds[i : i + 1],
+                self.token_indices[i : i + 1],
+            )
+            for i in range(self.logits.shape[0])
+        ]
+        return Sampled(
+            [r.token_ids[0] for r in rows],
+            [r.logprobs[0] for r in rows],
+            [r.errors[0] for r in rows],
+        )
 
 
 @dataclass
@@ -373,15 +419,30 @@ def _rows(
     return rows, index
 
 
-def _sample_batch(
+@dataclass
+class _Launched:
+    """A batch's draw queued on the device: what `_collect` needs to read it back."""
+
+    host: torch.Tensor | None  # [2 or 3, B] float64 on the device: tokens, finite, logprobs
+    plan: _Plan | None
+    want_logprobs: list[bool]
+    # On CUDA, recorded after the draw: waiting on it releases the GIL (reading `host` back
+    # may not), so the worker's event loop streams outputs while the engine thread waits.
+    done: torch.cuda.Event | None = None
+
+
+def _launch_batch(
     logits: torch.Tensor,
     options: Sequence[SamplingOptions],
     seeds: Sequence[int],
     token_indices: Sequence[int],
-) -> Sampled:
+) -> _Launched:
+    """Queue the draw of every row. Nothing here waits for the device (the options reach it
+    through pinned memory, see `_rows`), but for a top-p row without top-k whose nucleus
+    may be wider than NUCLEUS_WIDTH (`_prefix` asks the device whether to sort it whole)."""
     batch, vocab = logits.shape
     if batch == 0:
-        return Sampled([], [], [])
+        return _Launched(None, None, [])
     logits = logits.float()
     # max propagates NaN, so one reduction finds rows with a NaN, a +inf or no finite logit.
     row_max = logits.amax(dim=-1)
@@ -406,16 +467,32 @@ def _sample_batch(
     if any(want_logprobs):
         picked_lp = torch.log_softmax(logits, dim=-1).gather(1, chosen[:, None])[:, 0]
         columns.append(picked_lp.to(torch.float64))
-    host = torch.stack(columns).tolist()
+    host = torch.stack(columns)
+    done = None
+    if host.device.type == "cuda":
+        done = torch.cuda.Event()
+        done.record()
+    return _Launched(host, plan, want_logprobs, done)
+
+
+def _collect(launched: _Launched) -> Sampled:
+    """Read a launched draw back: the one transfer, which waits for the device."""
+    if launched.host is None or launched.plan is None:
+        return Sampled([], [], [])
+    if launched.done is not None:
+        launched.done.synchronize()
+    host = launched.host.tolist()
+    batch = len(host[0])
     errors: list[Exception | None] = [None] * batch
-    for row, why in plan.invalid.items():
+    for row, why in launched.plan.invalid.items():
         errors[row] = Internal(f"sampling failed: {why}")
     for row, ok in enumerate(host[1]):
         if not ok and errors[row] is None:
             errors[row] = Internal("the model produced non-finite logits for this request")
+    want = launched.want_logprobs
     logprobs: list[float | None] = [None] * batch
-    if any(want_logprobs):
-        logprobs = [lp if w else None for lp, w in zip(host[2], want_logprobs, strict=True)]
+    if any(want):
+        logprobs = [lp if w else None for lp, w in zip(host[2], want, strict=True)]
     return Sampled([int(t) for t in host[0]], logprobs, errors)
 
 

@@ -65,6 +65,9 @@ class Sequence:
     arrival: float = field(default_factory=time.monotonic)
     scheduled_at: float | None = None
     first_token_at: float | None = None
+    # Ended (finished, failed or aborted) on the engine thread: a token of a step launched
+    # before it ended is discarded (engine.py, async output processing).
+    finished: bool = False
     seq_id: int = field(default_factory=lambda: next(_seq_ids))  # unique in this process
 
     def __post_init__(self) -> None:
