@@ -32,6 +32,7 @@ import grpc
 from google.protobuf.descriptor import FileDescriptor
 
 from manylora.v1 import adapter_store_pb2, gpu_worker_pb2, router_pb2
+from services.common.rpc_names import split_method
 from services.common.tokens import ADAPTERS_WRITE, GENERATE, SERVICE, SigningKeys, TokenError
 
 logger = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         method: str = handler_call_details.method
-        if handler is None or _service_of(method) in OPEN_SERVICES:
+        if handler is None or split_method(method)[0] in OPEN_SERVICES:
             return handler
         try:
             self.check(method, handler_call_details.invocation_metadata)
@@ -129,7 +130,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             claims = self._keys.verify(bearer_token(metadata), now=self._clock())
         except TokenError as exc:
             raise Refusal(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
-        if _service_of(method) in ANY_TOKEN_SERVICES:
+        if split_method(method)[0] in ANY_TOKEN_SERVICES:
             return
         needed = self._method_scopes.get(method, frozenset())
         if not needed & claims.scopes:
@@ -139,10 +140,6 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"{claims.subject!r} may not call {method}: needs scope {wanted}, has {has}",
             )
-
-
-def _service_of(method: str) -> str:
-    return method.strip("/").partition("/")[0]
 
 
 def refusing_handler(

@@ -41,6 +41,7 @@ import grpc
 
 from services.common.config import ConfigError
 from services.common.logging import request_id_var
+from services.common.rpc_names import split_method
 
 if TYPE_CHECKING:  # only imported when tracing is on: the packages are optional
     from opentelemetry.sdk.trace.export import SpanExporter
@@ -221,7 +222,7 @@ def _metadata_carrier(metadata: Sequence[tuple[str, str | bytes]] | None) -> dic
 
 
 def _rpc_attributes(method: str) -> dict[str, str]:
-    service, _, name = method.strip("/").partition("/")
+    service, name = split_method(method)
     return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
 
 
@@ -238,7 +239,7 @@ class _ServerSpans(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         method: str = handler_call_details.method
-        service = method.strip("/").partition("/")[0]
+        service = split_method(method)[0]
         if handler is None or service in UNTRACED_SERVICES or method in UNTRACED_METHODS:
             return handler
         metadata = handler_call_details.invocation_metadata
