@@ -418,12 +418,12 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_len: int, device: torch
 
     With a few thousand (request, kv head) programs the pipelined gathers keep memory busy on
     their own and splitting only adds merge work: measured on an H200 (Llama-7B shapes, bf16,
-    `benchmarks/attention_variants.py`), one split is fastest from 1,024 programs up (32
-    requests of 140 tokens: 36 us against 38-41 us with 2-4 splits; 160 of ~400: 245 against
-    265-282 us). Below ~2 programs per SM the keys are split until there are ~4 per SM
-    (measured 2-6x faster at batch 1 on an H100). MHA and GQA take the same rule, both
-    running as tl.dot. Chosen from static shapes only (max_len = the tables' width), so that
-    a CUDA graph captures a fixed launch.
+    the variants benchmark of commit 987c61c, BENCHMARKS.md), one split is fastest from 1,024
+    programs up (32 requests of 140 tokens: 36 us against 38-41 us with 2-4 splits; 160 of
+    ~400: 245 against 265-282 us). Below ~2 programs per SM the keys are split until there
+    are ~4 per SM (measured 2-6x faster at batch 1 on an H100). MHA and GQA take the same
+    rule, both running as tl.dot. Chosen from static shapes only (max_len = the tables'
+    width), so that a CUDA graph captures a fixed launch.
     """
     pairs = batch * num_kv_heads
     sms = _num_sms(device)
@@ -470,7 +470,7 @@ def paged_decode_attention(
     # Even MHA's one query row per head goes through tl.dot, padded to 16 rows: the wasted
     # tensor-core work is free, while the broadcast-multiply-and-sum form spent its time in
     # cross-thread reductions and reached half the bandwidth (H200, Llama-7B shapes: 2.1 TB/s
-    # against 3.9-4.1 TB/s at 160-256 requests of ~400 tokens; attention_variants.py).
+    # against 3.9-4.1 TB/s at 160-256 requests of ~400 tokens; BENCHMARKS.md, fourth session).
     block_g = max(_MIN_DOT_ROWS, triton.next_power_of_2(group))
     # 128-key blocks measured best for MHA in bf16 (3 pipeline stages of K and V tiles fit in
     # shared memory); fp32 and wider heads take shorter ones to fit.
