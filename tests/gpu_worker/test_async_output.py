@@ -167,22 +167,31 @@ def launches_of(engine: Engine, rid: str) -> list[int]:
 # --- tests --------------------------------------------------------------------------------
 
 
-def test_a_stop_string_ends_a_request_the_next_step_already_holds(model):
-    """'ab END cd': the stop string ends at token 5 ('D'); with deferral the next step
-    already holds the request and draws its token 6, which is discarded: never streamed,
-    never counted, and its slots are freed once."""
-    script = {"stop": dict(enumerate(byte_ids("ab END cd more")))}
-    launched = {}
+def stop_and_other(
+    model: LlamaForCausalLM, text: str, launched: dict[bool, list[int]], **engine_args: object
+) -> Callable[[bool], dict[str, Sink]]:
+    """A scenario for `both_ways`: request `stop` (scripted to draw `text`, stop string
+    "END") beside an unscripted `other`, run to the end; records `stop`'s launches in
+    `launched` under the run's async_output."""
+    script = {"stop": dict(enumerate(byte_ids(text)))}
 
     def scenario(async_output: bool) -> dict[str, Sink]:
-        engine = engine_for(model, async_output, script=script)
+        engine = engine_for(model, async_output, script=script, **engine_args)
         sinks = {"stop": add(engine, "stop", stop=("END",)), "other": add(engine, "other")}
         run(engine)
         assert_all_given_back(engine)
         launched[async_output] = launches_of(engine, "stop")
         return sinks
 
-    sinks = both_ways(scenario)
+    return scenario
+
+
+def test_a_stop_string_ends_a_request_the_next_step_already_holds(model):
+    """'ab END cd': the stop string ends at token 5 ('D'); with deferral the next step
+    already holds the request and draws its token 6, which is discarded: never streamed,
+    never counted, and its slots are freed once."""
+    launched: dict[bool, list[int]] = {}
+    sinks = both_ways(stop_and_other(model, "ab END cd more", launched))
     assert launched[True] == list(range(7))  # token 6 was drawn, and dropped
     assert launched[False] == list(range(6))
     stop = sinks["stop"]
@@ -274,18 +283,8 @@ def test_a_failing_pass_fails_its_requests_after_the_last_steps_outputs(model):
     """The sixth pass raises. The fifth step's outputs (waiting, when deferred) go out once,
     before the failures; among them a stop string that ends `stop`, which the sixth pass
     held when deferred: it finishes, it does not fail."""
-    script = {"stop": dict(enumerate(byte_ids("abEND more text")))}
     launched: dict[bool, list[int]] = {}
-
-    def scenario(async_output: bool) -> dict[str, Sink]:
-        engine = engine_for(model, async_output, script=script, fail_at=6)
-        sinks = {"stop": add(engine, "stop", stop=("END",)), "other": add(engine, "other")}
-        run(engine)
-        assert_all_given_back(engine)
-        launched[async_output] = launches_of(engine, "stop")
-        return sinks
-
-    sinks = both_ways(scenario)
+    sinks = both_ways(stop_and_other(model, "abEND more text", launched, fail_at=6))
     assert launched[True] == list(range(6)) and launched[False] == list(range(5))
     assert sinks["stop"].text == "ab" and sinks["stop"].outs[-1].finish_reason is FinishReason.STOP
     other = sinks["other"].outs
