@@ -63,19 +63,18 @@ def _padded(t: dict[str, Any], proj: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _time_case(batch: int, device: torch.device) -> dict[str, Any]:
     import triton.testing
 
-    from kernels.lora import lora_expand, lora_shrink
+    from kernels.lora import lora_apply
 
     dtype = torch.bfloat16
     t = _tables(batch, device, dtype)
     x = torch.randn(batch, HIDDEN, dtype=dtype, device=device)
-    outs = [torch.randn(batch, HIDDEN, dtype=dtype, device=device) for _ in range(3)]
+    fused = torch.randn(batch, 3 * HIDDEN, dtype=dtype, device=device)
+    outs = list(fused.split(HIDDEN, dim=1))  # q, k, v: views of one fused output
     args = (t["pool"], t["slots"], t["meta"], t["req_lora"], t["q_starts"], t["q_lens"])
     padded = [_padded(t, p) for p in range(3)]
 
     def ours() -> None:
-        y = lora_shrink(x, *args, (0, 1, 2), max(t["ranks"]), 1)
-        for i in range(3):
-            lora_expand(y, i, outs[i], *args, i, 1)
+        lora_apply(x, fused, *args, (0, 1, 2), (HIDDEN,) * 3, max(t["ranks"]), 1)
 
     def bmm_prepadded() -> None:
         for i, (a_pad, b_pad) in enumerate(padded):

@@ -3,20 +3,25 @@ LoRA at Llama-7B shapes (q, k, v, o: 4096 -> 4096; gate, up: 4096 -> 11008; down
 4096; slot width 4096), every request decoding one token on its own adapter, ranks cycling
 8/16/32/64 over all seven projections.
 
-One "op" is what `model.py` launches per layer: shrink q/k/v + three expands, shrink o +
-expand, shrink gate/up + two expands, shrink down + expand. Each variant is checked against
-the torch reference (`kernels/lora_ref.py`) on the same inputs, then timed inside a CUDA
-graph (median). Bandwidth counts the bytes the op must move: every request's A and Bᵀ of the
-seven projections, its inputs read and outputs read and written.
+One "op" is what `model.py` launches per layer: `lora_apply` into the fused q|k|v output,
+into o, into the fused gate|up output, into down (a shrink and an expand launch each). Each
+variant is checked against the torch reference (`kernels/lora_ref.py`) on the same inputs,
+then timed inside a CUDA graph (median). Bandwidth counts the bytes the op must move: every
+request's A and Bᵀ of the seven projections, its inputs read and outputs read and written.
+`--baseline DIR` times, beside them, the kernels of another checkout (e.g. a `git archive` of
+an older commit) through its own `kernels/lora.py`: `lora_apply`, or the older
+`lora_shrink`/`lora_expand` pair with one expand per projection.
 
-    python -m benchmarks.lora_tune [--batches 32,128] [--breakdown] [--out DIR]
+    python -m benchmarks.lora_tune [--batches 32,128] [--breakdown] [--baseline DIR] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
+import sys
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -24,8 +29,8 @@ from typing import Any
 
 import torch
 
-from kernels.lora import DEFAULT_LAUNCH, LoraLaunch, lora_expand, lora_shrink
-from kernels.lora_ref import lora_expand_ref, lora_shrink_ref
+from kernels.lora import DEFAULT_LAUNCH, LoraLaunch, lora_apply
+from kernels.lora_ref import lora_apply_ref
 from services.common.base_model import DUMMY_PRESETS, LINEAR_MODULES, BaseModelShape
 from services.common.lora_format import CanonicalAdapter
 from services.gpu_worker.memory.adapter_manager import AdapterManager
@@ -35,19 +40,17 @@ from services.gpu_worker.memory.memory_pool import UnifiedMemoryPool
 RANKS = (8, 16, 32, 64)
 VARIANTS: dict[str, LoraLaunch] = {
     "default": DEFAULT_LAUNCH,
-    "r32": LoraLaunch(block_r=32),
-    "r64": LoraLaunch(block_r=64),
-    "n256": LoraLaunch(block_n_cap=256),
-    "n512": LoraLaunch(block_n_cap=512),
-    "k256": LoraLaunch(block_k_cap=256),
+    "st1": LoraLaunch(shrink_stages=1),
+    "st2": LoraLaunch(shrink_stages=2),
     "split4": LoraLaunch(max_k_splits=4),
     "split16": LoraLaunch(max_k_splits=16),
+    "split16_w2": LoraLaunch(max_k_splits=16, num_warps=2),
     "w2": LoraLaunch(num_warps=2),
-    "w8": LoraLaunch(num_warps=8),
-    "r32_n256": LoraLaunch(block_r=32, block_n_cap=256),
-    "r32_n512_k256": LoraLaunch(block_r=32, block_n_cap=512, block_k_cap=256),
+    "r32": LoraLaunch(block_r=32),
+    "n64": LoraLaunch(block_n_cap=64),
+    "n256": LoraLaunch(block_n_cap=256),
 }
-# (shrink projections, [(expand projection, index in the shrink's output, input/output)])
+# (projections sharing one input, input width, each projection's output width)
 GROUPS = (
     (QKV, "hidden", "hidden"),
     (O_PROJ, "hidden", "hidden"),
@@ -92,8 +95,40 @@ def _setup(batch: int, device: torch.device, dtype: torch.dtype = torch.bfloat16
     }
 
 
-def _op(t: dict[str, Any], launch: LoraLaunch, ref: bool) -> tuple[Callable[[], None], list]:
-    """The layer's LoRA launches over fixed inputs and outputs (returned for checking)."""
+def _load_baseline(root: Path) -> Any:
+    """`kernels/lora.py` of another checkout, as a module of its own."""
+    spec = importlib.util.spec_from_file_location("baseline_lora", root / "kernels" / "lora.py")
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--baseline: no kernels/lora.py under {root}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it loads
+    spec.loader.exec_module(module)
+    return module
+
+
+def _apply_with(module: Any, launch: LoraLaunch | None) -> Callable[..., Any]:
+    """lora_apply of `module` (this checkout's when None), or its older shrink/expand pair
+    called the way that checkout's model called it."""
+    if module is None:
+        return partial(lora_apply, launch=launch or DEFAULT_LAUNCH)
+    if hasattr(module, "lora_apply"):
+        return module.lora_apply
+
+    def shrink_expand(x, out, pool, *rest):  # type: ignore[no-untyped-def]
+        tables, (projs, widths, max_rank, max_q) = rest[:5], rest[5:]
+        y = module.lora_shrink(x, pool, *tables, projs, max_rank, max_q)
+        for i, (part, proj) in enumerate(zip(out.split(widths, dim=1), projs, strict=True)):
+            module.lora_expand(y, i, part, pool, *tables, proj, max_q)
+        return out
+
+    return shrink_expand
+
+
+def _op(
+    t: dict[str, Any], apply: Callable[..., Any] | None
+) -> tuple[Callable[[], None], list[torch.Tensor]]:
+    """The layer's LoRA over fixed inputs and fused outputs (returned for checking); `apply`
+    None runs the torch reference."""
     batch, device = t["req_lora"].shape[0], t["pool"].device
     gen = torch.Generator(device).manual_seed(1)
     tables = (t["pool"], t["slots"], t["meta"], t["req_lora"], t["q_starts"], t["q_lens"])
@@ -101,25 +136,18 @@ def _op(t: dict[str, Any], launch: LoraLaunch, ref: bool) -> tuple[Callable[[], 
     for projs, src, dst in GROUPS:
         dtype = t["pool"].dtype
         x = torch.randn(batch, t["dims"][src], generator=gen, device=device).to(dtype)
-        outs = [
-            torch.randn(batch, t["dims"][dst], generator=gen, device=device).to(dtype)
-            for _ in projs
-        ]
+        width = len(projs) * t["dims"][dst]
+        outputs.append(torch.randn(batch, width, generator=gen, device=device).to(dtype))
         inputs.append(x)
-        outputs.append(outs)
     max_rank = max(t["ranks"])
 
     def run() -> None:
-        for (projs, _, _), x, outs in zip(GROUPS, inputs, outputs, strict=True):
-            if ref:
-                y = lora_shrink_ref(x, *tables, projs, max_rank)
+        for (projs, _, dst), x, out in zip(GROUPS, inputs, outputs, strict=True):
+            widths = (t["dims"][dst],) * len(projs)
+            if apply is None:
+                lora_apply_ref(x, out, *tables, projs, widths)
             else:
-                y = lora_shrink(x, *tables, projs, max_rank, 1, launch)
-            for i, (proj, out) in enumerate(zip(projs, outs, strict=True)):
-                if ref:
-                    lora_expand_ref(y, i, out, *tables, proj)
-                else:
-                    lora_expand(y, i, out, *tables, proj, 1, launch)
+                apply(x, out, *tables, projs, widths, max_rank, 1)
 
     return run, outputs
 
@@ -133,29 +161,36 @@ def _bytes(t: dict[str, Any]) -> int:
     return weights + io
 
 
-def run(batches: tuple[int, ...], device: torch.device) -> list[dict[str, Any]]:
+def run(
+    batches: tuple[int, ...], device: torch.device, names: list[str], baseline: Any = None
+) -> list[dict[str, Any]]:
     import triton.testing
 
+    variants: dict[str, Callable[..., Any]] = {
+        name: _apply_with(None, VARIANTS[name]) for name in names
+    }
+    if baseline is not None:
+        variants["baseline"] = _apply_with(baseline, None)
     results = []
     for batch in batches:
         t = _setup(batch, device)
-        ref_run, ref_out = _op(t, DEFAULT_LAUNCH, ref=True)
-        _, before = _op(t, DEFAULT_LAUNCH, ref=True)  # the outputs' values before any op
+        ref_run, ref_out = _op(t, None)
+        _, before = _op(t, None)  # the outputs' values before any op
         ref_run()
         moved = _bytes(t)
-        for name, launch in VARIANTS.items():
-            fn, outs = _op(t, launch, ref=False)
+        for name, apply in variants.items():
+            fn, outs = _op(t, apply)
             fn()
             err = max(  # of the LoRA delta alone, against the reference's delta
                 float((o.float() - r.float()).norm() / (r.float() - b.float()).norm())
-                for group, ref_group, start in zip(outs, ref_out, before, strict=True)
-                for o, r, b in zip(group, ref_group, start, strict=True)
+                for o, r, b in zip(outs, ref_out, before, strict=True)
             )
             ms = triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")
+            launch = VARIANTS.get(name)
             row = {
                 "batch": batch,
                 "variant": name,
-                "launch": dataclasses.asdict(launch),
+                "launch": dataclasses.asdict(launch) if launch else None,
                 "us": ms * 1000,
                 "gbps": moved / (ms * 1e-3) / 1e9,
                 "rel_err": err,
@@ -170,9 +205,9 @@ def run(batches: tuple[int, ...], device: torch.device) -> list[dict[str, Any]]:
     return results
 
 
-def breakdown(batch: int, device: torch.device) -> list[dict[str, Any]]:
-    """Each launch of the default op timed alone in a CUDA graph, with the weight bytes it
-    reads: which of the eleven launches (and the split-K sums) the layer's time goes to."""
+def breakdown(batch: int, device: torch.device, baseline: Any = None) -> list[dict[str, Any]]:
+    """Each projection group's LoRA (a shrink and an expand launch; the baseline's own
+    launches) timed alone in a CUDA graph, with the weight bytes it reads."""
     import triton.testing
 
     t = _setup(batch, device)
@@ -181,26 +216,24 @@ def breakdown(batch: int, device: torch.device) -> list[dict[str, Any]]:
     max_rank, rows = max(t["ranks"]), []
     gen = torch.Generator(device).manual_seed(2)
     names = dict(enumerate(LINEAR_MODULES))
+    applies = {"default": _apply_with(None, DEFAULT_LAUNCH)}
+    if baseline is not None:
+        applies["baseline"] = _apply_with(baseline, None)
     for projs, src, dst in GROUPS:
         x = torch.randn(batch, t["dims"][src], generator=gen, device=device).to(torch.bfloat16)
-        y = lora_shrink(x, *tables, projs, max_rank, 1)
+        widths = (t["dims"][dst],) * len(projs)
+        out = torch.zeros(batch, sum(widths), dtype=torch.bfloat16, device=device)
         label = "+".join(names[p] for p in projs)
-        a_bytes = sum(r * shape.proj_dims(names[p])[0] * 2 for r in t["ranks"] for p in projs)
-        launches: list[tuple[str, Callable[[], Any], int]] = [
-            (f"shrink {label}", partial(lora_shrink, x, *tables, projs, max_rank, 1), a_bytes)
-        ]
-        for i, p in enumerate(projs):
-            out = torch.zeros(batch, t["dims"][dst], dtype=torch.bfloat16, device=device)
-            b_bytes = sum(r * shape.proj_dims(names[p])[1] * 2 for r in t["ranks"])
-            expand = partial(lora_expand, y, i, out, *tables, p, 1)
-            launches.append((f"expand {names[p]}", expand, b_bytes))
-        for name, fn, moved in launches:
+        moved = sum(r * sum(shape.proj_dims(names[p])) * 2 for r in t["ranks"] for p in projs)
+        for variant, apply in applies.items():
+            fn = partial(apply, x, out, *tables, projs, widths, max_rank, 1)
             fn()
             ms = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+            gbps = moved / (ms * 1e-3) / 1e9
             rows.append(
-                {"batch": batch, "launch": name, "us": ms * 1000, "gbps": moved / (ms * 1e-3) / 1e9}
+                {"batch": batch, "group": label, "variant": variant, "us": ms * 1000, "gbps": gbps}
             )
-            print(f"{batch:>5} {name:>18} {ms * 1000:>7.1f} us {rows[-1]['gbps']:>6.0f} GB/s")
+            print(f"{batch:>5} {label:>18} {variant:>9} {ms * 1000:>7.1f} us {gbps:>6.0f} GB/s")
     return rows
 
 
@@ -208,15 +241,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.lora_tune", description=__doc__)
     parser.add_argument("--batches", default="32,128")
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--breakdown", action="store_true", help="time each launch alone too")
+    parser.add_argument("--breakdown", action="store_true", help="time each group alone too")
+    parser.add_argument("--baseline", type=Path, help="a checkout whose kernels to time beside")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"some of {', '.join(VARIANTS)}"
+    )
     args = parser.parse_args()
+    names = args.variants.split(",")
+    if unknown := set(names) - set(VARIANTS):
+        parser.error(f"--variants: unknown {', '.join(sorted(unknown))}")
     batches = tuple(int(b) for b in args.batches.split(","))
+    baseline = _load_baseline(args.baseline) if args.baseline else None
     if args.breakdown:
-        parts = [row for b in batches for row in breakdown(b, torch.device("cuda"))]
+        parts = [row for b in batches for row in breakdown(b, torch.device("cuda"), baseline)]
         if args.out is not None:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "lora_breakdown.json").write_text(json.dumps(parts, indent=1))
-    rows = run(batches, torch.device("cuda"))
+    rows = run(batches, torch.device("cuda"), names, baseline)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "lora_tune.json").write_text(json.dumps(rows, indent=1))

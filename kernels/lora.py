@@ -1,28 +1,36 @@
 """Triton LoRA kernels for a batch that mixes adapters of different ranks (S-LoRA's MBGMM and
 MBGMV in one form), reading A and Bᵀ straight from the unified pool through slot tables.
 
-Layout and meaning of every argument: see `lora_ref.py`, whose functions are the references
-these must match. One program handles a tile of one request's rows, so a request with many
-new tokens (prefill) is a small matrix product against its adapter, and a decode request (one
-row) reads its adapter once. Ranks need no padding: tiles past a request's rank (for that
-projection) exit early. Any linear layer works, attention (q, k, v, o) or MLP (gate, up,
-down): a row of A or Bᵀ longer than the slot width W lies over ceil(len / W) slots, the last
-one padded, and the kernels mask the tail (Llama-7B's 11008 over W = 4096).
-`lora_shrink` computes several projections that share their input (q, k, v; gate, up) in
-one launch; `lora_expand` adds into the base projection's output in place. Neither reads
-anything back to the host or copies to the device after its first call with the same
-projections, so both can be captured in CUDA graphs.
+Layout and meaning of every argument: see `lora_ref.py`, whose function is the reference
+these must match. `lora_apply` adds x @ Aᵀ @ Bᵀ of each row's adapter into a fused output
+whose column ranges are the projections of one input (q|k|v, gate|up; or o, down alone): a
+shrink launch, a sum of its split-K partial products, and one expand launch over the columns
+of every projection of the group.
+
+A decode step at batch 32 moves a few MB per launch, so a launch costs its dependent memory
+round-trips more than its bytes: each shrink program reads its slot numbers once (a split of
+in_features never straddles a slot) and keeps several loads of its loop in flight.
+
+One program handles a tile of one request's rows, so a request with many new tokens
+(prefill) is a small matrix product against its adapter, and a decode request (one row)
+reads its adapter once. Ranks need no padding: tiles past a request's rank (for that
+projection) exit early. A row of A or Bᵀ longer than the slot width W lies over
+ceil(len / W) slots, the last one padded, and the kernels mask the tail (Llama-7B's 11008
+over W = 4096). Nothing is read back to the host or copied to the device after the first
+call with the same projections, so every launch can be captured in CUDA graphs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 BLOCK_T = 16  # rows of a request per program (tl.dot needs at least 16)
+MAX_PARTS = 3  # projections of one fused output (q, k, v)
 
 
 @dataclass(frozen=True)
@@ -31,8 +39,9 @@ class LoraLaunch:
     float32 sums). Benchmarks time variants side by side (benchmarks/lora_tune.py)."""
 
     block_r: int = 16  # rank columns per program (shrink) or per loop step (expand)
-    block_k_cap: int = 128  # shrink: in_features per loop step, at most
-    max_k_splits: int = 8  # shrink: programs sharing one row of A, at most
+    block_k_cap: int = 128  # shrink: in_features per load, at most
+    max_k_splits: int = 8  # shrink: programs sharing one row of A, at most (when W allows)
+    shrink_stages: int = 3  # shrink: loads of its loop in flight (Triton's pipelining)
     block_n_cap: int = 128  # expand: out_features per program, at most
     num_warps: int = 4
 
@@ -50,10 +59,42 @@ def _block(width: int, cap: int) -> int:
     return block
 
 
+def _split_width(width: int, in_features: int, block_k: int, max_splits: int) -> int:
+    """in_features per shrink program: a multiple of block_k dividing the slot width (so a
+    split lies in one slot), the smallest that keeps the splits within max_splits."""
+    split = block_k
+    while triton.cdiv(in_features, split) > max_splits and width % (split * 2) == 0:
+        split *= 2
+    return split
+
+
+@triton.jit
+def _shrink_step(
+    acc,
+    x_rows_ptr,
+    a_rows,
+    c0,
+    k_begin,
+    in_features,
+    row_ok,
+    rank_ok,
+    BLOCK_K: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """acc += x[:, c0 : c0 + BLOCK_K] @ A[:, c0 : c0 + BLOCK_K]ᵀ within the program's split."""
+    cols = c0 + tl.arange(0, BLOCK_K)
+    col_ok = k_begin + cols < in_features
+    x = tl.load(x_rows_ptr + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    a = tl.load(a_rows + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+    if IEEE:
+        return acc + tl.dot(x, tl.trans(a), input_precision="ieee")
+    return acc + tl.dot(x, tl.trans(a))
+
+
 @triton.jit
 def _shrink_kernel(
     x_ptr,
-    y_ptr,
+    part_ptr,
     pool_ptr,
     slots_ptr,
     meta_ptr,
@@ -62,32 +103,32 @@ def _shrink_kernel(
     q_lens_ptr,
     proj_ids_ptr,
     tiles_ptr,
+    tiles_per_req,
     in_features,
     stride_x,
     stride_slots,
     meta_stride,
     max_rank,
     n_rblocks,
-    k_per_split,
     split_stride,
     W: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    STAGES: tl.constexpr,
     NPROJ: tl.constexpr,
-    K_SPLITS: tl.constexpr,
     TILED: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     if TILED:  # program 0-axis i runs tile i: rows t0.. of request b
         b = tl.load(tiles_ptr + 2 * tl.program_id(0))
         t0 = tl.load(tiles_ptr + 2 * tl.program_id(0) + 1)
-        split = tl.program_id(1)
-    else:
-        b = tl.program_id(0)
-        t0 = (tl.program_id(1) // K_SPLITS) * BLOCK_T
-        split = tl.program_id(1) % K_SPLITS
-    k_begin = split * k_per_split
+    else:  # every request gets tiles_per_req tiles, most of them empty
+        b = tl.program_id(0) // tiles_per_req
+        t0 = (tl.program_id(0) % tiles_per_req) * BLOCK_T
+    split = tl.program_id(1)
+    k_begin = split * SPLIT_K
     p_local = tl.program_id(2) // n_rblocks
     r0 = (tl.program_id(2) % n_rblocks) * BLOCK_R
     m = tl.load(req_lora_ptr + b)
@@ -102,29 +143,27 @@ def _shrink_kernel(
     row_ok = rows < q_len
     rank_ok = ranks < rank
     x_rows = tl.load(q_starts_ptr + b) + rows
-    slots_per_row = tl.cdiv(in_features, W)  # a row's last slot is padded past in_features
+    # The split lies in one slot of each row of A: one slot number per rank, read once.
+    slot_idx = a_start + ranks * tl.cdiv(in_features, W) + k_begin // W
+    slot = tl.load(slots_ptr + m * stride_slots + slot_idx, mask=rank_ok, other=0)
+    a_rows = pool_ptr + slot.to(tl.int64)[:, None] * W + (k_begin % W)
     acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-    for k0 in range(k_begin, tl.minimum(k_begin + k_per_split, in_features), BLOCK_K):
-        cols = tl.arange(0, BLOCK_K)
-        col_ok = k0 + cols < in_features
-        x = tl.load(
-            x_ptr + x_rows[:, None] * stride_x + k0 + cols[None, :],
-            mask=row_ok[:, None] & col_ok[None, :],
-            other=0.0,
+    x_rows_ptr = x_ptr + x_rows[:, None] * stride_x + k_begin
+    for i in tl.range(0, SPLIT_K // BLOCK_K, num_stages=STAGES):
+        acc = _shrink_step(
+            acc,
+            x_rows_ptr,
+            a_rows,
+            i * BLOCK_K,
+            k_begin,
+            in_features,
+            row_ok,
+            rank_ok,
+            BLOCK_K,
+            IEEE,
         )
-        slot_idx = a_start + ranks * slots_per_row + k0 // W
-        slot = tl.load(slots_ptr + m * stride_slots + slot_idx, mask=rank_ok, other=0)
-        a = tl.load(
-            pool_ptr + slot.to(tl.int64)[:, None] * W + (k0 % W) + cols[None, :],
-            mask=rank_ok[:, None] & col_ok[None, :],
-            other=0.0,
-        )
-        if IEEE:
-            acc += tl.dot(x, tl.trans(a), input_precision="ieee")
-        else:
-            acc += tl.dot(x, tl.trans(a))
     y_off = split * split_stride + (x_rows[:, None] * NPROJ + p_local) * max_rank + ranks[None, :]
-    tl.store(y_ptr + y_off, acc, mask=row_ok[:, None] & rank_ok[None, :])
+    tl.store(part_ptr + y_off, acc, mask=row_ok[:, None] & rank_ok[None, :])
 
 
 @triton.jit
@@ -137,10 +176,14 @@ def _expand_kernel(
     req_lora_ptr,
     q_starts_ptr,
     q_lens_ptr,
+    proj_ids_ptr,
     tiles_ptr,
-    proj,
-    y_index,
-    out_features,
+    tiles_per_req,
+    width0,
+    width1,
+    width2,
+    blocks0,
+    blocks1,
     stride_out,
     stride_slots,
     meta_stride,
@@ -157,11 +200,18 @@ def _expand_kernel(
         b = tl.load(tiles_ptr + 2 * tl.program_id(0))
         t0 = tl.load(tiles_ptr + 2 * tl.program_id(0) + 1)
     else:
-        b = tl.program_id(0)
-        t0 = tl.program_id(1) * BLOCK_T
-    n0 = tl.program_id(2) * BLOCK_N
+        b = tl.program_id(0) // tiles_per_req
+        t0 = (tl.program_id(0) % tiles_per_req) * BLOCK_T
+    # Column blocks of the fused output, projection after projection.
+    j = tl.program_id(1)
+    p_local = tl.where(j >= blocks0 + blocks1, 2, tl.where(j >= blocks0, 1, 0))
+    first = tl.where(p_local == 2, blocks0 + blocks1, tl.where(p_local == 1, blocks0, 0))
+    col0 = tl.where(p_local == 2, width0 + width1, tl.where(p_local == 1, width0, 0))
+    width = tl.where(p_local == 2, width2, tl.where(p_local == 1, width1, width0))
+    n0 = (j - first) * BLOCK_N
     m = tl.load(req_lora_ptr + b)
     q_len = tl.load(q_lens_ptr + b)
+    proj = tl.load(proj_ids_ptr + p_local)
     rank = tl.load(meta_ptr + (m * meta_stride + proj) * 3, mask=m >= 0, other=0)
     if m < 0 or t0 >= q_len or rank == 0:
         return
@@ -170,14 +220,18 @@ def _expand_kernel(
     row_ok = rows < q_len
     out_rows = tl.load(q_starts_ptr + b) + rows
     cols = tl.arange(0, BLOCK_N)
-    col_ok = n0 + cols < out_features
-    slots_per_row = tl.cdiv(out_features, W)  # a row's last slot is padded past out_features
+    col_ok = n0 + cols < width
+    out_ptrs = out_ptr + out_rows[:, None] * stride_out + col0 + n0 + cols[None, :]
+    out_ok = row_ok[:, None] & col_ok[None, :]
+    current = tl.load(out_ptrs, mask=out_ok)
+    slots_per_row = tl.cdiv(width, W)  # a row's last slot is padded past out_features
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, rank, BLOCK_R):
         ranks = r0 + tl.arange(0, BLOCK_R)
         rank_ok = ranks < rank
-        y_off = (out_rows[:, None] * NPROJ + y_index) * max_rank + ranks[None, :]
-        y = tl.load(y_ptr + y_off, mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+        y_ok = row_ok[:, None] & rank_ok[None, :]
+        y_off = (out_rows[:, None] * NPROJ + p_local) * max_rank + ranks[None, :]
+        y = tl.load(y_ptr + y_off, mask=y_ok, other=0.0)
         slot_idx = b_start + ranks * slots_per_row + n0 // W
         slot = tl.load(slots_ptr + m * stride_slots + slot_idx, mask=rank_ok, other=0)
         bt = tl.load(
@@ -189,9 +243,6 @@ def _expand_kernel(
             acc += tl.dot(y.to(bt.dtype), bt, input_precision="ieee")
         else:
             acc += tl.dot(y.to(bt.dtype), bt)
-    out_ptrs = out_ptr + out_rows[:, None] * stride_out + n0 + cols[None, :]
-    out_ok = row_ok[:, None] & col_ok[None, :]
-    current = tl.load(out_ptrs, mask=out_ok)
     tl.store(out_ptrs, (current.to(tl.float32) + acc).to(current.dtype), mask=out_ok)
 
 
@@ -207,83 +258,23 @@ def _proj_ids(projs: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return _PROJ_IDS[key]
 
 
-def lora_shrink(
+class _GridRows(NamedTuple):
+    """The kernels' first grid axis: `programs`, each a tile of `tiles` (tiled) or
+    tile `i % per_req` of request `i // per_req` (`tiles` then unused)."""
+
+    programs: int
+    tiles: torch.Tensor
+    per_req: int
+    tiled: bool
+
+
+def _rank_block(max_rank: int) -> int:
+    """The smallest power of two >= max_rank, from 16 up to 64."""
+    return max(16, min(64, triton.next_power_of_2(max_rank)))
+
+
+def lora_apply(
     x: torch.Tensor,
-    pool: torch.Tensor,
-    lora_slots: torch.Tensor,
-    lora_meta: torch.Tensor,
-    req_lora: torch.Tensor,
-    q_starts: torch.Tensor,
-    q_lens: torch.Tensor,
-    projs: tuple[int, ...],
-    max_rank: int,
-    max_q_len: int,
-    launch: LoraLaunch = DEFAULT_LAUNCH,
-    tiles: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """y [T, len(projs), max_rank] (float32) with y[t, i, :r] = x[t] @ A_pᵢᵀ; see lora_ref.
-
-    x [T, in] with unit column stride (in: any width, e.g. 4096 for q/k/v/gate/up, 11008 or
-    14336 for down); pool [num_slots, W] (one layer); lora_slots [M, S], lora_meta
-    [M, P, 3] (P projections: the meta stride), req_lora/q_starts/q_lens [B]: int32 on x's
-    device. projs index lora_meta's second dimension; max_rank bounds every rank of the
-    batch; max_q_len bounds q_lens (grid size only: nothing is read back). Entries outside
-    each request's rank for a projection and rows without an adapter are left unwritten.
-    `tiles` (see `lora_tiles`): the programs to run, instead of max_q_len's grid of every
-    request; a batch whose requests have a few rows and one has many then launches only
-    programs with work, not one per request for each of the longest request's tiles."""
-    width, in_features = pool.shape[1], x.shape[1]
-    block_k = _block(width, launch.block_k_cap)
-    # A program walks its slice of in_features; splitting the walk across programs keeps a
-    # decode batch (few rows, long rows of A) from waiting on one long serial loop.
-    k_splits = max(1, min(launch.max_k_splits, triton.cdiv(in_features, block_k) // 4))
-    k_per_split = triton.cdiv(triton.cdiv(in_features, k_splits), block_k) * block_k
-    parts = torch.empty(
-        k_splits, x.shape[0], len(projs), max_rank, dtype=torch.float32, device=x.device
-    )
-    n_rblocks = triton.cdiv(max_rank, launch.block_r)
-    if tiles is None:
-        grid = (req_lora.shape[0], triton.cdiv(max_q_len, BLOCK_T) * k_splits)
-    else:
-        grid = (tiles.shape[0], k_splits)
-    if grid[0] == 0:
-        return parts[0]
-    _shrink_kernel[(*grid, len(projs) * n_rblocks)](
-        x,
-        parts,
-        pool,
-        lora_slots,
-        lora_meta,
-        req_lora,
-        q_starts,
-        q_lens,
-        _proj_ids(projs, x.device),
-        req_lora if tiles is None else tiles,
-        in_features,
-        x.stride(0),
-        lora_slots.stride(0),
-        lora_meta.shape[1],
-        max_rank,
-        n_rblocks,
-        k_per_split,
-        parts[0].numel(),
-        W=width,
-        BLOCK_T=BLOCK_T,
-        BLOCK_R=launch.block_r,
-        BLOCK_K=block_k,
-        NPROJ=len(projs),
-        K_SPLITS=k_splits,
-        TILED=tiles is not None,
-        IEEE=x.dtype == torch.float32,
-        num_warps=launch.num_warps,
-    )
-    # Summing the partial products in a fixed order keeps the result deterministic.
-    return parts[0] if k_splits == 1 else parts.sum(0)
-
-
-def lora_expand(
-    y: torch.Tensor,
-    y_index: int,
     out: torch.Tensor,
     pool: torch.Tensor,
     lora_slots: torch.Tensor,
@@ -291,54 +282,129 @@ def lora_expand(
     req_lora: torch.Tensor,
     q_starts: torch.Tensor,
     q_lens: torch.Tensor,
-    proj: int,
+    projs: tuple[int, ...],
+    widths: tuple[int, ...],
+    max_rank: int,
     max_q_len: int,
     launch: LoraLaunch = DEFAULT_LAUNCH,
     tiles: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """out [T, out_features] += y[:, y_index, :r] @ Bᵀ_proj in place; see lora_ref.
+    """out[t, cols of projs[i]] += x[t] @ A_pᵢᵀ @ Bᵀ_pᵢ of row t's adapter, in place; returns
+    out. See lora_ref.lora_apply_ref.
 
-    y [T, n, max_rank] float32 from `lora_shrink`; out [T, out_features] with unit column
-    stride and any row stride (out_features: any width, e.g. 11008 or 14336 for gate/up; out
-    may be a column slice of a fused output, e.g. k of the model's q|k|v); the tables as in
-    `lora_shrink` (`tiles` too). Rows without an adapter, or whose adapter leaves `proj`
-    alone, keep their values bit for bit."""
-    width = pool.shape[1]
-    block_n = _block(width, launch.block_n_cap)
-    n_blocks = triton.cdiv(out.shape[1], block_n)
-    if tiles is None:
-        grid = (req_lora.shape[0], triton.cdiv(max_q_len, BLOCK_T), n_blocks)
-    else:
-        grid = (tiles.shape[0], 1, n_blocks)
-    if grid[0] == 0:
+    x [T, in] with unit column stride (in: any width, e.g. 4096 for q/k/v/gate/up, 11008 or
+    14336 for down); out [T, sum(widths)] with unit column stride and any row stride (a view
+    of a wider tensor is fine): projs[i] owns its columns sum(widths[:i]) .. + widths[i]
+    (at most three projections: q, k, v); pool [num_slots, W] (one layer); lora_slots
+    [M, S], lora_meta [M, P, 3] (P projections: the meta stride), req_lora/q_starts/q_lens
+    [B]: int32 on x's device. max_rank bounds every rank of the batch; max_q_len bounds
+    q_lens (grid size only: nothing is read back). Rows without an adapter, and columns of a
+    projection the row's adapter leaves alone, keep their values bit for bit. `tiles` (see
+    `lora_tiles`): the programs to run, instead of max_q_len's grid of every request; a batch
+    whose requests have a few rows and one has many then launches only programs with work."""
+    if not 1 <= len(projs) <= MAX_PARTS or len(widths) != len(projs):
+        raise ValueError(f"1 to {MAX_PARTS} projections, one width each: {projs}, {widths}")
+    if sum(widths) != out.shape[1]:
+        raise ValueError(f"widths {widths} do not cover out's {out.shape[1]} columns")
+    tiles_per_req = triton.cdiv(max(max_q_len, 1), BLOCK_T)
+    rows_grid = req_lora.shape[0] * tiles_per_req if tiles is None else tiles.shape[0]
+    if rows_grid == 0 or max_rank == 0:
         return out
-    _expand_kernel[grid](
+    tables = (pool, lora_slots, lora_meta, req_lora, q_starts, q_lens, _proj_ids(projs, x.device))
+    grid_rows = _GridRows(
+        rows_grid, req_lora if tiles is None else tiles, tiles_per_req, tiles is not None
+    )
+    y = _shrink(x, tables, grid_rows, len(projs), max_rank, launch)
+    _expand(y, out, tables, grid_rows, widths, launch)
+    return out
+
+
+def _shrink(
+    x: torch.Tensor,
+    tables: tuple[torch.Tensor, ...],
+    grid_rows: _GridRows,
+    nproj: int,
+    max_rank: int,
+    launch: LoraLaunch,
+) -> torch.Tensor:
+    """y [T, nproj, max_rank] float32 = x @ Aᵀ of each row's adapter (entries past a rank and
+    rows without an adapter unwritten)."""
+    pool, lora_slots, lora_meta = tables[:3]
+    rows_grid, tiles, tiles_per_req, tiled = grid_rows
+    slot_width, in_features = pool.shape[1], x.shape[1]
+    block_k = _block(slot_width, launch.block_k_cap)
+    split_k = _split_width(slot_width, in_features, block_k, launch.max_k_splits)
+    k_splits = triton.cdiv(in_features, split_k)
+    parts = torch.empty(k_splits, x.shape[0], nproj, max_rank, dtype=torch.float32, device=x.device)
+    block_r = min(launch.block_r, _rank_block(max_rank))
+    n_rblocks = triton.cdiv(max_rank, block_r)
+    _shrink_kernel[(rows_grid, k_splits, nproj * n_rblocks)](
+        x,
+        parts,
+        *tables,
+        tiles,
+        tiles_per_req,
+        in_features,
+        x.stride(0),
+        lora_slots.stride(0),
+        lora_meta.shape[1],
+        max_rank,
+        n_rblocks,
+        parts[0].numel(),
+        W=slot_width,
+        BLOCK_T=BLOCK_T,
+        BLOCK_R=block_r,
+        BLOCK_K=block_k,
+        SPLIT_K=split_k,
+        STAGES=launch.shrink_stages,
+        NPROJ=nproj,
+        TILED=tiled,
+        IEEE=x.dtype == torch.float32,
+        num_warps=launch.num_warps,
+    )
+    # Summing the partial products in a fixed order keeps a row's result deterministic and
+    # independent of the batch; one small launch, cheaper than every expand program reading
+    # every split (measured: BENCHMARKS.md, "fifth session").
+    return parts[0] if k_splits == 1 else parts.sum(0)
+
+
+def _expand(
+    y: torch.Tensor,
+    out: torch.Tensor,
+    tables: tuple[torch.Tensor, ...],
+    grid_rows: _GridRows,
+    widths: tuple[int, ...],
+    launch: LoraLaunch,
+) -> None:
+    """out[t, cols of projection i] += y[t, i, :rank] @ Bᵀ of each row's adapter, in place."""
+    pool, lora_slots, lora_meta = tables[:3]
+    rows_grid, tiles, tiles_per_req, tiled = grid_rows
+    slot_width, max_rank = pool.shape[1], y.shape[2]
+    block_n = _block(slot_width, launch.block_n_cap)
+    padded = (*widths, 0, 0)[:MAX_PARTS]
+    blocks = [triton.cdiv(w, block_n) for w in padded]
+    _expand_kernel[(rows_grid, sum(blocks))](
         y,
         out,
-        pool,
-        lora_slots,
-        lora_meta,
-        req_lora,
-        q_starts,
-        q_lens,
-        req_lora if tiles is None else tiles,
-        proj,
-        y_index,
-        out.shape[1],
+        *tables,
+        tiles,
+        tiles_per_req,
+        *padded,
+        blocks[0],
+        blocks[1],
         out.stride(0),
         lora_slots.stride(0),
         lora_meta.shape[1],
-        y.shape[2],
-        W=width,
-        NPROJ=y.shape[1],
+        max_rank,
+        W=slot_width,
+        NPROJ=len(widths),
         BLOCK_T=BLOCK_T,
-        BLOCK_R=launch.block_r,
+        BLOCK_R=min(launch.block_r, _rank_block(max_rank)),
         BLOCK_N=block_n,
-        TILED=tiles is not None,
+        TILED=tiled,
         IEEE=out.dtype == torch.float32,
         num_warps=launch.num_warps,
     )
-    return out
 
 
 def lora_tiles(has_adapter: list[bool], q_lens: list[int], device: torch.device) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Plain-torch references of the LoRA kernels in `lora.py` (same signatures): the oracle.
+"""Plain-torch reference of the LoRA kernels in `lora.py` (same signature): the oracle.
 
 Adapter weights live in the unified pool (`pool [num_slots, W]` for one layer). A resident
 adapter owns row `m` of `lora_slots [M, S]` (its slot list) and of `lora_meta [M, P, 3]`
@@ -27,37 +27,8 @@ def _weights(
     return pool.index_select(0, slots).reshape(rank, -1)[:, :dim]
 
 
-def lora_shrink_ref(
+def lora_apply_ref(
     x: torch.Tensor,
-    pool: torch.Tensor,
-    lora_slots: torch.Tensor,
-    lora_meta: torch.Tensor,
-    req_lora: torch.Tensor,
-    q_starts: torch.Tensor,
-    q_lens: torch.Tensor,
-    projs: tuple[int, ...],
-    max_rank: int,
-) -> torch.Tensor:
-    """y [T, len(projs), max_rank] float32: y[t, i, :r] = x[t] @ A_pᵢᵀ for rows with an adapter
-    (columns past the rank and rows without an adapter are left as they are: zeros here)."""
-    y = torch.zeros(x.shape[0], len(projs), max_rank, dtype=torch.float32, device=x.device)
-    for b in range(req_lora.shape[0]):
-        m = int(req_lora[b])
-        if m < 0:
-            continue
-        rows = slice(int(q_starts[b]), int(q_starts[b]) + int(q_lens[b]))
-        for i, p in enumerate(projs):
-            rank = int(lora_meta[m, p, 0])
-            if rank == 0:
-                continue
-            a = _weights(pool, lora_slots[m], lora_meta[m, p], x.shape[1], 1)
-            y[rows, i, :rank] = (x[rows] @ a.t()).float()
-    return y
-
-
-def lora_expand_ref(
-    y: torch.Tensor,
-    y_index: int,
     out: torch.Tensor,
     pool: torch.Tensor,
     lora_slots: torch.Tensor,
@@ -65,16 +36,23 @@ def lora_expand_ref(
     req_lora: torch.Tensor,
     q_starts: torch.Tensor,
     q_lens: torch.Tensor,
-    proj: int,
+    projs: tuple[int, ...],
+    widths: tuple[int, ...],
 ) -> torch.Tensor:
-    """out[t] += y[t, y_index, :r] @ Bᵀ_proj for rows with an adapter, in place (out may be a
-    column view of a wider tensor); returns out."""
+    """out[t, cols of projs[i]] += (x[t] @ A_pᵢᵀ) @ Bᵀ_pᵢ for rows with an adapter, in place;
+    projs[i] owns out's columns sum(widths[:i]) .. + widths[i]. The shrink's product is
+    float32 and is cast to out's dtype before the expand, as the kernels do. Returns out."""
     for b in range(req_lora.shape[0]):
         m = int(req_lora[b])
-        if m < 0 or int(lora_meta[m, proj, 0]) == 0:
+        if m < 0:
             continue
-        rank = int(lora_meta[m, proj, 0])
         rows = slice(int(q_starts[b]), int(q_starts[b]) + int(q_lens[b]))
-        bt = _weights(pool, lora_slots[m], lora_meta[m, proj], out.shape[1], 2)
-        out[rows] += y[rows, y_index, :rank].to(out.dtype) @ bt
+        col = 0
+        for p, width in zip(projs, widths, strict=True):
+            if int(lora_meta[m, p, 0]):
+                a = _weights(pool, lora_slots[m], lora_meta[m, p], x.shape[1], 1)
+                bt = _weights(pool, lora_slots[m], lora_meta[m, p], width, 2)
+                y = (x[rows] @ a.t()).float()
+                out[rows, col : col + width] += y.to(out.dtype) @ bt
+            col += width
     return out

@@ -46,31 +46,22 @@ class BmmLoraBackend(LoraBackend):
             torch.tensor(token_idx, dtype=torch.long, device=device),
         )
 
-    def shrink(
-        self, x: torch.Tensor, batch: ForwardBatch, layer: int, projs: tuple[int, ...]
-    ) -> torch.Tensor:
-        pool = batch.pool[layer]
-        x_pad = _by_request(x, batch)
-        y = torch.zeros(
-            x.shape[0], len(projs), batch.max_rank, dtype=torch.float32, device=x.device
-        )
-        for i, proj in enumerate(projs):
-            a = _padded(pool, batch, proj, b_side=False, dim=x.shape[1])
-            y[:, i] = _by_row(torch.bmm(x_pad, a.transpose(1, 2)), batch).float()
-        return y
-
-    def expand(
+    def apply(
         self,
+        x: torch.Tensor,
         out: torch.Tensor,
-        y: torch.Tensor,
-        y_index: int,
         batch: ForwardBatch,
         layer: int,
-        proj: int,
+        projs: tuple[int, ...],
+        widths: Sequence[int],
     ) -> torch.Tensor:
-        bt = _padded(batch.pool[layer], batch, proj, b_side=True, dim=out.shape[1])
-        y_pad = _by_request(y[:, y_index].to(out.dtype), batch)
-        out += _by_row(torch.bmm(y_pad, bt), batch)
+        pool, x_pad, col = batch.pool[layer], _by_request(x, batch), 0
+        for proj, width in zip(projs, widths, strict=True):
+            a = _padded(pool, batch, proj, b_side=False, dim=x.shape[1])
+            bt = _padded(pool, batch, proj, b_side=True, dim=width)
+            y_pad = torch.bmm(x_pad, a.transpose(1, 2))
+            out[:, col : col + width] += _by_row(torch.bmm(y_pad, bt), batch)
+            col += width
         return out
 
 

@@ -41,12 +41,13 @@ def test_fused_outputs_match_separate_hf_linears(hf_and_ours):
     x = torch.randn(7, GQA_BIAS["hidden_size"], generator=torch.Generator().manual_seed(1))
     for theirs, mine in zip(hf.model.layers, ours.model.layers, strict=True):
         attn = theirs.self_attn
-        q, k, v = mine.self_attn.qkv_proj.split(x)
+        qkv_proj = mine.self_attn.qkv_proj
+        q, k, v = qkv_proj.split(qkv_proj(x))
         assert q.shape[1] != k.shape[1]  # GQA: a shifted row range cannot line up by chance
         for got, linear in ((q, attn.q_proj), (k, attn.k_proj), (v, attn.v_proj)):
             assert linear.bias is not None and bool(linear.bias.abs().sum() > 0)
             torch.testing.assert_close(got, linear(x), atol=1e-6, rtol=1e-6)
-        gate, up = mine.mlp.gate_up_proj.split(x)
+        gate, up = mine.mlp.gate_up_proj.split(mine.mlp.gate_up_proj(x))
         torch.testing.assert_close(gate, theirs.mlp.gate_proj(x), atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(up, theirs.mlp.up_proj(x), atol=1e-6, rtol=1e-6)
 
@@ -62,9 +63,10 @@ def test_hf_state_dict_gives_back_the_checkpoint(hf_and_ours):
 
 
 def test_split_outputs_are_views_of_one_gemm():
-    """The parts are column views of one output (LoRA's expand writes into them in place)."""
+    """The parts are column views of one output (LoRA adds into it in place, before the
+    split)."""
     fused = FusedLinear(8, (("a", 3), ("b", 5)), bias=True)
-    a, b = fused.split(torch.randn(4, 8))
+    a, b = fused.split(fused(torch.randn(4, 8)))
     assert a.data_ptr() + 3 * a.element_size() == b.data_ptr()
     assert a.stride() == b.stride() == (8, 1)
 

@@ -1,4 +1,5 @@
-"""The LoRA shrink/expand kernels against their torch references, over all seven linear
+"""The LoRA kernels (`lora_apply`: shrink, then expand into a fused output) against their
+torch reference, over all seven linear
 layers of a Llama layer (q, k, v, o, gate, up, down): random pools with shuffled slots,
 ragged batches, mixed ranks (8..128), rows with no adapter, adapters that leave some
 projections alone or give each its own rank, and MLP widths that are not a multiple of the
@@ -14,12 +15,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from kernels.lora import lora_expand, lora_shrink, lora_tiles
-from kernels.lora_ref import lora_expand_ref, lora_shrink_ref
+from kernels.lora import _split_width, lora_apply, lora_tiles
+from kernels.lora_ref import lora_apply_ref
 
 # Projection index -> name, in the worker's meta order (gpu_worker/memory/adapter_tables.py).
 PROJS = ("q", "k", "v", "o", "gate", "up", "down")
-# Groups sharing one input, shrunk in one launch, as the model does.
+# Groups sharing one input, applied into one fused output, as the model does.
 GROUPS = ((0, 1, 2), (3,), (4, 5), (6,))
 
 
@@ -103,20 +104,10 @@ def make_case(
 
 
 def _strided(rows: int, cols: int, dtype: torch.dtype, device: str, gen: torch.Generator):
-    """A [rows, cols] view into a wider tensor, so that row stride != cols: a kernel that reads
-    or writes past column `cols` touches the extra columns."""
+    """A [rows, cols] view at column 8 of a wider tensor, so that row stride != cols: a kernel
+    that reads or writes outside its columns touches the extra ones."""
     wide = torch.randn(rows, cols + 24, generator=gen).to(dtype).to(device)
-    return wide[:, :cols], wide
-
-
-def _written_mask(t, proj_group, max_rank, total_rows):
-    written = torch.zeros(total_rows, len(proj_group), max_rank, dtype=torch.bool)
-    for b, m in enumerate(t["req_lora"].tolist()):
-        if m >= 0:
-            s, n = int(t["q_starts"][b]), int(t["q_lens"][b])
-            for i, p in enumerate(proj_group):
-                written[s : s + n, i, : int(t["lora_meta"][m, p, 0])] = True
-    return written.to(t["pool"].device)
+    return wide[:, 8 : 8 + cols], wide
 
 
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -128,7 +119,7 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 def check_all_projections(
     t, shapes: Shapes, max_rank: int, tol: float, seed: int, tiled: bool = False
 ) -> None:
-    """Every projection group through both kernels against the references; with `tiled`,
+    """Every projection group through the kernels against the reference; with `tiled`,
     through the tile list of the requests that have an adapter (the mixed-step launch)."""
     gen = torch.Generator().manual_seed(seed)
     device, dtype = t["pool"].device.type, t["pool"].dtype
@@ -140,36 +131,33 @@ def check_all_projections(
         tiles = lora_tiles(used, t["q_lens"].tolist(), t["pool"].device)
     pool_ref = t["pool"].float()
     tables = (t["lora_slots"], t["lora_meta"], t["req_lora"], t["q_starts"], t["q_lens"])
+    adapters = [m for m in t["req_lora"].tolist() if m >= 0]
     for group in GROUPS:
         in_f = shapes.dims(group[0])[0]
+        widths = tuple(shapes.dims(p)[1] for p in group)
+        n = sum(widths)
         x, _ = _strided(total, in_f, dtype, device, gen)  # row stride != in_features
-        y = lora_shrink(x, t["pool"], *tables, group, max_rank, max_q, tiles=tiles)
-        y_ref = lora_shrink_ref(x.float(), pool_ref, *tables, group, max_rank)
-        written = _written_mask(t, group, max_rank, total)
-        assert bool(written.any())
-        err = _rel_err(y[written], y_ref[written])
-        assert err < tol, f"shrink relative error {err} (projections {group})"
-        for i, proj in enumerate(group):
-            out_dim = shapes.dims(proj)[1]
-            base, base_wide = _strided(total, out_dim, dtype, device, gen)
-            before = base_wide.clone()
-            got = lora_expand(y, i, base, t["pool"], *tables, proj, max_q, tiles=tiles)
-            want = lora_expand_ref(
-                y_ref, i, before[:, :out_dim].float().clone(), pool_ref, *tables, proj
-            )
-            delta = got.float() - before[:, :out_dim].float()
-            want_delta = want - before[:, :out_dim].float()
-            used = [m for m in t["req_lora"].tolist() if m >= 0]
-            if any(int(t["lora_meta"][m, proj, 0]) for m in used):
+        out, wide = _strided(total, n, dtype, device, gen)
+        before = wide.clone()
+        lora_apply(x, out, t["pool"], *tables, group, widths, max_rank, max_q, tiles=tiles)
+        start = before[:, 8 : 8 + n].float()
+        want = lora_apply_ref(x.float(), start.clone(), pool_ref, *tables, group, widths)
+        col = 0
+        for proj, width in zip(group, widths, strict=True):
+            cols = slice(col, col + width)
+            delta, want_delta = out[:, cols].float() - start[:, cols], (want - start)[:, cols]
+            if any(int(t["lora_meta"][m, proj, 0]) for m in adapters):
                 assert want_delta.norm() > 0
             err = _rel_err(delta, want_delta)
-            assert err < tol, f"expand relative error {err} (projection {PROJS[proj]})"
-            # Nothing past out_features is written (the wider tensor's extra columns).
-            assert torch.equal(base_wide[:, out_dim:], before[:, out_dim:])
+            assert err < tol, f"relative error {err} (projection {PROJS[proj]})"
             for b, m in enumerate(t["req_lora"].tolist()):
                 if m < 0 or int(t["lora_meta"][m, proj, 0]) == 0:
-                    s, n = int(t["q_starts"][b]), int(t["q_lens"][b])
-                    assert torch.equal(got[s : s + n], before[s : s + n, :out_dim])
+                    rows = slice(int(t["q_starts"][b]), int(t["q_starts"][b] + t["q_lens"][b]))
+                    assert torch.equal(out[rows, cols], before[rows, 8 + col : 8 + col + width])
+            col += width
+        # Nothing outside the fused output's columns is written.
+        assert torch.equal(wide[:, :8], before[:, :8])
+        assert torch.equal(wide[:, 8 + n :], before[:, 8 + n :])
 
 
 # hidden 64 over 32-wide slots, MLP width 80 = 2.5 slots (padded); one program walks all of
@@ -179,6 +167,7 @@ def check_all_projections(
 SMALL = Shapes(64, 32, 80)
 SPLIT = Shapes(512, 64, 720)
 MHA = Shapes(64, 64, 80)
+WIDE = Shapes(512, 512, 720)
 CPU_CASES = {
     "mixed-one-slot-rows": (MHA, [8, 16, 32, 64], [21, 1, 1, 1, 1], [3, 0, -1, 2, 1]),
     "decode-mixed-ranks": (SMALL, [8, 16, 32, 64], [1] * 7, [0, 1, -1, 2, 3, 1, -1]),
@@ -220,31 +209,41 @@ def test_meta_stride_is_the_number_of_projections():
     check_all_projections(case, SMALL, 16, tol=1e-5, seed=3)
 
 
-@pytest.mark.parametrize("proj", [0, 1, 2, 4, 5])
-def test_expand_into_a_column_slice_of_a_fused_output(proj):
-    """The model's fused GEMMs give q, k, v (and gate, up) as column views of one output
-    [T, q + 2 kv] (or [T, 2 inter]): expand must add into its slice only, at the fused row
-    stride, leaving the columns before and after it as they were."""
+def test_a_row_does_not_depend_on_what_shares_its_batch():
+    """A request's result must be the same bits alone or in any batch (the sampler's seeds
+    promise the same text whatever shares the batch): the split of in_features and the order
+    of its sums may depend on the shapes, never on the batch. (Slots of 512 leave room to
+    split the down projection's 720 inputs in more than one way.)"""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    t = make_case(SMALL, [8, 16, 32], [3, 1, 17, 2], [1, -1, 0, 2], torch.float32, device, seed=9)
+    t = make_case(WIDE, [8, 32, 16], [1, 1, 1, 1], [0, 1, 2, -1], torch.float32, device, 4)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(4, WIDE.intermediate, generator=gen).to(device)
+    out = torch.zeros(4, WIDE.hidden, device=device)
     tables = (t["lora_slots"], t["lora_meta"], t["req_lora"], t["q_starts"], t["q_lens"])
-    gen = torch.Generator().manual_seed(9)
-    total, group = int(t["q_lens"].sum()), (0, 1, 2) if proj < 4 else (4, 5)
-    x = torch.randn(total, SMALL.hidden, generator=gen).to(device)
-    y = lora_shrink(x, t["pool"], *tables, group, 32, 17)
-    widths = [SMALL.dims(p)[1] for p in group]
-    fused = torch.randn(total, sum(widths), generator=gen).to(device)
-    before = fused.clone()
-    i = group.index(proj)
-    start, width = sum(widths[:i]), widths[i]
-    out = fused[:, start : start + width]
-    assert out.stride(0) == fused.shape[1] and (start > 0 or width < fused.shape[1])
-    lora_expand(y, i, out, t["pool"], *tables, proj, 17)
-    want = lora_expand_ref(y, i, before[:, start : start + width].clone(), t["pool"], *tables, proj)
-    assert not torch.equal(want, before[:, start : start + width])  # some row has the delta
-    torch.testing.assert_close(fused[:, start : start + width], want, atol=1e-5, rtol=1e-5)
-    assert torch.equal(fused[:, :start], before[:, :start])
-    assert torch.equal(fused[:, start + width :], before[:, start + width :])
+    lora_apply(x, out, t["pool"], *tables, (6,), (WIDE.hidden,), 32, 1)
+    for b in range(3):
+        alone = torch.zeros(1, WIDE.hidden, device=device)
+        one = (t["lora_slots"], t["lora_meta"], t["req_lora"][b : b + 1], *tables[3:])
+        lora_apply(x[b : b + 1], alone, t["pool"], *one, (6,), (WIDE.hidden,), 32, 1)
+        assert torch.equal(alone[0], out[b])
+
+
+def test_splits_of_in_features_lie_in_one_slot():
+    assert _split_width(4096, 4096, 128, 8) == 512  # 8 splits
+    assert _split_width(4096, 11008, 128, 8) == 2048  # 6 splits, each in one slot
+    assert _split_width(1024, 14336, 128, 8) == 1024  # W caps it: 14 splits
+    assert _split_width(64, 720, 64, 8) == 64
+
+
+def test_bad_projection_lists_are_refused():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t = make_case(SMALL, [8], [1], [0], torch.float32, device, 1)
+    tables = (t["lora_slots"], t["lora_meta"], t["req_lora"], t["q_starts"], t["q_lens"])
+    x, out = torch.zeros(1, 64, device=device), torch.zeros(1, 64, device=device)
+    with pytest.raises(ValueError, match="one width each"):
+        lora_apply(x, out, t["pool"], *tables, (0, 1), (64,), 8, 1)
+    with pytest.raises(ValueError, match="do not cover"):
+        lora_apply(x, out, t["pool"], *tables, (0,), (32,), 8, 1)
 
 
 # Llama-7B (MHA: W = 4096, MLP 11008 = 2.69 slots) and Llama-3-8B / Mistral (GQA: W = 1024,
@@ -268,7 +267,7 @@ def test_kernels_match_reference_bf16_real_shapes(shapes, batch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shapes", [LLAMA_7B, LLAMA3_8B], ids=["llama-7b", "llama3-8b"])
 def test_kernels_in_a_cuda_graph_follow_new_inputs(shapes):
-    """A decode step's MLP LoRA (gate/up shrink, expand, down shrink, expand) captured once in
+    """A decode step's MLP LoRA (gate/up into their fused output, then down) captured once in
     a CUDA graph, then replayed after the batch's inputs and adapter choices changed in place:
     each replay must match the reference for the new inputs."""
     batch, ranks = 32, [8, 16, 32, 64]
@@ -277,15 +276,14 @@ def test_kernels_in_a_cuda_graph_follow_new_inputs(shapes):
     tables = (t["lora_slots"], t["lora_meta"], t["req_lora"], t["q_starts"], t["q_lens"])
     x = torch.zeros(batch, shapes.hidden, dtype=torch.bfloat16, device="cuda")
     hidden = torch.zeros(batch, shapes.intermediate, dtype=torch.bfloat16, device="cuda")
-    gate = torch.zeros_like(hidden)
     down = torch.zeros_like(x)
 
+    gate_up = torch.zeros(batch, 2 * shapes.intermediate, dtype=torch.bfloat16, device="cuda")
+    widths = (shapes.intermediate, shapes.intermediate)
+
     def step() -> None:
-        y = lora_shrink(x, t["pool"], *tables, (4, 5), 64, 1)
-        lora_expand(y, 0, gate, t["pool"], *tables, 4, 1)
-        lora_expand(
-            lora_shrink(hidden, t["pool"], *tables, (6,), 64, 1), 0, down, t["pool"], *tables, 6, 1
-        )
+        lora_apply(x, gate_up, t["pool"], *tables, (4, 5), widths, 64, 1)
+        lora_apply(hidden, down, t["pool"], *tables, (6,), (shapes.hidden,), 64, 1)
 
     step()  # compile and make the cached projection lists before capture
     torch.cuda.synchronize()
@@ -297,17 +295,13 @@ def test_kernels_in_a_cuda_graph_follow_new_inputs(shapes):
         t["req_lora"].copy_(torch.tensor(choice, dtype=torch.int32))
         x.copy_(torch.randn(x.shape, generator=gen).to(x.dtype))
         hidden.copy_(torch.randn(hidden.shape, generator=gen).to(x.dtype))
-        gate.zero_()
+        gate_up.zero_()
         down.zero_()
         graph.replay()
         pool_ref = t["pool"].float()
-        y_gu = lora_shrink_ref(x.float(), pool_ref, *tables, (4, 5), 64)
-        want_gate = lora_expand_ref(
-            y_gu, 0, torch.zeros_like(gate, dtype=torch.float32), pool_ref, *tables, 4
-        )
-        y_d = lora_shrink_ref(hidden.float(), pool_ref, *tables, (6,), 64)
-        want_down = lora_expand_ref(
-            y_d, 0, torch.zeros_like(down, dtype=torch.float32), pool_ref, *tables, 6
-        )
-        assert _rel_err(gate.float(), want_gate) < 1e-2
+        zeros = torch.zeros_like(gate_up, dtype=torch.float32)
+        want_gate_up = lora_apply_ref(x.float(), zeros, pool_ref, *tables, (4, 5), widths)
+        zeros = torch.zeros_like(down, dtype=torch.float32)
+        want_down = lora_apply_ref(hidden.float(), zeros, pool_ref, *tables, (6,), (shapes.hidden,))
+        assert _rel_err(gate_up.float(), want_gate_up) < 1e-2
         assert _rel_err(down.float(), want_down) < 1e-2

@@ -27,11 +27,11 @@ _PROJ_NAME = {i: name for name, i in PROJ_INDEX.items()}
 
 
 class LoraBackend(ABC):
-    """shrink then expand: y = x @ Aᵀ, out += y @ Bᵀ, each row with its own adapter."""
+    """out += x @ Aᵀ @ Bᵀ, each row with its own adapter, for the projections of one input."""
 
-    # A CUDA graph can capture shrink and expand of a decode batch: they copy nothing to the
-    # device, read nothing back, and need no plan for it (`prepare` gives None), since the
-    # graphs' static batch carries none. The decode graphs refuse a backend that is not.
+    # A CUDA graph can capture a decode batch's LoRA: it copies nothing to the device, reads
+    # nothing back, and needs no plan for it (`prepare` gives None), since the graphs' static
+    # batch carries none. The decode graphs refuse a backend that is not.
     cuda_graph_safe: bool = True
 
     def prepare(
@@ -45,24 +45,18 @@ class LoraBackend(ABC):
         return None
 
     @abstractmethod
-    def shrink(
-        self, x: torch.Tensor, batch: ForwardBatch, layer: int, projs: tuple[int, ...]
-    ) -> torch.Tensor:
-        """y [T, len(projs), max_rank] = x @ Aᵀ of each row's adapter, for the projections
-        given (q, k, v share x, and so do gate and up: each group shrinks at once)."""
-
-    @abstractmethod
-    def expand(
+    def apply(
         self,
+        x: torch.Tensor,
         out: torch.Tensor,
-        y: torch.Tensor,
-        y_index: int,
         batch: ForwardBatch,
         layer: int,
-        proj: int,
+        projs: tuple[int, ...],
+        widths: Sequence[int],
     ) -> torch.Tensor:
-        """out [T, out_features] += y[:, y_index] @ Bᵀ of each row's adapter, in place; `out`
-        may be a column view of a fused output (q, k, v of `qkv_proj`), its row stride wider."""
+        """out [T, sum(widths)] += x @ Aᵀ @ Bᵀ of each row's adapter, in place: projection
+        projs[i] owns out's columns sum(widths[:i]) .. + widths[i] (q, k, v of the fused
+        `qkv_proj` output share one input and one call; so do gate and up)."""
 
 
 class TritonLoraBackend(LoraBackend):
@@ -74,9 +68,9 @@ class TritonLoraBackend(LoraBackend):
     def __init__(self) -> None:
         # Imported here, not at module load: Triton reads TRITON_INTERPRET when a kernel is
         # defined, and a CPU worker never needs it.
-        from kernels.lora import lora_expand, lora_shrink, lora_tiles
+        from kernels.lora import lora_apply, lora_tiles
 
-        self._shrink, self._expand, self._tiles = lora_shrink, lora_expand, lora_tiles
+        self._apply, self._tiles = lora_apply, lora_tiles
 
     def prepare(
         self,
@@ -88,35 +82,17 @@ class TritonLoraBackend(LoraBackend):
             return None
         return self._tiles([r is not None for r in residents], list(q_lens), device)
 
-    def shrink(
-        self, x: torch.Tensor, batch: ForwardBatch, layer: int, projs: tuple[int, ...]
-    ) -> torch.Tensor:
-        return self._shrink(
-            x,
-            batch.pool[layer],
-            batch.lora_slots,
-            batch.lora_meta,
-            batch.req_lora,
-            batch.q_starts,
-            batch.q_lens,
-            projs,
-            batch.max_rank,
-            batch.max_q_len,
-            tiles=cast(torch.Tensor | None, batch.lora_plan),
-        )
-
-    def expand(
+    def apply(
         self,
+        x: torch.Tensor,
         out: torch.Tensor,
-        y: torch.Tensor,
-        y_index: int,
         batch: ForwardBatch,
         layer: int,
-        proj: int,
+        projs: tuple[int, ...],
+        widths: Sequence[int],
     ) -> torch.Tensor:
-        return self._expand(
-            y,
-            y_index,
+        return self._apply(
+            x,
             out,
             batch.pool[layer],
             batch.lora_slots,
@@ -124,7 +100,9 @@ class TritonLoraBackend(LoraBackend):
             batch.req_lora,
             batch.q_starts,
             batch.q_lens,
-            proj,
+            projs,
+            tuple(widths),
+            batch.max_rank,
             batch.max_q_len,
             tiles=cast(torch.Tensor | None, batch.lora_plan),
         )
@@ -148,7 +126,8 @@ def _weight(pool: torch.Tensor, adapter: ResidentAdapter, proj: int, b_side: boo
 
 
 class TorchLoraBackend(LoraBackend):
-    """Plain torch, one matrix product per adapter present in the batch: the reference.
+    """Plain torch, two matrix products per adapter and projection present in the batch: the
+    reference.
 
     Its plan is each adapter's token rows, built per batch: on a GPU that would cost one
     host-to-device copy per distinct adapter per step, and a CUDA graph cannot capture it."""
@@ -173,34 +152,25 @@ class TorchLoraBackend(LoraBackend):
             for resident, rows in groups.values()
         ]
 
-    def shrink(
-        self, x: torch.Tensor, batch: ForwardBatch, layer: int, projs: tuple[int, ...]
-    ) -> torch.Tensor:
-        pool = batch.pool[layer]
-        y = torch.zeros(x.shape[0], len(projs), batch.max_rank, dtype=x.dtype, device=x.device)
-        for group in _groups(batch):
-            rows = x.index_select(0, group.rows)
-            for i, proj in enumerate(projs):
-                if _PROJ_NAME[proj] in group.adapter.segments:
-                    a = _weight(pool, group.adapter, proj, b_side=False)
-                    y[group.rows, i, : a.shape[0]] = rows @ a.t()
-        return y
-
-    def expand(
+    def apply(
         self,
+        x: torch.Tensor,
         out: torch.Tensor,
-        y: torch.Tensor,
-        y_index: int,
         batch: ForwardBatch,
         layer: int,
-        proj: int,
+        projs: tuple[int, ...],
+        widths: Sequence[int],
     ) -> torch.Tensor:
         pool = batch.pool[layer]
         for group in _groups(batch):
-            if _PROJ_NAME[proj] in group.adapter.segments:
-                bt = _weight(pool, group.adapter, proj, b_side=True)
-                shrunk = y.index_select(0, group.rows)[:, y_index, : bt.shape[0]]
-                out.index_add_(0, group.rows, shrunk @ bt)
+            rows = x.index_select(0, group.rows)
+            col = 0
+            for proj, width in zip(projs, widths, strict=True):
+                if _PROJ_NAME[proj] in group.adapter.segments:
+                    a = _weight(pool, group.adapter, proj, b_side=False)
+                    bt = _weight(pool, group.adapter, proj, b_side=True)
+                    out[:, col : col + width].index_add_(0, group.rows, (rows @ a.t()) @ bt)
+                col += width
         return out
 
 

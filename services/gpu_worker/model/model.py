@@ -47,8 +47,9 @@ class FusedLinear(nn.Linear):
         self.parts = parts
         self.sizes = [size for _, size in parts]
 
-    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self(x).split(self.sizes, dim=-1)
+    def split(self, fused: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each part's columns of this layer's output `fused`, as views."""
+        return fused.split(self.sizes, dim=-1)
 
     def hf_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(`"<part>.weight"` or `"<part>.bias"`, the part's rows as a view sharing storage) in
@@ -98,20 +99,18 @@ class Attention(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch
     ) -> torch.Tensor:
         tokens, layer = x.shape[0], self.layer
-        q, k, v = self.qkv_proj.split(x)
+        qkv = self.qkv_proj(x)
         lora = batch.lora_backend
         if batch.max_rank:
-            y = lora.shrink(x, batch, layer, QKV)
-            # In place into the fused output, through each part's column view.
-            for i, out in enumerate((q, k, v)):
-                lora.expand(out, y, i, batch, layer, proj=QKV[i])
+            lora.apply(x, qkv, batch, layer, QKV, self.qkv_proj.sizes)
+        q, k, v = self.qkv_proj.split(qkv)
         q = self.ops.rotary(q.view(tokens, self.num_heads, self.head_dim), cos, sin)
         k = self.ops.rotary(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         attn = self.attention.attend(layer, q, k, v, batch).reshape(tokens, -1)
         out = self.o_proj(attn)
         if batch.max_rank:
-            lora.expand(out, lora.shrink(attn, batch, layer, O_PROJ), 0, batch, layer, O_PROJ[0])
+            lora.apply(attn, out, batch, layer, O_PROJ, (out.shape[1],))
         return out
 
 
@@ -125,19 +124,16 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        gate, up = self.gate_up_proj.split(x)
+        gate_up = self.gate_up_proj(x)
         # Batches whose adapters all leave the MLP alone skip its LoRA launches altogether.
         with_lora = batch.max_rank > 0 and batch.mlp_lora
         lora = batch.lora_backend
         if with_lora:
-            y = lora.shrink(x, batch, self.layer, GATE_UP)
-            lora.expand(gate, y, 0, batch, self.layer, proj=GATE_UP[0])
-            lora.expand(up, y, 1, batch, self.layer, proj=GATE_UP[1])
-        hidden = self.ops.silu_mul(gate, up)
+            lora.apply(x, gate_up, batch, self.layer, GATE_UP, self.gate_up_proj.sizes)
+        hidden = self.ops.silu_mul(*self.gate_up_proj.split(gate_up))
         out = self.down_proj(hidden)
         if with_lora:
-            y = lora.shrink(hidden, batch, self.layer, DOWN)
-            lora.expand(out, y, 0, batch, self.layer, proj=DOWN[0])
+            lora.apply(hidden, out, batch, self.layer, DOWN, (out.shape[1],))
         return out
 
 
