@@ -45,6 +45,7 @@ VARIANTS: dict[str, LoraLaunch] = {
     "split4": LoraLaunch(max_k_splits=4),
     "split16": LoraLaunch(max_k_splits=16),
     "split16_w2": LoraLaunch(max_k_splits=16, num_warps=2),
+    "split32": LoraLaunch(max_k_splits=32),
     "w2": LoraLaunch(num_warps=2),
     "r32": LoraLaunch(block_r=32),
     "n64": LoraLaunch(block_n_cap=64),

@@ -3,8 +3,8 @@ object chosen once per engine (see `backends.lora_backend_for`).
 
 Both backends here read each adapter's A and Bᵀ from the unified pool, with no padding to the
 largest rank: `TritonLoraBackend` through the adapter tables (the kernels of kernels/lora.py),
-`TorchLoraBackend` through each adapter's slot list, one matrix product per adapter present
-(the plain-torch reference, the CPU's path). A backend may need per-batch data beyond the
+`TorchLoraBackend` through each adapter's slot list, two matrix products per adapter and
+projection (the plain-torch reference, the CPU's path). A backend may need per-batch data beyond the
 tables: `prepare` builds it once per batch, and the batch carries it as `lora_plan`.
 """
 
