@@ -287,3 +287,22 @@ def test_the_flag_and_env_var_turn_prefill_graphs_off(monkeypatch: pytest.Monkey
     ):
         setup.build_engine(None, config)  # type: ignore[arg-type]
     assert captured == ["decode", "prefill", "decode"]
+
+
+@pytest.mark.parametrize(("budget", "pairs"), [(1, [(1, 1)]), (2, [(2, 2)])])
+def test_one_token_chunks_replay_with_a_tile_per_request(
+    budget: int, pairs: list[tuple[int, int]], tmp_path: Path
+):
+    """Prompt passes whose chunks are all one token, for which the Triton backend plans no
+    tiles (each request gets one): two one-token prompts with adapters in one pass (budget
+    2), and the bucket of one token, which runs the decode attention kernel (budget 1).
+    Tokens and logprobs as HF + PEFT's."""
+    ours, peft_model, adapters = _triton_model(tmp_path)
+    gen = torch.Generator().manual_seed(4)
+    plan = [("all-mixed", 1), ("qvo-r32", 1), (None, 3)]
+    requests = [(torch.randint(3, 259, (n,), generator=gen).tolist(), a) for a, n in plan]
+    engine = _engine(ours, budget=budget)
+    graphs = engine.prefill_graphs = eager_graphs(engine)
+    assert graphs.pairs == pairs
+    check_engine_against_oracle(engine, peft_model, requests, adapters, new_tokens=3)
+    assert graphs.replays > 0
