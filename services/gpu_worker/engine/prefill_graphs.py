@@ -13,14 +13,17 @@ B >= m, over static buffers sized for the largest. Padding is harmless and reset
   batch's own, `kernels.lora.lora_tiles`), the rest starting at row 2**30 so they exit;
 - the attention grid comes from `max_q_len`, the bucket's T, and the static view has no
   host lengths, so every request takes the prefill kernel (`ForwardBatch.decode_tail` 0);
+  a one-token bucket is a decode batch to the model and takes the decode kernel;
 - logits: B rows are captured; the batch's own (only the chunks that end their prompt have
   one) are copied into the first entries, the rest read row 0, and only the first come back.
 
 Token buckets: a GEMM pays for padding rows, so past 256 tokens there are four a doubling
-(at most 25% padding). Past TOKEN_CAP the eager pass's GPU time already exceeds its host
-time (~22 us a token for Llama-7B on an H200 against ~25 ms of launches), so a graph would
-save nothing and its padding would cost: such passes run eagerly. Request buckets are few: a
-padding request costs only programs that exit at once. Three LoRA kinds as in DecodeGraphs.
+(at most 25% padding). Past TOKEN_CAP the eager pass's GPU time exceeds its host time, so a
+graph would save nothing and its padding would cost: such passes run eagerly. (An estimate
+from FLOPs, to be measured: Llama-7B's ~13 GFLOP a token take ~20 us at 650 TFLOP/s, so
+~1,200 tokens keep an H200 busy for the ~25 ms the host needs to launch them.) Request
+buckets are few: a padding request costs only programs that exit at once. Three LoRA kinds
+as in DecodeGraphs.
 """
 
 from __future__ import annotations
