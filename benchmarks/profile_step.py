@@ -11,13 +11,16 @@ the GPU's busy time: Python, launches, and waits.
 
 Each case runs with each of `--outputs` (default both): `async` builds a step's outputs
 (detokenization, stop strings, callbacks) while the next step runs on the device, `sync`
-builds them before the next step starts (`EngineConfig.async_output` on and off).
+builds them before the next step starts (`EngineConfig.async_output` on and off). A case with
+prompts also runs with each of `--prefill-graphs` (default both): its prompt chunks replayed
+from a prefill graph (`on`) or run eagerly (`off`), side by side in one engine.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import itertools
 import json
 import pstats
 import time
@@ -33,6 +36,7 @@ from services.common.base_model import DUMMY_PRESETS
 from services.common.lora_format import CanonicalAdapter
 from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.engine import Engine, StepResult
+from services.gpu_worker.engine.prefill_graphs import PrefillGraphs
 from services.gpu_worker.engine.sampling import SamplingOptions
 from services.gpu_worker.engine.sequence import Sequence
 from services.gpu_worker.engine.setup import build_engine
@@ -135,8 +139,10 @@ def run_case(
     host_profile: bool = False,
     context: int = CONTEXT,
     async_output: bool = True,
+    prefill_graphs: PrefillGraphs | None = None,
 ) -> dict[str, Any]:
     engine.async_output = async_output
+    engine.prefill_graphs = prefill_graphs
     running = add_requests(engine, decode, context, adapters(0, decode), "d")
     settle(engine)
     results: list[StepResult | None] = []
@@ -165,6 +171,7 @@ def run_case(
     row: dict[str, Any] = {"case": name, "decode": decode, "prompt_tokens": prompts * prompt_len}
     row["context"] = context
     row["outputs"] = "async" if async_output else "sync"
+    row["prefill_graphs"] = prefill_graphs is not None
     row["last_step"] = None if last is None else last.__dict__
     row["top_kernels"] = top
     row |= {"wall_ms": wall, "gpu_ms": busy, "host_ms": max(wall - busy, 0.0)}
@@ -236,6 +243,12 @@ def main() -> None:
         default="kernels",
         help="RMSNorm, rotary and SiLU-gate as Triton kernels or through torch.compile",
     )
+    parser.add_argument(
+        "--prefill-graphs",
+        default="on,off",
+        help="comma list of on (a mixed step's prompt chunks replay a prefill graph) and off "
+        "(they run eagerly); cases without prompts run once",
+    )
     args = parser.parse_args()
     ranks = tuple(int(r) for r in args.ranks.split(","))
     config = ModelConfig.from_hf(DUMMY_PRESETS["llama-7b"])
@@ -244,6 +257,7 @@ def main() -> None:
     model = build_dummy_model(
         config, 0, torch.bfloat16, DEVICE, draw_on_device=True, backends=backends
     )
+    start = time.perf_counter()
     engine = build_engine(
         model,
         EngineConfig(
@@ -252,7 +266,14 @@ def main() -> None:
             max_loras=520,
             max_prefill_tokens=8192,
             max_rank=max(ranks),
+            prefill_graphs="on" in args.prefill_graphs.split(","),
         ),
+    )
+    captured = engine.prefill_graphs
+    print(
+        f"engine built in {time.perf_counter() - start:.1f} s, prefill graph buckets "
+        f"{captured.pairs if captured else None}",
+        flush=True,
     )
 
     def rank_of(index: int) -> int:
@@ -279,23 +300,28 @@ def main() -> None:
         cases = [tuple(int(n) for n in c.split("x")) for c in args.cases.split(",")]  # type: ignore[misc]
     rows: list[dict[str, Any]] = [{"launch_costs_us": launch_costs(config.hidden_size, 8)}]
     for decode, prompts, prompt_len in cases:
-        for kind in args.kinds.split(","):
-            for outputs in args.outputs.split(","):
-                label = f"decode {decode}" + (f" + {prompts}x{prompt_len}" if prompts else "")
-                rows.append(
-                    run_case(
-                        engine,
-                        f"{label} {kind} {outputs}",
-                        decode,
-                        prompts,
-                        prompt_len,
-                        adapters_of(kind),
-                        reps,
-                        args.host_profile and kind == "attention",
-                        args.context,
-                        async_output=outputs == "async",
-                    )
+        graph_choices = args.prefill_graphs.split(",") if prompts else ["on"]
+        for kind, outputs, graphs in itertools.product(
+            args.kinds.split(","), args.outputs.split(","), graph_choices
+        ):
+            label = f"decode {decode}" + (f" + {prompts}x{prompt_len}" if prompts else "")
+            if prompts:
+                label += f" pg-{graphs}"
+            rows.append(
+                run_case(
+                    engine,
+                    f"{label} {kind} {outputs}",
+                    decode,
+                    prompts,
+                    prompt_len,
+                    adapters_of(kind),
+                    reps,
+                    args.host_profile and kind == "attention",
+                    args.context,
+                    async_output=outputs == "async",
+                    prefill_graphs=captured if graphs == "on" else None,
                 )
+            )
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "profile_step.json").write_text(json.dumps(rows, indent=2))

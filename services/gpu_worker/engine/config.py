@@ -56,6 +56,13 @@ class EngineConfig:
     cuda_graphs: bool = field(
         default=True, metadata={"help": "replay decode steps as CUDA graphs (GPU only)"}
     )
+    prefill_graphs: bool = field(
+        default=True,
+        metadata={
+            "help": "replay a step's prompt chunks as CUDA graphs too, at bucketed token and "
+            "request counts up to 2048 tokens (GPU only, with --cuda-graphs)"
+        },
+    )
     async_output: bool = field(
         default=True,
         metadata={

@@ -50,10 +50,10 @@ _COPIED_PER_STEP = (
 )
 
 # Which LoRA a graph runs: on every projection, on attention only, or none.
-_LORA_KINDS = ("all", "attention", "none")
+LORA_KINDS = ("all", "attention", "none")
 
 
-def _lora_kind(batch: ForwardBatch) -> str:
+def lora_kind(batch: ForwardBatch) -> str:
     if batch.max_rank == 0:
         return "none"
     return "all" if batch.mlp_lora else "attention"
@@ -111,7 +111,7 @@ class DecodeGraphs:
     def capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()
         for bucket in reversed(self.buckets):  # largest first: smaller ones reuse its memory
-            for lora in _LORA_KINDS:
+            for lora in LORA_KINDS:
                 batch = self._view(bucket, lora)
                 for _ in range(2):  # compile the kernels and settle the allocator first
                     self.model(batch)
@@ -142,6 +142,6 @@ class DecodeGraphs:
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits [B, vocab] of a decode batch, by graph replay."""
-        key = (self.fill(batch), _lora_kind(batch))
+        key = (self.fill(batch), lora_kind(batch))
         self._graphs[key].replay()
         return self._logits[key][: batch.input_ids.shape[0]]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -38,6 +39,7 @@ from services.gpu_worker.engine.decode_graphs import DecodeGraphs
 from services.gpu_worker.engine.engine_stats import EngineStats
 from services.gpu_worker.engine.forward_batch import ForwardBatch
 from services.gpu_worker.engine.pending_outputs import PendingToken, PendingTokens, token_output
+from services.gpu_worker.engine.prefill_graphs import PrefillGraphs
 from services.gpu_worker.engine.running_limit import resolve_max_num_seqs
 from services.gpu_worker.engine.sampling import PendingSample, Sampled, request_seed, sample_async
 from services.gpu_worker.engine.scheduler import ScheduledStep, Scheduler
@@ -61,6 +63,14 @@ class StepResult:
     decode_seqs: int  # requests that decoded one token
     tokens: int  # tokens through the model
     graph: bool  # a CUDA graph replayed the step's decodes (all of a pure decode step)
+    prompt_graph: bool = False  # a CUDA graph replayed the step's prompt chunks
+
+
+class Graphed(NamedTuple):
+    """Which parts of a step's pass a CUDA graph replayed."""
+
+    decode: bool
+    prompt: bool
 
 
 class Engine:
@@ -97,6 +107,8 @@ class Engine:
         self.batches = BatchBuilder(self.pool, self.kv_tables, self.adapters, self.lora_backend)
         self.steps = 0
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
+        self._scratch: tuple[int, int] | None = None  # pool slots the graphs' padding writes
         # Whether a step's outputs wait for the next step's launch (benchmarks flip it).
         self.async_output = config.async_output
         self._pending = PendingTokens()  # the last step's tokens whose outputs wait
@@ -122,16 +134,30 @@ class Engine:
 
     def capture_decode_graphs(self) -> None:
         """Record the decode pass as CUDA graphs (see decode_graphs); CUDA only."""
-        scratch = self.pool.reserve_scratch(2)
         template = self.build_batch([])
         self.graphs = DecodeGraphs(
-            self.model,
-            template,
-            self.config.max_num_seqs,
-            (scratch[0], scratch[1]),
-            self.max_rank,
+            self.model, template, self.config.max_num_seqs, self._scratch_slots(), self.max_rank
         )
         self.graphs.capture()
+
+    def capture_prefill_graphs(self) -> None:
+        """Record the prompt-chunk pass as CUDA graphs (see prefill_graphs); CUDA only."""
+        self.prefill_graphs = PrefillGraphs(
+            self.model,
+            self.build_batch([]),
+            self.config.max_prefill_tokens,
+            self.config.max_num_seqs,
+            self._scratch_slots(),
+            self.max_rank,
+        )
+        self.prefill_graphs.capture()
+
+    def _scratch_slots(self) -> tuple[int, int]:
+        """A K and a V slot for the graphs' padding rows, taken from the pool once."""
+        if self._scratch is None:
+            k, v = self.pool.reserve_scratch(2)
+            self._scratch = (k, v)
+        return self._scratch
 
     def check(self, seq: Sequence) -> None:
         """Refuse what can never run (InvalidArgument). Safe to call from any thread: it reads
@@ -236,7 +262,7 @@ class Engine:
             if not completes_prompt(seq, n):  # a chunk's K/V are in the pool; no token yet
                 seq.num_cached += n
         prefill, decode = len(scheduled.prefill), len(scheduled.decode)
-        result = StepResult(prefill, decode, sum(q_lens), graphed)
+        result = StepResult(prefill, decode, sum(q_lens), graphed.decode, graphed.prompt)
         if sampled is not None:
             self._take_tokens(seqs, sampled)
         if not self.async_output:
@@ -245,9 +271,9 @@ class Engine:
 
     def _launch(
         self, scheduled: ScheduledStep, seqs: list[Sequence]
-    ) -> tuple[bool, PendingSample | None]:
+    ) -> tuple[Graphed, PendingSample | None]:
         """Queue the step's pass and the draw of `seqs`' tokens (asynchronous on CUDA);
-        whether a CUDA graph ran, and the draw to wait for (None: no prompt ended)."""
+        which parts CUDA graphs ran, and the draw to wait for (None: no prompt ended)."""
         logits, graphed = self._forward(scheduled)
         if not seqs:  # the pass ran prompt chunks only, none the last of its prompt
             return graphed, None
@@ -304,14 +330,15 @@ class Engine:
         out.error = error
         seq.on_output(out)
 
-    def _forward(self, scheduled: ScheduledStep) -> tuple[torch.Tensor, bool]:
-        """Logits of the step's sampled rows in batch order, and whether a CUDA graph ran.
+    def _forward(self, scheduled: ScheduledStep) -> tuple[torch.Tensor, Graphed]:
+        """Logits of the step's sampled rows in batch order, and which parts graphs ran.
 
-        A mixed step with captured graphs runs as two passes: its decodes replay a graph and
-        only its prompt chunks run eagerly. An eager pass launches ~25 kernels a layer from
-        Python, ~20 ms of host time for Llama-7B whatever its size; launched behind the
-        graph's replay, it overlaps the decodes' GPU time instead of adding to it. The cost
-        is a second read of the weights (~3 ms on an H200) in a step that mostly computes."""
+        A mixed step with captured graphs runs as two passes: its decodes replay a decode
+        graph, its prompt chunks a prefill graph when one holds them (`_prompt_pass`). Run
+        eagerly, the chunks' pass launches ~25 kernels a layer from Python, ~20 ms of host
+        time for Llama-7B whatever its size; launched behind the decode graph's replay, that
+        at least overlaps the decodes' GPU time. The cost of the split is a second read of
+        the weights (~3 ms on an H200) in a step that mostly computes."""
         ran, q_lens = scheduled.seqs, scheduled.q_lens
         graphs = self.graphs
         split = scheduled.prefill and scheduled.decode
@@ -319,10 +346,24 @@ class Engine:
             decode = self.build_batch(scheduled.decode, [1] * len(scheduled.decode))
             prefill = self.build_batch(scheduled.prefill, scheduled.chunks)
             decode_logits = graphs.run(decode)
-            return torch.cat((self.model(prefill), decode_logits)), True
+            prompt_logits, prompt_graphed = self._prompt_pass(prefill)
+            return torch.cat((prompt_logits, decode_logits)), Graphed(True, prompt_graphed)
         batch = self.build_batch(ran, q_lens)
-        graphed = self._graphs_for(batch, len(ran))
-        return (graphed.run(batch), True) if graphed is not None else (self.model(batch), False)
+        decode_graphs = self._graphs_for(batch, len(ran))
+        if decode_graphs is not None:
+            return decode_graphs.run(batch), Graphed(True, False)
+        if not scheduled.decode:
+            logits, prompt_graphed = self._prompt_pass(batch)
+            return logits, Graphed(False, prompt_graphed)
+        return self.model(batch), Graphed(False, False)
+
+    def _prompt_pass(self, batch: ForwardBatch) -> tuple[torch.Tensor, bool]:
+        """A pass of prompt chunks only: a prefill graph's replay when one holds the batch,
+        else eager; and whether a graph ran."""
+        graphs = self.prefill_graphs
+        if graphs is not None and graphs.fits(batch):
+            return graphs.run(batch), True
+        return self.model(batch), False
 
     def _graphs_for(self, batch: ForwardBatch, num_seqs: int) -> DecodeGraphs | None:
         """The captured decode graphs when they can run this batch: one token per request,

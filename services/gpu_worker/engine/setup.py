@@ -55,10 +55,13 @@ def build_model(
 def build_engine(
     model: LlamaForCausalLM, config: EngineConfig, lora_backend: LoraBackend | None = None
 ) -> Engine:
-    """An engine over `model`, its decode graphs captured when on CUDA and asked for; LoRA
-    through `lora_backend` when given (a benchmark's baseline), else the device's."""
+    """An engine over `model`, its decode graphs (and prefill graphs) captured when on CUDA
+    and asked for; LoRA through `lora_backend` when given (a benchmark's baseline), else the
+    device's."""
     engine = Engine(model, config, lora_backend)
     logger.info("memory pool: %d slots (unified=%s)", engine.pool.num_slots, config.unified_pool)
     if engine.device.type == "cuda" and config.cuda_graphs:
         engine.capture_decode_graphs()
+        if config.prefill_graphs:
+            engine.capture_prefill_graphs()
     return engine
