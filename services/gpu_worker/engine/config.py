@@ -59,7 +59,7 @@ class EngineConfig:
     prefill_graphs: bool = field(
         default=True,
         metadata={
-            "help": "replay a step's prompt chunks as CUDA graphs too, at bucketed token and "
+            "help": "replay steps of prompt chunks alone as CUDA graphs too, at bucketed token and "
             "request counts up to 2048 tokens (GPU only, with --cuda-graphs)"
         },
     )

@@ -334,11 +334,14 @@ class Engine:
         """Logits of the step's sampled rows in batch order, and which parts graphs ran.
 
         A mixed step with captured graphs runs as two passes: its decodes replay a decode
-        graph, its prompt chunks a prefill graph when one holds them (`_prompt_pass`). Run
-        eagerly, the chunks' pass launches ~25 kernels a layer from Python, ~20 ms of host
-        time for Llama-7B whatever its size; launched behind the decode graph's replay, that
-        at least overlaps the decodes' GPU time. The cost of the split is a second read of
-        the weights (~3 ms on an H200) in a step that mostly computes."""
+        graph and its prompt chunks run eagerly. The eager pass launches ~25 kernels a layer
+        from Python, ~20 ms of host time for Llama-7B whatever its size; launched behind the
+        decode graph's replay, it overlaps the decodes' GPU time, at the cost of a second read
+        of the weights (~3 ms on an H200). A step of prompt chunks alone has nothing to hide
+        its launches behind: it replays a prefill graph when one holds it (`_prompt_pass`).
+        Measured on an H200 (BENCHMARKS.md, fifth session): prompt-only steps 1.1-3.6x faster
+        with the graph; a mixed step of 240 decodes and 540 prompt tokens 2-4% slower (its
+        launches were already hidden, and the bucket's padding rows cost GEMM time)."""
         ran, q_lens = scheduled.seqs, scheduled.q_lens
         graphs = self.graphs
         split = scheduled.prefill and scheduled.decode
@@ -346,8 +349,7 @@ class Engine:
             decode = self.build_batch(scheduled.decode, [1] * len(scheduled.decode))
             prefill = self.build_batch(scheduled.prefill, scheduled.chunks)
             decode_logits = graphs.run(decode)
-            prompt_logits, prompt_graphed = self._prompt_pass(prefill)
-            return torch.cat((prompt_logits, decode_logits)), Graphed(True, prompt_graphed)
+            return torch.cat((self.model(prefill), decode_logits)), Graphed(True, False)
         batch = self.build_batch(ran, q_lens)
         decode_graphs = self._graphs_for(batch, len(ran))
         if decode_graphs is not None:

@@ -1,6 +1,8 @@
 """CUDA graphs of the prompt-chunk pass, one per (token count, request count) bucket, so that
-a step's prompt chunks cost a few copies and one replay instead of ~30 kernel launches a
-layer from Python (20-28 ms of host time for Llama-7B, BENCHMARKS.md).
+a step of prompt chunks alone costs a few copies and one replay instead of ~30 kernel
+launches a layer from Python (20-28 ms of host time for Llama-7B). The engine replays them
+for prompt-only steps; a mixed step's prompt pass runs eagerly behind its decodes' graph,
+which already hides its launches (`Engine._forward`, measured in BENCHMARKS.md).
 
 A pass of n tokens from m requests runs in the smallest bucket (T, B) with T >= n and
 B >= m, over static buffers sized for the largest. Padding is harmless and reset each step:
