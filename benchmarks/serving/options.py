@@ -105,6 +105,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         g.add_argument(flag_name(name), type=type(default), default=default, help=help_text)
     g.add_argument("--max-rank", type=int, default=0, help="0: the trace's largest rank")
     g.add_argument("--no-cuda-graphs", action="store_true")
+    g.add_argument("--no-prefill-graphs", action="store_true", help="prompt-only steps run eagerly")
     g.add_argument(
         "--no-async-output",
         action="store_true",
@@ -164,6 +165,7 @@ def run_options(args: argparse.Namespace) -> RunOptions:
     settings = EngineConfig(
         device=args.device,
         cuda_graphs=not args.no_cuda_graphs,
+        prefill_graphs=not args.no_prefill_graphs,
         async_output=not args.no_async_output,
         **given,
     )

@@ -69,6 +69,7 @@ def describe(mode: str, variant: str, trace: Trace, options: RunOptions) -> dict
         "max_num_seqs": options.settings.max_num_seqs,  # 0: auto (the worker sizes it)
         "max_prefill_tokens": options.settings.max_prefill_tokens,
         "async_output": options.settings.async_output,
+        "prefill_graphs": options.settings.prefill_graphs,
         "target_modules": targets_label(options.targets),
         "sampling": "temperature 0.8, top-p 0.9, top-k 50" if options.sampled else "greedy",
     }

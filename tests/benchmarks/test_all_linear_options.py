@@ -96,3 +96,13 @@ def test_decode_bench_has_the_targets_table_flag(
     decode_bench.main()
     assert called == {"preset": "llama-7b", "batches": (32, 128)}
     assert (tmp_path / "decode_targets.json").is_file()
+
+
+def test_engine_switches_reach_the_engine_config() -> None:
+    """The serving benchmark's A/B switches (graphs of prompt-only steps, async output) set
+    the engine's settings, defaults on."""
+    on = serving_bench.run_options(serving_bench.parse_args([*TRACE_ARGS, "--out", "x"]))
+    assert on.settings.prefill_graphs and on.settings.async_output
+    args = [*TRACE_ARGS, "--no-prefill-graphs", "--no-async-output", "--out", "x"]
+    off = serving_bench.run_options(serving_bench.parse_args(args))
+    assert not off.settings.prefill_graphs and not off.settings.async_output
