@@ -14,12 +14,13 @@ import torch
 from services.common.lora_format import CanonicalAdapter
 from services.common.peft_adapter import load_peft_folder
 from services.gpu_worker.engine.config import EngineConfig
-from services.gpu_worker.engine.engine import Engine, StepResult
+from services.gpu_worker.engine.engine import Engine
 from services.gpu_worker.engine.offline import generate_offline
 from services.gpu_worker.engine.sampling import SamplingOptions
 from services.gpu_worker.engine.sequence import FinishReason, Sequence, StepOutput
 from services.gpu_worker.engine.tokenizer import ByteTokenizer
 from services.gpu_worker.model.model import LlamaForCausalLM
+from tests.gpu_worker.step_log import record_steps
 from tests.gpu_worker.test_engine_oracle import _mixed_requests, check_engine_against_oracle
 from tests.oracle import MIXED_ADAPTERS, TINY_GQA, TINY_MHA, build_pair, make_peft_adapters
 
@@ -271,14 +272,7 @@ def test_mixed_steps_split_into_a_graphed_decode_pass_match_hf_peft(
     requests = _mixed_requests(list(adapters), seed=3)
     engine = _engine(ours, budget=5, max_num_seqs=6)
     engine.graphs = GraphLike(ours)  # type: ignore[assignment]
-    results: list[StepResult | None] = []
-    step = engine.step
-
-    def recorded_step() -> StepResult | None:
-        results.append(step())
-        return results[-1]
-
-    engine.step = recorded_step  # type: ignore[method-assign]
+    results = record_steps(engine)
     check_engine_against_oracle(engine, peft_model, requests, adapters, NEW_TOKENS)
     split = [r for r in results if r is not None and r.prefill_seqs and r.decode_seqs]
     assert split and all(r.graph for r in split)

@@ -21,7 +21,7 @@ from services.gpu_worker.engine import setup
 from services.gpu_worker.engine.batch_builder import completes_prompt
 from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.decode_graphs import LORA_KINDS
-from services.gpu_worker.engine.engine import Engine, StepResult
+from services.gpu_worker.engine.engine import Engine
 from services.gpu_worker.engine.forward_batch import ForwardBatch
 from services.gpu_worker.engine.prefill_graphs import (
     EXIT_ROW,
@@ -38,6 +38,7 @@ from services.gpu_worker.model.fused_ops import ElementwiseOps
 from services.gpu_worker.model.lora_backend import TritonLoraBackend
 from services.gpu_worker.model.model import LlamaForCausalLM
 from services.gpu_worker.serving.config import WorkerConfig
+from tests.gpu_worker.step_log import record_steps
 from tests.gpu_worker.test_chunked_prefill import GraphLike
 from tests.gpu_worker.test_engine_oracle import check_engine_against_oracle
 from tests.gpu_worker.test_triton_path_oracle import ADAPTERS
@@ -216,14 +217,7 @@ def test_the_engine_with_prefill_graphs_serves_chunks_beside_decodes_as_hf_peft(
     engine.graphs = GraphLike(ours)  # type: ignore[assignment]
     graphs = engine.prefill_graphs = eager_graphs(engine, max_requests=2)
     assert graphs.pairs == [(8, 2)]
-    results: list[StepResult | None] = []
-    step = engine.step
-
-    def recorded_step() -> StepResult | None:
-        results.append(step())
-        return results[-1]
-
-    engine.step = recorded_step  # type: ignore[method-assign]
+    results = record_steps(engine)
     check_engine_against_oracle(engine, peft_model, requests, adapters, new_tokens=3)
     ran = [r for r in results if r is not None and r.prefill_seqs]
     assert any(r.decode_seqs for r in ran) and any(not r.decode_seqs for r in ran)

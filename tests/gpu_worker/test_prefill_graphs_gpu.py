@@ -20,6 +20,7 @@ from services.gpu_worker.engine.setup import build_engine
 from services.gpu_worker.engine.tokenizer import ByteTokenizer
 from services.gpu_worker.model.model_config import ModelConfig
 from services.gpu_worker.model.weights import build_dummy_model
+from tests.gpu_worker.step_log import record_steps
 from tests.gpu_worker.test_triton_path_oracle import ADAPTERS
 from tests.oracle import TINY_MHA, build_pair, make_peft_adapters
 
@@ -40,14 +41,7 @@ def _requests() -> list[tuple[list[int], str | None]]:
 def _serve(
     engine: Engine, requests: list[tuple[list[int], str | None]], adapters: dict[str, Any]
 ) -> tuple[list[Completion], list[StepResult | None]]:
-    results: list[StepResult | None] = []
-    step = engine.step
-
-    def recorded_step() -> StepResult | None:
-        results.append(step())
-        return results[-1]
-
-    engine.step = recorded_step  # type: ignore[method-assign]
+    results = record_steps(engine)
     options = SamplingOptions(max_new_tokens=NEW_TOKENS, ignore_eos=True, logprobs=True)
     completions = generate_offline(
         engine,
