@@ -15,13 +15,16 @@ from services.common.lora_format import CanonicalAdapter
 from services.common.peft_adapter import load_peft_folder
 from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.engine import Engine
-from services.gpu_worker.engine.offline import generate_offline
 from services.gpu_worker.engine.sampling import SamplingOptions
 from services.gpu_worker.engine.sequence import FinishReason, Sequence, StepOutput
 from services.gpu_worker.engine.tokenizer import ByteTokenizer
 from services.gpu_worker.model.model import LlamaForCausalLM
 from tests.gpu_worker.step_log import record_steps
-from tests.gpu_worker.test_engine_oracle import _mixed_requests, check_engine_against_oracle
+from tests.gpu_worker.test_engine_oracle import (
+    _mixed_requests,
+    check_engine_against_oracle,
+    greedy_completions,
+)
 from tests.oracle import MIXED_ADAPTERS, TINY_GQA, TINY_MHA, build_pair, make_peft_adapters
 
 NEW_TOKENS = 8
@@ -63,14 +66,7 @@ def test_chunked_prefill_matches_hf_peft_and_the_unchunked_engine(
     assert chunked.steps > len(requests)
 
     def run(engine: Engine) -> list[Any]:
-        return generate_offline(
-            engine,
-            ByteTokenizer(),
-            [prompt for prompt, _ in requests],
-            [SamplingOptions(max_new_tokens=NEW_TOKENS, ignore_eos=True, logprobs=True)]
-            * len(requests),
-            [adapters[name] if name else None for _, name in requests],
-        )
+        return greedy_completions(engine, requests, adapters, NEW_TOKENS)
 
     whole, parts = run(_engine(ours, 4096)), run(_engine(ours, budget, max_num_seqs))
     for a, b in zip(whole, parts, strict=True):

@@ -13,7 +13,7 @@ from services.common.lora_format import CanonicalAdapter
 from services.common.peft_adapter import load_peft_folder
 from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.engine import Engine
-from services.gpu_worker.engine.offline import generate_offline
+from services.gpu_worker.engine.offline import Completion, generate_offline
 from services.gpu_worker.engine.sampling import SamplingOptions
 from services.gpu_worker.engine.tokenizer import ByteTokenizer
 from services.gpu_worker.model.lora_backend import LoraBackend
@@ -40,6 +40,24 @@ def _mixed_requests(names: list[str], seed: int) -> list[tuple[list[int], str | 
     return requests
 
 
+def greedy_completions(
+    engine: Engine,
+    requests: list[tuple[list[int], str | None]],
+    adapters: dict[str, CanonicalAdapter],
+    new_tokens: int,
+) -> list[Completion]:
+    """(prompt, adapter name or None) requests run greedily to `new_tokens` tokens each,
+    with logprobs."""
+    options = SamplingOptions(max_new_tokens=new_tokens, ignore_eos=True, logprobs=True)
+    return generate_offline(
+        engine,
+        ByteTokenizer(),
+        [prompt for prompt, _ in requests],
+        [options] * len(requests),
+        [adapters[name] if name else None for _, name in requests],
+    )
+
+
 def check_engine_against_oracle(
     engine: Engine,
     peft_model: Any,
@@ -49,14 +67,7 @@ def check_engine_against_oracle(
 ) -> None:
     """Greedy tokens equal the HF+PEFT oracle's exactly, logprobs within 1e-4, and the pool's
     KV is all given back afterwards."""
-    completions = generate_offline(
-        engine,
-        ByteTokenizer(),
-        [prompt for prompt, _ in requests],
-        [SamplingOptions(max_new_tokens=new_tokens, ignore_eos=True, logprobs=True)]
-        * len(requests),
-        [adapters[name] if name else None for _, name in requests],
-    )
+    completions = greedy_completions(engine, requests, adapters, new_tokens)
     for (prompt, adapter), done in zip(requests, completions, strict=True):
         expected, oracle_logits = greedy_oracle(peft_model, prompt, adapter, new_tokens)
         assert done.token_ids == expected, f"adapter={adapter} prompt_len={len(prompt)}"

@@ -18,13 +18,10 @@ import torch
 from services.common.peft_adapter import load_peft_folder
 from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.engine import Engine
-from services.gpu_worker.engine.offline import generate_offline
-from services.gpu_worker.engine.sampling import SamplingOptions
-from services.gpu_worker.engine.tokenizer import ByteTokenizer
 from services.gpu_worker.model.lora_backend import LoraBackend
 from services.gpu_worker.model.model_config import ModelConfig
 from services.gpu_worker.model.weights import build_dummy_model
-from tests.gpu_worker.test_engine_oracle import NEW_TOKENS, _mixed_requests
+from tests.gpu_worker.test_engine_oracle import NEW_TOKENS, _mixed_requests, greedy_completions
 from tests.oracle import (
     MIXED_ADAPTERS,
     TINY_GQA,
@@ -96,14 +93,7 @@ def check_bf16_engine_against_oracle(
     engine = Engine(ours, settings, lora_backend)
     if graphs:
         engine.capture_decode_graphs()
-    options = SamplingOptions(max_new_tokens=new_tokens, ignore_eos=True, logprobs=True)
-    completions = generate_offline(
-        engine,
-        ByteTokenizer(),
-        [p for p, _ in requests],
-        [options] * len(requests),
-        [adapters[a] if a else None for _, a in requests],
-    )
+    completions = greedy_completions(engine, requests, adapters, new_tokens)
 
     full_matches = sum(
         done.token_ids == greedy_oracle(peft_model, prompt, adapter, new_tokens)[0]

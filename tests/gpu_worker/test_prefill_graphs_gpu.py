@@ -14,13 +14,12 @@ from services.common.peft_adapter import load_peft_folder
 from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.engine import Engine, StepResult
 from services.gpu_worker.engine.forward_batch import ForwardBatch
-from services.gpu_worker.engine.offline import Completion, generate_offline
-from services.gpu_worker.engine.sampling import SamplingOptions
+from services.gpu_worker.engine.offline import Completion
 from services.gpu_worker.engine.setup import build_engine
-from services.gpu_worker.engine.tokenizer import ByteTokenizer
 from services.gpu_worker.model.model_config import ModelConfig
 from services.gpu_worker.model.weights import build_dummy_model
 from tests.gpu_worker.step_log import record_steps
+from tests.gpu_worker.test_engine_oracle import greedy_completions
 from tests.gpu_worker.test_triton_path_oracle import ADAPTERS
 from tests.oracle import TINY_MHA, build_pair, make_peft_adapters
 
@@ -42,14 +41,7 @@ def _serve(
     engine: Engine, requests: list[tuple[list[int], str | None]], adapters: dict[str, Any]
 ) -> tuple[list[Completion], list[StepResult | None]]:
     results = record_steps(engine)
-    options = SamplingOptions(max_new_tokens=NEW_TOKENS, ignore_eos=True, logprobs=True)
-    completions = generate_offline(
-        engine,
-        ByteTokenizer(),
-        [p for p, _ in requests],
-        [options] * len(requests),
-        [adapters[a] if a else None for _, a in requests],
-    )
+    completions = greedy_completions(engine, requests, adapters, NEW_TOKENS)
     return completions, results
 
 
