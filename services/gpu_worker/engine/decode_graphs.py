@@ -59,6 +59,12 @@ def lora_kind(batch: ForwardBatch) -> str:
     return "all" if batch.mlp_lora else "attention"
 
 
+def require_graph_safe(template: ForwardBatch) -> None:
+    """Refuse a LoRA backend that plans per batch: a graph would freeze its plan."""
+    if not template.lora_backend.cuda_graph_safe:
+        raise ValueError(f"{type(template.lora_backend).__name__} cannot run inside CUDA graphs")
+
+
 class DecodeGraphs:
     def __init__(
         self,
@@ -68,10 +74,7 @@ class DecodeGraphs:
         scratch_slots: tuple[int, int],
         max_rank: int,
     ):
-        if not template.lora_backend.cuda_graph_safe:
-            raise ValueError(
-                f"{type(template.lora_backend).__name__} cannot run inside CUDA graphs"
-            )
+        require_graph_safe(template)
         self.model = model
         self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
         self.max_rank = max_rank

@@ -36,7 +36,7 @@ from dataclasses import replace
 
 import torch
 
-from services.gpu_worker.engine.decode_graphs import LORA_KINDS, lora_kind
+from services.gpu_worker.engine.decode_graphs import LORA_KINDS, lora_kind, require_graph_safe
 from services.gpu_worker.engine.forward_batch import ForwardBatch
 from services.gpu_worker.model.model import LlamaForCausalLM
 
@@ -80,10 +80,7 @@ class PrefillGraphs:
         scratch_slots: tuple[int, int],
         max_rank: int,
     ):
-        if not template.lora_backend.cuda_graph_safe:
-            raise ValueError(
-                f"{type(template.lora_backend).__name__} cannot run inside CUDA graphs"
-            )
+        require_graph_safe(template)
         self.model, self.max_rank = model, max_rank
         self.pairs = bucket_pairs(max_tokens, max_requests)
         self.max_tokens = max(t for t, _ in self.pairs)
