@@ -44,7 +44,6 @@ logger = logging.getLogger(__name__)
 
 TOKEN_CAP = 2048
 REQUEST_BUCKETS = (4, 16)
-TILE_ROWS = 16  # kernels.lora.BLOCK_T: rows of one LoRA tile
 EXIT_ROW = 1 << 30  # a tile starting here is past any request's rows: its programs exit
 
 _PER_TOKEN = ("input_ids", "positions", "new_k_slots", "new_v_slots")
@@ -86,6 +85,11 @@ class PrefillGraphs:
         self.max_tokens = max(t for t, _ in self.pairs)
         self.max_requests = max(b for _, b in self.pairs)
         self._scratch = scratch_slots
+        # Imported here, as the graph-safe backend does: Triton reads TRITON_INTERPRET when a
+        # kernel is defined.
+        from kernels.lora import BLOCK_T
+
+        self._tile_rows = BLOCK_T  # rows of one LoRA tile (`kernels.lora.lora_tiles`)
         self.static = self._static_batch(template)
         self._graphs: dict[tuple[int, int, str], torch.cuda.CUDAGraph] = {}
         self._logits: dict[tuple[int, int, str], torch.Tensor] = {}
@@ -120,10 +124,9 @@ class PrefillGraphs:
             lora_plan=self._tiles,
         )
 
-    @staticmethod
-    def _tile_count(tokens: int, requests: int) -> int:
-        # A request of q tokens has cdiv(q, 16) <= q / 16 + 1 tiles.
-        return -(-tokens // TILE_ROWS) + requests
+    def _tile_count(self, tokens: int, requests: int) -> int:
+        # A request of q tokens has cdiv(q, BLOCK_T) <= q / BLOCK_T + 1 tiles.
+        return -(-tokens // self._tile_rows) + requests
 
     def _view(self, tokens: int, requests: int, lora: str) -> ForwardBatch:
         s = self.static
