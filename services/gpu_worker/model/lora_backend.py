@@ -31,7 +31,7 @@ class LoraBackend(ABC):
 
     # A CUDA graph can capture a decode batch's LoRA: it copies nothing to the device, reads
     # nothing back, and needs no plan for it (`prepare` gives None), since the graphs' static
-    # batch carries none. The decode graphs refuse a backend that is not.
+    # batch carries none. The CUDA graphs (decode and prefill) refuse a backend that is not.
     cuda_graph_safe: bool = True
 
     def prepare(
