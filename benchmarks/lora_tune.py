@@ -13,6 +13,9 @@ an older commit) through its own `kernels/lora.py`: `lora_apply`, or the older
 `lora_shrink`/`lora_expand` pair with one expand per projection.
 
     python -m benchmarks.lora_tune [--batches 32,128] [--breakdown] [--baseline DIR] [--out DIR]
+        [--ranks 8,16,32,64] [--groups all-linear|attention] [--variants a,b,...]
+
+`--ranks 8 --groups attention` is S1's serving case (rank-8 q/k/v/o adapters).
 """
 
 from __future__ import annotations
@@ -50,6 +53,14 @@ VARIANTS: dict[str, LoraLaunch] = {
     "r32": LoraLaunch(block_r=32),
     "n64": LoraLaunch(block_n_cap=64),
     "n256": LoraLaunch(block_n_cap=256),
+    "n512": LoraLaunch(block_n_cap=512),
+    "n1024": LoraLaunch(block_n_cap=1024),
+    "split2": LoraLaunch(max_k_splits=2),
+    "n256_split4": LoraLaunch(block_n_cap=256, max_k_splits=4),
+    "n512_split4": LoraLaunch(block_n_cap=512, max_k_splits=4),
+    "n512_split2": LoraLaunch(block_n_cap=512, max_k_splits=2),
+    "n256_w2": LoraLaunch(block_n_cap=256, num_warps=2),
+    "n512_w8": LoraLaunch(block_n_cap=512, num_warps=8),
 }
 # (projections sharing one input, input width, each projection's output width)
 GROUPS = (
@@ -60,12 +71,19 @@ GROUPS = (
 )
 
 
-def _setup(batch: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
-    """One layer's pool holding one all-linear adapter per request, and the batch tables."""
+def _setup(
+    batch: int,
+    device: torch.device,
+    rank_cycle: tuple[int, ...] = RANKS,
+    groups: tuple[tuple[tuple[int, ...], str, str], ...] = GROUPS,
+    dtype: torch.dtype = torch.bfloat16,
+) -> dict[str, Any]:
+    """One layer's pool holding one all-linear adapter per request (ranks cycling through
+    `rank_cycle`), and the batch tables; `groups`: the projection groups to run."""
     config = {**DUMMY_PRESETS["llama-7b"], "num_hidden_layers": 1}
     shape = BaseModelShape.from_hf_config(config)
     hidden, inter = shape.hidden_size, shape.intermediate_size
-    ranks = [RANKS[i % len(RANKS)] for i in range(batch)]
+    ranks = [rank_cycle[i % len(rank_cycle)] for i in range(batch)]
     per_rank_slots = 4 * 2 + 3 * (1 + 3)  # q,k,v,o: A and Bᵀ one slot a row; MLP: 1 + 3
     pool = UnifiedMemoryPool(1, sum(ranks) * per_rank_slots + 64, hidden, dtype, device)
     manager = AdapterManager(pool, batch + 1, max(ranks) * per_rank_slots)
@@ -93,6 +111,7 @@ def _setup(batch: int, device: torch.device, dtype: torch.dtype = torch.bfloat16
         "dims": {"hidden": hidden, "inter": inter},
         "ranks": ranks,
         "shape": shape,
+        "groups": groups,
     }
 
 
@@ -134,7 +153,7 @@ def _op(
     gen = torch.Generator(device).manual_seed(1)
     tables = (t["pool"], t["slots"], t["meta"], t["req_lora"], t["q_starts"], t["q_lens"])
     inputs, outputs = [], []
-    for projs, src, dst in GROUPS:
+    for projs, src, dst in t["groups"]:
         dtype = t["pool"].dtype
         x = torch.randn(batch, t["dims"][src], generator=gen, device=device).to(dtype)
         width = len(projs) * t["dims"][dst]
@@ -143,7 +162,7 @@ def _op(
     max_rank = max(t["ranks"])
 
     def run() -> None:
-        for (projs, _, dst), x, out in zip(GROUPS, inputs, outputs, strict=True):
+        for (projs, _, dst), x, out in zip(t["groups"], inputs, outputs, strict=True):
             widths = (t["dims"][dst],) * len(projs)
             if apply is None:
                 lora_apply_ref(x, out, *tables, projs, widths)
@@ -154,27 +173,39 @@ def _op(
 
 
 def _bytes(t: dict[str, Any]) -> int:
+    """What the groups must move: each request's A and Bᵀ of their projections, its inputs
+    read and outputs read and written (bf16)."""
     shape: BaseModelShape = t["shape"]
-    per_rank = sum(sum(shape.proj_dims(p)) for p in LINEAR_MODULES)
+    names = dict(enumerate(LINEAR_MODULES))
+    projs = [p for group, _, _ in t["groups"] for p in group]
+    per_rank = sum(sum(shape.proj_dims(names[p])) for p in projs)
     weights = sum(r * per_rank * 2 for r in t["ranks"])
-    batch, hidden, inter = len(t["ranks"]), t["dims"]["hidden"], t["dims"]["inter"]
-    io = batch * 2 * (hidden + hidden + hidden + inter + 2 * (4 * hidden + 2 * inter))
-    return weights + io
+    dims = t["dims"]
+    io = sum(dims[src] + 2 * len(group) * dims[dst] for group, src, dst in t["groups"])
+    return weights + len(t["ranks"]) * 2 * io
+
+
+def _variants(names: list[str], baseline: Any) -> dict[str, Callable[..., Any]]:
+    variants = {name: _apply_with(None, VARIANTS[name]) for name in names}
+    if baseline is not None:
+        variants["baseline"] = _apply_with(baseline, None)
+    return variants
 
 
 def run(
-    batches: tuple[int, ...], device: torch.device, names: list[str], baseline: Any = None
+    batches: tuple[int, ...],
+    device: torch.device,
+    names: list[str],
+    baseline: Any = None,
+    workload: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
+    """Each variant over the layer's groups; `workload`: `_setup`'s rank_cycle and groups."""
     import triton.testing
 
-    variants: dict[str, Callable[..., Any]] = {
-        name: _apply_with(None, VARIANTS[name]) for name in names
-    }
-    if baseline is not None:
-        variants["baseline"] = _apply_with(baseline, None)
+    variants = _variants(names, baseline)
     results = []
     for batch in batches:
-        t = _setup(batch, device)
+        t = _setup(batch, device, **(workload or {}))
         ref_run, ref_out = _op(t, None)
         _, before = _op(t, None)  # the outputs' values before any op
         ref_run()
@@ -206,26 +237,31 @@ def run(
     return results
 
 
-def breakdown(batch: int, device: torch.device, baseline: Any = None) -> list[dict[str, Any]]:
+def breakdown(
+    batch: int,
+    device: torch.device,
+    names: list[str],
+    baseline: Any = None,
+    workload: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
     """Each projection group's LoRA (a shrink and an expand launch; the baseline's own
-    launches) timed alone in a CUDA graph, with the weight bytes it reads."""
+    launches) timed alone in a CUDA graph under each variant, with the weight bytes it
+    reads."""
     import triton.testing
 
-    t = _setup(batch, device)
+    t = _setup(batch, device, **(workload or {}))
     shape: BaseModelShape = t["shape"]
     tables = (t["pool"], t["slots"], t["meta"], t["req_lora"], t["q_starts"], t["q_lens"])
     max_rank, rows = max(t["ranks"]), []
     gen = torch.Generator(device).manual_seed(2)
-    names = dict(enumerate(LINEAR_MODULES))
-    applies = {"default": _apply_with(None, DEFAULT_LAUNCH)}
-    if baseline is not None:
-        applies["baseline"] = _apply_with(baseline, None)
-    for projs, src, dst in GROUPS:
+    modules = dict(enumerate(LINEAR_MODULES))
+    applies = _variants(names, baseline)
+    for projs, src, dst in t["groups"]:
         x = torch.randn(batch, t["dims"][src], generator=gen, device=device).to(torch.bfloat16)
         widths = (t["dims"][dst],) * len(projs)
         out = torch.zeros(batch, sum(widths), dtype=torch.bfloat16, device=device)
-        label = "+".join(names[p] for p in projs)
-        moved = sum(r * sum(shape.proj_dims(names[p])) * 2 for r in t["ranks"] for p in projs)
+        label = "+".join(modules[p] for p in projs)
+        moved = sum(r * sum(shape.proj_dims(modules[p])) * 2 for r in t["ranks"] for p in projs)
         for variant, apply in applies.items():
             fn = partial(apply, x, out, *tables, projs, widths, max_rank, 1)
             fn()
@@ -234,7 +270,7 @@ def breakdown(batch: int, device: torch.device, baseline: Any = None) -> list[di
             rows.append(
                 {"batch": batch, "group": label, "variant": variant, "us": ms * 1000, "gbps": gbps}
             )
-            print(f"{batch:>5} {label:>18} {variant:>9} {ms * 1000:>7.1f} us {gbps:>6.0f} GB/s")
+            print(f"{batch:>5} {label:>18} {variant:>12} {ms * 1000:>7.1f} us {gbps:>6.0f} GB/s")
     return rows
 
 
@@ -243,6 +279,10 @@ def main() -> None:
     parser.add_argument("--batches", default="32,128")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--breakdown", action="store_true", help="time each group alone too")
+    parser.add_argument("--ranks", default="8,16,32,64", help="adapter ranks, cycled")
+    parser.add_argument(
+        "--groups", choices=("all-linear", "attention"), default="all-linear", help="which LoRA"
+    )
     parser.add_argument("--baseline", type=Path, help="a checkout whose kernels to time beside")
     parser.add_argument(
         "--variants", default=",".join(VARIANTS), help=f"some of {', '.join(VARIANTS)}"
@@ -253,12 +293,15 @@ def main() -> None:
         parser.error(f"--variants: unknown {', '.join(sorted(unknown))}")
     batches = tuple(int(b) for b in args.batches.split(","))
     baseline = _load_baseline(args.baseline) if args.baseline else None
+    groups = GROUPS if args.groups == "all-linear" else GROUPS[:2]
+    workload = {"rank_cycle": tuple(int(r) for r in args.ranks.split(",")), "groups": groups}
+    device = torch.device("cuda")
     if args.breakdown:
-        parts = [row for b in batches for row in breakdown(b, torch.device("cuda"), baseline)]
+        parts = [row for b in batches for row in breakdown(b, device, names, baseline, workload)]
         if args.out is not None:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "lora_breakdown.json").write_text(json.dumps(parts, indent=1))
-    rows = run(batches, torch.device("cuda"), names, baseline)
+    rows = run(batches, device, names, baseline, workload)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "lora_tune.json").write_text(json.dumps(rows, indent=1))
