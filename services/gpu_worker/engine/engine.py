@@ -232,12 +232,8 @@ class Engine:
     def has_work(self) -> bool:
         """Whether `step` has something to do: requests to run, a step in flight, or outputs
         to deliver."""
-        return bool(
-            self.scheduler.running
-            or self.scheduler.waiting
-            or self._in_flight is not None
-            or len(self._pending)
-        )
+        sched = self.scheduler
+        return bool(sched.running or sched.waiting or self._in_flight or len(self._pending))
 
     def flush(self) -> None:
         """Read back the step in flight, if any (overlap scheduling), and deliver every output
