@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from services.common.config import load_config
 from services.common.errors import Internal, WorkerFault
 from services.common.lora_format import CanonicalAdapter
 from services.common.peft_adapter import load_peft_folder
@@ -23,6 +24,7 @@ from services.gpu_worker.engine.sampling import SamplingOptions
 from services.gpu_worker.engine.sequence import FinishReason, Sequence
 from services.gpu_worker.engine.tokenizer import ByteTokenizer
 from services.gpu_worker.model.model import LlamaForCausalLM
+from services.gpu_worker.serving.config import WorkerConfig
 from tests.gpu_worker.test_async_output import (
     EOS,
     Sink,
@@ -314,3 +316,15 @@ def test_a_read_back_failing_under_a_later_step_fails_that_steps_requests(model,
             assert runs[mode][rid].tokens == runs[REFERENCE][rid].tokens[:2]
             assert isinstance(outs[-1].error, Internal) and outs[-1].finish_reason is not None
             assert all(o.finish_reason is None for o in outs[:-1])
+
+
+def test_the_worker_flag_and_its_variable_reach_the_engine():
+    """`--overlap-schedule` / `MANYLORA_OVERLAP_SCHEDULE`, off by default."""
+    assert not load_config(WorkerConfig, [], env={}).engine_config().overlap_schedule
+    on = load_config(WorkerConfig, [], env={"MANYLORA_OVERLAP_SCHEDULE": "true"})
+    assert on.engine_config().overlap_schedule
+    off = load_config(
+        WorkerConfig, ["--no-overlap-schedule"], env={"MANYLORA_OVERLAP_SCHEDULE": "1"}
+    )
+    assert not off.engine_config().overlap_schedule
+    assert load_config(WorkerConfig, ["--overlap-schedule"], env={}).overlap_schedule
