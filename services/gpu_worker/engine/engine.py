@@ -206,7 +206,8 @@ class Engine:
         self.scheduler.add(seq)
 
     def abort(self, seq_id: int) -> bool:
-        """End the request with this internal id (`Sequence.seq_id`); False if not here."""
+        """End the request with this internal id (`Sequence.seq_id`); False if not here. A
+        token of it still in flight (overlap scheduling) is dropped, never streamed."""
         self._deliver_pending(seq_id)  # its last token's output first, as if never deferred
         seq = self.scheduler.find(seq_id)
         if seq is None:
