@@ -44,6 +44,7 @@ def phases(engine: Engine) -> dict[str, float]:
     )
     mark()
     for seq, token, logprob in zip(seqs, sampled.token_ids, sampled.logprobs, strict=True):
+        seq.num_cached += 1  # what launching the step counts in the engine (inflight_step.py)
         engine._append(seq, token, logprob)
     engine.flush()  # their outputs, built here rather than during the next step
     mark()

@@ -4,16 +4,20 @@ decode batch), base only and with every request on its own adapter.
 
     python -m benchmarks.profile_step [--out DIR] [--quick]
 
-Each case is timed over several steps (median wall time, device synced), then profiled over
-three more with the torch profiler; kernels are grouped by name into families (GEMM, LoRA
-shrink/expand, attention, sampling, other). `host` is what the median wall time has beyond
-the GPU's busy time: Python, launches, and waits.
+Each case is timed over several consecutive steps (the median time between two steps'
+returns, the device synced before and after the run only: with overlap scheduling a step
+returns while its pass still runs, and a sync after each would undo the overlap), then
+profiled over three more with the torch profiler; kernels are grouped by name into families
+(GEMM, LoRA shrink/expand, attention, sampling, other). `host` is what the median wall time
+has beyond the GPU's busy time: Python, launches, and the device's idle time between steps.
 
 Each case runs with each of `--outputs` (default both): `async` builds a step's outputs
 (detokenization, stop strings, callbacks) while the next step runs on the device, `sync`
 builds them before the next step starts (`EngineConfig.async_output` on and off). A case with
 prompts also runs with each of `--prefill-graphs` (default both): its prompt chunks replayed
-from a prefill graph (`on`) or run eagerly (`off`), side by side in one engine.
+from a prefill graph (`on`) or run eagerly (`off`), side by side in one engine. And each runs
+with each of `--overlap` (default both): the next step launched before this step's tokens are
+read back (`on`, `EngineConfig.overlap_schedule`) or after (`off`), in the same engine.
 """
 
 from __future__ import annotations
@@ -96,15 +100,16 @@ def settle(engine: Engine) -> None:
 def timed(
     step: Callable[[], object], reps: int, host_profile: bool
 ) -> tuple[float, dict[str, float], list[tuple[str, float]]]:
-    """Median wall ms of `step`, then GPU ms per kernel family and of the top kernels (mean
-    over three profiled steps); with `host_profile`, cProfile's top functions are printed."""
-    walls = []
+    """Median wall ms between consecutive returns of `step`, then GPU ms per kernel family
+    and of the top kernels (mean over three profiled steps); with `host_profile`, cProfile's
+    top functions are printed."""
+    torch.cuda.synchronize()
+    marks = [time.perf_counter()]
     for _ in range(reps):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
         step()
-        torch.cuda.synchronize()
-        walls.append((time.perf_counter() - start) * 1e3)
+        marks.append(time.perf_counter())
+    torch.cuda.synchronize()
+    walls = [(end - start) * 1e3 for start, end in itertools.pairwise(marks)]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
             step()
@@ -140,8 +145,10 @@ def run_case(
     context: int = CONTEXT,
     async_output: bool = True,
     prefill_graphs: PrefillGraphs | None = None,
+    overlap: bool = False,
 ) -> dict[str, Any]:
     engine.async_output = async_output
+    engine.overlap_schedule = overlap
     engine.prefill_graphs = prefill_graphs
     running = add_requests(engine, decode, context, adapters(0, decode), "d")
     settle(engine)
@@ -171,13 +178,14 @@ def run_case(
     row: dict[str, Any] = {"case": name, "decode": decode, "prompt_tokens": prompts * prompt_len}
     row["context"] = context
     row["outputs"] = "async" if async_output else "sync"
+    row["overlap"] = overlap
     row["prefill_graphs"] = prefill_graphs is not None
     row["last_step"] = None if last is None else last.__dict__
     row["top_kernels"] = top
     row |= {"wall_ms": wall, "gpu_ms": busy, "host_ms": max(wall - busy, 0.0)}
     row |= {f"{k}_ms": v for k, v in sorted(gpu.items())}
     print(
-        f"{name:<40} wall {wall:7.2f} ms  gpu {busy:7.2f}  "
+        f"{name:<50} wall {wall:7.2f} ms  gpu {busy:7.2f}  "
         + "  ".join(f"{k} {v:.2f}" for k, v in sorted(gpu.items()))
         + f"  last step {row['last_step']}",
         flush=True,
@@ -236,6 +244,12 @@ def main() -> None:
         "--outputs",
         default="async,sync",
         help="comma list of async (a step's outputs built while the next runs) and sync",
+    )
+    parser.add_argument(
+        "--overlap",
+        default="on,off",
+        help="comma list of on (the next step launched before this step's tokens are read "
+        "back) and off",
     )
     parser.add_argument(
         "--elementwise",
@@ -301,8 +315,8 @@ def main() -> None:
     rows: list[dict[str, Any]] = [{"launch_costs_us": launch_costs(config.hidden_size, 8)}]
     for decode, prompts, prompt_len in cases:
         graph_choices = args.prefill_graphs.split(",") if prompts else ["on"]
-        for kind, outputs, graphs in itertools.product(
-            args.kinds.split(","), args.outputs.split(","), graph_choices
+        for kind, outputs, graphs, overlap in itertools.product(
+            args.kinds.split(","), args.outputs.split(","), graph_choices, args.overlap.split(",")
         ):
             label = f"decode {decode}" + (f" + {prompts}x{prompt_len}" if prompts else "")
             if prompts:
@@ -310,7 +324,7 @@ def main() -> None:
             rows.append(
                 run_case(
                     engine,
-                    f"{label} {kind} {outputs}",
+                    f"{label} {kind} {outputs} ov-{overlap}",
                     decode,
                     prompts,
                     prompt_len,
@@ -320,16 +334,17 @@ def main() -> None:
                     args.context,
                     async_output=outputs == "async",
                     prefill_graphs=captured if graphs == "on" else None,
+                    overlap=overlap == "on",
                 )
             )
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "profile_step.json").write_text(json.dumps(rows, indent=2))
-    print("\ncase                                     wall_ms  gpu_ms  host_ms  gemm  lora  attn")
+    print(f"\n{'case':<50} wall_ms  gpu_ms  host_ms  gemm  lora  attn")
     for r in rows[1:]:
         lora = r.get("lora_shrink_ms", 0.0) + r.get("lora_expand_ms", 0.0)
         print(
-            f"{r['case']:<40} {r['wall_ms']:7.2f} {r['gpu_ms']:7.2f} {r['host_ms']:7.2f}"
+            f"{r['case']:<50} {r['wall_ms']:7.2f} {r['gpu_ms']:7.2f} {r['host_ms']:7.2f}"
             f" {r.get('gemm_ms', 0.0):5.2f} {lora:5.2f} {r.get('attention_ms', 0.0):5.2f}"
         )
 

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from services.gpu_worker.engine import engine
+from services.gpu_worker.engine.batch_builder import DeviceTokens
 from services.gpu_worker.engine.forward_batch import ForwardBatch
 from services.gpu_worker.engine.sequence import Sequence
 
@@ -23,9 +24,12 @@ def main() -> int:
     build = engine.Engine.build_batch
 
     def without_mlp_lora(
-        self: engine.Engine, seqs: list[Sequence], q_lens: list[int] | None = None
+        self: engine.Engine,
+        seqs: list[Sequence],
+        q_lens: list[int] | None = None,
+        in_flight: DeviceTokens | None = None,
     ) -> ForwardBatch:
-        batch = build(self, seqs, q_lens)
+        batch = build(self, seqs, q_lens, in_flight)
         batch.mlp_lora = False
         return batch
 

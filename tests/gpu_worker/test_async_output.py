@@ -100,7 +100,7 @@ class Steered:
         sampled = set(batch.logits_rows.tolist())
         rows = batch.req_rows.tolist()
         seqs = [by_row[r] for r, e in zip(rows, ends, strict=True) if e in sampled]
-        self.launched.append([(s.request_id, len(s.output_ids)) for s in seqs])
+        self.launched.append([(s.request_id, s.next_token_index) for s in seqs])
         self.calls += 1
         if self.on_launch is not None:
             self.on_launch()
@@ -109,7 +109,7 @@ class Steered:
         logits = self.model(batch).clone()  # an inference tensor cannot be written
         for row, seq in enumerate(seqs):
             plan = self.script.get(seq.request_id, {})
-            index = len(seq.output_ids)
+            index = seq.next_token_index
             if index in plan:
                 forced = plan[index]
                 logits[row] = float("nan") if forced is None else -1e4
@@ -364,9 +364,9 @@ def test_a_steps_outputs_are_built_while_the_next_step_runs(model, monkeypatch):
     events: list[str] = []
     real_result = sampling.PendingSample.result
 
-    def result(self: sampling.PendingSample) -> sampling.Sampled:
+    def result(self: sampling.PendingSample, per_row_fallback: bool = True) -> sampling.Sampled:
         events.append("sync")
-        return real_result(self)
+        return real_result(self, per_row_fallback)
 
     monkeypatch.setattr(sampling.PendingSample, "result", result)
 

@@ -198,8 +198,10 @@ def test_every_batch_lists_each_tokens_id_position_and_slots(tmp_path: Path):
     build = engine.build_batch
     shapes = set()
 
-    def checked(seqs: list[Sequence], q_lens: list[int] | None = None) -> Any:
-        batch = build(seqs, q_lens)
+    def checked(
+        seqs: list[Sequence], q_lens: list[int] | None = None, in_flight: Any = None
+    ) -> Any:
+        batch = build(seqs, q_lens, in_flight)
         assert q_lens is not None
         _check_batch(engine, batch, seqs, q_lens)
         kinds = {(s.num_cached > 0, n > 1) for s, n in zip(seqs, q_lens, strict=True)}

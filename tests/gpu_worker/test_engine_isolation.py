@@ -150,7 +150,11 @@ def test_huge_temperature_and_filters_stay_finite():
 # --- through the engine --------------------------------------------------------------------
 
 
-def test_nan_adapter_fails_its_request_alone(model, tmp_path: Path):
+@pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlap"])
+def test_nan_adapter_fails_its_request_alone(model, tmp_path: Path, overlap: bool):
+    """Its rows' logits are NaN from its first token; with overlap scheduling its wasted row
+    of the next step (launched before the failure is known) breaks nothing either."""
+    config = EngineConfig(pool_slots=8192, overlap_schedule=overlap)
     shape = model.config.shape
     folder = save_random_peft_adapter(tmp_path / "nan", shape, 4, seed=1)
     poisoned = load_peft_folder(folder, shape, 64, "nan")
@@ -162,16 +166,15 @@ def test_nan_adapter_fails_its_request_alone(model, tmp_path: Path):
         ("c", _greedy(), None),
     ]
     alone = _run(Engine(model, EngineConfig(pool_slots=8192)), bystanders)
-    mixed = _run(
-        Engine(model, EngineConfig(pool_slots=8192)),
-        [bystanders[0], ("victim", _seeded(4), poisoned), *bystanders[1:]],
-    )
+    engine = Engine(model, config)
+    mixed = _run(engine, [bystanders[0], ("victim", _seeded(4), poisoned), *bystanders[1:]])
     victim = mixed[1]
-    assert isinstance(victim.error, Internal) and victim.tokens == []
+    assert isinstance(victim.error, Internal) and victim.tokens == [] and len(victim.outs) == 1
     assert "non-finite" in str(victim.error)
     for before, after in zip(alone, [mixed[0], *mixed[2:]], strict=True):
         assert after.error is None and after.finish == FinishReason.LENGTH
         assert after.tokens == before.tokens and len(after.tokens) == NEW
+    assert (engine.pool.kv_used, engine.pool.promised) == (0, 0)
 
 
 def test_a_failing_stop_matcher_fails_its_request_alone(model):

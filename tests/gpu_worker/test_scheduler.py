@@ -475,3 +475,29 @@ def test_the_admission_batch_is_capped_at_an_eighth_of_max_num_seqs():
 def test_the_admission_batch_must_be_positive():
     with pytest.raises(ValueError, match="--admission-batch"):
         EngineConfig(admission_batch=0)
+
+
+def test_a_request_whose_token_in_flight_is_its_last_gets_no_decode():
+    """Overlap scheduling: a token of the running step counts toward its request's length, so
+    a request whose token in flight is its last (by max_new_tokens, 4 here, or by its context)
+    is left out of the next step; one token short of either, it decodes."""
+    sched = _scheduler(max_num_seqs=8)
+    seqs = {
+        "three made": (_seq(3, max_total=20), 3, 0),
+        "two made, one in flight": (_seq(3, max_total=20), 2, 1),
+        "three made, one in flight": (_seq(3, max_total=20), 3, 1),
+        "context of 5, one made, one in flight": (_seq(3, max_total=5), 1, 1),
+        "context of 6, one made, one in flight": (_seq(3, max_total=6), 1, 1),
+    }
+    _add(sched, *(seq for seq, _, _ in seqs.values()))
+    sched.schedule()
+    for seq, made, in_flight in seqs.values():
+        seq.output_ids = list(range(10, 10 + made))
+        seq.tokens_in_flight = in_flight
+        seq.num_cached = len(seq.prompt_ids) + made + in_flight - 1
+    decoding = {name for name, (seq, _, _) in seqs.items() if seq in sched.schedule().decode}
+    assert decoding == {
+        "three made",
+        "two made, one in flight",
+        "context of 6, one made, one in flight",
+    }

@@ -1,11 +1,19 @@
 """One step's `ForwardBatch` from its requests: the flat new tokens, their positions and
 K/V slots, the per-request tables, and the LoRA plan. Python work here is per request, not
 per token: the per-token tensors come from torch ops over the requests' starts and lengths,
-after one host-to-device copy of everything the host knows."""
+after one host-to-device copy of everything the host knows.
+
+With overlap scheduling (engine.py) a decoding request's last token may not be on the host
+yet: the step that samples it is still running. Its input id is then taken on the device from
+that step's sampled tokens (`DeviceTokens`), by one gather queued behind them; everything
+else about the row (its position, its slots) the host knows, since it counts that token.
+On CUDA the copy goes through pinned memory and is queued like the kernels: a blocking copy
+would wait for the running step to finish."""
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import torch
 
@@ -16,6 +24,14 @@ from services.gpu_worker.memory.adapter_tables import MLP_PROJS
 from services.gpu_worker.memory.kv_slot_tables import KvSlotTables
 from services.gpu_worker.memory.memory_pool import UnifiedMemoryPool
 from services.gpu_worker.model.lora_backend import LoraBackend
+
+
+@dataclass(frozen=True)
+class DeviceTokens:
+    """The tokens a launched step samples, on the device and not read back yet."""
+
+    tokens: torch.Tensor  # [B] int64: row i is the token of that step's i-th sampled request
+    row_of: dict[int, int]  # a request's `Sequence.seq_id` -> its row in `tokens`
 
 
 class BatchBuilder:
@@ -33,10 +49,16 @@ class BatchBuilder:
         self.lora_backend = lora_backend
         self.device = pool.buffer.device
 
-    def build(self, seqs: list[Sequence], q_lens: list[int] | None = None) -> ForwardBatch:
+    def build(
+        self,
+        seqs: list[Sequence],
+        q_lens: list[int] | None = None,
+        in_flight: DeviceTokens | None = None,
+    ) -> ForwardBatch:
         """The pass over `seqs`: request b brings its next `q_lens[b]` tokens (by default the
         rest of its prompt while it prefills, else its last token), and gets a logits row
-        only when they reach the end of its prompt."""
+        only when they reach the end of its prompt. A decoding request whose last token is
+        still in flight takes it from `in_flight`."""
         if q_lens is None:
             q_lens = [len(s.prompt_ids) - s.num_cached if s.prefilling else 1 for s in seqs]
         ctx_lens = [s.num_cached for s in seqs]
@@ -47,6 +69,7 @@ class BatchBuilder:
                 max_rank = max(max_rank, resident.rank)
                 mlp_lora = mlp_lora or not MLP_PROJS.isdisjoint(resident.segments)
         ids = new_tokens(seqs, q_lens)
+        gather = in_flight_inputs(seqs, q_lens, in_flight)
         tokens = ids.shape[0]
         ends = list(itertools.accumulate(q_lens))
         logits_rows = [
@@ -66,10 +89,16 @@ class BatchBuilder:
                 ids,
                 torch.tensor(logits_rows, dtype=torch.long),
                 torch.tensor(per_request, dtype=torch.long).view(-1),
+                torch.tensor(gather, dtype=torch.long).view(-1),
             )
         )
-        on_device = host.to(self.device)
-        meta = on_device[tokens + len(logits_rows) :].view(4, len(seqs)).to(torch.int32)
+        on_device = to_device(host, self.device)
+        meta_end = tokens + len(logits_rows) + 4 * len(seqs)
+        meta = on_device[tokens + len(logits_rows) : meta_end].view(4, len(seqs)).to(torch.int32)
+        if gather[0]:
+            assert in_flight is not None  # in_flight_inputs found rows only through it
+            at, rows_in_flight = on_device[meta_end:].view(2, -1)
+            on_device[:tokens].index_copy_(0, at, in_flight.tokens.index_select(0, rows_in_flight))
         req_rows, q_lens_t, ctx_lens_t, req_lora = meta.unbind(0)
         q_starts = torch.cumsum(q_lens_t, 0, dtype=torch.int32) - q_lens_t
         max_q_len = max(q_lens, default=1)
@@ -116,9 +145,34 @@ def completes_prompt(seq: Sequence, n: int) -> bool:
     return seq.num_cached + n >= len(seq.prompt_ids)
 
 
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`host` on `device`, the copy queued on the current stream (through pinned memory on
+    CUDA), so the host does not wait for what the device is running."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def in_flight_inputs(
+    seqs: list[Sequence], q_lens: list[int], in_flight: DeviceTokens | None
+) -> list[list[int]]:
+    """[flat positions, rows of `in_flight.tokens`]: the decoding requests whose last token
+    is still in flight, where their input id goes and where it comes from."""
+    at: list[int] = []
+    rows: list[int] = []
+    for seq, start in zip(seqs, itertools.accumulate(q_lens, initial=0), strict=False):
+        if seq.tokens_in_flight and not seq.prefilling:
+            if in_flight is None or seq.seq_id not in in_flight.row_of:
+                raise RuntimeError(f"request {seq.request_id}: its last token is nowhere")
+            at.append(start)
+            rows.append(in_flight.row_of[seq.seq_id])
+    return [at, rows]
+
+
 def new_tokens(seqs: list[Sequence], q_lens: list[int]) -> torch.Tensor:
     """The batch's input ids (int64, on the CPU): each prefilling request's next prompt chunk
-    (a slice of its prompt tensor) and each decoding request's last token, in batch order."""
+    (a slice of its prompt tensor) and each decoding request's last token, in batch order;
+    0 for a last token still in flight (`in_flight_inputs` says where it comes from)."""
     parts: list[torch.Tensor] = []
     last: list[int] = []  # a run of decoding requests' tokens, turned into one tensor
     for seq, n in zip(seqs, q_lens, strict=True):
@@ -128,7 +182,7 @@ def new_tokens(seqs: list[Sequence], q_lens: list[int]) -> torch.Tensor:
                 last = []
             parts.append(seq.prompt_tokens(seq.num_cached, n))
         else:
-            last.append(seq.output_ids[-1])
+            last.append(0 if seq.tokens_in_flight else seq.output_ids[-1])
     if last or not parts:
         parts.append(torch.tensor(last, dtype=torch.long))
     return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -70,6 +70,14 @@ class EngineConfig:
             "next step runs on the device; off builds them before the next step starts"
         },
     )
+    overlap_schedule: bool = field(
+        default=False,
+        metadata={
+            "help": "schedule and launch each step before reading the previous step's tokens "
+            "back, its decodes taking their input ids from those tokens on the device, so the "
+            "device does not idle while the host prepares a step"
+        },
+    )
     max_prefill_tokens: int = field(
         default=4096,
         metadata={

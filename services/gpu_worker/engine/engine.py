@@ -15,13 +15,25 @@ step N+1's tokens. A stop string found there ends a request that step N+1 holds:
 of step N+1 is discarded (`Sequence.finished`). A token's output is therefore streamed one
 launch later than its step ends; `has_work` stays true while outputs wait, and a step with
 nothing to run (or `flush`) delivers them.
+
+Overlap scheduling (`EngineConfig.overlap_schedule`, off by default): `step` schedules and
+launches step N+1 before it waits for step N's tokens, so the device goes from one step to the
+next without waiting for the host. One step stays in flight between calls
+(inflight_step.py). Step N+1 counts step N's tokens without their values: positions, slots
+and seed indices include them (`Sequence.tokens_in_flight`), and a decode row takes its input
+id from step N's sampled tokens on the device (batch_builder.py). A request whose step-N token
+ends it by length is left out of step N+1; one that EOS or a stop token id ends is known only
+after the wait, when step N+1 already holds it: that row is wasted and its token discarded,
+like a stop string's (see `_end` for why its memory may go back while step N+1 runs). Each
+call still delivers the previous call's outputs after its launch (or after the wait, with
+`async_output` off), so every token is streamed once and in order. An abort drops a token
+still in flight (never streamed, never counted).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -33,15 +45,16 @@ from services.common.errors import (
     WorkerFault,
     status_details,
 )
-from services.gpu_worker.engine.batch_builder import BatchBuilder, completes_prompt
+from services.gpu_worker.engine.batch_builder import BatchBuilder, DeviceTokens, completes_prompt
 from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.decode_graphs import DecodeGraphs
 from services.gpu_worker.engine.engine_stats import EngineStats
 from services.gpu_worker.engine.forward_batch import ForwardBatch
+from services.gpu_worker.engine.inflight_step import InflightStep, StepResult
 from services.gpu_worker.engine.pending_outputs import PendingToken, PendingTokens, token_output
 from services.gpu_worker.engine.prefill_graphs import PrefillGraphs
 from services.gpu_worker.engine.running_limit import resolve_max_num_seqs
-from services.gpu_worker.engine.sampling import PendingSample, Sampled, request_seed, sample_async
+from services.gpu_worker.engine.sampling import Sampled, request_seed, sample_async
 from services.gpu_worker.engine.scheduler import ScheduledStep, Scheduler
 from services.gpu_worker.engine.sequence import FinishReason, Sequence
 from services.gpu_worker.memory.adapter_manager import AdapterManager
@@ -54,16 +67,7 @@ from services.gpu_worker.model.model import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class StepResult:
-    """What one engine step ran through the model."""
-
-    prefill_seqs: int  # requests with a prompt chunk (maybe the whole prompt) in this step
-    decode_seqs: int  # requests that decoded one token
-    tokens: int  # tokens through the model
-    graph: bool  # a CUDA graph replayed the step's decodes (all of a pure decode step)
-    prompt_graph: bool = False  # a CUDA graph replayed the step's prompt chunks
+__all__ = ["Engine", "StepResult"]
 
 
 class Graphed(NamedTuple):
@@ -112,6 +116,9 @@ class Engine:
         # Whether a step's outputs wait for the next step's launch (benchmarks flip it).
         self.async_output = config.async_output
         self._pending = PendingTokens()  # the last step's tokens whose outputs wait
+        # Whether a step is launched before the previous one's tokens are read back.
+        self.overlap_schedule = config.overlap_schedule
+        self._in_flight: InflightStep | None = None  # launched, its tokens not read back
 
     def _build_pool(self, config: EngineConfig) -> UnifiedMemoryPool:
         """A pool of `config.pool_slots`, or of what `gpu_memory_fraction` of the device's
@@ -199,7 +206,8 @@ class Engine:
         self.scheduler.add(seq)
 
     def abort(self, seq_id: int) -> bool:
-        """End the request with this internal id (`Sequence.seq_id`); False if not here."""
+        """End the request with this internal id (`Sequence.seq_id`); False if not here. A
+        token of it still in flight (overlap scheduling) is dropped, never streamed."""
         self._deliver_pending(seq_id)  # its last token's output first, as if never deferred
         seq = self.scheduler.find(seq_id)
         if seq is None:
@@ -223,67 +231,96 @@ class Engine:
         )
 
     def has_work(self) -> bool:
-        """Whether `step` has something to do: requests to run, or outputs to deliver."""
-        return bool(self.scheduler.running or self.scheduler.waiting or len(self._pending))
+        """Whether `step` has something to do: requests to run, a step in flight, or outputs
+        to deliver."""
+        sched = self.scheduler
+        return bool(sched.running or sched.waiting or self._in_flight or len(self._pending))
 
     def flush(self) -> None:
-        """Deliver every output still waiting (async output processing), in order."""
+        """Read back the step in flight, if any (overlap scheduling), and deliver every output
+        still waiting (async output processing), in order."""
+        self._drain(per_row_fallback=True)
+
+    def _drain(self, per_row_fallback: bool) -> None:
+        self._deliver_outputs()  # before the step in flight adds its requests' next tokens
+        self._finish_in_flight(per_row_fallback)
+        self._deliver_outputs()
+
+    def _deliver_outputs(self) -> None:
         while (item := self._pending.take_oldest()) is not None:
             self._deliver(item)
 
     def step(self) -> StepResult | None:
-        """One step; what it ran, or None when no pass ran (nothing to run, or it failed).
-        The previous step's outputs are delivered during it (module docstring)."""
+        """One step; what it launched, or None when no pass was launched (nothing to run, or
+        it failed). The previous step's outputs are delivered during it, and with overlap
+        scheduling the previous step's tokens are read back in it (module docstring)."""
         scheduled = self.scheduler.schedule()
-        for seq in scheduled.expired:
-            out = seq.output([], "", [], FinishReason.ABORTED)
-            out.error = DeadlineExceeded("deadline passed while waiting; dropped before prefill")
-            seq.on_output(out)
+        self._drop_expired(scheduled.expired)
         if scheduled.empty:
             self.flush()  # no pass to overlap with
             return None
+        try:
+            launched = self._launch(scheduled)
+        except Exception as exc:
+            # The step in flight and the outputs waiting come before this step's failure; its
+            # draw's logits may have been overwritten by the failed pass: no per-row retry.
+            self._drain(per_row_fallback=False)
+            self._pass_failed(scheduled.seqs, exc)
+            return None
+        self._deliver_outputs()  # the previous step's text work, while the device runs
+        # A step launched over it may have overwritten its logits and taken its device tokens.
+        self._finish_in_flight(per_row_fallback=False)
+        done = True
+        if self.overlap_schedule and launched.can_stay_in_flight:
+            self._in_flight = launched
+        else:
+            self._deliver_outputs()  # the step just read back (overlap) before this one's
+            done = self._finish(launched, per_row_fallback=True)
+        if not self.async_output:
+            self._deliver_outputs()
+        return launched.result if done else None
+
+    def _drop_expired(self, expired: list[Sequence]) -> None:
+        for seq in expired:
+            out = seq.output([], "", [], FinishReason.ABORTED)
+            out.error = DeadlineExceeded("deadline passed while waiting; dropped before prefill")
+            seq.on_output(out)
+
+    def _launch(self, scheduled: ScheduledStep) -> InflightStep:
+        """Queue the step's pass and the draw of its tokens (asynchronous on CUDA): every
+        decode's, and that of each prompt chunk that ends its prompt."""
         ran, q_lens = scheduled.seqs, scheduled.q_lens
-        # Those that sample a token: every decode, and each prompt chunk that ends its prompt.
-        seqs = [s for s, n in zip(ran, q_lens, strict=True) if completes_prompt(s, n)]
-        try:
-            graphed, pending = self._launch(scheduled, seqs)
-        except Exception as exc:
-            self.flush()  # the previous step's outputs come before this step's failure
-            self._pass_failed(ran, exc)
-            return None
-        self.flush()  # the previous step's text work, while the device runs this pass
-        try:
-            sampled = pending.result() if pending is not None else None  # waits for it
-        except Exception as exc:
-            self._pass_failed(ran, exc)
-            return None
-        self.steps += 1
-        for seq, n in zip(scheduled.prefill, scheduled.chunks, strict=True):
-            if not completes_prompt(seq, n):  # a chunk's K/V are in the pool; no token yet
-                seq.num_cached += n
+        sampled = [s for s, n in zip(ran, q_lens, strict=True) if completes_prompt(s, n)]
+        previous = self._in_flight.device_tokens() if self._in_flight is not None else None
+        logits, graphed = self._forward(scheduled, previous)
+        pending = None
+        if sampled:  # else the pass ran prompt chunks only, none the last of its prompt
+            pending = sample_async(
+                logits,
+                [s.options for s in sampled],
+                [s.seed for s in sampled],
+                [s.next_token_index for s in sampled],
+            )
         prefill, decode = len(scheduled.prefill), len(scheduled.decode)
         result = StepResult(prefill, decode, sum(q_lens), graphed.decode, graphed.prompt)
-        if sampled is not None:
-            self._take_tokens(seqs, sampled)
-        if not self.async_output:
-            self.flush()
-        return result
+        return InflightStep.launched(ran, q_lens, sampled, pending, result)
 
-    def _launch(
-        self, scheduled: ScheduledStep, seqs: list[Sequence]
-    ) -> tuple[Graphed, PendingSample | None]:
-        """Queue the step's pass and the draw of `seqs`' tokens (asynchronous on CUDA);
-        which parts CUDA graphs ran, and the draw to wait for (None: no prompt ended)."""
-        logits, graphed = self._forward(scheduled)
-        if not seqs:  # the pass ran prompt chunks only, none the last of its prompt
-            return graphed, None
-        pending = sample_async(
-            logits,
-            [s.options for s in seqs],
-            [s.seed for s in seqs],
-            [len(s.output_ids) for s in seqs],
-        )
-        return graphed, pending
+    def _finish_in_flight(self, per_row_fallback: bool) -> None:
+        step, self._in_flight = self._in_flight, None
+        if step is not None:
+            self._finish(step, per_row_fallback)
+
+    def _finish(self, step: InflightStep, per_row_fallback: bool) -> bool:
+        """Wait for a launched step's tokens and take them; False if its pass failed."""
+        if step.pending is not None:
+            try:
+                sampled = step.pending.result(per_row_fallback)  # waits for the device
+            except Exception as exc:
+                self._pass_failed(step.ran, exc)
+                return False
+            self._take_tokens(step.sampled, sampled)
+        self.steps += 1
+        return True
 
     def _pass_failed(self, ran: list[Sequence], exc: Exception) -> None:
         """The pass itself failed: no request is to blame, the worker is. Its requests fail,
@@ -299,6 +336,7 @@ class Engine:
         for seq, token, logprob, error in zip(
             seqs, sampled.token_ids, sampled.logprobs, sampled.errors, strict=True
         ):
+            seq.tokens_in_flight -= 1
             if seq.finished:  # ended while this pass ran: the token was never its
                 continue
             if error is not None:
@@ -313,13 +351,17 @@ class Engine:
 
     def _end(self, seq: Sequence) -> None:
         """Take `seq` out for good and give back its memory, once (the scheduler forgets
-        it). When a stop string ends it during the next step (`flush` in `step`), that
-        step, still running on the device, holds it and writes its K/V into slots given back
-        here. That is safe: the free slot list, the KV tables and the adapter tables live on
-        the device and are changed only by work queued on the engine's stream, after that
-        step's kernels; and no other request can take these slots, table row or adapter
-        slots before the next `schedule`, which runs on this thread after this step's sync
-        (`PendingSample.result`), when the device is done with them."""
+        it). A step still running on the device may hold it: the next step, when a stop
+        string ends it during that step (async output); with overlap scheduling, also when
+        EOS, a stop token id, a failed row or an abort ends it, and the next `schedule` runs
+        before that step's sync and may hand its table row, slots and adapter slots to
+        another request. That is safe by stream order: the free slot list, the KV tables and
+        the adapter tables live on the device and change only by work queued on the
+        engine's stream after the running step's kernels (an adapter's copy on the
+        prefetch stream first waits for the engine's stream: adapter_manager.py), so the
+        running step reads and writes them before any new owner does; what it writes there
+        (its K/V) no one reads, since a slot's new owner reads only what it wrote itself;
+        and its token is discarded (`Sequence.finished`)."""
         seq.finished = True
         self.scheduler.remove(seq)
 
@@ -330,8 +372,11 @@ class Engine:
         out.error = error
         seq.on_output(out)
 
-    def _forward(self, scheduled: ScheduledStep) -> tuple[torch.Tensor, Graphed]:
-        """Logits of the step's sampled rows in batch order, and which parts graphs ran.
+    def _forward(
+        self, scheduled: ScheduledStep, in_flight: DeviceTokens | None
+    ) -> tuple[torch.Tensor, Graphed]:
+        """Logits of the step's sampled rows in batch order, and which parts graphs ran;
+        decodes whose last token is `in_flight` take it from there.
 
         A mixed step with captured graphs runs as two passes: its decodes replay a decode
         graph and its prompt chunks run eagerly. The eager pass launches ~25 kernels a layer
@@ -346,11 +391,11 @@ class Engine:
         graphs = self.graphs
         split = scheduled.prefill and scheduled.decode
         if graphs is not None and split and graphs.fits(len(scheduled.decode)):
-            decode = self.build_batch(scheduled.decode, [1] * len(scheduled.decode))
+            decode = self.build_batch(scheduled.decode, [1] * len(scheduled.decode), in_flight)
             prefill = self.build_batch(scheduled.prefill, scheduled.chunks)
             decode_logits = graphs.run(decode)
             return torch.cat((self.model(prefill), decode_logits)), Graphed(True, False)
-        batch = self.build_batch(ran, q_lens)
+        batch = self.build_batch(ran, q_lens, in_flight)
         decode_graphs = self._graphs_for(batch, len(ran))
         if decode_graphs is not None:
             return decode_graphs.run(batch), Graphed(True, False)
@@ -375,17 +420,21 @@ class Engine:
             return None
         return self.graphs if batch.logits_rows.shape[0] == num_seqs else None
 
-    def build_batch(self, seqs: list[Sequence], q_lens: list[int] | None = None) -> ForwardBatch:
+    def build_batch(
+        self,
+        seqs: list[Sequence],
+        q_lens: list[int] | None = None,
+        in_flight: DeviceTokens | None = None,
+    ) -> ForwardBatch:
         """The pass over `seqs` (batch_builder.py)."""
-        return self.batches.build(seqs, q_lens)
+        return self.batches.build(seqs, q_lens, in_flight)
 
     def _append(self, seq: Sequence, token: int, logprob: float | None) -> None:
         """Append `token` to `seq` and end it now if the token alone ends it, so the next
         step is scheduled without it; its output waits in `_pending` (or is built at once
         when outputs are not deferred)."""
         seq.first_token_at = seq.first_token_at or time.monotonic()
-        seq.output_ids.append(token)
-        seq.num_cached = len(seq.prompt_ids) + len(seq.output_ids) - 1
+        seq.output_ids.append(token)  # num_cached counted it when its step was launched
         finish = self._token_finish(seq, token)
         if finish is not None:
             self._end(seq)
@@ -415,6 +464,6 @@ class Engine:
             return FinishReason.EOS
         if token in opts.stop_token_ids:
             return FinishReason.STOP
-        if len(seq.output_ids) >= opts.max_new_tokens or seq.num_cached + 1 >= seq.max_total_tokens:
+        if seq.reaches_length(len(seq.output_ids)):
             return FinishReason.LENGTH
         return None

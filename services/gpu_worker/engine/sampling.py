@@ -34,7 +34,10 @@ only the rows that still fail get an error (the same tokens either way, since no
 depends on its neighbours).
 
 `sample_async` only queues the draw on the device; its `result()` reads the tokens back, the
-one wait for the device, so the engine can do other host work in between.
+one wait for the device, so the engine can do other host work in between, launching the next
+step included: `PendingSample.device_tokens` are the tokens on the device, which that step
+takes its inputs from (engine.py, overlap scheduling). The read-back goes through pinned
+memory behind an event, so it waits for this draw only, never for work queued after it.
 """
 
 from __future__ import annotations
@@ -189,14 +192,28 @@ class PendingSample:
     launched: _Launched | None = None
     failure: Exception | None = None
 
-    def result(self) -> Sampled:
+    @property
+    def device_tokens(self) -> torch.Tensor | None:
+        """Each row's token on the device (int64 [B]), queued, for a later step's inputs;
+        None when the batched draw failed to launch (only `result` has tokens then)."""
+        return self.launched.tokens if self.launched is not None else None
+
+    def result(self, per_row_fallback: bool = True) -> Sampled:
         """The tokens (waiting for the device). If the batched pass failed, launching or
-        here, each row is sampled alone, so only the rows that still fail get an error."""
+        here, each row is sampled alone, so only the rows that still fail get an error.
+        Without `per_row_fallback` (work queued after the draw may have overwritten the
+        logits, and a later step took `device_tokens` that the host would not get), a failed
+        read-back fails every row instead."""
         if self.launched is not None:
             try:
                 return _collect(self.launched)
             except Exception as exc:
                 self.failure = exc
+                if not per_row_fallback:
+                    logger.error("reading the sampled tokens back failed", exc_info=exc)
+                    count = self.logits.shape[0]
+                    error = Internal(f"sampling failed: {type(exc).__name__}")
+                    return Sampled([0] * count, [None] * count, [error] * count)
         if self.logits.shape[0] == 1:
             why = type(self.failure).__name__
             return Sampled([0], [None], [Internal(f"sampling failed: {why}")])
@@ -423,11 +440,14 @@ def _rows(
 class _Launched:
     """A batch's draw queued on the device: what `_collect` needs to read it back."""
 
-    host: torch.Tensor | None  # [2 or 3, B] float64 on the device: tokens, finite, logprobs
+    # [2 or 3, B] float64: tokens, finite, logprobs; on CUDA a pinned host copy on its way.
+    host: torch.Tensor | None
     plan: _Plan | None
     want_logprobs: list[bool]
-    # On CUDA, recorded after the draw: waiting on it releases the GIL (reading `host` back
-    # may not), so the worker's event loop streams outputs while the engine thread waits.
+    tokens: torch.Tensor | None = None  # [B] int64 on the logits' device
+    # On CUDA, recorded after the copy to `host`: waiting on it releases the GIL, so the
+    # worker's event loop streams outputs while the engine thread waits, and it waits for
+    # this draw alone (a blocking copy would wait for everything queued after it too).
     done: torch.cuda.Event | None = None
 
 
@@ -470,13 +490,15 @@ def _launch_batch(
     host = torch.stack(columns)
     done = None
     if host.device.type == "cuda":
+        pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+        host = pinned.copy_(host, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-    return _Launched(host, plan, want_logprobs, done)
+    return _Launched(host, plan, want_logprobs, chosen, done)
 
 
 def _collect(launched: _Launched) -> Sampled:
-    """Read a launched draw back: the one transfer, which waits for the device."""
+    """Read a launched draw back: the one wait for the device."""
     if launched.host is None or launched.plan is None:
         return Sampled([], [], [])
     if launched.done is not None:

@@ -18,6 +18,11 @@ order: a partially prefilled request continues before any new one is admitted, s
 one request is ever part-way through its prompt, and every step with a prompt to run makes
 progress on the oldest one (no starvation). Only the chunk that ends a prompt samples a token.
 
+With overlap scheduling (engine.py) a step is scheduled while the previous one runs: a
+request's token of that step is in flight (`Sequence.tokens_in_flight`), and its `num_cached`
+already counts it. A request whose token in flight is its last by length gets no decode: it
+ends when that token is read back, and this step would only waste its row.
+
 Waiting requests whose deadline has passed are dropped before they cost any compute (S-LoRA's
 early abort); an admitted request, even part-way through its prompt, is never dropped so: it
 has taken compute and memory already, and finishing its prompt is the shortest way to give
@@ -86,7 +91,8 @@ class Scheduler:
         budget = self.config.max_prefill_tokens
         for seq in self.running:  # admission order: a part-done prompt goes first
             if not seq.prefilling:
-                step.decode.append(seq)
+                if not seq.reaches_length(seq.next_token_index):
+                    step.decode.append(seq)
             elif budget > 0:
                 budget -= self._chunk(step, seq, budget)
         admitting = self._admission_open(len(step.decode))

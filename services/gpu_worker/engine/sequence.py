@@ -55,7 +55,9 @@ class Sequence:
     adapter: CanonicalAdapter | None = None
     max_total_tokens: int = 0  # prompt + tokens to come, capped by the model's context
     output_ids: list[int] = field(default_factory=list)
-    num_cached: int = 0  # tokens whose K/V are in the pool (< the prompt's: prefilling)
+    # Tokens whose K/V are in the pool, or will be once the launched steps run (< the
+    # prompt's: prefilling).
+    num_cached: int = 0
     # Row of the engine's slot tables that lists its tokens' K and V slots; -1 until admitted.
     table_row: int = -1
     num_allocated: int = 0  # tokens that have slots
@@ -65,8 +67,11 @@ class Sequence:
     arrival: float = field(default_factory=time.monotonic)
     scheduled_at: float | None = None
     first_token_at: float | None = None
+    # Tokens a launched step samples for it that have not been read back yet (0, or 1-2 with
+    # overlap scheduling: engine.py); they count in its next token's index and its length.
+    tokens_in_flight: int = 0
     # Ended (finished, failed or aborted) on the engine thread: a token of a step launched
-    # before it ended is discarded (engine.py, async output processing).
+    # before it ended is discarded (engine.py, async output processing, overlap scheduling).
     finished: bool = False
     seq_id: int = field(default_factory=lambda: next(_seq_ids))  # unique in this process
 
@@ -80,6 +85,20 @@ class Sequence:
         """Some of its prompt has not been through the model yet (none of it, before the
         first chunk runs)."""
         return self.num_cached < len(self.prompt_ids)
+
+    @property
+    def next_token_index(self) -> int:
+        """The index of the token the next launched step samples for it: its tokens, those
+        in flight included (the sampler's seed index, sampling.uniforms)."""
+        return len(self.output_ids) + self.tokens_in_flight
+
+    def reaches_length(self, generated: int) -> bool:
+        """Whether `generated` tokens of its own end it by length: its max_new_tokens, or
+        its context (`max_total_tokens`, prompt included)."""
+        return (
+            generated >= self.options.max_new_tokens
+            or len(self.prompt_ids) + generated >= self.max_total_tokens
+        )
 
     def prompt_tokens(self, start: int, n: int) -> torch.Tensor:
         """Prompt tokens start .. start + n - 1 as an int64 CPU tensor (the prompt is

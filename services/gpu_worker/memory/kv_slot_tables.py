@@ -37,7 +37,13 @@ class KvSlotTables:
             row_of.extend([row] * n)
             col_of.extend(range(start, start + n))
         total = len(row_of)
-        index = torch.tensor([row_of, col_of], dtype=torch.long).to(self.k_table.device)
+        index = torch.tensor([row_of, col_of], dtype=torch.long)
+        device = self.k_table.device
+        if device.type == "cuda":  # queued like the kernels: a blocking copy would wait for
+            # the step the device is running (overlap scheduling launches the next one first)
+            index = index.pin_memory().to(device, non_blocking=True)
+        else:
+            index = index.to(device)
         self.k_table[index[0], index[1]] = slots[:total]
         self.v_table[index[0], index[1]] = slots[total:]
 
