@@ -410,11 +410,16 @@ def _expand(
 def lora_tiles(has_adapter: list[bool], q_lens: list[int], device: torch.device) -> torch.Tensor:
     """int32 [n, 2]: (request, first row) of each BLOCK_T-row tile of the requests that have
     an adapter, for the kernels' `tiles`. Built per batch on the host: one small copy to the
-    device, so not for a batch a CUDA graph replays."""
+    device, queued, so not for a batch a CUDA graph replays."""
     tiles = [
         (b, t0)
         for b, (used, n) in enumerate(zip(has_adapter, q_lens, strict=True))
         if used
         for t0 in range(0, n, BLOCK_T)
     ]
-    return torch.tensor(tiles, dtype=torch.int32, device=device).view(-1, 2)
+    host = torch.tensor(tiles, dtype=torch.int32).view(-1, 2)
+    if device.type != "cuda":
+        return host.to(device)
+    # Queued like the kernels, through pinned memory: a blocking copy would wait for the step
+    # the device is running (the engine launches the next step before that one ends).
+    return host.pin_memory().to(device, non_blocking=True)

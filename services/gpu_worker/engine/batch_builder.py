@@ -23,6 +23,7 @@ from services.gpu_worker.memory.adapter_manager import AdapterManager, ResidentA
 from services.gpu_worker.memory.adapter_tables import MLP_PROJS
 from services.gpu_worker.memory.kv_slot_tables import KvSlotTables
 from services.gpu_worker.memory.memory_pool import UnifiedMemoryPool
+from services.gpu_worker.memory.queued_copy import queued_to_device
 from services.gpu_worker.model.lora_backend import LoraBackend
 
 
@@ -92,7 +93,7 @@ class BatchBuilder:
                 torch.tensor(gather, dtype=torch.long).view(-1),
             )
         )
-        on_device = to_device(host, self.device)
+        on_device = queued_to_device(host, self.device)
         meta_end = tokens + len(logits_rows) + 4 * len(seqs)
         meta = on_device[tokens + len(logits_rows) : meta_end].view(4, len(seqs)).to(torch.int32)
         if gather[0]:
@@ -143,14 +144,6 @@ def completes_prompt(seq: Sequence, n: int) -> bool:
     """Whether `n` new tokens of `seq` reach the end of its prompt (always, when decoding):
     only then do its logits matter and a token is sampled."""
     return seq.num_cached + n >= len(seq.prompt_ids)
-
-
-def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`host` on `device`, the copy queued on the current stream (through pinned memory on
-    CUDA), so the host does not wait for what the device is running."""
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 def in_flight_inputs(

@@ -12,6 +12,7 @@ import torch
 
 from services.common.base_model import LINEAR_MODULES, MLP_MODULES
 from services.gpu_worker.memory.adapter_layout import ProjSegment, slots_per_row
+from services.gpu_worker.memory.queued_copy import queued_to_device
 from services.gpu_worker.model.model_config import ModelConfig
 
 # q, k, v, o, gate, up, down: a projection's index in the meta table.
@@ -58,7 +59,7 @@ class AdapterTables:
         meta = torch.zeros(NUM_PROJ, 3, dtype=torch.int32)
         for proj, seg in segments.items():
             meta[PROJ_INDEX[proj]] = torch.tensor([seg.rank, seg.a_start, seg.b_start])
-        self.meta[row] = meta.to(self.meta.device)
+        self.meta[row] = queued_to_device(meta, self.meta.device)
         return row
 
     def remove(self, row: int) -> None:

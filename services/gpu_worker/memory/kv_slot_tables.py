@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from services.gpu_worker.memory.queued_copy import queued_to_device
+
 
 class KvSlotTables:
     def __init__(self, max_rows: int, max_len: int, device: torch.device):
@@ -38,12 +40,7 @@ class KvSlotTables:
             col_of.extend(range(start, start + n))
         total = len(row_of)
         index = torch.tensor([row_of, col_of], dtype=torch.long)
-        device = self.k_table.device
-        if device.type == "cuda":  # queued like the kernels: a blocking copy would wait for
-            # the step the device is running (overlap scheduling launches the next one first)
-            index = index.pin_memory().to(device, non_blocking=True)
-        else:
-            index = index.to(device)
+        index = queued_to_device(index, self.k_table.device)
         self.k_table[index[0], index[1]] = slots[:total]
         self.v_table[index[0], index[1]] = slots[total:]
 
