@@ -63,7 +63,11 @@ def main() -> None:
     model = build_dummy_model(
         config, 0, torch.bfloat16, DEVICE, draw_on_device=True, backends=backends
     )
-    engine = build_engine(model, EngineConfig(gpu_memory_fraction=0.5, max_num_seqs=args.batch))
+    # Phase by phase needs each step's tokens back before the next is built: no overlap.
+    settings = EngineConfig(
+        gpu_memory_fraction=0.5, max_num_seqs=args.batch, overlap_schedule=False
+    )
+    engine = build_engine(model, settings)
     for i in range(args.batch):
         adapter = random_adapter(config, RANKS[i % 4], i) if args.lora else None
         opts = SamplingOptions(max_new_tokens=64, ignore_eos=True)

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import torch
@@ -118,8 +119,16 @@ class Steered:
         return logits
 
 
-def engine_for(model: LlamaForCausalLM, async_output: bool, **script: object) -> Engine:
-    engine = Engine(model, EngineConfig(pool_slots=4096, max_num_seqs=8, async_output=async_output))
+def engine_for(
+    model: LlamaForCausalLM, async_output: bool, *, overlap: bool = False, **script: object
+) -> Engine:
+    """An engine whose launches the tests count: without overlap scheduling unless asked
+    (test_overlap_schedule.py compares the modes), which draws one more launch of a request
+    ended by what its token says."""
+    config = EngineConfig(
+        pool_slots=4096, max_num_seqs=8, async_output=async_output, overlap_schedule=overlap
+    )
+    engine = Engine(model, config)
     engine.model = Steered(model, engine, **script)  # type: ignore[assignment,arg-type]
     return engine
 
@@ -168,7 +177,7 @@ def launches_of(engine: Engine, rid: str) -> list[int]:
 
 
 def stop_and_other(
-    model: LlamaForCausalLM, text: str, launched: dict[bool, list[int]], **engine_args: object
+    model: LlamaForCausalLM, text: str, launched: dict[bool, list[int]], **engine_args: Any
 ) -> Callable[[bool], dict[str, Sink]]:
     """A scenario for `both_ways`: request `stop` (scripted to draw `text`, stop string
     "END") beside an unscripted `other`, run to the end; records `stop`'s launches in
@@ -292,12 +301,14 @@ def test_a_failing_pass_fails_its_requests_after_the_last_steps_outputs(model):
     assert isinstance(other[-1].error, WorkerFault)
 
 
-def test_a_step_failing_outside_the_pass_fails_everyone_after_the_last_outputs(model):
-    """The engine loop: the fourth schedule raises; the third step's outputs go out once,
-    then every request fails with a WorkerFault."""
+@pytest.mark.parametrize("overlap", [False, True], ids=["overlap-off", "overlap-on"])
+def test_a_step_failing_outside_the_pass_fails_everyone_after_the_last_outputs(model, overlap):
+    """The engine loop: the fourth schedule raises; the third step's outputs go out once
+    (with overlap scheduling: the step in flight is read back first), then every request
+    fails with a WorkerFault."""
 
     def scenario(async_output: bool) -> dict[str, Sink]:
-        engine = engine_for(model, async_output)
+        engine = engine_for(model, async_output, overlap=overlap)
         real, calls = engine.scheduler.schedule, []
 
         def schedule() -> object:

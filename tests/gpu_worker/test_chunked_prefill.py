@@ -40,8 +40,15 @@ def _setup(
     return ours, peft_model, adapters
 
 
-def _engine(model: LlamaForCausalLM, budget: int, max_num_seqs: int = 64) -> Engine:
-    config = EngineConfig(pool_slots=8192, max_num_seqs=max_num_seqs, max_prefill_tokens=budget)
+def _engine(
+    model: LlamaForCausalLM, budget: int, max_num_seqs: int = 64, overlap: bool = True
+) -> Engine:
+    config = EngineConfig(
+        pool_slots=8192,
+        max_num_seqs=max_num_seqs,
+        max_prefill_tokens=budget,
+        overlap_schedule=overlap,
+    )
     return Engine(model, config)
 
 
@@ -192,9 +199,11 @@ def _check_batch(engine: Engine, batch: Any, seqs: list[Sequence], q_lens: list[
 
 
 def test_every_batch_lists_each_tokens_id_position_and_slots(tmp_path: Path):
-    """Every step of a run with chunks, decodes and adapters, checked token by token."""
+    """Every step of a run with chunks, decodes and adapters, checked token by token (each
+    step's tokens read back before the next is built: with overlap scheduling a decode's
+    input id comes from the device, see test_overlap_schedule.py)."""
     ours, _, adapters = _setup(TINY_MHA, tmp_path)
-    engine = _engine(ours, budget=9, max_num_seqs=8)
+    engine = _engine(ours, budget=9, max_num_seqs=8, overlap=False)
     build = engine.build_batch
     shapes = set()
 

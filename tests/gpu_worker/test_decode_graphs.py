@@ -28,13 +28,15 @@ def _decode_batch(engine: Engine, count: int):
 def test_padding_rows_are_harmless_and_reset_after_a_larger_batch():
     model, _ = build_pair(TINY_MHA)
     # The graphs' LoRA backend must be graph-safe (the CPU's default is not); no adapter runs.
-    engine = Engine(model, EngineConfig(pool_slots=2048, max_num_seqs=8), TritonLoraBackend())
+    # Batches are built between steps from the host's tokens: no step left in flight.
+    config = EngineConfig(pool_slots=2048, max_num_seqs=8, overlap_schedule=False)
+    engine = Engine(model, config, TritonLoraBackend())
     graphs = DecodeGraphs(model, engine.build_batch([]), 8, (1000, 1001), max_rank=64)
     assert graphs.buckets == [1, 2, 4, 8]
 
     big = _decode_batch(engine, 5)
     assert graphs.fill(big) == 8
-    small_engine = Engine(model, EngineConfig(pool_slots=2048, max_num_seqs=8))
+    small_engine = Engine(model, config)
     small = _decode_batch(small_engine, 3)
     assert graphs.fill(small) == 4
     view = graphs._view(4, lora="all")

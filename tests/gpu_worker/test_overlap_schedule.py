@@ -20,7 +20,6 @@ from services.common.random_adapters import save_random_peft_adapter
 from services.gpu_worker.engine import sampling
 from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.engine import Engine
-from services.gpu_worker.engine.engine_loop import EngineLoop
 from services.gpu_worker.engine.sampling import SamplingOptions
 from services.gpu_worker.engine.sequence import FinishReason, Sequence
 from services.gpu_worker.engine.tokenizer import ByteTokenizer
@@ -34,7 +33,6 @@ from tests.gpu_worker.test_async_output import (
     byte_ids,
     launches_of,
     run,
-    wait_for_ends,
 )
 from tests.gpu_worker.test_chunked_prefill import _setup
 from tests.gpu_worker.test_engine_oracle import _mixed_requests, check_engine_against_oracle
@@ -321,40 +319,12 @@ def test_a_read_back_failing_under_a_later_step_fails_that_steps_requests(model,
 
 
 def test_the_worker_flag_and_its_variable_reach_the_engine():
-    """`--overlap-schedule` / `MANYLORA_OVERLAP_SCHEDULE`, off by default."""
-    assert not load_config(WorkerConfig, [], env={}).engine_config().overlap_schedule
-    on = load_config(WorkerConfig, [], env={"MANYLORA_OVERLAP_SCHEDULE": "true"})
-    assert on.engine_config().overlap_schedule
+    """`--overlap-schedule` / `MANYLORA_OVERLAP_SCHEDULE`, on by default."""
+    assert load_config(WorkerConfig, [], env={}).engine_config().overlap_schedule
+    off_by_env = load_config(WorkerConfig, [], env={"MANYLORA_OVERLAP_SCHEDULE": "false"})
+    assert not off_by_env.engine_config().overlap_schedule
     off = load_config(
         WorkerConfig, ["--no-overlap-schedule"], env={"MANYLORA_OVERLAP_SCHEDULE": "1"}
     )
     assert not off.engine_config().overlap_schedule
     assert load_config(WorkerConfig, ["--overlap-schedule"], env={}).overlap_schedule
-
-
-def test_a_step_failing_outside_the_pass_reads_back_the_step_in_flight_first(model):
-    """The engine loop: the fourth schedule raises. The step in flight is read back and its
-    outputs go out before every request fails with a WorkerFault: the same as without."""
-
-    def scenario(mode: Mode) -> dict[str, Sink]:
-        engine = engine_for(model, mode)
-        real, calls = engine.scheduler.schedule, []
-
-        def schedule() -> object:
-            calls.append(1)
-            if len(calls) == 4:
-                raise RuntimeError("scheduler broke")
-            return real()
-
-        engine.scheduler.schedule = schedule  # type: ignore[method-assign,assignment]
-        loop = EngineLoop(engine)
-        sinks = {rid: Sink() for rid in ("a", "b")}
-        for rid, sink in sinks.items():
-            options = SamplingOptions(max_new_tokens=12, ignore_eos=True)
-            loop.submit(Sequence(rid, list(range(40, 50)), options, ByteTokenizer(), sink))
-        wait_for_ends(loop, sinks)
-        return sinks
-
-    for sink in every_way(scenario)[REFERENCE].values():
-        assert [len(o.token_ids) for o in sink.outs] == [1, 1, 1, 0]
-        assert isinstance(sink.outs[-1].error, WorkerFault)

@@ -71,7 +71,7 @@ class EngineConfig:
         },
     )
     overlap_schedule: bool = field(
-        default=False,
+        default=True,
         metadata={
             "help": "schedule and launch each step before reading the previous step's tokens "
             "back, its decodes taking their input ids from those tokens on the device, so the "

@@ -16,7 +16,7 @@ of step N+1 is discarded (`Sequence.finished`). A token's output is therefore st
 launch later than its step ends; `has_work` stays true while outputs wait, and a step with
 nothing to run (or `flush`) delivers them.
 
-Overlap scheduling (`EngineConfig.overlap_schedule`, off by default): `step` schedules and
+Overlap scheduling (`EngineConfig.overlap_schedule`, on by default): `step` schedules and
 launches step N+1 before it waits for step N's tokens, so the device goes from one step to the
 next without waiting for the host. One step stays in flight between calls
 (inflight_step.py). Step N+1 counts step N's tokens without their values: positions, slots
