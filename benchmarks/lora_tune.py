@@ -62,6 +62,8 @@ VARIANTS: dict[str, LoraLaunch] = {
     "n256_w2": LoraLaunch(block_n_cap=256, num_warps=2),
     "n512_w8": LoraLaunch(block_n_cap=512, num_warps=8),
 }
+# The one-launch experiment (benchmarks/lora_variants/one_launch.py), not a LoraLaunch.
+ONE_LAUNCH = "one_launch"
 # (projections sharing one input, input width, each projection's output width)
 GROUPS = (
     (QKV, "hidden", "hidden"),
@@ -185,8 +187,18 @@ def _bytes(t: dict[str, Any]) -> int:
     return weights + len(t["ranks"]) * 2 * io
 
 
+def _one_launch(*args: Any) -> Any:
+    """benchmarks/lora_variants/one_launch.py, called as `lora_apply` (no max_q_len: 1)."""
+    from benchmarks.lora_variants.one_launch import lora_apply_one_launch
+
+    return lora_apply_one_launch(*args[:-1])
+
+
 def _variants(names: list[str], baseline: Any) -> dict[str, Callable[..., Any]]:
-    variants = {name: _apply_with(None, VARIANTS[name]) for name in names}
+    variants = {
+        name: _one_launch if name == ONE_LAUNCH else _apply_with(None, VARIANTS[name])
+        for name in names
+    }
     if baseline is not None:
         variants["baseline"] = _apply_with(baseline, None)
     return variants
@@ -284,12 +296,11 @@ def main() -> None:
         "--groups", choices=("all-linear", "attention"), default="all-linear", help="which LoRA"
     )
     parser.add_argument("--baseline", type=Path, help="a checkout whose kernels to time beside")
-    parser.add_argument(
-        "--variants", default=",".join(VARIANTS), help=f"some of {', '.join(VARIANTS)}"
-    )
+    known = [*VARIANTS, ONE_LAUNCH]
+    parser.add_argument("--variants", default=",".join(known), help=f"some of {', '.join(known)}")
     args = parser.parse_args()
     names = args.variants.split(",")
-    if unknown := set(names) - set(VARIANTS):
+    if unknown := set(names) - set(known):
         parser.error(f"--variants: unknown {', '.join(sorted(unknown))}")
     batches = tuple(int(b) for b in args.batches.split(","))
     baseline = _load_baseline(args.baseline) if args.baseline else None

@@ -117,10 +117,12 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def check_all_projections(
-    t, shapes: Shapes, max_rank: int, tol: float, seed: int, tiled: bool = False
+    t, shapes: Shapes, max_rank: int, tol: float, seed: int, tiled: bool = False, apply=None
 ) -> None:
     """Every projection group through the kernels against the reference; with `tiled`,
-    through the tile list of the requests that have an adapter (the mixed-step launch)."""
+    through the tile list of the requests that have an adapter (the mixed-step launch);
+    `apply(x, out, pool, *tables, projs, widths, max_rank)`: another launch of a decode batch
+    than `lora_apply`'s (a kernel variant under evaluation, benchmarks/lora_variants/)."""
     gen = torch.Generator().manual_seed(seed)
     device, dtype = t["pool"].device.type, t["pool"].dtype
     total = int(t["q_lens"].sum())
@@ -139,7 +141,10 @@ def check_all_projections(
         x, _ = _strided(total, in_f, dtype, device, gen)  # row stride != in_features
         out, wide = _strided(total, n, dtype, device, gen)
         before = wide.clone()
-        lora_apply(x, out, t["pool"], *tables, group, widths, max_rank, max_q, tiles=tiles)
+        if apply is None:
+            lora_apply(x, out, t["pool"], *tables, group, widths, max_rank, max_q, tiles=tiles)
+        else:
+            apply(x, out, t["pool"], *tables, group, widths, max_rank)
         start = before[:, 8 : 8 + n].float()
         want = lora_apply_ref(x.float(), start.clone(), pool_ref, *tables, group, widths)
         col = 0
