@@ -1,7 +1,11 @@
-"""Keep every StepResult an engine returns, for tests that check which steps ran how."""
+"""Keep every StepResult an engine returns, and every wait for a draw's tokens, for tests
+that check which steps ran how and in what order."""
 
 from __future__ import annotations
 
+import pytest
+
+from services.gpu_worker.engine import sampling
 from services.gpu_worker.engine.engine import Engine, StepResult
 
 
@@ -16,3 +20,14 @@ def record_steps(engine: Engine) -> list[StepResult | None]:
 
     engine.step = recorded_step  # type: ignore[method-assign]
     return results
+
+
+def record_syncs(monkeypatch: pytest.MonkeyPatch, events: list[str]) -> None:
+    """Append "sync" to `events` each time the engine waits for a draw's tokens."""
+    real_result = sampling.PendingSample.result
+
+    def result(self: sampling.PendingSample, per_row_fallback: bool = True) -> sampling.Sampled:
+        events.append("sync")
+        return real_result(self, per_row_fallback)
+
+    monkeypatch.setattr(sampling.PendingSample, "result", result)

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from services.common.errors import Internal, WorkerFault
-from services.gpu_worker.engine import sampling
 from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.engine import Engine
 from services.gpu_worker.engine.engine_loop import EngineLoop
@@ -25,6 +24,7 @@ from services.gpu_worker.engine.sampling import SamplingOptions
 from services.gpu_worker.engine.sequence import FinishReason, Sequence, StepOutput
 from services.gpu_worker.engine.tokenizer import ByteTokenizer
 from services.gpu_worker.model.model import LlamaForCausalLM
+from tests.gpu_worker.step_log import record_syncs
 from tests.oracle import TINY_MHA, build_pair
 
 PROMPT = list(range(40, 50))
@@ -373,13 +373,7 @@ def test_a_steps_outputs_are_built_while_the_next_step_runs(model, monkeypatch):
     draw are launched and before its tokens are read back (the sync); without, before
     step k+1 is launched. The last step's go out in a step with nothing to run."""
     events: list[str] = []
-    real_result = sampling.PendingSample.result
-
-    def result(self: sampling.PendingSample, per_row_fallback: bool = True) -> sampling.Sampled:
-        events.append("sync")
-        return real_result(self, per_row_fallback)
-
-    monkeypatch.setattr(sampling.PendingSample, "result", result)
+    record_syncs(monkeypatch, events)
 
     def scenario(async_output: bool) -> list[str]:
         events.clear()

@@ -25,6 +25,7 @@ from services.gpu_worker.engine.sequence import FinishReason, Sequence
 from services.gpu_worker.engine.tokenizer import ByteTokenizer
 from services.gpu_worker.model.model import LlamaForCausalLM
 from services.gpu_worker.serving.config import WorkerConfig
+from tests.gpu_worker.step_log import record_syncs
 from tests.gpu_worker.test_async_output import (
     EOS,
     Sink,
@@ -209,13 +210,7 @@ def test_the_next_step_is_launched_before_the_last_ones_tokens_are_read(model, m
     """The overlap itself: each launch comes before the sync of the step before it, and
     the previous step's outputs go out in between."""
     events: list[str] = []
-    real_result = sampling.PendingSample.result
-
-    def result(self: sampling.PendingSample, per_row_fallback: bool = True) -> sampling.Sampled:
-        events.append("sync")
-        return real_result(self, per_row_fallback)
-
-    monkeypatch.setattr(sampling.PendingSample, "result", result)
+    record_syncs(monkeypatch, events)
     engine = engine_for(model, (True, True))
     steered = engine.model
     assert isinstance(steered, Steered)
