@@ -91,3 +91,33 @@ def test_stats_never_touch_the_engine_while_it_runs(running):
     assert (stats.running_requests, stats.waiting_requests, stats.kv_slots) == (0, 0, 0)
     assert list(stats.resident_adapters) == ["a0", "a1"]
     assert stats.adapter_cache_misses == 2 and stats.adapter_cache_hits == REQUESTS - 2
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_stats_count_the_steps_the_engine_ran_and_their_time(overlap):
+    """Two requests of 10 tokens admitted together: one step runs both prompts (and draws
+    each one's first token), then 9 decode-only steps; with overlap scheduling too, since a
+    request whose token in flight is its last is not launched again."""
+    model = build_pair(TINY_MHA)[0]
+    config = EngineConfig(pool_slots=4096, max_num_seqs=4, overlap_schedule=overlap)
+    loop = EngineLoop(Engine(model, config))
+    ended = threading.Semaphore(0)
+
+    def sink(out: StepOutput) -> None:
+        if out.finish_reason is not None:
+            ended.release()
+
+    options = SamplingOptions(max_new_tokens=10, ignore_eos=True)
+    for i in range(2):  # queued before the thread starts: both join the first step
+        loop.submit(Sequence(f"r{i}", list(range(3, 8 + i)), options, ByteTokenizer(), sink))
+    loop.start()
+    try:
+        assert ended.acquire(timeout=30) and ended.acquire(timeout=30)
+        deadline = time.monotonic() + 5
+        while loop.stats.decode_steps < 9 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the snapshot after the last step
+        stats = loop.stats
+    finally:
+        loop.stop()
+    assert (stats.prompt_steps, stats.decode_steps) == (1, 9)
+    assert stats.prompt_step_seconds > 0 and stats.decode_step_seconds > 0

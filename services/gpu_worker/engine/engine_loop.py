@@ -1,12 +1,15 @@
 """The engine thread: owns the device, takes requests and aborts through a thread-safe inbox,
-and publishes the engine's stats (engine_stats.py) for other threads to read."""
+and publishes the engine's stats (engine_stats.py) for other threads to read, with the count
+and the time of the steps it ran."""
 
 from __future__ import annotations
 
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 
 from services.common.errors import (
     Internal,
@@ -15,7 +18,7 @@ from services.common.errors import (
     WorkerFault,
     status_details,
 )
-from services.gpu_worker.engine.engine import Engine
+from services.gpu_worker.engine.engine import Engine, StepResult
 from services.gpu_worker.engine.engine_stats import EngineStats
 from services.gpu_worker.engine.sequence import FinishReason, Sequence
 
@@ -35,6 +38,7 @@ class EngineLoop:
         self._stats = engine.stats()
         self._unpublished = 0  # submitted and not yet counted by a published snapshot
         self._added = 0  # added by the engine thread since its last snapshot
+        self._step_times = StepTimes()  # the engine thread's alone
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
@@ -103,7 +107,7 @@ class EngineLoop:
     def _publish(self) -> None:
         """Make the engine's stats readable by other threads."""
         try:
-            stats = self.engine.stats()
+            stats = replace(self.engine.stats(), **asdict(self._step_times))
         except Exception:  # a stale snapshot beats a dead engine thread
             logger.exception("engine stats failed")
             return
@@ -116,7 +120,9 @@ class EngineLoop:
         """One engine step; if it raises outside the pass (which fails its own requests),
         every request here fails rather than the thread dying and leaving them hanging."""
         try:
-            self.engine.step()
+            began = time.perf_counter()
+            result = self.engine.step()
+            self._step_times.add(result, time.perf_counter() - began)
         except Exception as exc:
             logger.exception("engine step failed outside the forward pass")
             fault = WorkerFault(status_details(f"engine failed: {type(exc).__name__}: {exc}"))
@@ -130,3 +136,24 @@ class EngineLoop:
                 out = seq.output([], "", [], FinishReason.ABORTED)
                 out.error = fault
                 seq.on_output(out)
+
+
+@dataclass
+class StepTimes:
+    """Steps the engine launched and the seconds spent in their calls, by kind (the field
+    names are EngineStats's)."""
+
+    decode_steps: int = 0
+    decode_step_seconds: float = 0.0
+    prompt_steps: int = 0
+    prompt_step_seconds: float = 0.0
+
+    def add(self, result: StepResult | None, seconds: float) -> None:
+        if result is None:  # nothing launched (nothing to run, or the pass failed)
+            return
+        if result.prefill_seqs:
+            self.prompt_steps += 1
+            self.prompt_step_seconds += seconds
+        else:
+            self.decode_steps += 1
+            self.decode_step_seconds += seconds

@@ -22,3 +22,8 @@ class EngineStats:
     adapter_cache_hits: int
     adapter_cache_misses: int
     adapter_evictions: int
+    # Filled by the engine loop (engine_loop.py), which times each step's call.
+    decode_steps: int = 0
+    decode_step_seconds: float = 0.0
+    prompt_steps: int = 0
+    prompt_step_seconds: float = 0.0

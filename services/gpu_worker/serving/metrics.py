@@ -68,6 +68,16 @@ class _StatsCollector(Collector):
             "adapter_cache_hits": ("Adapter lookups served from memory.", s.adapter_cache_hits),
             "adapter_cache_misses": ("Adapter lookups that loaded.", s.adapter_cache_misses),
             "adapter_evictions": ("Adapters evicted from the GPU.", s.adapter_evictions),
+            "engine_decode_steps": ("Engine steps that decoded only.", s.decode_steps),
+            "engine_decode_step_seconds": (
+                "Seconds the engine thread spent in decode-only steps.",
+                s.decode_step_seconds,
+            ),
+            "engine_prompt_steps": ("Engine steps that ran prompt chunks.", s.prompt_steps),
+            "engine_prompt_step_seconds": (
+                "Seconds the engine thread spent in steps with prompt chunks.",
+                s.prompt_step_seconds,
+            ),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(PREFIX + name, doc, value=value)

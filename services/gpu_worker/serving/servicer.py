@@ -225,5 +225,9 @@ class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
             adapter_cache_hits=engine.adapter_cache_hits,
             adapter_cache_misses=engine.adapter_cache_misses,
             adapter_evictions=engine.adapter_evictions,
+            decode_steps=engine.decode_steps,
+            decode_step_seconds=engine.decode_step_seconds,
+            prompt_steps=engine.prompt_steps,
+            prompt_step_seconds=engine.prompt_step_seconds,
             model=self._model_name,
         )
