@@ -124,7 +124,8 @@ def summary_line(r: dict[str, Any]) -> str:
 def _steps_text(steps: dict[str, Any]) -> str:
     """`; steps: decode N × X ms, mixed M × Y ms` where the run timed its engine steps."""
     parts = [
-        f"{kind} {s['steps']} × {s['avg_ms']:.1f} ms ({s['avg_seqs']:.0f} seqs)"
+        f"{kind} {s['steps']} × {s['avg_ms']:.1f} ms"
+        + (f" ({s['avg_seqs']:.0f} seqs)" if "avg_seqs" in s else "")
         for kind, s in steps.items()
         if s.get("steps")
     ]
@@ -206,7 +207,11 @@ async def run_against(
                 options.targets,
             )
     for trace in all_traces:
-        results.add(await run_remote(trace, args.target, options, bool(args.store_target)))
+        results.add(
+            await run_remote(
+                trace, args.target, options, bool(args.store_target), args.worker_stats
+            )
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:

@@ -80,6 +80,11 @@ def _serving_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-backend", choices=("kernels", "bmm"), help="every engine variant's")
     g.add_argument("--target", help="host:port of a running router to drive (mode grpc-remote)")
     g.add_argument("--store-target", help="with --target: upload the adapters to this store")
+    g.add_argument(
+        "--worker-stats",
+        help="with --target: host:port of a worker whose GetStats counts its engine's steps "
+        "over each run (reported as the in-process runs report theirs)",
+    )
     g.add_argument("--device", default="auto", help="cuda, cpu or auto")
     g.add_argument(
         "--max-upload-gb",

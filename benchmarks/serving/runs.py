@@ -17,6 +17,7 @@ from benchmarks.serving.engine_setup import (
     free_device_memory,
 )
 from benchmarks.serving.metrics import PoolTimeline, RequestRecord, StepLog, summarize
+from benchmarks.serving.worker_steps import steps_between, worker_stats
 from benchmarks.synthetic_adapters import AdapterBank, targets_label
 from benchmarks.workload import Trace, TraceRequest
 from services.common.base_model import TARGET_MODULES
@@ -217,12 +218,22 @@ def _pool_probe(worker: Worker, pool: PoolTimeline) -> Any:
 
 
 async def run_remote(
-    trace: Trace, target: str, options: RunOptions, warm_up: bool = False
+    trace: Trace,
+    target: str,
+    options: RunOptions,
+    warm_up: bool = False,
+    worker: str | None = None,
 ) -> dict[str, Any]:
-    """The trace through an already-running router (no access to its workers' counters);
-    `warm_up` when its store holds the warm-up adapters (uploaded by this benchmark)."""
+    """The trace through an already-running router; `warm_up` when its store holds the
+    warm-up adapters (uploaded by this benchmark); `worker` (host:port): a worker whose
+    GetStats counts its engine's steps over the run."""
     if warm_up:
         warmup = [name for name, _ in grpc_stack.warmup_adapters(trace.params)]
         await grpc_replay.warm_up(target, warmup, trace.params.prompt_range)
+    start = await worker_stats(worker) if worker else None
     records, duration = await grpc_replay.replay(target, trace, options.timeout_s, options.progress)
-    return result(describe("grpc-remote", "remote", trace, options), records, duration, options)
+    info = describe("grpc-remote", "remote", trace, options)
+    out = result(info, records, duration, options)
+    if worker and start is not None:
+        out["steps"] = steps_between(start, await worker_stats(worker))
+    return out

@@ -51,4 +51,5 @@ wait_healthy "$worker"
   --max-running $big --max-queued $big --log-level WARNING &
 pids+=($!)
 wait_healthy "$router" manylora.v1.Router  # serving once it sees a healthy worker
-"$py" -m benchmarks.serving_bench --target "$router" --store-target "$store" "$@"
+"$py" -m benchmarks.serving_bench --target "$router" --store-target "$store" \
+  --worker-stats "$worker" "$@"

@@ -48,10 +48,11 @@ async def test_target_drives_a_running_router_after_uploading_to_its_store(
 ) -> None:
     async for stack in stack_at(tmp_path):
         await stack.start_store()
-        await stack.start_worker()
+        worker = await stack.start_worker()
         router = await stack.start_router()
         cli = "--preset tiny --num-adapters 4 --rate 10 --duration 1 --no-progress --device cpu"
         targets = ["--target", f"127.0.0.1:{router.port}", "--store-target", stack.store_address]
+        targets += ["--worker-stats", f"127.0.0.1:{worker.port}"]
         out = ["--out", str(tmp_path / "r.jsonl")]
         args = serving_bench.parse_args([*shlex.split(cli), *targets, *out])
         results = serving_bench.Results(args.out)
@@ -62,6 +63,12 @@ async def test_target_drives_a_running_router_after_uploading_to_its_store(
         assert row["num_requests"] == row["finished"] == len(traces[0].requests) > 0
         assert row["tokens"] == sum(r.output_len for r in traces[0].requests)
         assert row["cache_hit_rate"] is None and row["pool"] == {}
+        # The worker's own count of its steps over the run (the warm-up's left out): every
+        # token after a request's first comes from a decode step, one a step.
+        steps = row["steps"]
+        assert steps["mixed"]["steps"] > 0 and steps["mixed"]["avg_ms"] > 0
+        longest = max(r.output_len for r in traces[0].requests)
+        assert steps["decode"]["steps"] >= longest - 1 and steps["decode"]["avg_ms"] > 0
 
 
 def test_separate_processes_script_serves_the_trace(tmp_path: Path) -> None:
@@ -90,6 +97,7 @@ def test_separate_processes_script_serves_the_trace(tmp_path: Path) -> None:
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert row["mode"] == "grpc-remote"
     assert row["num_requests"] == row["finished"] > 0 and row["failed"] == 0
+    assert row["steps"]["mixed"]["steps"] > 0  # the script asks the worker for its steps
 
 
 def test_grpc_mode_refuses_adapter_files_too_large_for_the_disk(tmp_path: Path) -> None:
