@@ -70,6 +70,21 @@ run_one() {
       bench "$1" "${trace[@]}" --max-rank 8 --max-num-seqs 256
       WORKER_ARGS="--max-rank 8 --max-num-seqs 256" bash benchmarks/serving/separate_processes.sh \
         llama-7b cuda "${trace[@]}" --no-progress --out "$out/$1.jsonl" 2>&1 | tee -a "$out/$1.log" ;;
+    stack_r40_abba)  # stack_r40 shorter, in-process and stack alternating (A B B A): the
+      # first process of a call has run slow on the device; the stack reports its worker's steps
+      trace=(--preset S1 --num-adapters 50 --alpha 0 --rate 40 --duration 12 --timeout 60)
+      for mode in inproc stack stack inproc; do
+        if [ "$mode" = inproc ]; then
+          bench "$1" "${trace[@]}" --max-rank 8 --max-num-seqs 256
+        else
+          WORKER_ARGS="--max-rank 8 --max-num-seqs 256" bash \
+            benchmarks/serving/separate_processes.sh llama-7b cuda "${trace[@]}" --no-progress \
+            --out "$out/$1.jsonl" 2>&1 | tee -a "$out/$1.log" | tail -1
+        fi
+      done ;;
+    capacity)  # issue #14: S1 at 5 and 2,000 adapters and S2 at 1,000, R = 40, default settings
+      bench "$1" --alpha 0 --rate 40 --duration 20 --timeout 80 --preset S1 --num-adapters 5,2000
+      bench "$1" --alpha 0 --rate 40 --duration 20 --timeout 80 --preset S2 --num-adapters 1000 ;;
     stack_r40_si4)  # stack_r40's three processes with the worker's --stream-interval 4
       trace=(--preset S1 --num-adapters 50 --alpha 0 --rate 40 --duration 25 --timeout 110)
       WORKER_ARGS="--max-rank 8 --max-num-seqs 256 --stream-interval 4" \
