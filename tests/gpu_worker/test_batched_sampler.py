@@ -14,13 +14,13 @@ import torch
 from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.engine import Engine
 from services.gpu_worker.engine.sampling import (
-    NUCLEUS_WIDTH,
     PendingSample,
     SamplingOptions,
     keep_mask,
     sample,
     uniforms,
 )
+from services.gpu_worker.engine.sampling_draw import NUCLEUS_WIDTH
 from services.gpu_worker.engine.sequence import Sequence, StepOutput
 from services.gpu_worker.engine.tokenizer import ByteTokenizer
 from tests.oracle import TINY_MHA, build_pair

@@ -52,17 +52,20 @@ import torch
 
 from manylora.v1 import common_pb2
 from services.common.errors import Internal
+from services.gpu_worker.engine.sampling_draw import (
+    MIN_TEMPERATURE,
+    RowPlan,
+    device_rows,
+    draw_filtered,
+    draw_unfiltered,
+    filter_shape,
+    kept_prefix,
+    plan_rows,
+    weight_shift,
+)
 
 logger = logging.getLogger(__name__)
 
-# Colder than this is greedy up to exact ties; clamping keeps (logit - max) / temperature
-# finite whatever the caller sends (1e-45 would overflow float32 to -inf - -inf = NaN).
-MIN_TEMPERATURE = 1e-4
-# Hotter than this is uniform over the kept tokens anyway; the cap keeps it a float32.
-MAX_TEMPERATURE = 3e38
-# A top-p row without top-k first looks for its nucleus among this many best tokens; only
-# when the nucleus is longer is its whole row sorted.
-NUCLEUS_WIDTH = 1024
 
 _U64 = (1 << 64) - 1
 # SplitMix64's increment and mixer constants (Steele, Lea and Flood, 2014).
@@ -235,214 +238,12 @@ class PendingSample:
 
 
 @dataclass
-class _Plan:
-    """Per-row options as arrays, and which rows go which way (host side, no device work)."""
-
-    temperature: np.ndarray  # float64, clamped to [MIN_TEMPERATURE, MAX_TEMPERATURE]
-    top_k: np.ndarray  # int64 in [1, V]; V = off
-    top_p: np.ndarray  # float64 in (0, 1]; 1 = off
-    filtered: np.ndarray  # row indices: sampled with top-k or top-p
-    unfiltered: np.ndarray  # row indices: sampled without filters
-    invalid: dict[int, str]  # row -> why its options cannot be sampled
-
-
-def _plan(options: Sequence[SamplingOptions], vocab: int) -> _Plan:
-    count = len(options)
-    temperature = np.fromiter([o.temperature for o in options], np.float64, count)
-    top_p = np.fromiter([o.top_p for o in options], np.float64, count)
-    try:
-        top_k = np.fromiter([o.top_k for o in options], np.int64, count)
-    except OverflowError:  # options built without from_proto may hold any int
-        top_k = np.fromiter([max(min(o.top_k, vocab), -1) for o in options], np.int64, count)
-    sampled = temperature != 0.0  # NaN too: it is refused below, not greedy
-    with np.errstate(invalid="ignore"):
-        checks = (
-            (~np.isfinite(temperature) | (temperature < 0), "temperature must be finite, >= 0"),
-            (top_k < 0, "top_k must be >= 0"),
-            (~(top_p > 0), "top_p must be > 0"),  # NaN included
-        )
-    invalid: dict[int, str] = {}
-    for bad, why in checks:
-        for row in np.flatnonzero(sampled & bad).tolist():
-            invalid.setdefault(row, why)
-    good = sampled.copy()
-    good[list(invalid)] = False
-    top_k = np.where((top_k <= 0) | (top_k >= vocab), vocab, top_k)
-    top_p = np.where(top_p >= 1.0, 1.0, top_p)
-    has_filter = (top_k < vocab) | (top_p < 1.0)
-    return _Plan(
-        temperature=np.clip(np.nan_to_num(temperature), MIN_TEMPERATURE, MAX_TEMPERATURE),
-        top_k=top_k,
-        top_p=top_p,
-        filtered=np.flatnonzero(good & has_filter),
-        unfiltered=np.flatnonzero(good & ~has_filter),
-        invalid=invalid,
-    )
-
-
-def _weight_shift(vocab: int) -> int:
-    """Bits of a token's integer weight: the argmax weighs 2**shift, and a row's total
-    (at most vocab * 2**shift) stays under 2**53, where float64 holds every integer."""
-    return 53 - vocab.bit_length()
-
-
-def _weights(
-    x: torch.Tensor, row_max: torch.Tensor, temp: torch.Tensor, shift: int
-) -> torch.Tensor:
-    """Integer weights floor(exp((x - max) / T) * 2**shift) of x [S, W] (int64). The scaled
-    logits are <= 0 with a 0 at the max, so exp is in [0, 1] at any temperature."""
-    scaled = (x - row_max[:, None]) / temp[:, None]
-    return torch.exp(scaled).mul_(float(2**shift)).to(torch.int64)
-
-
-@dataclass
-class _Rows:
-    """One pass's rows on the device: finite logits and their options."""
-
-    logits: torch.Tensor  # [S, V] float32; rows with non-finite logits replaced by zeros
-    row_max: torch.Tensor  # [S] float32
-    temp: torch.Tensor  # [S] float32
-    top_k: torch.Tensor  # [S] int64
-    top_p: torch.Tensor  # [S] float64
-    u: torch.Tensor  # [S] float64
-
-
-@dataclass
-class _Prefix:
-    """A row's best tokens in canonical order and the running sums of their weights."""
-
-    values: torch.Tensor  # [S, W] the W largest logits, descending
-    sums: torch.Tensor  # [S, W] int64 inclusive running sums of weights, over the top k only
-    kept: torch.Tensor  # [S] int64 in [1, min(k, W)]: tokens that top-k and top-p keep
-
-
-@dataclass(frozen=True)
-class _Shape:
-    """What the host knows of a filtered pass's rows, which sizes its tensors."""
-
-    top_k_max: int  # the largest top-k under V among the rows (1 if none)
-    top_p: bool  # some row has top-p
-    nucleus: bool  # some row has top-p without top-k
-    shift: int  # see _weight_shift
-
-
-def _prefix(rows: _Rows, shape: _Shape) -> _Prefix:
-    """The kept prefix of each filtered row."""
-    vocab = rows.logits.shape[1]
-    width = min(vocab, max(shape.top_k_max, NUCLEUS_WIDTH if shape.nucleus else 1))
-    while True:
-        if width < vocab:
-            values = torch.topk(rows.logits, width, dim=-1).values
-        else:
-            values = torch.sort(rows.logits, dim=-1, descending=True).values
-        in_top_k = torch.arange(width, device=values.device)[None, :] < rows.top_k[:, None]
-        weights = _weights(values, rows.row_max, rows.temp, shape.shift)
-        weights.masked_fill_(~in_top_k, 0)
-        sums = torch.cumsum(weights, dim=-1)
-        kept = torch.clamp(rows.top_k, max=width)
-        if not shape.top_p:
-            return _Prefix(values, sums, kept)
-        # The total that top-p takes its share of: the top k's weights. A row whose top k
-        # is longer than the width needs its whole row's.
-        total = sums[:, -1]
-        if shape.nucleus and width < vocab:
-            whole = _weights(rows.logits, rows.row_max, rows.temp, shape.shift).sum(dim=-1)
-            total = torch.where(rows.top_k > width, whole, total)
-        before = (sums - weights).to(torch.float64)
-        in_nucleus = in_top_k & (before < (rows.top_p * total.to(torch.float64))[:, None])
-        nucleus = in_nucleus.sum(dim=-1).clamp_(min=1)
-        kept = torch.where(rows.top_p < 1.0, nucleus, kept)
-        if width == vocab or not shape.nucleus:
-            return _Prefix(values, sums, kept)
-        # A nucleus that fills the width may go on past it: sort the whole rows (exact
-        # either way, so the rows that did fit get the same answer).
-        if not bool(((rows.top_k > width) & (rows.top_p < 1.0) & (nucleus >= width)).any()):
-            return _Prefix(values, sums, kept)
-        width = vocab
-
-
-def _draw_filtered(rows: _Rows, shape: _Shape) -> torch.Tensor:
-    """Tokens [S] of rows with top-k or top-p, by inverse CDF over their kept prefix."""
-    prefix = _prefix(rows, shape)
-    width = prefix.values.shape[1]
-    total = prefix.sums.gather(1, (prefix.kept - 1)[:, None])  # [S, 1], >= 2**shift
-    target = torch.minimum(torch.floor(rows.u[:, None] * total.to(torch.float64)).long(), total - 1)
-    # First position whose running sum exceeds the target: a position inside the prefix.
-    position = torch.searchsorted(prefix.sums, target, right=True).clamp_(max=width - 1)
-    value = prefix.values.gather(1, position)  # [S, 1]
-    # The drawn position is tie number `rank` (0-based) among the tokens with its logit,
-    # which the canonical order takes by token id; every larger logit is among the W.
-    rank = position[:, 0] - (prefix.values > value).sum(dim=-1)
-    ties = torch.cumsum(rows.logits == value, dim=-1, dtype=torch.int32)
-    token = torch.searchsorted(ties, (rank + 1).to(torch.int32)[:, None])
-    return token[:, 0].clamp_(max=rows.logits.shape[1] - 1)
-
-
-def _draw_unfiltered(rows: _Rows, shift: int) -> torch.Tensor:
-    """Tokens [S] of rows without filters, by inverse CDF over the token ids."""
-    sums = torch.cumsum(_weights(rows.logits, rows.row_max, rows.temp, shift), dim=-1)
-    total = sums[:, -1:]
-    target = torch.minimum(torch.floor(rows.u[:, None] * total.to(torch.float64)).long(), total - 1)
-    token = torch.searchsorted(sums, target, right=True)
-    return token[:, 0].clamp_(max=rows.logits.shape[1] - 1)
-
-
-def _shape(plan: _Plan, group: np.ndarray, vocab: int) -> _Shape:
-    top_k, top_p = plan.top_k[group], plan.top_p[group]
-    limited = top_k[top_k < vocab]
-    return _Shape(
-        top_k_max=int(limited.max()) if limited.size else 1,
-        top_p=bool((top_p < 1.0).any()),
-        nucleus=bool(((top_p < 1.0) & (top_k >= vocab)).any()),
-        shift=_weight_shift(vocab),
-    )
-
-
-def _rows(
-    logits: torch.Tensor,
-    row_max: torch.Tensor,
-    finite: torch.Tensor,
-    plan: _Plan,
-    group: np.ndarray,
-    u: np.ndarray,
-) -> tuple[_Rows, torch.Tensor]:
-    """The rows `group` (ascending) of the batch on the device, and their indices there."""
-    # One copy to the device for the group's options, uniforms and row indices (all exact
-    # in float64: top-k and row indices are far under 2**53).
-    table = np.stack(
-        [plan.temperature[group], plan.top_k[group], plan.top_p[group], u, group], axis=1
-    )
-    host = torch.from_numpy(table)
-    if logits.device.type == "cuda":
-        # From pageable memory the copy would wait for the device to finish the forward
-        # pass; pinned (torch caches the buffers), it is queued like the kernels.
-        host = host.pin_memory()
-    options = host.to(logits.device, non_blocking=True)
-    index = options[:, 4].long()
-    if group.size == logits.shape[0]:  # the whole batch, in order: no gather
-        x, x_max, ok = logits, row_max, finite
-    else:
-        x, x_max, ok = (t.index_select(0, index) for t in (logits, row_max, finite))
-    # A non-finite row samples zeros instead (its result is discarded): its own NaN must not
-    # reach the integer weights or the indices.
-    rows = _Rows(
-        logits=torch.where(ok[:, None], x, 0.0),
-        row_max=torch.where(ok, x_max, 0.0),
-        temp=options[:, 0].float(),
-        top_k=options[:, 1].long(),
-        top_p=options[:, 2],
-        u=options[:, 3],
-    )
-    return rows, index
-
-
-@dataclass
 class _Launched:
     """A batch's draw queued on the device: what `_collect` needs to read it back."""
 
     # [2 or 3, B] float64: tokens, finite, logprobs; on CUDA a pinned host copy on its way.
     host: torch.Tensor | None
-    plan: _Plan | None
+    plan: RowPlan | None
     want_logprobs: list[bool]
     tokens: torch.Tensor | None = None  # [B] int64 on the logits' device
     # On CUDA, recorded after the copy to `host`: waiting on it releases the GIL, so the
@@ -458,8 +259,9 @@ def _launch_batch(
     token_indices: Sequence[int],
 ) -> _Launched:
     """Queue the draw of every row. Nothing here waits for the device (the options reach it
-    through pinned memory, see `_rows`), but for a top-p row without top-k whose nucleus
-    may be wider than NUCLEUS_WIDTH (`_prefix` asks the device whether to sort it whole)."""
+    through pinned memory, see `sampling_draw.device_rows`), but for a top-p row without
+    top-k whose nucleus may be wider than NUCLEUS_WIDTH (`sampling_draw.kept_prefix` asks the
+    device whether to sort it whole)."""
     batch, vocab = logits.shape
     if batch == 0:
         return _Launched(None, None, [])
@@ -468,17 +270,17 @@ def _launch_batch(
     row_max = logits.amax(dim=-1)
     finite = torch.isfinite(row_max)
     chosen = torch.argmax(logits, dim=-1)  # the greedy rows' tokens; sampled rows overwrite
-    plan = _plan(options, vocab)
+    plan = plan_rows(options, vocab)
     for group in (plan.filtered, plan.unfiltered):
         if not group.size:
             continue
         picked = group.tolist()
         u = uniforms([seeds[i] for i in picked], [token_indices[i] for i in picked])
-        rows, index = _rows(logits, row_max, finite, plan, group, u)
+        rows, index = device_rows(logits, row_max, finite, plan, group, u)
         if group is plan.filtered:
-            tokens = _draw_filtered(rows, _shape(plan, group, vocab))
+            tokens = draw_filtered(rows, filter_shape(plan, group, vocab))
         else:
-            tokens = _draw_unfiltered(rows, _weight_shift(vocab))
+            tokens = draw_unfiltered(rows, weight_shift(vocab))
         chosen.index_copy_(0, index, tokens)
     # One transfer for the tokens, the finiteness flags and the logprobs (float64 holds
     # every token id exactly).
@@ -531,7 +333,7 @@ def keep_mask(
         SamplingOptions(max_new_tokens=1, temperature=t, top_k=k, top_p=p)
         for t, k, p in zip(temperature, top_k, top_p, strict=True)
     ]
-    plan = _plan(options, vocab)
+    plan = plan_rows(options, vocab)
     if plan.invalid or plan.filtered.size + plan.unfiltered.size != batch:
         raise ValueError("keep_mask takes positive temperatures, top_k >= 0 and top_p > 0")
     logits = logits.float()
@@ -539,8 +341,10 @@ def keep_mask(
     group = plan.filtered
     if group.size:
         finite = torch.ones(batch, dtype=torch.bool, device=logits.device)
-        rows, index = _rows(logits, logits.amax(dim=-1), finite, plan, group, np.zeros(group.size))
-        prefix = _prefix(rows, _shape(plan, group, vocab))
+        rows, index = device_rows(
+            logits, logits.amax(dim=-1), finite, plan, group, np.zeros(group.size)
+        )
+        prefix = kept_prefix(rows, filter_shape(plan, group, vocab))
         last = prefix.values.gather(1, (prefix.kept - 1)[:, None])  # the last kept logit
         above = rows.logits > last
         ties = rows.logits == last
