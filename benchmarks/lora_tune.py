@@ -229,11 +229,44 @@ def _one_launch(name: str) -> Callable[..., Any]:
     return apply
 
 
+DIRECT_SLOTS = "direct_slots"
+
+
+def _direct_slots() -> Callable[..., Any]:
+    """benchmarks/lora_variants/direct_slots.py, called as `lora_apply`. Its tables are made
+    at a batch's first call (outside the timed graph: the worker would make them once a step
+    for every layer) and kept by (batch size, projections, input width)."""
+    from benchmarks.lora_variants.direct_slots import (
+        SlotTables,
+        lora_apply_direct_slots,
+        request_slot_tables,
+    )
+
+    made: dict[tuple[int, tuple[int, ...], int], SlotTables] = {}
+
+    def apply(
+        x: torch.Tensor, out: torch.Tensor, pool: torch.Tensor, *tables_and_group: Any
+    ) -> torch.Tensor:
+        slots, meta, req_lora, q_starts, _, projs, widths, max_rank, _ = tables_and_group
+        key = (req_lora.shape[0], projs, x.shape[1])
+        if key not in made:
+            made[key] = request_slot_tables(
+                slots, meta, req_lora, projs, x.shape[1], widths, max_rank, pool.shape[1]
+            )
+        return lora_apply_direct_slots(x, out, pool, q_starts, made[key], widths, max_rank)
+
+    return apply
+
+
 def _variants(names: list[str], baseline: Any) -> dict[str, Callable[..., Any]]:
-    variants = {
-        name: _one_launch(name) if name in ONE_LAUNCH else _apply_with(None, VARIANTS[name])
-        for name in names
-    }
+    def variant(name: str) -> Callable[..., Any]:
+        if name in ONE_LAUNCH:
+            return _one_launch(name)
+        if name == DIRECT_SLOTS:
+            return _direct_slots()
+        return _apply_with(None, VARIANTS[name])
+
+    variants = {name: variant(name) for name in names}
     if baseline is not None:
         variants["baseline"] = _apply_with(baseline, None)
     return variants
@@ -331,7 +364,7 @@ def main() -> None:
         "--groups", choices=("all-linear", "attention"), default="all-linear", help="which LoRA"
     )
     parser.add_argument("--baseline", type=Path, help="a checkout whose kernels to time beside")
-    known = [*VARIANTS, *ONE_LAUNCH]
+    known = [*VARIANTS, *ONE_LAUNCH, DIRECT_SLOTS]
     parser.add_argument("--variants", default=",".join(known), help=f"some of {', '.join(known)}")
     args = parser.parse_args()
     names = args.variants.split(",")
