@@ -95,10 +95,10 @@ run_one() {
       timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider \
         tests/benchmarks/test_lora_one_launch.py tests/benchmarks/test_lora_direct_slots.py \
         2>&1 | tee -a "$out/$1.log" | tail -3
-      timeout 120 python3 -m benchmarks.lora_tune --batches 32,128 --breakdown \
+      timeout 240 python3 -m benchmarks.lora_tune --batches 32,128 --breakdown \
         --variants default,direct_slots,one_launch,one_launch_split4,one_launch_split16,one_launch_n256,one_launch_w8 \
         --out "$out/$1_mix" 2>&1 | tee -a "$out/$1.log" | tail -6
-      timeout 120 python3 -m benchmarks.lora_tune --ranks 8 --groups attention \
+      timeout 180 python3 -m benchmarks.lora_tune --ranks 8 --groups attention \
         --batches 32,160,256 --variants default,direct_slots,one_launch,one_launch_split4,one_launch_n256 \
         --out "$out/$1_r8" 2>&1 |
         tee -a "$out/$1.log" | tail -4 ;;
