@@ -23,9 +23,8 @@ import triton
 import triton.language as tl
 
 # The production kernels' tiling rules, shared so that the two launch the same shrink.
+from benchmarks.lora_variants.decode_shrink import BLOCK_T, decode_shrink_part
 from kernels.lora import MAX_PARTS, _block, _split_width
-
-BLOCK_T = tl.constexpr(16)  # tl.dot's minimum rows; row 0 is the request's token
 
 
 class SlotTables(NamedTuple):
@@ -110,22 +109,12 @@ def _shrink_kernel(
     if tl.max(rank_ok.to(tl.int32), axis=0) == 0:
         return
     row = tl.load(q_starts_ptr + b)
-    pad = tl.arange(0, BLOCK_T)
-    a_rows = pool_ptr + slot.to(tl.int64)[:, None] * W + (k_begin % W)
-    x_row = x_ptr + row.to(tl.int64) * stride_x + k_begin
-    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-    for i in tl.range(0, SPLIT_K // BLOCK_K, num_stages=STAGES):
-        cols = i * BLOCK_K + tl.arange(0, BLOCK_K)
-        col_ok = k_begin + cols < in_features
-        xv = tl.load(
-            x_row + pad[:, None] * 0 + cols[None, :],
-            mask=(pad[:, None] == 0) & col_ok[None, :],
-            other=0.0,
-        )
-        a = tl.load(a_rows + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-        acc += tl.dot(xv, tl.trans(a), input_precision="ieee" if IEEE else None)
+    part = decode_shrink_part(
+        x_ptr, pool_ptr, slot, rank_ok, row, k_begin, in_features, stride_x, W, BLOCK_R,
+        BLOCK_K, SPLIT_K, STAGES, IEEE,
+    )  # fmt: skip
     offs = split * split_stride + (row * NPROJ + p_local) * max_rank + ranks
-    tl.store(parts_ptr + offs, tl.sum(acc, axis=0), mask=rank_ok)
+    tl.store(parts_ptr + offs, part, mask=rank_ok)
 
 
 @triton.jit

@@ -32,9 +32,8 @@ import triton
 import triton.language as tl
 
 # The production kernels' tiling rules, shared so that the two launch the same shrink.
+from benchmarks.lora_variants.decode_shrink import BLOCK_T, decode_shrink_part
 from kernels.lora import MAX_PARTS, _block, _proj_ids, _split_width
-
-BLOCK_T = tl.constexpr(16)  # tl.dot's minimum rows; row 0 is the request's token
 
 
 @triton.jit
@@ -63,26 +62,15 @@ def _shrink_part(
 ):
     """parts[split, row, p_local, r0 : r0 + BLOCK_R] = x[row, split] @ A[ranks, split]ᵀ."""
     k_begin = split * SPLIT_K
-    pad = tl.arange(0, BLOCK_T)
     ranks = r0 + tl.arange(0, BLOCK_R)
     rank_ok = ranks < rank
     slot_idx = a_start + ranks * tl.cdiv(in_features, W) + k_begin // W
     slot = tl.load(slot_row + slot_idx, mask=rank_ok, other=0)
-    a_rows = pool_ptr + slot.to(tl.int64)[:, None] * W + (k_begin % W)
-    x_row = x_ptr + row.to(tl.int64) * stride_x + k_begin
-    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-    for i in tl.range(0, SPLIT_K // BLOCK_K, num_stages=STAGES):
-        cols = i * BLOCK_K + tl.arange(0, BLOCK_K)
-        col_ok = k_begin + cols < in_features
-        xv = tl.load(
-            x_row + pad[:, None] * 0 + cols[None, :],
-            mask=(pad[:, None] == 0) & col_ok[None, :],
-            other=0.0,
-        )
-        a = tl.load(a_rows + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-        acc += tl.dot(xv, tl.trans(a), input_precision="ieee" if IEEE else None)
+    part = decode_shrink_part(
+        x_ptr, pool_ptr, slot, rank_ok, row, k_begin, in_features, stride_x, W, BLOCK_R,
+        BLOCK_K, SPLIT_K, STAGES, IEEE,
+    )  # fmt: skip
     offs = split * split_stride + (row * NPROJ + p_local) * max_rank + ranks
-    part = tl.sum(acc, axis=0)  # only row 0 is not zero
     tl.store(parts_ptr + offs, part, mask=rank_ok)
 
 

@@ -10,20 +10,12 @@ import torch
 
 from benchmarks.lora_variants.direct_slots import lora_apply_direct_slots, request_slot_tables
 from tests.kernels.test_lora_kernels import (
+    DECODE_CASES,
     LLAMA3_8B,
     LLAMA_7B,
-    MHA,
-    SMALL,
-    SPLIT,
     check_all_projections,
     make_case,
 )
-
-CASES = {
-    "one-slot-rows": (MHA, [8, 16, 32, 64], [3, 0, -1, 2, 1]),
-    "mlp-past-slot-end": (SMALL, [8, 16, 32, 64], [0, 1, -1, 2, 3, 1, -1]),
-    "split-k": (SPLIT, [8, 32, 16], [0, 1, 2, -1]),
-}
 
 
 def apply(x, out, pool, slots, meta, req_lora, q_starts, q_lens, projs, widths, max_rank):
@@ -34,9 +26,9 @@ def apply(x, out, pool, slots, meta, req_lora, q_starts, q_lens, projs, widths, 
     return lora_apply_direct_slots(x, out, pool, q_starts, tables, widths, max_rank)
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", DECODE_CASES)
 def test_direct_slots_match_reference_fp32(name):
-    shapes, ranks, adapters = CASES[name]
+    shapes, ranks, adapters = DECODE_CASES[name]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     case = make_case(shapes, ranks, [1] * len(adapters), adapters, torch.float32, device, 9)
     check_all_projections(case, shapes, max(ranks), 1e-5, 9, apply=apply)

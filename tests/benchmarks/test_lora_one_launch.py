@@ -12,26 +12,18 @@ import torch
 from benchmarks.lora_variants.one_launch import lora_apply_one_launch
 from kernels.lora_ref import lora_apply_ref
 from tests.kernels.test_lora_kernels import (
+    DECODE_CASES,
     GROUPS,
     LLAMA3_8B,
     LLAMA_7B,
-    MHA,
-    SMALL,
-    SPLIT,
     check_all_projections,
     make_case,
 )
 
-CASES = {
-    "one-slot-rows": (MHA, [8, 16, 32, 64], [3, 0, -1, 2, 1]),
-    "mlp-past-slot-end": (SMALL, [8, 16, 32, 64], [0, 1, -1, 2, 3, 1, -1]),
-    "split-k": (SPLIT, [8, 32, 16], [0, 1, 2, -1]),
-}
 
-
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", DECODE_CASES)
 def test_one_launch_matches_reference_fp32(name):
-    shapes, ranks, adapters = CASES[name]
+    shapes, ranks, adapters = DECODE_CASES[name]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     case = make_case(shapes, ranks, [1] * len(adapters), adapters, torch.float32, device, 9)
     check_all_projections(case, shapes, max(ranks), 1e-5, 9, apply=lora_apply_one_launch)

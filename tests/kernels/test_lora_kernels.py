@@ -173,6 +173,13 @@ SMALL = Shapes(64, 32, 80)
 SPLIT = Shapes(512, 64, 720)
 MHA = Shapes(64, 64, 80)
 WIDE = Shapes(512, 512, 720)
+# Decode batches (one token a request) for kernel variants under evaluation
+# (tests/benchmarks/test_lora_*.py): (shapes, adapter ranks, each request's adapter; -1 none).
+DECODE_CASES = {
+    "one-slot-rows": (MHA, [8, 16, 32, 64], [3, 0, -1, 2, 1]),
+    "mlp-past-slot-end": (SMALL, [8, 16, 32, 64], [0, 1, -1, 2, 3, 1, -1]),
+    "split-k": (SPLIT, [8, 32, 16], [0, 1, 2, -1]),
+}
 CPU_CASES = {
     "mixed-one-slot-rows": (MHA, [8, 16, 32, 64], [21, 1, 1, 1, 1], [3, 0, -1, 2, 1]),
     "decode-mixed-ranks": (SMALL, [8, 16, 32, 64], [1] * 7, [0, 1, -1, 2, 3, 1, -1]),
