@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from services.gpu_worker.memory.queued_copy import queued_to_device
+
 if TYPE_CHECKING:
     from services.gpu_worker.engine.sampling import SamplingOptions
 
@@ -203,12 +205,7 @@ def device_rows(
     table = np.stack(
         [plan.temperature[group], plan.top_k[group], plan.top_p[group], u, group], axis=1
     )
-    host = torch.from_numpy(table)
-    if logits.device.type == "cuda":
-        # From pageable memory the copy would wait for the device to finish the forward
-        # pass; pinned (torch caches the buffers), it is queued like the kernels.
-        host = host.pin_memory()
-    options = host.to(logits.device, non_blocking=True)
+    options = queued_to_device(torch.from_numpy(table), logits.device)
     index = options[:, 4].long()
     if group.size == logits.shape[0]:  # the whole batch, in order: no gather
         x, x_max, ok = logits, row_max, finite
