@@ -18,6 +18,7 @@ from dataclasses import replace
 import torch
 
 from services.gpu_worker.engine.forward_batch import ForwardBatch
+from services.gpu_worker.engine.graph_capture import no_collection_during_capture
 from services.gpu_worker.model.model import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -113,16 +114,17 @@ class DecodeGraphs:
 
     def capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()
-        for bucket in reversed(self.buckets):  # largest first: smaller ones reuse its memory
-            for lora in LORA_KINDS:
-                batch = self._view(bucket, lora)
-                for _ in range(2):  # compile the kernels and settle the allocator first
-                    self.model(batch)
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self._logits[(bucket, lora)] = self.model(batch)
-                self._graphs[(bucket, lora)] = graph
+        with no_collection_during_capture():
+            for bucket in reversed(self.buckets):  # largest first: smaller ones reuse its memory
+                for lora in LORA_KINDS:
+                    batch = self._view(bucket, lora)
+                    for _ in range(2):  # compile the kernels and settle the allocator first
+                        self.model(batch)
+                    torch.cuda.synchronize()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        self._logits[(bucket, lora)] = self.model(batch)
+                    self._graphs[(bucket, lora)] = graph
         torch.cuda.synchronize()
         logger.info("captured decode graphs for batch sizes %s", self.buckets)
 

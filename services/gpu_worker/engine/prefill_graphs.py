@@ -38,6 +38,7 @@ import torch
 
 from services.gpu_worker.engine.decode_graphs import LORA_KINDS, lora_kind, require_graph_safe
 from services.gpu_worker.engine.forward_batch import ForwardBatch
+from services.gpu_worker.engine.graph_capture import no_collection_during_capture
 from services.gpu_worker.model.model import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -144,15 +145,16 @@ class PrefillGraphs:
     def capture(self) -> None:
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
-        for tokens, requests in reversed(self.pairs):  # largest first: the rest reuse its memory
-            for lora in LORA_KINDS:
-                batch = self._view(tokens, requests, lora)
-                self.model(batch)  # compile the kernels and settle the allocator first
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self._logits[(tokens, requests, lora)] = self.model(batch)
-                self._graphs[(tokens, requests, lora)] = graph
+        with no_collection_during_capture():
+            for tokens, requests in reversed(self.pairs):  # largest first: the rest reuse its
+                for lora in LORA_KINDS:  # memory
+                    batch = self._view(tokens, requests, lora)
+                    self.model(batch)  # compile the kernels and settle the allocator first
+                    torch.cuda.synchronize()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        self._logits[(tokens, requests, lora)] = self.model(batch)
+                    self._graphs[(tokens, requests, lora)] = graph
         torch.cuda.synchronize()
         logger.info(
             "captured %d prefill graphs in %.1f s for (tokens, requests) %s",
