@@ -233,7 +233,11 @@ async def run_remote(
     start = await worker_stats(worker) if worker else None
     records, duration = await grpc_replay.replay(target, trace, options.timeout_s, options.progress)
     info = describe("grpc-remote", "remote", trace, options)
-    out = result(info, records, duration, options)
-    if worker and start is not None:
-        out["steps"] = steps_between(start, await worker_stats(worker))
+    if worker is None or start is None:
+        return result(info, records, duration, options)
+    end = await worker_stats(worker)
+    hits = end.adapter_cache_hits - start.adapter_cache_hits
+    misses = end.adapter_cache_misses - start.adapter_cache_misses
+    out = result(info, records, duration, options, hits, misses)
+    out["steps"] = steps_between(start, end)
     return out

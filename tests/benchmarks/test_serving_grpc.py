@@ -62,7 +62,9 @@ async def test_target_drives_a_running_router_after_uploading_to_its_store(
         assert row["mode"] == "grpc-remote"
         assert row["num_requests"] == row["finished"] == len(traces[0].requests) > 0
         assert row["tokens"] == sum(r.output_len for r in traces[0].requests)
-        assert row["cache_hit_rate"] is None and row["pool"] == {}
+        assert row["pool"] == {}
+        # The worker's adapter lookups over the run: one per trace request, the warm-up's out.
+        assert row["cache_hits"] + row["cache_misses"] == len(traces[0].requests)
         # The worker's own count of its steps over the run (the warm-up's left out): every
         # token after a request's first comes from a decode step, one a step.
         steps = row["steps"]
