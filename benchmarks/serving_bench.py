@@ -122,14 +122,21 @@ def summary_line(r: dict[str, Any]) -> str:
 
 
 def _steps_text(steps: dict[str, Any]) -> str:
-    """`; steps: decode N × X ms, mixed M × Y ms` where the run timed its engine steps."""
+    """`; steps: decode N × X ms (W ms waiting, T tokens), ...` where the run timed its
+    engine steps: the wait is for the device, the rest of a step is host work."""
     parts = [
-        f"{kind} {s['steps']} × {s['avg_ms']:.1f} ms"
-        + (f" ({s['avg_seqs']:.0f} seqs)" if "avg_seqs" in s else "")
+        f"{kind} {s['steps']} × {s['avg_ms']:.1f} ms ({_step_detail(s)})"
         for kind, s in steps.items()
         if s.get("steps")
     ]
     return "; steps: " + ", ".join(parts) if parts else ""
+
+
+def _step_detail(s: dict[str, Any]) -> str:
+    detail = [f"{s['avg_wait_ms']:.1f} ms waiting"] if "avg_wait_ms" in s else []
+    detail += [f"{s['avg_tokens']:.0f} tokens"] if "avg_tokens" in s else []
+    detail += [f"{s['avg_seqs']:.0f} seqs"] if "avg_seqs" in s else []
+    return ", ".join(detail)
 
 
 def run_inprocess(

@@ -96,12 +96,12 @@ def replay(
             _submit(engine, requests[sent], prompts[sent], adapters[sent], sink, sampled)
             sent += 1
         if engine.has_work():
-            began = clock()
+            began, waited = clock(), engine.device_wait_seconds
             ran = engine.step()
             ended = clock()
             timeline.add(ended, engine.pool.stats())
             if steps is not None:
-                steps.add(ended - began, ran)
+                steps.add(ended - began, ran, engine.device_wait_seconds - waited)
         elif sent < len(requests):
             wake = min(requests[sent].arrival_s, timeout_s or float("inf"))
             time.sleep(max(0.0, wake - clock()))

@@ -78,11 +78,13 @@ class StepLog:
     sampled tokens on the host, so its wall time includes its device time."""
 
     seconds: list[float] = field(default_factory=list)
+    waits: list[float] = field(default_factory=list)  # of `seconds`, waiting for the device
     infos: list[StepResult] = field(default_factory=list)
 
-    def add(self, seconds: float, info: StepResult | None) -> None:
+    def add(self, seconds: float, info: StepResult | None, wait_seconds: float) -> None:
         if info is not None:  # a step that ran nothing
             self.seconds.append(seconds)
+            self.waits.append(wait_seconds)
             self.infos.append(info)
 
     def summary(self) -> dict[str, Any]:
@@ -102,6 +104,7 @@ class StepLog:
             "steps": len(rows),
             "time_share": float(ms.sum() / 1e3 / total_s) if total_s > 0 else None,
             "avg_ms": float(ms.mean()),
+            "avg_wait_ms": float(np.mean([self.waits[i] for i in rows]) * 1e3),
             "p50_ms": float(np.percentile(ms, 50)),
             "p99_ms": float(np.percentile(ms, 99)),
             "avg_seqs": float(np.mean([i.prefill_seqs + i.decode_seqs for i in infos])),

@@ -71,6 +71,17 @@ async def test_target_drives_a_running_router_after_uploading_to_its_store(
         assert steps["mixed"]["steps"] > 0 and steps["mixed"]["avg_ms"] > 0
         longest = max(r.output_len for r in traces[0].requests)
         assert steps["decode"]["steps"] >= longest - 1 and steps["decode"]["avg_ms"] > 0
+        # Each trace token after a request's first runs in a decode step, and every prompt
+        # token and first token in a mixed one (GetStats' token counts, through the proto).
+        decode_tokens = steps["decode"]["avg_tokens"] * steps["decode"]["steps"]
+        mixed_tokens = steps["mixed"]["avg_tokens"] * steps["mixed"]["steps"]
+        prompt_tokens = sum(r.prompt_len for r in traces[0].requests)
+        assert mixed_tokens >= prompt_tokens
+        assert decode_tokens + mixed_tokens == pytest.approx(
+            prompt_tokens + sum(r.output_len - 1 for r in traces[0].requests)
+        )
+        for kind in ("decode", "mixed"):
+            assert 0 <= steps[kind]["avg_wait_ms"] < steps[kind]["avg_ms"]
 
 
 def test_separate_processes_script_serves_the_trace(tmp_path: Path) -> None:

@@ -66,6 +66,11 @@ def test_replay_finishes_every_request_and_times_it(trace: Trace) -> None:
     summary = steps.summary()
     assert summary["decode"]["steps"] + summary["mixed"]["steps"] == engine.steps
     assert summary["mixed"]["avg_tokens"] > summary["mixed"]["avg_seqs"]  # prompts are long
+    # The steps' waits for the device are the engine's own count (less the read-back of the
+    # last step, after the replay's steps), each within its step.
+    assert 0 < sum(steps.waits) <= engine.device_wait_seconds
+    assert all(0 <= w < s for w, s in zip(steps.waits, steps.seconds, strict=True))
+    assert 0 < summary["decode"]["avg_wait_ms"] < summary["decode"]["avg_ms"]
 
 
 def test_cli_runs_each_engine_variant_with_consistent_metrics(tmp_path: Path, trace: Trace) -> None:

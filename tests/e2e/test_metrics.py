@@ -79,6 +79,13 @@ async def test_router_worker_and_store_metrics(stack: Stack, tmp_path: Path):
     lookups += value(w, "manylora:adapter_cache_misses_total")
     assert lookups >= 2
     assert value(w, "manylora:num_resident_adapters") == 1
+    # One request at a time: each one's 6 prompt tokens in a prompt step, its 3 later tokens
+    # in decode steps; the steps' waits for the device are part of their time.
+    assert value(w, "manylora:engine_prompt_step_tokens_total") == 3 * 6
+    assert value(w, "manylora:engine_decode_step_tokens_total") == 3 * 3
+    for kind in ("decode", "prompt"):
+        wait = value(w, f"manylora:engine_{kind}_step_wait_seconds_total")
+        assert 0 <= wait < value(w, f"manylora:engine_{kind}_step_seconds_total")
     assert value(w, "manylora:num_host_cached_adapters") == 1
 
     s = await asyncio.to_thread(scrape, store_port)

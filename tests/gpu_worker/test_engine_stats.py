@@ -121,3 +121,12 @@ def test_stats_count_the_steps_the_engine_ran_and_their_time(overlap):
         loop.stop()
     assert (stats.prompt_steps, stats.decode_steps) == (1, 9)
     assert stats.prompt_step_seconds > 0 and stats.decode_step_seconds > 0
+    # Prompts of 5 and 6 tokens; then each decode step runs both requests' tokens.
+    assert (stats.prompt_step_tokens, stats.decode_step_tokens) == (11, 18)
+    # A call waits for its step's tokens, or with overlap for the step before it's: the
+    # prompt step, first, then waits for none. Waiting is part of a call, never all of it.
+    if overlap:
+        assert stats.prompt_step_wait_seconds == 0
+    else:
+        assert 0 < stats.prompt_step_wait_seconds < stats.prompt_step_seconds
+    assert 0 < stats.decode_step_wait_seconds < stats.decode_step_seconds

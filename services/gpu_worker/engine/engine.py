@@ -110,6 +110,9 @@ class Engine:
         self.scheduler = Scheduler(config, self.pool, self.adapters, self.kv_tables)
         self.batches = BatchBuilder(self.pool, self.kv_tables, self.adapters, self.lora_backend)
         self.steps = 0
+        # Seconds `step` calls spent waiting for the device's tokens (the rest of a call is
+        # host work): tells a slow host from a slow device in a deployed worker.
+        self.device_wait_seconds = 0.0
         self.graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
         self._scratch: tuple[int, int] | None = None  # pool slots the graphs' padding writes
@@ -313,11 +316,14 @@ class Engine:
     def _finish(self, step: InflightStep, per_row_fallback: bool) -> bool:
         """Wait for a launched step's tokens and take them; False if its pass failed."""
         if step.pending is not None:
+            began = time.perf_counter()
             try:
                 sampled = step.pending.result(per_row_fallback)  # waits for the device
             except Exception as exc:
                 self._pass_failed(step.ran, exc)
                 return False
+            finally:
+                self.device_wait_seconds += time.perf_counter() - began
             self._take_tokens(step.sampled, sampled)
         self.steps += 1
         return True

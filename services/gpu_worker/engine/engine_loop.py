@@ -120,9 +120,10 @@ class EngineLoop:
         """One engine step; if it raises outside the pass (which fails its own requests),
         every request here fails rather than the thread dying and leaving them hanging."""
         try:
-            began = time.perf_counter()
+            began, waited = time.perf_counter(), self.engine.device_wait_seconds
             result = self.engine.step()
-            self._step_times.add(result, time.perf_counter() - began)
+            seconds = time.perf_counter() - began
+            self._step_times.add(result, seconds, self.engine.device_wait_seconds - waited)
         except Exception as exc:
             logger.exception("engine step failed outside the forward pass")
             fault = WorkerFault(status_details(f"engine failed: {type(exc).__name__}: {exc}"))
@@ -140,20 +141,28 @@ class EngineLoop:
 
 @dataclass
 class StepTimes:
-    """Steps the engine launched and the seconds spent in their calls, by kind (the field
-    names are EngineStats's)."""
+    """Steps the engine launched, the seconds spent in their calls and, of those, waiting for
+    the device, and the tokens they ran, by kind (the field names are EngineStats's)."""
 
     decode_steps: int = 0
     decode_step_seconds: float = 0.0
     prompt_steps: int = 0
     prompt_step_seconds: float = 0.0
+    decode_step_wait_seconds: float = 0.0
+    prompt_step_wait_seconds: float = 0.0
+    decode_step_tokens: int = 0
+    prompt_step_tokens: int = 0
 
-    def add(self, result: StepResult | None, seconds: float) -> None:
+    def add(self, result: StepResult | None, seconds: float, wait_seconds: float) -> None:
         if result is None:  # nothing launched (nothing to run, or the pass failed)
             return
         if result.prefill_seqs:
             self.prompt_steps += 1
             self.prompt_step_seconds += seconds
+            self.prompt_step_wait_seconds += wait_seconds
+            self.prompt_step_tokens += result.tokens
         else:
             self.decode_steps += 1
             self.decode_step_seconds += seconds
+            self.decode_step_wait_seconds += wait_seconds
+            self.decode_step_tokens += result.tokens

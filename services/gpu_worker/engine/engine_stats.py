@@ -27,3 +27,9 @@ class EngineStats:
     decode_step_seconds: float = 0.0
     prompt_steps: int = 0
     prompt_step_seconds: float = 0.0
+    # Of those seconds, the part spent waiting for the device's tokens; and the tokens the
+    # steps ran (prompt chunks and decodes).
+    decode_step_wait_seconds: float = 0.0
+    prompt_step_wait_seconds: float = 0.0
+    decode_step_tokens: int = 0
+    prompt_step_tokens: int = 0

@@ -78,6 +78,19 @@ class _StatsCollector(Collector):
                 "Seconds the engine thread spent in steps with prompt chunks.",
                 s.prompt_step_seconds,
             ),
+            "engine_decode_step_wait_seconds": (
+                "Of the decode-only steps' seconds, those spent waiting for the device.",
+                s.decode_step_wait_seconds,
+            ),
+            "engine_prompt_step_wait_seconds": (
+                "Of the prompt steps' seconds, those spent waiting for the device.",
+                s.prompt_step_wait_seconds,
+            ),
+            "engine_decode_step_tokens": ("Tokens decode-only steps ran.", s.decode_step_tokens),
+            "engine_prompt_step_tokens": (
+                "Tokens steps with prompt chunks ran (prompt chunks and decodes).",
+                s.prompt_step_tokens,
+            ),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(PREFIX + name, doc, value=value)

@@ -229,5 +229,9 @@ class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
             decode_step_seconds=engine.decode_step_seconds,
             prompt_steps=engine.prompt_steps,
             prompt_step_seconds=engine.prompt_step_seconds,
+            decode_step_wait_seconds=engine.decode_step_wait_seconds,
+            prompt_step_wait_seconds=engine.prompt_step_wait_seconds,
+            decode_step_tokens=engine.decode_step_tokens,
+            prompt_step_tokens=engine.prompt_step_tokens,
             model=self._model_name,
         )
