@@ -18,6 +18,7 @@ from services.common.errors import (
     WorkerFault,
     status_details,
 )
+from services.common.thread_profile import ThreadProfile
 from services.gpu_worker.engine.engine import Engine, StepResult
 from services.gpu_worker.engine.engine_stats import EngineStats
 from services.gpu_worker.engine.sequence import FinishReason, Sequence
@@ -30,8 +31,9 @@ Command = Callable[[], None]
 class EngineLoop:
     """Runs `engine.step()` on its own thread whenever there is work, and sleeps otherwise."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, profile: ThreadProfile | None = None):
         self.engine = engine
+        self._profile = profile  # of the engine thread, when asked for (diagnosis)
         self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._lock = threading.Lock()
         # The engine thread has not started: this first snapshot may be made here.
@@ -89,6 +91,15 @@ class EngineLoop:
         self.engine.abort(seq_id)
 
     def _run(self) -> None:
+        if self._profile is not None:
+            self._profile.start()
+        try:
+            self._serve()
+        finally:
+            if self._profile is not None:
+                self._profile.stop()
+
+    def _serve(self) -> None:
         while not self._stopping.is_set():
             try:
                 block = not self.engine.has_work()

@@ -78,6 +78,14 @@ class WorkerConfig(EngineConfig, CallerSecurityConfig):
             "min": 1,
         },
     )
+    profile_to: str = field(
+        default="",
+        metadata={
+            "help": "path prefix: when the worker stops, the engine thread's and the event "
+            "loop's cProfile statistics go to PREFIX.engine.prof and PREFIX.loop.prof "
+            "(pstats); for diagnosis, it slows every step; empty = off"
+        },
+    )
     drain_timeout_s: float = field(
         default=25.0,
         metadata={

@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from manylora.v1 import gpu_worker_pb2_grpc
 from services.common.base_model import BaseModelShape
 from services.common.grpc_server import RunningServer, start_server, wait_for_signal_then
+from services.common.thread_profile import ThreadProfile
 from services.common.tracing import Tracing, start_tracing
 from services.common.validation import add_servicer_leniently
 from services.gpu_worker.adapters.adapter_source import (
@@ -65,6 +67,7 @@ class Worker:
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     tracing: Tracing | None = None  # stopped last: the spans of drained streams go out too
     drain_timeout_s: float = 2.0  # what running streams get to finish when it stops
+    loop_profile: ThreadProfile | None = None  # the event loop's (--profile-to)
 
     @property
     def port(self) -> int:
@@ -76,6 +79,8 @@ class Worker:
         await self.server.set_serving([SERVICE_NAME], False)
         await self.server.stop(self.drain_timeout_s)
         self.loop.stop()
+        if self.loop_profile is not None:
+            self.loop_profile.stop()
         if self.tracing is not None:
             await self.tracing.stop()
 
@@ -84,8 +89,11 @@ async def start_worker(config: WorkerConfig, lora_backend: LoraBackend | None = 
     tracing = start_tracing(config.otel_endpoint, "manylora-gpu-worker")  # before any channel
     engine, tokenizer = build_worker_engine(config, lora_backend)
     adapters = build_adapter_source(config, engine.model_config.shape)
-    loop = EngineLoop(engine)
+    engine_profile, loop_profile = _thread_profiles(config.profile_to)
+    loop = EngineLoop(engine, engine_profile)
     loop.start()
+    if loop_profile is not None:  # this coroutine runs on the event loop's thread
+        loop_profile.start()
     servicer = GpuWorkerServicer(
         loop, tokenizer, adapters, config.model, stream_interval=config.stream_interval
     )
@@ -102,7 +110,7 @@ async def start_worker(config: WorkerConfig, lora_backend: LoraBackend | None = 
         tracing,
     )
     closers: list[Callable[[], Awaitable[None]]] = []
-    worker = Worker(server, loop, closers, tracing, config.drain_timeout_s)
+    worker = Worker(server, loop, closers, tracing, config.drain_timeout_s, loop_profile)
     try:  # a later start-up failure (a taken metrics port) stops what already runs
         heartbeat = await start_heartbeat(config, server.port, servicer.stats)
         if heartbeat is not None:
@@ -126,6 +134,14 @@ async def start_worker(config: WorkerConfig, lora_backend: LoraBackend | None = 
         await worker.stop()
         raise
     return worker
+
+
+def _thread_profiles(prefix: str) -> tuple[ThreadProfile | None, ThreadProfile | None]:
+    """The engine thread's and the event loop's profiles (PREFIX.engine.prof and
+    PREFIX.loop.prof), or none without a prefix."""
+    if not prefix:
+        return None, None
+    return ThreadProfile(Path(f"{prefix}.engine.prof")), ThreadProfile(Path(f"{prefix}.loop.prof"))
 
 
 async def serve(config: WorkerConfig) -> None:
