@@ -82,6 +82,16 @@ run_one() {
             --out "$out/$1.jsonl" 2>&1 | tee -a "$out/$1.log" | tail -1
         fi
       done ;;
+    stack_profile)  # issue #20: one stack run at R = 40 with the worker's threads profiled
+      # (--profile-to) and its steps split into host work and waiting for the device
+      trace=(--preset S1 --num-adapters 50 --alpha 0 --rate 40 --duration 12 --timeout 60)
+      WORKER_ARGS="--max-rank 8 --max-num-seqs 256 --profile-to $out/worker" bash \
+        benchmarks/serving/separate_processes.sh llama-7b cuda "${trace[@]}" --no-progress \
+        --out "$out/$1.jsonl" 2>&1 | tee -a "$out/$1.log" | tail -1
+      for thread in engine loop; do
+        python3 -c "import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(30)" \
+          "$out/worker.$thread.prof" 2>&1 | tee -a "$out/$1.log" | tail -45
+      done ;;
     capacity)  # issue #14: S1 at 5 and 2,000 adapters and S2 at 1,000, R = 40, default settings
       bench "$1" --alpha 0 --rate 40 --duration 20 --timeout 80 --preset S1 --num-adapters 5,2000
       bench "$1" --alpha 0 --rate 40 --duration 20 --timeout 80 --preset S2 --num-adapters 1000 ;;
