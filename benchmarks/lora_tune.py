@@ -62,15 +62,6 @@ VARIANTS: dict[str, LoraLaunch] = {
     "n256_w2": LoraLaunch(block_n_cap=256, num_warps=2),
     "n512_w8": LoraLaunch(block_n_cap=512, num_warps=8),
 }
-# The one-launch experiment (benchmarks/lora_variants/one_launch.py), not a LoraLaunch: its
-# variants' keyword arguments.
-ONE_LAUNCH: dict[str, LoraLaunch] = {
-    "one_launch": LoraLaunch(),
-    "one_launch_split4": LoraLaunch(max_k_splits=4),
-    "one_launch_split16": LoraLaunch(max_k_splits=16),
-    "one_launch_n256": LoraLaunch(block_n_cap=256),
-    "one_launch_w8": LoraLaunch(num_warps=8),
-}
 # (projections sharing one input, input width, each projection's output width)
 GROUPS = (
     (QKV, "hidden", "hidden"),
@@ -194,41 +185,6 @@ def _bytes(t: dict[str, Any]) -> int:
     return weights + len(t["ranks"]) * 2 * io
 
 
-def _one_launch(name: str) -> Callable[..., Any]:
-    """benchmarks/lora_variants/one_launch.py under variant `name`, called as `lora_apply`
-    (no max_q_len: it is 1)."""
-    from benchmarks.lora_variants.one_launch import lora_apply_one_launch
-
-    launch = ONE_LAUNCH[name]  # the fields it shares with the production kernels'
-
-    def apply(
-        x: torch.Tensor,
-        out: torch.Tensor,
-        pool: torch.Tensor,
-        *tables_and_group: Any,
-    ) -> torch.Tensor:
-        slots, meta, req_lora, q_starts, q_lens, projs, widths, max_rank, _ = tables_and_group
-        return lora_apply_one_launch(
-            x,
-            out,
-            pool,
-            slots,
-            meta,
-            req_lora,
-            q_starts,
-            q_lens,
-            projs,
-            widths,
-            max_rank,
-            launch.max_k_splits,
-            launch.block_n_cap,
-            launch.shrink_stages,
-            launch.num_warps,
-        )
-
-    return apply
-
-
 DIRECT_SLOTS = "direct_slots"
 
 
@@ -260,8 +216,6 @@ def _direct_slots() -> Callable[..., Any]:
 
 def _variants(names: list[str], baseline: Any) -> dict[str, Callable[..., Any]]:
     def variant(name: str) -> Callable[..., Any]:
-        if name in ONE_LAUNCH:
-            return _one_launch(name)
         if name == DIRECT_SLOTS:
             return _direct_slots()
         return _apply_with(None, VARIANTS[name])
@@ -364,7 +318,7 @@ def main() -> None:
         "--groups", choices=("all-linear", "attention"), default="all-linear", help="which LoRA"
     )
     parser.add_argument("--baseline", type=Path, help="a checkout whose kernels to time beside")
-    known = [*VARIANTS, *ONE_LAUNCH, DIRECT_SLOTS]
+    known = [*VARIANTS, DIRECT_SLOTS]
     parser.add_argument("--variants", default=",".join(known), help=f"some of {', '.join(known)}")
     args = parser.parse_args()
     names = args.variants.split(",")

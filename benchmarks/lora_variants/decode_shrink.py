@@ -1,5 +1,6 @@
-"""The split-K shrink step both decode LoRA experiments share: one program's partial product
-of one request's row against rows of A that lie in one slot each over the split."""
+"""The split-K shrink step of the direct-slot-tables decode experiment (direct_slots.py): one
+program's partial product of one request's row against rows of A that lie in one slot each
+over the split."""
 
 from __future__ import annotations
 

@@ -100,17 +100,14 @@ run_one() {
       WORKER_ARGS="--max-rank 8 --max-num-seqs 256 --stream-interval 4" \
         bash benchmarks/serving/separate_processes.sh llama-7b cuda "${trace[@]}" \
         --no-progress --out "$out/$1.jsonl" 2>&1 | tee -a "$out/$1.log" ;;
-    lora_one_launch)  # the decode LoRA experiments (one launch, direct slot tables): their
-      # GPU tests, then timed beside the default
+    lora_direct_slots)  # the direct-slot-tables decode LoRA experiment: its GPU tests, then
+      # timed beside the default
       timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider \
-        tests/benchmarks/test_lora_one_launch.py tests/benchmarks/test_lora_direct_slots.py \
-        2>&1 | tee -a "$out/$1.log" | tail -3
+        tests/benchmarks/test_lora_direct_slots.py 2>&1 | tee -a "$out/$1.log" | tail -3
       timeout 240 python3 -m benchmarks.lora_tune --batches 32,128 --breakdown \
-        --variants default,direct_slots,one_launch,one_launch_split4,one_launch_split16,one_launch_n256,one_launch_w8 \
-        --out "$out/$1_mix" 2>&1 | tee -a "$out/$1.log" | tail -6
+        --variants default,direct_slots --out "$out/$1_mix" 2>&1 | tee -a "$out/$1.log" | tail -6
       timeout 180 python3 -m benchmarks.lora_tune --ranks 8 --groups attention \
-        --batches 32,160,256 --variants default,direct_slots,one_launch,one_launch_split4,one_launch_n256 \
-        --out "$out/$1_r8" 2>&1 |
+        --batches 32,160,256 --variants default,direct_slots --out "$out/$1_r8" 2>&1 |
         tee -a "$out/$1.log" | tail -4 ;;
     router_cpu)  # issue #20 on the host's CPU: one router's relay rate, the latency of a hop
       for k in 1 3; do  # (results in router_cpu.json: not the serving report's format)
