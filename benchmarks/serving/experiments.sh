@@ -92,6 +92,9 @@ run_one() {
         python3 -c "import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(30)" \
           "$out/worker.$thread.prof" 2>&1 | tee -a "$out/$1.log" | tail -45
       done ;;
+    adapter_load)  # the engine thread's time per adapter load, on the device
+      timeout 300 python3 -m benchmarks.adapter_load_bench --ranks 8,16,64 --out "$out" 2>&1 |
+        tee "$out/$1.log" | tail -24 ;;
     capacity)  # issue #14: S1 at 5 and 2,000 adapters and S2 at 1,000, R = 40, default settings
       bench "$1" --alpha 0 --rate 40 --duration 20 --timeout 80 --preset S1 --num-adapters 5,2000
       bench "$1" --alpha 0 --rate 40 --duration 20 --timeout 80 --preset S2 --num-adapters 1000 ;;

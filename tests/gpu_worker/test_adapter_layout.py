@@ -15,7 +15,11 @@ from services.gpu_worker.engine.engine import Engine
 from services.gpu_worker.engine.offline import generate_offline
 from services.gpu_worker.engine.sampling import SamplingOptions
 from services.gpu_worker.engine.tokenizer import ByteTokenizer
-from services.gpu_worker.memory.adapter_layout import adapter_slot_count, pack_adapter
+from services.gpu_worker.memory.adapter_layout import (
+    adapter_slot_count,
+    segments_of,
+    write_adapter,
+)
 from services.gpu_worker.memory.adapter_manager import AdapterManager
 from services.gpu_worker.memory.adapter_tables import PROJ_INDEX, AdapterTables
 from services.gpu_worker.memory.memory_pool import UnifiedMemoryPool
@@ -44,17 +48,28 @@ def _adapter(ranks: dict[str, int], seed: int = 0) -> CanonicalAdapter:
     return adapter
 
 
+def _written(adapter: CanonicalAdapter) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The pool buffer after `adapter` was written into shuffled slots of a pool whose every
+    slot held garbage first, the slots, and its segments."""
+    segments = segments_of(adapter, WIDTH)
+    total = sum(s.a_len + s.b_len for s in segments.values())
+    buffer = torch.full((LAYERS, total + 7, WIDTH), float("nan"))
+    slots = torch.randperm(total + 7, generator=torch.Generator().manual_seed(3))[:total]
+    write_adapter(buffer, slots, adapter, segments)
+    return buffer, slots, segments
+
+
 def test_each_row_takes_ceil_len_over_width_slots_and_pads_with_zeros():
     ranks = {"q_proj": 4, "v_proj": 16, "gate_proj": 8, "down_proj": 2}
     adapter = _adapter(ranks)
-    packed = pack_adapter(adapter, WIDTH, torch.float32, pin=False)
+    buffer, slots, segments = _written(adapter)
     want_slots = sum(
         r * (math.ceil(DIMS[p][0] / WIDTH) + math.ceil(DIMS[p][1] / WIDTH))
         for p, r in ranks.items()
     )
-    assert packed.num_slots == want_slots == adapter_slot_count(adapter, WIDTH)
+    assert slots.numel() == want_slots == adapter_slot_count(adapter, WIDTH)
     for proj, rank in ranks.items():
-        seg = packed.segments[proj]
+        seg = segments[proj]
         assert seg.rank == rank  # its own rank, not the adapter's largest (16)
         for start, matrix in (
             (seg.a_start, adapter.lora_a[proj]),
@@ -64,25 +79,62 @@ def test_each_row_takes_ceil_len_over_width_slots_and_pads_with_zeros():
             per_row = math.ceil(features / WIDTH)
             for row in range(rank):
                 first = start + row * per_row
-                flat = packed.data[:, first : first + per_row].reshape(LAYERS, -1)
+                flat = buffer[:, slots[first : first + per_row]].reshape(LAYERS, -1)
                 assert torch.equal(flat[:, :features], matrix[:, row])
                 assert not flat[:, features:].any()  # the padded tail is zeros
 
 
+def test_an_adapter_stored_in_another_dtype_is_written_in_the_pools():
+    adapter = _adapter({"o_proj": 3, "up_proj": 5}, seed=4)
+    half = CanonicalAdapter("h", 5, 1.0, 1.0, "")
+    half.lora_a = {p: t.half() for p, t in adapter.lora_a.items()}
+    half.lora_b = {p: t.half() for p, t in adapter.lora_b.items()}
+    ours, slots, _ = _written(half)
+    from_fp32, _, _ = _written(_adapter({"o_proj": 3, "up_proj": 5}, seed=4))
+    assert ours.dtype == torch.float32
+    assert torch.equal(ours[:, slots], from_fp32[:, slots].half().float())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("background", [False, True], ids=["foreground", "prefetch"])
+def test_on_cuda_loads_lay_out_each_row_like_the_host_does(background: bool):
+    """The CUDA path: fp32 weights staged through pinned memory, laid out on the device in
+    bf16 (by a prefetch on the side stream, too), equal to the host's layout of them."""
+    device = torch.device("cuda")
+    pool = UnifiedMemoryPool(LAYERS, 512, WIDTH, torch.bfloat16, device)
+    manager = AdapterManager(pool, max_loras=4, max_adapter_slots=256)
+    adapter = _adapter({"q_proj": 4, "v_proj": 16, "gate_proj": 8, "down_proj": 2})
+    pool.buffer.fill_(float("nan"))  # what a slot held before must not show through
+    resident = manager.acquire(adapter) if not background else manager.load(adapter, True)
+    if background:
+        assert resident.ready is not None
+        manager.acquire(adapter)  # the compute stream waits for the side stream's copy
+        assert resident.ready is None
+    on_host, host_slots, _ = _written(_as_bf16(adapter))
+    got = pool.buffer[:, resident.slots].float().cpu()
+    assert torch.equal(got, on_host[:, host_slots].float())
+
+
+def _as_bf16(adapter: CanonicalAdapter) -> CanonicalAdapter:
+    """The adapter rounded to bf16 (kept in fp32): what a bf16 pool holds of it."""
+    rounded = CanonicalAdapter(adapter.adapter_id, adapter.rank, 1.0, 1.0, "")
+    rounded.lora_a = {p: t.bfloat16().float() for p, t in adapter.lora_a.items()}
+    rounded.lora_b = {p: t.bfloat16().float() for p, t in adapter.lora_b.items()}
+    return rounded
+
+
 def test_meta_holds_each_projections_rank_and_zero_for_the_rest():
     ranks = {"k_proj": 8, "up_proj": 32, "down_proj": 16}
-    packed = pack_adapter(_adapter(ranks), WIDTH, torch.float32, pin=False)
-    tables = AdapterTables(4, packed.num_slots, torch.device("cpu"))
-    row = tables.add(torch.arange(packed.num_slots), packed.segments)
+    segments = segments_of(_adapter(ranks), WIDTH)
+    total = sum(s.a_len + s.b_len for s in segments.values())
+    tables = AdapterTables(4, total, torch.device("cpu"))
+    row = tables.add(torch.arange(total), segments)
     assert tables.meta.shape[1] == 7
     for proj, index in PROJ_INDEX.items():
         rank, a_start, b_start = tables.meta[row, index].tolist()
         assert rank == ranks.get(proj, 0)
         if proj in ranks:
-            assert (a_start, b_start) == (
-                packed.segments[proj].a_start,
-                packed.segments[proj].b_start,
-            )
+            assert (a_start, b_start) == (segments[proj].a_start, segments[proj].b_start)
 
 
 def test_table_rows_fit_an_adapter_of_max_rank_on_every_projection():

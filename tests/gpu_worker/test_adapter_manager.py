@@ -213,7 +213,7 @@ def test_a_background_load_without_a_side_stream_copies_at_once():
     manager = _manager()  # CPU: no side stream, so a prefetch is an ordinary copy
     a = _adapter("a", seed=5)
     resident = manager.load(a, background=True)
-    assert resident.ready is None and resident.staging is None
+    assert resident.ready is None
     held = manager.pool.buffer[0, resident.slots]
     assert sorted(tuple(v) for v in held.tolist()) == sorted(
         tuple(v) for v in torch.cat((a.lora_a["q_proj"][0], a.lora_b["q_proj"][0].T)).tolist()

@@ -36,7 +36,8 @@ class ProjSegment:
     b_len: int
 
 
-def _segments(adapter: CanonicalAdapter, width: int) -> dict[str, ProjSegment]:
+def segments_of(adapter: CanonicalAdapter, width: int) -> dict[str, ProjSegment]:
+    """Where each of `adapter`'s projections lies in its slot list (slots of `width`)."""
     segments: dict[str, ProjSegment] = {}
     offset = 0
     for proj in adapter.target_modules:
@@ -52,41 +53,46 @@ def _segments(adapter: CanonicalAdapter, width: int) -> dict[str, ProjSegment]:
 
 
 def adapter_slot_count(adapter: CanonicalAdapter, width: int) -> int:
-    return sum(s.a_len + s.b_len for s in _segments(adapter, width).values())
+    return sum(s.a_len + s.b_len for s in segments_of(adapter, width).values())
 
 
-@dataclass
-class PackedAdapter:
-    """An adapter laid out as pool rows: data [num_layers, num_slots, width] on the host."""
+def write_adapter(
+    buffer: torch.Tensor,
+    slots: torch.Tensor,
+    adapter: CanonicalAdapter,
+    segments: dict[str, ProjSegment],
+) -> None:
+    """Write `adapter` into `slots` of the pool `buffer` [L, num_slots, W], laid out by
+    `segments`, on the current stream.
 
-    adapter_id: str
-    rank: int
-    data: torch.Tensor
-    segments: dict[str, ProjSegment]
-
-    @property
-    def num_slots(self) -> int:
-        return int(self.data.shape[1])
-
-
-def _fill(dest: torch.Tensor, rows: torch.Tensor, width: int) -> None:
-    """Write rows [L, r, n] into dest [L, r * ceil(n / W), W], zeroing each row's padding."""
-    num_layers, rank, features = rows.shape
-    padded = dest.view(num_layers, rank, -1)  # [L, r, ceil(n / W) * W]
-    padded[:, :, :features] = rows
-    padded[:, :, features:] = 0
-
-
-def pack_adapter(
-    adapter: CanonicalAdapter, width: int, dtype: torch.dtype, pin: bool
-) -> PackedAdapter:
-    segments = _segments(adapter, width)
-    num_layers = next(iter(adapter.lora_a.values())).shape[0]
-    total = sum(s.a_len + s.b_len for s in segments.values())
-    data = torch.empty(num_layers, total, width, dtype=dtype, pin_memory=pin)
+    The host only copies each A [L, r, in] and B [L, out, r] as they are to the buffer's
+    device, through pinned memory on CUDA (so the copies queue behind the step in flight
+    instead of waiting for it); the transposes, padding and scatter into slots run on the
+    device. Laid out on the host, a rank-64 q/k/v/o adapter of Llama-7B took 115 ms of the
+    engine thread (bf16; 193 ms from fp32) on a 2-core machine, where the copies alone take
+    18 ms (33 ms): the engine thread is the one that launches the steps."""
     for proj, seg in segments.items():
-        a = adapter.lora_a[proj].to(dtype)  # [L, r, in]
-        bt = adapter.lora_b[proj].to(dtype).transpose(1, 2)  # [L, r, out]
-        _fill(data[:, seg.a_start : seg.a_start + seg.a_len], a, width)
-        _fill(data[:, seg.b_start : seg.b_start + seg.b_len], bt, width)
-    return PackedAdapter(adapter.adapter_id, adapter.rank, data, segments)
+        a = _on_device(adapter.lora_a[proj], buffer)
+        b = _on_device(adapter.lora_b[proj], buffer)
+        _write_rows(buffer, slots[seg.a_start : seg.a_start + seg.a_len], a)
+        _write_rows(buffer, slots[seg.b_start : seg.b_start + seg.b_len], b.transpose(1, 2))
+
+
+def _on_device(host: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """`host` in the buffer's dtype on its device; on CUDA, converted while it is copied into
+    pinned memory and then queued (the host allocator keeps that memory until the copy ran)."""
+    if buffer.device.type != "cuda":
+        return host.to(buffer.device, buffer.dtype)
+    pinned = torch.empty(host.shape, dtype=buffer.dtype, pin_memory=True)
+    pinned.copy_(host)
+    return pinned.to(buffer.device, non_blocking=True)
+
+
+def _write_rows(buffer: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """Rows [L, r, n] into `slots` (r * ceil(n / W) of them), each row over ceil(n / W)
+    slots with the last one's tail zeroed."""
+    num_layers, _, features = rows.shape
+    width = buffer.shape[2]
+    tail = slots_per_row(features, width) * width - features
+    padded = torch.nn.functional.pad(rows, (0, tail)) if tail else rows
+    buffer.index_copy_(1, slots, padded.reshape(num_layers, -1, width))

@@ -22,7 +22,12 @@ from dataclasses import dataclass
 import torch
 
 from services.common.lora_format import AdapterKey, CanonicalAdapter
-from services.gpu_worker.memory.adapter_layout import ProjSegment, adapter_slot_count, pack_adapter
+from services.gpu_worker.memory.adapter_layout import (
+    ProjSegment,
+    adapter_slot_count,
+    segments_of,
+    write_adapter,
+)
 from services.gpu_worker.memory.adapter_tables import AdapterTables
 from services.gpu_worker.memory.memory_pool import UnifiedMemoryPool
 
@@ -38,7 +43,6 @@ class ResidentAdapter:
     row: int  # its row in the adapter tables
     refs: int = 0
     ready: torch.cuda.Event | None = None  # set while a side-stream copy may be in flight
-    staging: torch.Tensor | None = None  # pinned source of that copy, kept alive until done
 
     @property
     def adapter_id(self) -> str:
@@ -92,25 +96,22 @@ class AdapterManager:
             return self._resident[key]
         if self.tables.free_rows == 0:
             self._evict_lru_unreferenced()
-        packed = pack_adapter(
-            adapter, self.pool.width, self.pool.buffer.dtype, pin=self._side is not None
-        )
-        slots = self.pool.alloc_adapter(packed.num_slots)
+        segments = segments_of(adapter, self.pool.width)
+        slots = self.pool.alloc_adapter(sum(s.a_len + s.b_len for s in segments.values()))
         try:
-            row = self.tables.add(slots, packed.segments)
+            row = self.tables.add(slots, segments)
         except ValueError:  # an adapter the tables cannot hold must not keep its slots
             self.pool.free_adapter(slots)
             raise
-        resident = ResidentAdapter(key, adapter.rank, slots, packed.segments, row)
+        resident = ResidentAdapter(key, adapter.rank, slots, segments, row)
         if self._side is not None and background:
             self._side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._side):
-                self._copy_in(packed.data, slots)
+                write_adapter(self.pool.buffer, slots, adapter, segments)
                 resident.ready = torch.cuda.Event()
                 resident.ready.record(self._side)
-            resident.staging = packed.data
         else:
-            self._copy_in(packed.data, slots)
+            write_adapter(self.pool.buffer, slots, adapter, segments)
         self._resident[key] = resident
         self._copies_of[key.adapter_id] += 1
         self._ids = None
@@ -119,10 +120,6 @@ class AdapterManager:
         )
         self._evict_superseded(key.adapter_id, keep=key)
         return resident
-
-    def _copy_in(self, data: torch.Tensor, slots: torch.Tensor) -> None:
-        on_device = data.to(self.device, non_blocking=True)
-        self.pool.buffer.index_copy_(1, slots, on_device)
 
     def acquire(self, adapter: CanonicalAdapter) -> ResidentAdapter:
         """Reference a resident adapter for a request about to run (loading it if needed)."""
@@ -136,7 +133,7 @@ class AdapterManager:
         self._resident.move_to_end(key)
         if resident.ready is not None:  # the compute stream must see the prefetched weights
             torch.cuda.current_stream(self.device).wait_event(resident.ready)
-            resident.ready, resident.staging = None, None
+            resident.ready = None
         resident.refs += 1
         return resident
 
