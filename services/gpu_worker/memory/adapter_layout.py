@@ -81,7 +81,7 @@ def write_adapter(
 def _on_device(host: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
     """`host` in the buffer's dtype on its device; on CUDA, converted while it is copied into
     pinned memory and then queued (the host allocator keeps that memory until the copy ran)."""
-    if buffer.device.type != "cuda":
+    if buffer.device.type != "cuda" or host.device.type != "cpu":
         return host.to(buffer.device, buffer.dtype)
     pinned = torch.empty(host.shape, dtype=buffer.dtype, pin_memory=True)
     pinned.copy_(host)
