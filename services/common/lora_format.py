@@ -15,6 +15,7 @@ which leaves the math exact. `CanonicalAdapter.rank` is the largest r_p.
 
 from __future__ import annotations
 
+import json
 import struct
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -95,7 +96,7 @@ class CanonicalAdapter:
             "scaling": repr(self.scaling),
             "base_model": self.base_model,
         }
-        return bytes(st_save(tensors, metadata=meta))
+        return _with_metadata(bytes(st_save(tensors)), meta)
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> CanonicalAdapter:
@@ -113,6 +114,19 @@ class CanonicalAdapter:
             target = adapter.lora_a if kind == "lora_A" else adapter.lora_b
             target[proj] = tensor
         return adapter
+
+
+def _with_metadata(blob: bytes, meta: dict[str, str]) -> bytes:
+    """`blob` (a safetensors file without metadata) with `meta` in its header, the same bytes
+    for the same adapter every time: safetensors writes a metadata map in an order that
+    changes from call to call, and an adapter's sha256 is that of these bytes. The header
+    stays padded to 8 bytes with spaces, as safetensors pads it."""
+    (header_len,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + header_len])
+    text = json.dumps({"__metadata__": dict(sorted(meta.items())), **header}, separators=(",", ":"))
+    raw = text.encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + blob[8 + header_len :]
 
 
 def read_safetensors_header(blob: bytes) -> dict[str, Any]:

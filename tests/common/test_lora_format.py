@@ -78,6 +78,18 @@ def test_blob_holds_the_tensors_and_scalars_under_the_documented_names():
         assert torch.equal(tensors[f"{proj}.lora_B"], adapter.lora_b[proj])
 
 
+def test_the_same_adapter_is_the_same_bytes_every_time():
+    """An adapter's sha256 is that of its blob: two serializations, in one process or two
+    (the same weights in new tensors), must be equal byte for byte, header padded to 8 bytes
+    as safetensors pads it."""
+    blobs = {_adapter().to_bytes() for _ in range(20)}
+    assert len(blobs) == 1
+    (blob,) = blobs
+    (length,) = struct.unpack("<Q", blob[:8])
+    assert length % 8 == 0
+    assert CanonicalAdapter.from_bytes(blob).to_bytes() == blob  # read back, written again
+
+
 def test_round_trip_keeps_every_field_but_the_store_identity():
     adapter = _adapter(torch.bfloat16)
     back = CanonicalAdapter.from_bytes(adapter.to_bytes())
