@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 
 from services.common.base_model import BaseModelShape, load_hf_config
 from services.common.errors import NotFound
@@ -61,3 +62,17 @@ async def test_bad_folders_are_skipped_with_one_warning_each(
     for adapter_id, version in (("good", 2), ("broken", 0), ("m", 0)):
         with pytest.raises(NotFound):
             await source.get(adapter_id, version)
+
+
+async def test_folders_are_kept_in_the_engines_dtype_under_the_files_identity(
+    tmp_path: Path,
+) -> None:
+    make_peft_adapter(tmp_path / "good", seed=1)
+    paths = parse_adapter_paths([str(tmp_path / "good")])
+    as_files = await LocalFolderAdapterSource(paths, TINY, max_rank=64).get("good")
+    kept = await LocalFolderAdapterSource(paths, TINY, 64, torch.bfloat16).get("good")
+    assert as_files.dtype_name == "float32" and kept.dtype_name == "bfloat16"
+    assert kept.key == as_files.key
+    for proj in as_files.target_modules:
+        assert torch.equal(kept.lora_a[proj], as_files.lora_a[proj].to(torch.bfloat16))
+        assert torch.equal(kept.lora_b[proj], as_files.lora_b[proj].to(torch.bfloat16))

@@ -119,6 +119,33 @@ async def test_host_cache_keeps_within_bytes_and_evicts_least_recently_used(
     assert source.cache.nbytes == 2 * size
 
 
+async def test_adapters_are_kept_in_the_engines_dtype_with_their_identity(
+    store: StoreServer, adapter_folder: Path
+) -> None:
+    """The store's fp32 upload kept in bf16: converted once, at fetch, taking half the host
+    cache's bytes (two fit in a budget of one and a quarter fp32 ones)."""
+    expected = load_peft_folder(adapter_folder, TINY, max_rank=128)
+    size = adapter_nbytes(expected)
+    as_stored = StoreAdapterSource(f"127.0.0.1:{store.port}", cache_max_bytes=1 << 30)
+    source = StoreAdapterSource(
+        f"127.0.0.1:{store.port}", cache_max_bytes=size * 5 // 4, dtype=torch.bfloat16
+    )
+    try:
+        stored = await as_stored.get("a")
+        kept = [await source.get(i) for i in "abc"]
+    finally:
+        await source.close()
+        await as_stored.close()
+    assert stored.dtype_name == "float32"
+    assert kept[0].key == stored.key  # the identity of the blob the store holds
+    for proj in expected.target_modules:
+        for got, want in ((kept[0].lora_a, expected.lora_a), (kept[0].lora_b, expected.lora_b)):
+            assert got[proj].dtype == torch.bfloat16
+            assert torch.equal(got[proj], want[proj].to(torch.bfloat16))
+    assert source.cached_ids() == ["b", "c"]  # 2 of half the size fit in 5/4 of one
+    assert source.cache.nbytes == size
+
+
 def test_host_cache_skips_an_adapter_larger_than_its_budget(adapter_folder: Path) -> None:
     adapter = load_peft_folder(adapter_folder, TINY, max_rank=128)
     cache = HostAdapterCache(max_bytes=adapter_nbytes(adapter) - 1)

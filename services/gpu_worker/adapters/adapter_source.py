@@ -13,6 +13,8 @@ import logging
 from pathlib import Path
 from typing import Protocol
 
+import torch
+
 from services.common.adapter_ref import adapter_ref
 from services.common.base_model import BaseModelShape
 from services.common.errors import NotFound
@@ -68,11 +70,20 @@ class LocalFolderAdapterSource:
     """Adapters from local PEFT folders, validated and converted once, at start-up. A folder
     that cannot be served is skipped with one warning naming it and why; the rest serve."""
 
-    def __init__(self, paths: dict[str, Path], shape: BaseModelShape, max_rank: int):
+    def __init__(
+        self,
+        paths: dict[str, Path],
+        shape: BaseModelShape,
+        max_rank: int,
+        dtype: torch.dtype | None = None,
+    ):
+        """`dtype`: what the adapters are kept in (the engine's); None keeps the files'."""
         self._adapters: dict[str, CanonicalAdapter] = {}
         for adapter_id, path in paths.items():
             try:
                 adapter = load_local_adapter(path, shape, max_rank, adapter_id)
+                if dtype is not None:
+                    adapter = adapter.to("cpu", dtype)
             # Whatever is wrong with one folder (refused, unreadable, not safetensors) must not
             # stop the worker from serving the others.
             except Exception as exc:

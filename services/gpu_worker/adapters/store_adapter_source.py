@@ -25,6 +25,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import grpc
+import torch
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -52,14 +53,16 @@ def _key_of(info: common_pb2.AdapterInfo) -> AdapterKey:
     return AdapterKey(info.adapter_id, info.version, info.sha256)
 
 
-def _verified(info: common_pb2.AdapterInfo, blob: bytes) -> CanonicalAdapter | None:
-    """The adapter in `blob` with its identity from `info`, or None when the blob does not
-    match the sha256 in `info`."""
+def _verified(
+    info: common_pb2.AdapterInfo, blob: bytes, dtype: torch.dtype | None
+) -> CanonicalAdapter | None:
+    """The adapter in `blob` with its identity from `info`, in `dtype` (None: as stored), or
+    None when the blob does not match the sha256 in `info`."""
     if hashlib.sha256(blob).hexdigest() != info.sha256:
         return None
     adapter = CanonicalAdapter.from_bytes(blob)
     adapter.adapter_id, adapter.version, adapter.sha256 = _key_of(info)
-    return adapter
+    return adapter if dtype is None else adapter.to("cpu", dtype)
 
 
 @dataclass(frozen=True)
@@ -78,8 +81,13 @@ class StoreAdapterSource:
         timeout_s: float = 60.0,
         version_ttl_s: float = DEFAULT_VERSION_TTL_S,
         security: ChannelSecurity | None = None,
+        dtype: torch.dtype | None = None,
     ):
+        """`dtype`: what adapters are kept in, the engine's, converted once when fetched
+        rather than at each load into the pool (the store's PEFT uploads are often fp32:
+        bf16 halves the host cache's bytes and each load's copy)."""
         self.target = target
+        self._dtype = dtype
         self._security = security  # TLS and the token of calls to the store
         self.cache = HostAdapterCache(cache_max_bytes)
         self.hits = 0
@@ -172,7 +180,7 @@ class StoreAdapterSource:
     ) -> CanonicalAdapter:
         for attempt in range(1, FETCH_ATTEMPTS + 1):
             info, blob = await self._download(adapter_id, version)
-            adapter = await asyncio.to_thread(_verified, info, blob)
+            adapter = await asyncio.to_thread(_verified, info, blob, self._dtype)
             if adapter is not None:
                 evicted = self.cache.put(adapter.key, adapter)
                 self._remember(adapter_id, requested, adapter.key, generation)

@@ -7,6 +7,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from manylora.v1 import gpu_worker_pb2_grpc
 from services.common.base_model import BaseModelShape
 from services.common.grpc_server import RunningServer, start_server, wait_for_signal_then
@@ -46,7 +48,10 @@ def build_worker_engine(
     return build_engine(model, config.engine_config(), lora_backend), tokenizer
 
 
-def build_adapter_source(config: WorkerConfig, shape: BaseModelShape) -> AdapterSource:
+def build_adapter_source(
+    config: WorkerConfig, shape: BaseModelShape, dtype: torch.dtype | None = None
+) -> AdapterSource:
+    """The worker's adapters: from the store or local folders, kept in `dtype` (the engine's)."""
     if config.adapter_store and config.adapters:
         raise ValueError("give --adapter-store or --adapters, not both")
     if config.adapter_store:
@@ -55,8 +60,10 @@ def build_adapter_source(config: WorkerConfig, shape: BaseModelShape) -> Adapter
             config.host_cache_bytes,
             version_ttl_s=config.adapter_version_ttl_s,
             security=config.channel_security("gpu_worker"),
+            dtype=dtype,
         )
-    return LocalFolderAdapterSource(parse_adapter_paths(config.adapters), shape, config.max_rank)
+    paths = parse_adapter_paths(config.adapters)
+    return LocalFolderAdapterSource(paths, shape, config.max_rank, dtype)
 
 
 @dataclass
@@ -88,7 +95,7 @@ class Worker:
 async def start_worker(config: WorkerConfig, lora_backend: LoraBackend | None = None) -> Worker:
     tracing = start_tracing(config.otel_endpoint, "manylora-gpu-worker")  # before any channel
     engine, tokenizer = build_worker_engine(config, lora_backend)
-    adapters = build_adapter_source(config, engine.model_config.shape)
+    adapters = build_adapter_source(config, engine.model_config.shape, engine.dtype)
     engine_profile, loop_profile = _thread_profiles(config.profile_to)
     loop = EngineLoop(engine, engine_profile)
     loop.start()
