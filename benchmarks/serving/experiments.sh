@@ -92,6 +92,12 @@ run_one() {
         python3 -c "import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(30)" \
           "$out/worker.$thread.prof" 2>&1 | tee -a "$out/$1.log" | tail -45
       done ;;
+    sampled)  # issue #14: sampled traffic within 5% of greedy, S1 2,000 adapters, R = 40 (greedy,
+      # sampled, greedy: A B A in one process)
+      trace=(--preset S1 --num-adapters 2000 --alpha 0 --rate 40 --duration 20 --timeout 80)
+      bench "$1" "${trace[@]}"
+      bench "$1" "${trace[@]}" --sampled
+      bench "$1" "${trace[@]}" ;;
     adapter_load)  # the engine thread's time per adapter load, on the device
       timeout 300 python3 -m benchmarks.adapter_load_bench --ranks 8,16,64 --out "$out" 2>&1 |
         tee "$out/$1.log" | tail -24 ;;
