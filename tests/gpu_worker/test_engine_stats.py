@@ -114,9 +114,9 @@ def test_stats_count_the_steps_the_engine_ran_and_their_time(overlap):
     try:
         assert ended.acquire(timeout=30) and ended.acquire(timeout=30)
         deadline = time.monotonic() + 5
-        while loop.stats.decode_steps < 9 and time.monotonic() < deadline:
+        while loop.stats.steps.decode_steps < 9 and time.monotonic() < deadline:
             time.sleep(0.01)  # the snapshot after the last step
-        stats = loop.stats
+        stats = loop.stats.steps
     finally:
         loop.stop()
     assert (stats.prompt_steps, stats.decode_steps) == (1, 9)

@@ -9,7 +9,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 
 from services.common.errors import (
     Internal,
@@ -19,8 +19,8 @@ from services.common.errors import (
     status_details,
 )
 from services.common.thread_profile import ThreadProfile
-from services.gpu_worker.engine.engine import Engine, StepResult
-from services.gpu_worker.engine.engine_stats import EngineStats
+from services.gpu_worker.engine.engine import Engine
+from services.gpu_worker.engine.engine_stats import EngineStats, StepCounts
 from services.gpu_worker.engine.sequence import FinishReason, Sequence
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class EngineLoop:
         self._stats = engine.stats()
         self._unpublished = 0  # submitted and not yet counted by a published snapshot
         self._added = 0  # added by the engine thread since its last snapshot
-        self._step_times = StepTimes()  # the engine thread's alone
+        self._step_counts = StepCounts()  # the engine thread's alone
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
@@ -118,7 +118,8 @@ class EngineLoop:
     def _publish(self) -> None:
         """Make the engine's stats readable by other threads."""
         try:
-            stats = replace(self.engine.stats(), **asdict(self._step_times))
+            # A copy: the engine thread goes on counting into its own.
+            stats = replace(self.engine.stats(), steps=replace(self._step_counts))
         except Exception:  # a stale snapshot beats a dead engine thread
             logger.exception("engine stats failed")
             return
@@ -134,7 +135,7 @@ class EngineLoop:
             began, waited = time.perf_counter(), self.engine.device_wait_seconds
             result = self.engine.step()
             seconds = time.perf_counter() - began
-            self._step_times.add(result, seconds, self.engine.device_wait_seconds - waited)
+            self._step_counts.add(result, seconds, self.engine.device_wait_seconds - waited)
         except Exception as exc:
             logger.exception("engine step failed outside the forward pass")
             fault = WorkerFault(status_details(f"engine failed: {type(exc).__name__}: {exc}"))
@@ -148,32 +149,3 @@ class EngineLoop:
                 out = seq.output([], "", [], FinishReason.ABORTED)
                 out.error = fault
                 seq.on_output(out)
-
-
-@dataclass
-class StepTimes:
-    """Steps the engine launched, the seconds spent in their calls and, of those, waiting for
-    the device, and the tokens they ran, by kind (the field names are EngineStats's)."""
-
-    decode_steps: int = 0
-    decode_step_seconds: float = 0.0
-    prompt_steps: int = 0
-    prompt_step_seconds: float = 0.0
-    decode_step_wait_seconds: float = 0.0
-    prompt_step_wait_seconds: float = 0.0
-    decode_step_tokens: int = 0
-    prompt_step_tokens: int = 0
-
-    def add(self, result: StepResult | None, seconds: float, wait_seconds: float) -> None:
-        if result is None:  # nothing launched (nothing to run, or the pass failed)
-            return
-        if result.prefill_seqs:
-            self.prompt_steps += 1
-            self.prompt_step_seconds += seconds
-            self.prompt_step_wait_seconds += wait_seconds
-            self.prompt_step_tokens += result.tokens
-        else:
-            self.decode_steps += 1
-            self.decode_step_seconds += seconds
-            self.decode_step_wait_seconds += wait_seconds
-            self.decode_step_tokens += result.tokens

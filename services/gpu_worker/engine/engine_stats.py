@@ -8,9 +8,42 @@ meanwhile (an OrderedDict iterated while it changes raises).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from services.gpu_worker.memory.memory_pool import PoolStats
+
+if TYPE_CHECKING:
+    from services.gpu_worker.engine.inflight_step import StepResult
+
+
+@dataclass
+class StepCounts:
+    """Steps the engine launched, the seconds spent in their calls and, of those, waiting for
+    the device, and the tokens they ran, by kind; the field names are GetStatsResponse's."""
+
+    decode_steps: int = 0
+    decode_step_seconds: float = 0.0
+    prompt_steps: int = 0
+    prompt_step_seconds: float = 0.0
+    decode_step_wait_seconds: float = 0.0
+    prompt_step_wait_seconds: float = 0.0
+    decode_step_tokens: int = 0
+    prompt_step_tokens: int = 0
+
+    def add(self, result: StepResult | None, seconds: float, wait_seconds: float) -> None:
+        if result is None:  # nothing launched (nothing to run, or the pass failed)
+            return
+        if result.prefill_seqs:
+            self.prompt_steps += 1
+            self.prompt_step_seconds += seconds
+            self.prompt_step_wait_seconds += wait_seconds
+            self.prompt_step_tokens += result.tokens
+        else:
+            self.decode_steps += 1
+            self.decode_step_seconds += seconds
+            self.decode_step_wait_seconds += wait_seconds
+            self.decode_step_tokens += result.tokens
 
 
 @dataclass(frozen=True)
@@ -23,13 +56,4 @@ class EngineStats:
     adapter_cache_misses: int
     adapter_evictions: int
     # Filled by the engine loop (engine_loop.py), which times each step's call.
-    decode_steps: int = 0
-    decode_step_seconds: float = 0.0
-    prompt_steps: int = 0
-    prompt_step_seconds: float = 0.0
-    # Of those seconds, the part spent waiting for the device's tokens; and the tokens the
-    # steps ran (prompt chunks and decodes).
-    decode_step_wait_seconds: float = 0.0
-    prompt_step_wait_seconds: float = 0.0
-    decode_step_tokens: int = 0
-    prompt_step_tokens: int = 0
+    steps: StepCounts = field(default_factory=StepCounts)

@@ -7,6 +7,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 from typing import NoReturn
 
 import grpc
@@ -225,13 +226,6 @@ class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
             adapter_cache_hits=engine.adapter_cache_hits,
             adapter_cache_misses=engine.adapter_cache_misses,
             adapter_evictions=engine.adapter_evictions,
-            decode_steps=engine.decode_steps,
-            decode_step_seconds=engine.decode_step_seconds,
-            prompt_steps=engine.prompt_steps,
-            prompt_step_seconds=engine.prompt_step_seconds,
-            decode_step_wait_seconds=engine.decode_step_wait_seconds,
-            prompt_step_wait_seconds=engine.prompt_step_wait_seconds,
-            decode_step_tokens=engine.decode_step_tokens,
-            prompt_step_tokens=engine.prompt_step_tokens,
             model=self._model_name,
+            **asdict(engine.steps),
         )
