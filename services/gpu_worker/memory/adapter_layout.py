@@ -53,7 +53,12 @@ def segments_of(adapter: CanonicalAdapter, width: int) -> dict[str, ProjSegment]
 
 
 def adapter_slot_count(adapter: CanonicalAdapter, width: int) -> int:
-    return sum(s.a_len + s.b_len for s in segments_of(adapter, width).values())
+    return slots_of(segments_of(adapter, width))
+
+
+def slots_of(segments: dict[str, ProjSegment]) -> int:
+    """Slots an adapter laid out by `segments` takes."""
+    return sum(s.a_len + s.b_len for s in segments.values())
 
 
 def write_adapter(

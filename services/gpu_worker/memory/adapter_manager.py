@@ -26,6 +26,7 @@ from services.gpu_worker.memory.adapter_layout import (
     ProjSegment,
     adapter_slot_count,
     segments_of,
+    slots_of,
     write_adapter,
 )
 from services.gpu_worker.memory.adapter_tables import AdapterTables
@@ -97,7 +98,7 @@ class AdapterManager:
         if self.tables.free_rows == 0:
             self._evict_lru_unreferenced()
         segments = segments_of(adapter, self.pool.width)
-        slots = self.pool.alloc_adapter(sum(s.a_len + s.b_len for s in segments.values()))
+        slots = self.pool.alloc_adapter(slots_of(segments))
         try:
             row = self.tables.add(slots, segments)
         except ValueError:  # an adapter the tables cannot hold must not keep its slots
