@@ -1,10 +1,9 @@
-"""`--profile-to PREFIX`: when the worker stops, the engine thread's and the event loop's
-cProfile statistics are in PREFIX.engine.prof and PREFIX.loop.prof, each holding its own
-thread's work (the engine's steps; the Generate handler), and profiling changes no output."""
+"""`--profile-to PREFIX`: when the worker stops, PREFIX.engine.txt and PREFIX.loop.txt hold
+sampled profiles, each of its own thread only (the engine's loop; the asyncio event loop),
+with the folded stacks beside them, and profiling changes no output."""
 
 from __future__ import annotations
 
-import pstats
 from pathlib import Path
 
 from manylora.v1 import common_pb2, gpu_worker_pb2_grpc
@@ -12,13 +11,17 @@ from tests.adapter_store.helpers import aio_channel
 from tests.e2e.stack import Stack
 
 
-def functions(path: Path) -> set[tuple[str, str]]:
-    """(file name, function name) of every function the profile saw."""
-    stats = pstats.Stats(str(path))
-    return {(Path(file).name, name) for file, _, name in stats.stats}  # type: ignore[attr-defined]
+def folded_functions(path: Path) -> tuple[int, set[str]]:
+    """The samples of a folded-stacks file and every file:function in its stacks."""
+    samples, names = 0, set()
+    for line in path.read_text().splitlines():
+        stack, count = line.rsplit(" ", 1)
+        samples += int(count)
+        names.update(stack.split(";"))
+    return samples, names
 
 
-async def test_each_thread_profile_holds_its_own_threads_work(stack: Stack, tmp_path: Path):
+async def test_each_thread_profile_holds_its_own_threads_stacks(stack: Stack, tmp_path: Path):
     await stack.start_store()
     prefix = tmp_path / "profiles" / "w"
     plain = await stack.start_worker()
@@ -36,7 +39,11 @@ async def test_each_thread_profile_holds_its_own_threads_work(stack: Stack, tmp_
 
     await profiled.stop()
     stack.workers.remove(profiled)
-    engine = functions(Path(f"{prefix}.engine.prof"))
-    loop = functions(Path(f"{prefix}.loop.prof"))
-    assert ("engine.py", "step") in engine and ("engine.py", "step") not in loop
-    assert ("servicer.py", "Generate") in loop and ("servicer.py", "Generate") not in engine
+    engine_samples, engine = folded_functions(Path(f"{prefix}.engine.txt.folded"))
+    loop_samples, loop = folded_functions(Path(f"{prefix}.loop.txt.folded"))
+    assert engine_samples > 0 and loop_samples > 0
+    assert "engine_loop.py:_serve" in engine and "engine_loop.py:_serve" not in loop
+    assert "base_events.py:run_forever" in loop and "base_events.py:run_forever" not in engine
+    engine_report = Path(f"{prefix}.engine.txt").read_text()
+    assert f"{engine_samples} samples" in engine_report
+    assert "engine_loop.py:_serve" in engine_report

@@ -81,9 +81,10 @@ class WorkerConfig(EngineConfig, CallerSecurityConfig):
     profile_to: str = field(
         default="",
         metadata={
-            "help": "path prefix: when the worker stops, the engine thread's and the event "
-            "loop's cProfile statistics go to PREFIX.engine.prof and PREFIX.loop.prof "
-            "(pstats); for diagnosis, it slows every step; empty = off"
+            "help": "path prefix: when the worker stops, sampled profiles of the engine "
+            "thread and of the event loop go to PREFIX.engine.txt and PREFIX.loop.txt (the "
+            "costliest functions) and PREFIX.*.txt.folded (stacks for flame graphs); for "
+            "diagnosis; empty = off"
         },
     )
     drain_timeout_s: float = field(

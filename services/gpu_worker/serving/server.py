@@ -144,11 +144,11 @@ async def start_worker(config: WorkerConfig, lora_backend: LoraBackend | None = 
 
 
 def _thread_profiles(prefix: str) -> tuple[ThreadProfile | None, ThreadProfile | None]:
-    """The engine thread's and the event loop's profiles (PREFIX.engine.prof and
-    PREFIX.loop.prof), or none without a prefix."""
+    """The engine thread's and the event loop's profiles (PREFIX.engine.txt and
+    PREFIX.loop.txt), or none without a prefix."""
     if not prefix:
         return None, None
-    return ThreadProfile(Path(f"{prefix}.engine.prof")), ThreadProfile(Path(f"{prefix}.loop.prof"))
+    return ThreadProfile(Path(f"{prefix}.engine.txt")), ThreadProfile(Path(f"{prefix}.loop.txt"))
 
 
 async def serve(config: WorkerConfig) -> None:
