@@ -118,7 +118,15 @@ def summary_line(r: dict[str, Any]) -> str:
         f"TTFT avg {fmt(r['avg_ttft_s'])} s p99 {fmt(r['p99_ttft_s'])} s, "
         f"SLO {fmt(r['slo_attainment'], '.1%')}, "
         f"cache hits {fmt(r['cache_hit_rate'], '.1%')}{_steps_text(r.get('steps') or {})}"
+        f"{_compiles_text(r.get('kernel_compiles'))}"
     )
+
+
+def _compiles_text(compiles: dict[str, Any] | None) -> str:
+    """`; N kernels compiled in the run (S s)`: each stalled a step, so a fair run has none."""
+    if not compiles or not compiles["count"]:
+        return ""
+    return f"; {compiles['count']} kernels compiled in the run ({compiles['seconds']:.1f} s)"
 
 
 def _steps_text(steps: dict[str, Any]) -> str:

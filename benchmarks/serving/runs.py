@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ from benchmarks.serving.metrics import PoolTimeline, RequestRecord, StepLog, sum
 from benchmarks.serving.worker_steps import steps_between, worker_stats
 from benchmarks.synthetic_adapters import AdapterBank, targets_label
 from benchmarks.workload import Trace, TraceRequest
+from kernels.compile_watch import Compiles, compile_watch
 from services.common.base_model import TARGET_MODULES
 from services.common.lora_format import CanonicalAdapter
 from services.gpu_worker.engine.config import EngineConfig
@@ -89,6 +90,7 @@ def result(
     misses: int | None = None,
     pool: PoolTimeline | None = None,
     steps: StepLog | None = None,
+    compiles: Compiles | None = None,
 ) -> dict[str, Any]:
     summary = summarize(records, duration, options.slo_s, hits, misses)
     return {
@@ -96,6 +98,7 @@ def result(
         **summary,
         "pool": pool.summary() if pool else {},
         "steps": steps.summary() if steps else {},
+        **({"kernel_compiles": asdict(compiles)} if compiles else {}),
     }
 
 
@@ -147,6 +150,7 @@ class InProcess:
         try:
             inprocess.warm_up(engine, extra, p.prompt_range)
             hits0, misses0 = engine.adapters.hits, engine.adapters.misses  # the warm-up's
+            compiled = compile_watch().total
             records, duration, pool = inprocess.replay(
                 engine,
                 trace,
@@ -157,6 +161,7 @@ class InProcess:
                 sampled=self.options.sampled,
             )
             hits, misses = engine.adapters.hits - hits0, engine.adapters.misses - misses0
+            compiles = compile_watch().total - compiled
         finally:
             del engine
             free_device_memory()
@@ -164,7 +169,7 @@ class InProcess:
             **describe("inprocess", variant.label, trace, self.options),
             "max_num_seqs": max_num_seqs,
         }
-        return result(info, records, duration, self.options, hits, misses, pool, steps)
+        return result(info, records, duration, self.options, hits, misses, pool, steps, compiles)
 
     def release(self) -> None:
         self._models.clear()
@@ -238,6 +243,10 @@ async def run_remote(
     end = await worker_stats(worker)
     hits = end.adapter_cache_hits - start.adapter_cache_hits
     misses = end.adapter_cache_misses - start.adapter_cache_misses
-    out = result(info, records, duration, options, hits, misses)
+    compiles = Compiles(
+        end.kernel_compiles - start.kernel_compiles,
+        end.kernel_compile_seconds - start.kernel_compile_seconds,
+    )
+    out = result(info, records, duration, options, hits, misses, compiles=compiles)
     out["steps"] = steps_between(start, end)
     return out

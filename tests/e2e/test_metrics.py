@@ -87,6 +87,8 @@ async def test_router_worker_and_store_metrics(stack: Stack, tmp_path: Path):
         wait = value(w, f"manylora:engine_{kind}_step_wait_seconds_total")
         assert 0 <= wait < value(w, f"manylora:engine_{kind}_step_seconds_total")
     assert value(w, "manylora:num_host_cached_adapters") == 1
+    assert value(w, "manylora:engine_kernel_compiles_total") == 0  # nothing compiles on a CPU
+    assert value(w, "manylora:engine_kernel_compile_seconds_total") == 0
 
     s = await asyncio.to_thread(scrape, store_port)
 

@@ -4,8 +4,10 @@ which the engine thread changes meanwhile."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -130,3 +132,64 @@ def test_stats_count_the_steps_the_engine_ran_and_their_time(overlap):
     else:
         assert 0 < stats.prompt_step_wait_seconds < stats.prompt_step_seconds
     assert 0 < stats.decode_step_wait_seconds < stats.decode_step_seconds
+
+
+def compile_as_triton_does(seconds: float) -> None:
+    """Calls the compile hooks installed in Triton the way its JIT calls them around a
+    compilation (triton.runtime.jit.JITFunction._call_hook's keyword arguments)."""
+    from triton import knobs
+
+    hook_args = {"key": KEY, "fn": FN, "compile": {}, "is_manual_warmup": False}
+    assert knobs.runtime.jit_cache_hook(**hook_args, repr="k", already_compiled=False) is False
+    time.sleep(seconds)
+    knobs.runtime.jit_post_compile_hook(**hook_args, repr="k", already_compiled=False)
+
+
+# A compilation's description as Triton hands it to the hooks: the function, and the cache
+# key's (type, specialization) per argument.
+FN = SimpleNamespace(name="_k", jit_function=SimpleNamespace(arg_names=["x_ptr", "n", "m", "B"]))
+KEY = "[('*bf16', 'D'), ('i32', ''), ('i32', None), ('constexpr', 16)]{'num_warps': 4}"
+
+
+def test_a_compilation_is_logged_with_its_specialization(caplog):
+    with caplog.at_level(logging.INFO, logger="kernels.compile_watch"):
+        compile_as_triton_does(0.0)
+    assert "compiled kernel _k(x_ptr=*bf16:D, n=i32, m=i32, B=constexpr:16) in " in caplog.text
+
+
+def test_kernels_compiled_inside_steps_are_counted_with_their_time(monkeypatch):
+    """A compilation inside a step stalls its batch: GetStats counts those, and not one made
+    outside a step (at start-up)."""
+    model = build_pair(TINY_MHA)[0]
+    engine = Engine(model, EngineConfig(pool_slots=4096, max_num_seqs=4))
+    loop = EngineLoop(engine)
+    compile_as_triton_does(0.0)  # before any step: not counted
+    step = engine.step
+    compiling = iter([0.05, 0.0, 0.05])  # the first three steps compile
+
+    def compiling_step() -> Any:
+        seconds = next(compiling, None)
+        if seconds is not None:
+            compile_as_triton_does(seconds)
+        return step()
+
+    monkeypatch.setattr(engine, "step", compiling_step)
+    ended = threading.Event()
+
+    def sink(out: StepOutput) -> None:
+        if out.finish_reason is not None:
+            ended.set()
+
+    options = SamplingOptions(max_new_tokens=6, ignore_eos=True)
+    loop.submit(Sequence("r", [3, 4, 5], options, ByteTokenizer(), sink))
+    loop.start()
+    try:
+        assert ended.wait(timeout=30)
+        deadline = time.monotonic() + 5
+        while loop.stats.steps.decode_steps < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stats = loop.stats.steps
+    finally:
+        loop.stop()
+    assert stats.kernel_compiles == 3
+    assert 0.1 <= stats.kernel_compile_seconds < 1.0

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from manylora.v1 import common_pb2 as manylora_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmanylora/v1/gpu_worker.proto\x12\x0bmanylora.v1\x1a\x18manylora/v1/common.proto\"\x11\n\x0fGetStatsRequest\"\x97\x04\n\x10GetStatsResponse\x12\x18\n\x10running_requests\x18\x01 \x01(\r\x12\x18\n\x10waiting_requests\x18\x02 \x01(\r\x12\x12\n\nfree_slots\x18\x03 \x01(\x04\x12\x13\n\x0btotal_slots\x18\x04 \x01(\x04\x12\x19\n\x11resident_adapters\x18\x05 \x03(\t\x12\x1a\n\x12\x61\x64\x61pter_cache_hits\x18\x06 \x01(\x04\x12\x1c\n\x14\x61\x64\x61pter_cache_misses\x18\x07 \x01(\x04\x12\r\n\x05model\x18\x08 \x01(\t\x12\x10\n\x08kv_slots\x18\t \x01(\x04\x12\x15\n\radapter_slots\x18\n \x01(\x04\x12\x19\n\x11\x61\x64\x61pter_evictions\x18\x0b \x01(\x04\x12\x1c\n\x14host_cached_adapters\x18\x0c \x03(\t\x12\x14\n\x0c\x64\x65\x63ode_steps\x18\r \x01(\x04\x12\x1b\n\x13\x64\x65\x63ode_step_seconds\x18\x0e \x01(\x01\x12\x14\n\x0cprompt_steps\x18\x0f \x01(\x04\x12\x1b\n\x13prompt_step_seconds\x18\x10 \x01(\x01\x12 \n\x18\x64\x65\x63ode_step_wait_seconds\x18\x11 \x01(\x01\x12 \n\x18prompt_step_wait_seconds\x18\x12 \x01(\x01\x12\x1a\n\x12\x64\x65\x63ode_step_tokens\x18\x13 \x01(\x04\x12\x1a\n\x12prompt_step_tokens\x18\x14 \x01(\x04\x32\x9f\x01\n\tGpuWorker\x12I\n\x08Generate\x12\x1c.manylora.v1.GenerateRequest\x1a\x1d.manylora.v1.GenerateResponse0\x01\x12G\n\x08GetStats\x12\x1c.manylora.v1.GetStatsRequest\x1a\x1d.manylora.v1.GetStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmanylora/v1/gpu_worker.proto\x12\x0bmanylora.v1\x1a\x18manylora/v1/common.proto\"\x11\n\x0fGetStatsRequest\"\xd0\x04\n\x10GetStatsResponse\x12\x18\n\x10running_requests\x18\x01 \x01(\r\x12\x18\n\x10waiting_requests\x18\x02 \x01(\r\x12\x12\n\nfree_slots\x18\x03 \x01(\x04\x12\x13\n\x0btotal_slots\x18\x04 \x01(\x04\x12\x19\n\x11resident_adapters\x18\x05 \x03(\t\x12\x1a\n\x12\x61\x64\x61pter_cache_hits\x18\x06 \x01(\x04\x12\x1c\n\x14\x61\x64\x61pter_cache_misses\x18\x07 \x01(\x04\x12\r\n\x05model\x18\x08 \x01(\t\x12\x10\n\x08kv_slots\x18\t \x01(\x04\x12\x15\n\radapter_slots\x18\n \x01(\x04\x12\x19\n\x11\x61\x64\x61pter_evictions\x18\x0b \x01(\x04\x12\x1c\n\x14host_cached_adapters\x18\x0c \x03(\t\x12\x14\n\x0c\x64\x65\x63ode_steps\x18\r \x01(\x04\x12\x1b\n\x13\x64\x65\x63ode_step_seconds\x18\x0e \x01(\x01\x12\x14\n\x0cprompt_steps\x18\x0f \x01(\x04\x12\x1b\n\x13prompt_step_seconds\x18\x10 \x01(\x01\x12 \n\x18\x64\x65\x63ode_step_wait_seconds\x18\x11 \x01(\x01\x12 \n\x18prompt_step_wait_seconds\x18\x12 \x01(\x01\x12\x1a\n\x12\x64\x65\x63ode_step_tokens\x18\x13 \x01(\x04\x12\x1a\n\x12prompt_step_tokens\x18\x14 \x01(\x04\x12\x17\n\x0fkernel_compiles\x18\x15 \x01(\x04\x12\x1e\n\x16kernel_compile_seconds\x18\x16 \x01(\x01\x32\x9f\x01\n\tGpuWorker\x12I\n\x08Generate\x12\x1c.manylora.v1.GenerateRequest\x1a\x1d.manylora.v1.GenerateResponse0\x01\x12G\n\x08GetStats\x12\x1c.manylora.v1.GetStatsRequest\x1a\x1d.manylora.v1.GetStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,7 +35,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSTATSREQUEST']._serialized_start=71
   _globals['_GETSTATSREQUEST']._serialized_end=88
   _globals['_GETSTATSRESPONSE']._serialized_start=91
-  _globals['_GETSTATSRESPONSE']._serialized_end=626
-  _globals['_GPUWORKER']._serialized_start=629
-  _globals['_GPUWORKER']._serialized_end=788
+  _globals['_GETSTATSRESPONSE']._serialized_end=683
+  _globals['_GPUWORKER']._serialized_start=686
+  _globals['_GPUWORKER']._serialized_end=845
 # @@protoc_insertion_point(module_scope)

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
+from kernels.compile_watch import compile_watch
 from services.common.errors import (
     Internal,
     ResourceExhausted,
@@ -41,6 +42,7 @@ class EngineLoop:
         self._unpublished = 0  # submitted and not yet counted by a published snapshot
         self._added = 0  # added by the engine thread since its last snapshot
         self._step_counts = StepCounts()  # the engine thread's alone
+        self._compiles = compile_watch()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
@@ -133,9 +135,15 @@ class EngineLoop:
         every request here fails rather than the thread dying and leaving them hanging."""
         try:
             began, waited = time.perf_counter(), self.engine.device_wait_seconds
+            compiled = self._compiles.total
             result = self.engine.step()
             seconds = time.perf_counter() - began
-            self._step_counts.add(result, seconds, self.engine.device_wait_seconds - waited)
+            self._step_counts.add(
+                result,
+                seconds,
+                self.engine.device_wait_seconds - waited,
+                self._compiles.total - compiled,
+            )
         except Exception as exc:
             logger.exception("engine step failed outside the forward pass")
             fault = WorkerFault(status_details(f"engine failed: {type(exc).__name__}: {exc}"))

@@ -11,16 +11,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from kernels.compile_watch import Compiles
 from services.gpu_worker.memory.memory_pool import PoolStats
 
 if TYPE_CHECKING:
     from services.gpu_worker.engine.inflight_step import StepResult
 
 
+NO_COMPILES = Compiles()
+
+
 @dataclass
 class StepCounts:
     """Steps the engine launched, the seconds spent in their calls and, of those, waiting for
-    the device, and the tokens they ran, by kind; the field names are GetStatsResponse's."""
+    the device, and the tokens they ran, by kind; and the kernels compiled during steps (each
+    stalls its batch); the field names are GetStatsResponse's."""
 
     decode_steps: int = 0
     decode_step_seconds: float = 0.0
@@ -30,8 +35,18 @@ class StepCounts:
     prompt_step_wait_seconds: float = 0.0
     decode_step_tokens: int = 0
     prompt_step_tokens: int = 0
+    kernel_compiles: int = 0
+    kernel_compile_seconds: float = 0.0
 
-    def add(self, result: StepResult | None, seconds: float, wait_seconds: float) -> None:
+    def add(
+        self,
+        result: StepResult | None,
+        seconds: float,
+        wait_seconds: float,
+        compiles: Compiles = NO_COMPILES,
+    ) -> None:
+        self.kernel_compiles += compiles.count
+        self.kernel_compile_seconds += compiles.seconds
         if result is None:  # nothing launched (nothing to run, or the pass failed)
             return
         if result.prefill_seqs:

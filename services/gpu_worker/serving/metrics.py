@@ -91,6 +91,14 @@ class _StatsCollector(Collector):
                 "Tokens steps with prompt chunks ran (prompt chunks and decodes).",
                 s.prompt_step_tokens,
             ),
+            "engine_kernel_compiles": (
+                "Triton kernels compiled during engine steps (each stalls its batch).",
+                s.kernel_compiles,
+            ),
+            "engine_kernel_compile_seconds": (
+                "Seconds those compilations took.",
+                s.kernel_compile_seconds,
+            ),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(PREFIX + name, doc, value=value)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from kernels.compile_watch import compile_watch
 from manylora.v1 import gpu_worker_pb2_grpc
 from services.common.base_model import BaseModelShape
 from services.common.grpc_server import RunningServer, start_server, wait_for_signal_then
@@ -140,6 +141,7 @@ async def start_worker(config: WorkerConfig, lora_backend: LoraBackend | None = 
     except BaseException:
         await worker.stop()
         raise
+    compile_watch().warn = True  # from here on a compilation stalls served requests
     return worker
 
 
