@@ -91,7 +91,10 @@ def _shrink_step(
     return acc + tl.dot(x, tl.trans(a))
 
 
-@triton.jit
+# Arguments that change from batch to batch are not specialized: Triton would compile a kernel
+# for each new combination of them being 1 or a multiple of 16, stalling a served step for a
+# second or more each time (rank_stride and split_stride are multiples of 16 by construction).
+@triton.jit(do_not_specialize=["tiles_per_req", "n_rblocks"])
 def _shrink_kernel(
     x_ptr,
     part_ptr,
@@ -108,7 +111,7 @@ def _shrink_kernel(
     stride_x,
     stride_slots,
     meta_stride,
-    max_rank,
+    rank_stride,
     n_rblocks,
     split_stride,
     W: tl.constexpr,
@@ -162,11 +165,13 @@ def _shrink_kernel(
             BLOCK_K,
             IEEE,
         )
-    y_off = split * split_stride + (x_rows[:, None] * NPROJ + p_local) * max_rank + ranks[None, :]
+    y_off = (
+        split * split_stride + (x_rows[:, None] * NPROJ + p_local) * rank_stride + ranks[None, :]
+    )
     tl.store(part_ptr + y_off, acc, mask=row_ok[:, None] & rank_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tiles_per_req"])
 def _expand_kernel(
     y_ptr,
     out_ptr,
@@ -187,7 +192,7 @@ def _expand_kernel(
     stride_out,
     stride_slots,
     meta_stride,
-    max_rank,
+    rank_stride,
     W: tl.constexpr,
     NPROJ: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -230,7 +235,7 @@ def _expand_kernel(
         ranks = r0 + tl.arange(0, BLOCK_R)
         rank_ok = ranks < rank
         y_ok = row_ok[:, None] & rank_ok[None, :]
-        y_off = (out_rows[:, None] * NPROJ + p_local) * max_rank + ranks[None, :]
+        y_off = (out_rows[:, None] * NPROJ + p_local) * rank_stride + ranks[None, :]
         y = tl.load(y_ptr + y_off, mask=y_ok, other=0.0)
         slot_idx = b_start + ranks * slots_per_row + n0 // W
         slot = tl.load(slots_ptr + m * stride_slots + slot_idx, mask=rank_ok, other=0)
@@ -327,15 +332,18 @@ def _shrink(
     max_rank: int,
     launch: LoraLaunch,
 ) -> torch.Tensor:
-    """y [T, nproj, max_rank] float32 = x @ Aᵀ of each row's adapter (entries past a rank and
-    rows without an adapter unwritten)."""
+    """y [T, nproj, max_rank rounded up to 16] float32 = x @ Aᵀ of each row's adapter (entries
+    past a rank and rows without an adapter unwritten)."""
     pool, lora_slots, lora_meta = tables[:3]
     rows_grid, tiles, tiles_per_req, tiled = grid_rows
     slot_width, in_features = pool.shape[1], x.shape[1]
     block_k = _block(slot_width, launch.block_k_cap)
     split_k = _split_width(slot_width, in_features, block_k, launch.max_k_splits)
     k_splits = triton.cdiv(in_features, split_k)
-    parts = torch.empty(k_splits, x.shape[0], nproj, max_rank, dtype=torch.float32, device=x.device)
+    rank_stride = triton.cdiv(max_rank, 16) * 16  # whatever the batch's ranks: one kernel
+    parts = torch.empty(
+        k_splits, x.shape[0], nproj, rank_stride, dtype=torch.float32, device=x.device
+    )
     block_r = min(launch.block_r, _rank_block(max_rank))
     n_rblocks = triton.cdiv(max_rank, block_r)
     _shrink_kernel[(rows_grid, k_splits, nproj * n_rblocks)](
@@ -348,7 +356,7 @@ def _shrink(
         x.stride(0),
         lora_slots.stride(0),
         lora_meta.shape[1],
-        max_rank,
+        rank_stride,
         n_rblocks,
         parts[0].numel(),
         W=slot_width,
@@ -379,7 +387,7 @@ def _expand(
     """out[t, cols of projection i] += y[t, i, :rank] @ Bᵀ of each row's adapter, in place."""
     pool, lora_slots, lora_meta = tables[:3]
     rows_grid, tiles, tiles_per_req, tiled = grid_rows
-    slot_width, max_rank = pool.shape[1], y.shape[2]
+    slot_width, rank_stride = pool.shape[1], y.shape[2]
     block_n = _block(slot_width, launch.block_n_cap)
     padded = (*widths, 0, 0)[:MAX_PARTS]
     blocks = [triton.cdiv(w, block_n) for w in padded]
@@ -395,11 +403,11 @@ def _expand(
         out.stride(0),
         lora_slots.stride(0),
         lora_meta.shape[1],
-        max_rank,
+        rank_stride,
         W=slot_width,
         NPROJ=len(widths),
         BLOCK_T=BLOCK_T,
-        BLOCK_R=min(launch.block_r, _rank_block(max_rank)),
+        BLOCK_R=min(launch.block_r, _rank_block(rank_stride)),
         BLOCK_N=block_n,
         TILED=tiled,
         IEEE=out.dtype == torch.float32,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from kernels.compile_watch import compile_watch
 from kernels.lora import _split_width, lora_apply, lora_tiles
 from kernels.lora_ref import lora_apply_ref
 
@@ -56,8 +57,11 @@ def make_case(
     dtype: torch.dtype,
     device: str,
     seed: int,
+    slots_width: int = 0,
 ):
-    """A pool holding len(ranks) adapters over all seven projections, and a batch using them."""
+    """A pool holding len(ranks) adapters over all seven projections, and a batch using them;
+    the slot table has `slots_width` columns (the worker's is as wide whatever its adapters),
+    else as many as the largest adapter needs."""
     gen = torch.Generator().manual_seed(seed)
     width = shapes.kv_dim
     sizes, metas, pads = [], [], []  # pads: (adapter, offset in its slot list, first bad col)
@@ -84,7 +88,7 @@ def make_case(
     num_slots = sum(sizes) + 50
     pool = torch.randn(num_slots, width, generator=gen).to(dtype) / 4
     perm = torch.randperm(num_slots, generator=gen)
-    lora_slots = torch.zeros(len(ranks), max(sizes), dtype=torch.int32)
+    lora_slots = torch.zeros(len(ranks), max(*sizes, slots_width), dtype=torch.int32)
     used = 0
     for i, size in enumerate(sizes):
         lora_slots[i, :size] = perm[used : used + size].int()
@@ -186,6 +190,9 @@ CPU_CASES = {
     "prefill-ragged": (SMALL, [8, 16, 32], [17, 3, 1, 33, 9], [2, -1, 0, 1, 2]),
     "decode-split-k": (SPLIT, [8, 32, 16], [1, 1, 1, 1], [0, 1, 2, -1]),
     "prefill-split-k": (SPLIT, [16, 8], [20, 2, 5], [1, 0, -1]),
+    # Largest ranks that are not a multiple of 16 (the kernels' y rows are padded to one).
+    "prefill-rank-24": (SPLIT, [8, 24], [7, 1, 3], [1, 0, -1]),
+    "decode-rank-8": (SMALL, [8, 4], [1, 1, 1], [0, -1, 1]),
 }
 
 
@@ -317,3 +324,32 @@ def test_kernels_in_a_cuda_graph_follow_new_inputs(shapes):
         want_down = lora_apply_ref(hidden.float(), zeros, pool_ref, *tables, (6,), (shapes.hidden,))
         assert _rel_err(gate_up.float(), want_gate_up) < 1e-2
         assert _rel_err(down.float(), want_down) < 1e-2
+
+
+@pytest.mark.gpu
+def test_batches_of_any_size_and_largest_rank_reuse_the_compiled_kernels():
+    """Once a decode and a prefill batch (each launched tiled and not) have compiled the
+    kernels, batches of other sizes, prompt lengths and largest ranks compile nothing: each
+    compilation inside a served step stalls its whole batch for a second or more."""
+    watch = compile_watch()
+
+    def run(q_lens: list[int], ranks: list[int], seed: int) -> None:
+        adapters = [(-1 if j % 5 == 3 else j % len(ranks)) for j in range(len(q_lens))]
+        case = make_case(LLAMA_7B, ranks, q_lens, adapters, torch.bfloat16, "cuda", seed, 2048)
+        for tiled in (False, True):
+            check_all_projections(case, LLAMA_7B, max(ranks), 1e-2, seed, tiled=tiled)
+
+    run([1] * 4, [8, 16], seed=1)
+    run([5, 1, 17], [8, 16], seed=2)
+    compiled = watch.total
+    batches = [
+        ([1] * 33, [8, 24]),
+        ([1] * 128, [64, 32]),
+        ([300, 1, 1, 2], [8]),
+        ([16, 64, 1, 1, 1], [40, 16]),
+        ([1] * 7, [16]),
+        ([2] * 16, [56, 8]),
+    ]
+    for seed, (q_lens, ranks) in enumerate(batches, start=10):
+        run(q_lens, ranks, seed)
+    assert (watch.total - compiled).count == 0
