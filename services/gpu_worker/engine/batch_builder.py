@@ -78,11 +78,15 @@ class BatchBuilder:
             for seq, n, end in zip(seqs, q_lens, ends, strict=True)
             if completes_prompt(seq, n)
         ]
+        # Rows padded to a multiple of 4 int32s keep each row's start 16-byte aligned: Triton
+        # compiles a kernel per pointer alignment, so a misaligned row would stall the step
+        # of every new batch size with a compilation.
+        pad = [0] * (-len(seqs) % 4)
         per_request = [
-            [s.table_row for s in seqs],
-            q_lens,
-            ctx_lens,
-            [r.row if r is not None else -1 for r in residents],
+            [s.table_row for s in seqs] + pad,
+            q_lens + pad,
+            ctx_lens + pad,
+            [r.row if r is not None else -1 for r in residents] + pad,
         ]
         # One host-to-device copy for everything the host knows; the rest is derived there.
         host = torch.cat(
@@ -94,8 +98,10 @@ class BatchBuilder:
             )
         )
         on_device = queued_to_device(host, self.device)
-        meta_end = tokens + len(logits_rows) + 4 * len(seqs)
-        meta = on_device[tokens + len(logits_rows) : meta_end].view(4, len(seqs)).to(torch.int32)
+        width = len(seqs) + len(pad)
+        meta_end = tokens + len(logits_rows) + 4 * width
+        meta = on_device[tokens + len(logits_rows) : meta_end].view(4, width).to(torch.int32)
+        meta = meta[:, : len(seqs)]
         if gather[0]:
             assert in_flight is not None  # in_flight_inputs found rows only through it
             at, rows_in_flight = on_device[meta_end:].view(2, -1)
