@@ -94,13 +94,27 @@ async def replay(
 
 async def warm_up(target: str, adapters: list[str], prompt_lens: tuple[int, ...]) -> None:
     """A few requests (each adapter, each prompt length) through the router before the timed
-    run, so that kernel compilation and first-call costs stay out of it."""
+    run, so that kernel compilation and first-call costs stay out of it. Two waves: the
+    second is sent once the first streams, so the worker runs eager mixed steps (prompts
+    beside decodes) too, whose kernels prompt-only steps (CUDA graphs) never compile."""
+    prompts = [([3 + i % 256 for i in range(n)], a) for a in adapters for n in prompt_lens]
     async with AsyncManyloraClient(target, options=CLIENT_OPTIONS) as client:
-        calls = [
-            client.complete(
-                [3 + i % 256 for i in range(n)], adapter=adapter, max_new_tokens=4, ignore_eos=True
-            )
-            for adapter in adapters
-            for n in prompt_lens
+        streaming = [asyncio.Event() for _ in prompts]
+
+        async def first(prompt: list[int], adapter: str, started: asyncio.Event) -> None:
+            chunks = client.generate(prompt, adapter=adapter, max_new_tokens=32, ignore_eos=True)
+            try:
+                async for _ in chunks:
+                    started.set()
+            finally:  # a failed call raises from gather below rather than hang the wait
+                started.set()
+
+        waves = [
+            asyncio.create_task(first(p, a, e))
+            for (p, a), e in zip(prompts, streaming, strict=True)
         ]
-        await asyncio.gather(*calls)
+        await asyncio.gather(*(e.wait() for e in streaming))
+        second = (
+            client.complete(p, adapter=a, max_new_tokens=4, ignore_eos=True) for p, a in prompts
+        )
+        await asyncio.gather(*waves, *second)

@@ -18,7 +18,6 @@ from benchmarks.workload import Trace, TraceRequest, prompt_tokens
 from services.common.errors import ServiceError
 from services.common.lora_format import CanonicalAdapter
 from services.gpu_worker.engine.engine import Engine
-from services.gpu_worker.engine.offline import generate_offline
 from services.gpu_worker.engine.sampling import SamplingOptions
 from services.gpu_worker.engine.sequence import FinishReason, Sequence, StepOutput
 from services.gpu_worker.engine.tokenizer import ByteTokenizer
@@ -123,10 +122,26 @@ def _cut_off(engine: Engine, records: list[RequestRecord], sent: int) -> None:
 def warm_up(engine: Engine, adapters: list[CanonicalAdapter], prompt_lens: tuple[int, ...]) -> None:
     """Serve a few requests (each adapter given, each prompt length) before the timed run, so
     that kernel compilation and first-call costs stay out of it; then their adapters leave the
-    pool (the caller subtracts their cache counts, see runs.InProcess)."""
-    prompts = [[3 + i % 256 for i in range(n)] for _ in adapters for n in prompt_lens]
-    chosen: list[CanonicalAdapter | None] = [a for a in adapters for _ in prompt_lens]
-    options = [SamplingOptions(max_new_tokens=4, ignore_eos=True)] * len(prompts)
+    pool (the caller subtracts their cache counts, see runs.InProcess). Two waves: the second
+    arrives while the first decodes, so the warm-up runs eager mixed steps (prompts beside
+    decodes) too, whose kernels prompt-only steps (CUDA graphs) never compile."""
     tokenizer = ByteTokenizer(engine.model_config.vocab_size)
-    generate_offline(engine, tokenizer, prompts, options, chosen)
+
+    def wave(name: str, new_tokens: int) -> None:
+        options = SamplingOptions(max_new_tokens=new_tokens, ignore_eos=True)
+        for k, (adapter, n) in enumerate((a, n) for a in adapters for n in prompt_lens):
+            prompt = [3 + i % 256 for i in range(n)]
+            engine.add(Sequence(f"{name}-{k}", prompt, options, tokenizer, _raise_errors, adapter))
+
+    wave("warm-up-a", new_tokens=32)
+    for _ in range(3):  # the first wave's prompts, then its first decodes
+        engine.step()
+    wave("warm-up-b", new_tokens=4)
+    while engine.has_work():
+        engine.step()
     engine.adapters.evict_until_free(engine.pool.num_slots)  # more than can be free: all go
+
+
+def _raise_errors(out: StepOutput) -> None:
+    if out.error is not None:
+        raise out.error

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import shlex
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from benchmarks.synthetic_adapters import AdapterBank
 from benchmarks.workload import PRESETS, Trace, TraceRequest, generate
 from services.common.lora_format import CanonicalAdapter
 from services.gpu_worker.engine.config import EngineConfig
+from services.gpu_worker.engine.forward_batch import ForwardBatch
 
 # About 20 requests over 1.4 s for 10 adapters of ranks 8 and 16; on the CPU also where a GPU
 # is present (the device runs the CPU suite too).
@@ -135,3 +137,31 @@ def test_a_refused_request_fails_and_the_others_still_finish() -> None:
     )
     assert [r.finished for r in records] == [True, False, True]
     assert records[1].error.startswith("InvalidArgument") and records[1].tokens == 0
+
+
+def test_warm_up_runs_mixed_steps_with_adapters_and_leaves_them_out_of_the_pool(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The eager mixed step (prompts beside decodes, with adapters) compiles kernels that
+    prompt-only steps never launch: the warm-up must run one, then free its adapters."""
+    device = torch.device("cpu")
+    model = build_model("tiny", device)
+    engine = build_engine(model, EngineVariant(), EngineConfig(max_rank=16))
+    bank = AdapterBank(model.config.shape, {0: 8, 1: 16}.__getitem__, torch.float32, device)
+    adapters = [bank.adapter(k, f"warmup-{k}") for k in range(2)]
+    build = engine.batches.build
+    mixed_with_adapters = 0
+
+    def watched(*args: Any, **kwargs: Any) -> ForwardBatch:
+        nonlocal mixed_with_adapters
+        batch = build(*args, **kwargs)
+        lens = batch.host_q_lens
+        if min(lens) == 1 < max(lens) and batch.max_rank > 0:
+            mixed_with_adapters += 1
+        return batch
+
+    monkeypatch.setattr(engine.batches, "build", watched)
+    inprocess.warm_up(engine, adapters, (5, 40))
+    assert mixed_with_adapters >= 1
+    assert not engine.has_work()
+    assert engine.adapters.resident_ids() == ()
