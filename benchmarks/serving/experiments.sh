@@ -91,6 +91,18 @@ run_one() {
       for thread in engine loop; do
         head -45 "$out/worker.$thread.txt" 2>&1 | tee -a "$out/$1.log"
       done ;;
+    compiles)  # issues #14, #20: a served run compiles no kernel, from an empty Triton cache:
+      # one stack run and one in-process run (each run line counts its compilations; the
+      # worker logs each one with its specializations)
+      trace=(--preset S1 --num-adapters 50 --alpha 0 --rate 40 --duration 12 --timeout 60)
+      export TRITON_CACHE_DIR
+      TRITON_CACHE_DIR=$(mktemp -d)
+      WORKER_ARGS="--max-rank 8 --max-num-seqs 256" bash \
+        benchmarks/serving/separate_processes.sh llama-7b cuda "${trace[@]}" --no-progress \
+        --out "$out/$1.jsonl" 2>&1 | tee -a "$out/$1.log" | grep -E "compiled kernel|^\[" | cut -c1-400
+      TRITON_CACHE_DIR=$(mktemp -d)
+      bench "$1" "${trace[@]}" --max-rank 8 --max-num-seqs 256 | grep "^\["
+      unset TRITON_CACHE_DIR ;;
     sampled)  # issue #14: sampled traffic within 5% of greedy, S1 2,000 adapters, R = 40 (greedy,
       # sampled, greedy: A B A in one process)
       trace=(--preset S1 --num-adapters 2000 --alpha 0 --rate 40 --duration 20 --timeout 80)
