@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -179,3 +182,27 @@ async def test_a_stream_interval_sends_fewer_messages_of_the_same_tokens(stub):
     assert 2 <= len(responses) <= 4
     assert responses[-1].finish_reason == common_pb2.LENGTH
     assert responses[-1].usage.completion_tokens == 13
+
+
+@pytest.mark.parametrize("taken", ["port", "metrics_port"])
+async def test_a_start_up_failure_stops_the_engine_thread_and_the_profiles(
+    tmp_path: Path, taken: str
+):
+    """A taken port fails start-up, before or after the gRPC server started; nothing the
+    start had begun keeps running (the engine thread, the profiles' sampler threads) and the
+    profiles are written."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        prefix = tmp_path / "profile"
+        fields: dict[str, Any] = {"port": 0, taken: port}
+        config = WorkerConfig(device="cpu", profile_to=str(prefix), **fields)
+        with pytest.raises(Exception):  # noqa: B017 (grpc's and aiohttp's own errors)
+            await start_worker(config)
+    ours = {"engine", "thread-profile"}  # (gRPC's poller thread lives with the process)
+    deadline = asyncio.get_running_loop().time() + 10
+    while any(t.name in ours for t in threading.enumerate()):
+        assert asyncio.get_running_loop().time() < deadline, threading.enumerate()
+        await asyncio.sleep(0.05)
+    assert Path(f"{prefix}.engine.txt").exists() and Path(f"{prefix}.loop.txt").exists()

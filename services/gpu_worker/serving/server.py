@@ -102,47 +102,64 @@ async def start_worker(config: WorkerConfig, lora_backend: LoraBackend | None = 
     loop.start()
     if loop_profile is not None:  # this coroutine runs on the event loop's thread
         loop_profile.start()
-    servicer = GpuWorkerServicer(
-        loop, tokenizer, adapters, config.model, stream_interval=config.stream_interval
-    )
-    server = await start_server(
-        [
-            lambda s: add_servicer_leniently(
-                gpu_worker_pb2_grpc.add_GpuWorkerServicer_to_server, servicer, s
-            )
-        ],
-        [SERVICE_NAME],
-        config.host,
-        config.port,
-        config,
-        tracing,
-    )
+    try:  # a failure from here on (a taken port) stops the engine thread and what it started
+        servicer = GpuWorkerServicer(
+            loop, tokenizer, adapters, config.model, stream_interval=config.stream_interval
+        )
+        server = await start_server(
+            [
+                lambda s: add_servicer_leniently(
+                    gpu_worker_pb2_grpc.add_GpuWorkerServicer_to_server, servicer, s
+                )
+            ],
+            [SERVICE_NAME],
+            config.host,
+            config.port,
+            config,
+            tracing,
+        )
+    except BaseException:
+        loop.stop()
+        if loop_profile is not None:
+            loop_profile.stop()
+        if isinstance(adapters, StoreAdapterSource):
+            await adapters.close()
+        if tracing is not None:
+            await tracing.stop()
+        raise
     closers: list[Callable[[], Awaitable[None]]] = []
     worker = Worker(server, loop, closers, tracing, config.drain_timeout_s, loop_profile)
     try:  # a later start-up failure (a taken metrics port) stops what already runs
-        heartbeat = await start_heartbeat(config, server.port, servicer.stats)
-        if heartbeat is not None:
-            closers.append(heartbeat.stop)
-        if config.metrics_port:
-            metrics = servicer.metrics
-            closers.append(
-                await serve_worker_metrics(
-                    metrics, config.metrics_port, config.host, servicer.stats
-                )
-            )
-        if isinstance(adapters, StoreAdapterSource):
-            if config.adapter_events_redis_url:
-                listener = AdapterEventListener(
-                    adapters, config.adapter_events_redis_url, config.adapter_events_channel
-                )
-                listener.start()
-                closers.append(listener.stop)
-            closers.append(adapters.close)
+        await _start_sidecars(worker, config, servicer, adapters)
     except BaseException:
         await worker.stop()
         raise
     compile_watch().warn = True  # from here on a compilation stalls served requests
     return worker
+
+
+async def _start_sidecars(
+    worker: Worker, config: WorkerConfig, servicer: GpuWorkerServicer, adapters: AdapterSource
+) -> None:
+    """The heartbeat, the metrics endpoint and the adapter-event listener, each registered in
+    `worker.closers` as it starts."""
+    closers = worker.closers
+    heartbeat = await start_heartbeat(config, worker.port, servicer.stats)
+    if heartbeat is not None:
+        closers.append(heartbeat.stop)
+    if config.metrics_port:
+        metrics = servicer.metrics
+        closers.append(
+            await serve_worker_metrics(metrics, config.metrics_port, config.host, servicer.stats)
+        )
+    if isinstance(adapters, StoreAdapterSource):
+        if config.adapter_events_redis_url:
+            listener = AdapterEventListener(
+                adapters, config.adapter_events_redis_url, config.adapter_events_channel
+            )
+            listener.start()
+            closers.append(listener.stop)
+        closers.append(adapters.close)
 
 
 def _thread_profiles(prefix: str) -> tuple[ThreadProfile | None, ThreadProfile | None]:
