@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from benchmarks.synthetic_adapters import TARGET_SETS, AdapterBank
+from kernels.compile_watch import compile_watch
 from services.common.base_model import DUMMY_PRESETS
 from services.common.lora_format import CanonicalAdapter
 from services.gpu_worker.engine.config import EngineConfig
@@ -152,6 +153,7 @@ def run_case(
     engine.prefill_graphs = prefill_graphs
     running = add_requests(engine, decode, context, adapters(0, decode), "d")
     settle(engine)
+    compiled = compile_watch().total
     results: list[StepResult | None] = []
     if prompts == 0:
         wall, gpu, top = timed(lambda: results.append(engine.step()), reps, host_profile)
@@ -171,6 +173,7 @@ def run_case(
     for seq in running:
         engine.abort(seq.seq_id)
     engine.flush()
+    compiles = compile_watch().total - compiled
     busy = sum(gpu.values())
     last = results[-1]
     if last is None or last.decode_seqs != decode:
@@ -182,12 +185,15 @@ def run_case(
     row["prefill_graphs"] = prefill_graphs is not None
     row["last_step"] = None if last is None else last.__dict__
     row["top_kernels"] = top
+    # A compilation while timing stalls the steps it lands in: such a case's numbers are suspect.
+    row["kernel_compiles"] = compiles.count
     row |= {"wall_ms": wall, "gpu_ms": busy, "host_ms": max(wall - busy, 0.0)}
     row |= {f"{k}_ms": v for k, v in sorted(gpu.items())}
     print(
         f"{name:<50} wall {wall:7.2f} ms  gpu {busy:7.2f}  "
         + "  ".join(f"{k} {v:.2f}" for k, v in sorted(gpu.items()))
-        + f"  last step {row['last_step']}",
+        + f"  last step {row['last_step']}"
+        + (f"  ({compiles.count} kernels compiled while timing)" if compiles.count else ""),
         flush=True,
     )
     return row
