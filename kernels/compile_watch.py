@@ -39,8 +39,10 @@ class CompileWatch:
         self._lock = threading.Lock()
 
     def install(self) -> None:
-        from triton import knobs  # CPU-only tools import this module without triton
-
+        try:
+            from triton import knobs
+        except ImportError:  # torch's CPU build brings no Triton: nothing ever compiles
+            return
         knobs.runtime.jit_cache_hook = self._before
         knobs.runtime.jit_post_compile_hook = self._after
 

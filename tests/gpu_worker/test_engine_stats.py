@@ -5,6 +5,7 @@ which the engine thread changes meanwhile."""
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from types import SimpleNamespace
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from kernels.compile_watch import Compiles, CompileWatch
 from services.common.peft_adapter import load_peft_folder
 from services.common.random_adapters import save_random_peft_adapter
 from services.gpu_worker.adapters.adapter_source import LocalFolderAdapterSource
@@ -193,3 +195,13 @@ def test_kernels_compiled_inside_steps_are_counted_with_their_time(monkeypatch):
         loop.stop()
     assert stats.kernel_compiles == 3
     assert 0.1 <= stats.kernel_compile_seconds < 1.0
+
+
+def test_without_triton_the_watch_counts_nothing_and_does_not_fail(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """torch's CPU build brings no Triton (the CPU container): the worker must still start."""
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
+    watch = CompileWatch()
+    watch.install()
+    assert watch.total == Compiles()
