@@ -209,6 +209,10 @@ tear_down() {
 step "compose up"
 "${COMPOSE[@]}" down -v >/dev/null 2>&1 || true  # what an interrupted run left
 trap tear_down EXIT
+# A signal is a failure: without these the EXIT trap saw the interrupted command's status
+# and a killed run reported "passed" and exited 0.
+trap 'exit 143' TERM
+trap 'exit 130' INT
 quiet "${COMPOSE[@]}" up -d
 wait_healthy "${SERVICES[@]}"
 
