@@ -109,6 +109,14 @@ run_one() {
       bench "$1" "${trace[@]}"
       bench "$1" "${trace[@]}" --sampled
       bench "$1" "${trace[@]}" ;;
+    sampled_top_p)  # top-p without top-k (OpenAI-style requests) against greedy, and the
+      # whole-row-sort experiment (no read-back inside the step): greedy, top-p, top-p with
+      # --whole-sort, greedy, in one process
+      trace=(--preset S1 --num-adapters 2000 --alpha 0 --rate 40 --duration 20 --timeout 80)
+      bench "$1" "${trace[@]}"
+      bench "$1" "${trace[@]}" --sampling "T 0.8, p 0.9"
+      bench "$1" "${trace[@]}" --sampling "T 0.8, p 0.9" --whole-sort
+      bench "$1" "${trace[@]}" ;;
     adapter_load)  # the engine thread's time per adapter load, on the device
       timeout 300 python3 -m benchmarks.adapter_load_bench --ranks 8,16,64 --out "$out" 2>&1 |
         tee "$out/$1.log" | tail -24 ;;

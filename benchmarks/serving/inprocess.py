@@ -7,9 +7,12 @@ arrival when there is none.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from tqdm import tqdm
 
@@ -17,6 +20,7 @@ from benchmarks.serving.metrics import PoolTimeline, RequestRecord, StepLog
 from benchmarks.workload import Trace, TraceRequest, prompt_tokens
 from services.common.errors import ServiceError
 from services.common.lora_format import CanonicalAdapter
+from services.gpu_worker.engine import sampling_draw
 from services.gpu_worker.engine.engine import Engine
 from services.gpu_worker.engine.sampling import SamplingOptions
 from services.gpu_worker.engine.sequence import FinishReason, Sequence, StepOutput
@@ -42,18 +46,43 @@ def _sink(
     return on_output
 
 
+# How every request of a run samples, by name: greedy; issue #14's mix; top-p without top-k,
+# as OpenAI-style clients send it (their API has no top-k). Seeded by the request's index, so
+# a rerun draws the same tokens.
+SAMPLINGS: dict[str, dict[str, Any]] = {
+    "greedy": {},
+    "T 0.8, p 0.9, k 50": {"temperature": 0.8, "top_p": 0.9, "top_k": 50},
+    "T 0.8, p 0.9": {"temperature": 0.8, "top_p": 0.9},
+}
+
+
+@contextlib.contextmanager
+def whole_row_sort(enabled: bool) -> Iterator[None]:
+    """The top-p experiment (`--whole-sort`): while on, a top-p row without top-k sorts its
+    whole row at once, where the engine first looks for the nucleus among the 1,024 best
+    tokens and asks the device (a read-back inside the step, which stalls overlap
+    scheduling) whether it must sort the whole row. Both draw the same tokens."""
+    saved = sampling_draw.NUCLEUS_WIDTH
+    if enabled:
+        sampling_draw.NUCLEUS_WIDTH = sys.maxsize
+    try:
+        yield
+    finally:
+        sampling_draw.NUCLEUS_WIDTH = saved
+
+
 def _submit(
     engine: Engine,
     req: TraceRequest,
     prompt: list[int],
     adapter: CanonicalAdapter | None,
     sink: Callable[[StepOutput], None],
-    sampled: bool,
+    sampling: str,
 ) -> None:
     """Add one request; a refusal ends it at once, as an error."""
     opts = SamplingOptions(max_new_tokens=req.output_len, ignore_eos=True)
-    if sampled:  # what real traffic asks for; seeded, so a rerun draws the same tokens
-        opts = dataclasses.replace(opts, temperature=0.8, top_p=0.9, top_k=50, seed=req.index)
+    if SAMPLINGS[sampling]:
+        opts = dataclasses.replace(opts, **SAMPLINGS[sampling], seed=req.index)
     tokenizer = ByteTokenizer(engine.model_config.vocab_size)
     try:
         engine.add(Sequence(f"r{req.index}", prompt, opts, tokenizer, sink, adapter))
@@ -69,7 +98,7 @@ def replay(
     timeout_s: float | None = None,
     progress: bool = True,
     steps: StepLog | None = None,
-    sampled: bool = False,
+    sampling: str = "greedy",
 ) -> tuple[list[RequestRecord], float, PoolTimeline]:
     """Run the trace; returns the per-request records, the run's duration (start to the last
     finish, or to the timeout) and the pool occupancy after every step. `steps`, when given,
@@ -92,7 +121,7 @@ def replay(
             break
         while sent < len(requests) and requests[sent].arrival_s <= now:
             sink = _sink(records[sent], clock, bar)
-            _submit(engine, requests[sent], prompts[sent], adapters[sent], sink, sampled)
+            _submit(engine, requests[sent], prompts[sent], adapters[sent], sink, sampling)
             sent += 1
         if engine.has_work():
             began, waited = clock(), engine.device_wait_seconds

@@ -9,6 +9,7 @@ from typing import TypeVar
 
 from benchmarks import workload
 from benchmarks.serving.engine_setup import EngineVariant
+from benchmarks.serving.inprocess import SAMPLINGS
 from benchmarks.serving.runs import RunOptions
 from benchmarks.synthetic_adapters import parse_targets
 from services.common.config import flag_name
@@ -117,10 +118,24 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         help="build each step's outputs before the next step starts, not while it runs",
     )
     g.add_argument(
+        "--sampling",
+        choices=list(SAMPLINGS),
+        default="greedy",
+        help="how every request samples (in-process runs; seeded by its index): greedy, issue "
+        "#14's mix, or top-p without top-k as OpenAI-style clients send it",
+    )
+    g.add_argument(
         "--sampled",
+        dest="sampling",
+        action="store_const",
+        const="T 0.8, p 0.9, k 50",
+        help="the same as --sampling 'T 0.8, p 0.9, k 50'",
+    )
+    g.add_argument(
+        "--whole-sort",
         action="store_true",
-        help="every request samples (temperature 0.8, top-p 0.9, top-k 50, seeded by its "
-        "index) instead of greedy decoding (in-process runs)",
+        help="experiment: top-p rows without top-k sort their whole row at once, with no "
+        "read-back inside the step (in-process runs)",
     )
 
 
@@ -185,5 +200,6 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         args.peft_batch,
         args.target_modules,
         max_rank=args.max_rank,
-        sampled=args.sampled,
+        sampling=args.sampling,
+        whole_sort=args.whole_sort,
     )

@@ -40,7 +40,10 @@ class RunOptions:
     peft_batch: int = 8
     targets: tuple[str, ...] = TARGET_MODULES  # the projections every adapter targets
     max_rank: int = 0  # the engine's; 0: each trace's largest
-    sampled: bool = False  # requests sample (inprocess.SAMPLED) instead of decoding greedily
+    sampling: str = "greedy"  # how every request samples: a name of inprocess.SAMPLINGS
+    # The top-p experiment: sort whole rows for top-p without top-k at once, instead of asking
+    # the device inside the step whether the 1,024 best tokens hold the nucleus.
+    whole_sort: bool = False
 
 
 def settings_for(options: RunOptions, trace: Trace) -> EngineConfig:
@@ -73,7 +76,7 @@ def describe(mode: str, variant: str, trace: Trace, options: RunOptions) -> dict
         "async_output": options.settings.async_output,
         "prefill_graphs": options.settings.prefill_graphs,
         "target_modules": targets_label(options.targets),
-        "sampling": "temperature 0.8, top-p 0.9, top-k 50" if options.sampled else "greedy",
+        "sampling": options.sampling + (", whole-row sort" if options.whole_sort else ""),
     }
 
 
@@ -151,15 +154,16 @@ class InProcess:
             inprocess.warm_up(engine, extra, p.prompt_range)
             hits0, misses0 = engine.adapters.hits, engine.adapters.misses  # the warm-up's
             compiled = compile_watch().total
-            records, duration, pool = inprocess.replay(
-                engine,
-                trace,
-                adapter_for,
-                self.options.timeout_s,
-                self.options.progress,
-                steps,
-                sampled=self.options.sampled,
-            )
+            with inprocess.whole_row_sort(self.options.whole_sort):
+                records, duration, pool = inprocess.replay(
+                    engine,
+                    trace,
+                    adapter_for,
+                    self.options.timeout_s,
+                    self.options.progress,
+                    steps,
+                    sampling=self.options.sampling,
+                )
             hits, misses = engine.adapters.hits - hits0, engine.adapters.misses - misses0
             compiles = compile_watch().total - compiled
         finally:

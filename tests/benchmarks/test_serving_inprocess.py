@@ -18,8 +18,10 @@ from benchmarks.serving.metrics import StepLog
 from benchmarks.synthetic_adapters import AdapterBank
 from benchmarks.workload import PRESETS, Trace, TraceRequest, generate
 from services.common.lora_format import CanonicalAdapter
+from services.gpu_worker.engine import sampling_draw
 from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.forward_batch import ForwardBatch
+from services.gpu_worker.engine.sampling import SamplingOptions, request_seed, sample
 
 # About 20 requests over 1.4 s for 10 adapters of ranks 8 and 16; on the CPU also where a GPU
 # is present (the device runs the CPU suite too).
@@ -165,3 +167,37 @@ def test_warm_up_runs_mixed_steps_with_adapters_and_leaves_them_out_of_the_pool(
     assert mixed_with_adapters >= 1
     assert not engine.has_work()
     assert engine.adapters.resident_ids() == ()
+
+
+@pytest.mark.parametrize(
+    "flags, label",
+    [
+        (["--sampled"], "T 0.8, p 0.9, k 50"),
+        (["--sampling", "T 0.8, p 0.9", "--whole-sort"], "T 0.8, p 0.9, whole-row sort"),
+    ],
+)
+def test_sampled_runs_finish_every_request_and_say_how_they_sampled(
+    tmp_path: Path, trace: Trace, flags: list[str], label: str
+) -> None:
+    out = tmp_path / "results.jsonl"
+    (row,) = serving_bench.main([*TRACE_ARGS, *flags, "--out", str(out)])
+    assert row["sampling"] == label
+    assert row["finished"] == len(trace.requests) and row["failed"] == 0
+    assert row["tokens"] == sum(r.output_len for r in trace.requests)
+    assert sampling_draw.NUCLEUS_WIDTH == 1024  # the experiment's switch is put back
+
+
+@pytest.mark.parametrize("spread", [0.3, 8.0], ids=["wide-nucleus", "narrow-nucleus"])
+def test_whole_row_sort_draws_the_same_tokens(spread: float) -> None:
+    """The top-p experiment changes when whole rows are sorted, never a token: a flat row's
+    nucleus is wider than the 1,024 best tokens, a peaked row's narrower."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 4096, generator=gen) * spread
+    options = [
+        SamplingOptions(max_new_tokens=1, temperature=0.8, top_p=0.9, seed=i) for i in range(6)
+    ]
+    seeds, steps = [request_seed(o) for o in options], list(range(6))
+    default = sample(logits, options, seeds, steps).token_ids
+    with inprocess.whole_row_sort(True):
+        whole = sample(logits, options, seeds, steps).token_ids
+    assert whole == default
