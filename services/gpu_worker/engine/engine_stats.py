@@ -18,9 +18,6 @@ if TYPE_CHECKING:
     from services.gpu_worker.engine.inflight_step import StepResult
 
 
-NO_COMPILES = Compiles()
-
-
 @dataclass
 class StepCounts:
     """Steps the engine launched, the seconds spent in their calls and, of those, waiting for
@@ -43,7 +40,7 @@ class StepCounts:
         result: StepResult | None,
         seconds: float,
         wait_seconds: float,
-        compiles: Compiles = NO_COMPILES,
+        compiles: Compiles,
     ) -> None:
         self.kernel_compiles += compiles.count
         self.kernel_compile_seconds += compiles.seconds

@@ -86,11 +86,19 @@ class Worker:
             await close()
         await self.server.set_serving([SERVICE_NAME], False)
         await self.server.stop(self.drain_timeout_s)
-        self.loop.stop()
-        if self.loop_profile is not None:
-            self.loop_profile.stop()
-        if self.tracing is not None:
-            await self.tracing.stop()
+        await _stop_threads_and_tracing(self.loop, self.loop_profile, self.tracing)
+
+
+async def _stop_threads_and_tracing(
+    loop: EngineLoop, loop_profile: ThreadProfile | None, tracing: Tracing | None
+) -> None:
+    """Stop the engine thread and the event loop's profile (writing it), then tracing: what a
+    worker stops last, once nothing is served."""
+    loop.stop()
+    if loop_profile is not None:
+        loop_profile.stop()
+    if tracing is not None:
+        await tracing.stop()
 
 
 async def start_worker(config: WorkerConfig, lora_backend: LoraBackend | None = None) -> Worker:
@@ -119,13 +127,9 @@ async def start_worker(config: WorkerConfig, lora_backend: LoraBackend | None = 
             tracing,
         )
     except BaseException:
-        loop.stop()
-        if loop_profile is not None:
-            loop_profile.stop()
         if isinstance(adapters, StoreAdapterSource):
             await adapters.close()
-        if tracing is not None:
-            await tracing.stop()
+        await _stop_threads_and_tracing(loop, loop_profile, tracing)
         raise
     closers: list[Callable[[], Awaitable[None]]] = []
     worker = Worker(server, loop, closers, tracing, config.drain_timeout_s, loop_profile)
