@@ -146,8 +146,9 @@ class PrefillGraphs:
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         with no_collection_during_capture():
-            for tokens, requests in reversed(self.pairs):  # largest first: the rest reuse its
-                for lora in LORA_KINDS:  # memory
+            # Largest first: the rest reuse its memory.
+            for tokens, requests in reversed(self.pairs):
+                for lora in LORA_KINDS:
                     batch = self._view(tokens, requests, lora)
                     self.model(batch)  # compile the kernels and settle the allocator first
                     torch.cuda.synchronize()
