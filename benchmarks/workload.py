@@ -28,7 +28,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -199,6 +199,15 @@ def prompt_tokens(trace: Trace, low: int = 3, high: int = 259) -> list[list[int]
     dummy tokenizer by default), seeded by the trace so every run sends the same prompts."""
     rng = np.random.default_rng([trace.params.seed, 1])
     return [rng.integers(low, high, size=r.prompt_len).tolist() for r in trace.requests]
+
+
+A = TypeVar("A")  # an adapter as a warm-up names it: an id, or the adapter itself
+
+
+def warm_up_prompts(adapters: list[A], prompt_lens: tuple[int, ...]) -> list[tuple[list[int], A]]:
+    """The warm-ups' requests before a timed run (in-process and through the stack alike):
+    each adapter with a prompt of each length, of byte tokens."""
+    return [([3 + i % 256 for i in range(n)], a) for a in adapters for n in prompt_lens]
 
 
 def int_pair(text: str) -> tuple[int, int]:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from tqdm import tqdm
 
 from benchmarks.serving.metrics import RequestRecord
-from benchmarks.workload import Trace, TraceRequest, adapter_id, prompt_tokens
+from benchmarks.workload import Trace, TraceRequest, adapter_id, prompt_tokens, warm_up_prompts
 from services.client import AsyncManyloraClient
 from services.client.messages import ManyloraError
 
@@ -97,7 +97,7 @@ async def warm_up(target: str, adapters: list[str], prompt_lens: tuple[int, ...]
     run, so that kernel compilation and first-call costs stay out of it. Two waves: the
     second is sent once the first streams, so the worker runs eager mixed steps (prompts
     beside decodes) too, whose kernels prompt-only steps (CUDA graphs) never compile."""
-    prompts = [([3 + i % 256 for i in range(n)], a) for a in adapters for n in prompt_lens]
+    prompts = warm_up_prompts(adapters, prompt_lens)
     async with AsyncManyloraClient(target, options=CLIENT_OPTIONS) as client:
         streaming = [asyncio.Event() for _ in prompts]
 

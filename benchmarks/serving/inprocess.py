@@ -17,7 +17,7 @@ from typing import Any
 from tqdm import tqdm
 
 from benchmarks.serving.metrics import PoolTimeline, RequestRecord, StepLog
-from benchmarks.workload import Trace, TraceRequest, prompt_tokens
+from benchmarks.workload import Trace, TraceRequest, prompt_tokens, warm_up_prompts
 from services.common.errors import ServiceError
 from services.common.lora_format import CanonicalAdapter
 from services.gpu_worker.engine import sampling_draw
@@ -158,8 +158,7 @@ def warm_up(engine: Engine, adapters: list[CanonicalAdapter], prompt_lens: tuple
 
     def wave(name: str, new_tokens: int) -> None:
         options = SamplingOptions(max_new_tokens=new_tokens, ignore_eos=True)
-        for k, (adapter, n) in enumerate((a, n) for a in adapters for n in prompt_lens):
-            prompt = [3 + i % 256 for i in range(n)]
+        for k, (prompt, adapter) in enumerate(warm_up_prompts(adapters, prompt_lens)):
             engine.add(Sequence(f"{name}-{k}", prompt, options, tokenizer, _raise_errors, adapter))
 
     wave("warm-up-a", new_tokens=32)
