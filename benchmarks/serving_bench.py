@@ -130,8 +130,9 @@ def _compiles_text(compiles: dict[str, Any] | None) -> str:
 
 
 def _steps_text(steps: dict[str, Any]) -> str:
-    """`; steps: decode N × X ms (W ms waiting, T tokens), ...` where the run timed its
-    engine steps: the wait is for the device, the rest of a step is host work."""
+    """`; steps: decode N × X ms (W ms waiting, C ms CPU, T tokens), ...` where the run timed
+    its engine steps: the wait is for the device, the rest of a step is host work, of which
+    the stepping thread's CPU time is C (the rest it waited for something else: the GIL)."""
     parts = [
         f"{kind} {s['steps']} × {s['avg_ms']:.1f} ms ({_step_detail(s)})"
         for kind, s in steps.items()
@@ -142,6 +143,7 @@ def _steps_text(steps: dict[str, Any]) -> str:
 
 def _step_detail(s: dict[str, Any]) -> str:
     detail = [f"{s['avg_wait_ms']:.1f} ms waiting"] if "avg_wait_ms" in s else []
+    detail += [f"{s['avg_cpu_ms']:.1f} ms CPU"] if "avg_cpu_ms" in s else []
     detail += [f"{s['avg_tokens']:.0f} tokens"] if "avg_tokens" in s else []
     detail += [f"{s['avg_seqs']:.0f} seqs"] if "avg_seqs" in s else []
     return ", ".join(detail)

@@ -82,6 +82,19 @@ run_one() {
             --out "$out/$1.jsonl" 2>&1 | tee -a "$out/$1.log" | tail -1
         fi
       done ;;
+    stack_engine_process)  # issue #20: the worker's engine in its own process (the default on
+      # a GPU) against on a thread of the gRPC process (--engine-process off), beside the
+      # engine in-process: in-process, stack, stack off, stack, in-process
+      trace=(--preset S1 --num-adapters 50 --alpha 0 --rate 40 --duration 12 --timeout 60)
+      for mode in inproc on off on inproc; do
+        if [ "$mode" = inproc ]; then
+          bench "$1" "${trace[@]}" --max-rank 8 --max-num-seqs 256 | grep "^\["
+        else
+          WORKER_ARGS="--max-rank 8 --max-num-seqs 256 --engine-process $mode" bash \
+            benchmarks/serving/separate_processes.sh llama-7b cuda "${trace[@]}" --no-progress \
+            --out "$out/$1.jsonl" 2>&1 | tee -a "$out/$1.log" | grep "^\["
+        fi
+      done ;;
     stack_profile)  # issue #20: one stack run at R = 40 with the worker's threads profiled
       # (--profile-to) and its steps split into host work and waiting for the device
       trace=(--preset S1 --num-adapters 50 --alpha 0 --rate 40 --duration 12 --timeout 60)

@@ -124,12 +124,13 @@ def replay(
             _submit(engine, requests[sent], prompts[sent], adapters[sent], sink, sampling)
             sent += 1
         if engine.has_work():
-            began, waited = clock(), engine.device_wait_seconds
+            began, waited, cpu = clock(), engine.device_wait_seconds, time.thread_time()
             ran = engine.step()
             ended = clock()
             timeline.add(ended, engine.pool.stats())
             if steps is not None:
-                steps.add(ended - began, ran, engine.device_wait_seconds - waited)
+                cpu = time.thread_time() - cpu
+                steps.add(ended - began, ran, engine.device_wait_seconds - waited, cpu)
         elif sent < len(requests):
             wake = min(requests[sent].arrival_s, timeout_s or float("inf"))
             time.sleep(max(0.0, wake - clock()))

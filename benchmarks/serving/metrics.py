@@ -79,12 +79,16 @@ class StepLog:
 
     seconds: list[float] = field(default_factory=list)
     waits: list[float] = field(default_factory=list)  # of `seconds`, waiting for the device
+    cpus: list[float] = field(default_factory=list)  # of `seconds`, the stepping thread's CPU
     infos: list[StepResult] = field(default_factory=list)
 
-    def add(self, seconds: float, info: StepResult | None, wait_seconds: float) -> None:
+    def add(
+        self, seconds: float, info: StepResult | None, wait_seconds: float, cpu_seconds: float
+    ) -> None:
         if info is not None:  # a step that ran nothing
             self.seconds.append(seconds)
             self.waits.append(wait_seconds)
+            self.cpus.append(cpu_seconds)
             self.infos.append(info)
 
     def summary(self) -> dict[str, Any]:
@@ -105,6 +109,7 @@ class StepLog:
             "time_share": float(ms.sum() / 1e3 / total_s) if total_s > 0 else None,
             "avg_ms": float(ms.mean()),
             "avg_wait_ms": float(np.mean([self.waits[i] for i in rows]) * 1e3),
+            "avg_cpu_ms": float(np.mean([self.cpus[i] for i in rows]) * 1e3),
             "p50_ms": float(np.percentile(ms, 50)),
             "p99_ms": float(np.percentile(ms, 99)),
             "avg_seqs": float(np.mean([i.prefill_seqs + i.decode_seqs for i in infos])),

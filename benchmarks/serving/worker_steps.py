@@ -3,7 +3,7 @@ in-process runs time each step themselves: metrics.StepLog)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 
@@ -27,27 +27,36 @@ def steps_between(
         kind: _delta(start, end, prefix)
         for kind, prefix in (("decode", "decode"), ("mixed", "prompt"))
     }
-    total = sum(seconds for _, seconds, _, _ in kinds.values())
+    total = sum(delta.seconds for delta in kinds.values())
     return {
         kind: {
-            "steps": steps,
-            "avg_ms": seconds / steps * 1e3,
-            "avg_wait_ms": wait / steps * 1e3,
-            "avg_tokens": tokens / steps,
-            "time_share": seconds / total if total > 0 else None,
+            "steps": d.steps,
+            "avg_ms": d.seconds / d.steps * 1e3,
+            "avg_wait_ms": d.wait / d.steps * 1e3,
+            "avg_cpu_ms": d.cpu / d.steps * 1e3,
+            "avg_tokens": d.tokens / d.steps,
+            "time_share": d.seconds / total if total > 0 else None,
         }
-        if steps
+        if d.steps
         else {"steps": 0}
-        for kind, (steps, seconds, wait, tokens) in kinds.items()
+        for kind, d in kinds.items()
     }
+
+
+class _Delta(NamedTuple):
+    steps: int
+    seconds: float
+    wait: float  # for the device
+    cpu: float  # the engine thread's
+    tokens: int
 
 
 def _delta(
     start: gpu_worker_pb2.GetStatsResponse, end: gpu_worker_pb2.GetStatsResponse, prefix: str
-) -> tuple[int, float, float, int]:
-    """(steps, seconds, wait seconds, tokens) of one kind between the two answers."""
-    names = ("steps", "step_seconds", "step_wait_seconds", "step_tokens")
-    steps, seconds, wait, tokens = (
+) -> _Delta:
+    """One kind's counters between the two answers."""
+    names = ("steps", "step_seconds", "step_wait_seconds", "step_cpu_seconds", "step_tokens")
+    steps, seconds, wait, cpu, tokens = (
         getattr(end, f"{prefix}_{n}") - getattr(start, f"{prefix}_{n}") for n in names
     )
-    return int(steps), float(seconds), float(wait), int(tokens)
+    return _Delta(int(steps), float(seconds), float(wait), float(cpu), int(tokens))

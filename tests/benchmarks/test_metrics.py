@@ -68,16 +68,17 @@ def test_pool_timeline_summary_keeps_at_most_max_points() -> None:
 
 def test_step_log_splits_decode_and_mixed_steps() -> None:
     log = StepLog()
-    log.add(0.010, StepResult(0, 4, 4, graph=True), 0.008)
-    log.add(0.030, StepResult(0, 4, 4, graph=False), 0.004)
+    log.add(0.010, StepResult(0, 4, 4, graph=True), 0.008, 0.002)
+    log.add(0.030, StepResult(0, 4, 4, graph=False), 0.004, 0.010)
     # A 100-token prompt joins 3 decodes.
-    log.add(0.060, StepResult(1, 3, 103, graph=False), 0.001)
-    log.add(0.005, None, 0.0)  # a step that ran nothing is not a step
+    log.add(0.060, StepResult(1, 3, 103, graph=False), 0.001, 0.050)
+    log.add(0.005, None, 0.0, 0.005)  # a step that ran nothing is not a step
     s = log.summary()
     assert s["decode"]["steps"] == 2 and s["mixed"]["steps"] == 1
     assert s["decode"]["avg_ms"] == pytest.approx(20.0)
     assert s["decode"]["avg_wait_ms"] == pytest.approx(6.0)
     assert s["mixed"]["avg_wait_ms"] == pytest.approx(1.0)
+    assert (s["decode"]["avg_cpu_ms"], s["mixed"]["avg_cpu_ms"]) == pytest.approx((6.0, 50.0))
     assert s["decode"]["graph_share"] == pytest.approx(0.5)
     assert s["decode"]["time_share"] == pytest.approx(0.4)
     assert s["mixed"]["time_share"] == pytest.approx(0.6)

@@ -82,6 +82,7 @@ async def test_target_drives_a_running_router_after_uploading_to_its_store(
         )
         for kind in ("decode", "mixed"):
             assert 0 <= steps[kind]["avg_wait_ms"] < steps[kind]["avg_ms"]
+            assert 0 < steps[kind]["avg_cpu_ms"] <= steps[kind]["avg_ms"] + 1
 
 
 def test_separate_processes_script_serves_the_trace(tmp_path: Path) -> None:

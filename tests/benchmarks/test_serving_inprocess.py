@@ -75,6 +75,10 @@ def test_replay_finishes_every_request_and_times_it(trace: Trace) -> None:
     assert 0 < sum(steps.waits) <= engine.device_wait_seconds
     assert all(0 <= w < s for w, s in zip(steps.waits, steps.seconds, strict=True))
     assert 0 < summary["decode"]["avg_wait_ms"] < summary["decode"]["avg_ms"]
+    # The stepping thread's CPU time, within each step (thread_time ticks coarser than the
+    # wall clock on some kernels: a millisecond of slack).
+    assert all(0 <= c <= s + 1e-3 for c, s in zip(steps.cpus, steps.seconds, strict=True))
+    assert summary["mixed"]["avg_cpu_ms"] > 0
 
 
 def test_cli_runs_each_engine_variant_with_consistent_metrics(tmp_path: Path, trace: Trace) -> None:

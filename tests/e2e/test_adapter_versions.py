@@ -21,6 +21,7 @@ import pytest
 from manylora.v1 import common_pb2, gpu_worker_pb2_grpc
 from services.client import AsyncManyloraClient, ManyloraError
 from services.common.base_model import DUMMY_PRESETS
+from services.gpu_worker.engine.engine_loop import EngineLoop
 from services.gpu_worker.serving.server import Worker
 from tests.adapter_store.helpers import RedisProcess, aio_channel
 from tests.e2e.stack import Stack, worker_stats
@@ -174,6 +175,7 @@ async def check_versions(
         stats = await worker_stats(worker)
         assert list(stats.host_cached_adapters) == [ID]
         assert list(stats.resident_adapters) == [ID]
+        assert isinstance(worker.loop, EngineLoop)  # on the CPU the engine is on a thread
         keys = worker.loop.engine.adapters.resident_keys()
         assert [k.version for k in keys] == [3], keys
 

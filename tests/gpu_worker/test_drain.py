@@ -14,6 +14,7 @@ import pytest
 
 from manylora.v1 import common_pb2, gpu_worker_pb2_grpc
 from services.common.config import ConfigError, load_config
+from services.gpu_worker.engine.engine_loop import EngineLoop
 from services.gpu_worker.serving.config import WorkerConfig
 from services.gpu_worker.serving.server import Worker, start_worker
 
@@ -24,6 +25,7 @@ TOKENS = 150
 async def _slow_worker(drain_timeout_s: float) -> Worker:
     config = WorkerConfig(port=0, device="cpu", pool_slots=1024, drain_timeout_s=drain_timeout_s)
     worker = await start_worker(config)
+    assert isinstance(worker.loop, EngineLoop)  # on the CPU the engine is on a thread
     engine = worker.loop.engine
     step = engine.step
 

@@ -134,6 +134,9 @@ def test_stats_count_the_steps_the_engine_ran_and_their_time(overlap):
     else:
         assert 0 < stats.prompt_step_wait_seconds < stats.prompt_step_seconds
     assert 0 < stats.decode_step_wait_seconds < stats.decode_step_seconds
+    # The engine thread's CPU time: some of every kind of step, never more than the step.
+    assert 0 < stats.decode_step_cpu_seconds <= stats.decode_step_seconds + 1e-3
+    assert 0 < stats.prompt_step_cpu_seconds <= stats.prompt_step_seconds + 1e-3
 
 
 def compile_as_triton_does(seconds: float) -> None:

@@ -12,17 +12,25 @@ from manylora.v1 import common_pb2, gpu_worker_pb2, gpu_worker_pb2_grpc
 from services.common.base_model import BaseModelShape, load_hf_config
 from services.common.random_adapters import save_random_peft_adapter
 from services.gpu_worker.serving.config import WorkerConfig
+from services.gpu_worker.serving.engine_process import EngineProcess
 from services.gpu_worker.serving.server import start_worker
 
 
 @pytest.mark.gpu
-async def test_cuda_worker_streams_mixed_adapter_requests(tmp_path: Path):
+@pytest.mark.parametrize("engine_process", ["auto", "off"])  # auto: its own process on CUDA
+async def test_cuda_worker_streams_mixed_adapter_requests(tmp_path: Path, engine_process: str):
     shape = BaseModelShape.from_hf_config(load_hf_config("tiny"))
     for seed, rank in enumerate((8, 16, 32, 64)):
         save_random_peft_adapter(tmp_path / f"r{rank}", shape, rank=rank, seed=seed)
-    worker = await start_worker(
-        WorkerConfig(port=0, device="cuda", dtype="bfloat16", adapters=[str(tmp_path)])
+    config = WorkerConfig(
+        port=0,
+        device="cuda",
+        dtype="bfloat16",
+        adapters=[str(tmp_path)],
+        engine_process=engine_process,
     )
+    worker = await start_worker(config)
+    assert isinstance(worker.loop, EngineProcess) == (engine_process == "auto")
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{worker.port}") as channel:
             stub = gpu_worker_pb2_grpc.GpuWorkerStub(channel)

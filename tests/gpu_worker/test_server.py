@@ -20,12 +20,20 @@ from services.gpu_worker.serving.config import WorkerConfig
 from services.gpu_worker.serving.server import Worker, start_worker
 
 
-@pytest.fixture
-async def worker(tmp_path: Path) -> AsyncIterator[Worker]:
+# Every test runs with the engine on a thread of the server's process and in its own
+# process (`--engine-process`, the default on a GPU): the servicer must not tell them apart.
+@pytest.fixture(params=["off", "on"], ids=["engine-thread", "engine-process"])
+async def worker(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Worker]:
     shape = BaseModelShape.from_hf_config(load_hf_config("tiny"))
     save_random_peft_adapter(tmp_path / "ad-a", shape, rank=8, seed=1)
     save_random_peft_adapter(tmp_path / "ad-b", shape, rank=16, seed=2)
-    config = WorkerConfig(port=0, device="cpu", adapters=[str(tmp_path)], pool_slots=1024)
+    config = WorkerConfig(
+        port=0,
+        device="cpu",
+        adapters=[str(tmp_path)],
+        pool_slots=1024,
+        engine_process=request.param,
+    )
     running = await start_worker(config)
     yield running
     await running.stop()
@@ -35,6 +43,15 @@ async def worker(tmp_path: Path) -> AsyncIterator[Worker]:
 async def stub(worker: Worker) -> AsyncIterator[gpu_worker_pb2_grpc.GpuWorkerStub]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{worker.port}") as channel:
         yield gpu_worker_pb2_grpc.GpuWorkerStub(channel)
+
+
+@pytest.fixture
+async def thread_stub() -> AsyncIterator[gpu_worker_pb2_grpc.GpuWorkerStub]:
+    """A worker with its engine on a thread, for what never reaches the engine."""
+    running = await start_worker(WorkerConfig(port=0, device="cpu", pool_slots=1024))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        yield gpu_worker_pb2_grpc.GpuWorkerStub(channel)
+    await running.stop()
 
 
 def _request(adapter: str = "", **params: object) -> common_pb2.GenerateRequest:
@@ -75,6 +92,7 @@ async def test_concurrent_streams_for_different_adapters_all_finish(stub):
     assert tokens[0] != tokens[1]
 
 
+# Refused by the servicer before any engine sees them: the same with an engine process.
 @pytest.mark.parametrize(
     ("request_", "needle"),
     [
@@ -83,15 +101,29 @@ async def test_concurrent_streams_for_different_adapters_all_finish(stub):
         (_request(top_p=1.5), "top_p"),
         (_request(stop_token_ids=[10**6]), "stop_token_ids"),
         (
+            common_pb2.GenerateRequest(params=common_pb2.SamplingParams(max_new_tokens=1)),
+            "prompt, prompt_token_ids or chat is required",
+        ),
+    ],
+)
+async def test_bad_params_are_invalid_argument(thread_stub, request_, needle):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _collect(thread_stub, request_)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert needle in (err.value.details() or "")
+
+
+# Refused by the engine's limits (engine/request_limits.py) and its pool's size, which an
+# engine process checks on its side of the pipe.
+@pytest.mark.parametrize(
+    ("request_", "needle"),
+    [
+        (
             common_pb2.GenerateRequest(
                 prompt_token_ids=common_pb2.PromptTokenIds(ids=[1, 99999]),
                 params=common_pb2.SamplingParams(max_new_tokens=1),
             ),
             "outside vocab",
-        ),
-        (
-            common_pb2.GenerateRequest(params=common_pb2.SamplingParams(max_new_tokens=1)),
-            "prompt, prompt_token_ids or chat is required",
         ),
         (
             common_pb2.GenerateRequest(
@@ -103,7 +135,7 @@ async def test_concurrent_streams_for_different_adapters_all_finish(stub):
         (_request(max_new_tokens=600), "can never fit"),
     ],
 )
-async def test_bad_params_are_invalid_argument(stub, request_, needle):
+async def test_requests_the_engine_can_never_run_are_invalid_argument(stub, request_, needle):
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await _collect(stub, request_)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

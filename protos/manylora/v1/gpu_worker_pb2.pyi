@@ -12,7 +12,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("running_requests", "waiting_requests", "free_slots", "total_slots", "resident_adapters", "adapter_cache_hits", "adapter_cache_misses", "model", "kv_slots", "adapter_slots", "adapter_evictions", "host_cached_adapters", "decode_steps", "decode_step_seconds", "prompt_steps", "prompt_step_seconds", "decode_step_wait_seconds", "prompt_step_wait_seconds", "decode_step_tokens", "prompt_step_tokens", "kernel_compiles", "kernel_compile_seconds")
+    __slots__ = ("running_requests", "waiting_requests", "free_slots", "total_slots", "resident_adapters", "adapter_cache_hits", "adapter_cache_misses", "model", "kv_slots", "adapter_slots", "adapter_evictions", "host_cached_adapters", "decode_steps", "decode_step_seconds", "prompt_steps", "prompt_step_seconds", "decode_step_wait_seconds", "prompt_step_wait_seconds", "decode_step_tokens", "prompt_step_tokens", "kernel_compiles", "kernel_compile_seconds", "decode_step_cpu_seconds", "prompt_step_cpu_seconds")
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     FREE_SLOTS_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,8 @@ class GetStatsResponse(_message.Message):
     PROMPT_STEP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KERNEL_COMPILES_FIELD_NUMBER: _ClassVar[int]
     KERNEL_COMPILE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEP_CPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_STEP_CPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
     running_requests: int
     waiting_requests: int
     free_slots: int
@@ -57,4 +59,6 @@ class GetStatsResponse(_message.Message):
     prompt_step_tokens: int
     kernel_compiles: int
     kernel_compile_seconds: float
-    def __init__(self, running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., free_slots: _Optional[int] = ..., total_slots: _Optional[int] = ..., resident_adapters: _Optional[_Iterable[str]] = ..., adapter_cache_hits: _Optional[int] = ..., adapter_cache_misses: _Optional[int] = ..., model: _Optional[str] = ..., kv_slots: _Optional[int] = ..., adapter_slots: _Optional[int] = ..., adapter_evictions: _Optional[int] = ..., host_cached_adapters: _Optional[_Iterable[str]] = ..., decode_steps: _Optional[int] = ..., decode_step_seconds: _Optional[float] = ..., prompt_steps: _Optional[int] = ..., prompt_step_seconds: _Optional[float] = ..., decode_step_wait_seconds: _Optional[float] = ..., prompt_step_wait_seconds: _Optional[float] = ..., decode_step_tokens: _Optional[int] = ..., prompt_step_tokens: _Optional[int] = ..., kernel_compiles: _Optional[int] = ..., kernel_compile_seconds: _Optional[float] = ...) -> None: ...
+    decode_step_cpu_seconds: float
+    prompt_step_cpu_seconds: float
+    def __init__(self, running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., free_slots: _Optional[int] = ..., total_slots: _Optional[int] = ..., resident_adapters: _Optional[_Iterable[str]] = ..., adapter_cache_hits: _Optional[int] = ..., adapter_cache_misses: _Optional[int] = ..., model: _Optional[str] = ..., kv_slots: _Optional[int] = ..., adapter_slots: _Optional[int] = ..., adapter_evictions: _Optional[int] = ..., host_cached_adapters: _Optional[_Iterable[str]] = ..., decode_steps: _Optional[int] = ..., decode_step_seconds: _Optional[float] = ..., prompt_steps: _Optional[int] = ..., prompt_step_seconds: _Optional[float] = ..., decode_step_wait_seconds: _Optional[float] = ..., prompt_step_wait_seconds: _Optional[float] = ..., decode_step_tokens: _Optional[int] = ..., prompt_step_tokens: _Optional[int] = ..., kernel_compiles: _Optional[int] = ..., kernel_compile_seconds: _Optional[float] = ..., decode_step_cpu_seconds: _Optional[float] = ..., prompt_step_cpu_seconds: _Optional[float] = ...) -> None: ...

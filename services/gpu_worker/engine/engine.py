@@ -53,6 +53,7 @@ from services.gpu_worker.engine.forward_batch import ForwardBatch
 from services.gpu_worker.engine.inflight_step import InflightStep, StepResult
 from services.gpu_worker.engine.pending_outputs import PendingToken, PendingTokens, token_output
 from services.gpu_worker.engine.prefill_graphs import PrefillGraphs
+from services.gpu_worker.engine.request_limits import RequestLimits
 from services.gpu_worker.engine.running_limit import resolve_max_num_seqs
 from services.gpu_worker.engine.sampling import Sampled, request_seed, sample_async
 from services.gpu_worker.engine.scheduler import ScheduledStep, Scheduler
@@ -105,6 +106,7 @@ class Engine:
             max_adapter_slots(self.model_config, config.max_rank, self.pool.width),
         )
         self.max_rank = config.max_rank
+        self.limits = RequestLimits(self.model_config.vocab_size, self.max_model_len, self.max_rank)
         self.lora_backend = lora_backend or lora_backend_for(self.device)
         self.kv_tables = KvSlotTables(config.max_num_seqs, self.max_model_len, self.device)
         self.scheduler = Scheduler(config, self.pool, self.adapters, self.kv_tables)
@@ -172,20 +174,8 @@ class Engine:
     def check(self, seq: Sequence) -> None:
         """Refuse what can never run (InvalidArgument). Safe to call from any thread: it reads
         only what is fixed once the engine is built (its model, its pool's size)."""
+        self.limits.check(seq)
         prompt_len = len(seq.prompt_ids)
-        if prompt_len == 0:
-            raise InvalidArgument("prompt is empty")
-        bad = [t for t in seq.prompt_ids if t >= self.model_config.vocab_size]
-        if bad:
-            raise InvalidArgument(
-                f"prompt token ids {bad[:5]} outside vocab of {self.model_config.vocab_size}"
-            )
-        if prompt_len >= self.max_model_len:
-            raise InvalidArgument(
-                f"prompt has {prompt_len} tokens; the model's context is {self.max_model_len}"
-            )
-        if seq.adapter is not None and seq.adapter.rank > self.max_rank:
-            raise InvalidArgument(f"adapter rank {seq.adapter.rank} > max rank {self.max_rank}")
         total = min(prompt_len + seq.options.max_new_tokens, self.max_model_len)
         adapter_slots = self.adapters.slot_count(seq.adapter) if seq.adapter else 0
         if not self.pool.can_ever_fit(self.pool.kv_slots_for(total), adapter_slots):

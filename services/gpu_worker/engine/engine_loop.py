@@ -32,15 +32,24 @@ Command = Callable[[], None]
 class EngineLoop:
     """Runs `engine.step()` on its own thread whenever there is work, and sleeps otherwise."""
 
-    def __init__(self, engine: Engine, profile: ThreadProfile | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        profile: ThreadProfile | None = None,
+        after_publish: Command | None = None,
+    ):
+        """`after_publish` runs on the engine thread after each step (or idle moment), once
+        its stats are published: where an engine process sends its outputs on."""
         self.engine = engine
         self._profile = profile  # of the engine thread, when asked for (diagnosis)
+        self._after_publish = after_publish
         self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._lock = threading.Lock()
         # The engine thread has not started: this first snapshot may be made here.
         self._stats = engine.stats()
         self._unpublished = 0  # submitted and not yet counted by a published snapshot
         self._added = 0  # added by the engine thread since its last snapshot
+        self.added_total = 0  # added by the engine thread ever (read on that thread)
         self._step_counts = StepCounts()  # the engine thread's alone
         self._compiles = compile_watch()
         self._stopping = threading.Event()
@@ -77,8 +86,13 @@ class EngineLoop:
         seq_id = seq.seq_id
         self._inbox.put(lambda: self._abort(seq_id))
 
+    def call(self, command: Command) -> None:
+        """Run `command` on the engine thread before its next step."""
+        self._inbox.put(command)
+
     def _add(self, seq: Sequence) -> None:
         self._added += 1
+        self.added_total += 1
         try:
             self.engine.enqueue(seq)  # submit has checked it
         except Exception as exc:  # whatever it is, it must reach this request's caller
@@ -116,6 +130,11 @@ class EngineLoop:
             if self.engine.has_work() and not self._stopping.is_set():
                 self._step()
             self._publish()
+            if self._after_publish is not None:
+                try:
+                    self._after_publish()
+                except Exception:
+                    logger.exception("handing the step's outputs on failed")
 
     def _publish(self) -> None:
         """Make the engine's stats readable by other threads."""
@@ -135,13 +154,14 @@ class EngineLoop:
         every request here fails rather than the thread dying and leaving them hanging."""
         try:
             began, waited = time.perf_counter(), self.engine.device_wait_seconds
-            compiled = self._compiles.total
+            cpu, compiled = time.thread_time(), self._compiles.total
             result = self.engine.step()
             seconds = time.perf_counter() - began
             self._step_counts.add(
                 result,
                 seconds,
                 self.engine.device_wait_seconds - waited,
+                time.thread_time() - cpu,
                 self._compiles.total - compiled,
             )
         except Exception as exc:

@@ -21,8 +21,10 @@ if TYPE_CHECKING:
 @dataclass
 class StepCounts:
     """Steps the engine launched, the seconds spent in their calls and, of those, waiting for
-    the device, and the tokens they ran, by kind; and the kernels compiled during steps (each
-    stalls its batch); the field names are GetStatsResponse's."""
+    the device and the engine thread's CPU time, and the tokens they ran, by kind; and the
+    kernels compiled during steps (each stalls its batch); the field names are
+    GetStatsResponse's. Host work neither waiting nor on the CPU is time the engine thread
+    waited for something else, such as the GIL."""
 
     decode_steps: int = 0
     decode_step_seconds: float = 0.0
@@ -34,12 +36,15 @@ class StepCounts:
     prompt_step_tokens: int = 0
     kernel_compiles: int = 0
     kernel_compile_seconds: float = 0.0
+    decode_step_cpu_seconds: float = 0.0
+    prompt_step_cpu_seconds: float = 0.0
 
     def add(
         self,
         result: StepResult | None,
         seconds: float,
         wait_seconds: float,
+        cpu_seconds: float,
         compiles: Compiles,
     ) -> None:
         self.kernel_compiles += compiles.count
@@ -50,11 +55,13 @@ class StepCounts:
             self.prompt_steps += 1
             self.prompt_step_seconds += seconds
             self.prompt_step_wait_seconds += wait_seconds
+            self.prompt_step_cpu_seconds += cpu_seconds
             self.prompt_step_tokens += result.tokens
         else:
             self.decode_steps += 1
             self.decode_step_seconds += seconds
             self.decode_step_wait_seconds += wait_seconds
+            self.decode_step_cpu_seconds += cpu_seconds
             self.decode_step_tokens += result.tokens
 
 

@@ -44,12 +44,19 @@ def build_model(
     if dummy:
         on_gpu = device.type == "cuda"
         built = build_dummy_model(model_config, seed, dtype, device, draw_on_device=on_gpu)
-        tokenizer: Tokenizer = ByteTokenizer(model_config.vocab_size)
     else:
         built = load_hf_model(model, model_config, dtype, device)
-        tokenizer = HFTokenizer(model)
     logger.info("model %s on %s in %s (dummy=%s)", model, device, dtype, dummy)
-    return built, tokenizer
+    return built, build_tokenizer(model, dummy, model_config.vocab_size)
+
+
+def build_tokenizer(model: str, dummy: bool, vocab_size: int | None = None) -> Tokenizer:
+    """The tokenizer of `model` (a byte-level one for dummy weights), without the model."""
+    if not dummy:
+        return HFTokenizer(model)
+    if vocab_size is None:
+        vocab_size = ModelConfig.from_hf(load_hf_config(model)).vocab_size
+    return ByteTokenizer(vocab_size)
 
 
 def build_engine(

@@ -19,6 +19,8 @@ from services.common.security_config import CallerSecurityConfig
 from services.common.tracing import check_tracing, otel_endpoint_field
 from services.gpu_worker.engine.config import EngineConfig
 
+ENGINE_PROCESS_CHOICES = ("auto", "on", "off")
+
 
 @dataclass(frozen=True)
 class WorkerConfig(EngineConfig, CallerSecurityConfig):
@@ -68,6 +70,14 @@ class WorkerConfig(EngineConfig, CallerSecurityConfig):
     )
     host_cache_bytes: int = field(
         default=4 << 30, metadata={"help": "host-memory adapter cache bound, in bytes"}
+    )
+    engine_process: str = field(
+        default="auto",
+        metadata={
+            "help": "run the engine in a process of its own (on), or on a thread of the gRPC "
+            "server's process (off), which then shares the GIL with every stream; auto = on "
+            "with a GPU"
+        },
     )
     stream_interval: int = field(
         default=1,
@@ -119,10 +129,21 @@ class WorkerConfig(EngineConfig, CallerSecurityConfig):
         # A preset has no weights to load: it is random by nature, whatever --dummy says.
         if self.model in DUMMY_PRESETS:
             object.__setattr__(self, "dummy", True)
+        if self.engine_process not in ENGINE_PROCESS_CHOICES:
+            raise ConfigError(
+                "engine_process",
+                f"{self.engine_process!r} is not one of {', '.join(ENGINE_PROCESS_CHOICES)}",
+            )
 
     def engine_config(self) -> EngineConfig:
         """The engine's part of this config."""
         return EngineConfig(**{f.name: getattr(self, f.name) for f in fields(EngineConfig)})
+
+    def engine_in_process(self, device: str) -> bool:
+        """Whether the engine runs in its own process, on `device` ("cuda", "cpu")."""
+        if self.engine_process == "auto":
+            return device == "cuda"
+        return self.engine_process == "on"
 
     def check(self) -> None:
         """What would fail later, deep in start-up: `ConfigError` naming the setting."""

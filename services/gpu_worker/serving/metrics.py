@@ -86,6 +86,14 @@ class _StatsCollector(Collector):
                 "Of the prompt steps' seconds, those spent waiting for the device.",
                 s.prompt_step_wait_seconds,
             ),
+            "engine_decode_step_cpu_seconds": (
+                "Of the decode-only steps' seconds, the engine thread's CPU time.",
+                s.decode_step_cpu_seconds,
+            ),
+            "engine_prompt_step_cpu_seconds": (
+                "Of the prompt steps' seconds, the engine thread's CPU time.",
+                s.prompt_step_cpu_seconds,
+            ),
             "engine_decode_step_tokens": ("Tokens decode-only steps ran.", s.decode_step_tokens),
             "engine_prompt_step_tokens": (
                 "Tokens steps with prompt chunks ran (prompt chunks and decodes).",

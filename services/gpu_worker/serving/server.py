@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -27,10 +28,17 @@ from services.gpu_worker.adapters.store_adapter_source import (
 )
 from services.gpu_worker.engine.engine import Engine
 from services.gpu_worker.engine.engine_loop import EngineLoop
-from services.gpu_worker.engine.setup import build_engine, build_model, resolve_device
+from services.gpu_worker.engine.setup import (
+    build_engine,
+    build_model,
+    build_tokenizer,
+    resolve_device,
+)
 from services.gpu_worker.engine.tokenizer import Tokenizer
 from services.gpu_worker.model.lora_backend import LoraBackend
 from services.gpu_worker.serving.config import WorkerConfig
+from services.gpu_worker.serving.engine_handle import EngineHandle
+from services.gpu_worker.serving.engine_process import EngineProcess
 from services.gpu_worker.serving.heartbeat import start_heartbeat
 from services.gpu_worker.serving.metrics import serve_worker_metrics
 from services.gpu_worker.serving.servicer import GpuWorkerServicer
@@ -70,7 +78,7 @@ def build_adapter_source(
 @dataclass
 class Worker:
     server: RunningServer
-    loop: EngineLoop
+    loop: EngineHandle
     # Heartbeat and metrics endpoint, stopped first: routers stop sending work before we go.
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     tracing: Tracing | None = None  # stopped last: the spans of drained streams go out too
@@ -90,10 +98,10 @@ class Worker:
 
 
 async def _stop_threads_and_tracing(
-    loop: EngineLoop, loop_profile: ThreadProfile | None, tracing: Tracing | None
+    loop: EngineHandle, loop_profile: ThreadProfile | None, tracing: Tracing | None
 ) -> None:
-    """Stop the engine thread and the event loop's profile (writing it), then tracing: what a
-    worker stops last, once nothing is served."""
+    """Stop the engine (its thread or its process) and the event loop's profile (writing it),
+    then tracing: what a worker stops last, once nothing is served."""
     loop.stop()
     if loop_profile is not None:
         loop_profile.stop()
@@ -103,16 +111,16 @@ async def _stop_threads_and_tracing(
 
 async def start_worker(config: WorkerConfig, lora_backend: LoraBackend | None = None) -> Worker:
     tracing = start_tracing(config.otel_endpoint, "manylora-gpu-worker")  # before any channel
-    engine, tokenizer = build_worker_engine(config, lora_backend)
-    adapters = build_adapter_source(config, engine.model_config.shape, engine.dtype)
     engine_profile, loop_profile = _thread_profiles(config.profile_to)
-    loop = EngineLoop(engine, engine_profile)
-    loop.start()
+    on_failure = NotServingOnFailure(asyncio.get_running_loop())
+    engine, tokenizer, adapters = await _start_engine(
+        config, lora_backend, engine_profile, on_failure
+    )
     if loop_profile is not None:  # this coroutine runs on the event loop's thread
         loop_profile.start()
-    try:  # a failure from here on (a taken port) stops the engine thread and what it started
+    try:  # a failure from here on (a taken port) stops the engine and what it started
         servicer = GpuWorkerServicer(
-            loop, tokenizer, adapters, config.model, stream_interval=config.stream_interval
+            engine, tokenizer, adapters, config.model, stream_interval=config.stream_interval
         )
         server = await start_server(
             [
@@ -129,10 +137,11 @@ async def start_worker(config: WorkerConfig, lora_backend: LoraBackend | None = 
     except BaseException:
         if isinstance(adapters, StoreAdapterSource):
             await adapters.close()
-        await _stop_threads_and_tracing(loop, loop_profile, tracing)
+        await _stop_threads_and_tracing(engine, loop_profile, tracing)
         raise
     closers: list[Callable[[], Awaitable[None]]] = []
-    worker = Worker(server, loop, closers, tracing, config.drain_timeout_s, loop_profile)
+    worker = Worker(server, engine, closers, tracing, config.drain_timeout_s, loop_profile)
+    on_failure.watch(server)
     try:  # a later start-up failure (a taken metrics port) stops what already runs
         await _start_sidecars(worker, config, servicer, adapters)
     except BaseException:
@@ -140,6 +149,29 @@ async def start_worker(config: WorkerConfig, lora_backend: LoraBackend | None = 
         raise
     compile_watch().warn = True  # from here on a compilation stalls served requests
     return worker
+
+
+async def _start_engine(
+    config: WorkerConfig,
+    lora_backend: LoraBackend | None,
+    profile: ThreadProfile | None,
+    on_failure: Callable[[str], None],
+) -> tuple[EngineHandle, Tokenizer, AdapterSource]:
+    """The engine, on a thread of this process or in its own (`--engine-process`; never
+    with a benchmark's `lora_backend`, an object of this process), its tokenizer and the
+    adapter source, which keeps adapters in the engine's dtype."""
+    device, _ = resolve_device(config)
+    if lora_backend is None and config.engine_in_process(device.type):
+        process = EngineProcess(config, on_failure)
+        info = await process.start()
+        tokenizer = build_tokenizer(config.model, config.dummy, info.limits.vocab_size)
+        dtype = getattr(torch, info.dtype)
+        return process, tokenizer, build_adapter_source(config, info.shape, dtype)
+    engine, tokenizer = build_worker_engine(config, lora_backend)
+    adapters = build_adapter_source(config, engine.model_config.shape, engine.dtype)
+    loop = EngineLoop(engine, profile)
+    loop.start()
+    return loop, tokenizer, adapters
 
 
 async def _start_sidecars(
@@ -164,6 +196,30 @@ async def _start_sidecars(
             listener.start()
             closers.append(listener.stop)
         closers.append(adapters.close)
+
+
+class NotServingOnFailure:
+    """Called from any thread when the engine process dies: the server's health turns
+    NOT_SERVING (routers stop sending it work), now or once the server exists."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._server: RunningServer | None = None
+        self._failed = False
+
+    def __call__(self, message: str) -> None:
+        self._failed = True
+        self._loop.call_soon_threadsafe(self._mark)
+
+    def watch(self, server: RunningServer) -> None:
+        self._server = server
+        if self._failed:
+            self._mark()
+
+    def _mark(self) -> None:
+        if self._server is not None:
+            logger.error("the engine failed: this worker is NOT_SERVING")
+            self._loop.create_task(self._server.set_serving([SERVICE_NAME], False))
 
 
 def _thread_profiles(prefix: str) -> tuple[ThreadProfile | None, ThreadProfile | None]:

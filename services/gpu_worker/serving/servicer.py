@@ -21,10 +21,10 @@ from services.common.tracing import record_engine_phases
 from services.common.validation import UndecodableRequest, check_generate_request
 from services.gpu_worker.adapters.adapter_source import AdapterSource
 from services.gpu_worker.engine.chat_template import chat_template_for
-from services.gpu_worker.engine.engine_loop import EngineLoop
 from services.gpu_worker.engine.sampling import SamplingOptions
 from services.gpu_worker.engine.sequence import FinishReason, Sequence, StepOutput
 from services.gpu_worker.engine.tokenizer import Tokenizer
+from services.gpu_worker.serving.engine_handle import EngineHandle
 from services.gpu_worker.serving.metrics import WorkerMetrics
 from services.gpu_worker.serving.output_relay import HeldOutputs, OutputRelay, merge_outputs
 
@@ -86,7 +86,7 @@ async def _next_outputs(outputs: asyncio.Queue[StepOutput]) -> list[StepOutput]:
 class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
     def __init__(
         self,
-        loop: EngineLoop,
+        loop: EngineHandle,
         tokenizer: Tokenizer,
         adapters: AdapterSource,
         model_name: str,

@@ -1,0 +1,258 @@
+"""The engine in its own process (`--engine-process`): what crosses the pipe arrives whole, an
+engine process that dies takes only its own requests down and says so, and none outlives its
+worker. (test_server.py runs the servicer's tests against both engine placements.)"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from manylora.v1 import common_pb2, gpu_worker_pb2, gpu_worker_pb2_grpc
+from services.common.base_model import BaseModelShape, load_hf_config
+from services.common.config import ConfigError
+from services.common.errors import FAILURE_SCOPE_KEY, WORKER_FAILURE
+from services.common.lora_format import CanonicalAdapter
+from services.common.random_adapters import save_random_peft_adapter
+from services.gpu_worker.serving.config import WorkerConfig
+from services.gpu_worker.serving.engine_process import AdapterCopies, EngineProcess
+from services.gpu_worker.serving.server import Worker, start_worker
+
+ADAPTERS = [f"ad-{i}" for i in range(5)]
+
+
+def _adapter_folders(tmp_path: Path) -> Path:
+    """Five adapters: attention ones of ranks 4-16 and an all-linear one."""
+    shape = BaseModelShape.from_hf_config(load_hf_config("tiny"))
+    for i, name in enumerate(ADAPTERS):
+        targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+        if i == 4:
+            targets += ("gate_proj", "up_proj", "down_proj")
+        save_random_peft_adapter(
+            tmp_path / name, shape, rank=4 * (1 + i % 4), seed=i, targets=targets, std=0.2
+        )
+    return tmp_path
+
+
+def _config(tmp_path: Path, engine_process: str, **overrides: object) -> WorkerConfig:
+    fields: dict[str, object] = {
+        "port": 0,
+        "device": "cpu",
+        "adapters": [str(tmp_path)],
+        "pool_slots": 4096,
+        "engine_process": engine_process,
+        **overrides,
+    }
+    return WorkerConfig(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def process_worker(tmp_path: Path) -> AsyncIterator[Worker]:
+    worker = await start_worker(_config(_adapter_folders(tmp_path), "on"))
+    yield worker
+    await worker.stop()
+
+
+def _requests() -> list[common_pb2.GenerateRequest]:
+    """Every adapter and the base model, greedy and seeded-sampled, with logprobs and a stop
+    string: what each output carries must cross the pipe."""
+    out = []
+    for i, adapter in enumerate(["", *ADAPTERS] * 2):
+        params = common_pb2.SamplingParams(
+            max_new_tokens=14, ignore_eos=True, logprobs=True, stop=["\ufffd"] if i % 3 == 0 else []
+        )
+        if i % 2:
+            params.temperature, params.top_p, params.top_k, params.seed = 0.9, 0.9, 20, 100 + i
+        out.append(
+            common_pb2.GenerateRequest(
+                request_id=f"same-id-{i % 2}",  # ids that collide: outputs go by the engine's
+                adapter_id=adapter,
+                prompt=f"prompt number {i}",
+                params=params,
+            )
+        )
+    return out
+
+
+async def _run_all(port: int) -> list[tuple[list[int], str, list[float], int]]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = gpu_worker_pb2_grpc.GpuWorkerStub(channel)
+
+        async def one(
+            request: common_pb2.GenerateRequest,
+        ) -> tuple[list[int], str, list[float], int]:
+            responses = [r async for r in stub.Generate(request)]
+            tokens = [t for r in responses for t in r.token_ids]
+            logprobs = [p for r in responses for p in r.logprobs]
+            text = "".join(r.text for r in responses)
+            return tokens, text, logprobs, responses[-1].finish_reason
+
+        return list(await asyncio.gather(*(one(r) for r in _requests())))
+
+
+async def test_streams_match_the_engine_on_a_thread_with_adapters_cycled_through_the_pipe(
+    tmp_path: Path,
+):
+    """The oracle is the same engine on a thread of the server's process (its outputs are
+    checked against HF+PEFT elsewhere). The engine process's adapter copies are bounded to
+    about one adapter, so most requests send their adapter's weights again after a forget."""
+    folders = _adapter_folders(tmp_path)
+    results = {}
+    for mode, overrides in (("off", {}), ("on", {"host_cache_bytes": 300_000})):
+        worker = await start_worker(_config(folders, mode, **overrides))
+        try:
+            results[mode] = await _run_all(worker.port)
+        finally:
+            await worker.stop()
+    for thread, process in zip(results["off"], results["on"], strict=True):
+        assert process[0] == thread[0]
+        assert process[1] == thread[1]
+        assert process[2] == pytest.approx(thread[2], abs=1e-4)
+        assert process[3] == thread[3]
+    assert any(r[3] == common_pb2.STOP for r in results["on"])  # the stop string did its part
+
+
+async def test_stats_count_a_finished_stream_as_soon_as_its_client_sees_it_end(
+    process_worker: Worker,
+):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{process_worker.port}") as channel:
+        stub = gpu_worker_pb2_grpc.GpuWorkerStub(channel)
+        for adapter in ("", "ad-2", "ad-4"):
+            params = common_pb2.SamplingParams(max_new_tokens=5, ignore_eos=True)
+            request = common_pb2.GenerateRequest(adapter_id=adapter, prompt="abc", params=params)
+            responses = [r async for r in stub.Generate(request)]
+            assert responses[-1].finish_reason == common_pb2.LENGTH
+            stats = await stub.GetStats(gpu_worker_pb2.GetStatsRequest())
+            assert (stats.running_requests, stats.waiting_requests, stats.kv_slots) == (0, 0, 0)
+        assert sorted(stats.resident_adapters) == ["ad-2", "ad-4"]
+
+
+async def test_a_dead_engine_process_fails_its_streams_as_the_workers_fault(
+    process_worker: Worker,
+):
+    """Killed mid-stream: every running stream ends with a worker-scoped error (a router
+    retries it elsewhere), health turns NOT_SERVING and new requests are UNAVAILABLE, at
+    once and not after a timeout."""
+    engine = process_worker.loop
+    assert isinstance(engine, EngineProcess) and engine.pid is not None
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{process_worker.port}") as channel:
+        stub = gpu_worker_pb2_grpc.GpuWorkerStub(channel)
+        params = common_pb2.SamplingParams(max_new_tokens=900, ignore_eos=True)
+        calls = [
+            stub.Generate(common_pb2.GenerateRequest(adapter_id=a, prompt="x", params=params))
+            for a in ("", "ad-1")
+        ]
+        for call in calls:
+            assert len((await call.read()).token_ids) == 1
+        os.kill(engine.pid, signal.SIGKILL)
+        for call in calls:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async with asyncio.timeout(10):
+                    while await call.read() is not grpc.aio.EOF:
+                        pass
+            assert err.value.code() == grpc.StatusCode.INTERNAL
+            assert "engine process exited" in (err.value.details() or "")
+            trailing = dict(err.value.trailing_metadata() or ())
+            assert trailing.get(FAILURE_SCOPE_KEY) == WORKER_FAILURE
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Generate(
+                common_pb2.GenerateRequest(
+                    prompt="y", params=common_pb2.SamplingParams(max_new_tokens=2)
+                )
+            ).read()
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        health = health_pb2_grpc.HealthStub(channel)
+        request = health_pb2.HealthCheckRequest(service="manylora.v1.GpuWorker")
+        async with asyncio.timeout(5):
+            while (
+                await health.Check(request)
+            ).status != health_pb2.HealthCheckResponse.NOT_SERVING:
+                await asyncio.sleep(0.02)
+
+
+async def test_the_engine_process_ends_with_its_worker(process_worker: Worker):
+    engine = process_worker.loop
+    assert isinstance(engine, EngineProcess) and engine.pid is not None
+    assert _alive(engine.pid)
+    await process_worker.stop()
+    assert not _alive(engine.pid)
+
+
+def test_the_engine_process_ends_when_the_server_process_is_killed(tmp_path: Path):
+    """A worker whose gRPC process is SIGKILLed (no clean-up runs) leaves no engine process
+    holding the GPU: it sees its pipe close and exits."""
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import asyncio, os, signal, sys\n"
+        "from services.gpu_worker.serving.config import WorkerConfig\n"
+        "from services.gpu_worker.serving.server import start_worker\n"
+        "async def main():\n"
+        "    config = WorkerConfig(port=0, device='cpu', pool_slots=1024, engine_process='on')\n"
+        "    worker = await start_worker(config)\n"
+        "    print(worker.loop.pid, flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "if __name__ == '__main__':\n"
+        "    asyncio.run(main())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    pid = int(done.stdout.split()[0])
+    deadline = time.monotonic() + 20
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pid)
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not reaped, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _adapter(name: str, numel: int, version: int = 1) -> CanonicalAdapter:
+    a = CanonicalAdapter(name, 4, 8.0, 2.0, "tiny", version=version, sha256=f"{name}{version}")
+    a.lora_a["q_proj"] = torch.zeros(numel // 2)
+    a.lora_b["q_proj"] = torch.zeros(numel // 2)
+    return a
+
+
+def test_adapter_copies_send_each_identity_once_and_forget_the_oldest_beyond_the_budget():
+    copies = AdapterCopies(budget=3 * 400)  # three adapters of 400 bytes (100 fp32 each)
+    a, b, c, d = (_adapter(n, 100) for n in "abcd")
+    assert [m[0] for m in copies.messages_for(a)] == ["adapter"]
+    assert copies.messages_for(a) == []  # held: nothing to send
+    copies.messages_for(b)
+    copies.messages_for(c)
+    copies.messages_for(a)  # a is now the most recent
+    assert copies.messages_for(d) == [("adapter", d), ("forget", b.key)]
+    assert [m[0] for m in copies.messages_for(b)] == ["adapter", "forget"]  # b again: sent
+    v2 = _adapter("a", 100, version=2)  # a new version is another identity
+    assert copies.messages_for(v2)[0] == ("adapter", v2)
+    big = _adapter("big", 1000)  # larger than the budget alone: still sent, others forgotten
+    sent = copies.messages_for(big)
+    assert sent[0] == ("adapter", big) and len(sent) == 4
+
+
+def test_engine_process_takes_on_off_auto():
+    with pytest.raises(ConfigError, match=r"^--engine-process \(MANYLORA_ENGINE_PROCESS\): 'yes'"):
+        WorkerConfig(engine_process="yes")
+    assert WorkerConfig().engine_in_process("cuda")
+    assert not WorkerConfig().engine_in_process("cpu")
+    assert WorkerConfig(engine_process="on").engine_in_process("cpu")
+    assert not WorkerConfig(engine_process="off").engine_in_process("cuda")
