@@ -115,11 +115,19 @@ def summary_line(r: dict[str, Any]) -> str:
         f"{r.get('distinct_adapters', '-')} adapters served, "
         f"{fmt(r['throughput_req_s'])} req/s, {fmt(r['throughput_tok_s'], '.0f')} tok/s, "
         f"latency avg {fmt(r['avg_latency_s'])} s p99 {fmt(r['p99_latency_s'])} s, "
-        f"TTFT avg {fmt(r['avg_ttft_s'])} s p99 {fmt(r['p99_ttft_s'])} s, "
+        f"TTFT avg {fmt(r['avg_ttft_s'])} s p99 {fmt(r['p99_ttft_s'])} s"
+        f"{_engine_ttft_text(r)}, "
         f"SLO {fmt(r['slo_attainment'], '.1%')}, "
         f"cache hits {fmt(r['cache_hit_rate'], '.1%')}{_steps_text(r.get('steps') or {})}"
         f"{_compiles_text(r.get('kernel_compiles'))}"
     )
+
+
+def _engine_ttft_text(r: dict[str, Any]) -> str:
+    """` (in the engine avg X s)`: what of the TTFT the worker's engine saw, through gRPC."""
+    if r.get("avg_engine_ttft_s") is None:
+        return ""
+    return f" (in the engine avg {r['avg_engine_ttft_s']:.2f} s)"
 
 
 def _compiles_text(compiles: dict[str, Any] | None) -> str:

@@ -35,6 +35,8 @@ async def _one(
             record.on_tokens(clock(), len(chunk.token_ids))
             if chunk.finish_reason is not None:
                 record.finish_s = clock()
+                if chunk.usage is not None:
+                    record.engine_ttft_s = chunk.usage.time_to_first_token_ms / 1000
                 if chunk.finish_reason != "length":
                     record.error = f"finished by {chunk.finish_reason}"
     except ManyloraError as exc:

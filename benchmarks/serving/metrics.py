@@ -26,6 +26,10 @@ class RequestRecord:
     finish_s: float | None = None
     tokens: int = 0  # tokens received
     error: str = ""
+    # From its arrival at the worker's engine to its first token, as the worker reported it
+    # (through the stack): TTFT less this is the time spent before the engine and on the way
+    # back.
+    engine_ttft_s: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -118,6 +122,12 @@ class StepLog:
         }
 
 
+def _engine_ttft(records: list[RequestRecord]) -> dict[str, float | None]:
+    """The engine's own TTFT statistics, where the records carry it (runs through gRPC)."""
+    values = [r.engine_ttft_s for r in records if r.engine_ttft_s is not None]
+    return _stats(values, "engine_ttft_s") if values else {}
+
+
 def _stats(values: list[float], prefix: str) -> dict[str, float | None]:
     if not values:
         return {f"avg_{prefix}": None, f"p50_{prefix}": None, f"p99_{prefix}": None}
@@ -161,6 +171,7 @@ def summarize(
         "throughput_tok_s": sum(r.tokens for r in records) / duration_s if duration_s > 0 else 0.0,
         **_stats([r.finish_s - r.arrival_s for r in done if r.finish_s is not None], "latency_s"),
         **_stats(ttfts, "ttft_s"),
+        **_engine_ttft(records),
         "slo_s": slo_s,
         "slo_attainment": in_slo / len(records) if records else None,
         "cache_hits": hits,
