@@ -37,12 +37,19 @@ class EngineLoop:
         engine: Engine,
         profile: ThreadProfile | None = None,
         after_publish: Command | None = None,
+        receive: Callable[[float], None] | None = None,
     ):
-        """`after_publish` runs on the engine thread after each step (or idle moment), once
-        its stats are published: where an engine process sends its outputs on."""
+        """For an engine process (serving/engine_child.py), two hooks that run on the engine
+        thread: `after_publish` after each step (or idle moment), once its stats are
+        published, sends its outputs on; `receive(timeout)` before each step waits up to
+        `timeout` seconds for requests from outside and hands them to `submit`, `abort` or
+        `call`. Taking them on the engine thread, between steps, spares another thread
+        waiting for the GIL (up to the interpreter's 5 ms switch interval per wake-up) while
+        this one runs Python."""
         self.engine = engine
         self._profile = profile  # of the engine thread, when asked for (diagnosis)
         self._after_publish = after_publish
+        self._receive = receive
         self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._lock = threading.Lock()
         # The engine thread has not started: this first snapshot may be made here.
@@ -62,6 +69,14 @@ class EngineLoop:
         self._stopping.set()
         self._inbox.put(lambda: None)
         self._thread.join(timeout=10)
+
+    def request_stop(self) -> None:
+        """Stop after the current step; callable on the engine thread itself."""
+        self._stopping.set()
+
+    def join(self) -> None:
+        """Wait until the engine thread has stopped."""
+        self._thread.join()
 
     @property
     def stats(self) -> EngineStats:
@@ -119,6 +134,9 @@ class EngineLoop:
         while not self._stopping.is_set():
             try:
                 block = not self.engine.has_work()
+                if self._receive is not None:  # what it takes in lands in the inbox
+                    self._receive(0.5 if block else 0.0)
+                    block = False
                 command = self._inbox.get(block=block, timeout=0.5 if block else None)
                 command()
                 while True:  # everything that arrived meanwhile joins this step

@@ -1,9 +1,11 @@
 """The engine's own process (`--engine-process`): builds the engine, runs its loop, and talks
 to the worker's gRPC process over one pipe (the messages: engine_process.py).
 
-Two threads: this process's main thread reads the pipe (requests, adapters, aborts) and hands
-each to the engine thread; the engine thread (engine_loop.py) steps and, after each step,
-sends that step's outputs back in one message. Neither shares the GIL with the gRPC server.
+One thread does the work: between steps, the engine thread (engine_loop.py) takes in what
+the pipe holds (requests, adapters, aborts) and, after each step, sends that step's outputs
+back in one message. It shares the GIL with no other busy thread: not with the gRPC server,
+and not with a reader of the pipe, which would wait up to the interpreter's switch interval
+(5 ms) for the GIL at every wake-up while the engine thread runs Python, delaying requests.
 """
 
 from __future__ import annotations
@@ -60,7 +62,9 @@ class EngineChild:
         self._engine = engine
         self._tokenizer = tokenizer
         self._conn = conn
-        self._loop = EngineLoop(engine, profile, after_publish=self._send_outputs)
+        self._loop = EngineLoop(
+            engine, profile, after_publish=self._send_outputs, receive=self._receive
+        )
         self._adapters: dict[AdapterKey, CanonicalAdapter] = {}
         self._seqs: dict[int, Sequence] = {}  # by the gRPC process's seq_id
         # Written on the engine thread only:
@@ -79,21 +83,30 @@ class EngineChild:
             engine.stats(),
         )
         self._conn.send(("ready", info))
-        self._loop.start()
         compile_watch().warn = True  # from here on a compilation stalls served requests
+        self._loop.start()
+        self._loop.join()
+
+    def _receive(self, timeout: float) -> None:
+        """On the engine thread: every batch of messages the pipe holds, waiting up to
+        `timeout` seconds for the first."""
         try:
+            if not self._conn.poll(timeout):
+                return
             while True:
-                message = self._conn.recv()
-                if message[0] == "stop":
-                    break
-                try:
-                    self._handle(message)
-                except Exception:  # one bad message must not end everyone's requests
-                    logger.exception("handling a %r message failed", message[0])
+                for message in self._conn.recv():
+                    if message[0] == "stop":
+                        self._loop.request_stop()
+                        return
+                    try:
+                        self._handle(message)
+                    except Exception:  # one bad message must not end everyone's requests
+                        logger.exception("handling a %r message failed", message[0])
+                if not self._conn.poll(0):
+                    return
         except (EOFError, OSError):
             logger.warning("the worker's gRPC process went away; the engine stops")
-        finally:
-            self._loop.stop()
+            self._loop.request_stop()
 
     def _handle(self, message: tuple[Any, ...]) -> None:
         kind = message[0]

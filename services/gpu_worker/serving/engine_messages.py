@@ -1,7 +1,8 @@
 """What the worker's gRPC process and its engine process (`--engine-process`) send each other
 over their pipe, as picklable values.
 
-gRPC process to engine process, in the order they must act:
+gRPC process to engine process, in lists of what was queued at once (one read for the engine
+thread between two steps), in the order they must act:
 - `("adapter", AdapterKey, blob)`: an adapter's weights (`CanonicalAdapter.to_bytes`), sent
   before the first request that runs on it;
 - `("forget", AdapterKey)`: the engine process may drop its copy (requests already holding

@@ -8,10 +8,11 @@ tokenizer and the adapter source. `EngineProcess` offers what `EngineLoop` offer
 (`submit`, `abort`, `stats`, `stop`), so the servicer does not know which one it has.
 
 Three threads of this process take part: the caller's (the event loop) checks and queues;
-a sender thread writes the pipe (an adapter's weights, the first time a request needs them in
-the engine process, can take a while to serialize); a receiver thread hands each step's
-outputs to their requests' callbacks. If the engine process dies, every request it held fails
-as a worker fault, new ones are refused as UNAVAILABLE, and `on_failure` is told.
+a sender thread writes the pipe, what was queued meanwhile as one message (an adapter's
+weights, the first time a request needs them in the engine process, can take a while to
+serialize); a receiver thread hands each step's outputs to their requests' callbacks.
+If the engine process dies, every request it held fails as a worker fault, new ones are
+refused as UNAVAILABLE, and `on_failure` is told.
 """
 
 from __future__ import annotations
@@ -151,14 +152,18 @@ class EngineProcess:
             self._process.join(STOP_TIMEOUT_S)
 
     def _send_messages(self) -> None:
-        while (message := self._outgoing.get()) is not None:
-            if message[0] == "adapter":  # serialized here, off the event loop
-                adapter: CanonicalAdapter = message[1]
-                message = ("adapter", adapter.key, adapter.to_bytes())
+        """Everything queued so far as one batch: one read for the engine process."""
+        while True:
+            batch = [self._outgoing.get()]
+            while not self._outgoing.empty():
+                batch.append(self._outgoing.get_nowait())
+            last = batch.index(None) if None in batch else len(batch)
             try:
-                self._conn.send(message)
+                self._conn.send([_serialized(m) for m in batch[:last] if m is not None])
             except OSError:
                 return  # the receiver sees the engine process gone and fails its requests
+            if last < len(batch):
+                return
 
     def _receive(self) -> None:
         try:
@@ -199,6 +204,14 @@ class EngineProcess:
             seq.on_output(out)
         if self._on_failure is not None:
             self._on_failure(message)
+
+
+def _serialized(message: tuple[Any, ...]) -> tuple[Any, ...]:
+    """An adapter's weights as bytes (here, on the sender thread, off the event loop)."""
+    if message[0] != "adapter":
+        return message
+    adapter: CanonicalAdapter = message[1]
+    return ("adapter", adapter.key, adapter.to_bytes())
 
 
 def _worker_unavailable(message: str) -> ServiceError:
