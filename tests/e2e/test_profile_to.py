@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from manylora.v1 import common_pb2, gpu_worker_pb2_grpc
 from tests.adapter_store.helpers import aio_channel
 from tests.e2e.stack import Stack
@@ -21,11 +23,14 @@ def folded_functions(path: Path) -> tuple[int, set[str]]:
     return samples, names
 
 
-async def test_each_thread_profile_holds_its_own_threads_stacks(stack: Stack, tmp_path: Path):
+@pytest.mark.parametrize("engine_process", ["off", "on"])  # on: its profile is written there
+async def test_each_thread_profile_holds_its_own_threads_stacks(
+    stack: Stack, tmp_path: Path, engine_process: str
+):
     await stack.start_store()
     prefix = tmp_path / "profiles" / "w"
     plain = await stack.start_worker()
-    profiled = await stack.start_worker(profile_to=str(prefix))
+    profiled = await stack.start_worker(profile_to=str(prefix), engine_process=engine_process)
     params = common_pb2.SamplingParams(max_new_tokens=6, ignore_eos=True)
     request = common_pb2.GenerateRequest(prompt="hello", params=params)
     tokens = []
