@@ -180,6 +180,52 @@ async def test_a_dead_engine_process_fails_its_streams_as_the_workers_fault(
                 await asyncio.sleep(0.02)
 
 
+async def test_a_frozen_engine_process_is_killed_and_its_streams_fail(tmp_path: Path):
+    """Stopped mid-stream (SIGSTOP: as a hung device call looks from outside), it answers
+    nothing while the gRPC process still would: after --engine-stall-timeout-s the worker
+    kills it, fails its streams as the worker's fault and turns NOT_SERVING."""
+    config = _config(_adapter_folders(tmp_path), "on", engine_stall_timeout_s=1.5)
+    worker = await start_worker(config)
+    engine = worker.loop
+    assert isinstance(engine, EngineProcess) and engine.pid is not None
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{worker.port}") as channel:
+            stub = gpu_worker_pb2_grpc.GpuWorkerStub(channel)
+            params = common_pb2.SamplingParams(max_new_tokens=900, ignore_eos=True)
+            call = stub.Generate(common_pb2.GenerateRequest(prompt="x", params=params))
+            assert len((await call.read()).token_ids) == 1
+            os.kill(engine.pid, signal.SIGSTOP)
+            began = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async with asyncio.timeout(15):
+                    while await call.read() is not grpc.aio.EOF:
+                        pass
+            assert 1.0 < time.monotonic() - began < 10
+            assert "killed as frozen" in (err.value.details() or "")
+            trailing = dict(err.value.trailing_metadata() or ())
+            assert trailing.get(FAILURE_SCOPE_KEY) == WORKER_FAILURE
+            health = health_pb2_grpc.HealthStub(channel)
+            request = health_pb2.HealthCheckRequest(service="manylora.v1.GpuWorker")
+            reply = await health.Check(request)
+            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert not _alive(engine.pid)
+    finally:
+        await worker.stop()
+
+
+async def test_an_idle_engine_process_is_not_taken_for_frozen(tmp_path: Path):
+    """Idle, it still reports twice a second: a stall bound shorter than any request's
+    wait does not kill a healthy engine."""
+    worker = await start_worker(
+        _config(_adapter_folders(tmp_path), "on", engine_stall_timeout_s=1.5)
+    )
+    try:
+        await asyncio.sleep(3.5)
+        assert len(await _run_all(worker.port)) == 12
+    finally:
+        await worker.stop()
+
+
 async def test_the_engine_process_ends_with_its_worker(process_worker: Worker):
     engine = process_worker.loop
     assert isinstance(engine, EngineProcess) and engine.pid is not None

@@ -166,8 +166,16 @@ async def test_cancelled_stream_frees_its_memory(stub, worker: Worker):
     assert stats.resident_adapters == ["ad-a"]
 
 
-async def test_full_waiting_queue_is_resource_exhausted(tmp_path: Path):
-    config = WorkerConfig(port=0, device="cpu", pool_slots=128, max_waiting=2, max_num_seqs=1)
+@pytest.mark.parametrize("engine_process", ["off", "on"])
+async def test_full_waiting_queue_is_resource_exhausted(tmp_path: Path, engine_process: str):
+    config = WorkerConfig(
+        port=0,
+        device="cpu",
+        pool_slots=128,
+        max_waiting=2,
+        max_num_seqs=1,
+        engine_process=engine_process,
+    )
     running = await start_worker(config)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
@@ -181,6 +189,16 @@ async def test_full_waiting_queue_is_resource_exhausted(tmp_path: Path):
                     codes.append(grpc.StatusCode.OK)
                 except grpc.aio.AioRpcError as exc:
                     codes.append(exc.code())
+            # Once they are done the queue is empty again: what was counted as waiting,
+            # refused ones included, has been let go (one at a time, never refused).
+            for _ in range(6):
+                await _collect(stub, _request(ignore_eos=True, max_new_tokens=2))
+            too_long = _request(max_new_tokens=200)  # refused by the pool, not by the bound
+            for _ in range(3):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await _collect(stub, too_long)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            await _collect(stub, _request(ignore_eos=True, max_new_tokens=2))
         assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
         assert grpc.StatusCode.OK in codes
         assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}

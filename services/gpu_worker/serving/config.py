@@ -79,6 +79,15 @@ class WorkerConfig(EngineConfig, CallerSecurityConfig):
             "with a GPU"
         },
     )
+    engine_stall_timeout_s: float = field(
+        default=60.0,
+        metadata={
+            "help": "with --engine-process: seconds the engine process may go without a word "
+            "(it reports after every step, and twice a second when idle) before it is taken "
+            "for frozen, killed, and its requests failed; 0 = never",
+            "min": 0,
+        },
+    )
     stream_interval: int = field(
         default=1,
         metadata={

@@ -166,8 +166,13 @@ class EngineProcess:
                 return
 
     def _receive(self) -> None:
+        stall_s = self._config.engine_stall_timeout_s or None
         try:
             while True:
+                if not self._conn.poll(stall_s):
+                    if not self._stopping:
+                        self._kill_frozen(stall_s)
+                    return
                 _, outputs, stats = self._conn.recv()
                 if stats is not None:  # first: a client that sees its end sees it counted
                     with self._lock:
@@ -180,6 +185,15 @@ class EngineProcess:
         if not self._stopping:
             self._process.join(1.0)
             self._fail_everything(f"the engine process exited (code {self._process.exitcode})")
+
+    def _kill_frozen(self, stall_s: float | None) -> None:
+        """A frozen engine process (a hung device call, a stopped process) would hold its
+        requests forever while this process still answers health checks."""
+        message = f"the engine process sent nothing for {stall_s:g} s; killed as frozen"
+        logger.error(message)
+        self._process.kill()
+        self._process.join(STOP_TIMEOUT_S)
+        self._fail_everything(message)
 
     def _deliver(self, outputs: list[tuple[int, StepOutput]]) -> None:
         for seq_id, out in outputs:
