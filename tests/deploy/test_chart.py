@@ -125,6 +125,17 @@ def test_routers_are_several_and_the_store_is_one_on_a_volume(
     assert env_of(container)["MANYLORA_DATA_DIR"].startswith(mount["mountPath"] + "/")
 
 
+def test_the_workers_kernel_cache_is_on_a_volume_of_the_pod(objects: list[dict[str, Any]]) -> None:
+    """Triton writes its compiled kernels where TRITON_CACHE_DIR says: a volume of the pod,
+    so a restarted container does not compile them again inside served steps."""
+    worker = workloads(objects)["gpu-worker"]
+    container = only_container(worker)
+    cache = env_of(container)["TRITON_CACHE_DIR"]
+    (mount,) = (m for m in container["volumeMounts"] if m["mountPath"] == cache)
+    volumes = {v["name"]: v for v in worker["spec"]["template"]["spec"]["volumes"]}
+    assert volumes[mount["name"]]["emptyDir"]["sizeLimit"] == "2Gi"
+
+
 def _router_metric_names() -> str:
     class NoWorkers:
         def counts(self) -> tuple[int, int]:

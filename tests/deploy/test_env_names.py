@@ -24,8 +24,9 @@ CONFIGS: dict[str, type[Any]] = {
     "adapter-store": AdapterStoreConfig,
     "openai-front": OpenAIFrontConfig,
 }
-# Variables that are not settings: the pod's IP, which MANYLORA_ADVERTISE_ADDRESS refers to.
-NOT_SETTINGS = {"POD_IP"}
+# Variables that are not settings: the pod's IP, which MANYLORA_ADVERTISE_ADDRESS refers to,
+# and Triton's kernel cache directory, which Triton reads.
+NOT_SETTINGS = {"POD_IP", "TRITON_CACHE_DIR"}
 _IN_COMMAND = re.compile(r"\b(" + ENV_PREFIX + r"[A-Z0-9_]+)=")
 # Every setting the chart can set (extraEnv too), to cover what the value sets leave out.
 EVERYTHING_ON: dict[str, Any] = {
