@@ -124,10 +124,14 @@ def summary_line(r: dict[str, Any]) -> str:
 
 
 def _engine_ttft_text(r: dict[str, Any]) -> str:
-    """` (in the engine avg X s)`: what of the TTFT the worker's engine saw, through gRPC."""
+    """` (in the engine avg X s, queued Y s)`: what of the TTFT the worker's engine saw, and
+    of that the wait before its admission, through gRPC."""
     if r.get("avg_engine_ttft_s") is None:
         return ""
-    return f" (in the engine avg {r['avg_engine_ttft_s']:.2f} s)"
+    return (
+        f" (in the engine avg {r['avg_engine_ttft_s']:.2f} s, "
+        f"queued {r['avg_engine_queue_s']:.2f} s)"
+    )
 
 
 def _compiles_text(compiles: dict[str, Any] | None) -> str:

@@ -37,6 +37,7 @@ async def _one(
                 record.finish_s = clock()
                 if chunk.usage is not None:
                     record.engine_ttft_s = chunk.usage.time_to_first_token_ms / 1000
+                    record.engine_queue_s = chunk.usage.queue_time_ms / 1000
                 if chunk.finish_reason != "length":
                     record.error = f"finished by {chunk.finish_reason}"
     except ManyloraError as exc:

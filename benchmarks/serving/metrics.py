@@ -26,10 +26,11 @@ class RequestRecord:
     finish_s: float | None = None
     tokens: int = 0  # tokens received
     error: str = ""
-    # From its arrival at the worker's engine to its first token, as the worker reported it
-    # (through the stack): TTFT less this is the time spent before the engine and on the way
-    # back.
+    # From its arrival at the worker's engine to its first token, and to its admission, as
+    # the worker reported them (through the stack): TTFT less the first is the time spent
+    # before the engine and on the way back; the second is its wait in the engine's queue.
     engine_ttft_s: float | None = None
+    engine_queue_s: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -123,9 +124,13 @@ class StepLog:
 
 
 def _engine_ttft(records: list[RequestRecord]) -> dict[str, float | None]:
-    """The engine's own TTFT statistics, where the records carry it (runs through gRPC)."""
-    values = [r.engine_ttft_s for r in records if r.engine_ttft_s is not None]
-    return _stats(values, "engine_ttft_s") if values else {}
+    """The engine's own TTFT and queue-wait statistics, where the records carry them (runs
+    through gRPC)."""
+    ttfts = [r.engine_ttft_s for r in records if r.engine_ttft_s is not None]
+    queued = [r.engine_queue_s for r in records if r.engine_queue_s is not None]
+    if not ttfts:
+        return {}
+    return {**_stats(ttfts, "engine_ttft_s"), **_stats(queued, "engine_queue_s")}
 
 
 def _stats(values: list[float], prefix: str) -> dict[str, float | None]:

@@ -41,6 +41,7 @@ def test_grpc_mode_serves_every_request_with_its_token_count(tmp_path: Path) -> 
     # The engine's own share of the TTFT, from each stream's usage: some, never all of it
     # (the request reached the engine through gRPC, the token came back the same way).
     assert 0 < row["avg_engine_ttft_s"] < row["avg_ttft_s"]
+    assert 0 <= row["avg_engine_queue_s"] < row["avg_engine_ttft_s"]
     # The warm-up's requests are not counted; each trace request looks its adapter up once.
     assert row["cache_hits"] + row["cache_misses"] == len(trace.requests)
     assert row["pool"]["samples"] > 0
