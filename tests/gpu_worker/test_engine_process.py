@@ -226,6 +226,24 @@ async def test_an_idle_engine_process_is_not_taken_for_frozen(tmp_path: Path):
         await worker.stop()
 
 
+async def test_the_engine_process_leaves_signals_to_the_grpc_process(process_worker: Worker):
+    """Ctrl-C in a terminal signals the whole process group: the engine process must not
+    die under the gRPC process's drain. It ignores SIGINT and SIGTERM and keeps streaming."""
+    engine = process_worker.loop
+    assert isinstance(engine, EngineProcess) and engine.pid is not None
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{process_worker.port}") as channel:
+        stub = gpu_worker_pb2_grpc.GpuWorkerStub(channel)
+        params = common_pb2.SamplingParams(max_new_tokens=40, ignore_eos=True)
+        call = stub.Generate(common_pb2.GenerateRequest(prompt="x", params=params))
+        tokens = len((await call.read()).token_ids)
+        os.kill(engine.pid, signal.SIGINT)
+        os.kill(engine.pid, signal.SIGTERM)
+        while (reply := await call.read()) is not grpc.aio.EOF:
+            tokens += len(reply.token_ids)
+    assert tokens == 40
+    assert _alive(engine.pid)
+
+
 async def test_the_engine_process_ends_with_its_worker(process_worker: Worker):
     engine = process_worker.loop
     assert isinstance(engine, EngineProcess) and engine.pid is not None
