@@ -5,6 +5,7 @@ worker. (test_server.py runs the servicer's tests against both engine placements
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -226,9 +227,9 @@ async def test_an_idle_engine_process_is_not_taken_for_frozen(tmp_path: Path):
         await worker.stop()
 
 
-async def test_the_engine_process_leaves_signals_to_the_grpc_process(process_worker: Worker):
+async def test_the_engine_process_leaves_ctrl_c_to_the_grpc_process(process_worker: Worker):
     """Ctrl-C in a terminal signals the whole process group: the engine process must not
-    die under the gRPC process's drain. It ignores SIGINT and SIGTERM and keeps streaming."""
+    die under the gRPC process's drain. It ignores SIGINT and keeps streaming."""
     engine = process_worker.loop
     assert isinstance(engine, EngineProcess) and engine.pid is not None
     async with grpc.aio.insecure_channel(f"127.0.0.1:{process_worker.port}") as channel:
@@ -237,11 +238,28 @@ async def test_the_engine_process_leaves_signals_to_the_grpc_process(process_wor
         call = stub.Generate(common_pb2.GenerateRequest(prompt="x", params=params))
         tokens = len((await call.read()).token_ids)
         os.kill(engine.pid, signal.SIGINT)
-        os.kill(engine.pid, signal.SIGTERM)
         while (reply := await call.read()) is not grpc.aio.EOF:
             tokens += len(reply.token_ids)
     assert tokens == 40
     assert _alive(engine.pid)
+
+
+async def test_a_start_cancelled_while_the_engine_builds_leaves_no_engine_process(
+    tmp_path: Path,
+):
+    """A worker told to stop while its model loads (a signal then cancels its start) must
+    not leave the engine process behind."""
+    assert not multiprocessing.active_children()
+    starting = asyncio.create_task(start_worker(_config(tmp_path, "on")))
+    await asyncio.sleep(0.3)  # the engine process is importing torch or building the model
+    assert multiprocessing.active_children()
+    starting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+    deadline = time.monotonic() + 10
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert not multiprocessing.active_children()
 
 
 async def test_the_engine_process_ends_with_its_worker(process_worker: Worker):

@@ -39,11 +39,11 @@ STATS_INTERVAL_S = 0.02
 
 def main(config: WorkerConfig, conn: Connection) -> None:
     """The process's entry (multiprocessing, spawned)."""
-    # Ctrl-C in a terminal (or a SIGTERM to the whole process group) reaches this process
-    # too: the gRPC process drains its streams first, then stops this one over the pipe, and
-    # this one exits by itself once the gRPC process is gone.
+    # Ctrl-C in a terminal reaches the whole process group, this process too: the gRPC
+    # process drains its streams first, then stops this one over the pipe, and this one exits
+    # by itself once the gRPC process is gone. (SIGTERM still ends it: multiprocessing sends
+    # it to a daemonic child at exit.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     setup_logging(config.log_level, config.log_format)
     from services.gpu_worker.serving.server import build_worker_engine  # torch: seconds
 

@@ -75,7 +75,11 @@ class EngineProcess:
         model); EngineProcessFailed if it cannot be."""
         self._process.start()
         self._child_conn.close()  # the child's end lives in the child now
-        info = await asyncio.to_thread(self._wait_until_ready)
+        try:
+            info = await asyncio.to_thread(self._wait_until_ready)
+        except BaseException:  # cancelled while the model loads (a signal), or it failed
+            self._process.kill()  # and the waiting thread sees it gone and returns
+            raise
         self.info, self._stats = info, info.stats
         threading.Thread(target=self._send_messages, name="engine-pipe-out", daemon=True).start()
         threading.Thread(target=self._receive, name="engine-pipe-in", daemon=True).start()
