@@ -119,7 +119,7 @@ def summary_line(r: dict[str, Any]) -> str:
         f"{_engine_ttft_text(r)}, "
         f"SLO {fmt(r['slo_attainment'], '.1%')}, "
         f"cache hits {fmt(r['cache_hit_rate'], '.1%')}{_steps_text(r.get('steps') or {})}"
-        f"{_compiles_text(r.get('kernel_compiles'))}"
+        f"{_compiles_text(r.get('kernel_compiles'))}{_pool_text(r.get('pool') or {})}"
     )
 
 
@@ -131,6 +131,17 @@ def _engine_ttft_text(r: dict[str, Any]) -> str:
     return (
         f" (in the engine avg {r['avg_engine_ttft_s']:.2f} s, "
         f"queued {r['avg_engine_queue_s']:.2f} s)"
+    )
+
+
+def _pool_text(pool: dict[str, Any]) -> str:
+    """`; pool: committed ≤ X%, running ≤ N, waiting ≤ M`: how near admission came to its
+    bounds (the pool's held and promised slots, --max-num-seqs)."""
+    if "peak_running" not in pool:
+        return ""
+    return (
+        f"; pool: committed ≤ {pool['peak_committed_frac']:.0%}, "
+        f"running ≤ {pool['peak_running']}, waiting ≤ {pool['peak_waiting']}"
     )
 
 

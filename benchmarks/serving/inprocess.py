@@ -127,7 +127,8 @@ def replay(
             began, waited, cpu = clock(), engine.device_wait_seconds, time.thread_time()
             ran = engine.step()
             ended = clock()
-            timeline.add(ended, engine.pool.stats())
+            sched = engine.scheduler
+            timeline.add(ended, engine.pool.stats(), len(sched.running), len(sched.waiting))
             if steps is not None:
                 cpu = time.thread_time() - cpu
                 steps.add(ended - began, ran, engine.device_wait_seconds - waited, cpu)

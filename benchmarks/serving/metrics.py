@@ -44,23 +44,33 @@ class RequestRecord:
 
 @dataclass
 class PoolTimeline:
-    """Pool occupancy sampled during a run (every engine step in-process)."""
+    """Pool occupancy and the engine's running and waiting requests, sampled during a run
+    (every engine step in-process; GetStats polled through the stack). What admission counts
+    as taken is the held slots plus the promised ones (`committed`): when it nears the pool,
+    requests wait however little KV they hold."""
 
     times: list[float] = field(default_factory=list)
     kv_slots: list[int] = field(default_factory=list)
     adapter_slots: list[int] = field(default_factory=list)
+    promised_slots: list[int] = field(default_factory=list)
+    running: list[int] = field(default_factory=list)
+    waiting: list[int] = field(default_factory=list)
     total_slots: int = 0
 
-    def add(self, now: float, stats: PoolStats) -> None:
+    def add(self, now: float, stats: PoolStats, running: int, waiting: int) -> None:
         self.times.append(now)
         self.kv_slots.append(stats.kv_slots)
         self.adapter_slots.append(stats.adapter_slots)
+        self.promised_slots.append(stats.promised_slots)
+        self.running.append(running)
+        self.waiting.append(waiting)
         self.total_slots = stats.total_slots
 
     def summary(self, max_points: int = 100) -> dict[str, Any]:
         if not self.times:
             return {}
         used = np.array(self.kv_slots) + np.array(self.adapter_slots)
+        committed = used + np.array(self.promised_slots)
         # Keep at most max_points evenly spaced samples so result lines stay small.
         keep = np.unique(np.linspace(0, len(self.times) - 1, max_points).astype(int))
         return {
@@ -68,10 +78,23 @@ class PoolTimeline:
             "samples": len(self.times),
             "peak_used_frac": float(used.max() / self.total_slots),
             "mean_used_frac": float(used.mean() / self.total_slots),
+            "peak_committed_frac": float(committed.max() / self.total_slots),
             "peak_kv_slots": int(max(self.kv_slots)),
             "peak_adapter_slots": int(max(self.adapter_slots)),
+            "peak_running": int(max(self.running)),
+            "peak_waiting": int(max(self.waiting)),
+            "mean_waiting": float(np.mean(self.waiting)),
+            # [time, kv, adapter, promised slots, running, waiting]
             "timeline": [
-                [round(self.times[i], 3), self.kv_slots[i], self.adapter_slots[i]] for i in keep
+                [
+                    round(self.times[i], 3),
+                    self.kv_slots[i],
+                    self.adapter_slots[i],
+                    self.promised_slots[i],
+                    self.running[i],
+                    self.waiting[i],
+                ]
+                for i in keep
             ],
         }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,12 +18,13 @@ from benchmarks.serving.engine_setup import (
     free_device_memory,
 )
 from benchmarks.serving.metrics import PoolTimeline, RequestRecord, StepLog, summarize
-from benchmarks.serving.worker_steps import steps_between, worker_stats
+from benchmarks.serving.worker_steps import poll_worker, steps_between, worker_stats
 from benchmarks.synthetic_adapters import AdapterBank, targets_label
 from benchmarks.workload import Trace, TraceRequest
 from kernels.compile_watch import Compiles, compile_watch
 from services.common.base_model import TARGET_MODULES
 from services.common.lora_format import CanonicalAdapter
+from services.common.tasks import cancel_task
 from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.setup import auto_dtype
 from services.gpu_worker.model.model import LlamaForCausalLM
@@ -223,7 +225,11 @@ async def run_grpc(
 def _pool_probe(worker: Worker, pool: PoolTimeline) -> Any:
     # The engine thread's last snapshot: a sample may be one step stale, which a timeline
     # does not mind.
-    return lambda now: pool.add(now, worker.loop.stats.pool)
+    def probe(now: float) -> None:
+        stats = worker.loop.stats
+        pool.add(now, stats.pool, stats.running_requests, stats.waiting_requests)
+
+    return probe
 
 
 async def run_remote(
@@ -240,7 +246,15 @@ async def run_remote(
         warmup = [name for name, _ in grpc_stack.warmup_adapters(trace.params)]
         await grpc_replay.warm_up(target, warmup, trace.params.prompt_range)
     start = await worker_stats(worker) if worker else None
-    records, duration = await grpc_replay.replay(target, trace, options.timeout_s, options.progress)
+    pool = PoolTimeline()
+    polling = asyncio.create_task(poll_worker(worker, pool)) if worker else None
+    try:
+        records, duration = await grpc_replay.replay(
+            target, trace, options.timeout_s, options.progress
+        )
+    finally:
+        if polling is not None:
+            await cancel_task(polling)
     info = describe("grpc-remote", "remote", trace, options)
     if worker is None or start is None:
         return result(info, records, duration, options)
@@ -251,6 +265,6 @@ async def run_remote(
         end.kernel_compiles - start.kernel_compiles,
         end.kernel_compile_seconds - start.kernel_compile_seconds,
     )
-    out = result(info, records, duration, options, hits, misses, compiles=compiles)
+    out = result(info, records, duration, options, hits, misses, pool, compiles=compiles)
     out["steps"] = steps_between(start, end)
     return out

@@ -3,11 +3,15 @@ in-process runs time each step themselves: metrics.StepLog)."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any, NamedTuple
 
 import grpc
 
+from benchmarks.serving.metrics import PoolTimeline
 from manylora.v1 import gpu_worker_pb2, gpu_worker_pb2_grpc
+from services.gpu_worker.memory.memory_pool import PoolStats
 
 
 async def worker_stats(address: str) -> gpu_worker_pb2.GetStatsResponse:
@@ -15,6 +19,25 @@ async def worker_stats(address: str) -> gpu_worker_pb2.GetStatsResponse:
     async with grpc.aio.insecure_channel(address) as channel:
         stub = gpu_worker_pb2_grpc.GpuWorkerStub(channel)
         return await stub.GetStats(gpu_worker_pb2.GetStatsRequest(), timeout=10)
+
+
+async def poll_worker(address: str, timeline: PoolTimeline, interval_s: float = 0.1) -> None:
+    """Sample the worker's pool and its running and waiting requests into `timeline` every
+    `interval_s` (times from the first sample), until cancelled."""
+    start = time.perf_counter()
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = gpu_worker_pb2_grpc.GpuWorkerStub(channel)
+        while True:
+            try:
+                s = await stub.GetStats(gpu_worker_pb2.GetStatsRequest(), timeout=10)
+            except grpc.aio.AioRpcError:  # a gap in the timeline; the run's records tell more
+                await asyncio.sleep(interval_s)
+                continue
+            pool = PoolStats(
+                s.total_slots, s.free_slots, s.kv_slots, s.adapter_slots, s.promised_slots
+            )
+            timeline.add(time.perf_counter() - start, pool, s.running_requests, s.waiting_requests)
+            await asyncio.sleep(interval_s)
 
 
 def steps_between(

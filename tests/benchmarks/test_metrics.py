@@ -57,12 +57,18 @@ def test_empty_values_are_none() -> None:
 def test_pool_timeline_summary_keeps_at_most_max_points() -> None:
     pool = PoolTimeline()
     for i in range(500):
-        pool.add(i * 0.01, PoolStats(1000, 1000 - i, kv_slots=i, adapter_slots=100))
+        # Promises shrink as the KV they promised is taken; 3 running, then waiting grows.
+        stats = PoolStats(1000, 1000 - i, kv_slots=i, adapter_slots=100, promised_slots=500 - i)
+        pool.add(i * 0.01, stats, running=3, waiting=i // 100)
     s = pool.summary(max_points=50)
     assert s["samples"] == 500 and len(s["timeline"]) == 50
     assert s["peak_kv_slots"] == 499 and s["peak_adapter_slots"] == 100
     assert s["peak_used_frac"] == pytest.approx(0.599)
-    assert s["timeline"][0] == [0.0, 0, 100] and s["timeline"][-1] == [4.99, 499, 100]
+    assert s["peak_committed_frac"] == pytest.approx(0.6)  # 100 + i + (500 - i)
+    assert (s["peak_running"], s["peak_waiting"]) == (3, 4)
+    assert s["mean_waiting"] == pytest.approx(2.0)
+    assert s["timeline"][0] == [0.0, 0, 100, 500, 3, 0]
+    assert s["timeline"][-1] == [4.99, 499, 100, 1, 3, 4]
     assert PoolTimeline().summary() == {}
 
 

@@ -7,6 +7,7 @@ import os
 import shlex
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from benchmarks import serving_bench, workload
 from benchmarks.workload import load
 from services.common.grpc_server import free_port
-from tests.e2e.stack import stack_at
+from tests.e2e.stack import Stack, stack_at
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -47,46 +48,54 @@ def test_grpc_mode_serves_every_request_with_its_token_count(tmp_path: Path) -> 
     assert row["pool"]["samples"] > 0
 
 
+@pytest.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    """The stack, stopped when the test ends, a failing one too (an `async for` over the
+    generator inside a test would leave it running when an assertion fails)."""
+    async for running in stack_at(tmp_path):
+        yield running
+
+
 async def test_target_drives_a_running_router_after_uploading_to_its_store(
-    tmp_path: Path,
+    tmp_path: Path, stack: Stack
 ) -> None:
-    async for stack in stack_at(tmp_path):
-        await stack.start_store()
-        worker = await stack.start_worker()
-        router = await stack.start_router()
-        cli = "--preset tiny --num-adapters 4 --rate 10 --duration 1 --no-progress --device cpu"
-        targets = ["--target", f"127.0.0.1:{router.port}", "--store-target", stack.store_address]
-        targets += ["--worker-stats", f"127.0.0.1:{worker.port}"]
-        out = ["--out", str(tmp_path / "r.jsonl")]
-        args = serving_bench.parse_args([*shlex.split(cli), *targets, *out])
-        results = serving_bench.Results(args.out)
-        traces = list(serving_bench.traces(args))
-        await serving_bench.run_against(traces, args, serving_bench.run_options(args), results)
-        (row,) = results.rows
-        assert row["mode"] == "grpc-remote"
-        assert row["num_requests"] == row["finished"] == len(traces[0].requests) > 0
-        assert row["tokens"] == sum(r.output_len for r in traces[0].requests)
-        assert row["pool"] == {}
-        # The worker's adapter lookups over the run: one per trace request, the warm-up's out.
-        assert row["cache_hits"] + row["cache_misses"] == len(traces[0].requests)
-        # The worker's own count of its steps over the run (the warm-up's left out): every
-        # token after a request's first comes from a decode step, one a step.
-        steps = row["steps"]
-        assert steps["mixed"]["steps"] > 0 and steps["mixed"]["avg_ms"] > 0
-        longest = max(r.output_len for r in traces[0].requests)
-        assert steps["decode"]["steps"] >= longest - 1 and steps["decode"]["avg_ms"] > 0
-        # Each trace token after a request's first runs in a decode step, and every prompt
-        # token and first token in a mixed one (GetStats' token counts, through the proto).
-        decode_tokens = steps["decode"]["avg_tokens"] * steps["decode"]["steps"]
-        mixed_tokens = steps["mixed"]["avg_tokens"] * steps["mixed"]["steps"]
-        prompt_tokens = sum(r.prompt_len for r in traces[0].requests)
-        assert mixed_tokens >= prompt_tokens
-        assert decode_tokens + mixed_tokens == pytest.approx(
-            prompt_tokens + sum(r.output_len - 1 for r in traces[0].requests)
-        )
-        for kind in ("decode", "mixed"):
-            assert 0 <= steps[kind]["avg_wait_ms"] < steps[kind]["avg_ms"]
-            assert 0 < steps[kind]["avg_cpu_ms"] <= steps[kind]["avg_ms"] + 1
+    await stack.start_store()
+    worker = await stack.start_worker()
+    router = await stack.start_router()
+    cli = "--preset tiny --num-adapters 4 --rate 10 --duration 1 --no-progress --device cpu"
+    targets = ["--target", f"127.0.0.1:{router.port}", "--store-target", stack.store_address]
+    targets += ["--worker-stats", f"127.0.0.1:{worker.port}"]
+    out = ["--out", str(tmp_path / "r.jsonl")]
+    args = serving_bench.parse_args([*shlex.split(cli), *targets, *out])
+    results = serving_bench.Results(args.out)
+    traces = list(serving_bench.traces(args))
+    await serving_bench.run_against(traces, args, serving_bench.run_options(args), results)
+    (row,) = results.rows
+    assert row["mode"] == "grpc-remote"
+    assert row["num_requests"] == row["finished"] == len(traces[0].requests) > 0
+    assert row["tokens"] == sum(r.output_len for r in traces[0].requests)
+    # The worker's pool and queues, polled through GetStats over the run.
+    assert row["pool"]["samples"] > 0 and row["pool"]["peak_running"] >= 1
+    # The worker's adapter lookups over the run: one per trace request, the warm-up's out.
+    assert row["cache_hits"] + row["cache_misses"] == len(traces[0].requests)
+    # The worker's own count of its steps over the run (the warm-up's left out): every
+    # token after a request's first comes from a decode step, one a step.
+    steps = row["steps"]
+    assert steps["mixed"]["steps"] > 0 and steps["mixed"]["avg_ms"] > 0
+    longest = max(r.output_len for r in traces[0].requests)
+    assert steps["decode"]["steps"] >= longest - 1 and steps["decode"]["avg_ms"] > 0
+    # Each trace token after a request's first runs in a decode step, and every prompt
+    # token and first token in a mixed one (GetStats' token counts, through the proto).
+    decode_tokens = steps["decode"]["avg_tokens"] * steps["decode"]["steps"]
+    mixed_tokens = steps["mixed"]["avg_tokens"] * steps["mixed"]["steps"]
+    prompt_tokens = sum(r.prompt_len for r in traces[0].requests)
+    assert mixed_tokens >= prompt_tokens
+    assert decode_tokens + mixed_tokens == pytest.approx(
+        prompt_tokens + sum(r.output_len - 1 for r in traces[0].requests)
+    )
+    for kind in ("decode", "mixed"):
+        assert 0 <= steps[kind]["avg_wait_ms"] < steps[kind]["avg_ms"]
+        assert 0 < steps[kind]["avg_cpu_ms"] <= steps[kind]["avg_ms"] + 1
 
 
 def test_separate_processes_script_serves_the_trace(tmp_path: Path) -> None:
@@ -116,6 +125,11 @@ def test_separate_processes_script_serves_the_trace(tmp_path: Path) -> None:
     assert row["mode"] == "grpc-remote"
     assert row["num_requests"] == row["finished"] > 0 and row["failed"] == 0
     assert row["steps"]["mixed"]["steps"] > 0  # the script asks the worker for its steps
+    # And samples its pool and its queues over the run, through GetStats.
+    pool = row["pool"]
+    assert pool["samples"] >= 5 and pool["peak_running"] >= 1
+    assert 0 < pool["peak_used_frac"] <= pool["peak_committed_frac"] <= 1
+    assert "; pool: committed ≤ " in done.stdout
 
 
 def test_grpc_mode_refuses_adapter_files_too_large_for_the_disk(tmp_path: Path) -> None:

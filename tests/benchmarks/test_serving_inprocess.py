@@ -101,7 +101,8 @@ def test_cli_runs_each_engine_variant_with_consistent_metrics(tmp_path: Path, tr
         assert row["p99_latency_s"] >= row["p50_latency_s"] >= row["p50_ttft_s"] >= 0
         assert row["p99_ttft_s"] >= row["p50_ttft_s"]
         assert row["cache_hits"] + row["cache_misses"] == len(trace.requests)
-        assert 0 < row["pool"]["peak_used_frac"] <= 1
+        assert 0 < row["pool"]["peak_used_frac"] <= row["pool"]["peak_committed_frac"] <= 1
+        assert 1 <= row["pool"]["peak_running"] <= row["max_num_seqs"]
         assert row["pool"]["peak_adapter_slots"] > 0
 
 

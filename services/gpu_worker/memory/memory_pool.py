@@ -31,6 +31,9 @@ class PoolStats:
     free_slots: int
     kv_slots: int
     adapter_slots: int
+    # KV slots promised to admitted requests and not allocated yet: what admission counts
+    # as taken beyond `kv_slots` (prompt + max_new_tokens of each running request).
+    promised_slots: int = 0
 
 
 class UnifiedMemoryPool:
@@ -160,4 +163,4 @@ class UnifiedMemoryPool:
 
     def stats(self) -> PoolStats:
         free = self._kv.num_free + (0 if self.unified else self._adapters.num_free)
-        return PoolStats(self.num_slots, free, self.kv_used, self.adapter_used)
+        return PoolStats(self.num_slots, free, self.kv_used, self.adapter_used, self.promised)

@@ -56,6 +56,10 @@ class _StatsCollector(Collector):
                 _fraction(s.kv_slots, s.total_slots),
             ),
             "adapter_slots": ("Pool slots holding adapter weights.", s.adapter_slots),
+            "pool_slots_promised": (
+                "KV slots promised to admitted requests and not allocated yet.",
+                s.promised_slots,
+            ),
             "num_resident_adapters": ("Adapters on the GPU.", len(s.resident_adapters)),
             "num_host_cached_adapters": (
                 "Adapters in host memory.",

@@ -221,6 +221,7 @@ class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
             total_slots=pool.total_slots,
             kv_slots=pool.kv_slots,
             adapter_slots=pool.adapter_slots,
+            promised_slots=pool.promised_slots,
             resident_adapters=engine.resident_adapters,
             host_cached_adapters=self._adapters.cached_ids(),
             adapter_cache_hits=engine.adapter_cache_hits,
