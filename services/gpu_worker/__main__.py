@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Sequence
 
 from services.common.config import exit_on_startup_error, load_config
@@ -18,9 +19,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         config.check()
         setup_logging(config.log_level, config.log_format)
         # Imported once the settings are checked: torch and the engine take seconds to load.
+        from services.gpu_worker.serving.engine_process import EngineProcessFailed
         from services.gpu_worker.serving.server import serve
 
-        asyncio.run(serve(config))
+        try:
+            asyncio.run(serve(config))
+        except EngineProcessFailed as exc:  # the engine process has logged its traceback
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -298,6 +298,25 @@ def test_the_engine_process_ends_when_the_server_process_is_killed(tmp_path: Pat
     assert not _alive(pid)
 
 
+def test_an_engine_that_cannot_be_built_ends_the_worker_with_one_line():
+    """The engine process logs the traceback; the worker exits 1 with the reason on its
+    last line, not a second traceback from the waiting side."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    args = ["--device", "cpu", "--engine-process", "on", "--port", "0"]
+    args += ["--pool-slots", str(10**14)]  # the pool's memory cannot be had
+    done = subprocess.run(
+        [sys.executable, "-m", "services.gpu_worker", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("python -m services.gpu_worker: error: building the engine failed:")
+    assert "allocate" in last
+
+
 def _alive(pid: int) -> bool:
     """Whether `pid` runs (a zombie, dead but not reaped, counts as gone)."""
     try:
