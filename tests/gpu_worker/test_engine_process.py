@@ -106,7 +106,8 @@ async def test_streams_match_the_engine_on_a_thread_with_adapters_cycled_through
 ):
     """The oracle is the same engine on a thread of the server's process (its outputs are
     checked against HF+PEFT elsewhere). The engine process's adapter copies are bounded to
-    about one adapter, so most requests send their adapter's weights again after a forget."""
+    300 KB, about two of these five adapters (57-229 KB each), so the second round of
+    requests sends most of them again after a forget."""
     folders = _adapter_folders(tmp_path)
     results = {}
     for mode, overrides in (("off", {}), ("on", {"host_cache_bytes": 300_000})):
