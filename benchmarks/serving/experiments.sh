@@ -95,6 +95,16 @@ run_one() {
             --out "$out/$1.jsonl" 2>&1 | tee -a "$out/$1.log" | grep "^\["
         fi
       done ;;
+    stack_by_rate)  # issue #20: in-process and the stack at R = 20 (about what either serves)
+      # and R = 40 (twice that): whether the stack's gap comes with overload (admission at
+      # its bounds: the lines' pool peaks and queue waits) or at any load
+      for rate in 20 40; do
+        trace=(--preset S1 --num-adapters 50 --alpha 0 --rate "$rate" --duration 12 --timeout 60)
+        bench "$1" "${trace[@]}" --max-rank 8 --max-num-seqs 256 | grep "^\["
+        WORKER_ARGS="--max-rank 8 --max-num-seqs 256" bash \
+          benchmarks/serving/separate_processes.sh llama-7b cuda "${trace[@]}" --no-progress \
+          --out "$out/$1.jsonl" 2>&1 | tee -a "$out/$1.log" | grep "^\["
+      done ;;
     stack_profile)  # issue #20: one stack run at R = 40 with the worker's threads profiled
       # (--profile-to) and its steps split into host work and waiting for the device
       trace=(--preset S1 --num-adapters 50 --alpha 0 --rate 40 --duration 12 --timeout 60)
