@@ -207,14 +207,14 @@ async def run_grpc(
     async with grpc_stack.worker_and_router(store_target, model, variant, settings) as stack:
         warmup = [name for name, _ in grpc_stack.warmup_adapters(trace.params)]
         await grpc_replay.warm_up(stack.router_target, warmup, trace.params.prompt_range)
-        loop = stack.worker.loop
-        start = loop.stats  # the warm-up's counts, left out
+        engine = stack.worker.engine
+        start = engine.stats  # the warm-up's counts, left out
         pool = PoolTimeline()
         probe = _pool_probe(stack.worker, pool)
         records, duration = await grpc_replay.replay(
             stack.router_target, trace, options.timeout_s, options.progress, probe
         )
-        end = loop.stats
+        end = engine.stats
         hits = end.adapter_cache_hits - start.adapter_cache_hits
         misses = end.adapter_cache_misses - start.adapter_cache_misses
     free_device_memory()
@@ -223,10 +223,9 @@ async def run_grpc(
 
 
 def _pool_probe(worker: Worker, pool: PoolTimeline) -> Any:
-    # The engine thread's last snapshot: a sample may be one step stale, which a timeline
-    # does not mind.
+    # The engine's last snapshot: a sample may be a step stale, which a timeline does not mind.
     def probe(now: float) -> None:
-        stats = worker.loop.stats
+        stats = worker.engine.stats
         pool.add(now, stats.pool, stats.running_requests, stats.waiting_requests)
 
     return probe

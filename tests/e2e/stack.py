@@ -98,7 +98,7 @@ async def stop_worker(worker: Worker) -> None:
     for close in worker.closers:
         await close()
     worker.closers.clear()
-    worker.loop.stop()
+    worker.engine.stop()
 
 
 async def worker_stats(worker: Worker) -> gpu_worker_pb2.GetStatsResponse:

@@ -175,8 +175,8 @@ async def check_versions(
         stats = await worker_stats(worker)
         assert list(stats.host_cached_adapters) == [ID]
         assert list(stats.resident_adapters) == [ID]
-        assert isinstance(worker.loop, EngineLoop)  # on the CPU the engine is on a thread
-        keys = worker.loop.engine.adapters.resident_keys()
+        assert isinstance(worker.engine, EngineLoop)  # on the CPU the engine is on a thread
+        keys = worker.engine.engine.adapters.resident_keys()
         assert [k.version for k in keys] == [3], keys
 
 

@@ -25,8 +25,8 @@ TOKENS = 150
 async def _slow_worker(drain_timeout_s: float) -> Worker:
     config = WorkerConfig(port=0, device="cpu", pool_slots=1024, drain_timeout_s=drain_timeout_s)
     worker = await start_worker(config)
-    assert isinstance(worker.loop, EngineLoop)  # on the CPU the engine is on a thread
-    engine = worker.loop.engine
+    assert isinstance(worker.engine, EngineLoop)  # on the CPU the engine is on a thread
+    engine = worker.engine.engine
     step = engine.step
 
     def slow_step():  # runs on the engine thread
@@ -66,7 +66,7 @@ async def cleanup() -> AsyncIterator[list[Worker]]:
     workers: list[Worker] = []
     yield workers
     for worker in workers:
-        worker.loop.stop()
+        worker.engine.stop()
 
 
 async def test_running_streams_finish_within_the_drain(cleanup: list[Worker]):

@@ -145,7 +145,7 @@ async def test_a_dead_engine_process_fails_its_streams_as_the_workers_fault(
     """Killed mid-stream: every running stream ends with a worker-scoped error (a router
     retries it elsewhere), health turns NOT_SERVING and new requests are UNAVAILABLE, at
     once and not after a timeout."""
-    engine = process_worker.loop
+    engine = process_worker.engine
     assert isinstance(engine, EngineProcess) and engine.pid is not None
     async with grpc.aio.insecure_channel(f"127.0.0.1:{process_worker.port}") as channel:
         stub = gpu_worker_pb2_grpc.GpuWorkerStub(channel)
@@ -188,7 +188,7 @@ async def test_a_frozen_engine_process_is_killed_and_its_streams_fail(tmp_path: 
     kills it, fails its streams as the worker's fault and turns NOT_SERVING."""
     config = _config(_adapter_folders(tmp_path), "on", engine_stall_timeout_s=1.5)
     worker = await start_worker(config)
-    engine = worker.loop
+    engine = worker.engine
     assert isinstance(engine, EngineProcess) and engine.pid is not None
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{worker.port}") as channel:
@@ -231,7 +231,7 @@ async def test_an_idle_engine_process_is_not_taken_for_frozen(tmp_path: Path):
 async def test_the_engine_process_leaves_ctrl_c_to_the_grpc_process(process_worker: Worker):
     """Ctrl-C in a terminal signals the whole process group: the engine process must not
     die under the gRPC process's drain. It ignores SIGINT and keeps streaming."""
-    engine = process_worker.loop
+    engine = process_worker.engine
     assert isinstance(engine, EngineProcess) and engine.pid is not None
     async with grpc.aio.insecure_channel(f"127.0.0.1:{process_worker.port}") as channel:
         stub = gpu_worker_pb2_grpc.GpuWorkerStub(channel)
@@ -264,7 +264,7 @@ async def test_a_start_cancelled_while_the_engine_builds_leaves_no_engine_proces
 
 
 async def test_the_engine_process_ends_with_its_worker(process_worker: Worker):
-    engine = process_worker.loop
+    engine = process_worker.engine
     assert isinstance(engine, EngineProcess) and engine.pid is not None
     assert _alive(engine.pid)
     await process_worker.stop()
@@ -282,7 +282,7 @@ def test_the_engine_process_ends_when_the_server_process_is_killed(tmp_path: Pat
         "async def main():\n"
         "    config = WorkerConfig(port=0, device='cpu', pool_slots=1024, engine_process='on')\n"
         "    worker = await start_worker(config)\n"
-        "    print(worker.loop.pid, flush=True)\n"
+        "    print(worker.engine.pid, flush=True)\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
         "if __name__ == '__main__':\n"
         "    asyncio.run(main())\n"

@@ -30,7 +30,7 @@ async def test_cuda_worker_streams_mixed_adapter_requests(tmp_path: Path, engine
         engine_process=engine_process,
     )
     worker = await start_worker(config)
-    assert isinstance(worker.loop, EngineProcess) == (engine_process == "auto")
+    assert isinstance(worker.engine, EngineProcess) == (engine_process == "auto")
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{worker.port}") as channel:
             stub = gpu_worker_pb2_grpc.GpuWorkerStub(channel)

@@ -78,7 +78,7 @@ def build_adapter_source(
 @dataclass
 class Worker:
     server: RunningServer
-    loop: EngineHandle
+    engine: EngineHandle  # on a thread of this process, or in its own
     # Heartbeat and metrics endpoint, stopped first: routers stop sending work before we go.
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     tracing: Tracing | None = None  # stopped last: the spans of drained streams go out too
@@ -94,15 +94,15 @@ class Worker:
             await close()
         await self.server.set_serving([SERVICE_NAME], False)
         await self.server.stop(self.drain_timeout_s)
-        await _stop_threads_and_tracing(self.loop, self.loop_profile, self.tracing)
+        await _stop_threads_and_tracing(self.engine, self.loop_profile, self.tracing)
 
 
 async def _stop_threads_and_tracing(
-    loop: EngineHandle, loop_profile: ThreadProfile | None, tracing: Tracing | None
+    engine: EngineHandle, loop_profile: ThreadProfile | None, tracing: Tracing | None
 ) -> None:
     """Stop the engine (its thread or its process) and the event loop's profile (writing it),
     then tracing: what a worker stops last, once nothing is served."""
-    loop.stop()
+    engine.stop()
     if loop_profile is not None:
         loop_profile.stop()
     if tracing is not None:
