@@ -15,7 +15,6 @@ import os
 import signal
 import time
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 from kernels.compile_watch import compile_watch
@@ -45,7 +44,8 @@ def main(config: WorkerConfig, conn: Connection) -> None:
     # it to a daemonic child at exit.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     setup_logging(config.log_level, config.log_format)
-    from services.gpu_worker.serving.server import build_worker_engine  # torch: seconds
+    # Imported here: server.py imports this module (through engine_process.py).
+    from services.gpu_worker.serving.server import build_worker_engine, thread_profiles
 
     try:
         engine, tokenizer = build_worker_engine(config)
@@ -53,8 +53,8 @@ def main(config: WorkerConfig, conn: Connection) -> None:
         logger.exception("building the engine failed")
         conn.send(("failed", f"building the engine failed: {type(exc).__name__}: {exc}"))
         return
-    profile = ThreadProfile(Path(f"{config.profile_to}.engine.txt")) if config.profile_to else None
-    EngineChild(engine, tokenizer, conn, profile).serve()
+    engine_profile, _ = thread_profiles(config.profile_to)  # the loop's is the gRPC process's
+    EngineChild(engine, tokenizer, conn, engine_profile).serve()
 
 
 class EngineChild:
@@ -177,7 +177,7 @@ class EngineChild:
         """After each step, on the engine thread: its outputs, and the stats when due."""
         now = time.monotonic()
         idle = not self._engine.has_work()  # the last outputs of a burst carry fresh stats
-        stats_due = idle or now - self._stats_sent_at >= STATS_INTERVAL_S or not self._outbox
+        stats_due = idle or now - self._stats_sent_at >= STATS_INTERVAL_S
         if not self._outbox and not stats_due:
             return
         outputs, self._outbox = self._outbox, []

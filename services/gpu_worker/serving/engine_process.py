@@ -28,6 +28,7 @@ from typing import Any
 
 from services.common.errors import ResourceExhausted, ServiceError, Unavailable, WorkerFault
 from services.common.lora_format import AdapterKey, CanonicalAdapter
+from services.gpu_worker.adapters.host_adapter_cache import adapter_nbytes
 from services.gpu_worker.engine.engine_stats import EngineStats
 from services.gpu_worker.engine.sequence import FinishReason, Sequence, StepOutput
 from services.gpu_worker.serving import engine_child
@@ -254,7 +255,7 @@ class AdapterCopies:
         if key in self._sizes:
             self._sizes.move_to_end(key)
             return []
-        size = sum(t.nbytes for t in (*adapter.lora_a.values(), *adapter.lora_b.values()))
+        size = adapter_nbytes(adapter)
         messages: list[tuple[Any, ...]] = [("adapter", adapter)]
         self._sizes[key] = size
         self._total += size

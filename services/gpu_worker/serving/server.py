@@ -111,7 +111,7 @@ async def _stop_threads_and_tracing(
 
 async def start_worker(config: WorkerConfig, lora_backend: LoraBackend | None = None) -> Worker:
     tracing = start_tracing(config.otel_endpoint, "manylora-gpu-worker")  # before any channel
-    engine_profile, loop_profile = _thread_profiles(config.profile_to)
+    engine_profile, loop_profile = thread_profiles(config.profile_to)
     on_failure = NotServingOnFailure(asyncio.get_running_loop())
     engine, tokenizer, adapters = await _start_engine(
         config, lora_backend, engine_profile, on_failure
@@ -222,7 +222,7 @@ class NotServingOnFailure:
             self._loop.create_task(self._server.set_serving([SERVICE_NAME], False))
 
 
-def _thread_profiles(prefix: str) -> tuple[ThreadProfile | None, ThreadProfile | None]:
+def thread_profiles(prefix: str) -> tuple[ThreadProfile | None, ThreadProfile | None]:
     """The engine thread's and the event loop's profiles (PREFIX.engine.txt and
     PREFIX.loop.txt), or none without a prefix."""
     if not prefix:

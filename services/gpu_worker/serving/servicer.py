@@ -86,7 +86,7 @@ async def _next_outputs(outputs: asyncio.Queue[StepOutput]) -> list[StepOutput]:
 class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
     def __init__(
         self,
-        loop: EngineHandle,
+        engine: EngineHandle,
         tokenizer: Tokenizer,
         adapters: AdapterSource,
         model_name: str,
@@ -97,7 +97,7 @@ class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
         .serving.output_relay.HeldOutputs); 1 sends each step's tokens at once."""
         self.metrics = metrics or WorkerMetrics()
         self._stream_interval = stream_interval
-        self._loop = loop
+        self._engine = engine
         self._tokenizer = tokenizer
         self._chat_template = chat_template_for(tokenizer)
         self._adapters = adapters
@@ -138,7 +138,7 @@ class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
             record_engine_phases(seq.arrival, seq.scheduled_at, seq.first_token_at)
             if not finished:  # the client went away or the call was cancelled
                 logger.info("cancelled by client; aborting")
-                self._loop.abort(seq)
+                self._engine.abort(seq)
 
     async def _accept(
         self,
@@ -161,7 +161,7 @@ class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
         remaining = context.time_remaining()
         if remaining is not None:  # lets the scheduler drop it unstarted once it is too late
             seq.deadline = time.monotonic() + remaining
-        self._loop.submit(seq)
+        self._engine.submit(seq)
         return seq
 
     async def _make_sequence(
@@ -212,7 +212,7 @@ class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
     def stats(self) -> gpu_worker_pb2.GetStatsResponse:
         """Load, memory and adapter numbers: the engine thread's last snapshot (never its live
         structures) and the host cache's adapters."""
-        engine = self._loop.stats
+        engine = self._engine.stats
         pool = engine.pool
         return gpu_worker_pb2.GetStatsResponse(
             running_requests=engine.running_requests,
