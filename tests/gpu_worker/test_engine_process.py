@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -122,6 +123,72 @@ async def test_streams_match_the_engine_on_a_thread_with_adapters_cycled_through
         assert process[2] == pytest.approx(thread[2], abs=1e-4)
         assert process[3] == thread[3]
     assert any(r[3] == common_pb2.STOP for r in results["on"])  # the stop string did its part
+
+
+async def test_careless_clients_leave_other_streams_through_the_pipe_untouched(tmp_path: Path):
+    """While three streams run, other clients send what the engine process must refuse (a
+    request its pool can never hold, refused on its side of the pipe; token ids outside the
+    vocabulary; an unknown adapter) and cancel streams mid-way, reusing the three's request
+    ids. The three get exactly the tokens they get alone."""
+    worker = await start_worker(_config(_adapter_folders(tmp_path), "on", pool_slots=1024))
+    params = common_pb2.SamplingParams(max_new_tokens=30, ignore_eos=True)
+    good = [
+        common_pb2.GenerateRequest(
+            request_id=f"id-{i}", adapter_id=a, prompt=f"p{i}", params=params
+        )
+        for i, a in enumerate(["", "ad-0", "ad-1"])
+    ]
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{worker.port}") as channel:
+            stub = gpu_worker_pb2_grpc.GpuWorkerStub(channel)
+
+            async def tokens(request: common_pb2.GenerateRequest) -> list[int]:
+                return [t for r in [r async for r in stub.Generate(request)] for t in r.token_ids]
+
+            alone = [await tokens(r) for r in good]
+
+            async def careless(i: int) -> None:
+                never_fits = common_pb2.SamplingParams(max_new_tokens=600)  # 1,204 slots > 1,024
+                bad = {
+                    "can never fit": common_pb2.GenerateRequest(prompt="x", params=never_fits),
+                    "outside vocab": common_pb2.GenerateRequest(
+                        prompt_token_ids=common_pb2.PromptTokenIds(ids=[5, 10**6]), params=params
+                    ),
+                    "nope": common_pb2.GenerateRequest(
+                        adapter_id="nope", prompt="x", params=params
+                    ),
+                }
+                for needle, request in bad.items():
+                    request.request_id = f"id-{i % 3}"
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await tokens(request)
+                    assert needle in (err.value.details() or ""), err.value.details()
+                request = common_pb2.GenerateRequest(
+                    request_id=f"id-{i % 3}", adapter_id="ad-0", prompt="c", params=params
+                )
+                call = stub.Generate(request)
+                await call.read()
+                call.cancel()
+
+            async with asyncio.timeout(60):  # a refusal lost in the pipe would hang its call
+                together = await asyncio.gather(
+                    *(tokens(r) for r in good), *(careless(i) for i in range(6))
+                )
+            assert together[: len(good)] == alone
+            stats = await poll_running(stub, 0)
+            assert stats.kv_slots == 0  # the cancelled and refused hold nothing
+    finally:
+        await worker.stop()
+
+
+async def poll_running(stub: gpu_worker_pb2_grpc.GpuWorkerStub, running: int) -> Any:
+    """GetStats once the engine runs `running` requests (cancels take a step to land)."""
+    async with asyncio.timeout(10):
+        while True:
+            stats = await stub.GetStats(gpu_worker_pb2.GetStatsRequest())
+            if stats.running_requests == running and stats.waiting_requests == 0:
+                return stats
+            await asyncio.sleep(0.02)
 
 
 async def test_stats_count_a_finished_stream_as_soon_as_its_client_sees_it_end(
