@@ -26,6 +26,8 @@ from services.common.config import ConfigError
 from services.common.errors import FAILURE_SCOPE_KEY, WORKER_FAILURE
 from services.common.lora_format import CanonicalAdapter
 from services.common.random_adapters import save_random_peft_adapter
+from services.gpu_worker.serving import adapter_handoff
+from services.gpu_worker.serving.adapter_handoff import AdapterHandoff
 from services.gpu_worker.serving.config import WorkerConfig
 from services.gpu_worker.serving.engine_process import AdapterCopies, EngineProcess
 from services.gpu_worker.serving.server import Worker, start_worker
@@ -103,26 +105,54 @@ async def _run_all(port: int) -> list[tuple[list[int], str, list[float], int]]:
 
 
 async def test_streams_match_the_engine_on_a_thread_with_adapters_cycled_through_the_pipe(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     """The oracle is the same engine on a thread of the server's process (its outputs are
     checked against HF+PEFT elsewhere). The engine process's adapter copies are bounded to
     300 KB, about two of these five adapters (57-229 KB each), so the second round of
-    requests sends most of them again after a forget."""
-    folders = _adapter_folders(tmp_path)
+    requests sends most of them again after a forget. Adapters cross as files in a
+    shared-memory folder, each gone once the engine process has read it, and, where no file
+    can be written, through the pipe itself."""
+    folders = _adapter_folders(tmp_path / "adapters")
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    written: list[str | None] = []
+    write = AdapterHandoff.write
+
+    def counted_write(self: AdapterHandoff, blob: bytes) -> str | None:
+        written.append(path := write(self, blob))
+        return path
+
+    monkeypatch.setattr(AdapterHandoff, "write", counted_write)
     results = {}
-    for mode, overrides in (("off", {}), ("on", {"host_cache_bytes": 300_000})):
-        worker = await start_worker(_config(folders, mode, **overrides))
+    for mode, handoff in (("off", shm), ("on", shm), ("on", tmp_path / "missing")):
+        monkeypatch.setattr(adapter_handoff, "SHM_DIR", handoff)
+        worker = await start_worker(_config(folders, mode, host_cache_bytes=300_000))
         try:
-            results[mode] = await _run_all(worker.port)
+            results[mode, handoff] = await _run_all(worker.port)
         finally:
             await worker.stop()
-    for thread, process in zip(results["off"], results["on"], strict=True):
-        assert process[0] == thread[0]
-        assert process[1] == thread[1]
-        assert process[2] == pytest.approx(thread[2], abs=1e-4)
-        assert process[3] == thread[3]
-    assert any(r[3] == common_pb2.STOP for r in results["on"])  # the stop string did its part
+        if handoff == shm and mode == "on":
+            files = [p for p in written if p is not None]
+            assert len(files) > len(ADAPTERS) and len(files) == len(written)
+            written.clear()
+    assert written and all(p is None for p in written)  # the missing folder: the pipe
+    assert not list(shm.iterdir())
+    thread = results["off", shm]
+    for process in (results["on", shm], results["on", tmp_path / "missing"]):
+        _assert_same_streams(thread, process)
+
+
+def _assert_same_streams(
+    thread: list[tuple[list[int], str, list[float], int]],
+    process: list[tuple[list[int], str, list[float], int]],
+) -> None:
+    for t, p in zip(thread, process, strict=True):
+        assert p[0] == t[0]
+        assert p[1] == t[1]
+        assert p[2] == pytest.approx(t[2], abs=1e-4)
+        assert p[3] == t[3]
+    assert any(r[3] == common_pb2.STOP for r in process)  # the stop string did its part
 
 
 async def test_careless_clients_leave_other_streams_through_the_pipe_untouched(tmp_path: Path):

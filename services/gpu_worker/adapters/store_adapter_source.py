@@ -54,10 +54,12 @@ def _key_of(info: common_pb2.AdapterInfo) -> AdapterKey:
 
 
 def _verified(
-    info: common_pb2.AdapterInfo, blob: bytes, dtype: torch.dtype | None
+    info: common_pb2.AdapterInfo, parts: list[bytes], dtype: torch.dtype | None
 ) -> CanonicalAdapter | None:
-    """The adapter in `blob` with its identity from `info`, in `dtype` (None: as stored), or
-    None when the blob does not match the sha256 in `info`."""
+    """The adapter in the joined `parts` with its identity from `info`, in `dtype` (None: as
+    stored), or None when the bytes do not match the sha256 in `info`. (Joined here, on a
+    thread: tens of MB copied on the event loop hold up every stream it serves.)"""
+    blob = b"".join(parts)
     if hashlib.sha256(blob).hexdigest() != info.sha256:
         return None
     adapter = CanonicalAdapter.from_bytes(blob)
@@ -179,8 +181,8 @@ class StoreAdapterSource:
         self, adapter_id: str, requested: int, version: int, generation: int
     ) -> CanonicalAdapter:
         for attempt in range(1, FETCH_ATTEMPTS + 1):
-            info, blob = await self._download(adapter_id, version)
-            adapter = await asyncio.to_thread(_verified, info, blob, self._dtype)
+            info, parts = await self._download(adapter_id, version)
+            adapter = await asyncio.to_thread(_verified, info, parts, self._dtype)
             if adapter is not None:
                 evicted = self.cache.put(adapter.key, adapter)
                 self._remember(adapter_id, requested, adapter.key, generation)
@@ -188,7 +190,7 @@ class StoreAdapterSource:
                     "fetched adapter %s v%d (%d bytes)%s",
                     adapter_id,
                     info.version,
-                    len(blob),
+                    sum(map(len, parts)),
                     f", evicted {', '.join(map(_name, evicted))}" if evicted else "",
                 )
                 return adapter
@@ -236,7 +238,7 @@ class StoreAdapterSource:
 
     async def _download(
         self, adapter_id: str, version: int
-    ) -> tuple[common_pb2.AdapterInfo, bytes]:
+    ) -> tuple[common_pb2.AdapterInfo, list[bytes]]:
         request = adapter_store_pb2.FetchAdapterRequest(adapter_id=adapter_id, version=version)
         info: common_pb2.AdapterInfo | None = None
         parts: list[bytes] = []
@@ -255,7 +257,7 @@ class StoreAdapterSource:
             raise error from exc
         if info is None or not info.sha256:
             raise Unavailable(f"the store at {self.target} sent {adapter_id!r} without its info")
-        return info, b"".join(parts)
+        return info, parts
 
     def _error_of(self, adapter_id: str, version: int, exc: grpc.aio.AioRpcError) -> ServiceError:
         code, details = exc.code(), exc.details()

@@ -26,6 +26,7 @@ from services.gpu_worker.engine.engine import Engine
 from services.gpu_worker.engine.engine_loop import EngineLoop
 from services.gpu_worker.engine.sequence import FinishReason, Sequence, StepOutput
 from services.gpu_worker.engine.tokenizer import Tokenizer
+from services.gpu_worker.serving import adapter_handoff
 from services.gpu_worker.serving.config import WorkerConfig
 from services.gpu_worker.serving.engine_messages import EngineInfo, Submit
 
@@ -122,8 +123,9 @@ class EngineChild:
             seq = self._seqs.get(message[1])
             if seq is not None:
                 self._loop.abort(seq)
-        elif kind == "adapter":
-            key, blob = message[1], message[2]
+        elif kind in ("adapter", "adapter_file"):
+            key, payload = message[1], message[2]
+            blob = adapter_handoff.take(payload) if kind == "adapter_file" else payload
             adapter = CanonicalAdapter.from_bytes(blob)
             adapter.version, adapter.sha256 = key.version, key.sha256
             self._adapters[key] = adapter

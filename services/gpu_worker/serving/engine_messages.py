@@ -3,8 +3,10 @@ over their pipe, as picklable values.
 
 gRPC process to engine process, in lists of what was queued at once (one read for the engine
 thread between two steps), in the order they must act:
-- `("adapter", AdapterKey, blob)`: an adapter's weights (`CanonicalAdapter.to_bytes`), sent
-  before the first request that runs on it;
+- `("adapter_file", AdapterKey, path)`: an adapter's weights (`CanonicalAdapter.to_bytes`)
+  in a file in shared memory that the engine process reads and removes (adapter_handoff.py),
+  sent before the first request that runs on it; `("adapter", AdapterKey, blob)`: the same
+  bytes in the message, when no such file can be written;
 - `("forget", AdapterKey)`: the engine process may drop its copy (requests already holding
   it keep it until they end);
 - `("submit", Submit)`, `("abort", seq_id)`, `("stop",)`.

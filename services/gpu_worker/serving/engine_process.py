@@ -32,6 +32,7 @@ from services.gpu_worker.adapters.host_adapter_cache import adapter_nbytes
 from services.gpu_worker.engine.engine_stats import EngineStats
 from services.gpu_worker.engine.sequence import FinishReason, Sequence, StepOutput
 from services.gpu_worker.serving import engine_child
+from services.gpu_worker.serving.adapter_handoff import AdapterHandoff
 from services.gpu_worker.serving.config import WorkerConfig
 from services.gpu_worker.serving.engine_messages import EngineInfo, Submit
 
@@ -62,6 +63,7 @@ class EngineProcess:
         self._submitted = 0  # requests sent; the engine's `settled` counts those it took
         self._settled = 0
         self._adapters = AdapterCopies(config.host_cache_bytes)
+        self._handoff = AdapterHandoff()
         self._failure: str | None = None
         self._stopping = False
         self.info: EngineInfo | None = None
@@ -155,6 +157,7 @@ class EngineProcess:
             logger.warning("the engine process did not stop in %.0f s; killing it", STOP_TIMEOUT_S)
             self._process.kill()
             self._process.join(STOP_TIMEOUT_S)
+        self._handoff.remove_leftovers()
 
     def _send_messages(self) -> None:
         """Everything queued so far as one batch: one read for the engine process."""
@@ -164,11 +167,24 @@ class EngineProcess:
                 batch.append(self._outgoing.get_nowait())
             last = batch.index(None) if None in batch else len(batch)
             try:
-                self._conn.send([_serialized(m) for m in batch[:last] if m is not None])
-            except OSError:
-                return  # the receiver sees the engine process gone and fails its requests
+                self._conn.send([self._serialized(m) for m in batch[:last] if m is not None])
+            except OSError:  # the receiver sees the engine process gone and fails its requests
+                self._handoff.remove_leftovers()
+                return
             if last < len(batch):
                 return
+
+    def _serialized(self, message: tuple[Any, ...]) -> tuple[Any, ...]:
+        """An adapter's weights as a file in shared memory, else as bytes (adapter_handoff.py;
+        here, on the sender thread, off the event loop)."""
+        if message[0] != "adapter":
+            return message
+        adapter: CanonicalAdapter = message[1]
+        blob = adapter.to_bytes()
+        path = self._handoff.write(blob)
+        if path is None:
+            return ("adapter", adapter.key, blob)
+        return ("adapter_file", adapter.key, path)
 
     def _receive(self) -> None:
         stall_s = self._config.engine_stall_timeout_s or None
@@ -217,20 +233,13 @@ class EngineProcess:
             self._failure = message
             seqs, self._seqs = list(self._seqs.values()), {}
         logger.error("%s: failing its %d requests", message, len(seqs))
+        self._handoff.remove_leftovers()
         for seq in seqs:
             out = seq.output([], "", [], FinishReason.ABORTED)
             out.error = WorkerFault(message)
             seq.on_output(out)
         if self._on_failure is not None:
             self._on_failure(message)
-
-
-def _serialized(message: tuple[Any, ...]) -> tuple[Any, ...]:
-    """An adapter's weights as bytes (here, on the sender thread, off the event loop)."""
-    if message[0] != "adapter":
-        return message
-    adapter: CanonicalAdapter = message[1]
-    return ("adapter", adapter.key, adapter.to_bytes())
 
 
 def _worker_unavailable(message: str) -> ServiceError:
