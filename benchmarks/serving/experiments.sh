@@ -95,6 +95,21 @@ run_one() {
             --out "$out/$1.jsonl" 2>&1 | tee -a "$out/$1.log" | grep "^\["
         fi
       done ;;
+    stack_warm)  # issue #20: the stack with its worker's host cache cold (each adapter's first
+      # request downloads it from the store) and warm (--warm-adapters), beside in-process,
+      # whose adapters are in host memory from its start: A B C C A
+      trace=(--preset S1 --num-adapters 50 --alpha 0 --rate 40 --duration 12 --timeout 60)
+      for mode in inproc cold warm warm inproc; do
+        if [ "$mode" = inproc ]; then
+          bench "$1" "${trace[@]}" --max-rank 8 --max-num-seqs 256 | grep "^\["
+        else
+          warm=()
+          [ "$mode" = warm ] && warm=(--warm-adapters)
+          WORKER_ARGS="--max-rank 8 --max-num-seqs 256" bash \
+            benchmarks/serving/separate_processes.sh llama-7b cuda "${trace[@]}" "${warm[@]}" \
+            --no-progress --out "$out/$1.jsonl" 2>&1 | tee -a "$out/$1.log" | grep "^\["
+        fi
+      done ;;
     stack_by_rate)  # issue #20: in-process and the stack at R = 20 (about what either serves)
       # and R = 40 (twice that): whether the stack's gap comes with overload (admission at
       # its bounds: the lines' pool peaks and queue waits) or at any load

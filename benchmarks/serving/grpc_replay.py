@@ -121,3 +121,18 @@ async def warm_up(target: str, adapters: list[str], prompt_lens: tuple[int, ...]
             client.complete(p, adapter=a, max_new_tokens=4, ignore_eos=True) for p, a in prompts
         )
         await asyncio.gather(*waves, *second)
+
+
+async def fetch_adapters(target: str, trace: Trace, concurrency: int = 8) -> None:
+    """One untimed request of one token on each adapter the trace uses, `concurrency` at a
+    time: the worker then holds them in host memory (a cold worker downloads each from the
+    store on its first request, on the same event loop that streams tokens)."""
+    names = sorted({adapter_id(r.adapter) for r in trace.requests})
+    gate = asyncio.Semaphore(concurrency)
+    async with AsyncManyloraClient(target, options=CLIENT_OPTIONS) as client:
+
+        async def fetch(name: str) -> None:
+            async with gate:
+                await client.complete([3, 4, 5], adapter=name, max_new_tokens=1, ignore_eos=True)
+
+        await asyncio.gather(*(fetch(name) for name in names))

@@ -145,6 +145,13 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", type=float, help="cut each run off after this many seconds")
     g.add_argument("--out", required=True, help="JSON-lines file the results are appended to")
     g.add_argument("--no-progress", action="store_true")
+    g.add_argument(
+        "--warm-adapters",
+        action="store_true",
+        help="through a stack: one untimed request on each of the trace's adapters first, so "
+        "the worker holds them in host memory, as the in-process engine does from its start "
+        "(such runs are labelled 'adapters warm')",
+    )
 
 
 def parse_args(argv: Sequence[str] | None, description: str = "") -> argparse.Namespace:
@@ -202,4 +209,5 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         max_rank=args.max_rank,
         sampling=args.sampling,
         whole_sort=args.whole_sort,
+        warm_adapters=args.warm_adapters,
     )

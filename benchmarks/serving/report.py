@@ -150,6 +150,9 @@ def targets(runs: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     checks.append(_ratio_check("kernels ≥ bmm", _pairs(rows, ours, ("inprocess", "bmm")), 1.0))
     grpc = _pairs(rows, ("grpc", "manylora"), ours) + _pairs(rows, ("grpc-remote", "remote"), ours)
     checks.append(_ratio_check("gRPC stack ≥ 90% of in-process", grpc, 0.9))
+    warm = _pairs(rows, ("grpc-remote", "remote, adapters warm"), ours)
+    warm += _pairs(rows, ("grpc", "manylora, adapters warm"), ours)
+    checks.append(_ratio_check("gRPC stack, adapters warm, ≥ 95% of in-process (#20)", warm, 0.95))
     return checks
 
 

@@ -46,6 +46,8 @@ class RunOptions:
     # The top-p experiment: sort whole rows for top-p without top-k at once, instead of asking
     # the device inside the step whether the 1,024 best tokens hold the nucleus.
     whole_sort: bool = False
+    # Through a stack: the trace's adapters fetched by its worker before the timed run.
+    warm_adapters: bool = False
 
 
 def settings_for(options: RunOptions, trace: Trace) -> EngineConfig:
@@ -207,6 +209,8 @@ async def run_grpc(
     async with grpc_stack.worker_and_router(store_target, model, variant, settings) as stack:
         warmup = [name for name, _ in grpc_stack.warmup_adapters(trace.params)]
         await grpc_replay.warm_up(stack.router_target, warmup, trace.params.prompt_range)
+        if options.warm_adapters:
+            await grpc_replay.fetch_adapters(stack.router_target, trace)
         engine = stack.worker.engine
         start = engine.stats  # the warm-up's counts, left out
         pool = PoolTimeline()
@@ -218,8 +222,12 @@ async def run_grpc(
         hits = end.adapter_cache_hits - start.adapter_cache_hits
         misses = end.adapter_cache_misses - start.adapter_cache_misses
     free_device_memory()
-    info = describe("grpc", variant.label, trace, options)
+    info = describe("grpc", _stack_label(variant.label, options), trace, options)
     return result(info, records, duration, options, hits, misses, pool)
+
+
+def _stack_label(variant: str, options: RunOptions) -> str:
+    return f"{variant}, adapters warm" if options.warm_adapters else variant
 
 
 def _pool_probe(worker: Worker, pool: PoolTimeline) -> Any:
@@ -244,6 +252,8 @@ async def run_remote(
     if warm_up:
         warmup = [name for name, _ in grpc_stack.warmup_adapters(trace.params)]
         await grpc_replay.warm_up(target, warmup, trace.params.prompt_range)
+    if options.warm_adapters:
+        await grpc_replay.fetch_adapters(target, trace)
     start = await worker_stats(worker) if worker else None
     pool = PoolTimeline()
     polling = asyncio.create_task(poll_worker(worker, pool)) if worker else None
@@ -254,7 +264,7 @@ async def run_remote(
     finally:
         if polling is not None:
             await cancel_task(polling)
-    info = describe("grpc-remote", "remote", trace, options)
+    info = describe("grpc-remote", _stack_label("remote", options), trace, options)
     if worker is None or start is None:
         return result(info, records, duration, options)
     end = await worker_stats(worker)

@@ -9,10 +9,13 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from benchmarks import serving_bench, workload
+from benchmarks.serving import grpc_replay
+from benchmarks.serving.worker_steps import worker_stats
 from benchmarks.workload import load
 from services.common.grpc_server import free_port
 from tests.e2e.stack import Stack, stack_at
@@ -71,7 +74,7 @@ async def test_target_drives_a_running_router_after_uploading_to_its_store(
     traces = list(serving_bench.traces(args))
     await serving_bench.run_against(traces, args, serving_bench.run_options(args), results)
     (row,) = results.rows
-    assert row["mode"] == "grpc-remote"
+    assert row["mode"] == "grpc-remote" and row["variant"] == "remote"
     assert row["num_requests"] == row["finished"] == len(traces[0].requests) > 0
     assert row["tokens"] == sum(r.output_len for r in traces[0].requests)
     # The worker's pool and queues, polled through GetStats over the run.
@@ -96,6 +99,39 @@ async def test_target_drives_a_running_router_after_uploading_to_its_store(
     for kind in ("decode", "mixed"):
         assert 0 <= steps[kind]["avg_wait_ms"] < steps[kind]["avg_ms"]
         assert 0 < steps[kind]["avg_cpu_ms"] <= steps[kind]["avg_ms"] + 1
+
+
+async def test_warm_adapters_has_the_worker_hold_every_trace_adapter_before_the_timed_run(
+    tmp_path: Path, stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--warm-adapters: when the timed replay starts, the worker's host cache already holds
+    each adapter of the trace, which a fresh worker does not (a cold one downloads them inside
+    the run), and the run says it was warm."""
+    await stack.start_store()
+    worker = await stack.start_worker()
+    router = await stack.start_router()
+    held: list[set[str]] = []
+    replay = grpc_replay.replay
+
+    async def replay_after_looking(*args: Any, **kwargs: Any) -> Any:
+        stats = await worker_stats(f"127.0.0.1:{worker.port}")
+        held.append(set(stats.host_cached_adapters))
+        return await replay(*args, **kwargs)
+
+    monkeypatch.setattr(grpc_replay, "replay", replay_after_looking)
+    cli = "--preset tiny --num-adapters 6 --rate 10 --duration 1 --no-progress --device cpu"
+    cli += f" --target 127.0.0.1:{router.port} --store-target {stack.store_address}"
+    args = serving_bench.parse_args([*shlex.split(cli), "--out", str(tmp_path / "r.jsonl")])
+    traces = list(serving_bench.traces(args))
+    used = {workload.adapter_id(r.adapter) for r in traces[0].requests}
+    before = await worker_stats(f"127.0.0.1:{worker.port}")
+    assert not used & set(before.host_cached_adapters)
+    results = serving_bench.Results(args.out)
+    args.warm_adapters = True
+    await serving_bench.run_against(traces, args, serving_bench.run_options(args), results)
+    assert len(held) == 1 and used <= held[0]
+    (row,) = results.rows
+    assert row["variant"] == "remote, adapters warm" and row["failed"] == 0
 
 
 def test_separate_processes_script_serves_the_trace(tmp_path: Path) -> None:
