@@ -110,6 +110,9 @@ run_one() {
             --no-progress --out "$out/$1.jsonl" 2>&1 | tee -a "$out/$1.log" | grep "^\["
         fi
       done ;;
+    adapter_fetch)  # issue #20: a cold worker's burst of adapter downloads, on the host's CPU
+      python3 -m benchmarks.adapter_fetch_bench --num-adapters 50 --concurrency 64,2,1 \
+        --out "$out/$1.jsonl" 2>&1 | tee "$out/$1.log" ;;
     stack_by_rate)  # issue #20: in-process and the stack at R = 20 (about what either serves)
       # and R = 40 (twice that): whether the stack's gap comes with overload (admission at
       # its bounds: the lines' pool peaks and queue waits) or at any load

@@ -59,19 +59,31 @@ async def store(tmp_path: Path, adapter_folder: Path) -> AsyncIterator[StoreServ
 
 
 class FakeStore(adapter_store_pb2_grpc.AdapterStoreServicer):
-    """Serves one good blob, damaged on the first `corrupt` fetches; counts fetches."""
+    """Serves one good blob, damaged on the first `corrupt` fetches and on every fetch of the
+    ids in `corrupt_ids`; counts fetches."""
 
-    def __init__(self, blob: bytes, corrupt: int, delay_s: float = 0.0):
+    def __init__(
+        self, blob: bytes, corrupt: int, delay_s: float = 0.0, corrupt_ids: tuple[str, ...] = ()
+    ):
         self.blob = blob
         self.corrupt = corrupt
+        self.corrupt_ids = corrupt_ids
         self.delay_s = delay_s
         self.fetches = 0
+        self.asked: list[str] = []  # ids in the order their fetches reached the store
+        self.in_flight = self.most_in_flight = 0
 
     async def FetchAdapter(self, request, context):
         self.fetches += 1
-        await asyncio.sleep(self.delay_s)
+        self.asked.append(request.adapter_id)
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(self.delay_s)
+        finally:
+            self.in_flight -= 1
         data = self.blob
-        if self.fetches <= self.corrupt:
+        if self.fetches <= self.corrupt or request.adapter_id in self.corrupt_ids:
             data = data[:-1] + bytes([data[-1] ^ 0xFF])
         info = common_pb2.AdapterInfo(
             adapter_id=request.adapter_id, version=1, sha256=hashlib.sha256(self.blob).hexdigest()
@@ -201,6 +213,33 @@ async def test_concurrent_gets_of_one_id_share_one_fetch(adapter_folder: Path) -
         await server.stop(None)
     assert fake.fetches == 1
     assert all(adapter is adapters[0] for adapter in adapters)
+
+
+async def test_a_burst_of_first_gets_downloads_two_at_a_time_in_the_order_asked(
+    adapter_folder: Path,
+) -> None:
+    """A cold worker's burst: at most `max_concurrent_fetches` downloads at once, first asked
+    first fetched, and a failed one gives its place up (the first id's two attempts both
+    fail their sha256 check here)."""
+    blob = load_peft_folder(adapter_folder, TINY, max_rank=128, adapter_id="x").to_bytes()
+    fake = FakeStore(blob, corrupt=0, delay_s=0.05, corrupt_ids=("id-0",))
+    server = await _serve_fake(fake)
+    source = StoreAdapterSource(
+        f"127.0.0.1:{server.port}", cache_max_bytes=1 << 30, max_concurrent_fetches=2
+    )
+    ids = [f"id-{i}" for i in range(8)]
+    try:
+        got = await asyncio.gather(*(source.get(i) for i in ids), return_exceptions=True)
+    finally:
+        await source.close()
+        await server.stop(None)
+    assert isinstance(got[0], Unavailable)
+    expected = CanonicalAdapter.from_bytes(blob)
+    assert all(isinstance(a, CanonicalAdapter) and _same(a, expected) for a in got[1:])
+    assert fake.most_in_flight == 2
+    first = fake.asked.index("id-1")  # the failing id's retry may come before or after it
+    assert [i for i in fake.asked if i != "id-0"] == ids[1:] and first <= 2
+    assert source.cached_ids() == ids[1:]
 
 
 # --- versions ------------------------------------------------------------------------------

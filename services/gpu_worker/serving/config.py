@@ -71,6 +71,14 @@ class WorkerConfig(EngineConfig, CallerSecurityConfig):
     host_cache_bytes: int = field(
         default=4 << 30, metadata={"help": "host-memory adapter cache bound, in bytes"}
     )
+    adapter_fetch_concurrency: int = field(
+        default=2,
+        metadata={
+            "help": "adapter downloads from the store at a time (and threads checking their "
+            "sha256); more are queued in the order asked, so the first come soonest",
+            "min": 1,
+        },
+    )
     engine_process: str = field(
         default="auto",
         metadata={

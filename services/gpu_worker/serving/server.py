@@ -70,6 +70,7 @@ def build_adapter_source(
             version_ttl_s=config.adapter_version_ttl_s,
             security=config.channel_security("gpu_worker"),
             dtype=dtype,
+            max_concurrent_fetches=config.adapter_fetch_concurrency,
         )
     paths = parse_adapter_paths(config.adapters)
     return LocalFolderAdapterSource(paths, shape, config.max_rank, dtype)

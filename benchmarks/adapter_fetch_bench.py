@@ -1,0 +1,178 @@
+"""A cold worker's adapter downloads (issue #20): how long a burst of first requests waits
+for its adapters to come from the store, and how long the worker's event loop, which streams
+every other request's tokens, is held up meanwhile. Runs on the CPU.
+
+The store runs as its own process, as deployed; the worker's side (`StoreAdapterSource`,
+converting to bf16 as the GPU worker does) runs here, beside a ticker that measures how late
+the event loop runs a task that asks for it every millisecond.
+
+    python -m benchmarks.adapter_fetch_bench --model llama-7b --num-adapters 20 \
+        --concurrency 64,2,1 --out r.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.serving.grpc_stack import upload_adapters
+from services.common.grpc_server import free_port
+from services.common.healthcheck import check
+from services.gpu_worker.adapters.store_adapter_source import StoreAdapterSource
+
+TICK_S = 0.001
+
+
+class LoopLag:
+    """How late the event loop wakes a task that sleeps `TICK_S` at a time."""
+
+    def __init__(self) -> None:
+        self.lags: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _tick(self) -> None:
+        while True:
+            asked = time.perf_counter()
+            await asyncio.sleep(TICK_S)
+            self.lags.append(time.perf_counter() - asked - TICK_S)
+
+    def __enter__(self) -> LoopLag:
+        self._task = asyncio.get_running_loop().create_task(self._tick())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+    def summary(self) -> dict[str, float]:
+        lags = sorted(self.lags) or [0.0]
+        return {
+            "loop_lag_p99_ms": lags[int(0.99 * (len(lags) - 1))] * 1000,
+            "loop_lag_max_ms": lags[-1] * 1000,
+            "loop_stalled_s": sum(lag for lag in lags if lag > 0.005),
+        }
+
+
+async def fetch_all(
+    store: str, ids: list[str], dtype: torch.dtype | None, concurrency: int
+) -> dict[str, Any]:
+    """Every adapter in `ids` asked for at once by a worker that holds none of them and
+    downloads `concurrency` at a time."""
+    source = StoreAdapterSource(
+        store, cache_max_bytes=1 << 40, dtype=dtype, max_concurrent_fetches=concurrency
+    )
+    done: list[float] = []
+    start = time.perf_counter()
+
+    async def one(adapter_id: str) -> int:
+        adapter = await source.get(adapter_id)
+        done.append(time.perf_counter() - start)
+        return sum(t.numel() * t.element_size() for t in adapter.lora_a.values()) + sum(
+            t.numel() * t.element_size() for t in adapter.lora_b.values()
+        )
+
+    try:
+        with LoopLag() as lag:
+            sizes = await asyncio.gather(*(one(i) for i in ids))
+        seconds = time.perf_counter() - start
+    finally:
+        await source.close()
+    return {
+        "seconds": seconds,
+        "first_s": min(done),
+        "median_s": statistics.median(done),
+        "held_mb": sum(sizes) / 1e6,
+        **lag.summary(),
+    }
+
+
+def start_store(model: str, folder: Path, port: int) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "services.adapter_store", "--port", str(port)]
+    cmd += ["--data-dir", str(folder), "--base-model", model, "--log-level", "WARNING"]
+    return subprocess.Popen(cmd)
+
+
+async def wait_healthy(target: str, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not (await asyncio.to_thread(check, target, "", 1.0))[0]:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the store at {target} never became healthy")
+        await asyncio.sleep(0.2)
+
+
+async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="manylora-fetch-") as tmp:
+        store = start_store(args.model, Path(tmp) / "store", port)
+        try:
+            await wait_healthy(target)
+            for repeat in range(args.repeats):  # fresh ids each run: nothing cached anywhere
+                for concurrency in args.concurrency:
+                    ids = [f"fetch-{repeat}-{concurrency}-{i}" for i in range(args.num_adapters)]
+                    named = [(i, args.rank) for i in ids]
+                    peft = Path(tmp) / f"peft-{repeat}-{concurrency}"
+                    await upload_adapters(target, args.model, named, peft, 4, False)
+                    row = await fetch_all(target, ids, torch.bfloat16, concurrency)
+                    row = {
+                        "model": args.model,
+                        "rank": args.rank,
+                        "adapters": len(ids),
+                        "concurrency": concurrency,
+                        **row,
+                    }
+                    rows.append(row)
+                    print(_line(row), flush=True)
+        finally:
+            store.terminate()
+            store.wait(10)
+    if args.out:
+        with open(args.out, "a") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
+    return rows
+
+
+def _line(r: dict[str, Any]) -> str:
+    return (
+        f"{r['adapters']} adapters of {r['model']} rank {r['rank']}, {r['concurrency']} at a "
+        f"time: all in {r['seconds']:.2f} s "
+        f"(first {r['first_s']:.2f} s, median {r['median_s']:.2f} s), "
+        f"{r['held_mb'] / r['seconds']:.0f} MB/s held (bf16); event loop lag p99 "
+        f"{r['loop_lag_p99_ms']:.1f} ms, max {r['loop_lag_max_ms']:.1f} ms, stalled "
+        f"{r['loop_stalled_s']:.2f} s"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.adapter_fetch_bench", description=__doc__
+    )
+    p.add_argument("--model", default="llama-7b", help="dummy preset the adapters are shaped for")
+    p.add_argument("--num-adapters", type=int, default=20)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument(
+        "--concurrency",
+        type=lambda text: [int(x) for x in text.split(",")],
+        default=[64, 2],
+        help="comma-separated downloads at a time to compare, each run in turn (64: about "
+        "all at once, as before the bound)",
+    )
+    p.add_argument("--out", help="JSON-lines file the results are appended to")
+    return asyncio.run(run(p.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()
