@@ -110,6 +110,18 @@ run_one() {
             --no-progress --out "$out/$1.jsonl" 2>&1 | tee -a "$out/$1.log" | grep "^\["
         fi
       done ;;
+    stack_cold)  # issue #20: in-process and the stack with its worker cold (every adapter's
+      # first request downloads it from the store), A B B A
+      trace=(--preset S1 --num-adapters 50 --alpha 0 --rate 40 --duration 12 --timeout 60)
+      for mode in inproc stack stack inproc; do
+        if [ "$mode" = inproc ]; then
+          bench "$1" "${trace[@]}" --max-rank 8 --max-num-seqs 256 | grep "^\["
+        else
+          WORKER_ARGS="--max-rank 8 --max-num-seqs 256" bash \
+            benchmarks/serving/separate_processes.sh llama-7b cuda "${trace[@]}" --no-progress \
+            --out "$out/$1.jsonl" 2>&1 | tee -a "$out/$1.log" | grep "^\["
+        fi
+      done ;;
     adapter_fetch)  # issue #20: a cold worker's burst of adapter downloads, on the host's CPU
       python3 -m benchmarks.adapter_fetch_bench --num-adapters 50 --concurrency 64,2,1 \
         --out "$out/$1.jsonl" 2>&1 | tee "$out/$1.log" ;;
