@@ -135,12 +135,12 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     }
                     rows.append(row)
                     print(_line(row), flush=True)
+                    if args.out:  # row by row: a run cut off keeps what it measured
+                        with open(args.out, "a") as fh:
+                            fh.write(json.dumps(row) + "\n")
         finally:
             store.terminate()
             store.wait(10)
-    if args.out:
-        with open(args.out, "a") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in rows)
     return rows
 
 

@@ -63,12 +63,18 @@ class FakeStore(adapter_store_pb2_grpc.AdapterStoreServicer):
     ids in `corrupt_ids`; counts fetches."""
 
     def __init__(
-        self, blob: bytes, corrupt: int, delay_s: float = 0.0, corrupt_ids: tuple[str, ...] = ()
+        self,
+        blob: bytes,
+        corrupt: int,
+        delay_s: float = 0.0,
+        corrupt_ids: tuple[str, ...] = (),
+        delays: dict[str, float] | None = None,
     ):
         self.blob = blob
         self.corrupt = corrupt
-        self.corrupt_ids = corrupt_ids
         self.delay_s = delay_s
+        self.delays = delays or {}  # per id, instead of delay_s
+        self.corrupt_ids = corrupt_ids
         self.fetches = 0
         self.asked: list[str] = []  # ids in the order their fetches reached the store
         self.in_flight = self.most_in_flight = 0
@@ -79,7 +85,7 @@ class FakeStore(adapter_store_pb2_grpc.AdapterStoreServicer):
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
-            await asyncio.sleep(self.delay_s)
+            await asyncio.sleep(self.delays.get(request.adapter_id, self.delay_s))
         finally:
             self.in_flight -= 1
         data = self.blob
@@ -240,6 +246,35 @@ async def test_a_burst_of_first_gets_downloads_two_at_a_time_in_the_order_asked(
     first = fake.asked.index("id-1")  # the failing id's retry may come before or after it
     assert [i for i in fake.asked if i != "id-0"] == ids[1:] and first <= 2
     assert source.cached_ids() == ids[1:]
+
+
+async def test_a_slow_download_does_not_hold_the_others_back(adapter_folder: Path) -> None:
+    """One place for downloads, taken first by an adapter the store takes 3 s to send: past
+    `slow_fetch_s` it gives the place up, and the four behind it arrive long before it."""
+    blob = load_peft_folder(adapter_folder, TINY, max_rank=128, adapter_id="x").to_bytes()
+    fake = FakeStore(blob, corrupt=0, delay_s=0.02, delays={"huge": 3.0})
+    server = await _serve_fake(fake)
+    source = StoreAdapterSource(
+        f"127.0.0.1:{server.port}",
+        cache_max_bytes=1 << 30,
+        max_concurrent_fetches=1,
+        slow_fetch_s=0.2,
+    )
+    finished: list[str] = []
+
+    async def get(adapter_id: str) -> None:
+        await source.get(adapter_id)
+        finished.append(adapter_id)
+
+    try:
+        huge = asyncio.create_task(get("huge"))
+        await asyncio.sleep(0.05)  # it has the place
+        await asyncio.gather(huge, *(get(f"small-{i}") for i in range(4)))
+    finally:
+        await source.close()
+        await server.stop(None)
+    assert finished == [f"small-{i}" for i in range(4)] + ["huge"]
+    assert fake.most_in_flight == 2  # the huge one and one small one at a time
 
 
 # --- versions ------------------------------------------------------------------------------

@@ -47,6 +47,9 @@ logger = logging.getLogger(__name__)
 
 # A damaged transfer is retried once; twice in a row means something is wrong at the store.
 FETCH_ATTEMPTS = 2
+# A Llama-7B rank-8 adapter downloads in about 50 ms on the device's host; one still going
+# after this long is large or slow, and lets the next in line start (_download_in_turn).
+SLOW_FETCH_S = 1.0
 DEFAULT_VERSION_TTL_S = 5.0
 
 
@@ -86,6 +89,7 @@ class StoreAdapterSource:
         security: ChannelSecurity | None = None,
         dtype: torch.dtype | None = None,
         max_concurrent_fetches: int = 2,
+        slow_fetch_s: float = SLOW_FETCH_S,
     ):
         """`dtype`: what adapters are kept in, the engine's, converted once when fetched
         rather than at each load into the pool (the store's PEFT uploads are often fp32:
@@ -95,10 +99,12 @@ class StoreAdapterSource:
         what came. A cold worker's burst of first requests then gets its adapters one after
         another, in the order asked, the first within a download's time; all at once, each
         would come at the end of the burst, and the threads checking tens of MB each would
-        hold the GIL from the event loop for hundreds of ms (benchmarks/adapter_fetch_bench)."""
+        hold the GIL from the event loop for hundreds of ms (benchmarks/adapter_fetch_bench).
+        A download still going after `slow_fetch_s` stops counting against that bound."""
         self.target = target
         self._dtype = dtype
         self._max_fetches = max_concurrent_fetches
+        self._slow_fetch_s = slow_fetch_s
         self._fetch_gate = asyncio.Semaphore(max_concurrent_fetches)
         self._checker: ThreadPoolExecutor | None = None
         self._security = security  # TLS and the token of calls to the store
@@ -195,8 +201,7 @@ class StoreAdapterSource:
         self, adapter_id: str, requested: int, version: int, generation: int
     ) -> CanonicalAdapter:
         for attempt in range(1, FETCH_ATTEMPTS + 1):
-            async with self._fetch_gate:  # FIFO: first asked, first served
-                info, parts = await self._download(adapter_id, version)
+            info, parts = await self._download_in_turn(adapter_id, version)
             if self._checker is None:
                 self._checker = ThreadPoolExecutor(self._max_fetches, "adapter-check")
             loop = asyncio.get_running_loop()
@@ -253,6 +258,30 @@ class StoreAdapterSource:
         if self._channel is None:
             self._channel = aio_channel(self.target, self._security, SERVER_OPTIONS)
         return AdapterStoreStub(self._channel)
+
+    async def _download_in_turn(
+        self, adapter_id: str, version: int
+    ) -> tuple[common_pb2.AdapterInfo, list[bytes]]:
+        """`_download` once one of `max_concurrent_fetches` places is free (FIFO: first asked,
+        first served). A download still going after `slow_fetch_s` gives its place up and
+        goes on beside the others: a huge adapter, or a store slow to send one, must not hold
+        every other adapter back."""
+        gate = self._fetch_gate
+        await gate.acquire()
+        held = True
+
+        def give_up_place() -> None:
+            nonlocal held
+            if held:
+                held = False
+                gate.release()
+
+        timer = asyncio.get_running_loop().call_later(self._slow_fetch_s, give_up_place)
+        try:
+            return await self._download(adapter_id, version)
+        finally:
+            timer.cancel()
+            give_up_place()
 
     async def _download(
         self, adapter_id: str, version: int

@@ -75,7 +75,8 @@ class WorkerConfig(EngineConfig, CallerSecurityConfig):
         default=2,
         metadata={
             "help": "adapter downloads from the store at a time (and threads checking their "
-            "sha256); more are queued in the order asked, so the first come soonest",
+            "sha256); more are queued in the order asked, so the first come soonest; one still "
+            "going after 1 s stops counting",
             "min": 1,
         },
     )
