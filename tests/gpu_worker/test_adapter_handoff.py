@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -67,3 +69,17 @@ def test_leftovers_of_this_worker_only_are_removed(tmp_path: Path) -> None:
 def test_shared_memory_is_the_default_where_it_exists(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(adapter_handoff, "SHM_DIR", Path("/nonexistent-shm"))
     assert AdapterHandoff().directory is None
+
+
+def test_files_of_workers_that_are_gone_are_removed_when_a_worker_starts(tmp_path: Path) -> None:
+    """A worker killed outright leaves its unread files in memory; the next one on the host
+    removes them, and never a living worker's."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    orphan = tmp_path / f"manylora-adapter-{gone.pid}-abc"
+    living = tmp_path / f"manylora-adapter-{os.getppid()}-def"
+    unrelated = tmp_path / "something-else"
+    for path in (orphan, living, unrelated):
+        path.write_bytes(b"x")
+    AdapterHandoff(tmp_path)
+    assert not orphan.exists() and living.exists() and unrelated.exists()

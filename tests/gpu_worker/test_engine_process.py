@@ -279,11 +279,17 @@ async def test_a_dead_engine_process_fails_its_streams_as_the_workers_fault(
                 await asyncio.sleep(0.02)
 
 
-async def test_a_frozen_engine_process_is_killed_and_its_streams_fail(tmp_path: Path):
+async def test_a_frozen_engine_process_is_killed_and_its_streams_fail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     """Stopped mid-stream (SIGSTOP: as a hung device call looks from outside), it answers
     nothing while the gRPC process still would: after --engine-stall-timeout-s the worker
-    kills it, fails its streams as the worker's fault and turns NOT_SERVING."""
-    config = _config(_adapter_folders(tmp_path), "on", engine_stall_timeout_s=1.5)
+    kills it, fails its streams as the worker's fault and turns NOT_SERVING. The adapter files
+    written for requests it never read are removed."""
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    monkeypatch.setattr(adapter_handoff, "SHM_DIR", shm)
+    config = _config(_adapter_folders(tmp_path / "adapters"), "on", engine_stall_timeout_s=1.5)
     worker = await start_worker(config)
     engine = worker.engine
     assert isinstance(engine, EngineProcess) and engine.pid is not None
@@ -295,12 +301,23 @@ async def test_a_frozen_engine_process_is_killed_and_its_streams_fail(tmp_path: 
             assert len((await call.read()).token_ids) == 1
             os.kill(engine.pid, signal.SIGSTOP)
             began = time.monotonic()
+            unread = [  # their adapters go to files the frozen engine never reads
+                stub.Generate(common_pb2.GenerateRequest(adapter_id=a, prompt="y", params=params))
+                for a in ("ad-2", "ad-3")
+            ]
+            async with asyncio.timeout(5):
+                while len(list(shm.iterdir())) < 2:
+                    await asyncio.sleep(0.01)
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 async with asyncio.timeout(15):
                     while await call.read() is not grpc.aio.EOF:
                         pass
             assert 1.0 < time.monotonic() - began < 10
             assert "killed as frozen" in (err.value.details() or "")
+            for late in unread:
+                with pytest.raises(grpc.aio.AioRpcError, match="killed as frozen"):
+                    await late.read()
+            assert not list(shm.iterdir())
             trailing = dict(err.value.trailing_metadata() or ())
             assert trailing.get(FAILURE_SCOPE_KEY) == WORKER_FAILURE
             health = health_pb2_grpc.HealthStub(channel)

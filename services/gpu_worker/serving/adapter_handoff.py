@@ -23,6 +23,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
+PREFIX = "manylora-adapter-"  # then the writing process's pid
 
 
 class AdapterHandoff:
@@ -33,8 +34,10 @@ class AdapterHandoff:
         if directory is None:
             directory = SHM_DIR if SHM_DIR.is_dir() and os.access(SHM_DIR, os.W_OK) else None
         self.directory = directory
-        self.prefix = f"manylora-adapter-{os.getpid()}-"
+        self.prefix = f"{PREFIX}{os.getpid()}-"
         self._warned = False
+        if directory is not None:
+            _remove_orphans(directory)
 
     def write(self, blob: bytes) -> str | None:
         """A file holding `blob`, or None when it cannot be written (the caller sends the bytes
@@ -65,6 +68,25 @@ class AdapterHandoff:
             return
         for path in self.directory.glob(self.prefix + "*"):
             path.unlink(missing_ok=True)
+
+
+def _remove_orphans(directory: Path) -> None:
+    """Files of workers that are gone (killed before they could clean up): /dev/shm lives in
+    memory, and nothing else would ever free them."""
+    for path in directory.glob(PREFIX + "*"):
+        pid = path.name.removeprefix(PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def take(path: str) -> bytes:
