@@ -136,6 +136,16 @@ def test_the_workers_kernel_cache_is_on_a_volume_of_the_pod(objects: list[dict[s
     assert volumes[mount["name"]]["emptyDir"]["sizeLimit"] == "2Gi"
 
 
+def test_the_workers_dev_shm_is_memory_of_the_pod(objects: list[dict[str, Any]]) -> None:
+    """Adapters cross to the engine process as files in /dev/shm: a container runtime's
+    default (64 MB) holds few, so the chart mounts a memory-backed volume there."""
+    worker = workloads(objects)["gpu-worker"]
+    container = only_container(worker)
+    (mount,) = (m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm")
+    volumes = {v["name"]: v for v in worker["spec"]["template"]["spec"]["volumes"]}
+    assert volumes[mount["name"]]["emptyDir"] == {"medium": "Memory", "sizeLimit": "2Gi"}
+
+
 def _router_metric_names() -> str:
     class NoWorkers:
         def counts(self) -> tuple[int, int]:

@@ -156,6 +156,8 @@ def test_worker_reserves_a_gpu_and_sees_the_models(services: dict[str, Any]):
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
     assert any(defaults(v).endswith(":/models:ro") for v in worker["volumes"])
     assert defaults(worker["environment"]["MANYLORA_DUMMY"]) in ("true", "false")
+    # Adapters cross to its engine process as files in /dev/shm: more than Docker's 64 MB.
+    assert worker["shm_size"] == "2gb"
 
 
 def test_dockerfile_builds_what_compose_runs(services: dict[str, Any]):
