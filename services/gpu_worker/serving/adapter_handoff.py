@@ -1,13 +1,14 @@
 """Adapter weights from the worker's gRPC process to its engine process through a file in
 shared memory, not through their pipe.
 
-The engine thread reads the pipe itself, between steps (engine_child.py). multiprocessing
-writes a message over 16 KB as two writes, its size and then its body, and the gRPC process's
-sender thread must take that process's GIL between them: while its event loop parses an
-adapter download, that can take milliseconds, and the engine thread waits in the read for
-the body, with every running request. Measured on the device: 0.65 s of such waiting in one
-run that brought 50 adapters of 17 MB. Through a file, the pipe carries only its path, and the
-engine thread reads a file that is whole before its path is sent.
+The engine thread reads the pipe itself, between steps (engine_child.py), and every running
+request waits while it does. multiprocessing writes a message over 16 KB as two writes, its
+size and then its body, and the gRPC process's sender thread must take that process's GIL
+between them, which its event loop may hold for milliseconds while it parses an adapter
+download: the engine thread then waits in the read for the body. On the device it spent
+0.65 s in that read over one run that brought 50 adapters of 17 MB (BENCHMARKS.md, tenth
+session). Through a file, the pipe carries only its path, and the engine thread reads a file
+that is whole before its path is sent.
 
 Where shared memory is missing or too small (Docker gives a container 64 MB by default), the
 weights go through the pipe as before: slower for the engine, never lost.
