@@ -25,6 +25,24 @@ bench() {  # NAME serving_bench-options...
     tee -a "$out/$name.log"
 }
 
+# Issue #20's comparisons: S1, 50 adapters, uniform, R = 40 (twice what either serves), 12 s.
+stack_trace=(--preset S1 --num-adapters 50 --alpha 0 --rate 40 --duration 12 --timeout 60)
+
+inproc_run() {  # NAME serving_bench-options...: the engine in the benchmark's process
+  local name=$1
+  shift
+  bench "$name" "$@" --max-rank 8 --max-num-seqs 256 | grep "^\["
+}
+
+stack_run() {  # NAME "WORKER FLAGS" serving_bench-options...: store, worker, router as processes
+  local name=$1 flags=$2
+  shift 2
+  # shellcheck disable=SC2086  # flags is a list of flags
+  WORKER_ARGS="--max-rank 8 --max-num-seqs 256 $flags" bash \
+    benchmarks/serving/separate_processes.sh llama-7b cuda "$@" --no-progress \
+    --out "$out/$name.jsonl" 2>&1 | tee -a "$out/$name.log" | grep "^\["
+}
+
 # The gRPC comparisons' trace: 20 adapters, since the stack uploads each as an fp32 PEFT file.
 grpc_trace=(--preset S1 --num-adapters 20 --rate 20 --duration 20 --timeout 100)
 
@@ -85,42 +103,25 @@ run_one() {
     stack_engine_process)  # issue #20: the worker's engine in its own process (the default on
       # a GPU) against on a thread of the gRPC process (--engine-process off), beside the
       # engine in-process: in-process, stack, stack off, stack, in-process
-      trace=(--preset S1 --num-adapters 50 --alpha 0 --rate 40 --duration 12 --timeout 60)
       for mode in inproc on off on inproc; do
-        if [ "$mode" = inproc ]; then
-          bench "$1" "${trace[@]}" --max-rank 8 --max-num-seqs 256 | grep "^\["
-        else
-          WORKER_ARGS="--max-rank 8 --max-num-seqs 256 --engine-process $mode" bash \
-            benchmarks/serving/separate_processes.sh llama-7b cuda "${trace[@]}" --no-progress \
-            --out "$out/$1.jsonl" 2>&1 | tee -a "$out/$1.log" | grep "^\["
-        fi
+        if [ "$mode" = inproc ]; then inproc_run "$1" "${stack_trace[@]}"
+        else stack_run "$1" "--engine-process $mode" "${stack_trace[@]}"; fi
       done ;;
     stack_warm)  # issue #20: the stack with its worker's host cache cold (each adapter's first
       # request downloads it from the store) and warm (--warm-adapters), beside in-process,
       # whose adapters are in host memory from its start: A B C C A
-      trace=(--preset S1 --num-adapters 50 --alpha 0 --rate 40 --duration 12 --timeout 60)
       for mode in inproc cold warm warm inproc; do
-        if [ "$mode" = inproc ]; then
-          bench "$1" "${trace[@]}" --max-rank 8 --max-num-seqs 256 | grep "^\["
-        else
-          warm=()
-          [ "$mode" = warm ] && warm=(--warm-adapters)
-          WORKER_ARGS="--max-rank 8 --max-num-seqs 256" bash \
-            benchmarks/serving/separate_processes.sh llama-7b cuda "${trace[@]}" "${warm[@]}" \
-            --no-progress --out "$out/$1.jsonl" 2>&1 | tee -a "$out/$1.log" | grep "^\["
-        fi
+        case $mode in
+          inproc) inproc_run "$1" "${stack_trace[@]}" ;;
+          cold) stack_run "$1" "" "${stack_trace[@]}" ;;
+          warm) stack_run "$1" "" "${stack_trace[@]}" --warm-adapters ;;
+        esac
       done ;;
     stack_cold)  # issue #20: in-process and the stack with its worker cold (every adapter's
       # first request downloads it from the store), A B B A
-      trace=(--preset S1 --num-adapters 50 --alpha 0 --rate 40 --duration 12 --timeout 60)
       for mode in inproc stack stack inproc; do
-        if [ "$mode" = inproc ]; then
-          bench "$1" "${trace[@]}" --max-rank 8 --max-num-seqs 256 | grep "^\["
-        else
-          WORKER_ARGS="--max-rank 8 --max-num-seqs 256" bash \
-            benchmarks/serving/separate_processes.sh llama-7b cuda "${trace[@]}" --no-progress \
-            --out "$out/$1.jsonl" 2>&1 | tee -a "$out/$1.log" | grep "^\["
-        fi
+        if [ "$mode" = inproc ]; then inproc_run "$1" "${stack_trace[@]}"
+        else stack_run "$1" "" "${stack_trace[@]}"; fi
       done ;;
     adapter_fetch)  # issue #20: a cold worker's burst of adapter downloads, on the host's CPU
       python3 -m benchmarks.adapter_fetch_bench --num-adapters 50 --concurrency 64,2,1 \
@@ -129,11 +130,9 @@ run_one() {
       # and R = 40 (twice that): whether the stack's gap comes with overload (admission at
       # its bounds: the lines' pool peaks and queue waits) or at any load
       for rate in 20 40; do
-        trace=(--preset S1 --num-adapters 50 --alpha 0 --rate "$rate" --duration 12 --timeout 60)
-        bench "$1" "${trace[@]}" --max-rank 8 --max-num-seqs 256 | grep "^\["
-        WORKER_ARGS="--max-rank 8 --max-num-seqs 256" bash \
-          benchmarks/serving/separate_processes.sh llama-7b cuda "${trace[@]}" --no-progress \
-          --out "$out/$1.jsonl" 2>&1 | tee -a "$out/$1.log" | grep "^\["
+        trace=("${stack_trace[@]}" --rate "$rate")
+        inproc_run "$1" "${trace[@]}"
+        stack_run "$1" "" "${trace[@]}"
       done ;;
     stack_profile)  # issue #20: one stack run at R = 40 with the worker's threads profiled
       # (--profile-to) and its steps split into host work and waiting for the device
