@@ -7,7 +7,7 @@ converting to bf16 as the GPU worker does) runs here, beside a ticker that measu
 the event loop runs a task that asks for it every millisecond.
 
     python -m benchmarks.adapter_fetch_bench --model llama-7b --num-adapters 20 \
-        --concurrency 64,2,1 --out r.jsonl
+        --concurrency 64,2,1 --store-dtype as-uploaded,bfloat16 --out r.jsonl
 """
 
 from __future__ import annotations
@@ -97,10 +97,10 @@ async def fetch_all(
     }
 
 
-def start_store(model: str, folder: Path, port: int) -> subprocess.Popen[bytes]:
+def start_store(model: str, folder: Path, port: int, dtype: str) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "services.adapter_store", "--port", str(port)]
     cmd += ["--data-dir", str(folder), "--base-model", model, "--log-level", "WARNING"]
-    return subprocess.Popen(cmd)
+    return subprocess.Popen([*cmd, "--store-dtype", dtype])
 
 
 async def wait_healthy(target: str, seconds: float = 60) -> None:
@@ -112,42 +112,56 @@ async def wait_healthy(target: str, seconds: float = 60) -> None:
 
 
 async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    port = free_port()
-    target = f"127.0.0.1:{port}"
     rows = []
     with tempfile.TemporaryDirectory(prefix="manylora-fetch-") as tmp:
-        store = start_store(args.model, Path(tmp) / "store", port)
+        stores = {}
         try:
-            await wait_healthy(target)
+            for dtype in args.store_dtype:  # one store process each, side by side
+                port = free_port()
+                stores[dtype] = (
+                    f"127.0.0.1:{port}",
+                    start_store(args.model, Path(tmp) / dtype, port, dtype),
+                )
+            for target, _ in stores.values():
+                await wait_healthy(target)
             for repeat in range(args.repeats):  # fresh ids each run: nothing cached anywhere
-                for concurrency in args.concurrency:
-                    ids = [f"fetch-{repeat}-{concurrency}-{i}" for i in range(args.num_adapters)]
-                    named = [(i, args.rank) for i in ids]
-                    peft = Path(tmp) / f"peft-{repeat}-{concurrency}"
-                    await upload_adapters(target, args.model, named, peft, 4, False)
-                    row = await fetch_all(target, ids, torch.bfloat16, concurrency)
-                    row = {
-                        "model": args.model,
-                        "rank": args.rank,
-                        "adapters": len(ids),
-                        "concurrency": concurrency,
-                        **row,
-                    }
-                    rows.append(row)
-                    print(_line(row), flush=True)
-                    if args.out:  # row by row: a run cut off keeps what it measured
-                        with open(args.out, "a") as fh:
-                            fh.write(json.dumps(row) + "\n")
+                for dtype, (target, _) in stores.items():
+                    for concurrency in args.concurrency:
+                        rows.append(
+                            await _one_run(args, target, dtype, concurrency, repeat, Path(tmp))
+                        )
         finally:
-            store.terminate()
-            store.wait(10)
+            for _, process in stores.values():
+                process.terminate()
+                process.wait(10)
     return rows
+
+
+async def _one_run(
+    args: argparse.Namespace, target: str, dtype: str, concurrency: int, repeat: int, tmp: Path
+) -> dict[str, Any]:
+    ids = [f"fetch-{repeat}-{concurrency}-{i}" for i in range(args.num_adapters)]
+    peft = tmp / f"peft-{dtype}-{repeat}-{concurrency}"
+    await upload_adapters(target, args.model, [(i, args.rank) for i in ids], peft, 4, False)
+    row = {
+        "model": args.model,
+        "rank": args.rank,
+        "adapters": len(ids),
+        "store_dtype": dtype,
+        "concurrency": concurrency,
+        **await fetch_all(target, ids, torch.bfloat16, concurrency),
+    }
+    print(_line(row), flush=True)
+    if args.out:  # row by row: a run cut off keeps what it measured
+        with open(args.out, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+    return row
 
 
 def _line(r: dict[str, Any]) -> str:
     return (
-        f"{r['adapters']} adapters of {r['model']} rank {r['rank']}, {r['concurrency']} at a "
-        f"time: all in {r['seconds']:.2f} s "
+        f"{r['adapters']} adapters of {r['model']} rank {r['rank']} stored "
+        f"{r['store_dtype']}, {r['concurrency']} at a time: all in {r['seconds']:.2f} s "
         f"(first {r['first_s']:.2f} s, median {r['median_s']:.2f} s), "
         f"{r['held_mb'] / r['seconds']:.0f} MB/s held (bf16); event loop lag p99 "
         f"{r['loop_lag_p99_ms']:.1f} ms, max {r['loop_lag_max_ms']:.1f} ms, stalled "
@@ -163,6 +177,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--num-adapters", type=int, default=20)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument(
+        "--store-dtype",
+        type=lambda text: text.split(","),
+        default=["as-uploaded"],
+        help="comma-separated store --store-dtype values to compare, a store process each; "
+        "uploads are fp32",
+    )
     p.add_argument(
         "--concurrency",
         type=lambda text: [int(x) for x in text.split(",")],

@@ -35,6 +35,7 @@ inproc_run() {  # NAME serving_bench-options...: the engine in the benchmark's p
 }
 
 stack_run() {  # NAME "WORKER FLAGS" serving_bench-options...: store, worker, router as processes
+  # (STORE_ARGS from the environment: the store's flags)
   local name=$1 flags=$2
   shift 2
   # shellcheck disable=SC2086  # flags is a list of flags
@@ -123,9 +124,20 @@ run_one() {
         if [ "$mode" = inproc ]; then inproc_run "$1" "${stack_trace[@]}"
         else stack_run "$1" "" "${stack_trace[@]}"; fi
       done ;;
-    adapter_fetch)  # issue #20: a cold worker's burst of adapter downloads, on the host's CPU
+    stack_cold_bf16)  # issue #20: stack_cold with the store keeping adapters in bf16 (half
+      # an fp32 upload to download, hash and parse), beside the store as uploaded: A B C C B A
+      for mode in inproc fp32 bf16 bf16 fp32 inproc; do
+        case $mode in
+          inproc) inproc_run "$1" "${stack_trace[@]}" ;;
+          fp32) stack_run "$1" "" "${stack_trace[@]}" ;;
+          bf16) STORE_ARGS="--store-dtype bfloat16" stack_run "$1" "" "${stack_trace[@]}" ;;
+        esac
+      done ;;
+    adapter_fetch)  # issue #20: a cold worker's burst of adapter downloads, on the host's CPU,
+      # from a store keeping fp32 uploads as they are and one keeping them in bf16
       python3 -m benchmarks.adapter_fetch_bench --num-adapters 50 --concurrency 64,2,1 \
-        --out "$out/$1.jsonl" 2>&1 | tee "$out/$1.log" ;;
+        --store-dtype as-uploaded,bfloat16 --repeats 1 --out "$out/$1.jsonl" 2>&1 |
+        tee "$out/$1.log" ;;
     stack_by_rate)  # issue #20: in-process and the stack at R = 20 (about what either serves)
       # and R = 40 (twice that): whether the stack's gap comes with overload (admission at
       # its bounds: the lines' pool peaks and queue waits) or at any load

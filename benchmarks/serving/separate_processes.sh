@@ -8,7 +8,8 @@
 # MODEL is a dummy preset (tiny, llama-7b) and DEVICE cpu or cuda. Environment: PYTHON
 # (default python3), STORE_PORT, WORKER_PORT, ROUTER_PORT (50152, 50151, 50150) and
 # WORKER_ARGS, more worker flags (e.g. "--max-rank 8" to match an S1 trace's largest rank,
-# as the in-process engine does).
+# as the in-process engine does), and STORE_ARGS, more store flags (e.g. "--store-dtype
+# bfloat16").
 set -euo pipefail
 model=$1 device=$2
 shift 2
@@ -36,8 +37,9 @@ wait_healthy() {  # ADDRESS [SERVICE]; the worker answers only once its model is
   return 1
 }
 
+# shellcheck disable=SC2086  # STORE_ARGS is a list of flags
 "$py" -m services.adapter_store --port "${store#*:}" --data-dir "$data" --base-model "$model" \
-  --log-level WARNING &
+  --log-level WARNING ${STORE_ARGS:-} &
 pids+=($!)
 # shellcheck disable=SC2086  # WORKER_ARGS is a list of flags
 "$py" -m services.gpu_worker --port "${worker#*:}" --model "$model" --dummy --device "$device" \

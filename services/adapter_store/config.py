@@ -17,6 +17,7 @@ from services.common.security_config import ServerSecurityConfig
 from services.common.tracing import check_tracing, otel_endpoint_field
 
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+STORE_DTYPES = ("as-uploaded", "bfloat16", "float16", "float32")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,15 @@ class AdapterStoreConfig(ServerSecurityConfig):
         },
     )
     max_rank: int = field(default=128, metadata={"help": "largest LoRA rank accepted", "min": 1})
+    store_dtype: str = field(
+        default="as-uploaded",
+        metadata={
+            "help": "dtype adapters are stored and served in: as uploaded, or converted at "
+            "upload (bfloat16 halves an fp32 upload, and what each worker downloads, hashes "
+            "and parses; a GPU worker's bf16 engine converts to it anyway)",
+            "choices": STORE_DTYPES,
+        },
+    )
     base_model: str = field(
         default="tiny",
         metadata={"help": "dummy preset name or local Hugging Face folder to validate against"},

@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 import grpc
+import torch
 from grpc_health.v1 import health_pb2
 from prometheus_client import Gauge
 
@@ -68,7 +69,9 @@ def build_store(config: AdapterStoreConfig) -> AdapterStore:
             )
         except ValueError as exc:  # redis-py reads the URL here
             raise ConfigError("redis_url", f"{config.redis_url!r}: {exc}") from None
-    return AdapterStore(DiskStore(config.data_dir), shape, config.max_rank, cache)
+    name = config.store_dtype.lower()  # the config takes its words in any case
+    dtype = None if name == "as-uploaded" else getattr(torch, name)
+    return AdapterStore(DiskStore(config.data_dir), shape, config.max_rank, cache, dtype)
 
 
 async def start_store_server(config: AdapterStoreConfig) -> StoreServer:

@@ -8,6 +8,7 @@ import logging
 from collections import defaultdict
 
 import grpc
+import torch
 
 from manylora.v1 import common_pb2
 from services.adapter_store.disk_store import AdapterVersions, DiskStore
@@ -34,10 +35,18 @@ class AdapterStore:
     disk at `open()`, and every write goes through this object."""
 
     def __init__(
-        self, disk: DiskStore, shape: BaseModelShape, max_rank: int, cache: RedisCache | None
+        self,
+        disk: DiskStore,
+        shape: BaseModelShape,
+        max_rank: int,
+        cache: RedisCache | None,
+        dtype: torch.dtype | None = None,
     ):
+        """`dtype`: what uploads are converted to before they are stored (None: as uploaded).
+        The stored bytes are the adapter's identity: its sha256 is theirs."""
         self.disk = disk
         self.cache = cache
+        self._dtype = dtype
         self._shape = shape
         self._max_rank = max_rank
         self._versions: dict[str, AdapterVersions] = {}
@@ -134,9 +143,10 @@ class AdapterStore:
 
     def _canonicalize(self, adapter_id: str, config_json: str, weights: bytes) -> CanonicalAdapter:
         try:
-            return canonicalize(adapter_id, config_json, weights, self._shape, self._max_rank)
+            adapter = canonicalize(adapter_id, config_json, weights, self._shape, self._max_rank)
         except AdapterValidationError as exc:
             raise InvalidArgument(str(exc)) from exc
+        return adapter if self._dtype is None else adapter.to("cpu", self._dtype)
 
     async def _load(self, adapter_id: str, version: int) -> tuple[AdapterInfo, bytes]:
         if self.cache is not None:

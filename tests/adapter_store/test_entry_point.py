@@ -34,6 +34,14 @@ def test_config_reads_flags_over_environment_over_defaults() -> None:
     assert (config.port, config.base_model, config.fetch_chunk_bytes) == (50052, "tiny", 2 << 20)
 
 
+def test_store_dtype_is_one_of_its_words() -> None:
+    config = load_config(AdapterStoreConfig, ["--store-dtype", "bfloat16"], env={})
+    assert config.store_dtype == "bfloat16"
+    assert load_config(AdapterStoreConfig, [], env={}).store_dtype == "as-uploaded"
+    with pytest.raises(ConfigError, match=r"^--store-dtype \(MANYLORA_STORE_DTYPE\): 'int8'"):
+        load_config(AdapterStoreConfig, ["--store-dtype", "int8"], env={})
+
+
 def test_module_serves_until_sigterm_then_exits_cleanly(tmp_path: Path) -> None:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'protos'}"}

@@ -89,3 +89,33 @@ async def test_uploaded_adapter_fetched_by_worker_equals_canonicalize_and_peft_d
                 nonzero += int(peft_delta.abs().max() > 1e-3)
     expected_nonzero = len(lora.get("layers_to_transform", range(TINY.num_layers)))
     assert nonzero == expected_nonzero * len(lora["target_modules"])
+
+
+async def test_a_store_dtype_converts_uploads_before_they_are_stored(
+    tmp_path: Path, start_store
+) -> None:
+    """--store-dtype bfloat16: an fp32 PEFT upload is stored, hashed and served as bf16, the
+    same numbers as torch's own conversion of the canonical fp32 adapter; its size halves."""
+    folder = tmp_path / "adapter"
+    make_peft_adapter(folder, seed=4, **CASES["plain-qv"])
+    config_json, weights = read_adapter(folder)
+    expected = canonicalize("bf", config_json, weights, TINY, max_rank=128)
+    assert expected.dtype_name == "float32"
+    infos = {}
+    for dtype in ("as-uploaded", "BFloat16"):
+        server = await start_store(store_config(tmp_path / dtype, store_dtype=dtype))
+        async with aio_channel(server.port) as channel:
+            stub = adapter_store_pb2_grpc.AdapterStoreStub(channel)
+            requests = upload_requests("bf", config_json, weights)
+            infos[dtype] = await stub.UploadAdapter(as_stream(requests))
+        source = StoreAdapterSource(f"127.0.0.1:{server.port}", cache_max_bytes=1 << 30)
+        fetched = await source.get("bf")  # checks the served bytes against info's sha256
+        await source.close()
+        want = torch.float32 if dtype == "as-uploaded" else torch.bfloat16
+        infos[dtype.lower()] = infos.pop(dtype)
+        for proj in expected.target_modules:
+            assert torch.equal(fetched.lora_a[proj], expected.lora_a[proj].to(want))
+            assert torch.equal(fetched.lora_b[proj], expected.lora_b[proj].to(want))
+    assert (infos["as-uploaded"].dtype, infos["bfloat16"].dtype) == ("float32", "bfloat16")
+    assert infos["bfloat16"].size_bytes < 0.55 * infos["as-uploaded"].size_bytes
+    assert infos["bfloat16"].sha256 != infos["as-uploaded"].sha256
