@@ -155,6 +155,16 @@ run_one() {
       for thread in engine loop; do
         head -45 "$out/worker.$thread.txt" 2>&1 | tee -a "$out/$1.log"
       done ;;
+    stack_load_profile)  # issue #20: where a cold stack's adapter loads spend the engine
+      # thread, its engine in a process of its own and on a thread (the tenth session's
+      # profile had 721 samples of 2 ms in adapter_layout._on_device in a process, the
+      # eighth's 66 on a thread; adapter_load_bench: 1.1 ms a load on an idle device)
+      for mode in on off; do
+        stack_run "$1" "--engine-process $mode --profile-to $out/worker_$mode" \
+          "${stack_trace[@]}"
+        grep -E "samples, one|_on_device|write_adapter|synchronize" \
+          "$out/worker_$mode.engine.txt" | head -8 | tee -a "$out/$1.log"
+      done ;;
     compiles)  # issues #14, #20: a served run compiles no kernel, from an empty Triton cache:
       # one stack run and one in-process run (each run line counts its compilations; the
       # worker logs each one with its specializations)
