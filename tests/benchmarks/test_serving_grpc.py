@@ -51,6 +51,18 @@ def test_grpc_mode_serves_every_request_with_its_token_count(tmp_path: Path) -> 
     assert row["pool"]["samples"] > 0
 
 
+def test_grpc_mode_with_warm_adapters_loads_none_inside_the_timed_run(tmp_path: Path) -> None:
+    """--warm-adapters in the benchmark's own stack: each trace adapter was asked for once
+    before the clock started, so no request of the run waits for its adapter (the pool holds
+    every tiny adapter), and the run is labelled warm."""
+    cli = "--preset tiny --num-adapters 5 --rate 12 --duration 1 --seed 4 --mode grpc"
+    cli += " --device cpu --no-progress --warm-adapters"
+    (row,) = serving_bench.main([*shlex.split(cli), "--out", str(tmp_path / "r.jsonl")])
+    assert row["variant"] == "manylora, adapters warm"
+    assert row["finished"] == row["num_requests"] > 0 and row["failed"] == 0
+    assert row["cache_misses"] == 0 and row["cache_hits"] == row["num_requests"]
+
+
 @pytest.fixture
 async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     """The stack, stopped when the test ends, a failing one too (an `async for` over the
