@@ -163,7 +163,7 @@ run_one() {
         stack_run "$1" "--engine-process $mode --profile-to $out/worker_$mode" \
           "${stack_trace[@]}"
         grep -E "samples, one|_on_device|write_adapter|synchronize" \
-          "$out/worker_$mode.engine.txt" | head -8 | tee -a "$out/$1.log"
+          "$out/worker_$mode.engine.txt" | head -12 | tee -a "$out/$1.log"
       done ;;
     compiles)  # issues #14, #20: a served run compiles no kernel, from an empty Triton cache:
       # one stack run and one in-process run (each run line counts its compilations; the

@@ -15,7 +15,7 @@ import sys
 import threading
 from collections import Counter
 from pathlib import Path
-from types import FrameType
+from types import CodeType, FrameType
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ class ThreadProfile:
         self.path = path
         self.interval_s = interval_s
         self._stacks: Counter[tuple[str, ...]] = Counter()
+        self._lines: Counter[str] = Counter()  # the line on top of the stack, file:function:line
         self._stopped = threading.Event()
         self._sampler: threading.Thread | None = None
 
@@ -49,7 +50,7 @@ class ThreadProfile:
         if self._sampler is not None:
             self._sampler.join()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(report(self._stacks, self.interval_s))
+        self.path.write_text(report(self._stacks, self.interval_s, self._lines))
         folded = "".join(f"{';'.join(s)} {n}\n" for s, n in self._stacks.most_common())
         Path(f"{self.path}.folded").write_text(folded)
         logger.info("profile written to %s (%d samples)", self.path, self._stacks.total())
@@ -60,21 +61,28 @@ class ThreadProfile:
             if frame is None:  # the thread has ended
                 return
             self._stacks[stack_of(frame)] += 1
+            self._lines[f"{_name(frame.f_code)}:{frame.f_lineno}"] += 1
 
 
 def stack_of(frame: FrameType | None) -> tuple[str, ...]:
     """The frames from `frame` down to the thread's root, root first, as file:function."""
     names = []
     while frame is not None:
-        code = frame.f_code
-        names.append(f"{Path(code.co_filename).name}:{code.co_name}")
+        names.append(_name(frame.f_code))
         frame = frame.f_back
     return tuple(reversed(names))
 
 
-def report(stacks: Counter[tuple[str, ...]], interval_s: float) -> str:
+def _name(code: CodeType) -> str:
+    return f"{Path(code.co_filename).name}:{code.co_name}"
+
+
+def report(
+    stacks: Counter[tuple[str, ...]], interval_s: float, lines_on_top: Counter[str] | None = None
+) -> str:
     """Per function: samples with it on top of the stack (self) and anywhere in it
-    (inclusive), as counts and shares of all samples."""
+    (inclusive), as counts and shares of all samples; then per line on top of the stack,
+    which tells which call of a function the time went to (a C call shows as its line)."""
     total = stacks.total()
     on_top: Counter[str] = Counter()
     anywhere: Counter[str] = Counter()
@@ -84,7 +92,12 @@ def report(stacks: Counter[tuple[str, ...]], interval_s: float) -> str:
         for name in set(stack):
             anywhere[name] += n
     lines = [f"{total} samples, one each {interval_s * 1e3:g} ms"]
-    for title, counts in (("on top of the stack", on_top), ("anywhere in the stack", anywhere)):
-        lines += ["", f"{'samples':>8} {'share':>6}  function ({title})"]
+    tables = [
+        ("function (on top of the stack)", on_top),
+        ("function (anywhere in the stack)", anywhere),
+        ("line (on top of the stack)", lines_on_top or Counter()),
+    ]
+    for title, counts in tables:
+        lines += ["", f"{'samples':>8} {'share':>6}  {title}"]
         lines += [f"{n:8d} {n / max(total, 1):6.1%}  {f}" for f, n in counts.most_common(TOP)]
     return "\n".join(lines) + "\n"

@@ -52,3 +52,10 @@ async def test_each_thread_profile_holds_its_own_threads_stacks(
     engine_report = Path(f"{prefix}.engine.txt").read_text()
     assert f"{engine_samples} samples" in engine_report
     assert "engine_loop.py:_serve" in engine_report
+    # Which line of a function the samples fell on (a C call shows as the line calling it):
+    # the busiest line names a function of the report, with its line number.
+    line_table = engine_report.split("line (on top of the stack)\n")[1]
+    count, _, where = line_table.split()[:3]
+    function, line = where.rsplit(":", 1)
+    assert line.isdigit() and 0 < int(count) <= engine_samples
+    assert function in engine_report.split("line (on top of the stack)")[0]
