@@ -58,6 +58,8 @@ def test_bad_values_name_the_flag_and_its_variable():
         load_config(AdapterStoreConfig, ["--log-level", "LOUD"], env={})
     with pytest.raises(UsageError, match="--bogus"):
         load_config(AdapterStoreConfig, ["--bogus"], env={})
+    with pytest.raises(ConfigError, match=r"^--adapter-fetch-concurrency .*0 is below"):
+        load_config(WorkerConfig, [], env={"MANYLORA_ADAPTER_FETCH_CONCURRENCY": "0"})
 
 
 def test_worker_check_names_the_setting_that_points_at_nothing(tmp_path: Path, monkeypatch):
