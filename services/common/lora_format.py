@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from safetensors.torch import save_file as st_save_file
 
 from services.common.bounded_json import JsonBoundsError, loads_bounded
 
@@ -84,7 +86,19 @@ class CanonicalAdapter:
         )
 
     def to_bytes(self) -> bytes:
-        """A safetensors blob: tensors `p.lora_A`, `p.lora_B`; the scalars in its metadata."""
+        """A safetensors blob: tensors `p.lora_A`, `p.lora_B`; the scalars in its metadata.
+        The same adapter gives the same bytes: its identity's sha256 is theirs."""
+        tensors, meta = self._tensors_and_meta()
+        return _with_metadata(bytes(st_save(tensors)), meta)
+
+    def to_file(self, path: str) -> None:
+        """The same tensors and metadata written straight into a safetensors file, not the
+        identity's bytes (their canonical header means building the blob twice: 30 ms against
+        6 ms for a Llama-7B rank-8 adapter on a 2-core machine)."""
+        tensors, meta = self._tensors_and_meta()
+        st_save_file(tensors, path, metadata=meta)
+
+    def _tensors_and_meta(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         tensors: dict[str, torch.Tensor] = {}
         for proj in self.target_modules:
             tensors[f"{proj}.lora_A"] = self.lora_a[proj].contiguous()
@@ -96,12 +110,24 @@ class CanonicalAdapter:
             "scaling": repr(self.scaling),
             "base_model": self.base_model,
         }
-        return _with_metadata(bytes(st_save(tensors)), meta)
+        return tensors, meta
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> CanonicalAdapter:
-        meta = read_safetensors_metadata(blob)
-        tensors = st_load(blob)
+        return cls._from(read_safetensors_metadata(blob), st_load(blob))
+
+    @classmethod
+    def from_file(cls, path: str) -> CanonicalAdapter:
+        """An adapter `to_file` wrote, copied into memory: safetensors maps the file, and a
+        mapping would hold the file's memory (in /dev/shm: shared memory) while it lives."""
+        with safe_open(path, framework="pt") as file:
+            meta = file.metadata() or {}
+            # safe_open is not a mapping: iterating it does not give its names.
+            tensors = {name: file.get_tensor(name).clone() for name in file.keys()}  # noqa: SIM118
+        return cls._from(meta, tensors)
+
+    @classmethod
+    def _from(cls, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> CanonicalAdapter:
         adapter = cls(
             adapter_id=meta["adapter_id"],
             rank=int(meta["rank"]),

@@ -6,59 +6,88 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
+import signal
 import subprocess
 import sys
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
+from services.common.lora_format import CanonicalAdapter
 from services.gpu_worker.serving import adapter_handoff
 from services.gpu_worker.serving.adapter_handoff import AdapterHandoff
 
 
+def _adapter(features: int = 64) -> CanonicalAdapter:
+    adapter = CanonicalAdapter(adapter_id="a", rank=4, alpha=8.0, scaling=2.0, base_model="m")
+    adapter.lora_a["q_proj"] = torch.randn(2, 4, features).to(torch.bfloat16)
+    adapter.lora_b["q_proj"] = torch.randn(2, features, 4).to(torch.bfloat16)
+    return adapter
+
+
 def test_a_file_is_read_once_and_removed(tmp_path: Path) -> None:
     handoff = AdapterHandoff(tmp_path)
-    path = handoff.write(b"weights" * 1000)
+    adapter = _adapter()
+    path = handoff.write(adapter)
     assert path is not None and Path(path).parent == tmp_path
-    assert adapter_handoff.take(path) == b"weights" * 1000
+    got = adapter_handoff.take(path)
     assert not list(tmp_path.iterdir())
+    assert (got.adapter_id, got.rank, got.alpha, got.scaling, got.base_model) == ("a", 4, 8, 2, "m")
+    assert torch.equal(got.lora_a["q_proj"], adapter.lora_a["q_proj"])
+    assert torch.equal(got.lora_b["q_proj"], adapter.lora_b["q_proj"])
+
+
+def test_what_is_taken_holds_no_mapping_of_the_file(tmp_path: Path) -> None:
+    """safetensors maps a file it opens; a tensor left on that mapping would keep the removed
+    file's shared memory taken for as long as the engine keeps the adapter."""
+    path = AdapterHandoff(tmp_path).write(_adapter())
+    assert path is not None
+    got = adapter_handoff.take(path)
+    with open("/proc/self/maps") as maps:
+        assert path not in maps.read()
+    assert got.lora_a["q_proj"].shape == (2, 4, 64)
+
+
+@pytest.fixture
+def files_of_at_most_4_kb() -> Iterator[None]:
+    """Writes past 4 KB fail (EFBIG), as writes into a full /dev/shm do (ENOSPC)."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limit[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, handler)
 
 
 def test_a_full_folder_leaves_no_file_and_warns_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, files_of_at_most_4_kb: None, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Writing into /dev/full fails as a full /dev/shm does (ENOSPC): the half-made file goes,
-    and the caller is told to use the pipe."""
-    made: list[str] = []
-    mkstemp = tempfile.mkstemp
-
-    def mkstemp_on_a_full_disk(prefix: str, dir: Path) -> tuple[int, str]:
-        fd, path = mkstemp(prefix=prefix, dir=dir)
-        os.close(fd)
-        made.append(path)
-        return os.open("/dev/full", os.O_WRONLY), path
-
-    monkeypatch.setattr(adapter_handoff.tempfile, "mkstemp", mkstemp_on_a_full_disk)
+    """The half-written file goes, and the caller is told to use the pipe."""
     handoff = AdapterHandoff(tmp_path)
     with caplog.at_level(logging.WARNING):
-        assert handoff.write(b"x" * 10_000) is None
-        assert handoff.write(b"x" * 10_000) is None
-    assert len(made) == 2 and not list(tmp_path.iterdir())
+        assert handoff.write(_adapter(features=1024)) is None  # 32 KB
+        assert handoff.write(_adapter(features=1024)) is None
+    assert not list(tmp_path.iterdir())
     warnings = [r for r in caplog.records if "through the pipe" in r.getMessage()]
     assert len(warnings) == 1 and "shm_size" in warnings[0].getMessage()
 
 
 def test_no_folder_means_the_pipe(tmp_path: Path) -> None:
-    assert AdapterHandoff(tmp_path / "not-a-folder").write(b"x") is None  # mkstemp fails
+    (tmp_path / "a-file").write_bytes(b"")
+    assert AdapterHandoff(tmp_path / "a-file").write(_adapter()) is None  # mkstemp fails
     missing = tmp_path / "gone"
-    assert AdapterHandoff(missing).write(b"x") is None
+    assert AdapterHandoff(missing).write(_adapter()) is None
     assert not missing.exists()
 
 
 def test_leftovers_of_this_worker_only_are_removed(tmp_path: Path) -> None:
     handoff = AdapterHandoff(tmp_path)
-    unread = [handoff.write(b"a"), handoff.write(b"b")]
+    unread = [handoff.write(_adapter()), handoff.write(_adapter())]
     other = tmp_path / "manylora-adapter-1-someone-else"
     other.write_bytes(b"c")
     handoff.remove_leftovers()

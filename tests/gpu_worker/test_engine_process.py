@@ -119,8 +119,8 @@ async def test_streams_match_the_engine_on_a_thread_with_adapters_cycled_through
     written: list[str | None] = []
     write = AdapterHandoff.write
 
-    def counted_write(self: AdapterHandoff, blob: bytes) -> str | None:
-        written.append(path := write(self, blob))
+    def counted_write(self: AdapterHandoff, adapter: CanonicalAdapter) -> str | None:
+        written.append(path := write(self, adapter))
         return path
 
     monkeypatch.setattr(AdapterHandoff, "write", counted_write)

@@ -21,6 +21,10 @@ import os
 import tempfile
 from pathlib import Path
 
+from safetensors import SafetensorError
+
+from services.common.lora_format import CanonicalAdapter
+
 logger = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
@@ -40,26 +44,26 @@ class AdapterHandoff:
         if directory is not None:
             _remove_orphans(directory)
 
-    def write(self, blob: bytes) -> str | None:
-        """A file holding `blob`, or None when it cannot be written (the caller sends the bytes
-        through the pipe instead)."""
+    def write(self, adapter: CanonicalAdapter) -> str | None:
+        """A file holding `adapter` (`CanonicalAdapter.to_file`), or None when it cannot be
+        written (the caller sends the adapter's bytes through the pipe instead)."""
         if self.directory is None:
             return None
         path = None
         try:
             fd, path = tempfile.mkstemp(prefix=self.prefix, dir=self.directory)
-            with os.fdopen(fd, "wb") as file:
-                file.write(blob)
-        except OSError as exc:
+            os.close(fd)
+            adapter.to_file(path)
+        except (OSError, SafetensorError) as exc:  # safetensors' own error for a full disk
             if path is not None:
-                os.unlink(path)
+                Path(path).unlink(missing_ok=True)
             if not self._warned:
                 self._warned = True
                 logger.warning(
                     "cannot hand adapters to the engine process through %s (%s); sending them "
                     "through the pipe, which stalls its steps (in Docker, raise shm_size)",
                     self.directory,
-                    exc.strerror or exc,
+                    getattr(exc, "strerror", None) or exc,
                 )
             return None
         return path
@@ -90,9 +94,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def take(path: str) -> bytes:
-    """The engine process's side: the file's bytes, and the file gone."""
+def take(path: str) -> CanonicalAdapter:
+    """The engine process's side: the adapter in the file, and the file gone."""
     try:
-        return Path(path).read_bytes()
+        return CanonicalAdapter.from_file(path)
     finally:
         os.unlink(path)

@@ -125,8 +125,10 @@ class EngineChild:
                 self._loop.abort(seq)
         elif kind in ("adapter", "adapter_file"):
             key, payload = message[1], message[2]
-            blob = adapter_handoff.take(payload) if kind == "adapter_file" else payload
-            adapter = CanonicalAdapter.from_bytes(blob)
+            if kind == "adapter_file":
+                adapter = adapter_handoff.take(payload)
+            else:
+                adapter = CanonicalAdapter.from_bytes(payload)
             adapter.version, adapter.sha256 = key.version, key.sha256
             self._adapters[key] = adapter
         elif kind == "forget":

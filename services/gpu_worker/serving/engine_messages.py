@@ -3,10 +3,10 @@ over their pipe, as picklable values.
 
 gRPC process to engine process, in lists of what was queued at once (one read for the engine
 thread between two steps), in the order they must act:
-- `("adapter_file", AdapterKey, path)`: an adapter's weights (`CanonicalAdapter.to_bytes`)
+- `("adapter_file", AdapterKey, path)`: an adapter's weights (`CanonicalAdapter.to_file`)
   in a file in shared memory that the engine process reads and removes (adapter_handoff.py),
-  sent before the first request that runs on it; `("adapter", AdapterKey, blob)`: the same
-  bytes in the message, when no such file can be written;
+  sent before the first request that runs on it; `("adapter", AdapterKey, blob)`: its
+  `CanonicalAdapter.to_bytes` in the message, when no such file can be written;
 - `("forget", AdapterKey)`: the engine process may drop its copy (requests already holding
   it keep it until they end);
 - `("submit", Submit)`, `("abort", seq_id)`, `("stop",)`.

@@ -180,10 +180,9 @@ class EngineProcess:
         if message[0] != "adapter":
             return message
         adapter: CanonicalAdapter = message[1]
-        blob = adapter.to_bytes()
-        path = self._handoff.write(blob)
+        path = self._handoff.write(adapter)
         if path is None:
-            return ("adapter", adapter.key, blob)
+            return ("adapter", adapter.key, adapter.to_bytes())
         return ("adapter_file", adapter.key, path)
 
     def _receive(self) -> None:
