@@ -4,13 +4,10 @@ engine process never read is removed with its worker's prefix only."""
 
 from __future__ import annotations
 
-import logging
+import json
 import os
-import resource
-import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -51,30 +48,39 @@ def test_what_is_taken_holds_no_mapping_of_the_file(tmp_path: Path) -> None:
     assert got.lora_a["q_proj"].shape == (2, 4, 64)
 
 
-@pytest.fixture
-def files_of_at_most_4_kb() -> Iterator[None]:
-    """Writes past 4 KB fail (EFBIG), as writes into a full /dev/shm do (ENOSPC)."""
-    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limit[1]))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
-        signal.signal(signal.SIGXFSZ, handler)
+# Run in a process of its own: a file-size limit applies to every file the process writes,
+# pytest's output too when it goes to a file.
+_FULL_FOLDER = """
+import json, logging, resource, signal, sys
+import torch
+from services.common.lora_format import CanonicalAdapter
+from services.gpu_worker.serving.adapter_handoff import AdapterHandoff
+logging.basicConfig(level=logging.WARNING)
+adapter = CanonicalAdapter(adapter_id="a", rank=4, alpha=8.0, scaling=2.0, base_model="m")
+adapter.lora_a["q_proj"] = torch.zeros(2, 4, 1024, dtype=torch.bfloat16)
+adapter.lora_b["q_proj"] = torch.zeros(2, 1024, 4, dtype=torch.bfloat16)
+handoff = AdapterHandoff(__import__("pathlib").Path(sys.argv[1]))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limit[1]))  # 32 KB will not fit
+print(json.dumps([handoff.write(adapter), handoff.write(adapter)]))
+"""
 
 
-def test_a_full_folder_leaves_no_file_and_warns_once(
-    tmp_path: Path, files_of_at_most_4_kb: None, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The half-written file goes, and the caller is told to use the pipe."""
-    handoff = AdapterHandoff(tmp_path)
-    with caplog.at_level(logging.WARNING):
-        assert handoff.write(_adapter(features=1024)) is None  # 32 KB
-        assert handoff.write(_adapter(features=1024)) is None
+def test_a_full_folder_leaves_no_file_and_warns_once(tmp_path: Path) -> None:
+    """Writes past 4 KB fail (EFBIG) as writes into a full /dev/shm do (ENOSPC): the
+    half-written file goes, the caller is told to use the pipe, and says so once."""
+    done = subprocess.run(
+        [sys.executable, "-c", _FULL_FOLDER, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout) == [None, None]
     assert not list(tmp_path.iterdir())
-    warnings = [r for r in caplog.records if "through the pipe" in r.getMessage()]
-    assert len(warnings) == 1 and "shm_size" in warnings[0].getMessage()
+    assert done.stderr.count("through the pipe") == 1 and "shm_size" in done.stderr
 
 
 def test_no_folder_means_the_pipe(tmp_path: Path) -> None:
