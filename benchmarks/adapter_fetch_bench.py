@@ -17,7 +17,6 @@ import asyncio
 import json
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -27,8 +26,9 @@ from typing import Any
 import torch
 
 from benchmarks.serving.grpc_stack import upload_adapters
+from benchmarks.stack_processes import spawn, stop_processes, wait_healthy
 from services.common.grpc_server import free_port
-from services.common.healthcheck import check
+from services.gpu_worker.adapters.host_adapter_cache import adapter_nbytes
 from services.gpu_worker.adapters.store_adapter_source import StoreAdapterSource
 
 TICK_S = 0.001
@@ -78,9 +78,7 @@ async def fetch_all(
     async def one(adapter_id: str) -> int:
         adapter = await source.get(adapter_id)
         done.append(time.perf_counter() - start)
-        return sum(t.numel() * t.element_size() for t in adapter.lora_a.values()) + sum(
-            t.numel() * t.element_size() for t in adapter.lora_b.values()
-        )
+        return adapter_nbytes(adapter)
 
     try:
         with LoopLag() as lag:
@@ -98,17 +96,11 @@ async def fetch_all(
 
 
 def start_store(model: str, folder: Path, port: int, dtype: str) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "services.adapter_store", "--port", str(port)]
-    cmd += ["--data-dir", str(folder), "--base-model", model, "--log-level", "WARNING"]
-    return subprocess.Popen([*cmd, "--store-dtype", dtype])
-
-
-async def wait_healthy(target: str, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while not (await asyncio.to_thread(check, target, "", 1.0))[0]:
-        if time.monotonic() > deadline:
-            raise SystemExit(f"the store at {target} never became healthy")
-        await asyncio.sleep(0.2)
+    return spawn(
+        "services.adapter_store",
+        *("--port", str(port), "--data-dir", str(folder), "--base-model", model),
+        *("--store-dtype", dtype),
+    )
 
 
 async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -123,7 +115,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     start_store(args.model, Path(tmp) / dtype, port, dtype),
                 )
             for target, _ in stores.values():
-                await wait_healthy(target)
+                await asyncio.to_thread(wait_healthy, target, "manylora.v1.AdapterStore")
             for repeat in range(args.repeats):  # fresh ids each run: nothing cached anywhere
                 for dtype, (target, _) in stores.items():
                     for concurrency in args.concurrency:
@@ -131,9 +123,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                             await _one_run(args, target, dtype, concurrency, repeat, Path(tmp))
                         )
         finally:
-            for _, process in stores.values():
-                process.terminate()
-                process.wait(10)
+            stop_processes([process for _, process in stores.values()])
     return rows
 
 

@@ -44,7 +44,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _spawn(
+def spawn(
     module: str, *args: str, env_extra: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'protos'}", **(env_extra or {})}
@@ -100,7 +100,7 @@ def running_stack(model: str = "tiny", worker_threads: int = 0) -> Iterator[Stac
     with tempfile.TemporaryDirectory(prefix="manylora-bench-") as data:
         try:
             processes.append(
-                _spawn(
+                spawn(
                     "services.adapter_store",
                     "--port",
                     str(ports["store"]),
@@ -112,7 +112,7 @@ def running_stack(model: str = "tiny", worker_threads: int = 0) -> Iterator[Stac
             )
             wait_healthy(addresses.store, "manylora.v1.AdapterStore")
             processes.append(
-                _spawn(
+                spawn(
                     "services.gpu_worker",
                     "--port",
                     str(ports["worker"]),
@@ -129,7 +129,7 @@ def running_stack(model: str = "tiny", worker_threads: int = 0) -> Iterator[Stac
             )
             wait_healthy(addresses.worker, "manylora.v1.GpuWorker")
             processes.append(
-                _spawn(
+                spawn(
                     "services.router",
                     "--port",
                     str(ports["router"]),
@@ -145,7 +145,7 @@ def running_stack(model: str = "tiny", worker_threads: int = 0) -> Iterator[Stac
             )
             wait_healthy(addresses.router, "manylora.v1.Router")
             processes.append(
-                _spawn(
+                spawn(
                     "services.openai_front",
                     "--port",
                     str(ports["front"]),

@@ -91,7 +91,7 @@ run_one() {
         llama-7b cuda "${trace[@]}" --no-progress --out "$out/$1.jsonl" 2>&1 | tee -a "$out/$1.log" ;;
     stack_r40_abba)  # stack_r40 shorter, in-process and stack alternating (A B B A): the
       # first process of a call has run slow on the device; the stack reports its worker's steps
-      trace=(--preset S1 --num-adapters 50 --alpha 0 --rate 40 --duration 12 --timeout 60)
+      trace=("${stack_trace[@]}")
       for mode in inproc stack stack inproc; do
         if [ "$mode" = inproc ]; then
           bench "$1" "${trace[@]}" --max-rank 8 --max-num-seqs 256
@@ -148,7 +148,7 @@ run_one() {
       done ;;
     stack_profile)  # issue #20: one stack run at R = 40 with the worker's threads profiled
       # (--profile-to) and its steps split into host work and waiting for the device
-      trace=(--preset S1 --num-adapters 50 --alpha 0 --rate 40 --duration 12 --timeout 60)
+      trace=("${stack_trace[@]}")
       WORKER_ARGS="--max-rank 8 --max-num-seqs 256 --profile-to $out/worker" bash \
         benchmarks/serving/separate_processes.sh llama-7b cuda "${trace[@]}" --no-progress \
         --out "$out/$1.jsonl" 2>&1 | tee -a "$out/$1.log" | tail -1
@@ -168,7 +168,7 @@ run_one() {
     compiles)  # issues #14, #20: a served run compiles no kernel, from an empty Triton cache:
       # one stack run and one in-process run (each run line counts its compilations; the
       # worker logs each one with its specializations)
-      trace=(--preset S1 --num-adapters 50 --alpha 0 --rate 40 --duration 12 --timeout 60)
+      trace=("${stack_trace[@]}")
       export TRITON_CACHE_DIR
       TRITON_CACHE_DIR=$(mktemp -d)
       WORKER_ARGS="--max-rank 8 --max-num-seqs 256" bash \
