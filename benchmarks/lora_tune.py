@@ -13,7 +13,7 @@ an older commit) through its own `kernels/lora.py`: `lora_apply`, or the older
 `lora_shrink`/`lora_expand` pair with one expand per projection.
 
     python -m benchmarks.lora_tune [--batches 32,128] [--breakdown] [--baseline DIR] [--out DIR]
-        [--ranks 8,16,32,64] [--groups all-linear|attention] [--variants a,b,...]
+        [--ranks 8,16,32,64] [--groups all-linear|attention] [--variants a,b,...] [--max-rank N]
 
 `--ranks 8 --groups attention` is S1's serving case (rank-8 q/k/v/o adapters).
 """
@@ -41,26 +41,28 @@ from services.gpu_worker.memory.adapter_tables import DOWN, GATE_UP, O_PROJ, QKV
 from services.gpu_worker.memory.memory_pool import UnifiedMemoryPool
 
 RANKS = (8, 16, 32, 64)
+_TILED = LoraLaunch(row_kernels=False)  # lora.py's tiled kernels for decode batches too
 VARIANTS: dict[str, LoraLaunch] = {
     "default": DEFAULT_LAUNCH,
-    "st1": LoraLaunch(shrink_stages=1),
-    "st2": LoraLaunch(shrink_stages=2),
-    "split4": LoraLaunch(max_k_splits=4),
-    "split16": LoraLaunch(max_k_splits=16),
-    "split16_w2": LoraLaunch(max_k_splits=16, num_warps=2),
-    "split32": LoraLaunch(max_k_splits=32),
-    "w2": LoraLaunch(num_warps=2),
-    "r32": LoraLaunch(block_r=32),
-    "n64": LoraLaunch(block_n_cap=64),
-    "n256": LoraLaunch(block_n_cap=256),
-    "n512": LoraLaunch(block_n_cap=512),
-    "n1024": LoraLaunch(block_n_cap=1024),
-    "split2": LoraLaunch(max_k_splits=2),
-    "n256_split4": LoraLaunch(block_n_cap=256, max_k_splits=4),
-    "n512_split4": LoraLaunch(block_n_cap=512, max_k_splits=4),
-    "n512_split2": LoraLaunch(block_n_cap=512, max_k_splits=2),
-    "n256_w2": LoraLaunch(block_n_cap=256, num_warps=2),
-    "n512_w8": LoraLaunch(block_n_cap=512, num_warps=8),
+    # The row kernels (lora_rows.py), the default for decode batches.
+    "rows_k128": LoraLaunch(row_block_k=128),
+    "rows_k512": LoraLaunch(row_block_k=512),
+    "rows_n256": LoraLaunch(row_block_n=256),
+    "rows_n1024": LoraLaunch(row_block_n=1024),
+    "rows_n1024_w8": LoraLaunch(row_block_n=1024, num_warps=8),
+    "rows_split4": LoraLaunch(max_k_splits=4),
+    "rows_split16": LoraLaunch(max_k_splits=16),
+    "rows_st1": LoraLaunch(shrink_stages=1),
+    "rows_exp2": LoraLaunch(row_expand_stages=2),
+    "rows_w2": LoraLaunch(num_warps=2),
+    "rows_w8": LoraLaunch(num_warps=8),
+    "rows_rp1": LoraLaunch(row_rank_programs=1),
+    "rows_rp4": LoraLaunch(row_rank_programs=4),
+    # lora.py's tiled kernels (one 16-row tile a request), the decode default before.
+    "tiled": _TILED,
+    "tiled_split16": dataclasses.replace(_TILED, max_k_splits=16),
+    "tiled_n256": dataclasses.replace(_TILED, block_n_cap=256),
+    "tiled_r32": dataclasses.replace(_TILED, block_r=32),
 }
 # (projections sharing one input, input width, each projection's output width)
 GROUPS = (
@@ -77,9 +79,11 @@ def _setup(
     rank_cycle: tuple[int, ...] = RANKS,
     groups: tuple[tuple[tuple[int, ...], str, str], ...] = GROUPS,
     dtype: torch.dtype = torch.bfloat16,
+    max_rank: int = 0,
 ) -> dict[str, Any]:
     """One layer's pool holding one all-linear adapter per request (ranks cycling through
-    `rank_cycle`), and the batch tables; `groups`: the projection groups to run."""
+    `rank_cycle`), and the batch tables; `groups`: the projection groups to run; `max_rank`:
+    the bound the kernels are told (0: the largest rank of the batch)."""
     config = {**DUMMY_PRESETS["llama-7b"], "num_hidden_layers": 1}
     shape = BaseModelShape.from_hf_config(config)
     hidden, inter = shape.hidden_size, shape.intermediate_size
@@ -110,6 +114,7 @@ def _setup(
         "q_lens": ints([1] * batch),
         "dims": {"hidden": hidden, "inter": inter},
         "ranks": ranks,
+        "max_rank": max(max_rank, *ranks),
         "shape": shape,
         "groups": groups,
     }
@@ -159,7 +164,7 @@ def _op(
         width = len(projs) * t["dims"][dst]
         outputs.append(torch.randn(batch, width, generator=gen, device=device).to(dtype))
         inputs.append(x)
-    max_rank = max(t["ranks"])
+    max_rank = t["max_rank"]
 
     def run() -> None:
         for (projs, _, dst), x, out in zip(t["groups"], inputs, outputs, strict=True):
@@ -286,7 +291,7 @@ def breakdown(
     t = _setup(batch, device, **(workload or {}))
     shape: BaseModelShape = t["shape"]
     tables = (t["pool"], t["slots"], t["meta"], t["req_lora"], t["q_starts"], t["q_lens"])
-    max_rank, rows = max(t["ranks"]), []
+    max_rank, rows = t["max_rank"], []
     gen = torch.Generator(device).manual_seed(2)
     modules = dict(enumerate(LINEAR_MODULES))
     applies = _variants(names, baseline)
@@ -317,6 +322,13 @@ def main() -> None:
     parser.add_argument(
         "--groups", choices=("all-linear", "attention"), default="all-linear", help="which LoRA"
     )
+    parser.add_argument(
+        "--max-rank",
+        type=int,
+        default=0,
+        help="the largest rank the kernels are told (the engine's decode graphs: its --max-rank, "
+        "128 by default); 0: the batch's largest",
+    )
     parser.add_argument("--baseline", type=Path, help="a checkout whose kernels to time beside")
     known = [*VARIANTS, DIRECT_SLOTS]
     parser.add_argument("--variants", default=",".join(known), help=f"some of {', '.join(known)}")
@@ -327,7 +339,11 @@ def main() -> None:
     batches = tuple(int(b) for b in args.batches.split(","))
     baseline = _load_baseline(args.baseline) if args.baseline else None
     groups = GROUPS if args.groups == "all-linear" else GROUPS[:2]
-    workload = {"rank_cycle": tuple(int(r) for r in args.ranks.split(",")), "groups": groups}
+    workload = {
+        "rank_cycle": tuple(int(r) for r in args.ranks.split(",")),
+        "groups": groups,
+        "max_rank": args.max_rank,
+    }
     device = torch.device("cuda")
     if args.breakdown:
         parts = [row for b in batches for row in breakdown(b, device, names, baseline, workload)]

@@ -37,6 +37,7 @@ import torch
 
 from benchmarks.synthetic_adapters import TARGET_SETS, AdapterBank
 from kernels.compile_watch import compile_watch
+from kernels.lora_launch import LoraLaunch
 from services.common.base_model import DUMMY_PRESETS
 from services.common.lora_format import CanonicalAdapter
 from services.gpu_worker.engine.config import EngineConfig
@@ -49,6 +50,7 @@ from services.gpu_worker.engine.tokenizer import ByteTokenizer
 from services.gpu_worker.model.attention import TritonPagedAttention
 from services.gpu_worker.model.backends import ModelBackends
 from services.gpu_worker.model.fused_ops import ElementwiseOps
+from services.gpu_worker.model.lora_backend import TritonLoraBackend
 from services.gpu_worker.model.model_config import ModelConfig
 from services.gpu_worker.model.weights import build_dummy_model
 
@@ -269,6 +271,13 @@ def main() -> None:
         help="comma list of on (a mixed step's prompt chunks replay a prefill graph) and off "
         "(they run eagerly); cases without prompts run once",
     )
+    parser.add_argument(
+        "--lora-kernels",
+        choices=("rows", "tiled"),
+        default="rows",
+        help="a decode batch's LoRA through lora_rows.py's kernels (the default) or lora.py's "
+        "tiled ones",
+    )
     args = parser.parse_args()
     ranks = tuple(int(r) for r in args.ranks.split(","))
     config = ModelConfig.from_hf(DUMMY_PRESETS["llama-7b"])
@@ -288,6 +297,7 @@ def main() -> None:
             max_rank=max(ranks),
             prefill_graphs="on" in args.prefill_graphs.split(","),
         ),
+        TritonLoraBackend(LoraLaunch(row_kernels=args.lora_kernels == "rows")),
     )
     captured = engine.prefill_graphs
     print(

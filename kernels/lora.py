@@ -22,50 +22,25 @@ call with the same projections, so every launch can be captured in CUDA graphs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels.lora_launch import (
+    DEFAULT_LAUNCH,
+    LoraLaunch,
+    block_in_slot,
+    check_group,
+    column_block,
+    column_blocks,
+    proj_ids,
+    split_width,
+)
+from kernels.lora_rows import lora_apply_rows
+
 BLOCK_T = 16  # rows of a request per program (tl.dot needs at least 16)
-MAX_PARTS = 3  # projections of one fused output (q, k, v)
-
-
-@dataclass(frozen=True)
-class LoraLaunch:
-    """How the kernels tile their work; the result does not depend on it (beyond the order of
-    float32 sums). Benchmarks time variants side by side (benchmarks/lora_tune.py)."""
-
-    block_r: int = 16  # rank columns per program (shrink) or per loop step (expand)
-    block_k_cap: int = 128  # shrink: in_features per load, at most
-    max_k_splits: int = 8  # shrink: programs sharing one row of A, at most (when W allows)
-    shrink_stages: int = 3  # shrink: loads of its loop in flight (Triton's pipelining)
-    block_n_cap: int = 128  # expand: out_features per program, at most
-    num_warps: int = 4
-
-
-DEFAULT_LAUNCH = LoraLaunch()
-
-
-def _block(width: int, cap: int) -> int:
-    """Largest power of two <= cap dividing the slot width (a tile never straddles slots)."""
-    block = 16
-    while block * 2 <= cap and width % (block * 2) == 0:
-        block *= 2
-    if width % block:
-        raise ValueError(f"slot width {width} is not a multiple of 16")
-    return block
-
-
-def _split_width(width: int, in_features: int, block_k: int, max_splits: int) -> int:
-    """in_features per shrink program: a multiple of block_k dividing the slot width (so a
-    split lies in one slot), the smallest that keeps the splits within max_splits."""
-    split = block_k
-    while triton.cdiv(in_features, split) > max_splits and width % (split * 2) == 0:
-        split *= 2
-    return split
 
 
 @triton.jit
@@ -207,13 +182,9 @@ def _expand_kernel(
     else:
         b = tl.program_id(0) // tiles_per_req
         t0 = (tl.program_id(0) % tiles_per_req) * BLOCK_T
-    # Column blocks of the fused output, projection after projection.
-    j = tl.program_id(1)
-    p_local = tl.where(j >= blocks0 + blocks1, 2, tl.where(j >= blocks0, 1, 0))
-    first = tl.where(p_local == 2, blocks0 + blocks1, tl.where(p_local == 1, blocks0, 0))
-    col0 = tl.where(p_local == 2, width0 + width1, tl.where(p_local == 1, width0, 0))
-    width = tl.where(p_local == 2, width2, tl.where(p_local == 1, width1, width0))
-    n0 = (j - first) * BLOCK_N
+    p_local, col0, width, n0 = column_block(
+        tl.program_id(1), width0, width1, width2, blocks0, blocks1, BLOCK_N
+    )
     m = tl.load(req_lora_ptr + b)
     q_len = tl.load(q_lens_ptr + b)
     proj = tl.load(proj_ids_ptr + p_local)
@@ -249,18 +220,6 @@ def _expand_kernel(
         else:
             acc += tl.dot(y.to(bt.dtype), bt)
     tl.store(out_ptrs, (current.to(tl.float32) + acc).to(current.dtype), mask=out_ok)
-
-
-_PROJ_IDS: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
-
-
-def _proj_ids(projs: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """The projection list as a device tensor, made once: a host-to-device copy inside a
-    kernel call would break CUDA-graph capture."""
-    key = (projs, device)
-    if key not in _PROJ_IDS:
-        _PROJ_IDS[key] = torch.tensor(projs, dtype=torch.int32, device=device)
-    return _PROJ_IDS[key]
 
 
 class _GridRows(NamedTuple):
@@ -306,16 +265,27 @@ def lora_apply(
     q_lens (grid size only: nothing is read back). Rows without an adapter, and columns of a
     projection the row's adapter leaves alone, keep their values bit for bit. `tiles` (see
     `lora_tiles`): the programs to run, instead of max_q_len's grid of every request; a batch
-    whose requests have a few rows and one has many then launches only programs with work."""
-    if not 1 <= len(projs) <= MAX_PARTS or len(widths) != len(projs):
-        raise ValueError(f"1 to {MAX_PARTS} projections, one width each: {projs}, {widths}")
-    if sum(widths) != out.shape[1]:
-        raise ValueError(f"widths {widths} do not cover out's {out.shape[1]} columns")
+    whose requests have a few rows and one has many then launches only programs with work.
+    A decode batch (max_q_len 1, no tiles) takes `lora_rows`' kernels unless `launch` says
+    otherwise."""
+    check_group(out, projs, widths)
+    if tiles is None and max_q_len <= 1 and launch.row_kernels:
+        if req_lora.shape[0] and max_rank:
+            lora_apply_rows(
+                x,
+                out,
+                (pool, lora_slots, lora_meta, req_lora, q_starts, q_lens),
+                proj_ids(projs, x.device),
+                widths,
+                max_rank,
+                launch,
+            )
+        return out
     tiles_per_req = triton.cdiv(max(max_q_len, 1), BLOCK_T)
     rows_grid = req_lora.shape[0] * tiles_per_req if tiles is None else tiles.shape[0]
     if rows_grid == 0 or max_rank == 0:
         return out
-    tables = (pool, lora_slots, lora_meta, req_lora, q_starts, q_lens, _proj_ids(projs, x.device))
+    tables = (pool, lora_slots, lora_meta, req_lora, q_starts, q_lens, proj_ids(projs, x.device))
     grid_rows = _GridRows(
         rows_grid, req_lora if tiles is None else tiles, tiles_per_req, tiles is not None
     )
@@ -337,8 +307,8 @@ def _shrink(
     pool, lora_slots, lora_meta = tables[:3]
     rows_grid, tiles, tiles_per_req, tiled = grid_rows
     slot_width, in_features = pool.shape[1], x.shape[1]
-    block_k = _block(slot_width, launch.block_k_cap)
-    split_k = _split_width(slot_width, in_features, block_k, launch.max_k_splits)
+    block_k = block_in_slot(slot_width, launch.block_k_cap)
+    split_k = split_width(slot_width, in_features, block_k, launch.max_k_splits)
     k_splits = triton.cdiv(in_features, split_k)
     rank_stride = triton.cdiv(max_rank, 16) * 16  # whatever the batch's ranks: one kernel
     parts = torch.empty(
@@ -388,9 +358,8 @@ def _expand(
     pool, lora_slots, lora_meta = tables[:3]
     rows_grid, tiles, tiles_per_req, tiled = grid_rows
     slot_width, rank_stride = pool.shape[1], y.shape[2]
-    block_n = _block(slot_width, launch.block_n_cap)
-    padded = (*widths, 0, 0)[:MAX_PARTS]
-    blocks = [triton.cdiv(w, block_n) for w in padded]
+    block_n = block_in_slot(slot_width, launch.block_n_cap)
+    padded, blocks = column_blocks(widths, block_n)
     _expand_kernel[(rows_grid, sum(blocks))](
         y,
         out,

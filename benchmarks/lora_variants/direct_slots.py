@@ -24,7 +24,7 @@ import triton.language as tl
 
 # The production kernels' tiling rules, shared so that the two launch the same shrink.
 from benchmarks.lora_variants.decode_shrink import BLOCK_T, decode_shrink_part
-from kernels.lora import MAX_PARTS, _block, _split_width
+from kernels.lora_launch import MAX_PARTS, block_in_slot, split_width
 
 
 class SlotTables(NamedTuple):
@@ -199,8 +199,8 @@ def lora_apply_direct_slots(
     batch, slot_width = tables.rank.shape[0], pool.shape[1]
     if batch == 0 or max_rank == 0:
         return out
-    block_k = _block(slot_width, 128)
-    split_k = _split_width(slot_width, x.shape[1], block_k, max_k_splits)
+    block_k = block_in_slot(slot_width, 128)
+    split_k = split_width(slot_width, x.shape[1], block_k, max_k_splits)
     k_splits = triton.cdiv(x.shape[1], split_k)
     parts = torch.empty(k_splits, x.shape[0], nproj, max_rank, dtype=torch.float32, device=x.device)
     block_r = 16
@@ -212,7 +212,7 @@ def lora_apply_direct_slots(
         BLOCK_K=block_k, SPLIT_K=split_k, STAGES=shrink_stages, IEEE=ieee, num_warps=num_warps,
     )  # fmt: skip
     y = parts[0] if k_splits == 1 else parts.sum(0)  # in split order, as lora.py's
-    block_n = _block(slot_width, block_n_cap)
+    block_n = block_in_slot(slot_width, block_n_cap)
     padded = (*widths, 0, 0)[:MAX_PARTS]
     blocks = [triton.cdiv(w, block_n) for w in padded]
     _expand_kernel[(batch, sum(blocks))](

@@ -203,6 +203,23 @@ run_one() {
       WORKER_ARGS="--max-rank 8 --max-num-seqs 256 --stream-interval 4" \
         bash benchmarks/serving/separate_processes.sh llama-7b cuda "${trace[@]}" \
         --no-progress --out "$out/$1.jsonl" 2>&1 | tee -a "$out/$1.log" ;;
+    lora_rows)  # the row kernels of decode batches (kernels/lora_rows.py): their GPU tests,
+      # then timed beside the tiled kernels (lora_tune), then decode steps with each (profile_step)
+      timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider \
+        tests/kernels/test_lora_kernels.py 2>&1 | tee -a "$out/$1.log" | tail -3
+      local v=default,rows_k128,rows_k512,rows_n256,rows_n1024,rows_n1024_w8,rows_split16
+      v=$v,rows_exp2,rows_w8,rows_rp1,rows_rp4,tiled,tiled_split16
+      timeout 240 python3 -m benchmarks.lora_tune --batches 32,128 --variants "$v" \
+        --out "$out/$1_mix" 2>&1 | tee -a "$out/$1.log" | tail -28
+      timeout 180 python3 -m benchmarks.lora_tune --ranks 8 --groups attention --max-rank 128 \
+        --batches 32,160,256 --variants default,rows_n1024,rows_rp1,rows_rp4,rows_split16,tiled \
+        --out "$out/$1_r8" 2>&1 | tee -a "$out/$1.log" | tail -18
+      for run in 1_rows 2_tiled 3_rows; do  # A B A: a process's first cases have run slow
+        timeout 200 python3 -m benchmarks.profile_step --cases 32x0x0,128x0x0,160x0x0 \
+          --kinds base,attention,all-linear --outputs async --overlap on --prefill-graphs off \
+          --lora-kernels "${run#*_}" --out "$out/$1_profile_$run" 2>&1 |
+          tee -a "$out/$1.log" | tail -10
+      done ;;
     lora_direct_slots)  # the direct-slot-tables decode LoRA experiment: its GPU tests, then
       # timed beside the default
       timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider \

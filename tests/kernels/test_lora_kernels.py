@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from kernels.compile_watch import compile_watch
-from kernels.lora import _split_width, lora_apply, lora_tiles
+from kernels.lora import lora_apply, lora_tiles
+from kernels.lora_launch import DEFAULT_LAUNCH, LoraLaunch, split_width
 from kernels.lora_ref import lora_apply_ref
 
 # Projection index -> name, in the worker's meta order (gpu_worker/memory/adapter_tables.py).
@@ -121,7 +122,14 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def check_all_projections(
-    t, shapes: Shapes, max_rank: int, tol: float, seed: int, tiled: bool = False, apply=None
+    t,
+    shapes: Shapes,
+    max_rank: int,
+    tol: float,
+    seed: int,
+    tiled: bool = False,
+    apply=None,
+    launch: LoraLaunch = DEFAULT_LAUNCH,
 ) -> None:
     """Every projection group through the kernels against the reference; with `tiled`,
     through the tile list of the requests that have an adapter (the mixed-step launch);
@@ -146,7 +154,7 @@ def check_all_projections(
         out, wide = _strided(total, n, dtype, device, gen)
         before = wide.clone()
         if apply is None:
-            lora_apply(x, out, t["pool"], *tables, group, widths, max_rank, max_q, tiles=tiles)
+            lora_apply(x, out, t["pool"], *tables, group, widths, max_rank, max_q, launch, tiles)
         else:
             apply(x, out, t["pool"], *tables, group, widths, max_rank)
         start = before[:, 8 : 8 + n].float()
@@ -196,12 +204,26 @@ CPU_CASES = {
 }
 
 
+# A decode batch takes the row kernels (lora_rows.py) by default; the tiled ones when told.
+# One program walking all of a request's rank chunks, over fewer and wider splits: another
+# path through the row shrink's loops.
+TILED_DECODE = LoraLaunch(row_kernels=False)
+ROWS_ONE_PROGRAM = LoraLaunch(row_rank_programs=1, max_k_splits=2, row_block_n=64)
+
+
+@pytest.mark.parametrize(
+    "launch",
+    [DEFAULT_LAUNCH, ROWS_ONE_PROGRAM, TILED_DECODE],
+    ids=["rows", "rows-one-program", "tiled"],
+)
 @pytest.mark.parametrize("name", CPU_CASES)
-def test_kernels_match_reference_fp32(name):
+def test_kernels_match_reference_fp32(name, launch):
     shapes, ranks, q_lens, adapters = CPU_CASES[name]
+    if launch is not DEFAULT_LAUNCH and max(q_lens) > 1:
+        pytest.skip("the launch choice is a decode batch's")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     case = make_case(shapes, ranks, q_lens, adapters, torch.float32, device, seed=len(name))
-    check_all_projections(case, shapes, max(ranks), tol=1e-5, seed=len(name))
+    check_all_projections(case, shapes, max(ranks), tol=1e-5, seed=len(name), launch=launch)
 
 
 @pytest.mark.parametrize("name", ["prefill-ragged", "prefill-split-k", "mixed-one-slot-rows"])
@@ -248,10 +270,10 @@ def test_a_row_does_not_depend_on_what_shares_its_batch():
 
 
 def test_splits_of_in_features_lie_in_one_slot():
-    assert _split_width(4096, 4096, 128, 8) == 512  # 8 splits
-    assert _split_width(4096, 11008, 128, 8) == 2048  # 6 splits, each in one slot
-    assert _split_width(1024, 14336, 128, 8) == 1024  # W caps it: 14 splits
-    assert _split_width(64, 720, 64, 8) == 64
+    assert split_width(4096, 4096, 128, 8) == 512  # 8 splits
+    assert split_width(4096, 11008, 128, 8) == 2048  # 6 splits, each in one slot
+    assert split_width(1024, 14336, 128, 8) == 1024  # W caps it: 14 splits
+    assert split_width(64, 720, 64, 8) == 64
 
 
 def test_bad_projection_lists_are_refused():

@@ -13,6 +13,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, cast
 
 import torch
@@ -21,6 +22,7 @@ from services.gpu_worker.memory.adapter_manager import ResidentAdapter
 from services.gpu_worker.memory.adapter_tables import PROJ_INDEX
 
 if TYPE_CHECKING:
+    from kernels.lora_launch import LoraLaunch
     from services.gpu_worker.engine.forward_batch import ForwardBatch
 
 _PROJ_NAME = {i: name for name, i in PROJ_INDEX.items()}
@@ -63,14 +65,17 @@ class TritonLoraBackend(LoraBackend):
     """The Triton kernels, reading the adapter tables; CUDA-graph safe. A batch where some
     request brings several tokens gets a tile list as its plan (`kernels.lora.lora_tiles`),
     so the kernels launch programs only for rows that have an adapter; a decode batch gets
-    none, and its launch is the same whatever the batch holds (what a graph captures)."""
+    none, and its launch is the same whatever the batch holds (what a graph captures).
+    `launch` (a `kernels.lora_launch.LoraLaunch`): the kernels' tiling, their default when
+    None (benchmarks time others)."""
 
-    def __init__(self) -> None:
+    def __init__(self, launch: LoraLaunch | None = None) -> None:
         # Imported here, not at module load: Triton reads TRITON_INTERPRET when a kernel is
         # defined, and a CPU worker never needs it.
         from kernels.lora import lora_apply, lora_tiles
 
-        self._apply, self._tiles = lora_apply, lora_tiles
+        self._apply = lora_apply if launch is None else partial(lora_apply, launch=launch)
+        self._tiles = lora_tiles
 
     def prepare(
         self,

@@ -1,0 +1,92 @@
+"""What the LoRA kernels of `lora.py` (tiled: a tile of a request's rows a program) and
+`lora_rows.py` (one row a request, for decode batches) share: how they tile their work, and
+the helpers that keep a tile inside one slot of the pool."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_PARTS = 3  # projections of one fused output (q, k, v)
+
+
+@dataclass(frozen=True)
+class LoraLaunch:
+    """How the kernels tile their work; the result does not depend on it (beyond the order of
+    float32 sums). Benchmarks time variants side by side (benchmarks/lora_tune.py)."""
+
+    block_r: int = 16  # rank columns per program (shrink) or per loop step (expand)
+    block_k_cap: int = 128  # shrink: in_features per load, at most
+    max_k_splits: int = 8  # shrink: programs sharing one row of A, at most (when W allows)
+    shrink_stages: int = 3  # shrink: loads of its loop in flight (Triton's pipelining)
+    block_n_cap: int = 128  # expand: out_features per program, at most
+    num_warps: int = 4
+    # A decode batch (one row a request, no tile list) through lora_rows.py's kernels.
+    row_kernels: bool = True
+    row_block_k: int = 256  # row shrink: in_features per load, at most
+    row_block_n: int = 512  # row expand: out_features per program, at most
+    row_expand_stages: int = 1  # row expand: rank chunks of its loop in flight
+    row_rank_programs: int = 2  # row shrink: programs sharing a request's chunks of 16 ranks
+
+
+DEFAULT_LAUNCH = LoraLaunch()
+
+
+def block_in_slot(width: int, cap: int) -> int:
+    """Largest power of two <= cap dividing the slot width (a tile never straddles slots)."""
+    block = 16
+    while block * 2 <= cap and width % (block * 2) == 0:
+        block *= 2
+    if width % block:
+        raise ValueError(f"slot width {width} is not a multiple of 16")
+    return block
+
+
+def split_width(width: int, in_features: int, block_k: int, max_splits: int) -> int:
+    """in_features per shrink program: a multiple of block_k dividing the slot width (so a
+    split lies in one slot), the smallest that keeps the splits within max_splits."""
+    split = block_k
+    while triton.cdiv(in_features, split) > max_splits and width % (split * 2) == 0:
+        split *= 2
+    return split
+
+
+_PROJ_IDS: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
+
+
+def proj_ids(projs: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The projection list as a device tensor, made once: a host-to-device copy inside a
+    kernel call would break CUDA-graph capture."""
+    key = (projs, device)
+    if key not in _PROJ_IDS:
+        _PROJ_IDS[key] = torch.tensor(projs, dtype=torch.int32, device=device)
+    return _PROJ_IDS[key]
+
+
+def check_group(out: torch.Tensor, projs: tuple[int, ...], widths: tuple[int, ...]) -> None:
+    """One to MAX_PARTS projections whose widths cover out's columns."""
+    if not 1 <= len(projs) <= MAX_PARTS or len(widths) != len(projs):
+        raise ValueError(f"1 to {MAX_PARTS} projections, one width each: {projs}, {widths}")
+    if sum(widths) != out.shape[1]:
+        raise ValueError(f"widths {widths} do not cover out's {out.shape[1]} columns")
+
+
+def column_blocks(widths: tuple[int, ...], block_n: int) -> tuple[tuple[int, ...], list[int]]:
+    """Each projection's width padded to MAX_PARTS entries, and its count of block_n columns."""
+    padded = (*widths, 0, 0)[:MAX_PARTS]
+    return padded, [triton.cdiv(w, block_n) for w in padded]
+
+
+@triton.jit
+def column_block(j, width0, width1, width2, blocks0, blocks1, BLOCK_N: tl.constexpr):
+    """(local projection, its first column in the fused output, its width, this block's first
+    column within it) of an expand program's column block j: blocks run projection after
+    projection."""
+    p_local = tl.where(j >= blocks0 + blocks1, 2, tl.where(j >= blocks0, 1, 0))
+    first = tl.where(p_local == 2, blocks0 + blocks1, tl.where(p_local == 1, blocks0, 0))
+    col0 = tl.where(p_local == 2, width0 + width1, tl.where(p_local == 1, width0, 0))
+    width = tl.where(p_local == 2, width2, tl.where(p_local == 1, width1, width0))
+    return p_local, col0, width, (j - first) * BLOCK_N

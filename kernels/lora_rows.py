@@ -1,0 +1,230 @@
+"""Triton LoRA kernels for a decode batch: one row a request, each request on its own adapter
+(S-LoRA's MBGMV), A and Bᵀ read from the unified pool through the adapter tables.
+
+Same arguments and result as `lora.lora_apply` (reference: `lora_ref.lora_apply_ref`) for a
+batch whose requests bring at most one row each. Two launches a projection group:
+- shrink: grid (request, split of in_features, projection x `row_rank_programs`). A program
+  multiplies its request's row against rows of A over one split (a split lies in one slot of
+  each row), 16 ranks at a time up to its request's own rank, and writes the float32 partial
+  products parts[split, row, projection, rank];
+- expand: grid (request, block of the fused output's columns). A program adds the splits'
+  partial products in a fixed order (a row's result does not depend on its batch), then
+  walks its adapter's rank in chunks of 16, each a [16, BLOCK_N] tile of Bᵀ, and adds
+  y @ Bᵀ into its columns of the output.
+
+Why not `lora.py`'s tiled kernels for these batches: tl.dot needs 16 rows, so there a decode
+request's program carries a 16-row tile of which one row is real, and its tiles are sized for
+that. Here a program's products are elementwise multiplies and a sum in float32, so its
+registers hold only the real row and a program can take a larger tile of the adapter: a
+decode batch's LoRA is bound by how many bytes each program has in flight, not by FLOPs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.lora_launch import LoraLaunch, block_in_slot, column_block, column_blocks, split_width
+
+RANK_CHUNK = 16  # rows of A or Bᵀ a program holds at once
+
+
+# rank_programs is fixed per engine; unspecialized all the same, as it may be 1.
+@triton.jit(do_not_specialize=["rank_programs"])
+def _row_shrink_kernel(
+    x_ptr,
+    part_ptr,
+    pool_ptr,
+    slots_ptr,
+    meta_ptr,
+    req_lora_ptr,
+    q_starts_ptr,
+    q_lens_ptr,
+    proj_ids_ptr,
+    in_features,
+    stride_x,
+    stride_slots,
+    meta_stride,
+    rank_stride,
+    rank_programs,
+    split_stride,
+    W: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    STAGES: tl.constexpr,
+    NPROJ: tl.constexpr,
+):
+    b = tl.program_id(0)
+    split = tl.program_id(1)
+    p_local = tl.program_id(2) // rank_programs
+    first_chunk = tl.program_id(2) % rank_programs
+    m = tl.load(req_lora_ptr + b)
+    q_len = tl.load(q_lens_ptr + b)
+    proj = tl.load(proj_ids_ptr + p_local)
+    rank = tl.load(meta_ptr + (m * meta_stride + proj) * 3, mask=m >= 0, other=0)
+    if m < 0 or q_len == 0 or first_chunk * BLOCK_R >= rank:
+        return
+    a_start = tl.load(meta_ptr + (m * meta_stride + proj) * 3 + 1)
+    k_begin = split * SPLIT_K
+    row = tl.load(q_starts_ptr + b)
+    x_row = x_ptr + row.to(tl.int64) * stride_x + k_begin
+    y_row = part_ptr + split * split_stride + (row * NPROJ + p_local) * rank_stride
+    # This program's chunks of 16 ranks: first_chunk, then every rank_programs-th one.
+    for r0 in range(first_chunk * BLOCK_R, rank, rank_programs * BLOCK_R):
+        ranks = r0 + tl.arange(0, BLOCK_R)
+        rank_ok = ranks < rank
+        slot_idx = a_start + ranks * tl.cdiv(in_features, W) + k_begin // W
+        slot = tl.load(slots_ptr + m * stride_slots + slot_idx, mask=rank_ok, other=0)
+        a_rows = pool_ptr + slot.to(tl.int64)[:, None] * W + (k_begin % W)
+        acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+        for i in tl.range(0, SPLIT_K // BLOCK_K, num_stages=STAGES):
+            cols = i * BLOCK_K + tl.arange(0, BLOCK_K)
+            col_ok = k_begin + cols < in_features
+            x = tl.load(x_row + cols, mask=col_ok, other=0.0)
+            a_ok = rank_ok[:, None] & col_ok[None, :]
+            a = tl.load(a_rows + cols[None, :], mask=a_ok, other=0.0)
+            acc += a.to(tl.float32) * x.to(tl.float32)[None, :]
+        tl.store(y_row + ranks, tl.sum(acc, axis=1), mask=rank_ok)
+
+
+@triton.jit
+def _row_expand_kernel(
+    part_ptr,
+    out_ptr,
+    pool_ptr,
+    slots_ptr,
+    meta_ptr,
+    req_lora_ptr,
+    q_starts_ptr,
+    q_lens_ptr,
+    proj_ids_ptr,
+    width0,
+    width1,
+    width2,
+    blocks0,
+    blocks1,
+    stride_out,
+    stride_slots,
+    meta_stride,
+    rank_stride,
+    split_stride,
+    W: tl.constexpr,
+    NPROJ: tl.constexpr,
+    SPLITS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    b = tl.program_id(0)
+    p_local, col0, width, n0 = column_block(
+        tl.program_id(1), width0, width1, width2, blocks0, blocks1, BLOCK_N
+    )
+    m = tl.load(req_lora_ptr + b)
+    q_len = tl.load(q_lens_ptr + b)
+    proj = tl.load(proj_ids_ptr + p_local)
+    rank = tl.load(meta_ptr + (m * meta_stride + proj) * 3, mask=m >= 0, other=0)
+    if m < 0 or q_len == 0 or rank == 0:
+        return
+    b_start = tl.load(meta_ptr + (m * meta_stride + proj) * 3 + 2)
+    row = tl.load(q_starts_ptr + b)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = n0 + cols < width
+    y_row = part_ptr + (row * NPROJ + p_local) * rank_stride
+    slots_per_row = tl.cdiv(width, W)  # a row's last slot is padded past out_features
+    acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    for r0 in tl.range(0, rank, BLOCK_R, num_stages=STAGES):
+        ranks = r0 + tl.arange(0, BLOCK_R)
+        rank_ok = ranks < rank
+        y = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for s in tl.static_range(SPLITS):
+            y += tl.load(y_row + s * split_stride + ranks, mask=rank_ok, other=0.0)
+        slot_idx = b_start + ranks * slots_per_row + n0 // W
+        slot = tl.load(slots_ptr + m * stride_slots + slot_idx, mask=rank_ok, other=0)
+        bt = tl.load(
+            pool_ptr + slot.to(tl.int64)[:, None] * W + (n0 % W) + cols[None, :],
+            mask=rank_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
+        # y is rounded to the weights' dtype before the expand, as the tiled kernels do.
+        acc += y.to(bt.dtype).to(tl.float32)[:, None] * bt.to(tl.float32)
+    out_ptrs = out_ptr + row.to(tl.int64) * stride_out + col0 + n0 + cols
+    current = tl.load(out_ptrs, mask=col_ok)
+    delta = tl.sum(acc, axis=0)
+    tl.store(out_ptrs, (current.to(tl.float32) + delta).to(current.dtype), mask=col_ok)
+
+
+def lora_apply_rows(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    tables: tuple[torch.Tensor, ...],
+    projs: torch.Tensor,
+    widths: tuple[int, ...],
+    max_rank: int,
+    launch: LoraLaunch,
+) -> None:
+    """out[q_starts[b], cols of projection i] += x[q_starts[b]] @ A_pᵢᵀ @ Bᵀ_pᵢ of request b's
+    adapter, for every request b with q_lens[b] == 1 (0: skipped), in place.
+
+    x [T, in], out [T, sum(widths)] (unit column strides); tables: pool [num_slots, W],
+    lora_slots [M, S], lora_meta [M, P, 3], req_lora/q_starts/q_lens [B]; projs: int32
+    projection ids on x's device (`lora_launch.proj_ids`); max_rank bounds every rank."""
+    pool, lora_slots, lora_meta, req_lora = tables[:4]
+    batch, slot_width, in_features = req_lora.shape[0], pool.shape[1], x.shape[1]
+    block_k = block_in_slot(slot_width, launch.row_block_k)
+    split_k = split_width(slot_width, in_features, block_k, launch.max_k_splits)
+    k_splits = triton.cdiv(in_features, split_k)
+    # Rounded up to 16 whatever the batch's ranks: one kernel for every batch.
+    rank_stride = triton.cdiv(max_rank, RANK_CHUNK) * RANK_CHUNK
+    nproj = projs.shape[0]
+    parts = torch.empty(
+        k_splits, x.shape[0], nproj, rank_stride, dtype=torch.float32, device=x.device
+    )
+    # A grid axis over every chunk of max_rank (the engine's largest, 128, in its decode
+    # graphs) would launch mostly programs that exit (S1's ranks are 8): a program walks
+    # chunks of its request's own rank instead, row_rank_programs of them sharing the walk.
+    rank_programs = max(1, min(launch.row_rank_programs, rank_stride // RANK_CHUNK))
+    _row_shrink_kernel[(batch, k_splits, nproj * rank_programs)](
+        x,
+        parts,
+        *tables,
+        projs,
+        in_features,
+        x.stride(0),
+        lora_slots.stride(0),
+        lora_meta.shape[1],
+        rank_stride,
+        rank_programs,
+        parts[0].numel(),
+        W=slot_width,
+        BLOCK_R=RANK_CHUNK,
+        BLOCK_K=block_k,
+        SPLIT_K=split_k,
+        STAGES=launch.shrink_stages,
+        NPROJ=nproj,
+        num_warps=launch.num_warps,
+    )
+    block_n = block_in_slot(slot_width, launch.row_block_n)
+    padded, blocks = column_blocks(widths, block_n)
+    _row_expand_kernel[(batch, sum(blocks))](
+        parts,
+        out,
+        *tables,
+        projs,
+        *padded,
+        blocks[0],
+        blocks[1],
+        out.stride(0),
+        lora_slots.stride(0),
+        lora_meta.shape[1],
+        rank_stride,
+        parts[0].numel(),
+        W=slot_width,
+        NPROJ=nproj,
+        SPLITS=k_splits,
+        BLOCK_R=RANK_CHUNK,
+        BLOCK_N=block_n,
+        STAGES=launch.row_expand_stages,
+        num_warps=launch.num_warps,
+    )
