@@ -36,6 +36,7 @@ from kernels.lora_launch import (
     column_block,
     column_blocks,
     proj_ids,
+    slot_rows,
     split_width,
 )
 from kernels.lora_rows import lora_apply_rows
@@ -124,7 +125,7 @@ def _shrink_kernel(
     # The split lies in one slot of each row of A: one slot number per rank, read once.
     slot_idx = a_start + ranks * tl.cdiv(in_features, W) + k_begin // W
     slot = tl.load(slots_ptr + m * stride_slots + slot_idx, mask=rank_ok, other=0)
-    a_rows = pool_ptr + slot.to(tl.int64)[:, None] * W + (k_begin % W)
+    a_rows = slot_rows(pool_ptr, slot, k_begin % W, W)
     acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
     x_rows_ptr = x_ptr + x_rows[:, None] * stride_x + k_begin
     for i in tl.range(0, SPLIT_K // BLOCK_K, num_stages=STAGES):
@@ -211,7 +212,7 @@ def _expand_kernel(
         slot_idx = b_start + ranks * slots_per_row + n0 // W
         slot = tl.load(slots_ptr + m * stride_slots + slot_idx, mask=rank_ok, other=0)
         bt = tl.load(
-            pool_ptr + slot.to(tl.int64)[:, None] * W + (n0 % W) + cols[None, :],
+            slot_rows(pool_ptr, slot, n0 % W, W) + cols[None, :],
             mask=rank_ok[:, None] & col_ok[None, :],
             other=0.0,
         )

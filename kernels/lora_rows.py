@@ -25,7 +25,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.lora_launch import LoraLaunch, block_in_slot, column_block, column_blocks, split_width
+from kernels.lora_launch import (
+    LoraLaunch,
+    block_in_slot,
+    column_block,
+    column_blocks,
+    slot_rows,
+    split_width,
+)
 
 RANK_CHUNK = 16  # rows of A or Bᵀ a program holds at once
 
@@ -77,7 +84,7 @@ def _row_shrink_kernel(
         rank_ok = ranks < rank
         slot_idx = a_start + ranks * tl.cdiv(in_features, W) + k_begin // W
         slot = tl.load(slots_ptr + m * stride_slots + slot_idx, mask=rank_ok, other=0)
-        a_rows = pool_ptr + slot.to(tl.int64)[:, None] * W + (k_begin % W)
+        a_rows = slot_rows(pool_ptr, slot, k_begin % W, W)
         acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
         for i in tl.range(0, SPLIT_K // BLOCK_K, num_stages=STAGES):
             cols = i * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -143,7 +150,7 @@ def _row_expand_kernel(
         slot_idx = b_start + ranks * slots_per_row + n0 // W
         slot = tl.load(slots_ptr + m * stride_slots + slot_idx, mask=rank_ok, other=0)
         bt = tl.load(
-            pool_ptr + slot.to(tl.int64)[:, None] * W + (n0 % W) + cols[None, :],
+            slot_rows(pool_ptr, slot, n0 % W, W) + cols[None, :],
             mask=rank_ok[:, None] & col_ok[None, :],
             other=0.0,
         )
