@@ -126,7 +126,8 @@ run_one() {
       done ;;
     stack_cold_bf16)  # issue #20: stack_cold with the store keeping adapters in bf16 (half
       # an fp32 upload to download, hash and parse), beside the store as uploaded: A B C C B A
-      for mode in inproc fp32 bf16 bf16 fp32 inproc; do
+      # (STACK_COLD_MODES: another order, or fewer runs)
+      for mode in ${STACK_COLD_MODES:-inproc fp32 bf16 bf16 fp32 inproc}; do
         case $mode in
           inproc) inproc_run "$1" "${stack_trace[@]}" ;;
           fp32) stack_run "$1" "" "${stack_trace[@]}" ;;
