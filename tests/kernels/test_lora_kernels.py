@@ -375,3 +375,22 @@ def test_batches_of_any_size_and_largest_rank_reuse_the_compiled_kernels():
     for seed, (q_lens, ranks) in enumerate(batches, start=10):
         run(q_lens, ranks, seed)
     assert (watch.total - compiled).count == 0
+
+
+@pytest.mark.parametrize("launch", [DEFAULT_LAUNCH, TILED_DECODE], ids=["rows", "tiled"])
+def test_a_request_without_rows_writes_nothing(launch):
+    """A decode graph's padding: requests with no row (q_len 0) whose q_start points at another
+    request's row, one of them with an adapter. Only the real requests' LoRA may land there."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t = make_case(SMALL, [8, 16], [1, 1, 1], [0, 1, -1], torch.float32, device, seed=9)
+    t["q_lens"] = torch.tensor([1, 0, 1, 0], dtype=torch.int32, device=device)
+    t["q_starts"] = torch.tensor([0, 0, 1, 1], dtype=torch.int32, device=device)
+    t["req_lora"] = torch.tensor([0, 1, -1, 0], dtype=torch.int32, device=device)
+    tables = (t["lora_slots"], t["lora_meta"], t["req_lora"], t["q_starts"], t["q_lens"])
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(2, SMALL.hidden, generator=gen).to(device)
+    out = torch.zeros(2, SMALL.hidden, device=device)
+    lora_apply(x, out, t["pool"], *tables, (0,), (SMALL.hidden,), 16, 1, launch)
+    want = lora_apply_ref(x, torch.zeros_like(out), t["pool"], *tables, (0,), (SMALL.hidden,))
+    assert want[0].norm() > 0 and want[1].norm() == 0
+    assert _rel_err(out, want) < 1e-5
