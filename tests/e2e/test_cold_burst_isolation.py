@@ -11,6 +11,7 @@ import itertools
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -71,7 +72,7 @@ async def test_a_burst_of_cold_adapter_fetches_does_not_stall_a_running_stream(
         on_loop: list[bool] = []
         real = store_adapter_source._verified
 
-        def slow_check(*args):  # type: ignore[no-untyped-def]
+        def slow_check(*args: Any) -> Any:
             on_loop.append(threading.current_thread() is threading.main_thread())
             checks.append(time.monotonic())
             time.sleep(CHECK_S)
