@@ -1,5 +1,6 @@
-"""How the LoRA kernels load from global memory, read from their PTX: each kernel compiled for
-an H100/H200 (sm_90) with Llama-7B's specializations, its global loads counted by width.
+"""How the LoRA and paged-attention kernels load from global memory, read from their PTX: each
+kernel compiled for an H100/H200 (sm_90) with Llama-7B's specializations, its global loads
+counted by width.
 
 A kernel that loads its adapter weights two bytes at a time (`ld.global.b16`) issues 8x the
 load instructions of 16-byte vectors and cannot stage them with `cp.async`; the decode LoRA
@@ -40,13 +41,37 @@ _CONSTEXPRS: dict[str, dict[str, Any]] = {
     "lora_rows._row_expand_kernel": dict(
         W=4096, NPROJ=3, SPLITS=8, BLOCK_R=16, BLOCK_N=512, STAGES=1
     ),
+    "paged_attention._decode_kernel": dict(
+        NUM_SPLITS=1, GROUP=1, BLOCK_G=16, HEAD_DIM=128, BLOCK_N=128, DOT_PRECISION="tf32"
+    ),
+    "paged_attention._prefill_kernel": dict(
+        GROUP=1, HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64, DOT_PRECISION="tf32"
+    ),
 }
 # Integer arguments a launch leaves unaligned, or unspecialized: all others are multiples of 16
 # at Llama-7B shapes (strides, widths, the rank and split strides) and Triton specializes them.
-_UNALIGNED = {"meta_stride", "stride_slots", "tiles_per_req", "n_rblocks", "rank_programs"}
-_FLOAT32 = {"part_ptr", "y_ptr"}
-_WEIGHTS_DTYPE = {"x_ptr", "out_ptr", "pool_ptr"}
-_LOAD = re.compile(r"ld\.global[.\w]*|cp\.async\.c[ag]\.shared\.global")
+_UNALIGNED = {
+    "meta_stride",
+    "stride_slots",
+    "tiles_per_req",
+    "n_rblocks",
+    "rank_programs",
+    "num_heads",
+    "qk_scale",
+}
+_FLOAT32 = {"part_ptr", "y_ptr", "part_out_ptr", "part_lse_ptr"}
+_WEIGHTS_DTYPE = {"x_ptr", "out_ptr", "pool_ptr", "q_ptr"}
+_LOAD = re.compile(
+    r"(ld\.global[.\w]*)|cp\.async\.(c[ag])\.shared\.global [^,]*, [^,]*, (0x[0-9a-f]+)"
+)
+
+
+def _loads(ptx: str) -> dict[str, int]:
+    """Global loads by instruction; a cp.async (global to shared) named with its bytes."""
+    found = Counter(
+        load or f"cp.async.{cache} {int(size, 16)}B" for load, cache, size in _LOAD.findall(ptx)
+    )
+    return dict(found)
 
 
 def _signature(fn: Any, constexprs: dict[str, Any]) -> tuple[dict, dict, dict]:
@@ -63,14 +88,14 @@ def _signature(fn: Any, constexprs: dict[str, Any]) -> tuple[dict, dict, dict]:
                 "*fp32" if name in _FLOAT32 else "*bf16" if name in _WEIGHTS_DTYPE else "*i32"
             )
         else:
-            signature[name] = "i32"
+            signature[name] = "fp32" if name == "qk_scale" else "i32"
         if name not in _UNALIGNED:
             attrs[(i,)] = [["tt.divisibility", 16]]
     return signature, values, attrs
 
 
 def global_loads(num_warps: int = 4) -> dict[str, dict[str, int]]:
-    """{kernel: {load instruction: count in its PTX}} for every LoRA kernel."""
+    """{kernel: {load instruction: count in its PTX}} for every LoRA and attention kernel."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("kernel_loads compiles PTX: run it without TRITON_INTERPRET=1")
     import importlib
@@ -87,7 +112,7 @@ def global_loads(num_warps: int = 4) -> dict[str, dict[str, int]]:
         signature, values, attrs = _signature(fn, constexprs)
         source = ASTSource(fn=fn, signature=signature, constexprs=values, attrs=attrs)
         compiled = triton.compile(source, target=target, options={"num_warps": num_warps})
-        counts[path] = dict(Counter(_LOAD.findall(compiled.asm["ptx"])))
+        counts[path] = _loads(compiled.asm["ptx"])
     return counts
 
 

@@ -1,7 +1,7 @@
-"""The LoRA kernels load adapter weights as 16-byte vectors, never two bytes at a time: each
-kernel compiled to PTX for sm_90 on the CPU (benchmarks/kernel_loads.py) and its global loads
-counted. Scalar bf16 loads cost the decode LoRA most of its bandwidth (BENCHMARKS.md, eleventh
-session), and nothing else would notice them: results stay correct."""
+"""The LoRA and paged-attention kernels load weights and K/V as 16-byte vectors, never two
+bytes at a time: each kernel compiled to PTX for sm_90 on the CPU (benchmarks/kernel_loads.py)
+and its global loads counted. Two-byte loads cost the decode LoRA 1.4-1.7x (BENCHMARKS.md,
+eleventh session), and nothing else would notice them: results stay correct."""
 
 from __future__ import annotations
 
@@ -31,8 +31,10 @@ def test_lora_kernels_load_weights_as_16_byte_vectors():
         "lora._expand_kernel",
         "lora_rows._row_shrink_kernel",
         "lora_rows._row_expand_kernel",
+        "paged_attention._decode_kernel",
+        "paged_attention._prefill_kernel",
     }
     for kernel, loads in counts.items():
         assert "ld.global.b16" not in loads, f"{kernel} loads bf16 one at a time: {loads}"
-        vectors = loads.get("ld.global.v4.b32", 0) + loads.get("cp.async.cg.shared.global", 0)
+        vectors = sum(loads.get(k, 0) for k in ("ld.global.v4.b32", "cp.async.cg 16B"))
         assert vectors, f"{kernel} has no 16-byte load: {loads}"
