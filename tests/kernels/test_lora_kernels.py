@@ -398,6 +398,33 @@ def test_a_request_without_rows_writes_nothing(launch):
     assert _rel_err(out, want) < 1e-5
 
 
+def check_within_rounding(t, shapes: Shapes, max_rank: int, seed: int, **launch_args) -> None:
+    """Every projection group through `lora_apply(..., **launch_args)` against the float64
+    reference: each output element within float32 rounding of its own terms (a sum that
+    cancels has a large relative error and is still right), and bit for bit where no adapter
+    touches it."""
+    device = t["pool"].device
+    tables = (t["lora_slots"], t["lora_meta"], t["req_lora"], t["q_starts"], t["q_lens"])
+    rows = int(t["q_lens"].sum())
+    gen = torch.Generator().manual_seed(seed)
+    pool = t["pool"].double()
+    for group in GROUPS:
+        in_f = shapes.dims(group[0])[0]
+        widths = tuple(shapes.dims(p)[1] for p in group)
+        x = torch.randn(rows, in_f, generator=gen).to(device)
+        out = torch.randn(rows, sum(widths), generator=gen).to(device)
+        before = out.clone()
+        max_q = int(t["q_lens"].max())
+        lora_apply(x, out, t["pool"], *tables, group, widths, max_rank, max_q, **launch_args)
+        want = lora_apply_ref(x.double(), before.double(), pool, *tables, group, widths)
+        zero = torch.zeros_like(want)
+        scale = lora_apply_ref(x.double().abs(), zero, pool.abs(), *tables, group, widths)
+        untouched = scale == 0
+        assert torch.equal(out[untouched], before[untouched])
+        err = (out.double() - want).abs()
+        assert bool((err <= 2e-5 * (scale + before.double().abs())).all()), float(err.max())
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     shapes=st.sampled_from([SMALL, SPLIT, MHA]),
@@ -408,30 +435,30 @@ def test_a_request_without_rows_writes_nothing(launch):
 )
 def test_any_decode_batch_matches_the_reference(shapes, ranks, requests, bound, launch):
     """Random decode batches through the row kernels: any ranks (not multiples of 16), requests
-    with no adapter or no row, and the engine's larger rank bound (`bound` 64) or the batch's.
-    Each output element is checked against the float64 reference within float32 rounding of
-    its own terms (a sum that cancels has a large relative error and is still right); where
-    no adapter touches it, bit for bit."""
+    with no adapter or no row, and the engine's larger rank bound (`bound` 64) or the batch's."""
     adapters = [min(m, len(ranks) - 1) for m, _ in requests]
     q_lens = [int(has_row) for _, has_row in requests]
     assume(any(q_lens))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t = make_case(shapes, ranks, q_lens, adapters, torch.float32, device, seed=len(requests))
-    tables = (t["lora_slots"], t["lora_meta"], t["req_lora"], t["q_starts"], t["q_lens"])
-    gen = torch.Generator().manual_seed(sum(ranks))
-    for group in GROUPS:
-        in_f = shapes.dims(group[0])[0]
-        widths = tuple(shapes.dims(p)[1] for p in group)
-        x = torch.randn(sum(q_lens), in_f, generator=gen).to(device)
-        out = torch.randn(sum(q_lens), sum(widths), generator=gen).to(device)
-        before = out.clone()
-        max_rank = max(bound, *ranks)
-        lora_apply(x, out, t["pool"], *tables, group, widths, max_rank, 1, launch)
-        pool = t["pool"].double()
-        want = lora_apply_ref(x.double(), before.double(), pool, *tables, group, widths)
-        zero = torch.zeros_like(want)
-        scale = lora_apply_ref(x.double().abs(), zero, pool.abs(), *tables, group, widths)
-        untouched = scale == 0
-        assert torch.equal(out[untouched], before[untouched])
-        err = (out.double() - want).abs()
-        assert bool((err <= 2e-5 * (scale + before.double().abs())).all()), float(err.max())
+    check_within_rounding(t, shapes, max(bound, *ranks), sum(ranks), launch=launch)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    shapes=st.sampled_from([SMALL, SPLIT, MHA]),
+    ranks=st.lists(st.integers(1, 40), min_size=1, max_size=3),
+    requests=st.lists(st.tuples(st.integers(-1, 2), st.integers(0, 40)), min_size=1, max_size=4),
+    tiled=st.booleans(),
+)
+def test_any_ragged_batch_matches_the_reference(shapes, ranks, requests, tiled):
+    """Random prompt batches through the tiled kernels (ragged rows, some requests without
+    rows or adapters), over every request's tiles or over the tile list of those with an
+    adapter (a mixed step's launch)."""
+    adapters = [min(m, len(ranks) - 1) for m, _ in requests]
+    q_lens = [n for _, n in requests]
+    assume(max(q_lens) > 1)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t = make_case(shapes, ranks, q_lens, adapters, torch.float32, device, seed=sum(q_lens))
+    tiles = lora_tiles([m >= 0 for m in adapters], q_lens, t["pool"].device) if tiled else None
+    check_within_rounding(t, shapes, max(ranks), len(requests), tiles=tiles)
