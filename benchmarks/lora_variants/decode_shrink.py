@@ -7,6 +7,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kernels.lora_launch import slot_rows
+
 BLOCK_T = tl.constexpr(16)  # tl.dot's minimum rows; row 0 is the request's token
 
 
@@ -30,7 +32,7 @@ def decode_shrink_part(
     """[BLOCK_R] float32: x[row, k_begin : k_begin + SPLIT_K] @ A[r, same]ᵀ for each rank r
     of the block, A's row r read from pool slot `slot[r]` (rows not `rank_ok` give 0)."""
     pad = tl.arange(0, BLOCK_T)
-    a_rows = pool_ptr + slot.to(tl.int64)[:, None] * W + (k_begin % W)
+    a_rows = slot_rows(pool_ptr, slot, k_begin % W, W)
     x_row = x_ptr + row.to(tl.int64) * stride_x + k_begin
     acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
     for i in tl.range(0, SPLIT_K // BLOCK_K, num_stages=STAGES):

@@ -24,7 +24,14 @@ import triton.language as tl
 
 # The production kernels' tiling rules, shared so that the two launch the same shrink.
 from benchmarks.lora_variants.decode_shrink import BLOCK_T, decode_shrink_part
-from kernels.lora_launch import MAX_PARTS, block_in_slot, split_width
+from kernels.lora_launch import (
+    MAX_PARTS,
+    block_in_slot,
+    column_block,
+    column_blocks,
+    slot_rows,
+    split_width,
+)
 
 
 class SlotTables(NamedTuple):
@@ -140,12 +147,9 @@ def _expand_kernel(
     IEEE: tl.constexpr,
 ):
     b = tl.program_id(0)
-    j = tl.program_id(1)
-    p_local = tl.where(j >= blocks0 + blocks1, 2, tl.where(j >= blocks0, 1, 0))
-    first = tl.where(p_local == 2, blocks0 + blocks1, tl.where(p_local == 1, blocks0, 0))
-    col0 = tl.where(p_local == 2, width0 + width1, tl.where(p_local == 1, width0, 0))
-    width = tl.where(p_local == 2, width2, tl.where(p_local == 1, width1, width0))
-    n0 = (j - first) * BLOCK_N
+    p_local, col0, width, n0 = column_block(
+        tl.program_id(1), width0, width1, width2, blocks0, blocks1, BLOCK_N
+    )
     rank = tl.load(rank_ptr + b * NPROJ + p_local)
     if rank == 0:
         return
@@ -164,7 +168,7 @@ def _expand_kernel(
         entry = ((b * NPROJ + p_local) * max_rank + ranks) * n_slots_max + n0 // W
         slot = tl.load(b_tab_ptr + entry, mask=rank_ok, other=0)
         bt = tl.load(
-            pool_ptr + slot.to(tl.int64)[:, None] * W + (n0 % W) + cols[None, :],
+            slot_rows(pool_ptr, slot, n0 % W, W) + cols[None, :],
             mask=rank_ok[:, None] & col_ok[None, :],
             other=0.0,
         )
@@ -213,8 +217,7 @@ def lora_apply_direct_slots(
     )  # fmt: skip
     y = parts[0] if k_splits == 1 else parts.sum(0)  # in split order, as lora.py's
     block_n = block_in_slot(slot_width, block_n_cap)
-    padded = (*widths, 0, 0)[:MAX_PARTS]
-    blocks = [triton.cdiv(w, block_n) for w in padded]
+    padded, blocks = column_blocks(widths, block_n)
     _expand_kernel[(batch, sum(blocks))](
         y, out, pool, tables.b, tables.rank, q_starts, *padded, blocks[0], blocks[1],
         out.stride(0), max_rank, tables.b.shape[3], W=slot_width, NPROJ=nproj, BLOCK_R=block_r,
