@@ -36,8 +36,8 @@ from kernels.lora_launch import (
     column_block,
     column_blocks,
     proj_ids,
+    shrink_splits,
     slot_rows,
-    split_width,
 )
 from kernels.lora_rows import lora_apply_rows
 
@@ -308,13 +308,10 @@ def _shrink(
     pool, lora_slots, lora_meta = tables[:3]
     rows_grid, tiles, tiles_per_req, tiled = grid_rows
     slot_width, in_features = pool.shape[1], x.shape[1]
-    block_k = block_in_slot(slot_width, launch.block_k_cap)
-    split_k = split_width(slot_width, in_features, block_k, launch.max_k_splits)
-    k_splits = triton.cdiv(in_features, split_k)
-    rank_stride = triton.cdiv(max_rank, 16) * 16  # whatever the batch's ranks: one kernel
-    parts = torch.empty(
-        k_splits, x.shape[0], nproj, rank_stride, dtype=torch.float32, device=x.device
+    block_k, split_k, parts = shrink_splits(
+        x, slot_width, launch.block_k_cap, launch.max_k_splits, nproj, max_rank
     )
+    k_splits, rank_stride = parts.shape[0], parts.shape[3]
     block_r = min(launch.block_r, _rank_block(max_rank))
     n_rblocks = triton.cdiv(max_rank, block_r)
     _shrink_kernel[(rows_grid, k_splits, nproj * n_rblocks)](

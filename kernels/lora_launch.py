@@ -5,6 +5,7 @@ the helpers that keep a tile inside one slot of the pool."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -52,6 +53,34 @@ def split_width(width: int, in_features: int, block_k: int, max_splits: int) -> 
     while triton.cdiv(in_features, split) > max_splits and width % (split * 2) == 0:
         split *= 2
     return split
+
+
+class ShrinkSplits(NamedTuple):
+    """How a shrink splits in_features over its programs, and the buffer they write."""
+
+    block_k: int  # in_features per load
+    split_k: int  # in_features per program
+    parts: torch.Tensor  # [k_splits, T, nproj, rank stride] float32: each split's products
+
+
+def shrink_splits(
+    x: torch.Tensor, slot_width: int, block_k_cap: int, max_splits: int, nproj: int, max_rank: int
+) -> ShrinkSplits:
+    """The split of x's in_features and the partial-product buffer of a shrink over x [T, in].
+    Its rank stride is max_rank rounded up to 16 whatever the batch's ranks, so that one
+    compiled kernel serves every batch."""
+    block_k = block_in_slot(slot_width, block_k_cap)
+    split_k = split_width(slot_width, x.shape[1], block_k, max_splits)
+    rank_stride = triton.cdiv(max_rank, 16) * 16
+    parts = torch.empty(
+        triton.cdiv(x.shape[1], split_k),
+        x.shape[0],
+        nproj,
+        rank_stride,
+        dtype=torch.float32,
+        device=x.device,
+    )
+    return ShrinkSplits(block_k, split_k, parts)
 
 
 _PROJ_IDS: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}

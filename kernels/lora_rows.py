@@ -32,8 +32,8 @@ from kernels.lora_launch import (
     block_in_slot,
     column_block,
     column_blocks,
+    shrink_splits,
     slot_rows,
-    split_width,
 )
 
 RANK_CHUNK = 16  # rows of A or Bᵀ a program holds at once
@@ -181,15 +181,11 @@ def lora_apply_rows(
     projection ids on x's device (`lora_launch.proj_ids`); max_rank bounds every rank."""
     pool, lora_slots, lora_meta, req_lora = tables[:4]
     batch, slot_width, in_features = req_lora.shape[0], pool.shape[1], x.shape[1]
-    block_k = block_in_slot(slot_width, launch.row_block_k)
-    split_k = split_width(slot_width, in_features, block_k, launch.max_k_splits)
-    k_splits = triton.cdiv(in_features, split_k)
-    # Rounded up to 16 whatever the batch's ranks: one kernel for every batch.
-    rank_stride = triton.cdiv(max_rank, RANK_CHUNK) * RANK_CHUNK
     nproj = projs.shape[0]
-    parts = torch.empty(
-        k_splits, x.shape[0], nproj, rank_stride, dtype=torch.float32, device=x.device
+    block_k, split_k, parts = shrink_splits(
+        x, slot_width, launch.row_block_k, launch.max_k_splits, nproj, max_rank
     )
+    k_splits, rank_stride = parts.shape[0], parts.shape[3]
     # A grid axis over every chunk of max_rank (the engine's largest, 128, in its decode
     # graphs) would launch mostly programs that exit (S1's ranks are 8): a program walks
     # chunks of its request's own rank instead, row_rank_programs of them sharing the walk.
