@@ -44,6 +44,23 @@ stack_run() {  # NAME "WORKER FLAGS" serving_bench-options...: store, worker, ro
     --out "$out/$name.jsonl" 2>&1 | tee -a "$out/$name.log" | grep "^\["
 }
 
+trace_modes() {  # NAME MODE...: stack_trace once per mode, in the order given: inproc (the
+  # engine alone), or a stack whose worker starts cold: fp32 (the store keeps the fp32 uploads
+  # as they are), bf16 (it keeps them in bf16), warm (fp32, each adapter fetched before the
+  # timed run: --warm-adapters)
+  local name=$1 mode
+  shift
+  for mode in "$@"; do
+    case $mode in
+      inproc) inproc_run "$name" "${stack_trace[@]}" ;;
+      fp32) stack_run "$name" "" "${stack_trace[@]}" ;;
+      bf16) STORE_ARGS="--store-dtype bfloat16" stack_run "$name" "" "${stack_trace[@]}" ;;
+      warm) stack_run "$name" "" "${stack_trace[@]}" --warm-adapters ;;
+      *) echo "trace_modes: unknown mode $mode" >&2 ;;
+    esac
+  done
+}
+
 # The gRPC comparisons' trace: 20 adapters, since the stack uploads each as an fp32 PEFT file.
 grpc_trace=(--preset S1 --num-adapters 20 --rate 20 --duration 20 --timeout 100)
 
@@ -111,29 +128,15 @@ run_one() {
     stack_warm)  # issue #20: the stack with its worker's host cache cold (each adapter's first
       # request downloads it from the store) and warm (--warm-adapters), beside in-process,
       # whose adapters are in host memory from its start: A B C C A
-      for mode in inproc cold warm warm inproc; do
-        case $mode in
-          inproc) inproc_run "$1" "${stack_trace[@]}" ;;
-          cold) stack_run "$1" "" "${stack_trace[@]}" ;;
-          warm) stack_run "$1" "" "${stack_trace[@]}" --warm-adapters ;;
-        esac
-      done ;;
+      trace_modes "$1" inproc fp32 warm warm inproc ;;
     stack_cold)  # issue #20: in-process and the stack with its worker cold (every adapter's
       # first request downloads it from the store), A B B A
-      for mode in inproc stack stack inproc; do
-        if [ "$mode" = inproc ]; then inproc_run "$1" "${stack_trace[@]}"
-        else stack_run "$1" "" "${stack_trace[@]}"; fi
-      done ;;
+      trace_modes "$1" inproc fp32 fp32 inproc ;;
     stack_cold_bf16)  # issue #20: stack_cold with the store keeping adapters in bf16 (half
       # an fp32 upload to download, hash and parse), beside the store as uploaded: A B C C B A
       # (STACK_COLD_MODES: another order, or fewer runs)
-      for mode in ${STACK_COLD_MODES:-inproc fp32 bf16 bf16 fp32 inproc}; do
-        case $mode in
-          inproc) inproc_run "$1" "${stack_trace[@]}" ;;
-          fp32) stack_run "$1" "" "${stack_trace[@]}" ;;
-          bf16) STORE_ARGS="--store-dtype bfloat16" stack_run "$1" "" "${stack_trace[@]}" ;;
-        esac
-      done ;;
+      # shellcheck disable=SC2086  # a list of modes
+      trace_modes "$1" ${STACK_COLD_MODES:-inproc fp32 bf16 bf16 fp32 inproc} ;;
     adapter_fetch)  # issue #20: a cold worker's burst of adapter downloads, on the host's CPU,
       # from a store keeping fp32 uploads as they are and one keeping them in bf16
       python3 -m benchmarks.adapter_fetch_bench --num-adapters 50 --concurrency 64,2,1 \
