@@ -39,7 +39,14 @@ _CONSTEXPRS: dict[str, dict[str, Any]] = {
         W=4096, BLOCK_R=16, BLOCK_K=256, SPLIT_K=512, STAGES=3, NPROJ=3
     ),
     "lora_rows._row_expand_kernel": dict(
-        W=4096, NPROJ=3, SPLITS=8, BLOCK_R=16, BLOCK_N=512, STAGES=1
+        W=4096, NPROJ=3, SPLITS=8, BLOCK_R=16, BLOCK_N=512, STAGES=1, ACC=0
+    ),
+    # The same kernel with its other accumulators (LoraLaunch.row_expand_accumulator).
+    "lora_rows._row_expand_kernel chunk": dict(
+        W=4096, NPROJ=3, SPLITS=8, BLOCK_R=16, BLOCK_N=1024, STAGES=1, ACC=1
+    ),
+    "lora_rows._row_expand_kernel rank": dict(
+        W=4096, NPROJ=3, SPLITS=8, BLOCK_R=16, BLOCK_N=1024, STAGES=1, ACC=2
     ),
     "paged_attention._decode_kernel": dict(
         NUM_SPLITS=1, GROUP=1, BLOCK_G=16, HEAD_DIM=128, BLOCK_N=128, DOT_PRECISION="tf32"
@@ -107,7 +114,7 @@ def global_loads(num_warps: int = 4) -> dict[str, dict[str, int]]:
     target = GPUTarget("cuda", 90, 32)
     counts = {}
     for path, constexprs in _CONSTEXPRS.items():
-        module, name = path.split(".")
+        module, name = path.split(" ")[0].split(".")
         fn = getattr(importlib.import_module(f"kernels.{module}"), name)
         signature, values, attrs = _signature(fn, constexprs)
         source = ASTSource(fn=fn, signature=signature, constexprs=values, attrs=attrs)
@@ -125,7 +132,7 @@ def main() -> None:
         print(json.dumps(counts))
         return
     for kernel, loads in counts.items():
-        print(f"{kernel:<32} " + ", ".join(f"{k} x{v}" for k, v in sorted(loads.items())))
+        print(f"{kernel:<38} " + ", ".join(f"{k} x{v}" for k, v in sorted(loads.items())))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
+import importlib
 import json
 import sys
 from collections.abc import Callable
@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from kernels.lora import DEFAULT_LAUNCH, LoraLaunch, lora_apply
+from kernels.lora_launch import row_expand_launch
 from kernels.lora_ref import lora_apply_ref
 from services.common.base_model import DUMMY_PRESETS, LINEAR_MODULES, BaseModelShape
 from services.common.lora_format import CanonicalAdapter
@@ -41,23 +42,33 @@ from services.gpu_worker.memory.adapter_tables import DOWN, GATE_UP, O_PROJ, QKV
 from services.gpu_worker.memory.memory_pool import UnifiedMemoryPool
 
 RANKS = (8, 16, 32, 64)
+_ROWS_RANK = LoraLaunch(row_small_batch=0)  # rank by rank at every batch size
 _TILED = LoraLaunch(row_kernels=False)  # lora.py's tiled kernels for decode batches too
 VARIANTS: dict[str, LoraLaunch] = {
     "default": DEFAULT_LAUNCH,
     # The row kernels (lora_rows.py), the default for decode batches.
     "rows_k128": LoraLaunch(row_block_k=128),
     "rows_k512": LoraLaunch(row_block_k=512),
-    "rows_n256": LoraLaunch(row_block_n=256),
-    "rows_n1024": LoraLaunch(row_block_n=1024),
-    "rows_n1024_w8": LoraLaunch(row_block_n=1024, num_warps=8),
     "rows_split4": LoraLaunch(max_k_splits=4),
     "rows_split16": LoraLaunch(max_k_splits=16),
     "rows_st1": LoraLaunch(shrink_stages=1),
-    "rows_exp2": LoraLaunch(row_expand_stages=2),
     "rows_w2": LoraLaunch(num_warps=2),
     "rows_w8": LoraLaunch(num_warps=8),
     "rows_rp1": LoraLaunch(row_rank_programs=1),
     "rows_rp4": LoraLaunch(row_rank_programs=4),
+    "rows_sr32": LoraLaunch(row_shrink_block_r=32),
+    # The expand's shape at every batch size: rank by rank, or the small batches' tile.
+    "rows_rank": _ROWS_RANK,
+    "rows_tile": row_expand_launch(DEFAULT_LAUNCH, 0),
+    "rows_rank_n512": dataclasses.replace(_ROWS_RANK, row_block_n=512),
+    "rows_rank_n2048": dataclasses.replace(_ROWS_RANK, row_block_n=2048),
+    "rows_rank_er16": dataclasses.replace(_ROWS_RANK, row_expand_block_r=16),
+    "rows_rank_min0": dataclasses.replace(_ROWS_RANK, row_expand_min_programs=0),
+    "rows_rank_min528": dataclasses.replace(_ROWS_RANK, row_expand_min_programs=528),
+    "rows_rank_exp2": dataclasses.replace(_ROWS_RANK, row_expand_stages=2),
+    "rows_chunk_er32": dataclasses.replace(
+        _ROWS_RANK, row_expand_accumulator="chunk", row_expand_block_r=32
+    ),
     # lora.py's tiled kernels (one 16-row tile a request), the decode default before.
     "tiled": _TILED,
     "tiled_split16": dataclasses.replace(_TILED, max_k_splits=16),
@@ -121,14 +132,26 @@ def _setup(
 
 
 def _load_baseline(root: Path) -> Any:
-    """`kernels/lora.py` of another checkout, as a module of its own."""
-    spec = importlib.util.spec_from_file_location("baseline_lora", root / "kernels" / "lora.py")
-    if spec is None or spec.loader is None:
+    """`kernels/lora.py` of another checkout with the rest of that checkout's `kernels`
+    package (its `lora_rows`, `lora_launch`), imported under the usual names and then set
+    aside so that this checkout's `kernels` stays the one imported everywhere else."""
+    if not (root / "kernels" / "lora.py").is_file():
         raise SystemExit(f"--baseline: no kernels/lora.py under {root}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it loads
-    spec.loader.exec_module(module)
-    return module
+
+    def ours() -> dict[str, Any]:
+        return {k: m for k, m in sys.modules.items() if k == "kernels" or k.startswith("kernels.")}
+
+    saved = ours()
+    for name in saved:
+        del sys.modules[name]
+    sys.path.insert(0, str(root))
+    try:
+        return importlib.import_module("kernels.lora")
+    finally:
+        sys.path.remove(str(root))
+        for name in ours():
+            del sys.modules[name]
+        sys.modules.update(saved)
 
 
 def _apply_with(module: Any, launch: LoraLaunch | None) -> Callable[..., Any]:

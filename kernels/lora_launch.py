@@ -4,6 +4,7 @@ the helpers that keep a tile inside one slot of the pool."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -12,6 +13,9 @@ import triton
 import triton.language as tl
 
 MAX_PARTS = 3  # projections of one fused output (q, k, v)
+
+
+EXPAND_ACCUMULATORS = ("tile", "chunk", "rank")
 
 
 @dataclass(frozen=True)
@@ -28,12 +32,49 @@ class LoraLaunch:
     # A decode batch (one row a request, no tile list) through lora_rows.py's kernels.
     row_kernels: bool = True
     row_block_k: int = 256  # row shrink: in_features per load, at most
-    row_block_n: int = 512  # row expand: out_features per program, at most
+    row_rank_programs: int = 2  # row shrink: programs sharing a request's rank chunks
+    row_shrink_block_r: int = 16  # row shrink: ranks per chunk (rows of A held at once)
+    # row expand: its float32 accumulator (EXPAND_ACCUMULATORS). "rank": [row_block_n], one
+    # rank's row of Bᵀ at a time, so nothing is summed across threads; "tile":
+    # [row_expand_block_r, row_block_n], summed over ranks at the end; "chunk": [row_block_n],
+    # each rank chunk's products summed at once.
+    row_expand_accumulator: str = "rank"
+    row_expand_block_r: int = 8  # row expand: ranks per loop step (rows of Bᵀ in flight)
+    row_block_n: int = 1024  # row expand: out_features per program, at most
     row_expand_stages: int = 1  # row expand: rank chunks of its loop in flight
-    row_rank_programs: int = 2  # row shrink: programs sharing a request's chunks of 16 ranks
+    # row expand: halve row_block_n (down to 128) while the launch has fewer programs than
+    # this, so that a small batch's narrow projections still spread over the SMs; 0: never.
+    row_expand_min_programs: int = 264  # 2 an SM of an H200 (132 SMs)
+    # Batches of fewer requests expand with `row_expand_launch`'s shape instead (0: none).
+    # Measured on an H200 at Llama-7B shapes, rank-by-rank over 1024 columns is 1.2x faster
+    # at 128 requests with ranks 8-64 and 1.4-2x with rank 8, but 0.9x at 32 with ranks 8-64,
+    # where a rank-64 request's long walk of rank chunks is the launch's tail (BENCHMARKS.md,
+    # twelfth session).
+    row_small_batch: int = 48
+
+    def __post_init__(self) -> None:
+        if self.row_expand_accumulator not in EXPAND_ACCUMULATORS:
+            raise ValueError(
+                f"row_expand_accumulator {self.row_expand_accumulator!r}: one of "
+                f"{', '.join(EXPAND_ACCUMULATORS)}"
+            )
 
 
 DEFAULT_LAUNCH = LoraLaunch()
+
+
+def row_expand_launch(launch: LoraLaunch, batch: int) -> LoraLaunch:
+    """The launch a row expand of `batch` requests runs with: below `row_small_batch`, 16
+    ranks x 512 columns a step into a tile accumulator."""
+    if batch >= launch.row_small_batch:
+        return launch
+    return dataclasses.replace(
+        launch,
+        row_expand_accumulator="tile",
+        row_expand_block_r=16,
+        row_block_n=512,
+        row_expand_min_programs=0,
+    )
 
 
 def block_in_slot(width: int, cap: int) -> int:
@@ -131,3 +172,9 @@ def slot_rows(pool_ptr, slot, offset, W: tl.constexpr):
     multiple of a block that divides W (`block_in_slot`)."""
     start = tl.multiple_of(slot.to(tl.int64) * W + offset, 16)
     return pool_ptr + start[:, None]
+
+
+@triton.jit
+def slot_row(pool_ptr, slot, offset, W: tl.constexpr):
+    """`slot_rows` for one slot number: a pointer to element `offset` of pool slot `slot`."""
+    return pool_ptr + tl.multiple_of(slot.to(tl.int64) * W + offset, 16)

@@ -5,12 +5,15 @@ Same arguments and result as `lora.lora_apply` (reference: `lora_ref.lora_apply_
 batch whose requests bring at most one row each. Two launches a projection group:
 - shrink: grid (request, split of in_features, projection x `row_rank_programs`). A program
   multiplies its request's row against rows of A over one split (a split lies in one slot of
-  each row), 16 ranks at a time up to its request's own rank, and writes the float32 partial
-  products parts[split, row, projection, rank];
+  each row), `row_shrink_block_r` ranks at a time up to its request's own rank, and writes the
+  float32 partial products parts[split, row, projection, rank];
 - expand: grid (request, block of the fused output's columns). A program adds the splits'
   partial products in a fixed order (a row's result does not depend on its batch), then
-  walks its adapter's rank in chunks of 16, each a [16, BLOCK_N] tile of Bᵀ, and adds
-  y @ Bᵀ into its columns of the output.
+  walks its adapter's rank `row_expand_block_r` ranks a step and adds y @ Bᵀ into its
+  columns of the output. By default it takes one rank's row of Bᵀ at a time into a
+  [BLOCK_N] accumulator, so that a thread keeps its own columns of every row and nothing is
+  summed across threads; batches under `row_small_batch` take [16, 512] tiles of Bᵀ into a
+  tile accumulator instead (`lora_launch.row_expand_launch`, measured there).
 
 Why not `lora.py`'s tiled kernels for these batches: tl.dot needs 16 rows, so there a decode
 request's program carries a 16-row tile of which one row is real, and its tiles are sized for
@@ -18,7 +21,9 @@ that. Here a program's products are elementwise multiplies and a sum in float32,
 registers hold only the real row and a program can take a larger tile of the adapter (a
 decode batch's LoRA is bound by the bytes each program has in flight, not by FLOPs). Measured
 against the tiled kernels on an H200 at Llama-7B shapes: 1.07-1.18x faster with ranks 8-64,
-1.27x with rank 8 under the engine's rank bound of 128 (BENCHMARKS.md, eleventh session).
+1.27x with rank 8 under the engine's rank bound of 128 (BENCHMARKS.md, eleventh session);
+the rank-by-rank expand another 1.2x (ranks 8-64, 128 requests) and 1.45-1.96x (rank 8)
+(twelfth session).
 """
 
 from __future__ import annotations
@@ -28,15 +33,16 @@ import triton
 import triton.language as tl
 
 from kernels.lora_launch import (
+    EXPAND_ACCUMULATORS,
     LoraLaunch,
     block_in_slot,
     column_block,
     column_blocks,
+    row_expand_launch,
     shrink_splits,
+    slot_row,
     slot_rows,
 )
-
-RANK_CHUNK = 16  # rows of A or Bᵀ a program holds at once
 
 
 # rank_programs is fixed per engine; unspecialized all the same, as it may be 1.
@@ -69,18 +75,21 @@ def _row_shrink_kernel(
     split = tl.program_id(1)
     p_local = tl.program_id(2) // rank_programs
     first_chunk = tl.program_id(2) % rank_programs
+    # Every load a program needs before its weights is issued up front, side by side: the
+    # kernel is bound by each program's chain of dependent loads, not by bytes.
     m = tl.load(req_lora_ptr + b)
     q_len = tl.load(q_lens_ptr + b)
+    row = tl.load(q_starts_ptr + b)
     proj = tl.load(proj_ids_ptr + p_local)
-    rank = tl.load(meta_ptr + (m * meta_stride + proj) * 3, mask=m >= 0, other=0)
+    meta = meta_ptr + (m * meta_stride + proj) * 3
+    rank = tl.load(meta, mask=m >= 0, other=0)
+    a_start = tl.load(meta + 1, mask=m >= 0, other=0)
     if m < 0 or q_len == 0 or first_chunk * BLOCK_R >= rank:
         return
-    a_start = tl.load(meta_ptr + (m * meta_stride + proj) * 3 + 1)
     k_begin = split * SPLIT_K
-    row = tl.load(q_starts_ptr + b)
     x_row = x_ptr + row.to(tl.int64) * stride_x + k_begin
     y_row = part_ptr + split * split_stride + (row * NPROJ + p_local) * rank_stride
-    # This program's chunks of 16 ranks: first_chunk, then every rank_programs-th one.
+    # This program's chunks of BLOCK_R ranks: first_chunk, then every rank_programs-th one.
     for r0 in range(first_chunk * BLOCK_R, rank, rank_programs * BLOCK_R):
         ranks = r0 + tl.arange(0, BLOCK_R)
         rank_ok = ranks < rank
@@ -125,42 +134,66 @@ def _row_expand_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
     STAGES: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     b = tl.program_id(0)
     p_local, col0, width, n0 = column_block(
         tl.program_id(1), width0, width1, width2, blocks0, blocks1, BLOCK_N
     )
+    # As in the shrink, loads that do not depend on each other are issued together.
     m = tl.load(req_lora_ptr + b)
     q_len = tl.load(q_lens_ptr + b)
+    row = tl.load(q_starts_ptr + b)
     proj = tl.load(proj_ids_ptr + p_local)
-    rank = tl.load(meta_ptr + (m * meta_stride + proj) * 3, mask=m >= 0, other=0)
+    meta = meta_ptr + (m * meta_stride + proj) * 3
+    rank = tl.load(meta, mask=m >= 0, other=0)
+    b_start = tl.load(meta + 2, mask=m >= 0, other=0)
     if m < 0 or q_len == 0 or rank == 0:
         return
-    b_start = tl.load(meta_ptr + (m * meta_stride + proj) * 3 + 2)
-    row = tl.load(q_starts_ptr + b)
     cols = tl.arange(0, BLOCK_N)
     col_ok = n0 + cols < width
-    y_row = part_ptr + (row * NPROJ + p_local) * rank_stride
-    slots_per_row = tl.cdiv(width, W)  # a row's last slot is padded past out_features
-    acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-    for r0 in tl.range(0, rank, BLOCK_R, num_stages=STAGES):
-        ranks = r0 + tl.arange(0, BLOCK_R)
-        rank_ok = ranks < rank
-        y = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        for s in tl.static_range(SPLITS):
-            y += tl.load(y_row + s * split_stride + ranks, mask=rank_ok, other=0.0)
-        slot_idx = b_start + ranks * slots_per_row + n0 // W
-        slot = tl.load(slots_ptr + m * stride_slots + slot_idx, mask=rank_ok, other=0)
-        bt = tl.load(
-            slot_rows(pool_ptr, slot, n0 % W, W) + cols[None, :],
-            mask=rank_ok[:, None] & col_ok[None, :],
-            other=0.0,
-        )
-        # y is rounded to the weights' dtype before the expand, as the tiled kernels do.
-        acc += y.to(bt.dtype).to(tl.float32)[:, None] * bt.to(tl.float32)
     out_ptrs = out_ptr + row.to(tl.int64) * stride_out + col0 + n0 + cols
     current = tl.load(out_ptrs, mask=col_ok)
-    delta = tl.sum(acc, axis=0)
+    y_row = part_ptr + (row * NPROJ + p_local) * rank_stride
+    slots_per_row = tl.cdiv(width, W)  # a row's last slot is padded past out_features
+    slot_row0 = slots_ptr + m * stride_slots + b_start + n0 // W
+    if ACC == 0:
+        acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for r0 in tl.range(0, rank, BLOCK_R, num_stages=STAGES):
+        if ACC == 2:
+            # One rank's row of Bᵀ at a time: a thread keeps its own columns of every row,
+            # so nothing is summed across threads; the chunk's loads still go out together.
+            for i in tl.static_range(BLOCK_R):
+                r_ok = r0 + i < rank
+                y_r = tl.zeros((), dtype=tl.float32)
+                for s in tl.static_range(SPLITS):
+                    y_r += tl.load(y_row + s * split_stride + r0 + i, mask=r_ok, other=0.0)
+                slot = tl.load(slot_row0 + (r0 + i) * slots_per_row, mask=r_ok, other=0)
+                bt = tl.load(
+                    slot_row(pool_ptr, slot, n0 % W, W) + cols, mask=r_ok & col_ok, other=0.0
+                )
+                acc += y_r.to(bt.dtype).to(tl.float32) * bt.to(tl.float32)
+        else:
+            ranks = r0 + tl.arange(0, BLOCK_R)
+            rank_ok = ranks < rank
+            y = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            for s in tl.static_range(SPLITS):
+                y += tl.load(y_row + s * split_stride + ranks, mask=rank_ok, other=0.0)
+            slot = tl.load(slot_row0 + ranks * slots_per_row, mask=rank_ok, other=0)
+            bt = tl.load(
+                slot_rows(pool_ptr, slot, n0 % W, W) + cols[None, :],
+                mask=rank_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
+            # y is rounded to the weights' dtype before the expand, as the tiled kernels do.
+            products = y.to(bt.dtype).to(tl.float32)[:, None] * bt.to(tl.float32)
+            if ACC == 0:
+                acc += products
+            else:
+                acc += tl.sum(products, axis=0)
+    delta = tl.sum(acc, axis=0) if ACC == 0 else acc
     tl.store(out_ptrs, (current.to(tl.float32) + delta).to(current.dtype), mask=col_ok)
 
 
@@ -189,7 +222,8 @@ def lora_apply_rows(
     # A grid axis over every chunk of max_rank (the engine's largest, 128, in its decode
     # graphs) would launch mostly programs that exit (S1's ranks are 8): a program walks
     # chunks of its request's own rank instead, row_rank_programs of them sharing the walk.
-    rank_programs = max(1, min(launch.row_rank_programs, rank_stride // RANK_CHUNK))
+    chunk = launch.row_shrink_block_r
+    rank_programs = max(1, min(launch.row_rank_programs, triton.cdiv(rank_stride, chunk)))
     _row_shrink_kernel[(batch, k_splits, nproj * rank_programs)](
         x,
         parts,
@@ -203,15 +237,19 @@ def lora_apply_rows(
         rank_programs,
         parts[0].numel(),
         W=slot_width,
-        BLOCK_R=RANK_CHUNK,
+        BLOCK_R=chunk,
         BLOCK_K=block_k,
         SPLIT_K=split_k,
         STAGES=launch.shrink_stages,
         NPROJ=nproj,
         num_warps=launch.num_warps,
     )
-    block_n = block_in_slot(slot_width, launch.row_block_n)
+    expand = row_expand_launch(launch, batch)
+    block_n = block_in_slot(slot_width, expand.row_block_n)
     padded, blocks = column_blocks(widths, block_n)
+    while block_n > 128 and batch * sum(blocks) < expand.row_expand_min_programs:
+        block_n //= 2
+        padded, blocks = column_blocks(widths, block_n)
     _row_expand_kernel[(batch, sum(blocks))](
         parts,
         out,
@@ -228,8 +266,9 @@ def lora_apply_rows(
         W=slot_width,
         NPROJ=nproj,
         SPLITS=k_splits,
-        BLOCK_R=RANK_CHUNK,
+        BLOCK_R=expand.row_expand_block_r,
         BLOCK_N=block_n,
-        STAGES=launch.row_expand_stages,
+        STAGES=expand.row_expand_stages,
+        ACC=EXPAND_ACCUMULATORS.index(expand.row_expand_accumulator),
         num_warps=launch.num_warps,
     )

@@ -211,12 +211,12 @@ run_one() {
       # then timed beside the tiled kernels (lora_tune), then decode steps with each (profile_step)
       timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider \
         tests/kernels/test_lora_kernels.py 2>&1 | tee -a "$out/$1.log" | tail -3
-      local v=default,rows_k128,rows_k512,rows_n256,rows_n1024,rows_n1024_w8,rows_split16
-      v=$v,rows_exp2,rows_w8,rows_rp1,rows_rp4,tiled,tiled_split16
-      timeout 240 python3 -m benchmarks.lora_tune --batches 32,128 --variants "$v" \
-        --out "$out/$1_mix" 2>&1 | tee -a "$out/$1.log" | tail -28
+      local v=default,rows_tile,rows_rank,rows_rank_n512,rows_rank_min0,rows_k128,rows_split16
+      v=$v,rows_rp1,rows_rp4,tiled,tiled_split16
+      timeout 240 python3 -m benchmarks.lora_tune --batches 32,48,64,128 --max-rank 128 \
+        --variants "$v" --out "$out/$1_mix" 2>&1 | tee -a "$out/$1.log" | tail -28
       timeout 180 python3 -m benchmarks.lora_tune --ranks 8 --groups attention --max-rank 128 \
-        --batches 32,160,256 --variants default,rows_n1024,rows_rp1,rows_rp4,rows_split16,tiled \
+        --batches 32,64,160,256 --variants default,rows_tile,rows_rank,rows_rp1,rows_rp4,tiled \
         --out "$out/$1_r8" 2>&1 | tee -a "$out/$1.log" | tail -18
       for run in 1_rows 2_tiled 3_rows; do  # A B A: a process's first cases have run slow
         timeout 200 python3 -m benchmarks.profile_step --cases 32x0x0,128x0x0,160x0x0 \

@@ -210,7 +210,9 @@ CPU_CASES = {
 # One program walking all of a request's rank chunks, over fewer and wider splits: another
 # path through the row shrink's loops.
 TILED_DECODE = LoraLaunch(row_kernels=False)
-ROWS_ONE_PROGRAM = LoraLaunch(row_rank_programs=1, max_k_splits=2, row_block_n=64)
+ROWS_ONE_PROGRAM = LoraLaunch(
+    row_rank_programs=1, max_k_splits=2, row_block_n=64, row_small_batch=0
+)
 
 
 @pytest.mark.parametrize(
@@ -276,6 +278,11 @@ def test_splits_of_in_features_lie_in_one_slot():
     assert split_width(4096, 11008, 128, 8) == 2048  # 6 splits, each in one slot
     assert split_width(1024, 14336, 128, 8) == 1024  # W caps it: 14 splits
     assert split_width(64, 720, 64, 8) == 64
+
+
+def test_an_unknown_expand_accumulator_is_refused():
+    with pytest.raises(ValueError, match="row_expand_accumulator 'sum'"):
+        LoraLaunch(row_expand_accumulator="sum")
 
 
 def test_bad_projection_lists_are_refused():
@@ -431,7 +438,24 @@ def check_within_rounding(t, shapes: Shapes, max_rank: int, seed: int, **launch_
     ranks=st.lists(st.integers(1, 40), min_size=1, max_size=3),
     requests=st.lists(st.tuples(st.integers(-1, 2), st.booleans()), min_size=1, max_size=6),
     bound=st.sampled_from([0, 64]),
-    launch=st.sampled_from([DEFAULT_LAUNCH, ROWS_ONE_PROGRAM, LoraLaunch(row_rank_programs=3)]),
+    launch=st.sampled_from(
+        [
+            DEFAULT_LAUNCH,
+            ROWS_ONE_PROGRAM,
+            LoraLaunch(row_rank_programs=3),
+            # The expand's shape of large batches (rank by rank) at these small ones.
+            LoraLaunch(row_small_batch=0),
+            LoraLaunch(row_small_batch=0, row_block_n=128, row_expand_min_programs=0),
+            LoraLaunch(
+                row_small_batch=0,
+                row_expand_accumulator="tile",
+                row_shrink_block_r=32,
+                row_expand_block_r=64,
+                row_block_n=128,
+            ),
+            LoraLaunch(row_small_batch=0, row_expand_accumulator="chunk", row_expand_block_r=32),
+        ]
+    ),
 )
 def test_any_decode_batch_matches_the_reference(shapes, ranks, requests, bound, launch):
     """Random decode batches through the row kernels: any ranks (not multiples of 16), requests
