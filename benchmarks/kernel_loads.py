@@ -36,17 +36,18 @@ _CONSTEXPRS: dict[str, dict[str, Any]] = {
         W=4096, NPROJ=3, BLOCK_T=16, BLOCK_R=16, BLOCK_N=128, TILED=True, IEEE=False
     ),
     "lora_rows._row_shrink_kernel": dict(
-        W=4096, BLOCK_R=16, BLOCK_K=256, SPLIT_K=512, STAGES=3, NPROJ=3
+        W=4096, BLOCK_R=16, BLOCK_K=256, SPLIT_K=512, STAGES=3, NPROJ=3, REQUEST_MAJOR=False
     ),
     "lora_rows._row_expand_kernel": dict(
-        W=4096, NPROJ=3, SPLITS=8, BLOCK_R=16, BLOCK_N=512, STAGES=1, ACC=0
+        W=4096, NPROJ=3, SPLITS=8, BLOCK_R=8, BLOCK_N=1024, STAGES=1, ACC=2, REQUEST_MAJOR=False
     ),
-    # The same kernel with its other accumulators (LoraLaunch.row_expand_accumulator).
+    # The same kernel with its other accumulators (LoraLaunch.row_expand_accumulator): the
+    # tile of batches under row_small_batch, and the chunk.
+    "lora_rows._row_expand_kernel tile": dict(
+        W=4096, NPROJ=3, SPLITS=8, BLOCK_R=16, BLOCK_N=512, STAGES=1, ACC=0, REQUEST_MAJOR=False
+    ),
     "lora_rows._row_expand_kernel chunk": dict(
-        W=4096, NPROJ=3, SPLITS=8, BLOCK_R=16, BLOCK_N=1024, STAGES=1, ACC=1
-    ),
-    "lora_rows._row_expand_kernel rank": dict(
-        W=4096, NPROJ=3, SPLITS=8, BLOCK_R=16, BLOCK_N=1024, STAGES=1, ACC=2
+        W=4096, NPROJ=3, SPLITS=8, BLOCK_R=16, BLOCK_N=1024, STAGES=1, ACC=1, REQUEST_MAJOR=False
     ),
     "paged_attention._decode_kernel": dict(
         NUM_SPLITS=1, GROUP=1, BLOCK_G=16, HEAD_DIM=128, BLOCK_N=128, DOT_PRECISION="tf32"

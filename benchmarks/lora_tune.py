@@ -14,6 +14,7 @@ an older commit) through its own `kernels/lora.py`: `lora_apply`, or the older
 
     python -m benchmarks.lora_tune [--batches 32,128] [--breakdown] [--baseline DIR] [--out DIR]
         [--ranks 8,16,32,64] [--groups all-linear|attention] [--variants a,b,...] [--max-rank N]
+        [--order cycled|by-rank]
 
 `--ranks 8 --groups attention` is S1's serving case (rank-8 q/k/v/o adapters).
 """
@@ -57,6 +58,10 @@ VARIANTS: dict[str, LoraLaunch] = {
     "rows_rp1": LoraLaunch(row_rank_programs=1),
     "rows_rp4": LoraLaunch(row_rank_programs=4),
     "rows_sr32": LoraLaunch(row_shrink_block_r=32),
+    "rows_sr8": LoraLaunch(row_shrink_block_r=8),
+    # The request as the grid's slowest axis: with `--order by-rank`, longest programs first.
+    "rows_request_major": LoraLaunch(row_request_major=True),
+    "rows_request_major_small": LoraLaunch(row_request_major=True, row_small_batch=0),
     # The expand's shape at every batch size: rank by rank, or the small batches' tile.
     "rows_rank": _ROWS_RANK,
     "rows_tile": row_expand_launch(DEFAULT_LAUNCH, 0),
@@ -91,14 +96,18 @@ def _setup(
     groups: tuple[tuple[tuple[int, ...], str, str], ...] = GROUPS,
     dtype: torch.dtype = torch.bfloat16,
     max_rank: int = 0,
+    by_rank: bool = False,
 ) -> dict[str, Any]:
     """One layer's pool holding one all-linear adapter per request (ranks cycling through
-    `rank_cycle`), and the batch tables; `groups`: the projection groups to run; `max_rank`:
-    the bound the kernels are told (0: the largest rank of the batch)."""
+    `rank_cycle`, or those ranks in descending order when `by_rank`), and the batch tables;
+    `groups`: the projection groups to run; `max_rank`: the bound the kernels are told (0: the
+    largest rank of the batch)."""
     config = {**DUMMY_PRESETS["llama-7b"], "num_hidden_layers": 1}
     shape = BaseModelShape.from_hf_config(config)
     hidden, inter = shape.hidden_size, shape.intermediate_size
     ranks = [rank_cycle[i % len(rank_cycle)] for i in range(batch)]
+    if by_rank:
+        ranks.sort(reverse=True)
     per_rank_slots = 4 * 2 + 3 * (1 + 3)  # q,k,v,o: A and Bᵀ one slot a row; MLP: 1 + 3
     pool = UnifiedMemoryPool(1, sum(ranks) * per_rank_slots + 64, hidden, dtype, device)
     manager = AdapterManager(pool, batch + 1, max(ranks) * per_rank_slots)
@@ -352,6 +361,12 @@ def main() -> None:
         help="the largest rank the kernels are told (the engine's decode graphs: its --max-rank, "
         "128 by default); 0: the batch's largest",
     )
+    parser.add_argument(
+        "--order",
+        choices=("cycled", "by-rank"),
+        default="cycled",
+        help="the batch's requests with their ranks cycled, or in descending rank",
+    )
     parser.add_argument("--baseline", type=Path, help="a checkout whose kernels to time beside")
     known = [*VARIANTS, DIRECT_SLOTS]
     parser.add_argument("--variants", default=",".join(known), help=f"some of {', '.join(known)}")
@@ -366,6 +381,7 @@ def main() -> None:
         "rank_cycle": tuple(int(r) for r in args.ranks.split(",")),
         "groups": groups,
         "max_rank": args.max_rank,
+        "by_rank": args.order == "by-rank",
     }
     device = torch.device("cuda")
     if args.breakdown:

@@ -51,6 +51,11 @@ class LoraLaunch:
     # where a rank-64 request's long walk of rank chunks is the launch's tail (BENCHMARKS.md,
     # twelfth session).
     row_small_batch: int = 48
+    # Row kernels: the request as the grid's slowest axis, so that the GPU starts a request's
+    # programs together; with a batch ordered by descending rank, the longest programs start
+    # first and the short ones fill the end of the launch (list scheduling). Default off
+    # until measured.
+    row_request_major: bool = False
 
     def __post_init__(self) -> None:
         if self.row_expand_accumulator not in EXPAND_ACCUMULATORS:

@@ -70,11 +70,14 @@ def _row_shrink_kernel(
     SPLIT_K: tl.constexpr,
     STAGES: tl.constexpr,
     NPROJ: tl.constexpr,
+    REQUEST_MAJOR: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    # REQUEST_MAJOR: the request is the grid's slowest axis, so that the GPU starts all of a
+    # request's programs before the next request's (see LoraLaunch.row_request_major).
+    b = tl.program_id(2 if REQUEST_MAJOR else 0)
     split = tl.program_id(1)
-    p_local = tl.program_id(2) // rank_programs
-    first_chunk = tl.program_id(2) % rank_programs
+    p_local = tl.program_id(0 if REQUEST_MAJOR else 2) // rank_programs
+    first_chunk = tl.program_id(0 if REQUEST_MAJOR else 2) % rank_programs
     # Every load a program needs before its weights is issued up front, side by side: the
     # kernel is bound by each program's chain of dependent loads, not by bytes.
     m = tl.load(req_lora_ptr + b)
@@ -135,10 +138,11 @@ def _row_expand_kernel(
     BLOCK_N: tl.constexpr,
     STAGES: tl.constexpr,
     ACC: tl.constexpr,
+    REQUEST_MAJOR: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    b = tl.program_id(1 if REQUEST_MAJOR else 0)
     p_local, col0, width, n0 = column_block(
-        tl.program_id(1), width0, width1, width2, blocks0, blocks1, BLOCK_N
+        tl.program_id(0 if REQUEST_MAJOR else 1), width0, width1, width2, blocks0, blocks1, BLOCK_N
     )
     # As in the shrink, loads that do not depend on each other are issued together.
     m = tl.load(req_lora_ptr + b)
@@ -224,7 +228,9 @@ def lora_apply_rows(
     # chunks of its request's own rank instead, row_rank_programs of them sharing the walk.
     chunk = launch.row_shrink_block_r
     rank_programs = max(1, min(launch.row_rank_programs, triton.cdiv(rank_stride, chunk)))
-    _row_shrink_kernel[(batch, k_splits, nproj * rank_programs)](
+    major = launch.row_request_major
+    shrink_grid = (batch, k_splits, nproj * rank_programs)
+    _row_shrink_kernel[shrink_grid[::-1] if major else shrink_grid](
         x,
         parts,
         *tables,
@@ -242,6 +248,7 @@ def lora_apply_rows(
         SPLIT_K=split_k,
         STAGES=launch.shrink_stages,
         NPROJ=nproj,
+        REQUEST_MAJOR=major,
         num_warps=launch.num_warps,
     )
     expand = row_expand_launch(launch, batch)
@@ -250,7 +257,8 @@ def lora_apply_rows(
     while block_n > 128 and batch * sum(blocks) < expand.row_expand_min_programs:
         block_n //= 2
         padded, blocks = column_blocks(widths, block_n)
-    _row_expand_kernel[(batch, sum(blocks))](
+    expand_grid = (batch, sum(blocks))
+    _row_expand_kernel[expand_grid[::-1] if major else expand_grid](
         parts,
         out,
         *tables,
@@ -270,5 +278,6 @@ def lora_apply_rows(
         BLOCK_N=block_n,
         STAGES=expand.row_expand_stages,
         ACC=EXPAND_ACCUMULATORS.index(expand.row_expand_accumulator),
+        REQUEST_MAJOR=major,
         num_warps=launch.num_warps,
     )

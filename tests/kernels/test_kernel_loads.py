@@ -32,7 +32,7 @@ def test_lora_kernels_load_weights_as_16_byte_vectors():
         "lora_rows._row_shrink_kernel",
         "lora_rows._row_expand_kernel",
         "lora_rows._row_expand_kernel chunk",
-        "lora_rows._row_expand_kernel rank",
+        "lora_rows._row_expand_kernel tile",
         "paged_attention._decode_kernel",
         "paged_attention._prefill_kernel",
     }

@@ -215,10 +215,14 @@ ROWS_ONE_PROGRAM = LoraLaunch(
 )
 
 
+# The request as the grid's slowest axis, with the rank-by-rank expand at any batch size.
+ROWS_REQUEST_MAJOR = LoraLaunch(row_request_major=True, row_small_batch=0)
+
+
 @pytest.mark.parametrize(
     "launch",
-    [DEFAULT_LAUNCH, ROWS_ONE_PROGRAM, TILED_DECODE],
-    ids=["rows", "rows-one-program", "tiled"],
+    [DEFAULT_LAUNCH, ROWS_ONE_PROGRAM, ROWS_REQUEST_MAJOR, TILED_DECODE],
+    ids=["rows", "rows-one-program", "rows-request-major", "tiled"],
 )
 @pytest.mark.parametrize("name", CPU_CASES)
 def test_kernels_match_reference_fp32(name, launch):
@@ -454,6 +458,9 @@ def check_within_rounding(t, shapes: Shapes, max_rank: int, seed: int, **launch_
                 row_block_n=128,
             ),
             LoraLaunch(row_small_batch=0, row_expand_accumulator="chunk", row_expand_block_r=32),
+            # The request as the grid's slowest axis, with either expand.
+            LoraLaunch(row_request_major=True),
+            LoraLaunch(row_request_major=True, row_small_batch=0, row_rank_programs=3),
         ]
     ),
 )
