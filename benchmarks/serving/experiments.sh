@@ -224,6 +224,17 @@ run_one() {
           --lora-kernels "${run#*_}" --out "$out/$1_profile_$run" 2>&1 |
           tee -a "$out/$1.log" | tail -10
       done ;;
+    lora_order)  # the row kernels with the request as the grid's slowest axis
+      # (row_request_major), on batches in descending rank and with the ranks cycled
+      local v=default,rows_request_major,rows_request_major_small,rows_sr8,rows_rp4
+      for order in cycled by-rank; do
+        timeout 200 python3 -m benchmarks.lora_tune --batches 32,64,128 --max-rank 128 \
+          --order "$order" --variants "$v" --out "$out/$1_mix_$order" 2>&1 |
+          tee -a "$out/$1.log" | grep '^batch'
+      done
+      timeout 150 python3 -m benchmarks.lora_tune --ranks 8 --groups attention --max-rank 128 \
+        --batches 32,160,256 --variants "$v" --out "$out/$1_r8" 2>&1 | tee -a "$out/$1.log" |
+        grep '^batch' ;;
     lora_direct_slots)  # the direct-slot-tables decode LoRA experiment: its GPU tests, then
       # timed beside the default
       timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider \
