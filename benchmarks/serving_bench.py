@@ -85,6 +85,14 @@ def git_commit() -> str:
     return out.stdout.strip()
 
 
+def kernels_dir() -> str:
+    """The folder of the `kernels` package this run imported: another tree's when a folder
+    holding one came first on the path (experiments.sh capacity_ab)."""
+    import kernels
+
+    return str(Path(kernels.__file__).resolve().parent)
+
+
 class Results:
     """Appends each run's result to the output file as soon as it exists (a run cut short by
     a device time limit keeps the runs before it) and prints a one-line summary."""
@@ -92,11 +100,11 @@ class Results:
     def __init__(self, path: str):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.commit = git_commit()
+        self.commit, self.kernels = git_commit(), kernels_dir()
         self.rows: list[dict[str, Any]] = []
 
     def add(self, row: dict[str, Any]) -> None:
-        row = {**row, "commit": self.commit}
+        row = {**row, "commit": self.commit, "kernels": self.kernels}
         self.rows.append(row)
         with self.path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")

@@ -202,6 +202,26 @@ run_one() {
       # 5 adapters again last (A B A): the first run of a process has run slow on the device
       bench "$1" --alpha 0 --rate 40 --duration 20 --timeout 80 --preset S1 --num-adapters 5,2000,5
       bench "$1" --alpha 0 --rate 40 --duration 20 --timeout 80 --preset S2 --num-adapters 1000 ;;
+    capacity_ab)  # S1, 2,000 adapters, R = 40, default settings: this tree's kernels and those
+      # of BASELINE_KERNELS (a folder with another tree's kernels/, e.g. `git archive REV
+      # kernels | tar -x -C DIR`), A B B A, each its own process; each run's line in the
+      # jsonl names the kernels folder it imported
+      if [ ! -d "${BASELINE_KERNELS:-}/kernels" ]; then
+        echo "capacity_ab: BASELINE_KERNELS must name a folder holding kernels/" >&2
+        return 1
+      fi
+      local root=$PWD dir run=(--alpha 0 --rate 40 --duration 20 --timeout 80 --preset S1
+        --num-adapters 2000)
+      dir=$(cd "$out" && pwd)
+      for tree in this baseline baseline this; do
+        if [ "$tree" = this ]; then
+          bench "$1" "${run[@]}" | grep "^\["
+        else
+          (cd "$BASELINE_KERNELS" && PYTHONPATH=".:$root:$root/protos:$PYTHONPATH" \
+            python3 -m benchmarks.serving_bench --no-progress --out "$dir/$1.jsonl" "${run[@]}" \
+            2>&1 | tee -a "$dir/$1.log" | grep "^\[")
+        fi
+      done ;;
     stack_r40_si4)  # stack_r40's three processes with the worker's --stream-interval 4
       trace=(--preset S1 --num-adapters 50 --alpha 0 --rate 40 --duration 25 --timeout 110)
       WORKER_ARGS="--max-rank 8 --max-num-seqs 256 --stream-interval 4" \
