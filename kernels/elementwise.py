@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.host_math import ceil_div, next_power_of_2
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_out, n, eps, BLOCK: tl.constexpr):
@@ -34,7 +36,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     tokens, n = x.shape
     out = torch.empty((tokens, n), dtype=x.dtype, device=x.device)
     if tokens:
-        block = triton.next_power_of_2(n)
+        block = next_power_of_2(n)
         _rms_norm_kernel[(tokens,)](
             x, weight, out, x.stride(0), out.stride(0), n, eps, BLOCK=block, num_warps=8
         )
@@ -80,8 +82,8 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
         raise ValueError("rotary needs an even head dim and cos, sin of one unit-stride layout")
     out = torch.empty((tokens, heads, dim), dtype=x.dtype, device=x.device)
     if tokens:
-        block_h = min(triton.next_power_of_2(heads), max(1, 4096 // dim))
-        grid = (tokens, triton.cdiv(heads, block_h))
+        block_h = min(next_power_of_2(heads), max(1, 4096 // dim))
+        grid = (tokens, ceil_div(heads, block_h))
         _rotary_kernel[grid](
             x, cos, sin, out, heads, x.stride(0), x.stride(1), cos.stride(0), dim // 2, block_h
         )
@@ -109,7 +111,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = torch.empty((tokens, n), dtype=gate.dtype, device=gate.device)
     if tokens:
         block = 1024
-        _silu_mul_kernel[(tokens, triton.cdiv(n, block))](
+        _silu_mul_kernel[(tokens, ceil_div(n, block))](
             gate, up, out, n, gate.stride(0), up.stride(0), out.stride(0), BLOCK=block
         )
     return out

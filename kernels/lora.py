@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.host_math import ceil_div, next_power_of_2
 from kernels.lora_launch import (
     DEFAULT_LAUNCH,
     LoraLaunch,
@@ -235,7 +236,7 @@ class _GridRows(NamedTuple):
 
 def _rank_block(max_rank: int) -> int:
     """The smallest power of two >= max_rank, from 16 up to 64."""
-    return max(16, min(64, triton.next_power_of_2(max_rank)))
+    return max(16, min(64, next_power_of_2(max(max_rank, 1))))
 
 
 def lora_apply(
@@ -282,7 +283,7 @@ def lora_apply(
                 launch,
             )
         return out
-    tiles_per_req = triton.cdiv(max(max_q_len, 1), BLOCK_T)
+    tiles_per_req = ceil_div(max(max_q_len, 1), BLOCK_T)
     rows_grid = req_lora.shape[0] * tiles_per_req if tiles is None else tiles.shape[0]
     if rows_grid == 0 or max_rank == 0:
         return out
@@ -313,7 +314,7 @@ def _shrink(
     )
     k_splits, rank_stride = parts.shape[0], parts.shape[3]
     block_r = min(launch.block_r, _rank_block(max_rank))
-    n_rblocks = triton.cdiv(max_rank, block_r)
+    n_rblocks = ceil_div(max_rank, block_r)
     _shrink_kernel[(rows_grid, k_splits, nproj * n_rblocks)](
         x,
         parts,

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.host_math import ceil_div
+
 MAX_PARTS = 3  # projections of one fused output (q, k, v)
 
 
@@ -96,7 +98,7 @@ def split_width(width: int, in_features: int, block_k: int, max_splits: int) -> 
     """in_features per shrink program: a multiple of block_k dividing the slot width (so a
     split lies in one slot), the smallest that keeps the splits within max_splits."""
     split = block_k
-    while triton.cdiv(in_features, split) > max_splits and width % (split * 2) == 0:
+    while ceil_div(in_features, split) > max_splits and width % (split * 2) == 0:
         split *= 2
     return split
 
@@ -117,9 +119,9 @@ def shrink_splits(
     compiled kernel serves every batch."""
     block_k = block_in_slot(slot_width, block_k_cap)
     split_k = split_width(slot_width, x.shape[1], block_k, max_splits)
-    rank_stride = triton.cdiv(max_rank, 16) * 16
+    rank_stride = ceil_div(max_rank, 16) * 16
     parts = torch.empty(
-        triton.cdiv(x.shape[1], split_k),
+        ceil_div(x.shape[1], split_k),
         x.shape[0],
         nproj,
         rank_stride,
@@ -152,7 +154,7 @@ def check_group(out: torch.Tensor, projs: tuple[int, ...], widths: tuple[int, ..
 def column_blocks(widths: tuple[int, ...], block_n: int) -> tuple[tuple[int, ...], list[int]]:
     """Each projection's width padded to MAX_PARTS entries, and its count of block_n columns."""
     padded = (*widths, 0, 0)[:MAX_PARTS]
-    return padded, [triton.cdiv(w, block_n) for w in padded]
+    return padded, [ceil_div(w, block_n) for w in padded]
 
 
 @triton.jit

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.host_math import ceil_div
 from kernels.lora_launch import (
     EXPAND_ACCUMULATORS,
     LoraLaunch,
@@ -227,7 +228,7 @@ def lora_apply_rows(
     # graphs) would launch mostly programs that exit (S1's ranks are 8): a program walks
     # chunks of its request's own rank instead, row_rank_programs of them sharing the walk.
     chunk = launch.row_shrink_block_r
-    rank_programs = max(1, min(launch.row_rank_programs, triton.cdiv(rank_stride, chunk)))
+    rank_programs = max(1, min(launch.row_rank_programs, ceil_div(rank_stride, chunk)))
     major = launch.row_request_major
     shrink_grid = (batch, k_splits, nproj * rank_programs)
     _row_shrink_kernel[shrink_grid[::-1] if major else shrink_grid](

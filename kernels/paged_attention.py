@@ -28,6 +28,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels.host_math import ceil_div, next_power_of_2
+
 _LOG2E = 1.4426950408889634
 
 # tl.dot needs at least 16 rows; smaller query-head groups are padded up to this.
@@ -431,7 +433,7 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_len: int, device: torch
         return 1
     target = 4 * sms
     # Splits of fewer than ~32 keys would only add merge work.
-    return max(1, min(16, triton.cdiv(target, pairs), max_len // 32))
+    return max(1, min(16, ceil_div(target, pairs), max_len // 32))
 
 
 def paged_decode_attention(
@@ -471,7 +473,7 @@ def paged_decode_attention(
     # tensor-core work is free, while the broadcast-multiply-and-sum form spent its time in
     # cross-thread reductions and reached half the bandwidth (H200, Llama-7B shapes: 2.1 TB/s
     # against 3.9-4.1 TB/s at 160-256 requests of ~400 tokens; BENCHMARKS.md, fourth session).
-    block_g = max(_MIN_DOT_ROWS, triton.next_power_of_2(group))
+    block_g = max(_MIN_DOT_ROWS, next_power_of_2(group))
     # 128-key blocks measured best for MHA in bf16 (3 pipeline stages of K and V tiles fit in
     # shared memory); fp32 and wider heads take shorter ones to fit.
     block_n = 128 if group == 1 and q.element_size() <= 2 and head_dim <= 128 else 64
@@ -518,7 +520,7 @@ def paged_decode_attention(
             out.stride(1),
             num_heads,
             NUM_SPLITS=num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_S=next_power_of_2(num_splits),
             HEAD_DIM=head_dim,
             num_warps=1 if head_dim <= 64 else 2,
         )
@@ -558,7 +560,7 @@ def paged_prefill_attention(
         return out
     # 128x64 tiles were fastest on an H100 for long prompts; short ones waste less with 64 rows.
     block_m, block_n = (64 if max_q_len <= 64 else 128), 64
-    grid = (triton.cdiv(max_q_len, block_m), batch, num_heads)
+    grid = (ceil_div(max_q_len, block_m), batch, num_heads)
     _prefill_kernel[grid](
         q,
         pool,
