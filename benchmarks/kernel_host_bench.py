@@ -4,7 +4,7 @@ layer. `lora_apply` runs for prompt chunks (the tiled kernels) and for a decode 
 row kernels) on CPU tensors, with every Triton launch stubbed out and the split sum (a
 device launch on a GPU) replaced by a view. No GPU needed.
 
-    python -m benchmarks.kernel_host_bench [--baseline DIR] [--calls N] [--repeats N]
+    python -m benchmarks.kernel_host_bench [--baseline DIR] [--calls N] [--repeats N] [--out F]
 
 `--baseline DIR`: the wrappers of another checkout's kernels beside these (a `git archive`
 of an older commit), imported as `lora_tune --baseline` does.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--baseline", type=Path, help="a checkout whose wrappers to time beside")
     parser.add_argument("--calls", type=int, default=3000)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--out", type=Path, help="write the rows here as JSON")
     args = parser.parse_args(argv)
     trees = {"this tree": kernels.lora}
     if args.baseline is not None:
@@ -100,6 +102,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             for tree, lora in trees.items()
             for case, us in time_calls(lora, args.calls, args.repeats).items()
         ]
+    if args.out is not None:
+        args.out.write_text(json.dumps(rows, indent=1))
     for row in rows:
         print(f"{row['tree']:<10} {row['case']:<22} {row['us_per_call']:7.1f} µs a call")
     return rows

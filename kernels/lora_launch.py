@@ -5,6 +5,7 @@ the helpers that keep a tile inside one slot of the pool."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -75,6 +76,11 @@ def row_expand_launch(launch: LoraLaunch, batch: int) -> LoraLaunch:
     ranks x 512 columns a step into a tile accumulator."""
     if batch >= launch.row_small_batch:
         return launch
+    return _small_batch_expand(launch)
+
+
+@functools.cache
+def _small_batch_expand(launch: LoraLaunch) -> LoraLaunch:
     return dataclasses.replace(
         launch,
         row_expand_accumulator="tile",

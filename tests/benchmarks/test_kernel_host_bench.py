@@ -3,6 +3,7 @@ launches stubbed, and leaves the kernels as they were."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -19,7 +20,10 @@ def test_both_trees_are_timed_and_the_kernels_are_restored(tmp_path: Path) -> No
     shutil.copytree(ROOT / "kernels", tmp_path / "kernels")
     before = (kernels.lora._shrink_kernel, kernels.lora_rows._row_expand_kernel)
     real_sum = torch.Tensor.sum
-    rows = kernel_host_bench.main(["--baseline", str(tmp_path), "--calls", "20", "--repeats", "2"])
+    out = tmp_path / "rows.json"
+    args = ["--baseline", str(tmp_path), "--calls", "20", "--repeats", "2", "--out", str(out)]
+    rows = kernel_host_bench.main(args)
+    assert json.loads(out.read_text()) == rows
     assert {(r["tree"], r["case"]) for r in rows} == {
         (tree, case)
         for tree in ("this tree", "baseline")
