@@ -273,10 +273,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--lora-kernels",
-        choices=("rows", "tiled"),
+        choices=("rows", "rows-request-major", "tiled"),
         default="rows",
-        help="a decode batch's LoRA through lora_rows.py's kernels (the default) or lora.py's "
-        "tiled ones",
+        help="a decode batch's LoRA through lora_rows.py's kernels (the default), the same with "
+        "the request as the grid's slowest axis and decode batches in descending rank "
+        "(LoraLaunch.row_request_major), or lora.py's tiled ones",
     )
     args = parser.parse_args()
     ranks = tuple(int(r) for r in args.ranks.split(","))
@@ -297,7 +298,12 @@ def main() -> None:
             max_rank=max(ranks),
             prefill_graphs="on" in args.prefill_graphs.split(","),
         ),
-        TritonLoraBackend(LoraLaunch(row_kernels=args.lora_kernels == "rows")),
+        TritonLoraBackend(
+            LoraLaunch(
+                row_kernels=args.lora_kernels != "tiled",
+                row_request_major=args.lora_kernels == "rows-request-major",
+            )
+        ),
     )
     captured = engine.prefill_graphs
     print(

@@ -254,7 +254,13 @@ run_one() {
       done
       timeout 150 python3 -m benchmarks.lora_tune --ranks 8 --groups attention --max-rank 128 \
         --batches 32,160,256 --variants "$v" --out "$out/$1_r8" 2>&1 | tee -a "$out/$1.log" |
-        grep '^batch' ;;
+        grep '^batch'
+      for run in 1_rows 2_rows-request-major 3_rows; do  # then decode steps, A B A
+        timeout 200 python3 -m benchmarks.profile_step --cases 32x0x0,128x0x0 \
+          --kinds attention,all-linear --outputs async --overlap on --prefill-graphs off \
+          --lora-kernels "${run#*_}" --out "$out/$1_profile_$run" 2>&1 |
+          tee -a "$out/$1.log" | tail -5
+      done ;;
     lora_direct_slots)  # the direct-slot-tables decode LoRA experiment: its GPU tests, then
       # timed beside the default
       timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider \

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 
+from kernels.lora_launch import LoraLaunch
 from services.common.peft_adapter import load_peft_folder
 from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.engine import Engine
@@ -60,18 +61,24 @@ def _requests() -> list[tuple[list[int], str | None]]:
     return [(torch.randint(3, 259, (n,), generator=gen).tolist(), name) for name, n in plan]
 
 
+# The row kernels with the request as the grid's slowest axis and the rank-by-rank expand at
+# every batch size; the engine then orders its decode batches by descending rank.
+REQUEST_MAJOR = LoraLaunch(row_request_major=True, row_small_batch=0)
+
+
 @pytest.mark.parametrize(
-    ("hf_config", "budget"),
-    [(TINY_MHA, 16), (GQA, 16), (GQA, 4)],
-    ids=["mha", "gqa", "gqa-chunks-of-4"],
+    ("hf_config", "budget", "launch"),
+    [(TINY_MHA, 16, None), (GQA, 16, None), (GQA, 4, None), (TINY_MHA, 16, REQUEST_MAJOR)],
+    ids=["mha", "gqa", "gqa-chunks-of-4", "mha-request-major"],
 )
 def test_engine_on_the_triton_kernels_matches_hf_peft(
-    hf_config: dict[str, Any], budget: int, tmp_path: Path
+    hf_config: dict[str, Any], budget: int, launch: LoraLaunch | None, tmp_path: Path
 ):
     backends = ModelBackends(TritonPagedAttention(), ElementwiseOps.kernels())
     ours, hf = build_pair(hf_config, backends=backends)
     peft_model, paths = make_peft_adapters(hf, ADAPTERS, tmp_path)
     adapters = {n: load_peft_folder(p, ours.config.shape, max_rank=32) for n, p in paths.items()}
     config = EngineConfig(pool_slots=4096, max_num_seqs=8, max_prefill_tokens=budget, max_rank=32)
-    engine = Engine(ours, config, TritonLoraBackend())
+    engine = Engine(ours, config, TritonLoraBackend(launch))
+    assert engine.lora_backend.decode_in_rank_order == (launch is REQUEST_MAJOR)
     check_engine_against_oracle(engine, peft_model, _requests(), adapters, NEW_TOKENS)

@@ -71,6 +71,10 @@ logger = logging.getLogger(__name__)
 __all__ = ["Engine", "StepResult"]
 
 
+def _adapter_rank(seq: Sequence) -> int:
+    return seq.resident.rank if seq.resident is not None else 0
+
+
 class Graphed(NamedTuple):
     """Which parts of a step's pass a CUDA graph replayed."""
 
@@ -248,6 +252,8 @@ class Engine:
         it failed). The previous step's outputs are delivered during it, and with overlap
         scheduling the previous step's tokens are read back in it (module docstring)."""
         scheduled = self.scheduler.schedule()
+        if self.lora_backend.decode_in_rank_order:
+            scheduled.decode.sort(key=_adapter_rank, reverse=True)  # stable: ties keep order
         self._drop_expired(scheduled.expired)
         if scheduled.empty:
             self.flush()  # no pass to overlap with

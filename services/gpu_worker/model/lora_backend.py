@@ -35,6 +35,10 @@ class LoraBackend(ABC):
     # nothing back, and needs no plan for it (`prepare` gives None), since the graphs' static
     # batch carries none. The CUDA graphs (decode and prefill) refuse a backend that is not.
     cuda_graph_safe: bool = True
+    # Whether a decode batch runs faster with its requests in descending adapter rank (the
+    # engine then orders them so): kernels that start a request's programs together finish
+    # sooner when the longest start first.
+    decode_in_rank_order: bool = False
 
     def prepare(
         self,
@@ -72,9 +76,10 @@ class TritonLoraBackend(LoraBackend):
     def __init__(self, launch: LoraLaunch | None = None) -> None:
         # Imported here, not at module load: Triton reads TRITON_INTERPRET when a kernel is
         # defined, and a CPU worker never needs it.
-        from kernels.lora import lora_apply, lora_tiles
+        from kernels.lora import DEFAULT_LAUNCH, lora_apply, lora_tiles
 
         self._apply = lora_apply if launch is None else partial(lora_apply, launch=launch)
+        self.decode_in_rank_order = (launch or DEFAULT_LAUNCH).row_request_major
         self._tiles = lora_tiles
 
     def prepare(
