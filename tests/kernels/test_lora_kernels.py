@@ -363,9 +363,12 @@ def test_kernels_in_a_cuda_graph_follow_new_inputs(shapes):
 
 @pytest.mark.gpu
 def test_batches_of_any_size_and_largest_rank_reuse_the_compiled_kernels():
-    """Once a decode and a prefill batch (each launched tiled and not) have compiled the
-    kernels, batches of other sizes, prompt lengths and largest ranks compile nothing: each
-    compilation inside a served step stalls its whole batch for a second or more."""
+    """Once decode batches of each row-expand shape (4: the tile; 48 and 96: rank by rank,
+    with narrow outputs' column blocks halved at 48, as the engine's graph buckets capture
+    them: test_lora_specializations.py) and a prefill batch (each launched tiled and not) have
+    compiled the kernels, batches of other sizes, prompt lengths and largest ranks compile
+    nothing: each compilation inside a served step stalls its whole batch for a second or
+    more."""
     watch = compile_watch()
 
     def run(q_lens: list[int], ranks: list[int], seed: int) -> None:
@@ -375,11 +378,14 @@ def test_batches_of_any_size_and_largest_rank_reuse_the_compiled_kernels():
             check_all_projections(case, LLAMA_7B, max(ranks), 1e-2, seed, tiled=tiled)
 
     run([1] * 4, [8, 16], seed=1)
+    run([1] * 48, [8, 16], seed=3)
+    run([1] * 96, [8, 16], seed=4)
     run([5, 1, 17], [8, 16], seed=2)
     compiled = watch.total
     batches = [
         ([1] * 33, [8, 24]),
         ([1] * 128, [64, 32]),
+        ([1] * 50, [16, 8]),
         ([300, 1, 1, 2], [8]),
         ([16, 64, 1, 1, 1], [40, 16]),
         ([1] * 7, [16]),
