@@ -62,6 +62,21 @@ def upload_requests(
     return messages
 
 
+def upload_status(port: int, requests: list[Any]) -> tuple[grpc.StatusCode, str]:
+    """UploadAdapter through grpc's synchronous client, in the calling thread: the status and
+    details the store answered. grpc's asyncio client can report INTERNAL ("Internal error
+    from Core") instead of the store's status when the store refuses an upload before the
+    client's last write (a grpcio client behaviour, seen once in a CI run), so tests that
+    check a refusal's status send it through this."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=SERVER_OPTIONS) as channel:
+        stub = adapter_store_pb2_grpc.AdapterStoreStub(channel)
+        try:
+            stub.UploadAdapter(iter(requests))
+        except grpc.RpcError as exc:
+            return exc.code(), exc.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
 async def as_stream(items: list[Any]) -> AsyncIterator[Any]:
     for item in items:
         yield item
