@@ -112,6 +112,53 @@ def _row_shrink_kernel(
 
 
 @triton.jit
+def _expand_rank_rows(
+    acc, y_row, split_stride, slot_row0, slots_per_row, pool_ptr, r0, rank, n0, cols, col_ok,
+    W: tl.constexpr, SPLITS: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """acc [BLOCK_N] += y[r] * Bᵀ[r, n0 + cols] for r in r0 .. r0 + BLOCK_R below `rank`, one
+    rank's row of Bᵀ at a time: a thread keeps its own columns of every row, so nothing is
+    summed across threads; the rows' loads still go out together."""
+    for i in tl.static_range(BLOCK_R):
+        r_ok = r0 + i < rank
+        y_r = tl.zeros((), dtype=tl.float32)
+        for s in tl.static_range(SPLITS):
+            y_r += tl.load(y_row + s * split_stride + r0 + i, mask=r_ok, other=0.0)
+        slot = tl.load(slot_row0 + (r0 + i) * slots_per_row, mask=r_ok, other=0)
+        bt = tl.load(slot_row(pool_ptr, slot, n0 % W, W) + cols, mask=r_ok & col_ok, other=0.0)
+        # y is rounded to the weights' dtype before the expand, as the tiled kernels do.
+        acc += y_r.to(bt.dtype).to(tl.float32) * bt.to(tl.float32)
+    return acc
+
+
+@triton.jit
+def _expand_rank_tile(
+    acc, y_row, split_stride, slot_row0, slots_per_row, pool_ptr, r0, rank, n0, cols, col_ok,
+    W: tl.constexpr, SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, SUM_NOW: tl.constexpr,
+):  # fmt: skip
+    """The [BLOCK_R, BLOCK_N] tile of Bᵀ of ranks r0 .. r0 + BLOCK_R (below `rank`) at once,
+    times y: added to acc [BLOCK_R, BLOCK_N], or with SUM_NOW summed over its ranks into acc
+    [BLOCK_N]."""
+    ranks = r0 + tl.arange(0, BLOCK_R)
+    rank_ok = ranks < rank
+    y = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for s in tl.static_range(SPLITS):
+        y += tl.load(y_row + s * split_stride + ranks, mask=rank_ok, other=0.0)
+    slot = tl.load(slot_row0 + ranks * slots_per_row, mask=rank_ok, other=0)
+    bt = tl.load(
+        slot_rows(pool_ptr, slot, n0 % W, W) + cols[None, :],
+        mask=rank_ok[:, None] & col_ok[None, :],
+        other=0.0,
+    )
+    products = y.to(bt.dtype).to(tl.float32)[:, None] * bt.to(tl.float32)
+    if SUM_NOW:
+        acc += tl.sum(products, axis=0)
+    else:
+        acc += products
+    return acc
+
+
+@triton.jit
 def _row_expand_kernel(
     part_ptr,
     out_ptr,
@@ -168,36 +215,15 @@ def _row_expand_kernel(
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for r0 in tl.range(0, rank, BLOCK_R, num_stages=STAGES):
         if ACC == 2:
-            # One rank's row of Bᵀ at a time: a thread keeps its own columns of every row,
-            # so nothing is summed across threads; the chunk's loads still go out together.
-            for i in tl.static_range(BLOCK_R):
-                r_ok = r0 + i < rank
-                y_r = tl.zeros((), dtype=tl.float32)
-                for s in tl.static_range(SPLITS):
-                    y_r += tl.load(y_row + s * split_stride + r0 + i, mask=r_ok, other=0.0)
-                slot = tl.load(slot_row0 + (r0 + i) * slots_per_row, mask=r_ok, other=0)
-                bt = tl.load(
-                    slot_row(pool_ptr, slot, n0 % W, W) + cols, mask=r_ok & col_ok, other=0.0
-                )
-                acc += y_r.to(bt.dtype).to(tl.float32) * bt.to(tl.float32)
+            acc = _expand_rank_rows(
+                acc, y_row, split_stride, slot_row0, slots_per_row, pool_ptr, r0, rank, n0, cols,
+                col_ok, W, SPLITS, BLOCK_R,
+            )  # fmt: skip
         else:
-            ranks = r0 + tl.arange(0, BLOCK_R)
-            rank_ok = ranks < rank
-            y = tl.zeros((BLOCK_R,), dtype=tl.float32)
-            for s in tl.static_range(SPLITS):
-                y += tl.load(y_row + s * split_stride + ranks, mask=rank_ok, other=0.0)
-            slot = tl.load(slot_row0 + ranks * slots_per_row, mask=rank_ok, other=0)
-            bt = tl.load(
-                slot_rows(pool_ptr, slot, n0 % W, W) + cols[None, :],
-                mask=rank_ok[:, None] & col_ok[None, :],
-                other=0.0,
-            )
-            # y is rounded to the weights' dtype before the expand, as the tiled kernels do.
-            products = y.to(bt.dtype).to(tl.float32)[:, None] * bt.to(tl.float32)
-            if ACC == 0:
-                acc += products
-            else:
-                acc += tl.sum(products, axis=0)
+            acc = _expand_rank_tile(
+                acc, y_row, split_stride, slot_row0, slots_per_row, pool_ptr, r0, rank, n0, cols,
+                col_ok, W, SPLITS, BLOCK_R, ACC == 1,
+            )  # fmt: skip
     delta = tl.sum(acc, axis=0) if ACC == 0 else acc
     tl.store(out_ptrs, (current.to(tl.float32) + delta).to(current.dtype), mask=col_ok)
 
