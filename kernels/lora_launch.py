@@ -176,18 +176,17 @@ def column_block(j, width0, width1, width2, blocks0, blocks1, BLOCK_N: tl.conste
 
 
 @triton.jit
-def slot_rows(pool_ptr, slot, offset, W: tl.constexpr):
-    """[R, 1] pointers to element `offset` of each pool slot of `slot` [R].
+def slot_row(pool_ptr, slot, offset, W: tl.constexpr):
+    """A pointer to element `offset` of pool slot `slot` ([R] pointers for [R] slots).
 
     Triton cannot tell that a slot number read from memory times W is a multiple of 16, and
     without that it loads the weights two bytes at a time: 8x the load instructions of
     16-byte vectors (seen in the PTX). It is one: W is a multiple of 16 and every offset a
     multiple of a block that divides W (`block_in_slot`)."""
-    start = tl.multiple_of(slot.to(tl.int64) * W + offset, 16)
-    return pool_ptr + start[:, None]
+    return pool_ptr + tl.multiple_of(slot.to(tl.int64) * W + offset, 16)
 
 
 @triton.jit
-def slot_row(pool_ptr, slot, offset, W: tl.constexpr):
-    """`slot_rows` for one slot number: a pointer to element `offset` of pool slot `slot`."""
-    return pool_ptr + tl.multiple_of(slot.to(tl.int64) * W + offset, 16)
+def slot_rows(pool_ptr, slot, offset, W: tl.constexpr):
+    """[R, 1] pointers to element `offset` of each pool slot of `slot` [R] (`slot_row`)."""
+    return slot_row(pool_ptr, slot, offset, W)[:, None]
