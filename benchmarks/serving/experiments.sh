@@ -11,6 +11,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-/tmp/manylora-serving}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)  # absolute: capacity_ab runs some benches from another folder
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
@@ -210,16 +211,14 @@ run_one() {
         echo "capacity_ab: BASELINE_KERNELS must name a folder holding kernels/" >&2
         return 1
       fi
-      local root=$PWD dir run=(--alpha 0 --rate 40 --duration 20 --timeout 80 --preset S1
+      local root=$PWD run=(--alpha 0 --rate 40 --duration 20 --timeout 80 --preset S1
         --num-adapters 2000)
-      dir=$(cd "$out" && pwd)
       for tree in this baseline baseline this; do
         if [ "$tree" = this ]; then
           bench "$1" "${run[@]}" | grep "^\["
         else
           (cd "$BASELINE_KERNELS" && PYTHONPATH=".:$root:$root/protos:$PYTHONPATH" \
-            python3 -m benchmarks.serving_bench --no-progress --out "$dir/$1.jsonl" "${run[@]}" \
-            2>&1 | tee -a "$dir/$1.log" | grep "^\[")
+            bench "$1" "${run[@]}") | grep "^\["
         fi
       done ;;
     stack_r40_si4)  # stack_r40's three processes with the worker's --stream-interval 4
