@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 import kernels.lora
-from benchmarks.lora_tune import _load_baseline
+from benchmarks.lora_tune import load_baseline
 
 _KERNELS = ("_shrink_kernel", "_expand_kernel", "_row_shrink_kernel", "_row_expand_kernel")
 
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parser.parse_args(argv)
     trees = {"this tree": kernels.lora}
     if args.baseline is not None:
-        trees["baseline"] = _load_baseline(args.baseline)
+        trees["baseline"] = load_baseline(args.baseline)
     rows = []
     for _ in range(2):  # the trees alternate: A B A B, the second round reported
         rows = [

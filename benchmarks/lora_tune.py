@@ -140,7 +140,7 @@ def _setup(
     }
 
 
-def _load_baseline(root: Path) -> Any:
+def load_baseline(root: Path) -> Any:
     """`kernels/lora.py` of another checkout with the rest of that checkout's `kernels`
     package (its `lora_rows`, `lora_launch`), imported under the usual names and then set
     aside so that this checkout's `kernels` stays the one imported everywhere else."""
@@ -375,7 +375,7 @@ def main() -> None:
     if unknown := set(names) - set(known):
         parser.error(f"--variants: unknown {', '.join(sorted(unknown))}")
     batches = tuple(int(b) for b in args.batches.split(","))
-    baseline = _load_baseline(args.baseline) if args.baseline else None
+    baseline = load_baseline(args.baseline) if args.baseline else None
     groups = GROUPS if args.groups == "all-linear" else GROUPS[:2]
     workload = {
         "rank_cycle": tuple(int(r) for r in args.ranks.split(",")),
